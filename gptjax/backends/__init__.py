@@ -1,0 +1,6 @@
+"""Pluggable backends: `get_backend(name, config, **options)`; plugins register under the `gptjax.backends`
+entry-point group with a `Backend` subclass."""
+
+from gptjax.backends.base import Backend, available_backends, get_backend, validate_tokens
+
+__all__ = ["Backend", "available_backends", "get_backend", "validate_tokens"]

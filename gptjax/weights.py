@@ -1,0 +1,225 @@
+"""Canonical params (a dict of NumPy arrays with Hugging Face GPT-2 names and shapes), GPT-2 init, checkpoints.
+
+A checkpoint is a directory with `config.json` and `model.safetensors` (or shards listed in
+`model.safetensors.index.json`), exactly as transformers' `save_pretrained` writes a GPT2LMHeadModel.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
+from gptjax.safetensors_io import iter_tensors, read_header, write_safetensors
+
+Params = dict[str, np.ndarray]
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
+_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical key → shape, in canonical order (Conv1D kernels are [in, out])."""
+    V, P, D, F = config.vocab_size, config.n_positions, config.n_embd, config.mlp_width
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, D), "wpe.weight": (P, D)}
+    for i in range(config.n_layer):
+        h = f"h.{i}."
+        shapes |= {
+            h + "ln_1.weight": (D,), h + "ln_1.bias": (D,),
+            h + "attn.c_attn.weight": (D, 3 * D), h + "attn.c_attn.bias": (3 * D,),
+            h + "attn.c_proj.weight": (D, D), h + "attn.c_proj.bias": (D,),
+            h + "ln_2.weight": (D,), h + "ln_2.bias": (D,),
+            h + "mlp.c_fc.weight": (D, F), h + "mlp.c_fc.bias": (F,),
+            h + "mlp.c_proj.weight": (F, D), h + "mlp.c_proj.bias": (D,),
+        }
+    shapes |= {"ln_f.weight": (D,), "ln_f.bias": (D,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    return shapes
+
+
+def init_params(config: GPTConfig, seed: int = 0) -> Params:
+    """GPT-2's initialisation: N(0, 0.02) weights, residual projections N(0, 0.02/sqrt(2L)), zero biases,
+    unit LayerNorm gains. Drawn in canonical order from one NumPy PCG64 stream, so a seed means the same
+    weights on every backend and machine."""
+    rng = np.random.default_rng(seed)
+    std = {"weight": np.float32(0.02), "residual": np.float32(0.02 / np.sqrt(2 * config.n_layer))}
+    params: Params = {}
+    for key, shape in param_shapes(config).items():
+        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            params[key] = np.ones(shape, np.float32)
+        elif key.endswith(".bias"):
+            params[key] = np.zeros(shape, np.float32)
+        else:
+            kind = "residual" if key.endswith("c_proj.weight") else "weight"
+            params[key] = rng.standard_normal(shape, dtype=np.float32) * std[kind]
+    return params
+
+
+def validate_params(config: GPTConfig, params: Params) -> None:
+    """Raise naming the first missing/unexpected key or wrong shape of params against config."""
+    if not isinstance(params, dict):
+        raise GptjaxError(f"params must be a dict of arrays (canonical GPT-2 names), got {type(params).__name__}")
+    shapes = param_shapes(config)
+    missing = [k for k in shapes if k not in params]
+    unexpected = sorted(set(params) - set(shapes))
+    if missing or unexpected:
+        raise GptjaxError(f"params do not match the config: missing keys {missing[:8]}"
+                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}")
+    for key, shape in shapes.items():
+        if tuple(np.shape(params[key])) != shape:
+            raise GptjaxError(f"param {key!r} has shape {tuple(np.shape(params[key]))}, expected {shape}")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
+    """Read a GPT-2 checkpoint directory (transformers layout, safetensors only) into (config, float32 params).
+
+    Tensors are copied one by one out of a memory map, so peak memory stays near the checkpoint's size.
+    """
+    directory = _checkpoint_dir(Path(path))
+    config = load_config(directory)
+    shapes = param_shapes(config)
+    params: Params = {}
+    head = None
+    for file in _weight_files(directory):
+        for raw_key, array in iter_tensors(str(file), lambda k, a: _to_float32(file, k, a)):
+            key = _canonical_key(raw_key)
+            if key is None:
+                continue
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                head = (file, array)
+                continue
+            if key in params:
+                raise GptjaxError(f"{file}: tensor {raw_key!r} appears twice (as {key!r})")
+            if key not in shapes:
+                raise GptjaxError(f"{file}: unexpected tensor {raw_key!r} for a {config.n_layer}-layer GPT-2")
+            if array.shape != shapes[key]:
+                raise GptjaxError(f"{file}: tensor {raw_key!r} has shape {array.shape}, "
+                                  f"expected {shapes[key]} from config.json")
+            params[key] = array
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise GptjaxError(f"{directory}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if head is not None and not np.array_equal(head[1], params["wte.weight"]):
+        raise GptjaxError(f"{head[0]}: lm_head.weight differs from wte.weight, but config.json ties them "
+                          "(tie_word_embeddings=true)")
+    return config, params
+
+
+def load_config(path: str | os.PathLike) -> GPTConfig:
+    """Only the config of a checkpoint directory (no weights read)."""
+    return GPTConfig.from_json_file(str(_checkpoint_dir(Path(path)) / CONFIG_NAME))
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if path.is_file() and path.suffix == ".safetensors" and path.name == WEIGHTS_NAME:
+        path = path.parent
+    if not path.exists():
+        raise GptjaxError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise GptjaxError(f"checkpoint {str(path)!r} must be a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not (path / CONFIG_NAME).is_file():
+        raise GptjaxError(f"checkpoint {str(path)!r} has no {CONFIG_NAME}")
+    return path
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if (directory / INDEX_NAME).is_file():
+        return _index_files(directory / INDEX_NAME)
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise GptjaxError(f"{directory} holds {pickles} but no {WEIGHTS_NAME}: gptjax reads safetensors only "
+                          "and never unpickles; convert with transformers' save_pretrained(safe_serialization=True)")
+    raise GptjaxError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise GptjaxError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise GptjaxError(f"{index}: shard name {name!r} must be a plain *.safetensors file name")
+        if not (index.parent / name).is_file():
+            raise GptjaxError(f"{index}: shard {name!r} does not exist")
+    return [index.parent / n for n in names]
+
+
+def _canonical_key(raw: str) -> str | None:
+    """Strip GPT2LMHeadModel's `transformer.` prefix; None for buffers that are not parameters."""
+    key = raw.removeprefix("transformer.")
+    return None if key.endswith(_BUFFERS) else key
+
+
+def _to_float32(file: Path, key: str, a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        if key.endswith(_BUFFERS):
+            return a[:0]  # a mask buffer, about to be dropped: copy nothing
+        raise GptjaxError(f"{file}: tensor {key!r} has dtype {a.dtype}; a float checkpoint was expected")
+    return np.array(a, dtype=np.float32)  # always a copy: the view dies with the memory map
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors atomically (temp dir + rename) in the layout transformers'
+    GPT2LMHeadModel.save_pretrained writes, so from_pretrained loads it unchanged."""
+    validate_params(config, params)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensors = {_hf_key(k): np.asarray(v) for k, v in params.items()}
+        with open(tmp / WEIGHTS_NAME, "wb") as f:
+            write_safetensors(f, tensors, {"format": "pt"})
+            _fsync(f)
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump(config.to_hf_dict(), f, indent=2)
+            _fsync(f)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _hf_key(key: str) -> str:
+    return key if key == "lm_head.weight" else "transformer." + key
+
+
+def _fsync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; at every instant a complete checkpoint exists at target or at its backup name."""
+    backup = None
+    if target.exists():
+        if not target.is_dir():
+            raise GptjaxError(f"cannot save a checkpoint over {str(target)!r}: it is a file, not a directory")
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, backup / target.name)
+    os.replace(new, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name → safetensors dtype code of a checkpoint, read from headers only (for `gptjax info`)."""
+    directory = _checkpoint_dir(Path(path))
+    return {k: e["dtype"] for f in _weight_files(directory) for k, e in read_header(str(f))[0].items()}
