@@ -68,7 +68,9 @@ def _check_entry(path: str, name: str, entry: object, data_size: int) -> None:
 def iter_tensors(path: str, convert: Callable[[str, np.ndarray], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, convert(name, view)) in file order; `convert` must copy out of the read-only view."""
     header, _, data_start = read_header(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = (data_start + o for o in entry["data_offsets"])
             dtype = DTYPES[entry["dtype"]]
@@ -77,6 +79,11 @@ def iter_tensors(path: str, convert: Callable[[str, np.ndarray], np.ndarray]) ->
             del view  # release the export so the map can close; then give its pages back
             _drop_pages(mm, begin, end)
             yield name, out
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a view is still held by an exception's traceback: the GC closes the map
+            pass
 
 
 def _drop_pages(mm: mmap.mmap, begin: int, end: int) -> None:

@@ -1,0 +1,27 @@
+"""Test setup: 8 host devices for JAX (set before jax is imported anywhere) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def hf_tiny_dir() -> Path:
+    """A GPT2LMHeadModel saved by transformers' save_pretrained (tiny, random, every param perturbed)."""
+    return FIXTURES / "hf_tiny_gpt2"
+
+
+@pytest.fixture
+def golden() -> dict[str, np.ndarray]:
+    """input_ids and transformers' float32 logits for hf_tiny_dir."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(FIXTURES / "hf_tiny_gpt2_golden.safetensors"))

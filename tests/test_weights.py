@@ -1,0 +1,243 @@
+"""Canonical params, GPT-2 init, checkpoint save/load in the transformers layout, and every bad-file error."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import gptjax.weights as weights
+from gptjax import GPTConfig, GptjaxError, get_preset, init_params, load_checkpoint, save_checkpoint
+from gptjax.weights import param_shapes, validate_params
+
+TINY = GPTConfig(vocab_size=50, n_positions=16, n_layer=2, n_head=2, n_embd=8)
+
+
+def test_init_is_deterministic_and_gpt2_like():
+    a, b = init_params(TINY, seed=3), init_params(TINY, seed=3)
+    assert list(a) == list(param_shapes(TINY)) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["wte.weight"], init_params(TINY, seed=4)["wte.weight"])
+    assert all(v.dtype == np.float32 for v in a.values())
+    assert np.all(a["h.0.ln_1.weight"] == 1) and np.all(a["ln_f.bias"] == 0) and np.all(a["h.1.mlp.c_fc.bias"] == 0)
+    big = init_params(get_preset("byte-mini"), seed=0)
+    assert big["h.0.mlp.c_fc.weight"].std() == pytest.approx(0.02, rel=0.02)
+    assert big["h.0.attn.c_proj.weight"].std() == pytest.approx(0.02 / np.sqrt(8), rel=0.02)
+    assert big["h.3.mlp.c_proj.weight"].std() == pytest.approx(0.02 / np.sqrt(8), rel=0.02)
+
+
+def test_validate_params_names_the_key():
+    p = init_params(TINY)
+    p["h.1.mlp.c_fc.weight"] = np.zeros((8, 31), np.float32)
+    with pytest.raises(GptjaxError, match=r"'h.1.mlp.c_fc.weight' has shape \(8, 31\), expected \(8, 32\)"):
+        validate_params(TINY, p)
+    del p["h.1.mlp.c_fc.weight"]
+    with pytest.raises(GptjaxError, match=r"missing keys \['h.1.mlp.c_fc.weight'\]"):
+        validate_params(TINY, p)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    p = init_params(TINY, seed=1)
+    save_checkpoint(TINY, p, tmp_path / "ckpt")
+    config, q = load_checkpoint(tmp_path / "ckpt")
+    assert config == TINY and list(q) == list(p)
+    assert all(q[k].dtype == np.float32 and np.array_equal(q[k], p[k]) for k in p)
+
+
+def test_saved_file_is_the_transformers_layout_and_readable_by_safetensors(tmp_path):
+    p = init_params(TINY)
+    save_checkpoint(TINY, p, tmp_path / "c")
+    raw = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert set(raw) == {"transformer." + k for k in p}
+    assert np.array_equal(raw["transformer.h.1.attn.c_attn.weight"], p["h.1.attn.c_attn.weight"])
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["n_layer"] == 2 and cfg["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_untied_head_round_trip(tmp_path):
+    c = TINY.replace(tie_word_embeddings=False)
+    p = init_params(c, seed=2)
+    assert "lm_head.weight" in p
+    save_checkpoint(c, p, tmp_path / "u")
+    assert "lm_head.weight" in load_file(str(tmp_path / "u" / "model.safetensors"))
+    c2, q = load_checkpoint(tmp_path / "u")
+    assert c2 == c and np.array_equal(q["lm_head.weight"], p["lm_head.weight"])
+
+
+def test_transformers_checkpoint_loads(hf_tiny_dir):
+    config, p = load_checkpoint(hf_tiny_dir)
+    assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size) == (2, 4, 32, 97)
+    validate_params(config, p)
+
+
+def _write_raw(tmp_path, tensors, config=TINY, name="model.safetensors"):
+    d = tmp_path / "raw"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    save_file(tensors, str(d / name), metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+def test_hf_key_variants_load(tmp_path, prefix):
+    p = init_params(TINY, seed=5)
+    tensors = {prefix + k: v for k, v in p.items()}
+    tensors |= {f"{prefix}h.{i}.attn.bias": np.tril(np.ones((1, 1, 16, 16), np.float32)) for i in range(2)}
+    tensors |= {f"{prefix}h.0.attn.masked_bias": np.array(-1e4, np.float32)}
+    tensors["lm_head.weight"] = p["wte.weight"].copy()
+    _, q = load_checkpoint(_write_raw(tmp_path, tensors))
+    assert set(q) == set(p) and all(np.array_equal(q[k], p[k]) for k in p)
+
+
+def test_bf16_checkpoint_is_converted_to_float32(tmp_path):
+    p = init_params(TINY, seed=6)
+    d = _write_raw(tmp_path, {k: v.astype(ml_dtypes.bfloat16) for k, v in p.items()})
+    _, q = load_checkpoint(d)
+    assert q["wte.weight"].dtype == np.float32
+    assert np.array_equal(q["wte.weight"], p["wte.weight"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    p = init_params(TINY, seed=7)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    keys = list(p)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({"transformer." + k: p[k] for k in ks}, str(d / name))
+    weight_map = {"transformer." + k: name for name, ks in shards.items() for k in ks}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _, q = load_checkpoint(d)
+    assert all(np.array_equal(q[k], p[k]) for k in p)
+
+
+def _expect(tmp_path, tensors, pattern, config=TINY):
+    with pytest.raises(GptjaxError, match=pattern):
+        load_checkpoint(_write_raw(tmp_path, tensors, config))
+
+
+def test_missing_key(tmp_path):
+    p = init_params(TINY)
+    del p["h.1.ln_2.bias"]
+    _expect(tmp_path, p, r"missing tensor\(s\) \['h.1.ln_2.bias'\]")
+
+
+def test_unexpected_key(tmp_path):
+    p = init_params(TINY) | {"h.2.ln_1.weight": np.ones(8, np.float32)}
+    _expect(tmp_path, p, r"unexpected tensor 'h.2.ln_1.weight'")
+
+
+def test_wrong_shape(tmp_path):
+    p = init_params(TINY) | {"wpe.weight": np.zeros((17, 8), np.float32)}
+    _expect(tmp_path, p, r"'wpe.weight' has shape \(17, 8\), expected \(16, 8\)")
+
+
+def test_integer_tensor_in_float_checkpoint(tmp_path):
+    p = init_params(TINY) | {"ln_f.bias": np.zeros(8, np.int32)}
+    _expect(tmp_path, p, r"'ln_f.bias' has dtype int32")
+
+
+def test_untied_lm_head_under_tied_config(tmp_path):
+    p = init_params(TINY) | {"lm_head.weight": np.zeros((50, 8), np.float32)}
+    _expect(tmp_path, p, r"lm_head.weight differs from wte.weight")
+
+
+def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
+    d = tmp_path / "pt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    with pytest.raises(GptjaxError, match=r"pytorch_model.bin.*never unpickles"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x01\x02", "shorter than its 8-byte header"),
+    (struct.pack("<Q", 10**12) + b"{}", "header length"),
+    (struct.pack("<Q", 4) + b"nope", "header is not JSON"),
+    (struct.pack("<Q", 8) + b'{"a": 1}', "malformed header entry"),
+])
+def test_corrupt_safetensors_is_named(tmp_path, content, needle):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "model.safetensors").write_bytes(content)
+    with pytest.raises(GptjaxError, match=needle) as e:
+        load_checkpoint(d)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_missing_dir_config_and_weights(tmp_path):
+    with pytest.raises(GptjaxError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GptjaxError, match="has no config.json"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(GptjaxError, match="not valid JSON"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    with pytest.raises(GptjaxError, match="neither model.safetensors nor"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_index_with_path_traversal_is_refused(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": "../x.safetensors"}}))
+    with pytest.raises(GptjaxError, match="plain"):
+        load_checkpoint(d)
+
+
+def test_save_replaces_an_existing_checkpoint_and_a_failed_save_keeps_it(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    save_checkpoint(TINY, init_params(TINY, seed=1), target)
+    save_checkpoint(TINY, init_params(TINY, seed=2), target)
+    assert np.array_equal(load_checkpoint(target)[1]["wte.weight"], init_params(TINY, seed=2)["wte.weight"])
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(weights, "write_safetensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(TINY, init_params(TINY, seed=3), target)
+    assert np.array_equal(load_checkpoint(target)[1]["wte.weight"], init_params(TINY, seed=2)["wte.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
+
+
+def test_save_validates_before_writing(tmp_path):
+    p = init_params(TINY)
+    del p["wte.weight"]
+    with pytest.raises(GptjaxError, match="missing keys"):
+        save_checkpoint(TINY, p, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+_PEAK_SCRIPT = """
+import re, sys
+from gptjax import load_checkpoint
+def hwm():  # peak RSS of this process image (ru_maxrss would include the forking parent's)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before = hwm()
+config, params = load_checkpoint(sys.argv[1])
+print(before, hwm(), sum(v.nbytes for v in params.values()))
+"""
+
+
+def test_loading_peak_memory_stays_near_checkpoint_size(tmp_path):
+    config = GPTConfig(vocab_size=50257, n_positions=1024, n_layer=4, n_head=12, n_embd=768)  # ~200 MB fp32
+    save_checkpoint(config, init_params(config), tmp_path / "big")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "big")], check=True,
+                         capture_output=True, text=True).stdout
+    before, peak, size = map(int, out.split())
+    assert size == 4 * config.num_params()
+    assert peak - before < 1.25 * size, f"loading grew RSS by {(peak - before) / size:.2f}x the checkpoint"
+    shutil.rmtree(tmp_path / "big")
