@@ -1,7 +1,7 @@
 """GPT-2 as a Flax NNX model compiled with jax.jit: stacked layers under lax.scan, float32-sensitive ops in f32.
 
 Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "layers", ...) as NNX
-`sharding_names` metadata; gptjax.sharding maps them to mesh axes. Legend: B T D H K F V L as in config.py.
+`out_sharding` metadata; gptjax.sharding maps them to mesh axes. Legend: B T D H K F V L as in config.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _BLOCK_KEYS = (
 
 def _param(value: Any, axes: tuple[str | None, ...]) -> nnx.Param:
     """A parameter tagged with logical axis names (no eager sharding: the mesh is applied later)."""
-    return nnx.Param(jnp.asarray(value), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(jnp.asarray(value), out_sharding=axes, eager_sharding=False)
 
 
 class Linear(nnx.Module):

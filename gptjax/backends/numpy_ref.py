@@ -1,19 +1,24 @@
 """The readable oracle: GPT-2 as pure NumPy functions over the canonical param dict (after picoGPT).
 
+Constants are Python floats: a NumPy float64 scalar would silently promote float32 activations to float64.
+
 Legend: B batch, T time, D width, H heads, K head dim, F MLP width, V vocab. Weights are Conv1D [in, out].
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gptjax.backends.base import Backend
+from gptjax.config import GPTConfig
 from gptjax.weights import Params
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """GPT-2's tanh approximation of GELU."""
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -42,7 +47,7 @@ def mlp(x: np.ndarray, p: Params, h: str) -> np.ndarray:
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Scaled dot-product attention; mask is additive (0 or -inf-like)."""
-    scores = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1]) + mask  # [B, H, T, K] x [B, H, K, T] -> [B, H, T, T]
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask  # [B, H, T, K] x [B, H, K, T] -> [B, H, T, T]
     return softmax(scores) @ v  # [B, H, T, T] x [B, H, T, K] -> [B, H, T, K]
 
 
@@ -81,9 +86,9 @@ class NumpyBackend(Backend):
     name = "numpy"
     options = {"dtype": ("float32", "float64")}
 
-    def __init__(self, config, dtype: str = "float32") -> None:
-        super().__init__(config, dtype=dtype)
-        self.dtype = np.dtype(dtype)
+    def __init__(self, config: GPTConfig, **options: str) -> None:
+        super().__init__(config, **options)
+        self.dtype = np.dtype(options.get("dtype", "float32"))
 
     def _convert(self, params: Params) -> Params:
         return {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}

@@ -1,0 +1,66 @@
+"""The `gptjax` command: help, info tables, demo, errors (exit code 2, no traceback)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gptjax import init_params, save_checkpoint
+from gptjax.cli import main
+from gptjax.config import get_preset
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("info", "demo", "backends"))
+
+
+def test_info_preset(capsys):
+    assert main(["info", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "| parameters | 124,439,808 |" in out
+    assert "| weights fp32 | 474.70 MiB |" in out
+    assert "| KV cache per token fp32 | 72.00 KiB |" in out
+
+
+def test_info_overrides_show_what_shrinking_buys(capsys):
+    assert main(["info", "gpt2", "--n-layer", "6", "--n-embd", "384", "--n-head", "6", "--seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "| parameters | 124,439,808 | 30,339,456 | 0.244x |" in out
+    assert "gpt2 (T=256)" in out
+
+
+def test_info_checkpoint(tmp_path, capsys):
+    config = get_preset("tiny")
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    assert "| parameters | 35,712 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["info", "gpt5"], "unknown preset 'gpt5'"),
+    (["info", "gpt2", "--n-head", "7"], "n_embd=768 must be divisible by n_head=7"),
+    (["info", "gpt2", "--n-layer", "0"], "n_layer=0 must be a positive integer"),
+    (["info", "gpt2", "--seq-len", "5000"], "--seq-len 5000 must be in [1, n_positions]"),
+    (["info", "./no/such/dir"], "does not exist"),
+    (["demo", "--preset", "tiny", "--seq-len", "65"], "--seq-len 65 must be in [1, 64] for tiny"),
+])
+def test_errors_are_one_line_with_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_demo_backends_agree(capsys):
+    assert main(["demo", "--preset", "tiny", "--batch", "2", "--seq-len", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "numpy backend: logits (2, 20, 256)" in out and "jax backend: logits (2, 20, 256)" in out
+    assert "argmax agreement 100.0%" in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "gptjax.cli", "backends"], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["jax", "numpy"]
