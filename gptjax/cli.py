@@ -82,6 +82,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.seq_len is not None and not 1 <= args.seq_len <= max(c.n_positions for _, c in columns):
         raise GptjaxError(f"--seq-len {args.seq_len} must be in [1, n_positions]")
     print(size_table(columns, args.seq_len))
+    if os.path.isdir(args.model):
+        from collections import Counter
+
+        from gptjax.weights import checkpoint_dtypes
+
+        counts = Counter(checkpoint_dtypes(args.model).values())
+        print("stored tensors: " + ", ".join(f"{n} x {dtype}" for dtype, n in sorted(counts.items())))
     return 0
 
 

@@ -37,7 +37,8 @@ def test_info_checkpoint(tmp_path, capsys):
     config = get_preset("tiny")
     save_checkpoint(config, init_params(config), tmp_path / "ck")
     assert main(["info", str(tmp_path / "ck")]) == 0
-    assert "| parameters | 35,712 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| parameters | 35,712 |" in out and "stored tensors: 28 x F32" in out
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -39,7 +39,7 @@ class Backend(abc.ABC):
             if allowed and value not in allowed:
                 raise GptjaxError(f"backend {self.name!r}: {key}={value!r}; allowed: {list(allowed)}")
         self.config = config
-        self._cache: tuple[Params, tuple[int, ...], Any] | None = None
+        self._cache: tuple[Params, tuple[Any, ...], Any] | None = None
 
     def prepare(self, params: Params) -> Any:
         """Validate canonical params and convert them to this backend's layout (reusable across calls)."""
@@ -49,19 +49,24 @@ class Backend(abc.ABC):
     def forward(self, params: Params | Any, tokens: Any, *, last_only: bool = False) -> np.ndarray:
         """Logits, float32 [B, T, V] (or [B, V] at the last position with last_only) for int tokens [B, T].
 
-        `params` is the canonical dict (converted once and cached while the same dict and arrays are passed)
+        `params` is the canonical dict (converted once, cached while the same dict holds the same arrays)
         or what `prepare` returned.
         """
         tokens = validate_tokens(tokens, self.config)
         return self._forward(self._prepared(params), tokens, last_only)
 
     def _prepared(self, params: Params | Any) -> Any:
+        """Converted weights for params: reused while the same dict holds the same array objects
+        (the cache keeps those arrays alive, so their identities cannot be recycled). In-place writes
+        into an array are not seen: call prepare() after them."""
         if not isinstance(params, dict):
             return params
-        fingerprint = tuple(id(v) for v in params.values())
-        if self._cache is None or self._cache[0] is not params or self._cache[1] != fingerprint:
-            self._cache = (params, fingerprint, self.prepare(params))
-        return self._cache[2]
+        arrays = tuple(params.values())
+        cached = self._cache
+        if cached is None or cached[0] is not params or len(cached[1]) != len(arrays) or any(
+                a is not b for a, b in zip(cached[1], arrays)):
+            self._cache = cached = (params, arrays, self.prepare(params))
+        return cached[2]
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...
