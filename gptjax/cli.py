@@ -97,7 +97,7 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
     rows: list[tuple[str, list[float], str]] = [
         ("n_layer / n_head / n_embd", [0] * len(columns), ""),
         ("parameters", [c.num_params() for _, c in columns], "n"),
-        ("  embeddings (wte + wpe)", [c.embedding_params() for _, c in columns], "n"),
+        ("  embeddings (wte, wpe, untied head)", [c.embedding_params() for _, c in columns], "n"),
         ("  per block", [c.layer_params() for _, c in columns], "n"),
     ]
     rows += [(f"weights {p}", [c.weight_bytes(p) for _, c in columns], "B") for p in PRECISIONS]

@@ -92,6 +92,8 @@ class GPTConfig:
         logits are computed; causal attention counted explicitly: position t (1-based) reads t keys, QKᵀ and
         AV cost 4·D·t per layer, so a sequence costs 2·L·D·T·(T+1). LayerNorm, GELU, softmax are ignored.
         """
+        _check_positive_int("batch", batch)
+        _check_positive_int("seq_len", seq_len)
         D, L, T = self.n_embd, self.n_layer, seq_len
         body = 2 * self.matmul_params(include_head=False) * T
         head = 2 * D * self.vocab_size * (1 if last_only else T)
@@ -100,7 +102,7 @@ class GPTConfig:
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward FLOPs per token averaged over a causal sequence of seq_len: 2·N_mm + 2·D·V + 2·L·D·(T+1)."""
-        T = seq_len or self.n_positions
+        T = self.n_positions if seq_len is None else seq_len
         return self.forward_flops(1, T) / T
 
     def train_flops_per_token(self, seq_len: int | None = None) -> float:
@@ -160,8 +162,10 @@ class GPTConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GptjaxError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise GptjaxError(f"cannot read {path}: {e.strerror}") from None
         if not isinstance(d, dict):
             raise GptjaxError(f"{path} must hold a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, source=str(path))

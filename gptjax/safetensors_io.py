@@ -9,6 +9,7 @@ peak memory near the size of the result. The format: 8-byte little-endian header
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -23,14 +24,17 @@ from gptjax.errors import GptjaxError
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # a header this large is a corrupt or hostile file, not a model
+_MAX_RANK = 32
 
 
 def read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
-    """(tensor entries, metadata, byte offset of the data) of a safetensors file, validated."""
+    """(tensor entries, metadata, byte offset of the data) of a safetensors file, validated as strictly as
+    the reference implementation: known dtypes, sane shapes, offsets that tile the data section exactly."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -39,30 +43,61 @@ def read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
         (n,) = struct.unpack("<Q", raw)
         if n > min(_MAX_HEADER, size - 8):
             raise GptjaxError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise GptjaxError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise GptjaxError(f"{path} is not a safetensors file (header is not a JSON object)")
+        header = _parse_json(path, f.read(n))
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise GptjaxError(f"{path}: __metadata__ must map strings to strings")
     for name, entry in header.items():
-        _check_entry(path, name, entry, size - 8 - n)
+        _check_entry(path, name, entry)
+    _check_tiling(path, header, size - 8 - n)
     return header, metadata, 8 + n
 
 
-def _check_entry(path: str, name: str, entry: object, data_size: int) -> None:
-    ok = isinstance(entry, dict) and entry.get("dtype") in DTYPES
+def _parse_json(path: str, blob: bytes) -> dict:
+    def no_duplicates(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise GptjaxError(f"{path}: the header names a tensor twice")
+        return dict(pairs)
+
+    try:
+        header = json.loads(blob, object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, GptjaxError):
+            raise
+        raise GptjaxError(f"{path} is not a safetensors file (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise GptjaxError(f"{path} is not a safetensors file (header is not a JSON object)")
+    return header
+
+
+def _check_entry(path: str, name: str, entry: object) -> None:
+    if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
+        raise GptjaxError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which gptjax does not read "
+                          f"(readable: {sorted(DTYPES)})")
     shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (0, 0)
-    ok = ok and isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
-    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ok = isinstance(entry, dict) and "dtype" in entry
+    ok = ok and isinstance(shape, list) and len(shape) <= _MAX_RANK and all(
+        type(s) is int and 0 <= s < 2**48 for s in shape)
+    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
     if ok:
         begin, end = offsets
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[entry["dtype"]].itemsize
-        ok = 0 <= begin <= end <= data_size and end - begin == nbytes
+        ok = 0 <= begin <= end and end - begin == math.prod(shape) * DTYPES[entry["dtype"]].itemsize
     if not ok:
-        raise GptjaxError(f"{path}: tensor {name!r} has a malformed header entry {entry!r} "
-                          f"(known dtypes: {sorted(DTYPES)})")
+        raise GptjaxError(f"{path}: tensor {name!r} has a malformed header entry {str(entry)[:200]}")
+
+
+def _check_tiling(path: str, header: dict[str, dict], data_size: int) -> None:
+    """Tensors must cover the data section back to back: no gaps, overlaps, aliases or trailing bytes."""
+    position = 0
+    for name, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = entry["data_offsets"]
+        if begin != position:
+            raise GptjaxError(f"{path}: tensor {name!r} starts at byte {begin}, expected {position} "
+                              "(tensors must not overlap or leave gaps)")
+        position = end
+    if position != data_size:
+        raise GptjaxError(f"{path}: the tensors cover {position} bytes but the data section has {data_size}")
 
 
 def iter_tensors(path: str, convert: Callable[[str, np.ndarray], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
@@ -96,6 +131,7 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, np.ndarray], metadata: dic
     """Write tensors (in the given order) to an open binary file, streaming one tensor at a time."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
+    tensors = {name: _little_endian(a) for name, a in tensors.items()}
     for name, a in tensors.items():
         if a.dtype not in _CODES:
             raise GptjaxError(f"tensor {name!r} has dtype {a.dtype}, which safetensors cannot store")
@@ -107,3 +143,8 @@ def write_safetensors(f: BinaryIO, tensors: dict[str, np.ndarray], metadata: dic
     f.write(struct.pack("<Q", len(blob)) + blob)
     for a in tensors.values():
         f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+
+def _little_endian(a: np.ndarray) -> np.ndarray:
+    """safetensors stores little-endian bytes; swap big-endian arrays (a no-op for native ones)."""
+    return a.astype(a.dtype.newbyteorder("<"), copy=False) if a.dtype.byteorder == ">" else a

@@ -79,6 +79,9 @@ def validate_params(config: GPTConfig, params: Params) -> None:
     for key, shape in shapes.items():
         if tuple(np.shape(params[key])) != shape:
             raise GptjaxError(f"param {key!r} has shape {tuple(np.shape(params[key]))}, expected {shape}")
+        dtype = np.asarray(params[key]).dtype
+        if dtype.kind != "f" and dtype.name != "bfloat16":
+            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def _index_files(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise GptjaxError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
@@ -177,9 +180,10 @@ def _to_float32(file: Path, key: str, a: np.ndarray) -> np.ndarray:
 # ---- saving -------------------------------------------------------------------------------------
 def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors atomically (temp dir + rename) in the layout transformers'
-    GPT2LMHeadModel.save_pretrained writes, so from_pretrained loads it unchanged."""
+    GPT2LMHeadModel.save_pretrained writes, so from_pretrained loads it unchanged. Other files already in
+    the directory (tokenizer files, a README) are kept; old weight files are replaced."""
     validate_params(config, params)
-    target = Path(path)
+    target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -190,6 +194,8 @@ def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike) 
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config.to_hf_dict(), f, indent=2)
             _fsync(f)
+        _carry_over(target, tmp)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is shared like any directory
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,16 +212,43 @@ def _fsync(f) -> None:
     os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy what an existing checkpoint directory holds besides its config and weights into the new one."""
+    if not old.is_dir():
+        return
+    for item in old.iterdir():
+        if item.name in (CONFIG_NAME, INDEX_NAME) or item.suffix == ".safetensors" or (new / item.name).exists():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, new / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, new / item.name, follow_symlinks=False)
+
+
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; at every instant a complete checkpoint exists at target or at its backup name."""
-    backup = None
-    if target.exists():
-        if not target.is_dir():
-            raise GptjaxError(f"cannot save a checkpoint over {str(target)!r}: it is a file, not a directory")
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, backup / target.name)
-    os.replace(new, target)
-    if backup is not None:
+    """Move `new` to `target`; at every instant a complete checkpoint exists at target or at its backup name,
+    and a failed swap puts the old one back."""
+    if target.exists() and not target.is_dir():
+        raise GptjaxError(f"cannot save a checkpoint over {str(target)!r}: it is a file, not a directory")
+    if not target.exists():
+        os.replace(new, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, backup / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(backup / target.name, target)
+        raise
+    finally:
         shutil.rmtree(backup, ignore_errors=True)
 
 

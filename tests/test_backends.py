@@ -175,3 +175,45 @@ def test_numpy_backend_computes_in_its_dtype(dtype):
     weights = get_backend("numpy", config, dtype=dtype).prepare(init_params(config))
     logits = gpt2(np.array([[1, 2, 3]]), weights, config.n_layer, config.n_head, 1e-5, last_only=False)
     assert logits.dtype == np.dtype(dtype)
+
+
+def test_jax_backend_computes_half_precision_params_in_float32():
+    config = SHAPES[1][0]
+    params = {k: v.astype(np.float16) for k, v in _random_model(config).items()}
+    tokens = np.random.default_rng(4).integers(0, config.vocab_size, (2, 9))
+    ref = get_backend("numpy", config).forward(params, tokens)
+    assert np.abs(get_backend("jax", config).forward(params, tokens) - ref).max() <= 1e-4
+
+
+def test_prepared_weights_of_another_kind_or_config_are_refused():
+    config = SHAPES[1][0]
+    params = init_params(config)
+    jax_weights = get_backend("jax", config).prepare(params)
+    with pytest.raises(GptjaxError, match="got JaxWeights"):
+        get_backend("numpy", config).forward(jax_weights, [[1]])
+    with pytest.raises(GptjaxError, match="prepared weights are for"):
+        get_backend("jax", config.replace(n_positions=64)).forward(jax_weights, [[1]])
+    with pytest.raises(GptjaxError, match="got list"):
+        get_backend("jax", config).forward([1, 2], [[1]])
+    from types import MappingProxyType
+
+    np.testing.assert_allclose(get_backend("jax", config).forward(MappingProxyType(params), [[1, 2]]),
+                               get_backend("jax", config).forward(params, [[1, 2]]))
+
+
+def test_broken_or_duplicate_plugins_get_clear_errors(tmp_path, monkeypatch):
+    for dist, eps in {"plug_a-1.0": "missing = no_such_module_xyz:Thing\nnoattr = json:NoSuch\ndup = json:a\n",
+                      "plug_b-1.0": "dup = json:b\n"}.items():
+        d = tmp_path / f"{dist}.dist-info"
+        d.mkdir()
+        (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist.split('-')[0]}\nVersion: 1.0\n")
+        (d / "entry_points.txt").write_text("[gptjax.backends]\n" + eps)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = SHAPES[0][0]
+    with pytest.raises(GptjaxError, match=r"'missing' \(no_such_module_xyz:Thing\) cannot be loaded: "
+                                          r"ModuleNotFoundError"):
+        get_backend("missing", config)
+    with pytest.raises(GptjaxError, match=r"'noattr' \(json:NoSuch\) cannot be loaded: AttributeError"):
+        get_backend("noattr", config)
+    with pytest.raises(GptjaxError, match=r"'dup' is registered twice"):
+        get_backend("dup", config)

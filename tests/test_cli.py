@@ -65,3 +65,11 @@ def test_demo_backends_agree(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "gptjax.cli", "backends"], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["jax", "numpy"]
+
+
+def test_corrupt_checkpoint_in_cli_is_one_line(tmp_path, capsys):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_bytes(b"\xff\xfe")
+    assert main(["info", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid JSON" in err and "Traceback" not in err

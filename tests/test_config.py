@@ -111,3 +111,13 @@ def test_hf_dict_round_trip_and_refusals():
         GPTConfig.from_hf_dict({"activation_function": "relu"})
     with pytest.raises(GptjaxError, match="scale_attn_by_inverse_layer_idx=True"):
         GPTConfig.from_hf_dict({"scale_attn_by_inverse_layer_idx": True})
+
+
+def test_flops_reject_bad_sizes():
+    c = get_preset("tiny")
+    with pytest.raises(GptjaxError, match="seq_len=0 must be a positive integer"):
+        c.forward_flops_per_token(0)
+    with pytest.raises(GptjaxError, match="batch=-1 must be a positive integer"):
+        c.forward_flops(-1, 8)
+    with pytest.raises(GptjaxError, match="seq_len=2.5"):
+        c.forward_flops(1, 2.5)

@@ -161,7 +161,7 @@ def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
 @pytest.mark.parametrize("content,needle", [
     (b"\x01\x02", "shorter than its 8-byte header"),
     (struct.pack("<Q", 10**12) + b"{}", "header length"),
-    (struct.pack("<Q", 4) + b"nope", "header is not JSON"),
+    (struct.pack("<Q", 4) + b"nope", "header is not valid JSON"),
     (struct.pack("<Q", 8) + b'{"a": 1}', "malformed header entry"),
 ])
 def test_corrupt_safetensors_is_named(tmp_path, content, needle):
@@ -241,3 +241,78 @@ def test_loading_peak_memory_stays_near_checkpoint_size(tmp_path):
     assert size == 4 * config.num_params()
     assert peak - before < 1.25 * size, f"loading grew RSS by {(peak - before) / size:.2f}x the checkpoint"
     shutil.rmtree(tmp_path / "big")
+
+
+def test_save_keeps_tokenizer_files_and_drops_stale_shards(tmp_path):
+    target = tmp_path / "ck"
+    target.mkdir()
+    (target / "tokenizer.json").write_text("{}")
+    (target / "README.md").write_text("mine")
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    (target / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    save_checkpoint(TINY, init_params(TINY, seed=1), target)
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                        "tokenizer.json"]
+    assert (target / "README.md").read_text() == "mine"
+    load_checkpoint(target)
+
+
+def test_saved_directory_is_not_private(tmp_path):
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "ck")
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~weights._umask()
+    assert (tmp_path / "ck").stat().st_mode & 0o055  # group/others can read (under the usual umask 022)
+
+
+def test_big_endian_params_are_saved_little_endian(tmp_path):
+    p = {k: v.astype(">f4") for k, v in init_params(TINY, seed=9).items()}
+    save_checkpoint(TINY, p, tmp_path / "be")
+    _, q = load_checkpoint(tmp_path / "be")
+    assert np.array_equal(q["wte.weight"], p["wte.weight"])
+
+
+def _header_file(tmp_path, header: bytes, data: bytes = b"") -> Path:
+    d = tmp_path / "hostile"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return d
+
+
+@pytest.mark.parametrize("header,data,needle", [
+    (b'{"a": {"dtype": "F32", "shape": [1180591620717411303424], "data_offsets": [0, 4]}}', b"", "malformed"),
+    (b'{"a": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]}}', b"", "malformed"),
+    (b'{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', b"\0" * 4, "malformed"),
+    (b'{"a": {"dtype": "F32", "shape": [' + b"1," * 99 + b'1], "data_offsets": [0, 4]}}', b"\0" * 4, "malformed"),
+    (b"[" * 200_000 + b"]" * 200_000, b"", "not valid JSON"),
+    (b'{"a": 1' + b"0" * 5000 + b"}", b"", "not valid JSON"),
+    (b'{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}', b"\0", "dtype 'F8_E4M3'"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+     b'"b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "must not overlap"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8, "starts at byte 4, expected 0"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 8, "cover 4 bytes but"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+     b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "names a tensor twice"),
+    (b'{"__metadata__": {"format": 1}}', b"", "__metadata__ must map strings to strings"),
+])
+def test_hostile_headers_get_a_named_error(tmp_path, header, data, needle):
+    with pytest.raises(GptjaxError, match=needle):
+        load_checkpoint(_header_file(tmp_path, header, data))
+
+
+def test_non_utf8_config_and_index(tmp_path):
+    d = tmp_path / "enc"
+    d.mkdir()
+    (d / "config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(GptjaxError, match="config.json is not valid JSON"):
+        load_checkpoint(d)
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(GptjaxError, match="is not a safetensors index"):
+        load_checkpoint(d)
+
+
+def test_integer_params_are_refused():
+    p = init_params(TINY)
+    p["ln_f.bias"] = np.zeros(8, np.int64)
+    with pytest.raises(GptjaxError, match="'ln_f.bias' has dtype int64; params must be floating point"):
+        validate_params(TINY, p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from importlib import import_module
 from importlib.metadata import entry_points
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -59,14 +60,24 @@ class Backend(abc.ABC):
         """Converted weights for params: reused while the same dict holds the same array objects
         (the cache keeps those arrays alive, so their identities cannot be recycled). In-place writes
         into an array are not seen: call prepare() after them."""
-        if not isinstance(params, dict):
+        if not isinstance(params, Mapping):
+            self._check_prepared(params)
             return params
         arrays = tuple(params.values())
         cached = self._cache
         if cached is None or cached[0] is not params or len(cached[1]) != len(arrays) or any(
                 a is not b for a, b in zip(cached[1], arrays)):
-            self._cache = cached = (params, arrays, self.prepare(params))
+            self._cache = cached = (params, arrays, self.prepare(dict(params)))
         return cached[2]
+
+    def _check_prepared(self, weights: Any) -> None:
+        """Raise unless weights came from prepare() of this kind of backend for an equal config."""
+        kind = getattr(self, "prepared_type", None)
+        if kind is None or not isinstance(weights, kind):
+            raise GptjaxError(f"params must be a dict of canonical arrays or {self.name!r} backend's prepare() "
+                              f"result, got {type(weights).__name__}")
+        if weights.config != self.config:
+            raise GptjaxError(f"prepared weights are for {weights.config}, but this backend is for {self.config}")
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...
@@ -97,9 +108,14 @@ def validate_tokens(tokens: Any, config: GPTConfig) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def _registry() -> dict[str, str]:
-    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return {**found, **_BUILTIN}  # built-in names cannot be shadowed by a plugin
+def _registry() -> dict[str, list[str]]:
+    """Backend name → the entry-point values that claim it (built-ins first and alone: no shadowing)."""
+    found: dict[str, list[str]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, [])
+        if ep.value not in found[ep.name]:
+            found[ep.name].append(ep.value)
+    return found | {name: [value] for name, value in _BUILTIN.items()}
 
 
 def available_backends() -> list[str]:
@@ -108,12 +124,24 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str, config: GPTConfig, **options: Any) -> Backend:
-    """An instance of the backend called `name`, bound to `config`, with backend options."""
+    """An instance of the backend called `name`, bound to `config` (a model shape), with backend options."""
     registry = _registry()
     if name not in registry:
         raise GptjaxError(f"unknown backend {name!r}; available: {sorted(registry)}")
-    module, _, attr = registry[name].partition(":")
-    cls = getattr(import_module(module), attr)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise GptjaxError(f"backend {name!r} ({registry[name]}) is not a gptjax.backends.Backend subclass")
+    if len(registry[name]) > 1:
+        raise GptjaxError(f"backend {name!r} is registered twice, by {registry[name]}; uninstall one")
+    cls = _load(name, registry[name][0])
     return cls(config, **options)
+
+
+def _load(name: str, value: str) -> type[Backend]:
+    module, _, attr = value.partition(":")
+    try:
+        cls = import_module(module.strip())
+        for part in attr.split("[")[0].strip().split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise GptjaxError(f"backend {name!r} ({value}) cannot be loaded: {type(e).__name__}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise GptjaxError(f"backend {name!r} ({value}) is not a gptjax.backends.Backend subclass")
+    return cls

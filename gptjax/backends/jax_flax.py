@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,16 +74,32 @@ class Attention(nnx.Module):
         self.out_kernel = _param(wo.reshape(*lead, H, K, D), layer_axes + ("heads", "kv", "embed"))
         self.out_bias = _param(p["attn.c_proj.bias"], layer_axes + ("embed",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        T, K = x.shape[1], self.qkv_kernel.shape[-1]
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys, values [B, T, H, K] of x [B, T, D]."""
         qkv = jnp.einsum("btd,dchk->cbthk", x, self.qkv_kernel[...])  # [B, T, D] -> [3, B, T, H, K]
-        q, k, v = qkv + self.qkv_bias[...][:, None, None]  # [B, T, H, K] each
-        scores = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(K)  # -> [B, H, T, T]
-        causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # [T, T]
-        scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, T]
+        q, k, v = qkv + self.qkv_bias[...][:, None, None]
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attention of q [B, T, H, K] over k, v [B, S, H, K] where mask [B or 1, T, S] allows, projected out."""
+        scores = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])  # -> [B, H, T, S]
+        scores = jnp.where(mask[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, H, T, S]
         out = jnp.einsum("bhts,bshk->bthk", probs, v)  # -> [B, T, H, K]
         return jnp.einsum("bthk,hkd->btd", out, self.out_kernel[...]) + self.out_bias[...]  # -> [B, T, D]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        T = x.shape[1]
+        q, k, v = self.qkv(x)
+        return self.attend(q, k, v, jnp.tril(jnp.ones((1, T, T), dtype=bool)))  # causal [1, T, T]
+
+    def cached(self, x: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array], start: jax.Array
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention that first writes x's keys/values into the cache [B, S, H, K] at index start."""
+        q, k, v = self.qkv(x)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+        return self.attend(q, k_cache, v_cache, mask), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -110,6 +126,13 @@ class Block(nnx.Module):
         x = x + self.attn(self.ln_1(x))  # [B, T, D]
         return x + self.mlp(self.ln_2(x))  # [B, T, D]
 
+    def cached(self, x: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array], start: jax.Array
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The block over new tokens x [B, T, D] whose keys/values go into the layer's cache at start."""
+        a, cache = self.attn.cached(self.ln_1(x), mask, cache, start)
+        x = x + a  # [B, T, D]
+        return x + self.mlp(self.ln_2(x)), cache
+
 
 class GPT(nnx.Module):
     """GPT-2: token + position embeddings, L blocks scanned over a stacked layer axis, final LN, tied head."""
@@ -132,23 +155,53 @@ class GPT(nnx.Module):
         x, _ = jax.lax.scan(lambda h, layer: (nnx.merge(graphdef, layer)(h), None), x, layers)  # L x [B, T, D]
         if last_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, T, D] -> [B, D]
-        x = self.ln_f(x)
+        return self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final LayerNorm and the (tied) head: [..., D] -> float32 [..., V]."""
         head = self.wte[...] if self.lm_head is None else self.lm_head[...]  # [V, D]
-        return jnp.einsum("...d,vd->...v", x, head, preferred_element_type=jnp.float32)  # -> [..., V]
+        return jnp.einsum("...d,vd->...v", self.ln_f(x), head, preferred_element_type=jnp.float32)
+
+    def step(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache, start: jax.Array
+             ) -> tuple[jax.Array, KVCache]:
+        """Run new tokens [B, T] at positions [B, T] against the cache, writing their keys/values at cache
+        index start; mask [B, T, S] says which cache entries each query reads. Returns the last position's
+        logits [B, V] and the updated cache."""
+        x = self.wte[...][tokens] + self.wpe[...][positions]  # [B, T] -> [B, T, D]
+        graphdef, layers = nnx.split(self.blocks)
+
+        def layer_step(carry, layer):
+            h, ks, vs, i = carry
+            h, (k, v) = nnx.merge(graphdef, layer).cached(h, mask, (ks[i], vs[i]), start)
+            ks = jax.lax.dynamic_update_index_in_dim(ks, k, i, 0)  # written in place: ks is loop-carried
+            vs = jax.lax.dynamic_update_index_in_dim(vs, v, i, 0)
+            return (h, ks, vs, i + 1), None
+
+        (x, ks, vs, _), _ = jax.lax.scan(layer_step, (x, cache.k, cache.v, 0), layers)
+        return self.logits(x[:, -1]), KVCache(ks, vs)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, [L, B, S, H, K] each; passed in and returned, never hidden state."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 @dataclass(frozen=True)
 class JaxWeights:
-    """A converted model: NNX graph definition + its state (device arrays)."""
+    """A converted model: NNX graph definition + its state (device arrays), and the config it was built for."""
 
     graphdef: Any
     state: Any
+    config: GPTConfig
 
 
 @partial(jax.jit, static_argnames=("graphdef", "last_only"))
 def _apply(graphdef: Any, state: Any, tokens: jax.Array, last_index: jax.Array, last_only: bool) -> jax.Array:
-    model = nnx.merge(graphdef, state)
-    return model(tokens, last_index if last_only else None)
+    with jax.default_matmul_precision("float32"):  # true fp32 dots on GPU/TPU too (no TF32/bf16 passes)
+        model = nnx.merge(graphdef, state)
+        return model(tokens, last_index if last_only else None)
 
 
 def bucket_length(T: int, n_positions: int) -> int:
@@ -161,10 +214,12 @@ class JaxBackend(Backend):
     """Flax NNX GPT-2 under jax.jit; sequence lengths are padded to buckets (causal: padding is invisible)."""
 
     name = "jax"
+    prepared_type = JaxWeights
 
     def _convert(self, params: Params) -> JaxWeights:
-        graphdef, state = nnx.split(GPT(self.config, params))
-        return JaxWeights(graphdef, state)
+        float32 = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+        graphdef, state = nnx.split(GPT(self.config, float32))
+        return JaxWeights(graphdef, state, self.config)
 
     def _forward(self, weights: JaxWeights, tokens: np.ndarray, last_only: bool) -> np.ndarray:
         B, T = tokens.shape
