@@ -5,13 +5,14 @@ from __future__ import annotations
 import abc
 from importlib import import_module
 from importlib.metadata import entry_points
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, make_request
 from gptjax.weights import Params, validate_params
 
 ENTRY_POINT_GROUP = "gptjax.backends"
@@ -79,11 +80,42 @@ class Backend(abc.ABC):
         if weights.config != self.config:
             raise GptjaxError(f"prepared weights are for {weights.config}, but this backend is for {self.config}")
 
+    def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_tokens: Any = (), greedy: bool = False) -> GenerationResult:
+        """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens.
+
+        Sampling rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row
+        stops at a stop token (not included) or after max_new_tokens; the result says which.
+        """
+        request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
+        return collect(self._generate(self._prepared(params), request, None), request)
+
+    def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               stop_tokens: Any = (), greedy: bool = False) -> Iterator[StreamChunk]:
+        """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps.
+
+        Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
+        generate()'s result.
+        """
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise GptjaxError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+        request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
+        return self._generate(self._prepared(params), request, chunk_size)
+
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...
 
     @abc.abstractmethod
     def _forward(self, weights: Any, tokens: np.ndarray, last_only: bool) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _generate(self, weights: Any, request: GenerationRequest, chunk_size: int | None
+                  ) -> Iterator[StreamChunk]:
+        """Yield StreamChunks for a validated request (one at the end when chunk_size is None)."""
 
 
 def validate_tokens(tokens: Any, config: GPTConfig) -> np.ndarray:

@@ -8,12 +8,17 @@ Legend: B batch, T time, D width, H heads, K head dim, F MLP width, V vocab. Wei
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 
 from gptjax.backends.base import Backend
 from gptjax.config import GPTConfig
+from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk, left_pad, sample_token
 from gptjax.weights import Params
+
+Cache = tuple[np.ndarray, np.ndarray]  # one layer's keys and values, [B, H, S, K] each
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -46,38 +51,68 @@ def mlp(x: np.ndarray, p: Params, h: str) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Scaled dot-product attention; mask is additive (0 or -inf-like)."""
-    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask  # [B, H, T, K] x [B, H, K, T] -> [B, H, T, T]
-    return softmax(scores) @ v  # [B, H, T, T] x [B, H, T, K] -> [B, H, T, K]
+    """Scaled dot-product attention; mask is additive (0 where allowed, -1e10 where not)."""
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask  # [B, H, T, K] x [B, H, K, S] -> [B, H, T, S]
+    return softmax(scores) @ v  # [B, H, T, S] x [B, H, S, K] -> [B, H, T, K]
 
 
-def causal_self_attention(x: np.ndarray, p: Params, h: str, n_head: int) -> np.ndarray:
-    """Multi-head causal self-attention of block h."""
+def self_attention(x: np.ndarray, p: Params, h: str, n_head: int, mask: np.ndarray,
+                   cache: Cache | None = None, start: int = 0) -> np.ndarray:
+    """Multi-head self-attention of block h. With a cache ([B, H, S, K] keys and values of this layer), the new
+    keys/values are written at index start and the queries attend over the whole cache, as the mask allows."""
     B, T, D = x.shape
     qkv = linear(x, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # [B, T, D] -> [B, T, 3D]
-    heads = qkv.reshape(B, T, 3, n_head, D // n_head).transpose(2, 0, 3, 1, 4)  # -> [3, B, H, T, K]
-    mask = np.triu(np.full((T, T), -1e10, dtype=x.dtype), k=1)  # [T, T], -1e10 above the diagonal
-    out = attention(heads[0], heads[1], heads[2], mask)  # -> [B, H, T, K]
+    q, k, v = qkv.reshape(B, T, 3, n_head, D // n_head).transpose(2, 0, 3, 1, 4)  # -> 3 x [B, H, T, K]
+    if cache is not None:
+        cache[0][:, :, start:start + T] = k  # written in place: the cache is preallocated to S
+        cache[1][:, :, start:start + T] = v
+        k, v = cache  # [B, H, S, K]
+    out = attention(q, k, v, mask)  # -> [B, H, T, K]
     out = out.transpose(0, 2, 1, 3).reshape(B, T, D)  # [B, H, T, K] -> [B, T, D]
     return linear(out, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])  # [B, T, D] -> [B, T, D]
 
 
-def block(x: np.ndarray, p: Params, h: str, n_head: int, eps: float) -> np.ndarray:
+def block(x: np.ndarray, p: Params, h: str, n_head: int, eps: float, mask: np.ndarray,
+          cache: Cache | None = None, start: int = 0) -> np.ndarray:
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
-    x = x + causal_self_attention(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps), p, h, n_head)
+    a = self_attention(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps), p, h, n_head, mask, cache,
+                       start)
+    x = x + a  # [B, T, D]
     return x + mlp(layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps), p, h)  # [B, T, D]
 
 
-def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, last_only: bool) -> np.ndarray:
-    """Logits for int tokens [B, T]: [B, T, V], or [B, V] at the last position."""
+def causal_mask(T: int, dtype: np.dtype) -> np.ndarray:
+    """Additive mask [T, T]: position t sees positions <= t."""
+    return np.triu(np.full((T, T), -1e10, dtype=dtype), k=1)
+
+
+def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, last_only: bool,
+         positions: np.ndarray | None = None, mask: np.ndarray | None = None,
+         cache: list[Cache] | None = None, start: int = 0) -> np.ndarray:
+    """Logits for int tokens [B, T]: [B, T, V], or [B, V] at the last position.
+
+    Without a cache this is the plain causal forward pass. With one (a [B, H, S, K] key/value pair per
+    layer), tokens sit at cache index start.. with their own positions [B, T] and additive mask [B, 1, T, S].
+    """
     T = tokens.shape[1]
-    x = p["wte.weight"][tokens] + p["wpe.weight"][:T]  # [B, T] -> [B, T, D]
+    pos = np.arange(T) if positions is None else positions  # [T] or [B, T]
+    x = p["wte.weight"][tokens] + p["wpe.weight"][pos]  # [B, T] -> [B, T, D]
+    mask = causal_mask(T, x.dtype) if mask is None else mask
     for i in range(n_layer):
-        x = block(x, p, f"h.{i}.", n_head, eps)  # [B, T, D] -> [B, T, D]
+        x = block(x, p, f"h.{i}.", n_head, eps, mask, None if cache is None else cache[i], start)  # [B, T, D]
     if last_only:
         x = x[:, -1]  # [B, T, D] -> [B, D]
     x = layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], eps)
     return x @ p.get("lm_head.weight", p["wte.weight"]).T  # [..., D] x [D, V] -> [..., V]
+
+
+def ragged_mask(pad: np.ndarray, first: int, T: int, S: int, dtype: np.dtype) -> np.ndarray:
+    """Additive mask [B, 1, T, S] for queries at cache indices first..first+T-1 of left-padded rows:
+    a query reads cache entries at or before its own index and not in its row's padding."""
+    s = np.arange(S)  # [S]
+    t = first + np.arange(T)[:, None]  # [T, 1]
+    allowed = (s <= t)[None] & (s >= pad[:, None, None])  # [B, T, S]
+    return np.where(allowed, 0, -1e10).astype(dtype)[:, None]  # -> [B, 1, T, S]
 
 
 class NumpyBackend(Backend):
@@ -97,3 +132,59 @@ class NumpyBackend(Backend):
         c = self.config
         logits = gpt2(tokens, weights, c.n_layer, c.n_head, c.layer_norm_epsilon, last_only)
         return logits.astype(np.float32)
+
+    def _generate(self, weights: Params, request: GenerationRequest, chunk_size: int | None
+                  ) -> Iterator[StreamChunk]:
+        """Prefill the left-padded prompts into a preallocated cache, then one token per row per step."""
+        c, sp = self.config, request.sampling
+        Tp = max(len(p) for p in request.prompts)
+        S = Tp + request.max_new_tokens
+        tokens, pad = left_pad(request.prompts, Tp)  # [B, Tp], [B]
+        B, K = len(pad), c.head_dim
+        cache = [(np.zeros((B, c.n_head, S, K), self.dtype), np.zeros((B, c.n_head, S, K), self.dtype))
+                 for _ in range(c.n_layer)]
+        run = partial(gpt2, p=weights, n_layer=c.n_layer, n_head=c.n_head, eps=c.layer_norm_epsilon,
+                      last_only=True, cache=cache)
+        positions = np.maximum(np.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
+        logits = run(tokens, positions=positions, mask=ragged_mask(pad, 0, Tp, S, self.dtype), start=0)
+        rngs = [np.random.default_rng([sp.seed, b]) for b in range(B)]
+        rows = _Rows(B, sp.stop_tokens)
+        for step in range(request.max_new_tokens):
+            next_tokens = np.array([sample_token(logits[b], sp, rngs[b]) for b in range(B)])  # [B]
+            rows.record(next_tokens, last_step=step == request.max_new_tokens - 1)
+            if rows.all_done or (chunk_size and (step + 1) % chunk_size == 0):
+                yield rows.flush()
+            if rows.all_done:
+                return
+            index = Tp + step  # cache index of the token just sampled
+            logits = run(next_tokens[:, None], positions=(index - pad)[:, None],
+                         mask=ragged_mask(pad, index, 1, S, self.dtype), start=index)
+
+
+class _Rows:
+    """Per-row bookkeeping of a decode: tokens not yet yielded, which rows are done and why."""
+
+    def __init__(self, batch: int, stop_tokens: tuple[int, ...]) -> None:
+        self.pending: list[list[int]] = [[] for _ in range(batch)]
+        self.reasons: list[str | None] = [None] * batch
+        self.stop_tokens = set(stop_tokens)
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.reasons)
+
+    def record(self, tokens: np.ndarray, last_step: bool) -> None:
+        for b, t in enumerate(tokens.tolist()):
+            if self.reasons[b]:
+                continue
+            if t in self.stop_tokens:
+                self.reasons[b] = STOP
+                continue
+            self.pending[b].append(t)
+            if last_step:
+                self.reasons[b] = LENGTH
+
+    def flush(self) -> StreamChunk:
+        chunk = StreamChunk(self.pending, list(self.reasons))
+        self.pending = [[] for _ in self.pending]
+        return chunk

@@ -1,0 +1,153 @@
+"""Jitted generation for the JAX backend: prefill, a `lax.while_loop` decode over chunks of steps, and the
+sampling rules of gptjax.generate implemented on device.
+
+Shapes are bucketed so a mixed workload compiles rarely: batch to a power of two, prompt length Tp and
+cache length S with `bucket_length`; sampling settings and max_new_tokens are traced values, so only
+(B, Tp, S, whether top-k/top-p filtering is on) select a compilation of each of the two functions.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax.config import GPTConfig
+from gptjax.generate import GenerationRequest, left_pad
+
+
+class Sampling(NamedTuple):
+    """Per-row sampling settings as device arrays (so changing them never recompiles)."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, V = off
+    top_p: jax.Array  # [B] float32, 1 = off
+    stop: jax.Array  # [n] int32 stop tokens, -1 padded
+
+    @classmethod
+    def of(cls, request: GenerationRequest, batch: int, vocab: int) -> Sampling:
+        """Arrays for a request, every row sampled alike (rows beyond the request are padding)."""
+        sp = request.sampling
+        temperature = 0.0 if sp.is_greedy else sp.temperature
+        stop = np.full(max(1, len(sp.stop_tokens)), -1, np.int32)
+        stop[: len(sp.stop_tokens)] = sp.stop_tokens
+        return cls(jnp.full(batch, temperature, jnp.float32), jnp.full(batch, sp.top_k or vocab, jnp.int32),
+                   jnp.full(batch, 1.0 if sp.top_p is None else sp.top_p, jnp.float32), jnp.asarray(stop))
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries between steps and between chunks (donated on each call)."""
+
+    cache: Any  # KVCache
+    last: jax.Array  # [B] the token sampled last, fed to the next step
+    step: jax.Array  # () tokens sampled so far
+    done: jax.Array  # [B] row finished (or a padding row)
+    stopped: jax.Array  # [B] row finished on a stop token
+    lengths: jax.Array  # [B] tokens kept in out (stop token excluded)
+    out: jax.Array  # [B, N] generated tokens
+    keys: jax.Array  # [B] per-row PRNG keys
+
+
+def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Set logits [B, V] outside each row's top-k, then outside its top-p nucleus, to -inf."""
+    V = x.shape[-1]
+    ranked = -jnp.sort(-x, axis=-1)  # [B, V] descending
+    kth = jnp.take_along_axis(ranked, top_k[:, None] - 1, axis=-1)  # [B, 1]
+    x = jnp.where(x < kth, -jnp.inf, x)
+    ranked = jnp.where(jnp.arange(V) < top_k[:, None], ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)  # [B, V]
+    keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1)
+    threshold = jnp.take_along_axis(ranked, keep.sum(-1, keepdims=True) - 1, axis=-1)  # [B, 1]
+    return jnp.where(x < threshold, -jnp.inf, x)
+
+
+def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling, filtering: bool
+           ) -> jax.Array:
+    """Next token per row [B] from logits [B, V]: argmax where temperature is 0, else a seeded draw."""
+    greedy = jnp.argmax(logits, axis=-1)
+    x = logits / jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
+    if filtering:
+        x = filter_top_k_top_p(x, sampling.top_k, sampling.top_p)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    drawn = jax.vmap(jax.random.categorical)(step_keys, x)
+    return jnp.where(sampling.temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Array) -> DecodeState:
+    """Store the tokens of step d.step, mark rows that hit a stop token or the length limit."""
+    active = ~d.done
+    hit_stop = active & jnp.isin(token, stop)
+    kept = active & ~hit_stop
+    out = jax.lax.dynamic_update_index_in_dim(d.out, jnp.where(kept, token, 0), d.step, axis=1)
+    step = d.step + 1
+    return d._replace(last=token, step=step, out=out, lengths=jnp.where(kept, step, d.lengths),
+                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (step >= max_new))
+
+
+def _ragged_mask(pad: jax.Array, first: jax.Array, T: int, S: int) -> jax.Array:
+    """[B, T, S]: query at cache index first + t reads entries <= its index outside its row's left padding."""
+    s = jnp.arange(S)
+    t = first + jnp.arange(T)[:, None]  # [T, 1]
+    return (s <= t)[None] & (s >= pad[:, None, None])
+
+
+@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "filtering"))
+def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, seed: jax.Array,
+            sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, filtering: bool
+            ) -> DecodeState:
+    """Run left-padded prompts [B, Tp] into a fresh cache of cache_length and sample the first token."""
+    from gptjax.backends.jax_flax import KVCache
+
+    with jax.default_matmul_precision("float32"):
+        model = nnx.merge(graphdef, state)
+        B, Tp = tokens.shape
+        cache = KVCache.zeros(config, B, cache_length)
+        positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
+        logits, cache = model.step(tokens, positions, _ragged_mask(pad, jnp.int32(0), Tp, cache_length), cache, 0)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(B))
+        zeros = jnp.zeros(B, jnp.int32)
+        d = DecodeState(cache, zeros, jnp.int32(0), ~valid, jnp.zeros(B, bool), zeros,
+                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys)
+        return _record(d, sample(logits, keys, d.step, sampling, filtering), sampling.stop, max_new)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "filtering"), donate_argnames=("d",))
+def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: Sampling, until: jax.Array,
+           max_new: jax.Array, filtering: bool) -> DecodeState:
+    """Decode one token per row per step, inside one while_loop, until step == until or every row is done."""
+    with jax.default_matmul_precision("float32"):
+        model = nnx.merge(graphdef, state)
+        S = d.cache.k[0].shape[1]
+        Tp = S - d.out.shape[1]  # prompt bucket: the cache holds Tp prompt entries, then the new tokens
+
+        def body(d: DecodeState) -> DecodeState:
+            index = Tp + d.step - 1  # cache index of d.last
+            logits, cache = model.step(d.last[:, None], (index - pad)[:, None], _ragged_mask(pad, index, 1, S),
+                                       d.cache, index)
+            token = sample(logits, d.keys, d.step, sampling, filtering)
+            return _record(d._replace(cache=cache), token, sampling.stop, max_new)
+
+        return jax.lax.while_loop(lambda d: (d.step < until) & ~jnp.all(d.done), body, d)
+
+
+def batch_bucket(batch: int) -> int:
+    """Round the batch up to a power of two (extra rows are finished from the start)."""
+    return 1 << (batch - 1).bit_length()
+
+
+def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int
+          ) -> tuple[DecodeState, jax.Array, Sampling, bool]:
+    """Pad the request to its buckets and run prefill; returns the state and what decode needs besides."""
+    config = weights.config
+    B = batch_bucket(request.batch)
+    tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
+    valid = np.arange(B) < request.batch
+    sampling = Sampling.of(request, B, config.vocab_size)
+    filtering = request.sampling.filters
+    d = prefill(weights.graphdef, weights.state, tokens, pad, valid, np.uint32(request.sampling.seed), sampling,
+                np.int32(request.max_new_tokens), config, cache_length, filtering)
+    return d, jnp.asarray(pad), sampling, filtering

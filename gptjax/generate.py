@@ -1,0 +1,186 @@
+"""The backend-agnostic half of generation: request validation, left-padded ragged batches, results, and
+the reference (NumPy) implementation of the sampling rules every backend follows.
+
+Sampling, per row and step: greedy (argmax) when `greedy` or temperature == 0; otherwise logits / temperature,
+then top-k (keep the k largest; ties with the k-th are kept), then top-p on what remains (keep the smallest
+prefix of tokens sorted by probability whose mass reaches p; the most likely token always stays), then one
+draw from the renormalised distribution. A stop token ends its row and is not part of the output.
+
+Ragged batches are left-padded to a common length Tp: row b's prompt of n_b tokens sits at cache indices
+[Tp - n_b, Tp), its positions count from 0 there, and its queries never read the padding. Decode step i
+writes every row at cache index Tp + i, so one cache write serves the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
+
+STOP, LENGTH = "stop", "length"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token; validated against the vocabulary by `make_request`."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()
+    greedy: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding: asked for, or implied by temperature 0."""
+        return self.greedy or self.temperature == 0
+
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p restrict the support (backends may skip sorting otherwise)."""
+        return not self.is_greedy and (self.top_k is not None or self.top_p is not None)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated batch: prompts (ragged), how many tokens to add at most, and how to sample them."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    max_new_tokens: int
+    sampling: SamplingParams
+
+    @property
+    def batch(self) -> int:
+        """Number of rows."""
+        return len(self.prompts)
+
+
+@dataclass
+class StreamChunk:
+    """Tokens produced since the previous chunk, per row, and each row's finish reason once it is known."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str | None]
+
+
+@dataclass
+class GenerationResult:
+    """Each row's generated tokens (prompt excluded, stop token excluded) and why it stopped."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def make_request(config: GPTConfig, prompts: object, max_new_tokens: object, *, temperature: object = 1.0,
+                 top_k: object = None, top_p: object = None, seed: object = 0, stop_tokens: object = (),
+                 greedy: object = False) -> GenerationRequest:
+    """Check every argument of a generate call and name the first bad one with its allowed range."""
+    V = config.vocab_size
+    rows = _prompts(prompts, V)
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GptjaxError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > config.n_positions:
+        raise GptjaxError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
+                          f"{longest + max_new_tokens} exceeds the context n_positions={config.n_positions}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise GptjaxError(f"temperature={temperature!r} must be a number >= 0 (0 means greedy)")
+    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= V):
+        raise GptjaxError(f"top_k={top_k!r} must be an integer in [1, {V}] (the vocabulary size) or None")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise GptjaxError(f"top_p={top_p!r} must be a number in (0, 1] or None")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise GptjaxError(f"seed={seed!r} must be an integer in [0, 2**32)")
+    if not isinstance(greedy, bool):
+        raise GptjaxError(f"greedy={greedy!r} must be True or False")
+    stops = _token_list(stop_tokens, V, "stop_tokens")
+    sampling = SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p), int(seed),
+                              tuple(stops), greedy)
+    return GenerationRequest(tuple(rows), int(max_new_tokens), sampling)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _prompts(prompts: object, V: int) -> list[tuple[int, ...]]:
+    if isinstance(prompts, np.ndarray):
+        prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()] if prompts.ndim == 1 else prompts
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise GptjaxError("prompts must be a non-empty list of token-id lists")
+    rows = []
+    for i, row in enumerate(prompts):
+        ids = _token_list(row, V, f"prompt {i}")
+        if not ids:
+            raise GptjaxError(f"prompt {i} is empty; every prompt needs at least one token")
+        rows.append(tuple(ids))
+    return rows
+
+
+def _token_list(ids: object, V: int, what: str) -> list[int]:
+    if isinstance(ids, np.ndarray):
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise GptjaxError(f"{what} must be a list of token ids, got {type(ids).__name__}")
+    out = list(ids)
+    for t in out:
+        if not _is_int(t):
+            raise GptjaxError(f"{what}: token {t!r} is not an integer")
+        if not 0 <= t < V:
+            raise GptjaxError(f"{what}: token id {t} is outside [0, {V})")
+    return [int(t) for t in out]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-align prompts in an int32 [rows, length] array (zeros before); return it and the pad per row.
+    Extra rows (rows > len(prompts)) hold a single token 0 and are padding for batch buckets."""
+    rows = rows or len(prompts)
+    tokens = np.zeros((rows, length), np.int32)
+    pad = np.full(rows, length - 1, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, length - len(p):] = p
+        pad[b] = length - len(p)
+    return tokens, pad
+
+
+def collect(chunks: Iterator[StreamChunk], request: GenerationRequest) -> GenerationResult:
+    """Concatenate a stream into the result generate() returns."""
+    tokens: list[list[int]] = [[] for _ in request.prompts]
+    reasons: list[str | None] = [None] * request.batch
+    for chunk in chunks:
+        for row, new in enumerate(chunk.tokens):
+            tokens[row].extend(new)
+        reasons = [r or c for r, c in zip(reasons, chunk.finish_reasons)]
+    return GenerationResult(tokens, [r or LENGTH for r in reasons], [len(p) for p in request.prompts])
+
+
+# ---- the reference sampler (NumPy); the JAX backend implements the same rules on device ------------------
+def filter_logits(logits: np.ndarray, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """Set logits [V] outside the top-k, then outside the top-p nucleus, to -inf."""
+    x = logits.copy()
+    ranked = np.sort(x)[::-1]  # [V], descending
+    if top_k is not None:
+        x[x < ranked[top_k - 1]] = -np.inf
+        ranked[top_k:] = -np.inf
+    if top_p is not None and top_p < 1:
+        probs = np.exp(ranked - ranked[0])
+        probs /= probs.sum()
+        keep = np.cumsum(probs) - probs < top_p  # mass before this token is still short of p
+        x[x < ranked[keep.sum() - 1]] = -np.inf
+    return x
+
+
+def sample_token(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
+    """One token from float logits [V] under the sampling rules above."""
+    if sampling.is_greedy:
+        return int(np.argmax(logits))
+    x = filter_logits(logits.astype(np.float64) / sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = np.exp(x - x.max())
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
