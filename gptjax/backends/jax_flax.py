@@ -262,19 +262,16 @@ class JaxBackend(Backend):
         S = Tp + bucket_length(request.max_new_tokens, 2**31)
         d, pad, sampling, filtering = jax_decode.start(weights, request, Tp, S)
         max_new, sent = np.int32(request.max_new_tokens), np.zeros(request.batch, int)
-        step = 1
+        step, until = 1, 0  # prefill sampled token 0; the first chunk holds it plus chunk_size - 1 steps
         while True:
-            if chunk_size is None or step >= request.max_new_tokens:
-                until = request.max_new_tokens
-            else:
-                until = step + chunk_size - (1 if step == 1 else 0)  # the first chunk includes prefill's token
+            until = request.max_new_tokens if chunk_size is None else min(until + chunk_size, request.max_new_tokens)
             if step < until:
                 d = jax_decode.decode(weights.graphdef, weights.state, d, pad, sampling, np.int32(until), max_new,
                                       filtering)
             step, done, stopped, lengths = jax.device_get((d.step, d.done, d.stopped, d.lengths))
-            out = np.asarray(d.out[: request.batch, sent.min(): lengths.max(initial=0)])
-            offset = sent.min()
-            chunk = [out[b, sent[b] - offset: lengths[b] - offset].tolist() for b in range(request.batch)]
+            first = sent.min()
+            out = np.asarray(d.out[: request.batch, first: lengths.max(initial=0)])
+            chunk = [out[b, sent[b] - first: lengths[b] - first].tolist() for b in range(request.batch)]
             sent = lengths[: request.batch].copy()
             reasons = [(STOP if stopped[b] else LENGTH) if done[b] else None for b in range(request.batch)]
             yield StreamChunk(chunk, reasons)
