@@ -58,3 +58,31 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def memory_bandwidth(n_bytes: int = 2**30, runs: int = 5) -> dict[str, float]:
+    """Bytes/s this device sustains, measured through JAX now: a reduction reads n_bytes; a copy (x + 1)
+    reads and writes them (counted as 2 × n_bytes). Best of `runs` after a warm-up: a ceiling, not a typical."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(n_bytes // 4, jnp.float32)
+    read, copy = jax.jit(jnp.sum), jax.jit(lambda v: v + 1.0)
+    out = {}
+    for name, fn, traffic in (("read", read, n_bytes), ("copy", copy, 2 * n_bytes)):
+        fn(x).block_until_ready()
+        best = float("inf")
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn(x).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_bytes_per_s"] = traffic / best
+    del x
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation, as numpy computes it."""
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs, dtype=float), q))

@@ -1,4 +1,4 @@
-"""The `gptjax` command: `info` (size calculator), `demo` (both backends on one random model), `backends`."""
+"""The `gptjax` command: `info` (size calculator), `demo` (both backends on one model), `generate`, `backends`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per row (default 128)")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and tokens (default 0)")
     demo.set_defaults(func=_cmd_demo)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a checkpoint, printing tokens as they arrive",
+                         description="Decode text (with the checkpoint's tokenizer, or bytes for a 256-symbol "
+                         "vocabulary) or raw token ids, streaming the continuation as it is produced.")
+    gen.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (config.json + "
+                     "model.safetensors, tokenizer files optional)")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="prompt text")
+    what.add_argument("--tokens", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to add (default 64)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
+    gen.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, help="sample within the nucleus of probability mass p")
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
+                     help="end at this token id (repeatable)")
+    gen.add_argument("--backend", default="jax", help="backend name (default jax; see `gptjax backends`)")
+    gen.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps per streamed chunk")
+    gen.set_defaults(func=_cmd_generate)
 
     backends = sub.add_parser("backends", help="list the available backends (built-in and plugins)")
     backends.set_defaults(func=_cmd_backends)
@@ -165,6 +185,72 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"max |numpy - jax| = {diff.max():.2e} (mean {diff.mean():.2e}); "
           f"argmax agreement {agree:.1%} over {tokens.size} positions")
     return 0 if diff.max() <= 1e-4 else 1
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from gptjax.backends import get_backend
+    from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
+    from gptjax.weights import load_checkpoint, load_config
+
+    config = load_config(args.checkpoint)
+    tokenizer = None
+    if has_tokenizer(args.checkpoint):
+        tokenizer = load_tokenizer(args.checkpoint)
+    elif config.vocab_size == 256:
+        tokenizer = ByteTokenizer()
+    if args.tokens is not None:
+        try:
+            prompt = [int(t) for t in args.tokens.split(",")]
+        except ValueError:
+            raise GptjaxError(f"--tokens {args.tokens!r} must be comma-separated integers, e.g. 1,2,3") from None
+    elif tokenizer is None:
+        raise GptjaxError(f"{args.checkpoint} has no tokenizer files and a {config.vocab_size}-token vocabulary: "
+                          "give the prompt as --tokens 1,2,3")
+    else:
+        prompt = tokenizer.encode(args.prompt)
+    backend = get_backend(args.backend, config)
+    stream = backend.stream(load_checkpoint(args.checkpoint)[1], [prompt], args.max_new_tokens,
+                            chunk_size=args.chunk_size, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_tokens=args.stop_token, greedy=args.greedy)
+    printer = _TextPrinter(tokenizer) if args.tokens is None else _IdPrinter()
+    t0, reason, n = time.perf_counter(), "length", 0
+    if args.tokens is None:
+        sys.stdout.write(args.prompt)
+    for chunk in stream:
+        printer.add(chunk.tokens[0])
+        n += len(chunk.tokens[0])
+        reason = chunk.finish_reasons[0] or reason
+    seconds = time.perf_counter() - t0
+    print(f"\n[{n} tokens, finish_reason={reason}, {seconds:.2f} s incl. compile]", file=sys.stderr)
+    return 0
+
+
+class _TextPrinter:
+    """Prints the new text of a growing token list (decoding it whole, so multi-token characters come out right)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, ids: list[int]) -> None:
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids)
+        stable = text.rstrip("\ufffd")  # hold back a partial character until its last byte arrives
+        sys.stdout.write(stable[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = stable
+
+
+class _IdPrinter:
+    """Prints token ids, comma-separated, as they arrive."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def add(self, ids: list[int]) -> None:
+        for i in ids:
+            sys.stdout.write(("" if self.first else ",") + str(i))
+            self.first = False
+        sys.stdout.flush()
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:

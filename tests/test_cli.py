@@ -73,3 +73,34 @@ def test_corrupt_checkpoint_in_cli_is_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err
     assert "is not valid JSON" in err and "Traceback" not in err
+
+
+def test_generate_streams_text_and_ids_matching_the_backend(tmp_path, capsys):
+    from gptjax import ByteTokenizer, get_backend
+
+    config = get_preset("tiny")
+    params = init_params(config, seed=1)
+    save_checkpoint(config, params, tmp_path / "ck")
+    prompt = ByteTokenizer().encode("def f")
+    expected = get_backend("numpy", config).generate(params, [prompt], 12, seed=4, temperature=0.8).tokens[0]
+    expected_jax = get_backend("jax", config).generate(params, [prompt], 12, seed=4, temperature=0.8).tokens[0]
+    assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens", ",".join(map(str, prompt)),
+                 "--max-new-tokens", "12", "--seed", "4", "--temperature", "0.8", "--chunk-size", "5",
+                 "--backend", "numpy"]) == 0
+    out = capsys.readouterr()
+    assert out.out == ",".join(map(str, expected)) and "finish_reason=length" in out.err
+    assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "def f", "--max-new-tokens", "12",
+                 "--seed", "4", "--temperature", "0.8"]) == 0
+    assert capsys.readouterr().out == "def f" + ByteTokenizer().decode(expected_jax).rstrip("\ufffd")
+
+
+def test_generate_needs_tokens_without_a_tokenizer(tmp_path, capsys):
+    config = get_preset("tiny").replace(vocab_size=300)
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi"]) == 2
+    assert "give the prompt as --tokens 1,2,3" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens", "1,x"]) == 2
+    assert "--tokens '1,x' must be comma-separated integers" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens", "1", "--top-p", "0",
+                 "--max-new-tokens", "4"]) == 2
+    assert "top_p=0.0 must be a number in (0, 1]" in capsys.readouterr().err

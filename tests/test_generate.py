@@ -65,7 +65,7 @@ def test_jax_cached_decode_equals_uncached_forward():
     tokens[0], tokens[1, 4:] = seqs[0, :10], seqs[1, :6]
     cache = KVCache.zeros(CONFIG, 2, S)
     positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)
-    logits, cache = model.step(tokens, positions, jax_decode._ragged_mask(pad, 0, Tp, S), cache, 0)
+    logits, cache = model.step(tokens, positions, jax_decode.prefill_masks(pad, Tp), cache, 0)
     full = get_backend("numpy", CONFIG)
     expected = [full.forward(PARAMS, seqs[:1, :10], last_only=True), full.forward(PARAMS, seqs[1:, :6],
                                                                                      last_only=True)]
@@ -75,7 +75,7 @@ def test_jax_cached_decode_equals_uncached_forward():
         index = Tp + step
         nxt = np.array([seqs[0, lengths[0]], seqs[1, lengths[1]]])
         logits, cache = model.step(jnp.asarray(nxt[:, None]), jnp.asarray((index - pad)[:, None]),
-                                   jax_decode._ragged_mask(pad, index, 1, S), cache, index)
+                                   jax_decode.decode_masks(pad, index, S), cache, index)
         lengths += 1
         expected = [full.forward(PARAMS, seqs[b:b + 1, : lengths[b]], last_only=True) for b in range(2)]
         np.testing.assert_allclose(np.asarray(logits), np.concatenate(expected), atol=1e-4)
@@ -155,7 +155,7 @@ def test_sampling_frequencies_follow_the_renormalised_distribution(top_k, top_p)
     sampling = jax_decode.Sampling(jnp.ones(n), jnp.full(n, top_k or 9), jnp.full(n, top_p or 1.0), jnp.array([-1]))
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(n))
     drawn = jax_decode.sample(jnp.tile(jnp.asarray(LOGITS), (n, 1)), keys, jnp.int32(0), sampling,
-                              filtering=top_k is not None or top_p is not None)
+                              mode="filter" if top_k is not None or top_p is not None else "sample")
     counts_jax = np.bincount(np.asarray(drawn), minlength=9) / n
     rng = np.random.default_rng(0)
     sp = SamplingParams(top_k=top_k, top_p=top_p)
@@ -173,7 +173,7 @@ def test_temperature_sharpens_and_flattens():
     for t in (0.3, 1.0, 3.0):
         sampling = jax_decode.Sampling(jnp.full(n, t), jnp.full(n, 9), jnp.ones(n), jnp.array([-1]))
         drawn = np.asarray(jax_decode.sample(jnp.tile(jnp.asarray(LOGITS), (n, 1)), keys, jnp.int32(0), sampling,
-                                             filtering=False))
+                                             mode="sample"))
         top[t] = (drawn == 0).mean()
     p = np.exp(LOGITS / 0.3) / np.exp(LOGITS / 0.3).sum()
     assert top[0.3] == pytest.approx(p[0], abs=0.015)
@@ -228,12 +228,14 @@ def test_a_mixed_workload_compiles_once_per_bucket():
     for i, (n_prompt, n_new) in enumerate([(2, 3), (5, 8), (8, 4), (3, 7)]):
         prompts = [[1] * n_prompt, [2] * (n_prompt // 2 + 1), [3]]
         backend.generate(weights, prompts, n_new, temperature=0.5 + i / 4, seed=i)
-        backend.generate(weights, prompts[:1], n_new, greedy=True)  # batch 1: its own bucket
+        backend.generate(weights, prompts[:1], n_new, temperature=1.5, seed=i)  # batch 1: its own bucket
     assert np.subtract(sizes(), before).tolist() == [2, 2]  # (B=4 and B=1) x one (Tp=8, S=16) bucket
     backend.generate(weights, [[1] * 9], 8, top_k=5)  # new prompt bucket and top-k filtering
     assert np.subtract(sizes(), before).tolist() == [3, 3]
-    backend.generate(weights, [[1] * 12], 8, top_k=9, top_p=0.3)  # same buckets, same filtering flag
+    backend.generate(weights, [[1] * 12], 8, top_k=9, top_p=0.3)  # same buckets, same sampling mode
     assert np.subtract(sizes(), before).tolist() == [3, 3]
+    backend.generate(weights, [[1] * 12], 8, greedy=True)  # greedy skips the draw: its own mode
+    assert np.subtract(sizes(), before).tolist() == [4, 4]
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------

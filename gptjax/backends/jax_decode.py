@@ -3,7 +3,7 @@ sampling rules of gptjax.generate implemented on device.
 
 Shapes are bucketed so a mixed workload compiles rarely: batch to a power of two, prompt length Tp and
 cache length S with `bucket_length`; sampling settings and max_new_tokens are traced values, so only
-(B, Tp, S, whether top-k/top-p filtering is on) select a compilation of each of the two functions.
+(B, Tp, S, sampling mode greedy | sample | filter) select a compilation of each of the two functions.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptjax.backends.jax_flax import KVCache, Masks
 from gptjax.config import GPTConfig
 from gptjax.generate import GenerationRequest, left_pad
 
@@ -65,16 +66,23 @@ def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(x < threshold, -jnp.inf, x)
 
 
-def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling, filtering: bool
-           ) -> jax.Array:
-    """Next token per row [B] from logits [B, V]: argmax where temperature is 0, else a seeded draw."""
-    greedy = jnp.argmax(logits, axis=-1)
+def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling, mode: str) -> jax.Array:
+    """Next token per row [B] from logits [B, V]: argmax where temperature is 0, else a seeded draw.
+
+    mode (static) is "greedy" (every row: skip the draw), "sample", or "filter" (top-k/top-p on). A draw is
+    one uniform number per row against the cumulative distribution, not V Gumbel numbers: the threefry bits
+    for 50k Gumbels cost more than a decode step's attention."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
     x = logits / jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
-    if filtering:
+    if mode == "filter":
         x = filter_top_k_top_p(x, sampling.top_k, sampling.top_p)
+    cdf = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)  # [B, V]
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-    drawn = jax.vmap(jax.random.categorical)(step_keys, x)
-    return jnp.where(sampling.temperature > 0, drawn, greedy).astype(jnp.int32)
+    u = jax.vmap(jax.random.uniform)(step_keys) * cdf[:, -1]  # [B], scaled by the total (rounding)
+    drawn = jnp.minimum((cdf < u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)
+    return jnp.where(sampling.temperature > 0, drawn, greedy)
 
 
 def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Array) -> DecodeState:
@@ -88,47 +96,52 @@ def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Arra
                       stopped=d.stopped | hit_stop, done=d.done | hit_stop | (step >= max_new))
 
 
-def _ragged_mask(pad: jax.Array, first: jax.Array, T: int, S: int) -> jax.Array:
-    """[B, T, S]: query at cache index first + t reads entries <= its index outside its row's left padding."""
+def prefill_masks(pad: jax.Array, T: int) -> Masks:
+    """Left-padded prompts [B, T] into an empty cache: causal among themselves, never reading padding."""
+    s = jnp.arange(T)
+    return Masks(None, (s <= s[:, None])[None] & (s >= pad[:, None, None]))  # [B, T, T]
+
+
+def decode_masks(pad: jax.Array, index: jax.Array, S: int) -> Masks:
+    """One new token per row at cache index `index`: it reads the row's cache entries before it (outside
+    the padding) and itself."""
     s = jnp.arange(S)
-    t = first + jnp.arange(T)[:, None]  # [T, 1]
-    return (s <= t)[None] & (s >= pad[:, None, None])
+    cache = (s < index)[None, None] & (s >= pad[:, None, None])  # [B, 1, S]
+    return Masks(cache, jnp.ones((pad.shape[0], 1, 1), bool))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "filtering"))
+@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode"))
 def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, seed: jax.Array,
-            sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, filtering: bool
+            sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, mode: str
             ) -> DecodeState:
     """Run left-padded prompts [B, Tp] into a fresh cache of cache_length and sample the first token."""
-    from gptjax.backends.jax_flax import KVCache
-
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
         B, Tp = tokens.shape
         cache = KVCache.zeros(config, B, cache_length)
         positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
-        logits, cache = model.step(tokens, positions, _ragged_mask(pad, jnp.int32(0), Tp, cache_length), cache, 0)
+        logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(B))
         zeros = jnp.zeros(B, jnp.int32)
         d = DecodeState(cache, zeros, jnp.int32(0), ~valid, jnp.zeros(B, bool), zeros,
                         jnp.zeros((B, cache_length - Tp), jnp.int32), keys)
-        return _record(d, sample(logits, keys, d.step, sampling, filtering), sampling.stop, max_new)
+        return _record(d, sample(logits, keys, d.step, sampling, mode), sampling.stop, max_new)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "filtering"), donate_argnames=("d",))
+@partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("d",))
 def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: Sampling, until: jax.Array,
-           max_new: jax.Array, filtering: bool) -> DecodeState:
+           max_new: jax.Array, mode: str) -> DecodeState:
     """Decode one token per row per step, inside one while_loop, until step == until or every row is done."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
-        S = d.cache.k[0].shape[1]
+        S = d.cache.k[0].shape[2]
         Tp = S - d.out.shape[1]  # prompt bucket: the cache holds Tp prompt entries, then the new tokens
 
         def body(d: DecodeState) -> DecodeState:
             index = Tp + d.step - 1  # cache index of d.last
-            logits, cache = model.step(d.last[:, None], (index - pad)[:, None], _ragged_mask(pad, index, 1, S),
+            logits, cache = model.step(d.last[:, None], (index - pad)[:, None], decode_masks(pad, index, S),
                                        d.cache, index)
-            token = sample(logits, d.keys, d.step, sampling, filtering)
+            token = sample(logits, d.keys, d.step, sampling, mode)
             return _record(d._replace(cache=cache), token, sampling.stop, max_new)
 
         return jax.lax.while_loop(lambda d: (d.step < until) & ~jnp.all(d.done), body, d)
@@ -147,7 +160,8 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
     sampling = Sampling.of(request, B, config.vocab_size)
-    filtering = request.sampling.filters
+    sp = request.sampling
+    mode = "greedy" if sp.is_greedy else "filter" if sp.filters else "sample"
     d = prefill(weights.graphdef, weights.state, tokens, pad, valid, np.uint32(request.sampling.seed), sampling,
-                np.int32(request.max_new_tokens), config, cache_length, filtering)
-    return d, jnp.asarray(pad), sampling, filtering
+                np.int32(request.max_new_tokens), config, cache_length, mode)
+    return d, jnp.asarray(pad), sampling, mode

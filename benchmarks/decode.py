@@ -1,0 +1,145 @@
+"""Decode throughput and latency: gptjax's KV-cache decoders vs Hugging Face `generate`, same weights, same run.
+
+    python -m benchmarks.decode                      # gpt2 shape, fp32, prompt 32, 128 new tokens, greedy
+    python -m benchmarks.decode --batches 1 --new 64 --skip numpy
+
+For each batch size: tokens/s of the JAX backend and of HF (PyTorch, `peer` extra), interleaved A B A B and
+the ratio; the memory-bandwidth roofline (weight bytes x tokens/s / bandwidth measured now through JAX);
+time to first token and per-token latency p50/p99 from a chunk-size-1 stream (each token synced to the host).
+Then the NumPy backend with its cache against its own no-cache recompute (picoGPT style) at B=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.common import environment, interleaved_times, median, memory_bandwidth, percentile
+from gptjax import get_backend, get_preset, init_params, save_checkpoint
+
+
+def _hf_generate(params, config):
+    """fn(prompts [B, T] int, n_new) -> tokens [B, n_new] with HF greedy generate, or None without torch."""
+    try:
+        import torch
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(config, params, d + "/ck")
+        model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
+
+    def generate(prompts: np.ndarray, n_new: int) -> np.ndarray:
+        with torch.inference_mode():
+            out = model.generate(torch.from_numpy(prompts.astype(np.int64)), max_new_tokens=n_new,
+                                 min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0,
+                                 attention_mask=torch.ones(prompts.shape, dtype=torch.long))
+        return out[:, prompts.shape[1]:].numpy()
+
+    return generate
+
+
+def _latencies(backend, weights, prompts, n_new):
+    """TTFT and the gaps between later tokens, from a stream of one decode step per chunk."""
+    stamps, t0 = [], time.perf_counter()
+    for _ in backend.stream(weights, prompts, n_new, chunk_size=1, greedy=True):
+        stamps.append(time.perf_counter() - t0)
+    return stamps[0], list(np.diff(stamps))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the decode benchmark; print tables (and JSON lines with --json)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpt2")
+    ap.add_argument("--batches", default="1,8", help="comma list of batch sizes")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    ap.add_argument("--new", type=int, default=128, help="new tokens per row")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of: hf, numpy, latency")
+    ap.add_argument("--json", metavar="FILE", help="append one JSON line per measurement")
+    args = ap.parse_args(argv)
+
+    config = get_preset(args.preset)
+    params = init_params(config, seed=0)
+    jax_backend = get_backend("jax", config)
+    weights = jax_backend.prepare(params)
+    hf = None if "hf" in args.skip else _hf_generate(params, config)
+    bw = memory_bandwidth()
+    env = environment() | {k: f"{v / 1e9:.1f} GB/s" for k, v in bw.items()}
+    print("environment:", json.dumps(env))
+    ceiling = max(bw.values())
+    rows, rng = [], np.random.default_rng(0)
+    for B in map(int, args.batches.split(",")):
+        prompts = [rng.integers(0, config.vocab_size, (B, args.prompt)) for _ in range(3)]
+        fns = {"jax": lambda i: jax_backend.generate(weights, prompts[i % 3].tolist(), args.new, greedy=True)}
+        if hf is not None:
+            fns["hf"] = lambda i: hf(prompts[i % 3], args.new)
+            ours = jax_backend.generate(weights, prompts[0].tolist(), args.new, greedy=True).tokens
+            agree = np.mean(np.asarray(ours) == hf(prompts[0], args.new))
+            print(f"B={B}: greedy tokens equal to HF's at {agree:.1%} of positions (random weights: near-ties)")
+        times = interleaved_times(fns, args.runs, warmup=1)
+        for name, ts in times.items():
+            tok_s = B * args.new / median(ts)
+            row = {"benchmark": "decode", "backend": name, "preset": args.preset, "batch": B,
+                   "prompt": args.prompt, "new": args.new, "median_s": median(ts), "tokens_per_s": tok_s,
+                   "weight_bytes_per_s": config.weight_bytes("fp32") * tok_s / B,
+                   "roofline_fraction": config.weight_bytes("fp32") * tok_s / B / ceiling}
+            if "hf" in times:
+                row["vs_hf"] = median(times["hf"]) / median(ts)
+            if name == "jax" and "latency" not in args.skip:
+                ttft, gaps = _latencies(jax_backend, weights, prompts[1].tolist(), args.new)
+                row |= {"ttft_s": ttft, "tpot_p50_s": percentile(gaps, 50), "tpot_p99_s": percentile(gaps, 99)}
+            rows.append(row)
+
+    print(f"\ndecode, {args.preset}, fp32, greedy, prompt {args.prompt}, {args.new} new tokens, median of "
+          f"{args.runs}; roofline = weight bytes x steps/s / {ceiling / 1e9:.1f} GB/s (best measured above)\n")
+    print("| backend | B | tokens/s | vs HF | weight GB/s | roofline | TTFT ms | per-token p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        vs = f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-"
+        lat = (f"{1e3 * r['ttft_s']:.1f} | {1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f}"
+               if "ttft_s" in r else "- | -")
+        print(f"| {r['backend']} | {r['batch']} | {r['tokens_per_s']:,.1f} | {vs} | "
+              f"{r['weight_bytes_per_s'] / 1e9:.1f} | {r['roofline_fraction']:.0%} | {lat} |")
+
+    if "numpy" not in args.skip:
+        rows += _numpy_cache_vs_recompute(config, params, args, rng)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r | {"env": env}) + "\n")
+    return 0
+
+
+def _numpy_cache_vs_recompute(config, params, args, rng) -> list[dict]:
+    """NumPy backend at B=1: its KV-cache generate vs a full forward pass per new token."""
+    backend = get_backend("numpy", config)
+    weights = backend.prepare(params)
+    prompt = rng.integers(0, config.vocab_size, args.prompt).tolist()
+
+    def recompute(_: int) -> list[int]:
+        seq = list(prompt)
+        for _ in range(args.new):
+            seq.append(int(np.argmax(backend.forward(weights, [seq], last_only=True)[0])))
+        return seq[len(prompt):]
+
+    cached = backend.generate(weights, [prompt], args.new, greedy=True).tokens[0]
+    assert cached == recompute(0), "cached and recomputed greedy tokens differ"
+    times = interleaved_times({"cache": lambda i: backend.generate(weights, [prompt], args.new, greedy=True),
+                               "recompute": recompute}, runs=1, warmup=0)
+    cache_s, recompute_s = median(times["cache"]), median(times["recompute"])
+    print(f"\nnumpy backend, B=1, {args.new} new tokens: cache {args.new / cache_s:.1f} tokens/s, no-cache recompute "
+          f"{args.new / recompute_s:.1f} tokens/s: {recompute_s / cache_s:.1f}x (same tokens)")
+    return [{"benchmark": "decode_numpy", "batch": 1, "new": args.new, "cache_tokens_per_s": args.new / cache_s,
+             "recompute_tokens_per_s": args.new / recompute_s, "speedup": recompute_s / cache_s}]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
