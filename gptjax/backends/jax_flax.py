@@ -122,6 +122,13 @@ class Attention(nnx.Module):
         return out, (k_cache, v_cache)
 
 
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity without a key (inference) or at rate 0."""
+    if key is None or rate == 0:
+        return x
+    return jnp.where(jax.random.bernoulli(key, 1 - rate, x.shape), x / (1 - rate), 0).astype(x.dtype)
+
+
 def zero_after(x: jax.Array) -> jax.Array:
     """An int32 0 that XLA can only compute after x. Adding it to a cache write's index orders the write
     after the reads that produced x; without that order XLA:CPU copies the whole loop-carried cache on every
@@ -158,9 +165,11 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(p["ln_2.weight"], p["ln_2.bias"], eps, layer_axes + ("embed",))
         self.mlp = MLP(p, layer_axes)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x))  # [B, T, D]
-        return x + self.mlp(self.ln_2(x))  # [B, T, D]
+    def __call__(self, x: jax.Array, dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; with a key, dropout on each residual branch (training only)."""
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        x = x + _dropout(self.attn(self.ln_1(x)), dropout, k1)  # [B, T, D]
+        return x + _dropout(self.mlp(self.ln_2(x)), dropout, k2)  # [B, T, D]
 
     def cached(self, x: jax.Array, masks: Masks, cache: tuple[jax.Array, jax.Array], start: jax.Array
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -199,16 +208,25 @@ class GPT(nnx.Module):
         """Number of layers."""
         return self.blocks.ln_1.scale.shape[0] if self.scan_layers else len(self.blocks)
 
-    def __call__(self, tokens: jax.Array, last_index: jax.Array | None = None) -> jax.Array:
-        """Float32 logits [B, T, V] for int tokens [B, T]; [B, V] at position last_index if given."""
-        T = tokens.shape[1]
-        x = self.wte[...][tokens] + self.wpe[...][:T]  # [B, T] -> [B, T, D]
+    def __call__(self, tokens: jax.Array, last_index: jax.Array | None = None, *, dropout: float = 0.0,
+                 key: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, T, V] for int tokens [B, T]; [B, V] at position last_index if given.
+        With a PRNG key, dropout of rate `dropout` on the embeddings and every residual branch."""
+        T, L = tokens.shape[1], self.n_layer()
+        keys = [None] * (L + 1) if key is None else list(jax.random.split(key, L + 1))
+        x = _dropout(self.wte[...][tokens] + self.wpe[...][:T], dropout, keys[0])  # [B, T] -> [B, T, D]
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(lambda h, w: (nnx.merge(graphdef, w)(h), None), x, stacked)  # L x [B, T, D]
+            layer_keys = None if key is None else jnp.stack(keys[1:])
+
+            def layer(h, xs):
+                w, k = xs
+                return nnx.merge(graphdef, w)(h, dropout, k), None
+
+            x, _ = jax.lax.scan(layer, x, (stacked, layer_keys))  # L x [B, T, D]
         else:
-            for block in self.blocks:
-                x = block(x)  # [B, T, D]
+            for block, k in zip(self.blocks, keys[1:]):
+                x = block(x, dropout, k)  # [B, T, D]
         if last_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, T, D] -> [B, D]
         return self.logits(x)
@@ -230,6 +248,27 @@ class GPT(nnx.Module):
             ks.append(k)
             vs.append(v)
         return self.logits(x[:, -1]), KVCache(tuple(ks), tuple(vs))
+
+
+def to_params(model: GPT) -> Params:
+    """The canonical GPT-2 dict (NumPy float32, Conv1D layouts) of a model, stacked or not: the inverse of
+    GPT(config, params)."""
+    params = {"wte.weight": model.wte[...], "wpe.weight": model.wpe[...], "ln_f.weight": model.ln_f.scale[...],
+              "ln_f.bias": model.ln_f.bias[...]}
+    if model.lm_head is not None:
+        params["lm_head.weight"] = model.lm_head[...]
+    for i, block in enumerate(model.layers()):
+        a = block.attn
+        D = a.qkv_kernel.shape[0]
+        params |= {f"h.{i}.{k}": v for k, v in {
+            "ln_1.weight": block.ln_1.scale[...], "ln_1.bias": block.ln_1.bias[...],
+            "attn.c_attn.weight": a.qkv_kernel[...].reshape(D, -1), "attn.c_attn.bias": a.qkv_bias[...].reshape(-1),
+            "attn.c_proj.weight": a.out_kernel[...].reshape(-1, D), "attn.c_proj.bias": a.out_bias[...],
+            "ln_2.weight": block.ln_2.scale[...], "ln_2.bias": block.ln_2.bias[...],
+            "mlp.c_fc.weight": block.mlp.c_fc.kernel[...], "mlp.c_fc.bias": block.mlp.c_fc.bias[...],
+            "mlp.c_proj.weight": block.mlp.c_proj.kernel[...], "mlp.c_proj.bias": block.mlp.c_proj.bias[...],
+        }.items()}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
 
 
 class KVCache(NamedTuple):
