@@ -1,4 +1,4 @@
-"""The `gptjax` command: `info` (size calculator), `demo` (both backends on one model), `generate`, `backends`."""
+"""The `gptjax` command: `train`, `eval`, `generate`, `info` (size calculator), `demo`, `backends`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+
+import numpy as np
 
 from gptjax.config import PRECISIONS, GPTConfig, get_preset
 from gptjax.errors import GptjaxError
@@ -74,6 +76,41 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="jax", help="backend name (default jax; see `gptjax backends`)")
     gen.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps per streamed chunk")
     gen.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser("train", help="train a GPT (default: a small byte-level model on the Python stdlib, ~3 min)",
+                        description="Train a GPT with AdamW, checkpoints (orbax), evaluation and TensorBoard logs. "
+                        "With no arguments: the byte-mini preset on the running Python's standard library source. "
+                        "Overrides are key=value pairs for the model (n_layer=6) or training (lr=1e-3, "
+                        "batch_size=16, grad_accum=2, dropout=0.1, compute_dtype=bf16, ...).")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model or training setting to change")
+    src = tr.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="model preset (default byte-mini)")
+    src.add_argument("--config", metavar="FILE", help="JSON with \"preset\" or \"model\" and \"train\" settings")
+    tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
+    tr.add_argument("--data", metavar="SPEC", help="stdlib (default), tinyshakespeare (downloaded), or a file, "
+                    "directory or glob of text files")
+    tr.add_argument("--tokenizer", metavar="SPEC", help="byte (default), bpe:N (trained on the training split), "
+                    "or a checkpoint directory with GPT-2 tokenizer files")
+    tr.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default 300)")
+    tr.add_argument("--max-time", type=float, metavar="SECONDS", help="stop (evaluate, checkpoint, export) after this")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--skip-nonfinite", action="store_true", help="skip updates whose loss/gradients are not finite "
+                    "(default: stop, keeping the last good checkpoint)")
+    tr.add_argument("--profile", type=int, default=0, metavar="STEPS", help="capture a jax.profiler trace of this "
+                    "many steps (after compilation) into DIR/profile")
+    tr.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: measured now)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint",
+                        description="Evaluate a checkpoint on the validation split of a corpus (the split "
+                        "`gptjax train` uses).")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR")
+    ev.add_argument("--data", metavar="SPEC", help="as for train (default stdlib)")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="B")
+    ev.add_argument("--max-batches", type=int, default=50, metavar="N")
+    ev.add_argument("--val-fraction", type=float, default=0.05)
+    ev.set_defaults(func=_cmd_eval)
 
     backends = sub.add_parser("backends", help="list the available backends (built-in and plugins)")
     backends.set_defaults(func=_cmd_backends)
@@ -251,6 +288,95 @@ class _IdPrinter:
             sys.stdout.write(("" if self.first else ",") + str(i))
             self.first = False
         sys.stdout.flush()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import logging
+
+    from gptjax.train import TrainConfig, TrainingStopped, config_from_overrides, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    config, tc = get_preset(args.preset or "byte-mini"), TrainConfig()
+    if args.config:
+        config, tc = _config_file(args.config)
+    config, tc = config_from_overrides(config, tc, args.overrides)
+    changes = {k: v for k, v in (("tokenizer", args.tokenizer), ("max_steps", args.max_steps)) if v is not None}
+    tc = dataclasses.replace(tc, **changes)
+    if args.resume and not args.out:
+        raise GptjaxError("--resume needs --out DIR of the run to continue")
+    out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
+    print(f"run directory: {out}\nmodel: {json.dumps(dataclasses.asdict(config))}\n"
+          f"training: {json.dumps(dataclasses.asdict(tc))}", flush=True)
+    try:
+        result = train(config, tc, out, data_spec=args.data, resume=args.resume, max_time=args.max_time,
+                       skip_nonfinite=args.skip_nonfinite, profile_steps=args.profile, peak_flops=args.peak_flops,
+                       progress=not args.no_progress)
+    except TrainingStopped as e:
+        print(f"gptjax train: stopped: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {result.steps} steps ({result.stop_reason}); validation loss {result.val_loss:.4f} nats/token "
+          f"vs unigram baseline {result.unigram_loss:.4f}; {result.val_bpb:.3f} bits/byte\n"
+          f"model: {out}/model (gptjax generate --checkpoint {out}/model --prompt 'def ')\n"
+          f"TensorBoard: tensorboard --logdir {out}/tb")
+    return 0
+
+
+def _config_file(path: str) -> tuple[GPTConfig, object]:
+    import dataclasses
+    import json
+
+    from gptjax.train import TrainConfig
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GptjaxError(f"--config {path}: {e}") from None
+    if not isinstance(spec, dict) or not set(spec) <= {"preset", "model", "train", "data"}:
+        raise GptjaxError(f"--config {path}: expected a JSON object with keys preset, model, train")
+    config = get_preset(spec.get("preset", "byte-mini"))
+    try:
+        config = config.replace(**spec.get("model", {}))
+        tc = dataclasses.replace(TrainConfig(), **spec.get("train", {}))
+    except TypeError as e:
+        raise GptjaxError(f"--config {path}: {e}") from None
+    return config, tc
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from flax import nnx
+
+    from gptjax import data
+    from gptjax.backends.jax_flax import GPT
+    from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
+    from gptjax.train import evaluate
+    from gptjax.weights import load_checkpoint
+
+    config, params = load_checkpoint(args.checkpoint)
+    if has_tokenizer(args.checkpoint):
+        tokenizer = load_tokenizer(args.checkpoint)
+    elif config.vocab_size == 256:
+        tokenizer = ByteTokenizer()
+    else:
+        raise GptjaxError(f"{args.checkpoint} has no tokenizer files and a {config.vocab_size}-token vocabulary")
+    if not 0 < args.val_fraction < 1 or args.batch_size < 1 or args.max_batches < 1:
+        raise GptjaxError("--val-fraction must be in (0, 1), --batch-size and --max-batches >= 1")
+    _, val_docs = data.split_docs(data.resolve_corpus(args.data), args.val_fraction)
+    tokens = np.concatenate([np.asarray(tokenizer.encode(t), np.int64) for _, t in val_docs])
+    if tokens.max(initial=0) >= config.vocab_size:
+        raise GptjaxError(f"the tokenizer produced id {tokens.max()} >= the model's vocab_size {config.vocab_size}")
+    graphdef, weights = nnx.split(GPT(config, params))
+    T = config.n_positions
+    loss, n = evaluate(graphdef, weights, data.eval_batches(tokens, args.batch_size, T, args.max_batches))
+    n_bytes = data.corpus_bytes(val_docs) * n / len(tokens)
+    print(f"validation: {n:,} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}, "
+          f"{data.bits_per_byte(loss, n, int(n_bytes)):.4f} bits/byte")
+    return 0
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:

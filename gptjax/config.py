@@ -192,7 +192,7 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
     # byte-level models (256 symbols) that train in minutes on a 2-core CPU
     "byte-small": GPTConfig(vocab_size=256, n_positions=256, n_layer=6, n_head=6, n_embd=384),
-    "byte-mini": GPTConfig(vocab_size=256, n_positions=256, n_layer=4, n_head=4, n_embd=256),
+    "byte-mini": GPTConfig(vocab_size=256, n_positions=128, n_layer=4, n_head=4, n_embd=256),
     # the smallest sensible shape, for tests
     "tiny": GPTConfig(vocab_size=256, n_positions=64, n_layer=2, n_head=2, n_embd=32),
 }

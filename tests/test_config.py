@@ -23,7 +23,7 @@ def test_gpt2_shapes():
 
 def test_small_presets_sizes():
     assert PRESETS["byte-small"].num_params() == 10_844_160
-    assert PRESETS["byte-mini"].num_params() == 3_290_624
+    assert PRESETS["byte-mini"].num_params() == 3_257_856
     assert PRESETS["tiny"].num_params() == 35_712
 
 

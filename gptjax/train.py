@@ -1,0 +1,499 @@
+"""Training: the loss, a jitted train step over a pure (params, optimizer state, step) pytree, evaluation,
+and the loop behind `gptjax train` with orbax checkpoints, exact resume and TensorBoard logs.
+
+The model is the JAX backend's Flax NNX GPT (layers unrolled by default: 2,367 vs 2,034 tokens/s scanned on
+the 6L/384 benchmark shape here; `scan_layers=True` keeps compile time flat for deep models); `nnx.split`
+gives the graph (static) and the parameters (a pytree the optimizer and orbax handle).
+Weights stay float32 (the master copy, as does the AdamW state); with compute_dtype="bf16" the forward and
+backward passes run on a bfloat16 copy of them, with LayerNorm statistics, softmax and logits in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gptjax.backends.jax_flax import GPT, to_params
+from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
+from gptjax.weights import Params, init_params
+
+log = logging.getLogger("gptjax.train")
+
+_DECAYED = ("kernel", "qkv_kernel", "out_kernel", "wte", "wpe", "lm_head")  # matrices; not biases or LN
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run settings; validated at construction (names match `key=value` overrides)."""
+
+    batch_size: int = 32
+    seq_len: int | None = None  # None: the model's context
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    max_steps: int = 300
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    compute_dtype: str = "fp32"
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    val_fraction: float = 0.05
+    tokenizer: str = "byte"
+    scan_layers: bool = False  # True: lax.scan over stacked layers (flat compile time; 14% slower here)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            _require(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        _require("seq_len", self.seq_len, lambda v: v is None or (isinstance(v, int) and v >= 1),
+                 "an integer >= 1 (or unset: the model's context)")
+        for name in ("warmup_steps", "seed"):
+            _require(name, getattr(self, name), lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            _require(name, getattr(self, name), lambda v: _is_num(v) and v >= 0, "a number >= 0")
+        for name in ("beta1", "beta2", "dropout"):
+            _require(name, getattr(self, name), lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+        _require("val_fraction", self.val_fraction, lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)")
+        _require("compute_dtype", self.compute_dtype, lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(name: str, value: Any, ok: Callable[[Any], bool], rule: str) -> None:
+    if isinstance(value, bool) or not ok(value):
+        raise GptjaxError(f"{name}={value!r} must be {rule}")
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes: float32 parameters, optimizer state, step count (a pure pytree)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+class StepMetrics(NamedTuple):
+    """What one train step reports (device scalars)."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    lr: jax.Array
+    finite: jax.Array
+
+
+def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping, then AdamW (decay on matrices only) on a warm-up + cosine schedule."""
+    warmup = min(tc.warmup_steps, tc.max_steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.max_steps, warmup + 1), tc.min_lr)
+    decay_mask = partial(jax.tree_util.tree_map_with_path, lambda path, _: _leaf_name(path) in _DECAYED)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
+                       optax.adamw(schedule, tc.beta1, tc.beta2, weight_decay=tc.weight_decay,
+                                   mask=decay_mask)), schedule
+
+
+def _leaf_name(path: tuple) -> str:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = [n for n in names if isinstance(n, str) and n != "value"]
+    return names[-1] if names else ""
+
+
+def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = None) -> tuple[Any, TrainState]:
+    """(graphdef, state) for training from canonical params (GPT-2 init with tc.seed if None)."""
+    model = GPT(config, params if params is not None else init_params(config, tc.seed), scan_layers=tc.scan_layers)
+    graphdef, weights = nnx.split(model)
+    weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), weights)
+    optimizer, _ = make_optimizer(tc)
+    return graphdef, TrainState(weights, optimizer.init(weights), jnp.int32(0))
+
+
+def loss_fn(weights: Any, graphdef: Any, inputs: jax.Array, targets: jax.Array, compute_dtype: str = "fp32",
+            dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy (nats) of targets [B, T] given inputs [B, T]."""
+    if compute_dtype == "bf16":
+        weights = jax.tree.map(lambda w: w.astype(jnp.bfloat16), weights)
+    logits = nnx.merge(graphdef, weights)(inputs, dropout=dropout, key=key)  # float32 [B, T, V]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tc"), donate_argnames=("state",))
+def train_step(graphdef: Any, tc: TrainConfig, state: TrainState, inputs: jax.Array, targets: jax.Array,
+               poison: jax.Array) -> tuple[TrainState, StepMetrics]:
+    """One optimizer update from grad_accum micro-batches [A, B, T]. A non-finite loss or gradient norm
+    leaves the state unchanged except the step count; `poison` (0, or NaN in tests) is added to the loss."""
+    optimizer, schedule = make_optimizer(tc)
+    key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
+    grad = jax.value_and_grad(loss_fn)
+
+    def micro(acc: tuple, xs: tuple) -> tuple:
+        i, x, y = xs
+        k = jax.random.fold_in(key, i) if tc.dropout else None
+        loss, g = grad(state.params, graphdef, x, y, tc.compute_dtype, tc.dropout, k)
+        return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    A = inputs.shape[0]
+    (loss, grads), _ = jax.lax.scan(micro, (jnp.float32(0), zeros), (jnp.arange(A), inputs, targets))
+    loss, grads = loss / A + poison, jax.tree.map(lambda g: g / A, grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
+    return new_state, StepMetrics(loss, grad_norm, schedule(state.step), finite)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def eval_loss(graphdef: Any, weights: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Summed cross-entropy (nats) over a batch, for exact averaging across batches."""
+    logits = nnx.merge(graphdef, weights)(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+
+
+def evaluate(graphdef: Any, weights: Any, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
+    """(mean loss in nats/token, tokens scored) over the batches."""
+    total, n = 0.0, 0
+    for x, y in batches:
+        total += float(eval_loss(graphdef, weights, x, y))
+        n += y.size
+    return total / max(n, 1), n
+
+
+def export_params(graphdef: Any, weights: Any) -> Params:
+    """Canonical GPT-2 params of a training state, for save_checkpoint and the inference backends."""
+    return to_params(nnx.merge(graphdef, weights))
+
+
+def measure_peak_flops(n: int = 1024, runs: int = 5) -> float:
+    """FLOP/s of a float32 n³ matmul through JAX on the default device, best of runs (the MFU ceiling)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def config_from_overrides(config: GPTConfig, tc: TrainConfig, overrides: list[str]
+                          ) -> tuple[GPTConfig, TrainConfig]:
+    """Apply `key=value` overrides to the model or training config, parsing each value as its field's type."""
+    model_fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model_changes, train_changes = {}, {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise GptjaxError(f"override {item!r} must look like key=value")
+        if key in model_fields:
+            model_changes[key] = _parse(key, raw, model_fields[key].type)
+        elif key in train_fields:
+            train_changes[key] = _parse(key, raw, train_fields[key].type)
+        else:
+            raise GptjaxError(f"unknown override key {key!r}; model keys: {sorted(model_fields)}; "
+                              f"training keys: {sorted(train_fields)}")
+    return config.replace(**model_changes), dataclasses.replace(tc, **train_changes)
+
+
+def _parse(key: str, raw: str, annotation: Any) -> Any:
+    kinds = str(annotation)
+    if raw.lower() in ("none", "null") and "None" in kinds:
+        return None
+    for kind, parse in (("bool", _parse_bool), ("int", int), ("float", float), ("str", str)):
+        if kinds.startswith(kind):
+            try:
+                return parse(raw)
+            except ValueError:
+                raise GptjaxError(f"override {key}={raw!r}: expected {kind}") from None
+    return raw
+
+
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(raw)
+
+
+def save_run_config(path: Path, config: GPTConfig, tc: TrainConfig, extra: dict) -> None:
+    """The resolved model + training config of a run, as JSON (atomically)."""
+    payload = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tc)} | extra
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def load_run_config(path: Path) -> tuple[GPTConfig, TrainConfig, dict]:
+    """Read a run's saved config (for --resume)."""
+    try:
+        payload = json.loads(path.read_text())
+        return GPTConfig(**payload.pop("model")), TrainConfig(**payload.pop("train")), payload
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GptjaxError(f"cannot read the run config {path}: {e}") from None
+
+
+# ---- the loop behind `gptjax train` ----------------------------------------------------------------------------
+class TrainingStopped(GptjaxError):
+    """Training could not continue (a non-finite loss or gradient without skip_nonfinite)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps taken, training losses per step, the last evaluation, where things are."""
+
+    steps: int
+    losses: list[float]
+    val_loss: float | None
+    val_bpb: float | None
+    unigram_loss: float
+    skipped_steps: list[int]
+    sample: str
+    out_dir: Path
+    stop_reason: str
+
+
+@dataclass
+class _Data:
+    tokenizer: Any
+    train: np.ndarray
+    val: np.ndarray
+    val_bytes: int
+
+
+def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: str) -> _Data:
+    """Corpus → split → tokenizer → token files in the run directory (re-encoded only when the source changes)."""
+    from gptjax import data
+
+    train_docs, val_docs = data.split_docs(data.resolve_corpus(spec), tc.val_fraction)
+    tokenizer = data.make_tokenizer(tokenizer_spec, [t for _, t in train_docs], out)
+    train = data.encode_to_memmap(train_docs, tokenizer, out / "data" / "train.bin")
+    val = data.encode_to_memmap(val_docs, tokenizer, out / "data" / "val.bin")
+    return _Data(tokenizer, train, val, data.corpus_bytes(val_docs))
+
+
+def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, data_spec: str | None = None,
+          resume: bool = False, max_time: float | None = None, skip_nonfinite: bool = False, profile_steps: int = 0,
+          peak_flops: float | None = None, progress: bool = True, sample_prompt: str = "def ",
+          stop_at_step: int | None = None, inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
+    """Train (or resume) a run in out_dir: data, checkpoints, TensorBoard logs, and the exported model.
+
+    stop_at_step ends this invocation early (checkpointed, resumable) without changing the schedule;
+    inject_nan_at lists 1-based steps whose loss is made NaN (for testing the non-finite handling)."""
+    import orbax.checkpoint as ocp
+    from tensorboardX import SummaryWriter
+
+    from gptjax import data
+
+    out = Path(out_dir)
+    run_file = out / "run.json"
+    if resume:
+        config, tc, saved = load_run_config(run_file)
+        data_spec = saved.get("data")
+    elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise GptjaxError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    d = _prepare_data(data_spec, tc, out, "byte" if tc.tokenizer == "byte" else str(out) if resume else tc.tokenizer)
+    if config.vocab_size != d.tokenizer.vocab_size:
+        log.info("vocab_size %d -> %d to match the tokenizer", config.vocab_size, d.tokenizer.vocab_size)
+        config = config.replace(vocab_size=d.tokenizer.vocab_size)
+    T = tc.seq_len or config.n_positions
+    if T > config.n_positions:
+        raise GptjaxError(f"seq_len={T} exceeds the model context n_positions={config.n_positions}")
+    batcher = data.Batcher(d.train, tc.batch_size, T, seed=tc.seed)
+    eval_tokens = d.val if len(d.val) > T else d.train[-(T * tc.batch_size + 1):]
+    data._check_window(len(eval_tokens), T)
+    save_run_config(run_file, config, tc, {"data": data_spec})
+
+    graphdef, state = create_state(config, tc)
+    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=options)
+    if resume:
+        state = _restore(manager, state, batcher)
+    unigram = data.unigram_entropy(np.asarray(d.val))
+    peak = peak_flops or measure_peak_flops()
+    writer = SummaryWriter(str(out / "tb"))
+    loop = _Loop(graphdef, tc, config, T, batcher, eval_tokens, d, writer, manager, peak, unigram,
+                 skip_nonfinite, inject_nan_at, sample_prompt)
+    try:
+        stop_reason = loop.run(state, max_time, profile_steps, out, progress, stop_at_step or tc.max_steps)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    from gptjax.weights import save_checkpoint
+
+    export = save_checkpoint(config, export_params(graphdef, loop.state.params), out / "model")
+    if (out / "tokenizer.json").exists():
+        (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, unigram, loop.skipped,
+                       loop.sample, out, stop_reason)
+
+
+def _restore(manager: Any, state: TrainState, batcher: Any) -> TrainState:
+    """The latest committed checkpoint into state's structure, and the data generator's state."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        raise GptjaxError(f"--resume: no checkpoint in {manager.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             data=ocp.args.JsonRestore()))
+    batcher.set_state(restored["data"]["batcher"])
+    log.info("resumed from step %d", step)
+    return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
+
+
+class _Loop:
+    """The step loop: batches in, state forward, metrics out to the progress bar and TensorBoard,
+    evaluations and checkpoints on schedule."""
+
+    def __init__(self, graphdef, tc, config, T, batcher, eval_tokens, data, writer, manager, peak, unigram,
+                 skip_nonfinite, inject_nan_at, sample_prompt) -> None:
+        self.graphdef, self.tc, self.config, self.T = graphdef, tc, config, T
+        self.batcher, self.eval_tokens, self.data, self.writer, self.manager = batcher, eval_tokens, data, writer, manager
+        self.peak, self.unigram, self.skip_nonfinite = peak, unigram, skip_nonfinite
+        self.inject_nan_at, self.sample_prompt = inject_nan_at, sample_prompt
+        self.losses: list[float] = []
+        self.skipped: list[int] = []
+        self.val_loss = self.val_bpb = None
+        self.sample = ""
+        self.flops_per_token = config.train_flops_per_token(T)
+
+    def run(self, state: TrainState, max_time: float | None, profile_steps: int, out: Path, progress: bool,
+            stop_at: int) -> str:
+        from tqdm import tqdm
+
+        tc, start = self.tc, int(state.step)
+        self.state = state
+        bar = tqdm(total=tc.max_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+        t_start, window_t, window_tokens, reason = time.perf_counter(), time.perf_counter(), 0, "max_steps"
+        profile_at = start + 2 if profile_steps else -1  # after the compiling step
+        for step in range(start, tc.max_steps):
+            if step == profile_at:
+                jax.profiler.start_trace(str(out / "profile"))
+            t0 = time.perf_counter()
+            metrics = self._step(step)
+            loss = float(metrics.loss)  # waits for the step: honest step times
+            step_time = time.perf_counter() - t0
+            if step == profile_at + profile_steps - 1:
+                jax.profiler.stop_trace()
+            window_tokens += tc.grad_accum * tc.batch_size * self.T
+            if not bool(metrics.finite):
+                self._nonfinite(step, loss, float(metrics.grad_norm))
+            else:
+                self.losses.append(loss)
+            bar.update(1)
+            if (step + 1) % tc.log_every == 0 or step == start:
+                tok_s = window_tokens / (time.perf_counter() - window_t)
+                self._log_train(step + 1, loss, metrics, tok_s, step_time)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                window_t, window_tokens = time.perf_counter(), 0
+            done = step + 1 == tc.max_steps
+            over_time = max_time is not None and time.perf_counter() - t_start > max_time
+            if step + 1 == stop_at and not done:
+                self._save(step + 1)
+                reason = "stop_at_step"
+                break
+            if (step + 1) % tc.eval_every == 0 or done or over_time:
+                self._evaluate(step + 1, bar)
+            if (step + 1) % tc.checkpoint_every == 0 or done or over_time:
+                self._save(step + 1)
+            if over_time:
+                reason = "max_time"
+                break
+        bar.close()
+        if self.val_loss is None:  # resumed at max_steps: still report
+            self._evaluate(int(self.state.step), None)
+        return reason
+
+    def _step(self, step: int) -> StepMetrics:
+        tc = self.tc
+        xs, ys = zip(*(next(self.batcher) for _ in range(tc.grad_accum)))
+        poison = np.float32(np.nan if step + 1 in self.inject_nan_at else 0.0)
+        self.state, metrics = train_step(self.graphdef, tc, self.state, np.stack(xs), np.stack(ys), poison)
+        return metrics
+
+    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
+        self.writer.add_scalar("train/nonfinite_step", step + 1, step + 1)
+        self.writer.flush()
+        if self.skip_nonfinite:
+            log.warning("step %d: non-finite loss %s / gradient norm %s; update skipped", step + 1, loss, grad_norm)
+            self.skipped.append(step + 1)
+            return
+        last = self.manager.latest_step()
+        raise TrainingStopped(f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm}; stopped "
+                              f"(the last good checkpoint is step {last}; --skip-nonfinite skips such updates)")
+
+    def _log_train(self, step: int, loss: float, metrics: StepMetrics, tok_s: float, step_time: float) -> None:
+        w = self.writer
+        w.add_scalar("train/loss", loss, step)
+        w.add_scalar("train/learning_rate", float(metrics.lr), step)
+        w.add_scalar("train/grad_norm", float(metrics.grad_norm), step)
+        w.add_scalar("train/tokens_per_s", tok_s, step)
+        w.add_scalar("train/step_time_s", step_time, step)
+        w.add_scalar("train/mfu", self.flops_per_token * tok_s / self.peak, step)
+
+    def _evaluate(self, step: int, bar: Any) -> None:
+        from gptjax import data
+
+        batches = data.eval_batches(self.eval_tokens, self.tc.batch_size, self.T, self.tc.eval_batches)
+        loss, n = evaluate(self.graphdef, self.state.params, batches)
+        n_val = len(self.data.val)
+        self.val_loss = loss
+        self.val_bpb = data.bits_per_byte(loss, n_val, self.data.val_bytes)
+        for name, value in (("loss", loss), ("perplexity", math.exp(min(loss, 50))), ("bits_per_byte", self.val_bpb)):
+            self.writer.add_scalar(f"val/{name}", value, step)
+        self.sample = self._sample()
+        self.writer.add_text("val/sample", self.sample, step)
+        self.writer.flush()
+        message = (f"step {step}: val loss {loss:.4f} (unigram baseline {self.unigram:.4f}), "
+                   f"perplexity {math.exp(min(loss, 50)):.2f}, {self.val_bpb:.3f} bits/byte\n"
+                   f"--- sample ---\n{self.sample}\n--------------")
+        (bar.write if bar is not None else print)(message)
+
+    def _sample(self) -> str:
+        from gptjax.backends import get_backend
+
+        prompt = self.data.tokenizer.encode(self.sample_prompt) or [0]
+        n = min(160, self.config.n_positions - len(prompt))
+        params = export_params(self.graphdef, self.state.params)
+        out = get_backend("jax", self.config).generate(params, [prompt], n, temperature=0.8, top_k=40, seed=0)
+        return self.data.tokenizer.decode(prompt + out.tokens[0])
+
+    def _save(self, step: int) -> None:
+        import orbax.checkpoint as ocp
+
+        if self.manager.latest_step() == step:
+            return
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                        data=ocp.args.JsonSave({"batcher": self.batcher.get_state()})))

@@ -1,0 +1,221 @@
+"""Training: exact resume, crash safety, non-finite handling, TensorBoard logs, export, bad input, the CLI."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import GPTConfig, GptjaxError, get_backend, load_checkpoint
+from gptjax.cli import main
+from gptjax.train import TrainConfig, TrainingStopped, create_state, train, train_step
+
+CONFIG = GPTConfig(vocab_size=256, n_positions=32, n_layer=2, n_head=2, n_embd=32)
+TC = TrainConfig(batch_size=4, seq_len=32, max_steps=6, warmup_steps=2, eval_every=3, eval_batches=2,
+                 checkpoint_every=3, log_every=1, lr=3e-3, min_lr=3e-4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A few real Python files as a local corpus (any Python has them)."""
+    d = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "this.py"):
+        (d / name).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return str(d)
+
+
+def _run(out, corpus, tc=TC, **kwargs):
+    return train(CONFIG, tc, out, data_spec=corpus, progress=False, peak_flops=1e11, **kwargs)
+
+
+def test_resume_gives_exactly_the_uninterrupted_losses_and_weights(tmp_path, corpus):
+    straight = _run(tmp_path / "a", corpus)
+    first = _run(tmp_path / "b", corpus, stop_at_step=3)
+    assert first.steps == 3 and first.stop_reason == "stop_at_step"
+    second = train(CONFIG, TC, tmp_path / "b", resume=True, progress=False, peak_flops=1e11)
+    assert second.steps == 6
+    assert first.losses + second.losses == straight.losses  # bit-equal on CPU
+    a, b = load_checkpoint(tmp_path / "a" / "model")[1], load_checkpoint(tmp_path / "b" / "model")[1]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.isfinite(straight.val_loss) and straight.losses[-1] < straight.losses[0]
+
+
+def test_export_loads_in_the_inference_backends_and_eval_agrees(tmp_path, corpus, capsys):
+    result = _run(tmp_path / "r", corpus, tc=dataclasses.replace(TC, max_steps=3))
+    config, params = load_checkpoint(tmp_path / "r" / "model")
+    assert config == CONFIG
+    tokens = np.arange(10)[None]
+    np.testing.assert_allclose(get_backend("jax", config).forward(params, tokens),
+                               get_backend("numpy", config).forward(params, tokens), atol=1e-4)
+    assert main(["eval", "--checkpoint", str(tmp_path / "r" / "model"), "--data", corpus, "--batch-size", "4",
+                 "--max-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    reported = float(out.split("loss ")[1].split()[0])
+    assert reported == pytest.approx(result.val_loss, abs=1e-4)
+    assert "bits/byte" in out and "perplexity" in out
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    with pytest.raises(TrainingStopped, match=r"step 5: non-finite loss nan .* last good checkpoint is step 3"):
+        _run(tmp_path / "n", corpus, inject_nan_at=frozenset({5}))
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((tmp_path / "n" / "checkpoints").absolute())
+    assert manager.all_steps() == [3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "n" / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/nonfinite_step")] == [5]
+    assert len(acc.Scalars("train/loss")) == 4  # the metrics up to the failure were written
+
+
+def test_skip_nonfinite_skips_the_update(tmp_path, corpus):
+    result = _run(tmp_path / "s", corpus, inject_nan_at=frozenset({2, 5}), skip_nonfinite=True)
+    assert result.skipped_steps == [2, 5] and result.steps == 6
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+
+
+def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched():
+    graphdef, state = create_state(CONFIG, TC)
+    x = np.random.default_rng(0).integers(0, 256, (1, 4, 33)).astype(np.int32)
+    before = jax.tree.map(np.asarray, state)
+    after, metrics = train_step(graphdef, TC, state, x[..., :-1], x[..., 1:], jnp.float32(np.nan))
+    assert not bool(metrics.finite) and int(after.step) == 1
+    for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
+                    jax.tree.leaves(after.params) + jax.tree.leaves(after.opt_state)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    x = np.random.default_rng(1).integers(0, 256, (4, 33)).astype(np.int32)
+    big = dataclasses.replace(TC, batch_size=4, grad_accum=1)
+    small = dataclasses.replace(TC, batch_size=2, grad_accum=2)
+    g, s1 = create_state(CONFIG, big)
+    _, s2 = create_state(CONFIG, small)
+    s1, m1 = train_step(g, big, s1, x[None, :, :-1], x[None, :, 1:], jnp.float32(0))
+    s2, m2 = train_step(g, small, s2, x.reshape(2, 2, 33)[..., :-1], x.reshape(2, 2, 33)[..., 1:], jnp.float32(0))
+    assert float(m1.loss) == pytest.approx(float(m2.loss), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_bf16_compute_and_dropout():
+    x = np.random.default_rng(2).integers(0, 256, (1, 4, 33)).astype(np.int32)
+    losses = {}
+    for name, tc in {"fp32": TC, "bf16": dataclasses.replace(TC, compute_dtype="bf16"),
+                     "dropout": dataclasses.replace(TC, dropout=0.2)}.items():
+        g, s = create_state(CONFIG, tc)
+        s, m = train_step(g, tc, s, x[..., :-1], x[..., 1:], jnp.float32(0))
+        losses[name] = float(m.loss)
+        assert jax.tree.leaves(s.params)[0].dtype == jnp.float32  # master weights stay float32
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.02) and losses["bf16"] != losses["fp32"]
+    assert losses["dropout"] != losses["fp32"]
+
+
+def test_tensorboard_events_read_back(tmp_path, corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(tmp_path / "tb", corpus)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+            "train/mfu", "val/loss", "val/perplexity", "val/bits_per_byte"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    lr = [e.value for e in acc.Scalars("train/learning_rate")]
+    assert lr[0] == 0.0 and max(lr) == pytest.approx(3e-3, rel=1e-5)  # warm-up from 0 to the peak
+    assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))
+
+
+_KILL_SCRIPT = """
+import sys
+from gptjax import GPTConfig
+from gptjax.train import TrainConfig, train
+config = GPTConfig(vocab_size=256, n_positions=32, n_layer=2, n_head=2, n_embd=256)
+tc = TrainConfig(batch_size=2, seq_len=32, max_steps=10000, eval_every=10000, checkpoint_every=1,
+                 keep_checkpoints=3, warmup_steps=1)
+train(config, tc, sys.argv[1], data_spec=sys.argv[2], progress=False, peak_flops=1e11, resume=sys.argv[3] == "1")
+"""
+
+
+def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, corpus):
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "k"
+    ckpts = out / "checkpoints"
+    committed = lambda: [int(p) for p in os.listdir(ckpts) if p.isdigit()] if ckpts.exists() else []  # noqa: E731
+    previous = 0
+    for attempt, delay in enumerate((0.0, 0.13, 0.29)):
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out), corpus, "1" if attempt else "0"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and max(committed(), default=0) < previous + 2:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)  # a save runs every step: this lands in or near one
+        proc.wait()
+        manager = ocp.CheckpointManager(ckpts.absolute())
+        latest = manager.latest_step()
+        assert latest is not None and latest >= previous + 2
+        restored = manager.restore(latest)
+        leaves = jax.tree.leaves(restored["state"])
+        assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+        previous = latest
+        manager.close()  # the next attempt resumes from it (resume=True), which restores it for real
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data", "/no/such/place"], "does not exist"),
+    (["--preset", "gpt5"], "unknown preset 'gpt5'"),
+    (["n_layers=3"], "unknown override key 'n_layers'"),
+    (["lr=fast"], "override lr='fast': expected float"),
+    (["batch_size=2.5"], "override batch_size='2.5': expected int"),
+    (["lr=-1"], "lr=-1.0 must be a number >= 0"),
+    (["seq_len=64", "n_positions=32"], "seq_len=64 exceeds the model context n_positions=32"),
+    (["compute_dtype=fp16"], "compute_dtype='fp16' must be 'fp32' or 'bf16'"),
+    (["--tokenizer", "bpe:x"], "bpe:x"),
+])
+def test_bad_train_input_fails_before_compiling(tmp_path, corpus, argv, needle, capsys):
+    before = train_step._cache_size()
+    args = ["train", "--out", str(tmp_path / "bad"), "--no-progress", "--peak-flops", "1e11"]
+    if "--data" not in argv:
+        args += ["--data", corpus]
+    assert main(args + argv) == 2
+    assert needle in capsys.readouterr().err
+    assert train_step._cache_size() == before
+
+
+def test_corpus_shorter_than_a_window(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("x = 1\n")
+    assert main(["train", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "small.txt"), "--no-progress",
+                 "n_positions=64", "n_layer=1", "n_embd=32", "n_head=2"]) == 2
+    assert "shorter than one context window" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume(tmp_path, corpus, capsys):
+    _run(tmp_path / "r", corpus, tc=dataclasses.replace(TC, max_steps=1))
+    with pytest.raises(GptjaxError, match="already holds a run: pass --resume"):
+        _run(tmp_path / "r", corpus)
+
+
+def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--out", str(out), "--data", corpus, "--no-progress", "--max-steps", "4", "--profile", "1",
+                 "--tokenizer", "bpe:300", "n_layer=1", "n_embd=32", "n_head=2", "n_positions=32",
+                 "batch_size=2", "eval_every=2", "checkpoint_every=2", "--peak-flops", "1e11"]) == 0
+    text = capsys.readouterr().out
+    assert "done: 4 steps (max_steps)" in text and "--- sample ---" in text
+    assert list((out / "profile").rglob("*.xplane.pb"))
+    assert (out / "model" / "tokenizer.json").exists()  # generate/eval find the BPE tokenizer
+    assert load_checkpoint(out / "model")[0].vocab_size == 300
