@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import environment, interleaved_times, median, memory_bandwidth, percentile
+from benchmarks.common import torch_threads, environment, interleaved_times, median, memory_bandwidth, percentile
 from gptjax import get_backend, get_preset, init_params, save_checkpoint
 
 
@@ -31,13 +30,12 @@ def _hf_generate(params, config):
         from transformers import GPT2LMHeadModel
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(config, params, d + "/ck")
         model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
 
     def generate(prompts: np.ndarray, n_new: int) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads():
             out = model.generate(torch.from_numpy(prompts.astype(np.int64)), max_new_tokens=n_new,
                                  min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0,
                                  attention_mask=torch.ones(prompts.shape, dtype=torch.long))

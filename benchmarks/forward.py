@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 
 import numpy as np
 
-from benchmarks.common import environment, interleaved_times, median
+from benchmarks.common import torch_threads, environment, interleaved_times, median
 from gptjax import get_backend, get_preset, init_params, save_checkpoint
 
 
@@ -30,13 +29,12 @@ def _hf_forward(params, config):
         from transformers import GPT2LMHeadModel
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(config, params, d + "/ck")
         model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
 
     def forward(tokens: np.ndarray, last_only: bool) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads():
             out = model(torch.from_numpy(tokens.astype(np.int64)), use_cache=False,
                         logits_to_keep=1 if last_only else 0).logits
         return out[:, -1].numpy() if last_only else out.numpy()

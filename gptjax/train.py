@@ -380,7 +380,8 @@ class _Loop:
     def __init__(self, graphdef, tc, config, T, batcher, eval_tokens, data, writer, manager, peak, unigram,
                  skip_nonfinite, inject_nan_at, sample_prompt) -> None:
         self.graphdef, self.tc, self.config, self.T = graphdef, tc, config, T
-        self.batcher, self.eval_tokens, self.data, self.writer, self.manager = batcher, eval_tokens, data, writer, manager
+        self.batcher, self.eval_tokens, self.data = batcher, eval_tokens, data
+        self.writer, self.manager = writer, manager
         self.peak, self.unigram, self.skip_nonfinite = peak, unigram, skip_nonfinite
         self.inject_nan_at, self.sample_prompt = inject_nan_at, sample_prompt
         self.losses: list[float] = []

@@ -159,7 +159,8 @@ def test_third_party_backend_registers_through_entry_points(tmp_path, monkeypatc
     params, tokens = init_params(config), [[1, 2, 3]]
     doubled = get_backend("doubled", config)
     assert isinstance(doubled, Backend)
-    np.testing.assert_allclose(doubled.forward(params, tokens), 2 * get_backend("numpy", config).forward(params, tokens))
+    expected = 2 * get_backend("numpy", config).forward(params, tokens)
+    np.testing.assert_allclose(doubled.forward(params, tokens), expected)
     with pytest.raises(GptjaxError, match="is not a gptjax.backends.Backend subclass"):
         get_backend("broken", config)
     assert type(get_backend("numpy", config)).__module__ == "gptjax.backends.numpy_ref"  # no shadowing
