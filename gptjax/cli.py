@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                     "directory or glob of text files")
     tr.add_argument("--tokenizer", metavar="SPEC", help="byte (default), bpe:N (trained on the training split), "
                     "or a checkpoint directory with GPT-2 tokenizer files")
+    tr.add_argument("--init", metavar="CHECKPOINT", help="fine-tune this checkpoint (its shape, weights and "
+                    "tokenizer files) instead of starting from GPT-2's random initialisation")
     tr.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default 300)")
     tr.add_argument("--max-time", type=float, metavar="SECONDS", help="stop (evaluate, checkpoint, export) after this")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -313,7 +315,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, tc, out, data_spec=args.data, resume=args.resume, max_time=args.max_time,
                        skip_nonfinite=args.skip_nonfinite, profile_steps=args.profile, peak_flops=args.peak_flops,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, init_from=args.init)
     except TrainingStopped as e:
         print(f"gptjax train: stopped: {e}", file=sys.stderr)
         return 1

@@ -303,10 +303,12 @@ def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: 
 def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, data_spec: str | None = None,
           resume: bool = False, max_time: float | None = None, skip_nonfinite: bool = False, profile_steps: int = 0,
           peak_flops: float | None = None, progress: bool = True, sample_prompt: str = "def ",
-          stop_at_step: int | None = None, inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
+          stop_at_step: int | None = None, init_from: str | os.PathLike | None = None,
+          inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
     """Train (or resume) a run in out_dir: data, checkpoints, TensorBoard logs, and the exported model.
 
-    stop_at_step ends this invocation early (checkpointed, resumable) without changing the schedule;
+    init_from fine-tunes a checkpoint (its config and weights; its tokenizer files unless tc.tokenizer says
+    otherwise); stop_at_step ends this invocation early (checkpointed, resumable) without changing the schedule;
     inject_nan_at lists 1-based steps whose loss is made NaN (for testing the non-finite handling)."""
     import orbax.checkpoint as ocp
     from tensorboardX import SummaryWriter
@@ -321,7 +323,19 @@ def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, dat
     elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise GptjaxError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
-    d = _prepare_data(data_spec, tc, out, "byte" if tc.tokenizer == "byte" else str(out) if resume else tc.tokenizer)
+    start_params = None
+    if init_from is not None and not resume:
+        from gptjax.tokenizer import has_tokenizer
+        from gptjax.weights import load_checkpoint
+
+        config, start_params = load_checkpoint(init_from)
+        if tc.tokenizer == "byte" and has_tokenizer(init_from):
+            tc = dataclasses.replace(tc, tokenizer=str(init_from))
+    tokenizer_spec = str(out) if resume and tc.tokenizer != "byte" else tc.tokenizer
+    d = _prepare_data(data_spec, tc, out, tokenizer_spec)
+    if start_params is not None and d.tokenizer.vocab_size != config.vocab_size:
+        raise GptjaxError(f"the tokenizer has {d.tokenizer.vocab_size} tokens but {init_from} was trained with "
+                          f"{config.vocab_size}; fine-tune with the checkpoint's own tokenizer")
     if config.vocab_size != d.tokenizer.vocab_size:
         log.info("vocab_size %d -> %d to match the tokenizer", config.vocab_size, d.tokenizer.vocab_size)
         config = config.replace(vocab_size=d.tokenizer.vocab_size)
@@ -333,7 +347,7 @@ def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, dat
     data._check_window(len(eval_tokens), T)
     save_run_config(run_file, config, tc, {"data": data_spec})
 
-    graphdef, state = create_state(config, tc)
+    graphdef, state = create_state(config, tc, start_params)
     options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
     manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=options)
     if resume:

@@ -219,3 +219,13 @@ def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys):
     assert list((out / "profile").rglob("*.xplane.pb"))
     assert (out / "model" / "tokenizer.json").exists()  # generate/eval find the BPE tokenizer
     assert load_checkpoint(out / "model")[0].vocab_size == 300
+
+
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path, corpus):
+    base = _run(tmp_path / "base", corpus)
+    tuned = train(GPTConfig(), dataclasses.replace(TC, max_steps=2), tmp_path / "tuned", data_spec=corpus,
+                  progress=False, peak_flops=1e11, init_from=tmp_path / "base" / "model")
+    scratch = _run(tmp_path / "scratch", corpus, tc=dataclasses.replace(TC, max_steps=2))
+    assert tuned.losses[0] < scratch.losses[0] - 0.2  # it starts where the base model ended, not at random
+    assert tuned.losses[0] == pytest.approx(base.losses[-1], abs=0.5)
+    assert load_checkpoint(tmp_path / "tuned" / "model")[0] == CONFIG  # the checkpoint's shape, not GPTConfig()
