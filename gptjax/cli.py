@@ -299,8 +299,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from gptjax.train import TrainConfig, TrainingStopped, config_from_overrides, train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gptjax").setLevel(logging.INFO)
     config, tc = get_preset(args.preset or "byte-mini"), TrainConfig()
     if args.config:
         config, tc = _config_file(args.config)
