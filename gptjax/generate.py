@@ -62,10 +62,12 @@ class GenerationRequest:
 
 @dataclass
 class StreamChunk:
-    """Tokens produced since the previous chunk, per row, and each row's finish reason once it is known."""
+    """Tokens produced since the previous chunk, per row, and each row's finish reason once it is known.
+    The first chunk of a stream is the prefill's token ("prefill"), the others come from decode steps."""
 
     tokens: list[list[int]]
     finish_reasons: list[str | None]
+    phase: str = "decode"
 
 
 @dataclass

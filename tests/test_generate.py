@@ -204,9 +204,10 @@ def test_stream_concatenates_to_generate(name, chunk_size):
     joined = [sum((c.tokens[row] for c in chunks), []) for row in range(len(PROMPTS))]
     assert joined == whole.tokens
     assert [r or "length" for r in chunks[-1].finish_reasons] == whole.finish_reasons
-    assert len(chunks) == -(-10 // chunk_size) or any(r == "stop" for r in whole.finish_reasons)
-    for c in chunks:
-        assert all(len(t) <= chunk_size for t in c.tokens)
+    assert len(chunks) == 1 + -(-9 // chunk_size) or any(r == "stop" for r in whole.finish_reasons)
+    assert chunks[0].phase == "prefill" and all(len(t) <= 1 for t in chunks[0].tokens)  # TTFT: right after prefill
+    for c in chunks[1:]:
+        assert c.phase == "decode" and all(len(t) <= chunk_size for t in c.tokens)
 
 
 def test_jax_loop_ends_when_every_row_has_stopped():

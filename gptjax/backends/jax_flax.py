@@ -321,17 +321,18 @@ class JaxBackend(Backend):
 
     def _generate(self, weights: JaxWeights, request: GenerationRequest, chunk_size: int | None
                   ) -> Iterator[StreamChunk]:
-        """Prefill, then the jitted decode loop: once to the end, or chunk_size steps per yielded chunk."""
+        """Prefill (its token is the first chunk), then the jitted decode loop: once to the end, or chunk_size
+        steps per yielded chunk."""
         Tp = bucket_length(max(len(p) for p in request.prompts), self.config.n_positions)
         S = Tp + bucket_length(request.max_new_tokens, 2**31)
         from gptjax.backends import jax_decode  # the decode loop builds on this module's model
 
         d, pad, sampling, mode = jax_decode.start(weights, request, Tp, S)
         max_new, sent = np.int32(request.max_new_tokens), np.zeros(request.batch, int)
-        step, until = 1, 0  # prefill sampled token 0; the first chunk holds it plus chunk_size - 1 steps
+        step, phase = 1, "prefill"  # the first chunk is prefill's token; then chunk_size decode steps each
         while True:
-            until = request.max_new_tokens if chunk_size is None else min(until + chunk_size, request.max_new_tokens)
-            if step < until:
+            if phase == "decode":
+                until = request.max_new_tokens if chunk_size is None else min(step + chunk_size, max_new)
                 d = jax_decode.decode(weights.graphdef, weights.state, d, pad, sampling, np.int32(until), max_new,
                                       mode)
             step, done, stopped, lengths = jax.device_get((d.step, d.done, d.stopped, d.lengths))
@@ -340,9 +341,10 @@ class JaxBackend(Backend):
             chunk = [out[b, sent[b] - first: lengths[b] - first].tolist() for b in range(request.batch)]
             sent = lengths[: request.batch].copy()
             reasons = [(STOP if stopped[b] else LENGTH) if done[b] else None for b in range(request.batch)]
-            yield StreamChunk(chunk, reasons)
+            yield StreamChunk(chunk, reasons, phase)
             if done[: request.batch].all():
                 return
+            phase = "decode"
 
     def _forward(self, weights: JaxWeights, tokens: np.ndarray, last_only: bool) -> np.ndarray:
         B, T = tokens.shape

@@ -135,7 +135,8 @@ class NumpyBackend(Backend):
 
     def _generate(self, weights: Params, request: GenerationRequest, chunk_size: int | None
                   ) -> Iterator[StreamChunk]:
-        """Prefill the left-padded prompts into a preallocated cache, then one token per row per step."""
+        """Prefill the left-padded prompts into a preallocated cache (first chunk: its token), then one token
+        per row per step, chunk_size steps per chunk."""
         c, sp = self.config, request.sampling
         Tp = max(len(p) for p in request.prompts)
         S = Tp + request.max_new_tokens
@@ -152,8 +153,8 @@ class NumpyBackend(Backend):
         for step in range(request.max_new_tokens):
             next_tokens = np.array([sample_token(logits[b], sp, rngs[b]) for b in range(B)])  # [B]
             rows.record(next_tokens, last_step=step == request.max_new_tokens - 1)
-            if rows.all_done or (chunk_size and (step + 1) % chunk_size == 0):
-                yield rows.flush()
+            if step == 0 or rows.all_done or (chunk_size and step % chunk_size == 0):
+                yield rows.flush("prefill" if step == 0 else "decode")
             if rows.all_done:
                 return
             index = Tp + step  # cache index of the token just sampled
@@ -184,7 +185,7 @@ class _Rows:
             if last_step:
                 self.reasons[b] = LENGTH
 
-    def flush(self) -> StreamChunk:
-        chunk = StreamChunk(self.pending, list(self.reasons))
+    def flush(self, phase: str) -> StreamChunk:
+        chunk = StreamChunk(self.pending, list(self.reasons), phase)
         self.pending = [[] for _ in self.pending]
         return chunk
