@@ -26,11 +26,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    provider = None
     try:
+        provider = _telemetry(args)
         return args.func(args) or 0
     except GptjaxError as e:
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flush the spans of this command
+
+
+def _telemetry(args: argparse.Namespace):
+    """Configure tracing and log format from the common flags; the provider to flush at exit (or None)."""
+    from gptjax.tracing import EXPORTERS, configure
+
+    trace = args.trace
+    if trace is None and args.log_format == "text" and not os.environ.get("OTEL_TRACES_EXPORTER"):
+        return None  # the common case: import no SDK
+    if trace and trace not in EXPORTERS and os.path.sep not in trace and not trace.endswith(".jsonl"):
+        raise GptjaxError(f"--trace {trace!r}: give an exporter ({', '.join(EXPORTERS)}) or a file path "
+                          "ending in .jsonl (or containing a /)")
+    exporter, path = (trace, None) if trace in EXPORTERS else (("jsonl", trace) if trace else (None, None))
+    return configure(exporter, path=path, json_logs=args.log_format == "json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
                                 "Flax NNX, with every LLM performance lever measurable.")
     p.add_argument("--version", action="version", version=f"gptjax {_version()}")
     sub = p.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--trace", metavar="EXPORTER|FILE", help="export OpenTelemetry spans: console, otlp "
+                        "(OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4318), none, or FILE.jsonl for JSON "
+                        "lines (default: $OTEL_TRACES_EXPORTER, else none); needs the otel extra")
+    common.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per log record, with trace_id/span_id")
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # every command takes --trace/--log-format
 
     info = sub.add_parser("info", help="parameters, FLOPs, weight and KV-cache bytes of a preset or checkpoint",
                           description="Print the size calculator's table for a preset or a checkpoint directory; "

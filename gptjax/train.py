@@ -403,13 +403,31 @@ class _Loop:
         self.val_loss = self.val_bpb = None
         self.sample = ""
         self.flops_per_token = config.train_flops_per_token(T)
+        self.parent = None  # the run's gptjax.train span, set by run()
 
     def run(self, state: TrainState, max_time: float | None, profile_steps: int, out: Path, progress: bool,
             stop_at: int) -> str:
-        from tqdm import tqdm
+        from gptjax.tracing import record_error, start_parent
 
         tc, start = self.tc, int(state.step)
         self.state = state
+        self.parent = start_parent("gptjax.train", lambda: self._attributes("train") | {
+            "gptjax.train.start_step": start, "gptjax.train.max_steps": tc.max_steps})
+        try:
+            reason = self._run(start, max_time, profile_steps, out, progress, stop_at)
+        except BaseException as e:
+            record_error(self.parent, e)
+            raise
+        finally:
+            self.parent.set_attribute("gptjax.train.steps", int(self.state.step) - start)
+            self.parent.end()
+        return reason
+
+    def _run(self, start: int, max_time: float | None, profile_steps: int, out: Path, progress: bool,
+             stop_at: int) -> str:
+        from tqdm import tqdm
+
+        tc = self.tc
         bar = tqdm(total=tc.max_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
         t_start, window_t, window_tokens, reason = time.perf_counter(), time.perf_counter(), 0, "max_steps"
         profile_at = start + 2 if profile_steps else -1  # after the compiling step
@@ -452,11 +470,23 @@ class _Loop:
         return reason
 
     def _step(self, step: int) -> StepMetrics:
+        from gptjax.tracing import forward_span
+
         tc = self.tc
         xs, ys = zip(*(next(self.batcher) for _ in range(tc.grad_accum)))
         poison = np.float32(np.nan if step + 1 in self.inject_nan_at else 0.0)
-        self.state, metrics = train_step(self.graphdef, tc, self.state, np.stack(xs), np.stack(ys), poison)
+        before = train_step._cache_size()
+        with forward_span("gptjax.train_step", lambda: self._attributes("train") | {"gptjax.step": step + 1},
+                          parent=self.parent) as span:
+            self.state, metrics = train_step(self.graphdef, tc, self.state, np.stack(xs), np.stack(ys), poison)
+            span.wait_for(metrics.loss)
+            span.set(lambda: {"gptjax.compiled": train_step._cache_size() > before})
         return metrics
+
+    def _attributes(self, phase: str) -> dict[str, Any]:
+        return {"gen_ai.provider.name": "gptjax", "gptjax.backend": "jax", "gptjax.precision": self.tc.compute_dtype,
+                "gptjax.batch_size": self.tc.batch_size * self.tc.grad_accum, "gptjax.seq_len": self.T,
+                "gptjax.devices": jax.device_count(), "gptjax.mesh": "", "gptjax.phase": phase}
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         self.writer.add_scalar("train/nonfinite_step", step + 1, step + 1)
@@ -481,8 +511,13 @@ class _Loop:
     def _evaluate(self, step: int, bar: Any) -> None:
         from gptjax import data
 
+        from gptjax.tracing import forward_span
+
         batches = data.eval_batches(self.eval_tokens, self.tc.batch_size, self.T, self.tc.eval_batches)
-        loss, n = evaluate(self.graphdef, self.state.params, batches)
+        with forward_span("gptjax.eval", lambda: self._attributes("eval") | {"gptjax.step": step},
+                          parent=self.parent) as span:
+            loss, n = evaluate(self.graphdef, self.state.params, batches)
+            span.set({"gptjax.eval.loss": loss, "gptjax.eval.tokens": n})
         n_val = len(self.data.val)
         self.val_loss = loss
         self.val_bpb = data.bits_per_byte(loss, n_val, self.data.val_bytes)

@@ -13,6 +13,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, make_request
+from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
 
 ENTRY_POINT_GROUP = "gptjax.backends"
@@ -55,7 +56,12 @@ class Backend(abc.ABC):
         or what `prepare` returned.
         """
         tokens = validate_tokens(tokens, self.config)
-        return self._forward(self._prepared(params), tokens, last_only)
+        weights = self._prepared(params)
+        before = self._compile_count()
+        with forward_span("gptjax.forward", lambda: self._attributes("prefill", *tokens.shape)) as span:
+            logits = self._forward(weights, tokens, last_only)
+            span.set({"gptjax.compiled": self._compile_count() > before})
+        return logits
 
     def _prepared(self, params: Params | Any) -> Any:
         """Converted weights for params: reused while the same dict holds the same array objects
@@ -90,7 +96,7 @@ class Backend(abc.ABC):
         """
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
-        return collect(self._generate(self._prepared(params), request, None), request)
+        return collect(self._traced(self._prepared(params), request, None), request)
 
     def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -104,7 +110,72 @@ class Backend(abc.ABC):
             raise GptjaxError(f"chunk_size={chunk_size!r} must be an integer >= 1")
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
-        return self._generate(self._prepared(params), request, chunk_size)
+        return self._traced(self._prepared(params), request, chunk_size)
+
+    # ---- observability: spans around every forward pass (no-ops without an OpenTelemetry SDK) ------------
+    @property
+    def model_name(self) -> str:
+        """A name for gen_ai.request.model: the shape of the model."""
+        c = self.config
+        return f"gpt-{c.n_layer}L-{c.n_embd}d-{c.vocab_size}v"
+
+    @property
+    def precision(self) -> str:
+        """The weights' precision mode (fp32 until reduced-precision modes exist)."""
+        return "fp32"
+
+    def _compile_count(self) -> int:
+        """Compilations so far of this backend's jitted functions (0 for backends that do not compile)."""
+        return 0
+
+    def _devices(self) -> int:
+        return 1
+
+    def _attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+        return {"gen_ai.provider.name": "gptjax", "gen_ai.request.model": self.model_name,
+                "gptjax.backend": self.name, "gptjax.precision": self.precision, "gptjax.batch_size": batch,
+                "gptjax.seq_len": seq_len, "gptjax.devices": self._devices(), "gptjax.mesh": "",
+                "gptjax.phase": phase}
+
+    def _traced(self, weights: Any, request: GenerationRequest, chunk_size: int | None) -> Iterator[StreamChunk]:
+        """_generate's chunks, each inside a prefill/decode span under one text_completion span."""
+        sp, longest = request.sampling, max(len(p) for p in request.prompts)
+        parent = start_parent(f"text_completion {self.model_name}", lambda: self._attributes(
+            "generate", request.batch, longest) | {
+            "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": request.max_new_tokens,
+            "gen_ai.request.temperature": 0.0 if sp.is_greedy else sp.temperature,
+            "gen_ai.request.top_p": sp.top_p if sp.top_p is not None else 1.0,
+            "gen_ai.request.top_k": sp.top_k or self.config.vocab_size, "gen_ai.request.seed": sp.seed,
+            "gen_ai.usage.input_tokens": sum(len(p) for p in request.prompts)})
+        chunks, generated, position, reasons = self._generate(weights, request, chunk_size), 0, longest, [None]
+        try:
+            while not all(reasons):
+                phase = "prefill" if generated == 0 and position == longest else "decode"
+                before = self._compile_count()
+                with forward_span(f"gptjax.{phase}", lambda: self._attributes(phase, request.batch, position),
+                                  parent=parent) as span:
+                    chunk = next(chunks)
+                    steps = max((len(t) for t in chunk.tokens), default=0)
+                    span.set({"gptjax.compiled": self._compile_count() > before, "gptjax.steps": steps})
+                    if phase == "decode" and span.recording:
+                        for i in range(steps):
+                            span.event("gptjax.token", {"gptjax.position": position + i})
+                generated += sum(len(t) for t in chunk.tokens)
+                position += max(1, steps)
+                reasons = chunk.finish_reasons
+                yield chunk
+            if parent.is_recording():
+                parent.set_attributes({"gen_ai.usage.output_tokens": generated,
+                                       "gen_ai.response.finish_reasons": [r or "length" for r in reasons]})
+        except GeneratorExit:  # the consumer stopped reading: not an error
+            parent.set_attribute("gptjax.cancelled", True)
+            raise
+        except BaseException as e:
+            record_error(parent, e)
+            raise
+        finally:
+            chunks.close()
+            parent.end()
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...

@@ -314,6 +314,14 @@ class JaxBackend(Backend):
     name = "jax"
     prepared_type = JaxWeights
 
+    def _compile_count(self) -> int:
+        from gptjax.backends import jax_decode
+
+        return _apply._cache_size() + jax_decode.prefill._cache_size() + jax_decode.decode._cache_size()
+
+    def _devices(self) -> int:
+        return jax.device_count()
+
     def _convert(self, params: Params) -> JaxWeights:
         float32 = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
         graphdef, state = nnx.split(GPT(self.config, float32))

@@ -1,2 +1,9 @@
-"""Tracing and metrics around backend calls (OpenTelemetry spans, Prometheus metrics): filled by the
-observability issue. The model code never imports this package."""
+"""Observability: OpenTelemetry spans around every forward pass (API only; no-ops without an SDK), and
+`configure()` to export them (console, OTLP, JSONL) with JSON logs carrying trace ids. The model code never
+imports this package; the backends' public methods and the training loop wrap their work in these spans."""
+
+from gptjax.tracing.setup import EXPORTERS, JsonlSpanExporter, configure, install_json_logs
+from gptjax.tracing.spans import forward_span, record_error, start_parent, tracer
+
+__all__ = ["EXPORTERS", "JsonlSpanExporter", "configure", "forward_span", "install_json_logs", "record_error",
+           "start_parent", "tracer"]

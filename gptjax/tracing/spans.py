@@ -1,0 +1,106 @@
+"""OpenTelemetry spans around gptjax's forward passes, built on `opentelemetry-api` only.
+
+With no SDK configured the API hands out non-recording spans: each costs a context switch and nothing else
+(attributes are computed only for recording spans). Span names are mirrored into
+`jax.profiler.TraceAnnotation`, so the same names appear in profiler traces.
+
+Time is honest by default: a span that produced device arrays ends only after `block_until_ready` on them
+(`gptjax.synced=true`); `synced=False` skips that for throughput runs and says so on the span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+SYSTEM = "gptjax"
+
+
+@lru_cache(maxsize=1)
+def tracer() -> trace.Tracer:
+    """gptjax's tracer (a proxy until an SDK provider is installed, so configuring later still works)."""
+    from gptjax import __version__
+
+    return trace.get_tracer("gptjax", __version__)
+
+
+class SpanHandle:
+    """The span of a forward pass, plus what it must wait for before it may end."""
+
+    def __init__(self, span: trace.Span, synced: bool) -> None:
+        self.span, self.synced = span, synced
+        self._pending: list[Any] = []
+
+    @property
+    def recording(self) -> bool:
+        """Whether attributes/events are kept (False without an SDK: skip computing them)."""
+        return self.span.is_recording()
+
+    def wait_for(self, result: Any) -> Any:
+        """Register device arrays this span produced; with syncing on they are awaited before the span ends."""
+        self._pending.append(result)
+        return result
+
+    def set(self, attributes: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """Set attributes (a callable is only called when the span records)."""
+        if self.recording:
+            self.span.set_attributes(attributes() if callable(attributes) else attributes)
+
+    def event(self, name: str, attributes: dict[str, Any] | None = None) -> None:
+        """Add an event (e.g. one per generated token) when recording."""
+        if self.recording:
+            self.span.add_event(name, attributes or {})
+
+    def _finish(self) -> None:
+        if self.synced and self._pending:
+            import jax
+
+            jax.block_until_ready(self._pending)
+        if self.recording:
+            self.span.set_attribute("gptjax.synced", self.synced)
+
+
+@contextlib.contextmanager
+def forward_span(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]], *, synced: bool = True,
+                 parent: trace.Span | None = None) -> Iterator[SpanHandle]:
+    """A span (current while the block runs) around one forward pass or step; errors are recorded on it with
+    status ERROR and `error.type`; the same name is pushed as a jax.profiler.TraceAnnotation."""
+    import jax
+
+    ctx = trace.set_span_in_context(parent) if parent is not None else None
+    span = tracer().start_span(name, context=ctx)
+    handle = SpanHandle(span, synced)
+    handle.set(attributes)
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        with jax.profiler.TraceAnnotation(name):
+            yield handle
+            handle._finish()
+    except BaseException as e:
+        record_error(span, e)
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
+
+
+def record_error(span: trace.Span, error: BaseException) -> None:
+    """Mark a span failed: the exception event, status ERROR, and `error.type` (the exception class)."""
+    if span.is_recording():
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:200]))
+        span.set_attribute("error.type", type(error).__qualname__)
+
+
+def start_parent(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]]) -> trace.Span:
+    """A parent span (e.g. one generate or train call) started but not made current: the caller passes it to
+    forward_span(parent=...) and ends it, which works across generator yields."""
+    span = tracer().start_span(name)
+    if span.is_recording():
+        span.set_attributes(attributes() if callable(attributes) else attributes)
+    return span

@@ -1,0 +1,214 @@
+"""OpenTelemetry spans: the exact tree for generate/forward/train, errors, exporters, JSON logs, OTLP."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gptjax import GPTConfig, get_backend, init_params, save_checkpoint
+
+CONFIG = GPTConfig(vocab_size=97, n_positions=32, n_layer=2, n_head=2, n_embd=16)
+PARAMS = init_params(CONFIG, 1)
+
+
+@pytest.fixture(scope="module")
+def spans():
+    """An in-memory exporter behind the global tracer provider (set once per process, as OTel allows)."""
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def _by_name(finished):
+    out = {}
+    for s in finished:
+        out.setdefault(s.name, []).append(s)
+    return out
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax"])
+def test_generate_span_tree(spans, name):
+    spans.clear()
+    backend = get_backend(name, CONFIG)
+    chunks = list(backend.stream(PARAMS, [[1, 2, 3], [4]], 9, chunk_size=3, temperature=0.7, top_p=0.9, seed=1))
+    got = _by_name(spans.get_finished_spans())
+    parent, = got["text_completion gpt-2L-16d-97v"]
+    prefill, = got["gptjax.prefill"]
+    decode = got["gptjax.decode"]
+    assert len(decode) == len(chunks) - 1 == 3  # 8 decode steps in chunks of 3
+    for child in [prefill, *decode]:
+        assert child.parent.span_id == parent.context.span_id and child.context.trace_id == parent.context.trace_id
+        assert child.attributes["gptjax.synced"] is True and child.attributes["gptjax.backend"] == name
+    assert prefill.attributes["gptjax.phase"] == "prefill" and prefill.attributes["gptjax.seq_len"] == 3
+    assert {d.attributes["gptjax.phase"] for d in decode} == {"decode"}
+    assert sum(len(d.events) for d in decode) == 8 and decode[0].events[0].name == "gptjax.token"
+    a = parent.attributes
+    assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.request.max_tokens"] == 9
+    assert a["gen_ai.request.temperature"] == pytest.approx(0.7) and a["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert a["gen_ai.usage.input_tokens"] == 4 and a["gen_ai.usage.output_tokens"] == 18
+    assert tuple(a["gen_ai.response.finish_reasons"]) == ("length", "length")
+    assert a["gptjax.batch_size"] == 2 and "gptjax.devices" in a and "gptjax.mesh" in a
+    assert parent.start_time <= prefill.start_time and decode[-1].end_time <= parent.end_time
+
+
+def test_forward_spans_say_when_they_compiled(spans):
+    spans.clear()
+    backend = get_backend("jax", CONFIG.replace(n_positions=31))  # a shape no other test compiled
+    backend.forward(PARAMS | {"wpe.weight": PARAMS["wpe.weight"][:31]}, [[1, 2, 3]])
+    backend.forward(PARAMS | {"wpe.weight": PARAMS["wpe.weight"][:31]}, [[4, 5, 6]])
+    first, second = spans.get_finished_spans()
+    assert first.name == second.name == "gptjax.forward" and first.attributes["gptjax.phase"] == "prefill"
+    assert first.attributes["gptjax.compiled"] is True and second.attributes["gptjax.compiled"] is False
+
+
+def test_a_failing_generate_marks_its_span(spans, monkeypatch):
+    spans.clear()
+    backend = get_backend("numpy", CONFIG)
+
+    def broken(weights, request, chunk_size):
+        yield from []
+        raise MemoryError("device out of memory")
+
+    monkeypatch.setattr(backend, "_generate", broken)
+    with pytest.raises(MemoryError):
+        backend.generate(PARAMS, [[1]], 3)
+    got = _by_name(spans.get_finished_spans())
+    parent = got["text_completion gpt-2L-16d-97v"][0]
+    assert parent.status.status_code == trace.StatusCode.ERROR
+    assert parent.attributes["error.type"] == "MemoryError"
+    prefill = got["gptjax.prefill"][0]
+    assert prefill.status.status_code == trace.StatusCode.ERROR and prefill.events[0].name == "exception"
+
+
+def test_train_span_tree(spans, tmp_path):
+    from gptjax.train import TrainConfig, train
+
+    (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    spans.clear()
+    tc = TrainConfig(batch_size=2, seq_len=32, max_steps=4, eval_every=2, checkpoint_every=4, warmup_steps=1)
+    train(CONFIG, tc, tmp_path / "run", data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11)
+    got = _by_name(spans.get_finished_spans())
+    parent, = got["gptjax.train"]
+    steps, evals = got["gptjax.train_step"], got["gptjax.eval"]
+    assert [s.attributes["gptjax.step"] for s in steps] == [1, 2, 3, 4]
+    assert [s.attributes["gptjax.step"] for s in evals] == [2, 4]
+    assert all(s.parent.span_id == parent.context.span_id for s in steps + evals)
+    assert steps[0].attributes["gptjax.compiled"] is True and steps[1].attributes["gptjax.compiled"] is False
+    assert {s.attributes["gptjax.phase"] for s in steps} == {"train"} and evals[0].attributes["gptjax.phase"] == "eval"
+    assert parent.attributes["gptjax.train.steps"] == 4
+
+
+def test_no_sdk_is_imported_and_no_span_recorded_when_tracing_is_off():
+    code = ("import sys, gptjax\n"
+            "c = gptjax.GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)\n"
+            "b = gptjax.get_backend('jax', c)\n"
+            "b.generate(gptjax.init_params(c), [[1, 2]], 3)\n"
+            "from opentelemetry import trace\n"
+            "assert not trace.get_current_span().is_recording()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_jsonl_trace_and_json_logs(tmp_path):
+    save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
+    trace_file = tmp_path / "spans.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--checkpoint", str(tmp_path / "ck"),
+                    "--tokens", "1,2,3", "--max-new-tokens", "5", "--chunk-size", "2", "--trace", str(trace_file)],
+                   check=True, capture_output=True, env=env)
+    spans = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    names = [s["name"] for s in spans]
+    assert names.count("gptjax.prefill") == 1 and names.count("gptjax.decode") == 2
+    parent = next(s for s in spans if s["name"].startswith("text_completion"))
+    assert all(s["parent_id"] == parent["span_id"] for s in spans if s is not parent)
+    assert parent["resource"]["service.name"] == "gptjax"
+
+
+def test_json_log_records_carry_the_trace_ids(capsys):
+    import logging
+
+    from gptjax.tracing import forward_span, install_json_logs
+
+    handler = install_json_logs()
+    try:
+        with forward_span("gptjax.test", {}) as span:
+            logging.getLogger("gptjax.test").info("inside")
+        record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        ctx = span.span.get_span_context()
+        if ctx.is_valid:  # recording: the module's SDK provider is installed when run with the other tests
+            assert record["trace_id"] == f"{ctx.trace_id:032x}" and record["span_id"] == f"{ctx.span_id:016x}"
+        assert record["message"] == "inside" and record["level"] == "INFO"
+    finally:
+        logging.getLogger("gptjax").removeHandler(handler)
+        logging.getLogger("gptjax").propagate = True
+
+
+class _OtlpReceiver(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        type(self).received.append((self.path, request))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+        self.wfile.write(b"")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_otlp_http_export_reaches_a_real_receiver(tmp_path):
+    save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
+    server = HTTPServer(("127.0.0.1", 0), _OtlpReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            "OTEL_SERVICE_NAME": "gptjax-test"}
+        subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--checkpoint", str(tmp_path / "ck"),
+                        "--tokens", "1,2", "--max-new-tokens", "4", "--trace", "otlp"], check=True, env=env,
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _OtlpReceiver.received and all(path == "/v1/traces" for path, _ in _OtlpReceiver.received)
+    names, services = [], set()
+    for _, request in _OtlpReceiver.received:
+        for rs in request.resource_spans:
+            services |= {a.value.string_value for a in rs.resource.attributes if a.key == "service.name"}
+            names += [s.name for ss in rs.scope_spans for s in ss.spans]
+    assert services == {"gptjax-test"}
+    assert sorted(names) == sorted(["gptjax.prefill", "gptjax.decode", "text_completion gpt-2L-16d-97v"])
+
+
+def test_unknown_exporter_is_a_clear_error(capsys):
+    from gptjax import GptjaxError
+    from gptjax.cli import main
+    from gptjax.tracing import configure
+
+    assert main(["info", "tiny", "--trace", "otpl"]) == 2  # a typo is not silently taken as a file name
+    assert "--trace 'otpl'" in capsys.readouterr().err
+    with pytest.raises(GptjaxError, match="trace exporter 'zipkin'; allowed: console, otlp, jsonl, none"):
+        configure("zipkin")
+    with pytest.raises(GptjaxError, match="jsonl trace exporter needs a file path"):
+        configure("jsonl")
