@@ -138,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="SPEC", help="as for train (default stdlib)")
     ev.add_argument("--batch-size", type=int, default=8, metavar="B")
     ev.add_argument("--max-batches", type=int, default=50, metavar="N")
-    ev.add_argument("--val-fraction", type=float, default=0.05)
+    ev.add_argument("--val-fraction", type=float, default=0.05, help="as the run used (default 0.05)")
+    ev.add_argument("--seq-len", type=int, metavar="T", help="window length (default: the model's context; use "
+                    "the run's seq_len to reproduce its validation figure)")
     ev.set_defaults(func=_cmd_eval)
 
     backends = sub.add_parser("backends", help="list the available backends (built-in and plugins)")
@@ -324,23 +326,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from gptjax.train import TrainConfig, TrainingStopped, config_from_overrides, train
+    from pathlib import Path
+
+    from gptjax.train import TrainConfig, TrainingStopped, config_from_overrides, load_run_config, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
-    config, tc = get_preset(args.preset or "byte-mini"), TrainConfig()
-    if args.config:
-        config, tc = _config_file(args.config)
-    config, tc = config_from_overrides(config, tc, args.overrides)
-    changes = {k: v for k, v in (("tokenizer", args.tokenizer), ("max_steps", args.max_steps)) if v is not None}
-    tc = dataclasses.replace(tc, **changes)
-    if args.resume and not args.out:
-        raise GptjaxError("--resume needs --out DIR of the run to continue")
+    if args.resume:
+        if not args.out:
+            raise GptjaxError("--resume needs --out DIR of the run to continue")
+        given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config), ("--data", args.data),
+                                           ("--tokenizer", args.tokenizer), ("--init", args.init)) if value]
+        if given or args.overrides:
+            raise GptjaxError(f"--resume continues the run as configured in {args.out}/run.json; drop "
+                              f"{given + args.overrides} (only --max-steps and --max-time may be given)")
+        config, tc, extra = load_run_config(Path(args.out) / "run.json")
+        data_spec = extra.get("data")
+    else:
+        config, tc, data_spec = get_preset(args.preset or "byte-mini"), TrainConfig(), None
+        if args.config:
+            config, tc, data_spec = _config_file(args.config)
+        if args.init and any(k.split("=")[0] in GPTConfig.__dataclass_fields__ for k in args.overrides):
+            raise GptjaxError("--init fine-tunes the checkpoint's own shape: model overrides cannot apply")
+        config, tc = config_from_overrides(config, tc, args.overrides)
+        data_spec = args.data or data_spec
+    if args.tokenizer is not None:
+        tc = dataclasses.replace(tc, tokenizer=args.tokenizer)
+    if args.max_steps is not None:
+        tc = dataclasses.replace(tc, max_steps=args.max_steps)
     out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
     print(f"run directory: {out}\nmodel: {json.dumps(dataclasses.asdict(config))}\n"
           f"training: {json.dumps(dataclasses.asdict(tc))}", flush=True)
     try:
-        result = train(config, tc, out, data_spec=args.data, resume=args.resume, max_time=args.max_time,
+        result = train(config, tc, out, data_spec=data_spec, resume=args.resume, max_time=args.max_time,
                        skip_nonfinite=args.skip_nonfinite, profile_steps=args.profile, peak_flops=args.peak_flops,
                        progress=not args.no_progress, init_from=args.init)
     except TrainingStopped as e:
@@ -353,7 +371,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_file(path: str) -> tuple[GPTConfig, object]:
+def _config_file(path: str) -> tuple[GPTConfig, object, str | None]:
     import dataclasses
     import json
 
@@ -365,14 +383,14 @@ def _config_file(path: str) -> tuple[GPTConfig, object]:
     except (OSError, ValueError) as e:
         raise GptjaxError(f"--config {path}: {e}") from None
     if not isinstance(spec, dict) or not set(spec) <= {"preset", "model", "train", "data"}:
-        raise GptjaxError(f"--config {path}: expected a JSON object with keys preset, model, train")
+        raise GptjaxError(f"--config {path}: expected a JSON object with keys preset, model, train, data")
     config = get_preset(spec.get("preset", "byte-mini"))
     try:
         config = config.replace(**spec.get("model", {}))
         tc = dataclasses.replace(TrainConfig(), **spec.get("train", {}))
     except TypeError as e:
         raise GptjaxError(f"--config {path}: {e}") from None
-    return config, tc
+    return config, tc, spec.get("data")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -396,15 +414,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not 0 < args.val_fraction < 1 or args.batch_size < 1 or args.max_batches < 1:
         raise GptjaxError("--val-fraction must be in (0, 1), --batch-size and --max-batches >= 1")
     _, val_docs = data.split_docs(data.resolve_corpus(args.data), args.val_fraction)
-    tokens = np.concatenate([np.asarray(tokenizer.encode(t), np.int64) for _, t in val_docs])
+    separator = tokenizer.encode(data.SEPARATOR)  # documents are joined as training joins them
+    tokens = np.asarray([i for n, (_, text) in enumerate(val_docs) for i in (separator if n else []) +
+                         tokenizer.encode(text)], np.int64)
     if tokens.max(initial=0) >= config.vocab_size:
         raise GptjaxError(f"the tokenizer produced id {tokens.max()} >= the model's vocab_size {config.vocab_size}")
     graphdef, weights = nnx.split(GPT(config, params))
-    T = config.n_positions
+    T = args.seq_len or config.n_positions
+    if not 1 <= T <= config.n_positions:
+        raise GptjaxError(f"--seq-len {T} must be in [1, {config.n_positions}]")
     loss, n = evaluate(graphdef, weights, data.eval_batches(tokens, args.batch_size, T, args.max_batches))
-    n_bytes = data.corpus_bytes(val_docs) * n / len(tokens)
     print(f"validation: {n:,} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}, "
-          f"{data.bits_per_byte(loss, n, int(n_bytes)):.4f} bits/byte")
+          f"{data.bits_per_byte(loss, len(tokens), data.corpus_bytes(val_docs)):.4f} bits/byte")
     return 0
 
 

@@ -13,6 +13,8 @@ writes every row at cache index Tp + i, so one cache write serves the whole batc
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -91,25 +93,29 @@ def make_request(config: GPTConfig, prompts: object, max_new_tokens: object, *, 
     if longest + max_new_tokens > config.n_positions:
         raise GptjaxError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
                           f"{longest + max_new_tokens} exceeds the context n_positions={config.n_positions}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise GptjaxError(f"temperature={temperature!r} must be a number >= 0 (0 means greedy)")
+    if not _is_real(temperature) or not temperature >= 0:
+        raise GptjaxError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= V):
         raise GptjaxError(f"top_k={top_k!r} must be an integer in [1, {V}] (the vocabulary size) or None")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0 < top_p <= 1):
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
         raise GptjaxError(f"top_p={top_p!r} must be a number in (0, 1] or None")
     if not _is_int(seed) or not 0 <= seed < 2**32:
         raise GptjaxError(f"seed={seed!r} must be an integer in [0, 2**32)")
     if not isinstance(greedy, bool):
         raise GptjaxError(f"greedy={greedy!r} must be True or False")
     stops = _token_list(stop_tokens, V, "stop_tokens")
-    sampling = SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p), int(seed),
+    sampling = SamplingParams(float(temperature), None if top_k is None else int(top_k),
+                              None if top_p is None else float(top_p), int(seed),
                               tuple(stops), greedy)
     return GenerationRequest(tuple(rows), int(max_new_tokens), sampling)
 
 
 def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
 
 
 def _prompts(prompts: object, V: int) -> list[tuple[int, ...]]:

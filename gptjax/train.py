@@ -300,7 +300,7 @@ def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: 
     return _Data(tokenizer, train, val, data.corpus_bytes(val_docs))
 
 
-def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, data_spec: str | None = None,
+def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.PathLike, *, data_spec: str | None = None,
           resume: bool = False, max_time: float | None = None, skip_nonfinite: bool = False, profile_steps: int = 0,
           peak_flops: float | None = None, progress: bool = True, sample_prompt: str = "def ",
           stop_at_step: int | None = None, init_from: str | os.PathLike | None = None,
@@ -318,10 +318,11 @@ def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, dat
     out = Path(out_dir)
     run_file = out / "run.json"
     if resume:
-        config, tc, saved = load_run_config(run_file)
-        data_spec = saved.get("data")
+        config, tc, data_spec = _resumed_config(run_file, config, tc)
     elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise GptjaxError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if data_spec not in (None, "stdlib") and os.path.exists(data_spec):
+        data_spec = os.path.abspath(data_spec)  # so --resume from another directory reads the same corpus
     out.mkdir(parents=True, exist_ok=True)
     start_params = None
     if init_from is not None and not resume:
@@ -332,6 +333,8 @@ def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, dat
         if tc.tokenizer == "byte" and has_tokenizer(init_from):
             tc = dataclasses.replace(tc, tokenizer=str(init_from))
     tokenizer_spec = str(out) if resume and tc.tokenizer != "byte" else tc.tokenizer
+    if tc.tokenizer == "byte":
+        (out / "tokenizer.json").unlink(missing_ok=True)  # left by an earlier, failed BPE run in this directory
     d = _prepare_data(data_spec, tc, out, tokenizer_spec)
     if start_params is not None and d.tokenizer.vocab_size != config.vocab_size:
         raise GptjaxError(f"the tokenizer has {d.tokenizer.vocab_size} tokens but {init_from} was trained with "
@@ -343,8 +346,10 @@ def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, dat
     if T > config.n_positions:
         raise GptjaxError(f"seq_len={T} exceeds the model context n_positions={config.n_positions}")
     batcher = data.Batcher(d.train, tc.batch_size, T, seed=tc.seed)
-    eval_tokens = d.val if len(d.val) > T else d.train[-(T * tc.batch_size + 1):]
-    data._check_window(len(eval_tokens), T)
+    if len(d.val) <= T:
+        raise GptjaxError(f"the validation split has {len(d.val)} tokens, fewer than one window of seq_len + 1 = "
+                          f"{T + 1}: raise val_fraction or give more text")
+    eval_tokens = d.val
     save_run_config(run_file, config, tc, {"data": data_spec})
 
     graphdef, state = create_state(config, tc, start_params)
@@ -366,10 +371,32 @@ def train(config: GPTConfig, tc: TrainConfig, out_dir: str | os.PathLike, *, dat
     from gptjax.weights import save_checkpoint
 
     export = save_checkpoint(config, export_params(graphdef, loop.state.params), out / "model")
-    if (out / "tokenizer.json").exists():
+    if tc.tokenizer != "byte" and (out / "tokenizer.json").exists():
         (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
     return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, unigram, loop.skipped,
                        loop.sample, out, stop_reason)
+
+
+def _resumed_config(run_file: Path, config: GPTConfig | None, tc: TrainConfig | None
+                    ) -> tuple[GPTConfig, TrainConfig, str | None]:
+    """The saved config of a run; a caller's config may only change max_steps (anything else is an error,
+    since exact resumption needs the same model, data and optimizer settings)."""
+    saved_config, saved_tc, extra = load_run_config(run_file)
+    changed = []
+    if config is not None:
+        changed += [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"
+                    and getattr(config, f.name) != getattr(saved_config, f.name)]
+    if tc is not None:
+        changed += [f.name for f in dataclasses.fields(TrainConfig) if f.name != "max_steps"
+                    and getattr(tc, f.name) != getattr(saved_tc, f.name)]
+        if tc.max_steps != saved_tc.max_steps:
+            log.warning("resuming with max_steps %d instead of %d: the learning-rate schedule changes from here",
+                        tc.max_steps, saved_tc.max_steps)
+            saved_tc = dataclasses.replace(saved_tc, max_steps=tc.max_steps)
+    if changed:
+        raise GptjaxError(f"--resume continues the run as it was configured; these settings differ from "
+                          f"{run_file}: {changed} (only max_steps may change)")
+    return saved_config, saved_tc, extra.get("data")
 
 
 def _restore(manager: Any, state: TrainState, batcher: Any) -> TrainState:
@@ -404,6 +431,7 @@ class _Loop:
         self.sample = ""
         self.flops_per_token = config.train_flops_per_token(T)
         self.parent = None  # the run's gptjax.train span, set by run()
+        self.profiling = False
 
     def run(self, state: TrainState, max_time: float | None, profile_steps: int, out: Path, progress: bool,
             stop_at: int) -> str:
@@ -419,6 +447,9 @@ class _Loop:
             record_error(self.parent, e)
             raise
         finally:
+            if self.profiling:
+                jax.profiler.stop_trace()
+                self.profiling = False
             self.parent.set_attribute("gptjax.train.steps", int(self.state.step) - start)
             self.parent.end()
         return reason
@@ -434,12 +465,14 @@ class _Loop:
         for step in range(start, tc.max_steps):
             if step == profile_at:
                 jax.profiler.start_trace(str(out / "profile"))
+                self.profiling = True
             t0 = time.perf_counter()
             metrics = self._step(step)
             loss = float(metrics.loss)  # waits for the step: honest step times
             step_time = time.perf_counter() - t0
-            if step == profile_at + profile_steps - 1:
+            if self.profiling and step == profile_at + profile_steps - 1:
                 jax.profiler.stop_trace()
+                self.profiling = False
             window_tokens += tc.grad_accum * tc.batch_size * self.T
             if not bool(metrics.finite):
                 self._nonfinite(step, loss, float(metrics.grad_norm))
@@ -457,10 +490,10 @@ class _Loop:
                 self._save(step + 1)
                 reason = "stop_at_step"
                 break
+            if (step + 1) % tc.checkpoint_every == 0 or done or over_time:
+                self._save(step + 1)  # before evaluating: an evaluation error must not cost the checkpoint
             if (step + 1) % tc.eval_every == 0 or done or over_time:
                 self._evaluate(step + 1, bar)
-            if (step + 1) % tc.checkpoint_every == 0 or done or over_time:
-                self._save(step + 1)
             if over_time:
                 reason = "max_time"
                 break
@@ -534,7 +567,7 @@ class _Loop:
     def _sample(self) -> str:
         from gptjax.backends import get_backend
 
-        prompt = self.data.tokenizer.encode(self.sample_prompt) or [0]
+        prompt = self.data.tokenizer.encode(self.sample_prompt)[: self.config.n_positions // 2] or [0]
         n = min(160, self.config.n_positions - len(prompt))
         params = export_params(self.graphdef, self.state.params)
         out = get_backend("jax", self.config).generate(params, [prompt], n, temperature=0.8, top_k=40, seed=0)

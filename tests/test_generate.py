@@ -251,7 +251,7 @@ BAD = [
     (dict(prompts=[[1, 97]], max_new_tokens=2), r"prompt 0: token id 97 is outside \[0, 97\)"),
     (dict(prompts=[[1, -1]], max_new_tokens=2), r"token id -1 is outside"),
     (dict(prompts=[[1, 2.0]], max_new_tokens=2), r"token 2.0 is not an integer"),
-    (dict(prompts=[[1]], max_new_tokens=2, temperature=-0.1), r"temperature=-0.1 must be a number >= 0"),
+    (dict(prompts=[[1]], max_new_tokens=2, temperature=-0.1), r"temperature=-0.1 must be a finite number >= 0"),
     (dict(prompts=[[1]], max_new_tokens=2, top_p=0.0), r"top_p=0.0 must be a number in \(0, 1\]"),
     (dict(prompts=[[1]], max_new_tokens=2, top_p=1.5), r"top_p=1.5"),
     (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"top_k=0 must be an integer in \[1, 97\]"),
@@ -276,3 +276,31 @@ def test_bad_generate_input_fails_before_compiling(name, kwargs, pattern):
 def test_bad_chunk_size():
     with pytest.raises(GptjaxError, match="chunk_size=0 must be an integer >= 1"):
         get_backend("jax", CONFIG).stream(PARAMS, [[1]], 3, chunk_size=0)
+
+
+# ---- regressions found in review ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_tiny_temperature_is_nearly_greedy_not_nan(name):
+    backend = get_backend(name, CONFIG)
+    assert backend.generate(PARAMS, PROMPTS, 6, temperature=1e-12).tokens == \
+        backend.generate(PARAMS, PROMPTS, 6, greedy=True).tokens
+
+
+def test_numpy_scalar_arguments_and_non_finite_ones():
+    backend = get_backend("jax", CONFIG)
+    a = backend.generate(PARAMS, PROMPTS, 4, temperature=np.float32(0.5), top_p=np.float64(0.9),
+                         top_k=np.int64(20), seed=np.int64(3))
+    assert a.tokens == backend.generate(PARAMS, PROMPTS, 4, temperature=0.5, top_p=0.9, top_k=20, seed=3).tokens
+    assert len(list(backend.stream(PARAMS, PROMPTS, 4, chunk_size=np.int64(2)))) == 3
+    with pytest.raises(GptjaxError, match="temperature=inf must be a finite number"):
+        backend.generate(PARAMS, PROMPTS, 4, temperature=float("inf"))
+
+
+def test_stop_token_counts_share_a_compilation():
+    config = GPTConfig(vocab_size=64, n_positions=128, n_layer=1, n_head=2, n_embd=16)
+    backend, weights = get_backend("jax", config), get_backend("jax", config).prepare(_params(config, 8))
+    backend.generate(weights, [[1] * 3], 5, stop_tokens=[1])
+    before = (jax_decode.prefill._cache_size(), jax_decode.decode._cache_size())
+    for stops in ([1, 2], [1, 2, 3], list(range(8))):
+        backend.generate(weights, [[1] * 3], 5, stop_tokens=stops)
+    assert (jax_decode.prefill._cache_size(), jax_decode.decode._cache_size()) == before

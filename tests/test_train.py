@@ -1,6 +1,7 @@
 """Training: exact resume, crash safety, non-finite handling, TensorBoard logs, export, bad input, the CLI."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -229,3 +230,80 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path, corpus):
     assert tuned.losses[0] < scratch.losses[0] - 0.2  # it starts where the base model ended, not at random
     assert tuned.losses[0] == pytest.approx(base.losses[-1], abs=0.5)
     assert load_checkpoint(tmp_path / "tuned" / "model")[0] == CONFIG  # the checkpoint's shape, not GPTConfig()
+
+
+# ---- regressions found in review ---------------------------------------------------------------------------
+def test_resume_refuses_changed_settings_but_may_extend(tmp_path, corpus):
+    _run(tmp_path / "r", corpus, tc=dataclasses.replace(TC, max_steps=2))
+    with pytest.raises(GptjaxError, match=r"settings differ from .*run.json: \['lr'\]"):
+        train(CONFIG, dataclasses.replace(TC, max_steps=2, lr=1e-2), tmp_path / "r", resume=True, progress=False,
+              peak_flops=1e11)
+    extended = train(None, dataclasses.replace(TC, max_steps=4), tmp_path / "r", resume=True, progress=False,
+                     peak_flops=1e11)
+    assert extended.steps == 4 and len(extended.losses) == 2
+
+
+def test_cli_resume_rejects_overrides_and_keeps_the_saved_data(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "c"
+    args = ["train", "--out", str(out), "--no-progress", "--peak-flops", "1e11", "n_layer=1", "n_embd=32",
+            "n_head=2", "n_positions=32", "batch_size=2"]
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["--data", os.path.relpath(corpus, tmp_path), "--max-steps", "2"]) == 0
+    assert json.loads((out / "run.json").read_text())["data"] == corpus  # stored absolute
+    assert main(["train", "--out", str(out), "--resume", "lr=0.1"]) == 2
+    assert "only --max-steps and --max-time may be given" in capsys.readouterr().err
+    monkeypatch.chdir("/")
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--no-progress",
+                 "--peak-flops", "1e11"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+
+
+def test_config_file_data_key_is_used(tmp_path, corpus, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+                               "train": {"batch_size": 2, "max_steps": 1}, "data": corpus}))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--peak-flops", "1e11"]) == 0
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["data"] == corpus
+
+
+def test_a_byte_run_does_not_export_a_stale_bpe_tokenizer(tmp_path, corpus):
+    out = tmp_path / "t"
+    with pytest.raises(GptjaxError, match="seq_len=64 exceeds"):
+        _run(out, corpus, tc=dataclasses.replace(TC, tokenizer="bpe:300", seq_len=64))
+    assert (out / "tokenizer.json").exists()
+    _run(out, corpus, tc=dataclasses.replace(TC, max_steps=1))
+    assert not (out / "model" / "tokenizer.json").exists()
+
+
+def test_eval_reproduces_the_runs_validation_loss(tmp_path, corpus, capsys):
+    config = CONFIG.replace(n_positions=64)
+    tc = dataclasses.replace(TC, max_steps=2, seq_len=32, val_fraction=0.4, eval_batches=1000)
+    result = train(config, tc, tmp_path / "e", data_spec=corpus, progress=False, peak_flops=1e11)
+    assert main(["eval", "--checkpoint", str(tmp_path / "e" / "model"), "--data", corpus, "--val-fraction", "0.4",
+                 "--seq-len", "32", "--batch-size", "4", "--max-batches", "1000"]) == 0
+    reported = float(capsys.readouterr().out.split("loss ")[1].split()[0])
+    assert reported == pytest.approx(result.val_loss, abs=1e-4)
+    assert reported == pytest.approx(result.val_loss, abs=1e-4) and result.val_bpb > 0
+
+
+def test_short_validation_split_is_an_error(tmp_path):
+    (tmp_path / "one.txt").write_text("def f(x):\n    return x\n" * 20)
+    with pytest.raises(GptjaxError, match="validation split has .* fewer than one window"):
+        train(CONFIG, TC, tmp_path / "o", data_spec=str(tmp_path / "one.txt"), progress=False, peak_flops=1e11)
+
+
+def test_tiny_context_and_a_profile_longer_than_the_run(tmp_path, corpus):
+    config = CONFIG.replace(n_positions=4)
+    tc = dataclasses.replace(TC, seq_len=4, max_steps=2, checkpoint_every=1, eval_every=1)
+    result = train(config, tc, tmp_path / "p", data_spec=corpus, progress=False, peak_flops=1e11,
+                   profile_steps=5)
+    assert result.steps == 2 and sorted(int(p.name) for p in (tmp_path / "p" / "checkpoints").iterdir()) == [1, 2]
+    _run(tmp_path / "p2", corpus, tc=dataclasses.replace(TC, max_steps=3), profile_steps=1)  # no trace left open
+
+
+def test_init_with_model_overrides_is_refused(tmp_path, corpus, capsys):
+    _run(tmp_path / "b", corpus, tc=dataclasses.replace(TC, max_steps=1))
+    assert main(["train", "--init", str(tmp_path / "b" / "model"), "--data", corpus, "n_layer=3",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "model overrides cannot apply" in capsys.readouterr().err

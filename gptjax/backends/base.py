@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import numbers
 from importlib import import_module
 from importlib.metadata import entry_points
 from collections.abc import Iterator, Mapping
@@ -106,7 +107,7 @@ class Backend(abc.ABC):
         Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
         generate()'s result.
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
             raise GptjaxError(f"chunk_size={chunk_size!r} must be an integer >= 1")
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)

@@ -34,7 +34,7 @@ class Sampling(NamedTuple):
         """Arrays for a request, every row sampled alike (rows beyond the request are padding)."""
         sp = request.sampling
         temperature = 0.0 if sp.is_greedy else sp.temperature
-        stop = np.full(max(1, len(sp.stop_tokens)), -1, np.int32)
+        stop = np.full(-(-max(1, len(sp.stop_tokens)) // 8) * 8, -1, np.int32)  # 8 per bucket: few compiles
         stop[: len(sp.stop_tokens)] = sp.stop_tokens
         return cls(jnp.full(batch, temperature, jnp.float32), jnp.full(batch, sp.top_k or vocab, jnp.int32),
                    jnp.full(batch, 1.0 if sp.top_p is None else sp.top_p, jnp.float32), jnp.asarray(stop))
@@ -75,13 +75,14 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampli
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return greedy
-    x = logits / jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
+    shifted = logits - logits.max(axis=-1, keepdims=True)  # <= 0: a tiny temperature cannot overflow to NaN
+    x = shifted / jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
     if mode == "filter":
         x = filter_top_k_top_p(x, sampling.top_k, sampling.top_p)
     cdf = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)  # [B, V]
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
     u = jax.vmap(jax.random.uniform)(step_keys) * cdf[:, -1]  # [B], scaled by the total (rounding)
-    drawn = jnp.minimum((cdf < u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)
+    drawn = jnp.minimum((cdf <= u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)  # first cdf > u
     return jnp.where(sampling.temperature > 0, drawn, greedy)
 
 
