@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
                     "many steps (after compilation) into DIR/profile")
     tr.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: measured now)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on "
+                    "127.0.0.1:PORT while training")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint",
@@ -357,8 +359,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
     print(f"run directory: {out}\nmodel: {json.dumps(dataclasses.asdict(config))}\n"
           f"training: {json.dumps(dataclasses.asdict(tc))}", flush=True)
+    metrics = None
+    if args.metrics_port is not None:
+        from gptjax.tracing import Metrics, serve_metrics
+
+        metrics = Metrics()
+        serve_metrics(args.metrics_port, metrics=metrics)
+        print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
     try:
-        result = train(config, tc, out, data_spec=data_spec, resume=args.resume, max_time=args.max_time,
+        result = train(config, tc, out, data_spec=data_spec, resume=args.resume, metrics=metrics,
+                       max_time=args.max_time,
                        skip_nonfinite=args.skip_nonfinite, profile_steps=args.profile, peak_flops=args.peak_flops,
                        progress=not args.no_progress, init_from=args.init)
     except TrainingStopped as e:

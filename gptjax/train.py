@@ -303,10 +303,11 @@ def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: 
 def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.PathLike, *, data_spec: str | None = None,
           resume: bool = False, max_time: float | None = None, skip_nonfinite: bool = False, profile_steps: int = 0,
           peak_flops: float | None = None, progress: bool = True, sample_prompt: str = "def ",
-          stop_at_step: int | None = None, init_from: str | os.PathLike | None = None,
+          stop_at_step: int | None = None, init_from: str | os.PathLike | None = None, metrics: Any = None,
           inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
     """Train (or resume) a run in out_dir: data, checkpoints, TensorBoard logs, and the exported model.
 
+    metrics (a gptjax.tracing.Metrics) receives step durations, tokens/s and MFU, as TensorBoard does;
     init_from fine-tunes a checkpoint (its config and weights; its tokenizer files unless tc.tokenizer says
     otherwise); stop_at_step ends this invocation early (checkpointed, resumable) without changing the schedule;
     inject_nan_at lists 1-based steps whose loss is made NaN (for testing the non-finite handling)."""
@@ -362,6 +363,7 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     writer = SummaryWriter(str(out / "tb"))
     loop = _Loop(graphdef, tc, config, T, batcher, eval_tokens, d, writer, manager, peak, unigram,
                  skip_nonfinite, inject_nan_at, sample_prompt)
+    loop.metrics = metrics
     try:
         stop_reason = loop.run(state, max_time, profile_steps, out, progress, stop_at_step or tc.max_steps)
     finally:
@@ -431,6 +433,7 @@ class _Loop:
         self.sample = ""
         self.flops_per_token = config.train_flops_per_token(T)
         self.parent = None  # the run's gptjax.train span, set by run()
+        self.metrics = None  # a gptjax.tracing.Metrics, or None
         self.profiling = False
 
     def run(self, state: TrainState, max_time: float | None, profile_steps: int, out: Path, progress: bool,
@@ -474,6 +477,8 @@ class _Loop:
                 jax.profiler.stop_trace()
                 self.profiling = False
             window_tokens += tc.grad_accum * tc.batch_size * self.T
+            if self.metrics is not None:
+                self.metrics.observe_forward("train", "jax", step_time, tc.grad_accum * tc.batch_size * self.T)
             if not bool(metrics.finite):
                 self._nonfinite(step, loss, float(metrics.grad_norm))
             else:
@@ -540,6 +545,10 @@ class _Loop:
         w.add_scalar("train/tokens_per_s", tok_s, step)
         w.add_scalar("train/step_time_s", step_time, step)
         w.add_scalar("train/mfu", self.flops_per_token * tok_s / self.peak, step)
+        if self.metrics is not None:
+            self.metrics.tokens_per_second.labels(phase="train").set(tok_s)
+            self.metrics.mfu.labels(phase="train").set(self.flops_per_token * tok_s / self.peak)
+            self.metrics.record_device_memory()
 
     def _evaluate(self, step: int, bar: Any) -> None:
         from gptjax import data
@@ -549,8 +558,11 @@ class _Loop:
         batches = data.eval_batches(self.eval_tokens, self.tc.batch_size, self.T, self.tc.eval_batches)
         with forward_span("gptjax.eval", lambda: self._attributes("eval") | {"gptjax.step": step},
                           parent=self.parent) as span:
+            t0 = time.perf_counter()
             loss, n = evaluate(self.graphdef, self.state.params, batches)
             span.set({"gptjax.eval.loss": loss, "gptjax.eval.tokens": n})
+        if self.metrics is not None:
+            self.metrics.observe_forward("eval", "jax", time.perf_counter() - t0, n)
         n_val = len(self.data.val)
         self.val_loss = loss
         self.val_bpb = data.bits_per_byte(loss, n_val, self.data.val_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import numbers
+import time
 from importlib import import_module
 from importlib.metadata import entry_points
 from collections.abc import Iterator, Mapping
@@ -33,7 +34,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}  # option name → allowed values (empty tuple: any)
 
-    def __init__(self, config: GPTConfig, **options: Any) -> None:
+    def __init__(self, config: GPTConfig, *, metrics: Any = None, **options: Any) -> None:
         if not isinstance(config, GPTConfig):
             raise GptjaxError(f"config must be a GPTConfig, got {type(config).__name__}")
         for key, value in options.items():
@@ -43,6 +44,7 @@ class Backend(abc.ABC):
             if allowed and value not in allowed:
                 raise GptjaxError(f"backend {self.name!r}: {key}={value!r}; allowed: {list(allowed)}")
         self.config = config
+        self.metrics = metrics  # a gptjax.tracing.Metrics, or None
         self._cache: tuple[Params, tuple[Any, ...], Any] | None = None
 
     def prepare(self, params: Params) -> Any:
@@ -58,10 +60,12 @@ class Backend(abc.ABC):
         """
         tokens = validate_tokens(tokens, self.config)
         weights = self._prepared(params)
-        before = self._compile_count()
+        before, t0 = self._compile_count(), time.perf_counter()
         with forward_span("gptjax.forward", lambda: self._attributes("prefill", *tokens.shape)) as span:
             logits = self._forward(weights, tokens, last_only)
             span.set({"gptjax.compiled": self._compile_count() > before})
+        if self.metrics is not None:
+            self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, tokens.size)
         return logits
 
     def _prepared(self, params: Params | Any) -> Any:
@@ -149,10 +153,11 @@ class Backend(abc.ABC):
             "gen_ai.request.top_k": sp.top_k or self.config.vocab_size, "gen_ai.request.seed": sp.seed,
             "gen_ai.usage.input_tokens": sum(len(p) for p in request.prompts)})
         chunks, generated, position, reasons = self._generate(weights, request, chunk_size), 0, longest, [None]
+        t_start, outcome, error = time.perf_counter(), "ok", None
         try:
             while not all(reasons):
                 phase = "prefill" if generated == 0 and position == longest else "decode"
-                before = self._compile_count()
+                before, t0 = self._compile_count(), time.perf_counter()
                 with forward_span(f"gptjax.{phase}", lambda: self._attributes(phase, request.batch, position),
                                   parent=parent) as span:
                     chunk = next(chunks)
@@ -161,7 +166,9 @@ class Backend(abc.ABC):
                     if phase == "decode" and span.recording:
                         for i in range(steps):
                             span.event("gptjax.token", {"gptjax.position": position + i})
-                generated += sum(len(t) for t in chunk.tokens)
+                new_tokens = sum(len(t) for t in chunk.tokens)
+                self._observe_chunk(phase, time.perf_counter() - t0, t0 - t_start, steps, new_tokens)
+                generated += new_tokens
                 position += max(1, steps)
                 reasons = chunk.finish_reasons
                 yield chunk
@@ -169,14 +176,28 @@ class Backend(abc.ABC):
                 parent.set_attributes({"gen_ai.usage.output_tokens": generated,
                                        "gen_ai.response.finish_reasons": [r or "length" for r in reasons]})
         except GeneratorExit:  # the consumer stopped reading: not an error
+            outcome = "cancelled"
             parent.set_attribute("gptjax.cancelled", True)
             raise
         except BaseException as e:
+            outcome, error = "error", e
             record_error(parent, e)
             raise
         finally:
             chunks.close()
             parent.end()
+            if self.metrics is not None:
+                self.metrics.observe_request(self.name, time.perf_counter() - t_start,
+                                             sum(len(p) for p in request.prompts), generated, outcome, error)
+
+    def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_forward(phase, self.name, seconds, tokens)
+        if phase == "prefill":
+            self.metrics.ttft.labels(backend=self.name).observe(since_start + seconds)
+        elif steps:
+            self.metrics.tpot.labels(backend=self.name).observe(seconds / steps)
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...

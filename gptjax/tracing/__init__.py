@@ -2,8 +2,9 @@
 `configure()` to export them (console, OTLP, JSONL) with JSON logs carrying trace ids. The model code never
 imports this package; the backends' public methods and the training loop wrap their work in these spans."""
 
+from gptjax.tracing.metrics import Metrics, serve_metrics
 from gptjax.tracing.setup import EXPORTERS, JsonlSpanExporter, configure, install_json_logs
 from gptjax.tracing.spans import forward_span, record_error, start_parent, tracer
 
-__all__ = ["EXPORTERS", "JsonlSpanExporter", "configure", "forward_span", "install_json_logs", "record_error",
-           "start_parent", "tracer"]
+__all__ = ["EXPORTERS", "JsonlSpanExporter", "Metrics", "configure", "forward_span", "install_json_logs",
+           "record_error", "serve_metrics", "start_parent", "tracer"]

@@ -1,0 +1,147 @@
+"""Prometheus metrics: exact counts, a real Prometheus server scraping gptjax, the dashboard's metric names."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gptjax import GPTConfig, GptjaxError, get_backend, init_params
+from gptjax.tracing import Metrics, serve_metrics
+
+CONFIG = GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)
+PARAMS = init_params(CONFIG, 2)
+DEPLOY = Path(__file__).parent.parent / "deploy"
+
+
+def _value(metrics: Metrics, name: str, **labels) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax"])
+def test_generate_and_forward_counts(name):
+    m = Metrics()
+    backend = get_backend(name, CONFIG, metrics=m)
+    backend.generate(PARAMS, [[1, 2, 3], [4]], 5, greedy=True)
+    list(backend.stream(PARAMS, [[5, 6]], 7, chunk_size=2, stop_tokens=[]))
+    backend.forward(PARAMS, [[1, 2, 3, 4]])
+    assert _value(m, "gptjax_prompt_tokens_total", backend=name) == 6
+    assert _value(m, "gptjax_generated_tokens_total", backend=name) == 2 * 5 + 7
+    assert _value(m, "gptjax_requests_total", outcome="ok") == 2
+    assert _value(m, "gptjax_time_to_first_token_seconds_count", backend=name) == 2
+    assert _value(m, "gptjax_forward_seconds_count", phase="prefill", backend=name) == 3  # 2 prefills + forward
+    assert _value(m, "gptjax_forward_seconds_count", phase="decode", backend=name) == 1 + 3  # 1 loop + 3 chunks
+    assert _value(m, "gptjax_time_per_output_token_seconds_count", backend=name) == 4
+    assert _value(m, "gptjax_tokens_per_second", phase="prefill") > 0
+
+
+def test_errors_and_cancellations_are_counted(monkeypatch):
+    m = Metrics()
+    backend = get_backend("numpy", CONFIG, metrics=m)
+    stream = backend.stream(PARAMS, [[1]], 10, chunk_size=1)
+    next(stream)
+    stream.close()  # the client went away
+
+    def broken(weights, request, chunk_size):
+        yield from []
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(backend, "_generate", broken)
+    with pytest.raises(MemoryError):
+        backend.generate(PARAMS, [[1]], 3)
+    assert _value(m, "gptjax_requests_total", outcome="cancelled") == 1
+    assert _value(m, "gptjax_requests_total", outcome="error") == 1
+    assert _value(m, "gptjax_errors_total", error_type="MemoryError") == 1
+
+
+def test_two_models_in_one_process_keep_separate_registries():
+    a, b = Metrics(), Metrics()
+    get_backend("numpy", CONFIG, metrics=a).generate(PARAMS, [[1]], 2)
+    assert _value(a, "gptjax_generated_tokens_total", backend="numpy") == 2
+    assert _value(b, "gptjax_generated_tokens_total", backend="numpy") == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_metrics_over_http():
+    m = Metrics()
+    get_backend("numpy", CONFIG, metrics=m).generate(PARAMS, [[1, 2]], 3)
+    port = _free_port()
+    server = serve_metrics(port, metrics=m)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        server.shutdown()
+    assert 'gptjax_generated_tokens_total{backend="numpy"} 3.0' in body
+    with pytest.raises(GptjaxError, match="port=70000"):
+        serve_metrics(70000, metrics=m)
+
+
+def test_dashboard_queries_only_metrics_gptjax_exports():
+    names = Metrics().names()
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "gptjax.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\bgptjax_[a-z_]+", e)}
+    assert used and used <= names, f"dashboard queries unknown metrics: {sorted(used - names)}"
+    expected_panels = {"Generated tokens/s", "Time to first token", "Time per output token",
+                       "End-to-end generate latency", "Forward-pass latency p95 by phase", "Error rate",
+                       "MFU and bandwidth use"}
+    assert expected_panels <= {p["title"] for p in dashboard["panels"]}
+
+
+NEEDS_CI_TOOL = "not installed (apt-get install prometheus; .ci/run does, and CI fails without it)"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None and not os.environ.get("CI"), reason="promtool " + NEEDS_CI_TOOL)
+def test_promtool_accepts_the_prometheus_config():
+    out = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None and not os.environ.get("CI"),
+                    reason="prometheus " + NEEDS_CI_TOOL)
+def test_a_real_prometheus_scrapes_gptjax(tmp_path):
+    m = Metrics()
+    backend = get_backend("jax", CONFIG, metrics=m)
+    backend.generate(PARAMS, [[1, 2, 3], [4, 5]], 6)
+    backend.generate(PARAMS, [[7]], 4)
+    metrics_port, prom_port = _free_port(), _free_port()
+    server = serve_metrics(metrics_port, metrics=m)
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gptjax\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        found = {}
+        deadline = time.time() + 60
+        while time.time() < deadline and len(found) < 3:
+            for query in ('gptjax_generated_tokens_total{backend="jax"}', 'gptjax_prompt_tokens_total{backend="jax"}',
+                          'gptjax_requests_total{outcome="ok"}'):
+                try:
+                    url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={urllib.request.quote(query)}"
+                    result = json.loads(urllib.request.urlopen(url, timeout=5).read())["data"]["result"]
+                except OSError:
+                    break
+                if result:
+                    found[query] = float(result[0]["value"][1])
+            time.sleep(0.5)
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        server.shutdown()
+    assert found == {'gptjax_generated_tokens_total{backend="jax"}': 2 * 6 + 4,
+                     'gptjax_prompt_tokens_total{backend="jax"}': 6.0, 'gptjax_requests_total{outcome="ok"}': 2.0}
