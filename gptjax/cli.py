@@ -332,7 +332,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from gptjax.train import TrainConfig, TrainingStopped, config_from_overrides, load_run_config, train
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
     if args.resume:
         if not args.out:
@@ -366,11 +366,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         metrics = Metrics()
         serve_metrics(args.metrics_port, metrics=metrics)
         print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        result = train(config, tc, out, data_spec=data_spec, resume=args.resume, metrics=metrics,
-                       max_time=args.max_time,
-                       skip_nonfinite=args.skip_nonfinite, profile_steps=args.profile, peak_flops=args.peak_flops,
-                       progress=not args.no_progress, init_from=args.init)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("gptjax")]):
+            result = train(config, tc, out, data_spec=data_spec, resume=args.resume, metrics=metrics,
+                           max_time=args.max_time, skip_nonfinite=args.skip_nonfinite,
+                           profile_steps=args.profile, peak_flops=args.peak_flops,
+                           progress=not args.no_progress, init_from=args.init)
     except TrainingStopped as e:
         print(f"gptjax train: stopped: {e}", file=sys.stderr)
         return 1

@@ -574,7 +574,7 @@ class _Loop:
         message = (f"step {step}: val loss {loss:.4f} (unigram baseline {self.unigram:.4f}), "
                    f"perplexity {math.exp(min(loss, 50)):.2f}, {self.val_bpb:.3f} bits/byte\n"
                    f"--- sample ---\n{self.sample}\n--------------")
-        (bar.write if bar is not None else print)(message)
+        log.info(message)
 
     def _sample(self) -> str:
         from gptjax.backends import get_backend

@@ -212,3 +212,29 @@ def test_unknown_exporter_is_a_clear_error(capsys):
         configure("zipkin")
     with pytest.raises(GptjaxError, match="jsonl trace exporter needs a file path"):
         configure("jsonl")
+
+
+def test_span_names_appear_in_profiler_traces(tmp_path):
+    import jax
+
+    backend = get_backend("jax", CONFIG)
+    backend.generate(PARAMS, [[1, 2]], 3)  # compile outside the trace
+    with jax.profiler.trace(str(tmp_path)):
+        backend.generate(PARAMS, [[1, 2]], 3)
+    blob = b"".join(p.read_bytes() for p in tmp_path.rglob("*.xplane.pb"))
+    assert b"gptjax.prefill" in blob and b"gptjax.decode" in blob
+
+
+def test_standard_environment_variables(monkeypatch, tmp_path):
+    from gptjax.tracing import configure
+
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert configure("console") is None  # disabled wins
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert configure() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jsonl")
+    from gptjax import GptjaxError
+
+    with pytest.raises(GptjaxError, match="needs a file path"):
+        configure()

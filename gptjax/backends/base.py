@@ -34,7 +34,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}  # option name → allowed values (empty tuple: any)
 
-    def __init__(self, config: GPTConfig, *, metrics: Any = None, **options: Any) -> None:
+    def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
         if not isinstance(config, GPTConfig):
             raise GptjaxError(f"config must be a GPTConfig, got {type(config).__name__}")
         for key, value in options.items():
@@ -45,6 +45,7 @@ class Backend(abc.ABC):
                 raise GptjaxError(f"backend {self.name!r}: {key}={value!r}; allowed: {list(allowed)}")
         self.config = config
         self.metrics = metrics  # a gptjax.tracing.Metrics, or None
+        self.trace_sync = trace_sync  # False: spans do not wait for device results (marked gptjax.synced=false)
         self._cache: tuple[Params, tuple[Any, ...], Any] | None = None
 
     def prepare(self, params: Params) -> Any:
@@ -61,7 +62,8 @@ class Backend(abc.ABC):
         tokens = validate_tokens(tokens, self.config)
         weights = self._prepared(params)
         before, t0 = self._compile_count(), time.perf_counter()
-        with forward_span("gptjax.forward", lambda: self._attributes("prefill", *tokens.shape)) as span:
+        with forward_span("gptjax.forward", lambda: self._attributes("prefill", *tokens.shape),
+                          synced=self.trace_sync) as span:
             logits = self._forward(weights, tokens, last_only)
             span.set({"gptjax.compiled": self._compile_count() > before})
         if self.metrics is not None:
@@ -159,7 +161,7 @@ class Backend(abc.ABC):
                 phase = "prefill" if generated == 0 and position == longest else "decode"
                 before, t0 = self._compile_count(), time.perf_counter()
                 with forward_span(f"gptjax.{phase}", lambda: self._attributes(phase, request.batch, position),
-                                  parent=parent) as span:
+                                  parent=parent, synced=self.trace_sync) as span:
                     chunk = next(chunks)
                     steps = max((len(t) for t in chunk.tokens), default=0)
                     span.set({"gptjax.compiled": self._compile_count() > before, "gptjax.steps": steps})

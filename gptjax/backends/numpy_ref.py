@@ -121,8 +121,8 @@ class NumpyBackend(Backend):
     name = "numpy"
     options = {"dtype": ("float32", "float64")}
 
-    def __init__(self, config: GPTConfig, *, metrics: object = None, **options: str) -> None:
-        super().__init__(config, metrics=metrics, **options)
+    def __init__(self, config: GPTConfig, *, metrics: object = None, trace_sync: bool = True, **options: str) -> None:
+        super().__init__(config, metrics=metrics, trace_sync=trace_sync, **options)
         self.dtype = np.dtype(options.get("dtype", "float32"))
 
     def _convert(self, params: Params) -> Params:
