@@ -42,6 +42,15 @@ def test_generate_and_forward_counts(name):
     assert _value(m, "gptjax_tokens_per_second", phase="prefill") > 0
 
 
+def test_mfu_and_bandwidth_gauges_against_given_peaks():
+    m = Metrics(peak_flops=1e12, peak_bandwidth=1e10)
+    get_backend("jax", CONFIG, metrics=m).generate(PARAMS, [[1, 2, 3]], 8, greedy=True)
+    for phase in ("prefill", "decode"):
+        assert 0 < _value(m, "gptjax_mfu_ratio", phase=phase) < 1
+        assert 0 < _value(m, "gptjax_bandwidth_utilization_ratio", phase=phase) < 1
+    assert _value(Metrics(), "gptjax_mfu_ratio", phase="decode") == 0  # unset without a peak
+
+
 def test_errors_and_cancellations_are_counted(monkeypatch):
     m = Metrics()
     backend = get_backend("numpy", CONFIG, metrics=m)

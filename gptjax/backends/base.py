@@ -169,7 +169,8 @@ class Backend(abc.ABC):
                         for i in range(steps):
                             span.event("gptjax.token", {"gptjax.position": position + i})
                 new_tokens = sum(len(t) for t in chunk.tokens)
-                self._observe_chunk(phase, time.perf_counter() - t0, t0 - t_start, steps, new_tokens)
+                self._observe_chunk(phase, time.perf_counter() - t0, t0 - t_start, steps, new_tokens, request,
+                                    position)
                 generated += new_tokens
                 position += max(1, steps)
                 reasons = chunk.finish_reasons
@@ -192,14 +193,20 @@ class Backend(abc.ABC):
                 self.metrics.observe_request(self.name, time.perf_counter() - t_start,
                                              sum(len(p) for p in request.prompts), generated, outcome, error)
 
-    def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int) -> None:
-        if self.metrics is None:
+    def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int,
+                       request: GenerationRequest, position: int) -> None:
+        m, c = self.metrics, self.config
+        if m is None:
             return
-        self.metrics.observe_forward(phase, self.name, seconds, tokens)
+        m.observe_forward(phase, self.name, seconds, tokens)
         if phase == "prefill":
-            self.metrics.ttft.labels(backend=self.name).observe(since_start + seconds)
+            m.ttft.labels(backend=self.name).observe(since_start + seconds)
+            flops = sum(c.forward_flops(1, len(p), last_only=True) for p in request.prompts)
+            m.observe_utilization(phase, seconds, flops, c.weight_bytes(self.precision))
         elif steps:
-            self.metrics.tpot.labels(backend=self.name).observe(seconds / steps)
+            m.tpot.labels(backend=self.name).observe(seconds / steps)
+            per_token = c.forward_flops(1, position + steps) - c.forward_flops(1, position + steps - 1)
+            m.observe_utilization(phase, seconds, per_token * tokens, c.weight_bytes(self.precision) * steps)
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...

@@ -33,8 +33,12 @@ _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 class Metrics:
     """The instruments, registered in their own CollectorRegistry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, peak_flops: float | None = None,
+                 peak_bandwidth: float | None = None) -> None:
+        """peak_flops (FLOP/s) and peak_bandwidth (bytes/s) are the ceilings MFU and bandwidth use are
+        reported against (e.g. measured by the benchmarks); without them those gauges stay unset."""
         self.registry = registry or CollectorRegistry()
+        self.peak_flops, self.peak_bandwidth = peak_flops, peak_bandwidth
         r = self.registry
         self.forward_seconds = Histogram("gptjax_forward_seconds", "Duration of one forward pass (synced)",
                                          ["phase", "backend"], buckets=_FORWARD, registry=r)
@@ -70,6 +74,15 @@ class Metrics:
         self.requests.labels(outcome=outcome).inc()
         if error is not None:
             self.errors.labels(error_type=type(error).__qualname__).inc()
+
+    def observe_utilization(self, phase: str, seconds: float, flops: float, weight_bytes: float) -> None:
+        """MFU and bandwidth use of a window that did `flops` and streamed `weight_bytes` in `seconds`."""
+        if seconds <= 0:
+            return
+        if self.peak_flops:
+            self.mfu.labels(phase=phase).set(flops / seconds / self.peak_flops)
+        if self.peak_bandwidth:
+            self.bandwidth.labels(phase=phase).set(weight_bytes / seconds / self.peak_bandwidth)
 
     def names(self) -> set[str]:
         """Every sample name this registry exposes (e.g. gptjax_requests_total, *_bucket, *_sum, *_count)."""
