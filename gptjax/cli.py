@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     for flag, field in _OVERRIDES.items():
         info.add_argument(flag, type=int, dest=field, metavar="N", help=f"override {field}")
     info.add_argument("--seq-len", type=int, metavar="T", help="sequence length for FLOPs (default: the context)")
+    info.add_argument("--mesh", metavar="SPEC", help="per-device memory of training on a mesh, e.g. "
+                      "data=2,fsdp=2,tensor=2 (sizes need not match this machine's devices)")
+    info.add_argument("--batch", type=int, default=8, metavar="B", help="global batch for --mesh (default 8)")
     info.set_defaults(func=_cmd_info)
 
     demo = sub.add_parser("demo", help="run a random model on the NumPy and JAX backends and compare logits",
@@ -102,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="end at this token id (repeatable)")
     gen.add_argument("--backend", default="jax", help="backend name (default jax; see `gptjax backends`)")
     gen.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps per streamed chunk")
+    gen.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train a GPT (default: a small byte-level model on the Python stdlib, ~3 min)",
@@ -129,8 +133,12 @@ def _parser() -> argparse.ArgumentParser:
                     "many steps (after compilation) into DIR/profile")
     tr.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: measured now)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    tr.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on "
-                    "127.0.0.1:PORT while training")
+    tr.add_argument("--mesh", metavar="SPEC", help="train over a device mesh, e.g. data=2,fsdp=2,tensor=2 "
+                    "(sizes may be -1: the rest of the devices)")
+    tr.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port "
+                    "while training")
+    tr.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="address /metrics binds "
+                    "(default 127.0.0.1; 0.0.0.0 lets a Prometheus container reach it)")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint",
@@ -172,6 +180,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.seq_len is not None and not 1 <= args.seq_len <= max(c.n_positions for _, c in columns):
         raise GptjaxError(f"--seq-len {args.seq_len} must be in [1, n_positions]")
     print(size_table(columns, args.seq_len))
+    if args.mesh:
+        print("\n" + mesh_table(columns[-1][1], args.mesh, args.batch, args.seq_len))
     if os.path.isdir(args.model):
         from collections import Counter
 
@@ -210,6 +220,28 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
         lines.append("| " + " | ".join([name, *cells, *ratio]) + " |")
     lines.append("\nFLOPs = 2·N_mm + 2·D·V + 2·L·D·(T+1) per token (causal attention counted exactly); "
                  "training = 3 × forward. int8 = int8 matmul weights + fp32 per-channel scales.")
+    return "\n".join(lines)
+
+
+def mesh_table(config: GPTConfig, spec: str, batch: int, seq_len: int | None) -> str:
+    """Per-device bytes of training on a mesh next to one device: what FSDP and tensor parallelism buy."""
+    from gptjax.sharding import MESH_AXES, parse_mesh, per_device_bytes
+
+    sizes = parse_mesh(spec)
+    if sizes["data"] == -1:
+        sizes["data"] = 1
+    T = seq_len or config.n_positions
+    rows = batch // (sizes["data"] * sizes["fsdp"])
+    if batch < 1 or rows * sizes["data"] * sizes["fsdp"] != batch:
+        raise GptjaxError(f"--batch {batch} is not divisible by data x fsdp = {sizes['data'] * sizes['fsdp']}")
+    one = per_device_bytes(config, {}, batch, T)
+    mesh = per_device_bytes(config, sizes, batch, T)
+    label = ",".join(f"{k}={sizes[k]}" for k in MESH_AXES)
+    lines = [f"| per device (fp32 AdamW, batch {batch}, T={T}) | 1 device | {label} | ratio |", "|---|---|---|---|"]
+    for key in one:
+        lines.append(f"| {key} | {_human(one[key], 'B')} | {_human(mesh[key], 'B')} | {mesh[key] / one[key]:.3f}x |")
+    total = sum(one.values()), sum(mesh.values())
+    lines.append(f"| total | {_human(total[0], 'B')} | {_human(total[1], 'B')} | {total[1] / total[0]:.3f}x |")
     return "\n".join(lines)
 
 
@@ -278,7 +310,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           "give the prompt as --tokens 1,2,3")
     else:
         prompt = tokenizer.encode(args.prompt)
-    backend = get_backend(args.backend, config)
+    options = {}
+    if args.mesh:
+        from gptjax.sharding import make_mesh, parse_mesh
+
+        options["mesh"] = make_mesh(**parse_mesh(args.mesh))
+    backend = get_backend(args.backend, config, **options)
     stream = backend.stream(load_checkpoint(args.checkpoint)[1], [prompt], args.max_new_tokens,
                             chunk_size=args.chunk_size, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_tokens=args.stop_token, greedy=args.greedy)
@@ -359,18 +396,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
     print(f"run directory: {out}\nmodel: {json.dumps(dataclasses.asdict(config))}\n"
           f"training: {json.dumps(dataclasses.asdict(tc))}", flush=True)
+    mesh = None
+    if args.mesh:
+        from gptjax.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
     metrics = None
     if args.metrics_port is not None:
         from gptjax.tracing import Metrics, serve_metrics
 
         metrics = Metrics()
-        serve_metrics(args.metrics_port, metrics=metrics)
-        print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+        serve_metrics(args.metrics_port, host=args.metrics_host, metrics=metrics)
+        print(f"metrics: http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger("gptjax")]):
-            result = train(config, tc, out, data_spec=data_spec, resume=args.resume, metrics=metrics,
+            result = train(config, tc, out, data_spec=data_spec, resume=args.resume, metrics=metrics, mesh=mesh,
                            max_time=args.max_time, skip_nonfinite=args.skip_nonfinite,
                            profile_steps=args.profile, peak_flops=args.peak_flops,
                            progress=not args.no_progress, init_from=args.init)

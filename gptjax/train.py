@@ -123,11 +123,18 @@ def _leaf_name(path: tuple) -> str:
     return names[-1] if names else ""
 
 
-def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = None) -> tuple[Any, TrainState]:
-    """(graphdef, state) for training from canonical params (GPT-2 init with tc.seed if None)."""
+def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = None, mesh: Any = None
+                 ) -> tuple[Any, TrainState]:
+    """(graphdef, state) for training from canonical params (GPT-2 init with tc.seed if None); with a mesh,
+    parameters and optimizer state are sharded by their logical axes (FSDP, tensor parallel)."""
     model = GPT(config, params if params is not None else init_params(config, tc.seed), scan_layers=tc.scan_layers)
     graphdef, weights = nnx.split(model)
     weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), weights)
+    if mesh is not None:
+        from gptjax.sharding import check_config, shard_state
+
+        check_config(config, mesh)
+        weights = shard_state(weights, mesh)
     optimizer, _ = make_optimizer(tc)
     return graphdef, TrainState(weights, optimizer.init(weights), jnp.int32(0))
 
@@ -304,10 +311,11 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
           resume: bool = False, max_time: float | None = None, skip_nonfinite: bool = False, profile_steps: int = 0,
           peak_flops: float | None = None, progress: bool = True, sample_prompt: str = "def ",
           stop_at_step: int | None = None, init_from: str | os.PathLike | None = None, metrics: Any = None,
-          inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
+          mesh: Any = None, inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
     """Train (or resume) a run in out_dir: data, checkpoints, TensorBoard logs, and the exported model.
 
-    metrics (a gptjax.tracing.Metrics) receives step durations, tokens/s and MFU, as TensorBoard does;
+    mesh (gptjax.sharding.make_mesh) trains data/FSDP/tensor parallel; metrics (a gptjax.tracing.Metrics)
+    receives step durations, tokens/s and MFU, as TensorBoard does;
     init_from fine-tunes a checkpoint (its config and weights; its tokenizer files unless tc.tokenizer says
     otherwise); stop_at_step ends this invocation early (checkpointed, resumable) without changing the schedule;
     inject_nan_at lists 1-based steps whose loss is made NaN (for testing the non-finite handling)."""
@@ -353,7 +361,11 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     eval_tokens = d.val
     save_run_config(run_file, config, tc, {"data": data_spec})
 
-    graphdef, state = create_state(config, tc, start_params)
+    if mesh is not None:
+        from gptjax.sharding import check_divisible, logical_to_spec
+
+        check_divisible((tc.batch_size,), logical_to_spec(("batch",), mesh), mesh, "batch_size")
+    graphdef, state = create_state(config, tc, start_params, mesh)
     options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
     manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=options)
     if resume:
@@ -363,7 +375,7 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     writer = SummaryWriter(str(out / "tb"))
     loop = _Loop(graphdef, tc, config, T, batcher, eval_tokens, d, writer, manager, peak, unigram,
                  skip_nonfinite, inject_nan_at, sample_prompt)
-    loop.metrics = metrics
+    loop.metrics, loop.mesh = metrics, mesh
     try:
         stop_reason = loop.run(state, max_time, profile_steps, out, progress, stop_at_step or tc.max_steps)
     finally:
@@ -434,6 +446,7 @@ class _Loop:
         self.flops_per_token = config.train_flops_per_token(T)
         self.parent = None  # the run's gptjax.train span, set by run()
         self.metrics = None  # a gptjax.tracing.Metrics, or None
+        self.mesh = None  # a jax Mesh, or None
         self.profiling = False
 
     def run(self, state: TrainState, max_time: float | None, profile_steps: int, out: Path, progress: bool,
@@ -444,10 +457,15 @@ class _Loop:
         self.state = state
         self.parent = start_parent("gptjax.train", lambda: self._attributes("train") | {
             "gptjax.train.start_step": start, "gptjax.train.max_steps": tc.max_steps})
+        from opentelemetry import trace
+
         try:
-            reason = self._run(start, max_time, profile_steps, out, progress, stop_at)
+            with trace.use_span(self.parent, end_on_exit=False):  # logs and the sample nest under the run
+                reason = self._run(start, max_time, profile_steps, out, progress, stop_at)
         except BaseException as e:
             record_error(self.parent, e)
+            if self.metrics is not None:
+                self.metrics.errors.labels(error_type=type(e).__qualname__).inc()
             raise
         finally:
             if self.profiling:
@@ -516,7 +534,12 @@ class _Loop:
         before = train_step._cache_size()
         with forward_span("gptjax.train_step", lambda: self._attributes("train") | {"gptjax.step": step + 1},
                           parent=self.parent) as span:
-            self.state, metrics = train_step(self.graphdef, tc, self.state, np.stack(xs), np.stack(ys), poison)
+            x, y = np.stack(xs), np.stack(ys)  # [A, B, T]
+            if self.mesh is not None:
+                from gptjax.sharding import shard_batch
+
+                x, y = shard_batch(x, self.mesh, leading=1), shard_batch(y, self.mesh, leading=1)
+            self.state, metrics = train_step(self.graphdef, tc, self.state, x, y, poison)
             span.wait_for(metrics.loss)
             span.set(lambda: {"gptjax.compiled": train_step._cache_size() > before})
         return metrics
@@ -524,7 +547,12 @@ class _Loop:
     def _attributes(self, phase: str) -> dict[str, Any]:
         return {"gen_ai.provider.name": "gptjax", "gptjax.backend": "jax", "gptjax.precision": self.tc.compute_dtype,
                 "gptjax.batch_size": self.tc.batch_size * self.tc.grad_accum, "gptjax.seq_len": self.T,
-                "gptjax.devices": jax.device_count(), "gptjax.mesh": "", "gptjax.phase": phase}
+                "gptjax.devices": jax.device_count(), "gptjax.mesh": self._mesh_text(), "gptjax.phase": phase}
+
+    def _mesh_text(self) -> str:
+        from gptjax.sharding import mesh_description
+
+        return mesh_description(self.mesh)
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         self.writer.add_scalar("train/nonfinite_step", step + 1, step + 1)

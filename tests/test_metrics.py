@@ -83,11 +83,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_prefill_tokens_per_second_counts_prompt_tokens():
+    m = Metrics()
+    get_backend("numpy", CONFIG, metrics=m).generate(PARAMS, [list(range(20))], 2)
+    seconds = _value(m, "gptjax_forward_seconds_sum", phase="prefill", backend="numpy")
+    assert _value(m, "gptjax_tokens_per_second", phase="prefill") * seconds == pytest.approx(20, rel=1e-6)
+
+
 def test_serve_metrics_over_http():
     m = Metrics()
     get_backend("numpy", CONFIG, metrics=m).generate(PARAMS, [[1, 2]], 3)
     port = _free_port()
     server = serve_metrics(port, metrics=m)
+    assert server.server_address[0] == "127.0.0.1"  # loopback unless asked otherwise
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:

@@ -138,7 +138,7 @@ def test_cli_jsonl_trace_and_json_logs(tmp_path):
     assert parent["resource"]["service.name"] == "gptjax"
 
 
-def test_json_log_records_carry_the_trace_ids(capsys):
+def test_json_log_records_carry_the_trace_ids(spans, capsys):
     import logging
 
     from gptjax.tracing import forward_span, install_json_logs
@@ -149,8 +149,8 @@ def test_json_log_records_carry_the_trace_ids(capsys):
             logging.getLogger("gptjax.test").info("inside")
         record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
         ctx = span.span.get_span_context()
-        if ctx.is_valid:  # recording: the module's SDK provider is installed when run with the other tests
-            assert record["trace_id"] == f"{ctx.trace_id:032x}" and record["span_id"] == f"{ctx.span_id:016x}"
+        assert ctx.is_valid  # the SDK provider of the `spans` fixture records
+        assert record["trace_id"] == f"{ctx.trace_id:032x}" and record["span_id"] == f"{ctx.span_id:016x}"
         assert record["message"] == "inside" and record["level"] == "INFO"
     finally:
         logging.getLogger("gptjax").removeHandler(handler)
@@ -238,3 +238,64 @@ def test_standard_environment_variables(monkeypatch, tmp_path):
 
     with pytest.raises(GptjaxError, match="needs a file path"):
         configure()
+
+
+# ---- regressions found in review ---------------------------------------------------------------------------
+def test_a_stream_read_to_its_last_chunk_is_complete_not_cancelled(spans):
+    from gptjax.tracing import Metrics
+
+    spans.clear()
+    m = Metrics()
+    backend = get_backend("numpy", CONFIG, metrics=m)
+    for chunk in backend.stream(PARAMS, [[1, 2]], 4, chunk_size=2):
+        if all(chunk.finish_reasons):
+            break  # stops reading without exhausting the generator
+    parent = _by_name(spans.get_finished_spans())["text_completion gpt-2L-16d-97v"][0]
+    assert "gptjax.cancelled" not in parent.attributes and parent.attributes["gen_ai.usage.output_tokens"] == 4
+    assert m.registry.get_sample_value("gptjax_requests_total", {"outcome": "ok"}) == 1
+
+
+def test_a_stream_belongs_to_the_trace_it_was_created_in(spans):
+    from gptjax.tracing import forward_span
+
+    spans.clear()
+    backend = get_backend("numpy", CONFIG)
+    with forward_span("app.request", {}) as outer:
+        stream = backend.stream(PARAMS, [[1, 2]], 3)
+    list(stream)  # read after the request span ended
+    parent = _by_name(spans.get_finished_spans())["text_completion gpt-2L-16d-97v"][0]
+    assert parent.parent.span_id == outer.span.get_span_context().span_id
+    assert parent.start_time < outer.span.end_time
+
+
+def test_configure_twice_adds_the_second_exporter(spans, tmp_path):
+    from gptjax.tracing import configure
+
+    configure("jsonl", path=str(tmp_path / "a.jsonl"))
+    configure("jsonl", path=str(tmp_path / "b.jsonl"))
+    get_backend("numpy", CONFIG).generate(PARAMS, [[1]], 2)
+    trace.get_tracer_provider().force_flush()
+    assert (tmp_path / "a.jsonl").read_text() and (tmp_path / "b.jsonl").read_text()
+
+
+def test_training_logs_carry_the_run_trace_and_the_sample_nests_under_it(spans, tmp_path, capsys):
+    import logging
+
+    from gptjax.tracing import install_json_logs
+    from gptjax.train import TrainConfig, train
+
+    (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    spans.clear()
+    handler = install_json_logs()
+    try:
+        train(CONFIG, TrainConfig(batch_size=2, seq_len=32, max_steps=1, warmup_steps=0), tmp_path / "run",
+              data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11)
+    finally:
+        logging.getLogger("gptjax").removeHandler(handler)
+        logging.getLogger("gptjax").propagate = True
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    run = _by_name(spans.get_finished_spans())["gptjax.train"][0]
+    val = next(r for r in records if "val loss" in r["message"])
+    assert val["trace_id"] == f"{run.context.trace_id:032x}"
+    sample = next(s for s in spans.get_finished_spans() if s.name.startswith("text_completion"))
+    assert sample.context.trace_id == run.context.trace_id

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
+from opentelemetry import context as otel_context
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
@@ -145,17 +146,18 @@ class Backend(abc.ABC):
                 "gptjax.phase": phase}
 
     def _traced(self, weights: Any, request: GenerationRequest, chunk_size: int | None) -> Iterator[StreamChunk]:
-        """_generate's chunks, each inside a prefill/decode span under one text_completion span."""
-        sp, longest = request.sampling, max(len(p) for p in request.prompts)
-        parent = start_parent(f"text_completion {self.model_name}", lambda: self._attributes(
-            "generate", request.batch, longest) | {
-            "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": request.max_new_tokens,
-            "gen_ai.request.temperature": 0.0 if sp.is_greedy else sp.temperature,
-            "gen_ai.request.top_p": sp.top_p if sp.top_p is not None else 1.0,
-            "gen_ai.request.top_k": sp.top_k or self.config.vocab_size, "gen_ai.request.seed": sp.seed,
-            "gen_ai.usage.input_tokens": sum(len(p) for p in request.prompts)})
+        """_generate's chunks, each inside a prefill/decode span under one text_completion span, which belongs
+        to the trace current at this call and starts now (not at the first read of the stream)."""
+        return self._traced_chunks(weights, request, chunk_size, otel_context.get_current(), time.time_ns(),
+                                   time.perf_counter())
+
+    def _traced_chunks(self, weights: Any, request: GenerationRequest, chunk_size: int | None, ctx: Any,
+                       start_ns: int, t_start: float) -> Iterator[StreamChunk]:
+        longest = max(len(p) for p in request.prompts)
+        parent = start_parent(f"text_completion {self.model_name}", lambda: self._request_attributes(request),
+                              context=ctx, start_time=start_ns)
         chunks, generated, position, reasons = self._generate(weights, request, chunk_size), 0, longest, [None]
-        t_start, outcome, error = time.perf_counter(), "ok", None
+        outcome, error, complete = "ok", None, False
         try:
             while not all(reasons):
                 phase = "prefill" if generated == 0 and position == longest else "decode"
@@ -174,13 +176,16 @@ class Backend(abc.ABC):
                 generated += new_tokens
                 position += max(1, steps)
                 reasons = chunk.finish_reasons
+                if all(reasons):  # complete before the last yield: a consumer may stop reading right after it
+                    complete = True
+                    if parent.is_recording():
+                        parent.set_attributes({"gen_ai.usage.output_tokens": generated,
+                                               "gen_ai.response.finish_reasons": [str(r) for r in reasons]})
                 yield chunk
-            if parent.is_recording():
-                parent.set_attributes({"gen_ai.usage.output_tokens": generated,
-                                       "gen_ai.response.finish_reasons": [r or "length" for r in reasons]})
-        except GeneratorExit:  # the consumer stopped reading: not an error
-            outcome = "cancelled"
-            parent.set_attribute("gptjax.cancelled", True)
+        except GeneratorExit:  # the consumer stopped reading
+            if not complete:
+                outcome = "cancelled"
+                parent.set_attribute("gptjax.cancelled", True)
             raise
         except BaseException as e:
             outcome, error = "error", e
@@ -193,12 +198,25 @@ class Backend(abc.ABC):
                 self.metrics.observe_request(self.name, time.perf_counter() - t_start,
                                              sum(len(p) for p in request.prompts), generated, outcome, error)
 
+    def _request_attributes(self, request: GenerationRequest) -> dict[str, Any]:
+        sp, longest = request.sampling, max(len(p) for p in request.prompts)
+        attributes = self._attributes("generate", request.batch, longest) | {
+            "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": request.max_new_tokens,
+            "gen_ai.request.temperature": 0.0 if sp.is_greedy else sp.temperature, "gen_ai.request.seed": sp.seed,
+            "gen_ai.usage.input_tokens": sum(len(p) for p in request.prompts)}
+        if sp.top_p is not None:
+            attributes["gen_ai.request.top_p"] = sp.top_p
+        if sp.top_k is not None:
+            attributes["gen_ai.request.top_k"] = sp.top_k
+        return attributes
+
     def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int,
                        request: GenerationRequest, position: int) -> None:
         m, c = self.metrics, self.config
         if m is None:
             return
-        m.observe_forward(phase, self.name, seconds, tokens)
+        m.observe_forward(phase, self.name, seconds,
+                          sum(len(p) for p in request.prompts) if phase == "prefill" else tokens)
         if phase == "prefill":
             m.ttft.labels(backend=self.name).observe(since_start + seconds)
             flops = sum(c.forward_flops(1, len(p), last_only=True) for p in request.prompts)

@@ -111,15 +111,17 @@ def decode_masks(pad: jax.Array, index: jax.Array, S: int) -> Masks:
     return Masks(cache, jnp.ones((pad.shape[0], 1, 1), bool))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode"))
+@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "cache_sharding"))
 def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, seed: jax.Array,
-            sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, mode: str
-            ) -> DecodeState:
+            sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, mode: str,
+            cache_sharding: Any = None) -> DecodeState:
     """Run left-padded prompts [B, Tp] into a fresh cache of cache_length and sample the first token."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
         B, Tp = tokens.shape
         cache = KVCache.zeros(config, B, cache_length)
+        if cache_sharding is not None:  # heads over tensor, rows over the batch axes
+            cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
         positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
         logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(B))
@@ -153,16 +155,27 @@ def batch_bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
-def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int
+def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None
           ) -> tuple[DecodeState, jax.Array, Sampling, bool]:
-    """Pad the request to its buckets and run prefill; returns the state and what decode needs besides."""
+    """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
+    With a mesh the batch is padded to a multiple of its batch axes too, and placed over them."""
     config = weights.config
     B = batch_bucket(request.batch)
+    cache_sharding = None
+    if mesh is not None:
+        from gptjax.sharding import cache_sharding as make_cache_sharding
+        from gptjax.sharding import shard_batch
+
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        B = -(-B // rows) * rows
+        cache_sharding = make_cache_sharding(mesh)
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
     sampling = Sampling.of(request, B, config.vocab_size)
     sp = request.sampling
     mode = "greedy" if sp.is_greedy else "filter" if sp.filters else "sample"
+    if mesh is not None:
+        tokens = shard_batch(tokens, mesh)
     d = prefill(weights.graphdef, weights.state, tokens, pad, valid, np.uint32(request.sampling.seed), sampling,
-                np.int32(request.max_new_tokens), config, cache_length, mode)
+                np.int32(request.max_new_tokens), config, cache_length, mode, cache_sharding)
     return d, jnp.asarray(pad), sampling, mode

@@ -309,10 +309,34 @@ def bucket_length(T: int, n_positions: int) -> int:
 
 
 class JaxBackend(Backend):
-    """Flax NNX GPT-2 under jax.jit; sequence lengths are padded to buckets (causal: padding is invisible)."""
+    """Flax NNX GPT-2 under jax.jit; sequence lengths are padded to buckets (causal: padding is invisible).
+
+    Option mesh (from gptjax.sharding.make_mesh): weights are placed by their logical axes (tensor parallel
+    over heads/MLP/vocab, FSDP over the width), batches over (data, fsdp), the KV cache over heads."""
 
     name = "jax"
     prepared_type = JaxWeights
+    options = {"mesh": ()}
+
+    def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
+        super().__init__(config, metrics=metrics, trace_sync=trace_sync, **options)
+        self.mesh = options.get("mesh")
+        if self.mesh is not None:
+            from gptjax.sharding import check_config
+
+            check_config(config, self.mesh)
+
+    def _attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+        from gptjax.sharding import mesh_description
+
+        return super()._attributes(phase, batch, seq_len) | {"gptjax.mesh": mesh_description(self.mesh)}
+
+    def _place_batch(self, tokens: np.ndarray) -> Any:
+        if self.mesh is None:
+            return tokens
+        from gptjax.sharding import shard_batch
+
+        return shard_batch(tokens, self.mesh)
 
     def _compile_count(self) -> int:
         from gptjax.backends import jax_decode
@@ -325,6 +349,10 @@ class JaxBackend(Backend):
     def _convert(self, params: Params) -> JaxWeights:
         float32 = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
         graphdef, state = nnx.split(GPT(self.config, float32))
+        if self.mesh is not None:
+            from gptjax.sharding import shard_state
+
+            state = shard_state(state, self.mesh)
         return JaxWeights(graphdef, state, self.config)
 
     def _generate(self, weights: JaxWeights, request: GenerationRequest, chunk_size: int | None
@@ -335,7 +363,7 @@ class JaxBackend(Backend):
         S = Tp + bucket_length(request.max_new_tokens, 2**31)
         from gptjax.backends import jax_decode  # the decode loop builds on this module's model
 
-        d, pad, sampling, mode = jax_decode.start(weights, request, Tp, S)
+        d, pad, sampling, mode = jax_decode.start(weights, request, Tp, S, self.mesh)
         max_new, sent = np.int32(request.max_new_tokens), np.zeros(request.batch, int)
         step, phase = 1, "prefill"  # the first chunk is prefill's token; then chunk_size decode steps each
         while True:
@@ -358,5 +386,5 @@ class JaxBackend(Backend):
         B, T = tokens.shape
         padded = np.zeros((B, bucket_length(T, self.config.n_positions)), np.int32)
         padded[:, :T] = tokens
-        logits = _apply(weights.graphdef, weights.state, padded, np.int32(T - 1), last_only)
+        logits = _apply(weights.graphdef, weights.state, self._place_batch(padded), np.int32(T - 1), last_only)
         return np.asarray(logits if last_only else logits[:, :T])

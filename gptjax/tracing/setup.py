@@ -23,7 +23,8 @@ EXPORTERS = ("console", "otlp", "jsonl", "none")
 def configure(exporter: str | None = None, *, service_name: str | None = None, path: str | None = None,
               endpoint: str | None = None, json_logs: bool = False, log_level: int = logging.INFO) -> Any:
     """Install a tracer provider exporting gptjax's spans; returns it (call .shutdown() to flush), or None for
-    "none". exporter defaults to $OTEL_TRACES_EXPORTER, else "none"; jsonl writes one span per line to path."""
+    "none". exporter defaults to $OTEL_TRACES_EXPORTER, else "none"; jsonl writes one span per line to path.
+    A second call adds its exporter to the provider already installed (one provider per process)."""
     if json_logs:
         install_json_logs(log_level)
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -42,11 +43,15 @@ def configure(exporter: str | None = None, *, service_name: str | None = None, p
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     except ImportError:
         raise GptjaxError("tracing needs the OpenTelemetry SDK: pip install 'gptjax[otel]'") from None
+    span_exporter = _exporter(exporter, path, endpoint)
+    processor = (SimpleSpanProcessor if exporter == "console" else BatchSpanProcessor)(span_exporter)
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):  # OpenTelemetry allows one provider per process: add to it
+        current.add_span_processor(processor)
+        return current
     name = service_name or os.environ.get("OTEL_SERVICE_NAME") or "gptjax"
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
-    span_exporter = _exporter(exporter, path, endpoint)
-    processor = SimpleSpanProcessor if exporter == "console" else BatchSpanProcessor
-    provider.add_span_processor(processor(span_exporter))
+    provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     return provider
 
@@ -64,8 +69,11 @@ def _exporter(kind: str, path: str | None, endpoint: str | None) -> Any:
         except ImportError:
             raise GptjaxError("OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc") from None
         return OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        raise GptjaxError("the otlp exporter needs opentelemetry-exporter-otlp-proto-http: "
+                          "pip install 'gptjax[otel]'") from None
     if endpoint:
         return OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
     return OTLPSpanExporter()  # reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, default http://localhost:4318

@@ -97,10 +97,12 @@ def record_error(span: trace.Span, error: BaseException) -> None:
         span.set_attribute("error.type", type(error).__qualname__)
 
 
-def start_parent(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]]) -> trace.Span:
+def start_parent(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]], *,
+                 context: otel_context.Context | None = None, start_time: int | None = None) -> trace.Span:
     """A parent span (e.g. one generate or train call) started but not made current: the caller passes it to
-    forward_span(parent=...) and ends it, which works across generator yields."""
-    span = tracer().start_span(name)
+    forward_span(parent=...) and ends it, which works across generator yields. context and start_time (ns)
+    let a lazily started generator place the span where and when the call was made."""
+    span = tracer().start_span(name, context=context, start_time=start_time)
     if span.is_recording():
         span.set_attributes(attributes() if callable(attributes) else attributes)
     return span
