@@ -100,7 +100,7 @@ def check_divisible(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, wha
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         parts = math.prod(mesh.shape[a] for a in names)
         if parts > 1 and dim % parts:
-            raise GptjaxError(f"{what}: dimension {dim} is not divisible by the mesh's {'x'.join(names)} size "
+            raise GptjaxError(f"{what}: dimension {dim} is not divisible by the mesh's {' x '.join(names)} size "
                               f"{parts}")
 
 
@@ -154,8 +154,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding
 
 
 def shard_batch(batch: np.ndarray, mesh: Mesh, leading: int = 0) -> jax.Array:
-    """Place a host batch [..., B, T] on the mesh (single process: the whole global batch is local)."""
+    """Place a batch [..., B, T] on the mesh. With several processes each passes its own rows (its slice of
+    the global batch, in process order) and gets the global array."""
     sharding = batch_sharding(mesh, batch.ndim, leading)
+    if jax.process_count() > 1:
+        shape = list(batch.shape)
+        shape[leading] *= jax.process_count()
+        check_divisible(tuple(shape), sharding.spec, mesh, "batch")
+        return jax.make_array_from_process_local_data(sharding, batch, tuple(shape))
     check_divisible(batch.shape, sharding.spec, mesh, "batch")
     return jax.device_put(batch, sharding)
 
@@ -172,8 +178,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise GptjaxError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    # CPU devices need a collectives library to talk across processes; set before any backend exists
+    # (querying the backend here would initialise it, which jax.distributed.initialize forbids)
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 

@@ -193,7 +193,12 @@ def evaluate(graphdef: Any, weights: Any, batches: Iterator[tuple[np.ndarray, np
 
 
 def export_params(graphdef: Any, weights: Any) -> Params:
-    """Canonical GPT-2 params of a training state, for save_checkpoint and the inference backends."""
+    """Canonical GPT-2 params of a training state, for save_checkpoint and the inference backends (gathered
+    from every process when the state is sharded across hosts)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        weights = multihost_utils.process_allgather(weights, tiled=True)
     return to_params(nnx.merge(graphdef, weights))
 
 
@@ -354,7 +359,9 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     T = tc.seq_len or config.n_positions
     if T > config.n_positions:
         raise GptjaxError(f"seq_len={T} exceeds the model context n_positions={config.n_positions}")
-    batcher = data.Batcher(d.train, tc.batch_size, T, seed=tc.seed)
+    # every process draws the same global batch and keeps its rows (multi-host data parallelism)
+    batcher = data.Batcher(d.train, tc.batch_size, T, seed=tc.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
     if len(d.val) <= T:
         raise GptjaxError(f"the validation split has {len(d.val)} tokens, fewer than one window of seq_len + 1 = "
                           f"{T + 1}: raise val_fraction or give more text")
@@ -384,9 +391,11 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
         writer.close()
     from gptjax.weights import save_checkpoint
 
-    export = save_checkpoint(config, export_params(graphdef, loop.state.params), out / "model")
-    if tc.tokenizer != "byte" and (out / "tokenizer.json").exists():
-        (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    exported = export_params(graphdef, loop.state.params)  # a collective: every process takes part
+    if jax.process_index() == 0:
+        export = save_checkpoint(config, exported, out / "model")
+        if tc.tokenizer != "byte" and (out / "tokenizer.json").exists():
+            (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
     return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, unigram, loop.skipped,
                        loop.sample, out, stop_reason)
 
@@ -534,7 +543,7 @@ class _Loop:
         before = train_step._cache_size()
         with forward_span("gptjax.train_step", lambda: self._attributes("train") | {"gptjax.step": step + 1},
                           parent=self.parent) as span:
-            x, y = np.stack(xs), np.stack(ys)  # [A, B, T]
+            x, y = np.stack(xs), np.stack(ys)  # [A, B / processes, T]: this process's rows
             if self.mesh is not None:
                 from gptjax.sharding import shard_batch
 
