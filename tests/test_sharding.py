@@ -68,9 +68,9 @@ def test_parameters_and_kv_cache_are_sharded_as_intended(shape, expected):
     backend = get_backend("jax", CONFIG, mesh=mesh)
     weights = backend.prepare(_params())
     c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]
-    spec = tuple(c_fc.value.sharding.spec) + (None,) * 2
+    spec = tuple(c_fc[...].sharding.spec) + (None,) * 2
     assert spec[:2] == expected  # [D, F]: embed over fsdp, mlp over tensor
-    qkv = weights.state["blocks"][0]["attn"]["qkv_kernel"].value.sharding.spec  # [D, 3, H, K]
+    qkv = weights.state["blocks"][0]["attn"]["qkv_kernel"][...].sharding.spec  # [D, 3, H, K]
     assert (qkv[2] if len(qkv) > 2 else None) == ("tensor" if shape[2] > 1 else None)
     request = make_request(CONFIG, [[1, 2, 3]] * 8, 4)
     d, *_ = jax_decode.start(weights, request, 8, 16, mesh)
@@ -96,7 +96,7 @@ def test_training_steps_equal_one_device(shape):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["c_fc"]["kernel"]
     param = state.params["blocks"][0]["mlp"]["c_fc"]["kernel"]
-    assert getattr(mu, "value", mu).sharding.spec == param.value.sharding.spec  # optimizer state sharded alike
+    assert mu[...].sharding.spec == param[...].sharding.spec  # optimizer state sharded alike
 
 
 def test_non_power_of_two_heads():
