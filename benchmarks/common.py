@@ -113,3 +113,29 @@ class torch_threads:
         import torch
 
         torch.set_num_threads(1)
+
+
+def hf_model(params: dict, config: object) -> object | None:
+    """transformers' GPT2LMHeadModel loaded from gptjax's own checkpoint of these params (so both sides run the
+    same weights), in eval mode; None without the `peer` extra."""
+    import tempfile
+
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        return None
+    from gptjax import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(config, params, d + "/ck")
+        return GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
+
+
+def append_jsonl(path: str | None, rows: list[dict], env: dict) -> None:
+    """Append one JSON line per measurement (with the environment) when a path is given."""
+    import json
+
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row | {"env": env}) + "\n")

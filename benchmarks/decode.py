@@ -15,25 +15,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import torch_threads, environment, interleaved_times, median, memory_bandwidth, percentile
-from gptjax import get_backend, get_preset, init_params, save_checkpoint
+from benchmarks.common import (
+    append_jsonl,
+    environment,
+    hf_model,
+    interleaved_times,
+    median,
+    memory_bandwidth,
+    percentile,
+    torch_threads,
+)
+from gptjax import get_backend, get_preset, init_params
 
 
 def _hf_generate(params, config):
     """fn(prompts [B, T] int, n_new) -> tokens [B, n_new] with HF greedy generate, or None without torch."""
-    try:
-        import torch
-        from transformers import GPT2LMHeadModel
-    except ImportError:
+    model = hf_model(params, config)
+    if model is None:
         return None
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(config, params, d + "/ck")
-        model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
+    import torch
 
     def generate(prompts: np.ndarray, n_new: int) -> np.ndarray:
         with torch.inference_mode(), torch_threads():
@@ -112,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "numpy" not in args.skip:
         rows += _numpy_cache_vs_recompute(config, params, args, rng)
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r | {"env": env}) + "\n")
+    append_jsonl(args.json, rows, env)
     return 0
 
 

@@ -14,24 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 
 import numpy as np
 
-from benchmarks.common import torch_threads, environment, interleaved_times, median
-from gptjax import get_backend, get_preset, init_params, save_checkpoint
+from benchmarks.common import append_jsonl, environment, hf_model, interleaved_times, median, torch_threads
+from gptjax import get_backend, get_preset, init_params
 
 
 def _hf_forward(params, config):
     """A forward fn over HF's GPT2LMHeadModel with our weights, or None without the peer extra."""
-    try:
-        import torch
-        from transformers import GPT2LMHeadModel
-    except ImportError:
+    model = hf_model(params, config)
+    if model is None:
         return None
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(config, params, d + "/ck")
-        model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
+    import torch
 
     def forward(tokens: np.ndarray, last_only: bool) -> np.ndarray:
         with torch.inference_mode(), torch_threads():
@@ -97,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"{r['vs_hf']:.2f}x" if "vs_hf" in r else "-"
         print(f"| {r['mode']} | {r['backend']} | {r['median_s']:.4f} | {r['tokens_per_s']:,.0f} | "
               f"{r['gflop_per_s']:.1f} | {vs} |")
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r | {"env": env}) + "\n")
+    append_jsonl(args.json, rows, env)
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import torch_threads, environment, interleaved_times, median
+from benchmarks.common import append_jsonl, environment, interleaved_times, median, torch_threads
 from gptjax import GPTConfig
 from gptjax.train import TrainConfig, create_state, measure_peak_flops, train_step
 
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                      "compute_dtype": args.compute_dtype})
         print(f"| {name} | {median(ts):.3f} | {tok_s:,.0f} | {flops_per_token * tok_s / peak:.1%} | "
               f"{f'{vs:.2f}x' if vs else '-'} |")
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r | {"env": env}) + "\n")
+    append_jsonl(args.json, rows, env)
     return 0
 
 

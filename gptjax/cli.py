@@ -364,7 +364,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     import logging
-
     from pathlib import Path
 
     from gptjax.train import TrainConfig, TrainingStopped, config_from_overrides, load_run_config, train

@@ -589,7 +589,6 @@ class _Loop:
 
     def _evaluate(self, step: int, bar: Any) -> None:
         from gptjax import data
-
         from gptjax.tracing import forward_span
 
         batches = data.eval_batches(self.eval_tokens, self.tc.batch_size, self.T, self.tc.eval_batches)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import abc
 import numbers
 import time
+from collections.abc import Iterator, Mapping
 from importlib import import_module
 from importlib.metadata import entry_points
-from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np

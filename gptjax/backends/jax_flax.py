@@ -11,8 +11,8 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
