@@ -29,7 +29,9 @@ _BUILTIN = {
 class Backend(abc.ABC):
     """One way to run a GPT-2: bound to a config, fed canonical params, returning float32 NumPy logits.
 
-    Subclasses implement `_convert` (canonical dict → their own layout, done once) and `_forward`.
+    Subclasses implement `_convert` (canonical dict → their own layout, done once), `_forward` and
+    `_generate` (a stream of chunks); this class checks inputs at the boundary and wraps every call in
+    OpenTelemetry spans and, when given a gptjax.tracing.Metrics, Prometheus metrics.
     """
 
     name: ClassVar[str]
