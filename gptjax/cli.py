@@ -410,7 +410,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger("gptjax")]):
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
             result = train(config, tc, out, data_spec=data_spec, resume=args.resume, metrics=metrics, mesh=mesh,
                            max_time=args.max_time, skip_nonfinite=args.skip_nonfinite,
                            profile_steps=args.profile, peak_flops=args.peak_flops,
