@@ -220,6 +220,14 @@ def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys, caplog):
     assert list((out / "profile").rglob("*.xplane.pb"))
     assert (out / "model" / "tokenizer.json").exists()  # generate/eval find the BPE tokenizer
     assert load_checkpoint(out / "model")[0].vocab_size == 300
+    assert main(["generate", "--checkpoint", str(out / "model"), "--prompt", "def f(", "--max-new-tokens", "5",
+                 "--greedy"]) == 0
+    from gptjax import load_tokenizer
+
+    tokenizer = load_tokenizer(out / "model")
+    config, params = load_checkpoint(out / "model")
+    expected = get_backend("jax", config).generate(params, [tokenizer.encode("def f(")], 5, greedy=True).tokens[0]
+    assert capsys.readouterr().out == "def f(" + tokenizer.decode(expected).rstrip("\ufffd")
 
 
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path, corpus):
