@@ -156,7 +156,7 @@ def batch_bucket(batch: int) -> int:
 
 
 def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None
-          ) -> tuple[DecodeState, jax.Array, Sampling, bool]:
+          ) -> tuple[DecodeState, jax.Array, Sampling, str]:
     """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
     With a mesh the batch is padded to a multiple of its batch axes too, and placed over them."""
     config = weights.config
