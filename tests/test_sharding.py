@@ -67,14 +67,14 @@ def test_parameters_and_kv_cache_are_sharded_as_intended(shape, expected):
     mesh = make_mesh(*shape)
     backend = get_backend("jax", CONFIG, mesh=mesh)
     weights = backend.prepare(_params())
-    c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]
+    c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"]
     spec = tuple(c_fc[...].sharding.spec) + (None,) * 2
     assert spec[:2] == expected  # [D, F]: embed over fsdp, mlp over tensor
-    qkv = weights.state["blocks"][0]["attn"]["qkv_kernel"][...].sharding.spec  # [D, 3, H, K]
+    qkv = weights.state["blocks"][0]["attn"]["c_attn"]["kernel"][...].sharding.spec  # [D, 3, H, K]
     assert (qkv[2] if len(qkv) > 2 else None) == ("tensor" if shape[2] > 1 else None)
     request = make_request(CONFIG, [[1, 2, 3]] * 8, 4)
     d, *_ = jax_decode.start(weights, request, 8, 16, mesh)
-    cache_spec = tuple(d.cache.k[0].sharding.spec) + (None,) * 4  # [B, H, S, K]
+    cache_spec = tuple(d.cache.layers[0].k.sharding.spec) + (None,) * 4  # [B, H, S, K]
     assert cache_spec[1] == ("tensor" if shape[2] > 1 else None)
 
 
@@ -94,8 +94,8 @@ def test_training_steps_equal_one_device(shape):
     assert float(m.grad_norm) == pytest.approx(float(ref_m.grad_norm), rel=1e-5)
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["c_fc"]["kernel"]
-    param = state.params["blocks"][0]["mlp"]["c_fc"]["kernel"]
+    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"]
+    param = state.params["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"]
     assert mu[...].sharding.spec == param[...].sharding.spec  # optimizer state sharded alike
 
 

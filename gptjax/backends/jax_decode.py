@@ -111,17 +111,20 @@ def decode_masks(pad: jax.Array, index: jax.Array, S: int) -> Masks:
     return Masks(cache, jnp.ones((pad.shape[0], 1, 1), bool))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "cache_sharding"))
+@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "kv_cache", "mesh"))
 def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, seed: jax.Array,
             sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, mode: str,
-            cache_sharding: Any = None) -> DecodeState:
-    """Run left-padded prompts [B, Tp] into a fresh cache of cache_length and sample the first token."""
+            kv_cache: str = "fp32", mesh: Any = None) -> DecodeState:
+    """Run left-padded prompts [B, Tp] into a fresh cache (cache_length entries stored as kv_cache) and sample
+    the first token."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
         B, Tp = tokens.shape
-        cache = KVCache.zeros(config, B, cache_length)
-        if cache_sharding is not None:  # heads over tensor, rows over the batch axes
-            cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+        cache = KVCache.zeros(config, B, cache_length, kv_cache)
+        if mesh is not None:  # heads over tensor, rows over the batch axes
+            from gptjax.sharding import cache_sharding
+
+            cache = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding(mesh, a.ndim)), cache)
         positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
         logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(B))
@@ -137,7 +140,7 @@ def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: 
     """Decode one token per row per step, inside one while_loop, until step == until or every row is done."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
-        S = d.cache.k[0].shape[2]
+        S = d.cache.length
         Tp = S - d.out.shape[1]  # prompt bucket: the cache holds Tp prompt entries, then the new tokens
 
         def body(d: DecodeState) -> DecodeState:
@@ -155,20 +158,17 @@ def batch_bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
-def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None
-          ) -> tuple[DecodeState, jax.Array, Sampling, str]:
+def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None,
+          kv_cache: str = "fp32") -> tuple[DecodeState, jax.Array, Sampling, str]:
     """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
     With a mesh the batch is padded to a multiple of its batch axes too, and placed over them."""
     config = weights.config
     B = batch_bucket(request.batch)
-    cache_sharding = None
     if mesh is not None:
-        from gptjax.sharding import cache_sharding as make_cache_sharding
         from gptjax.sharding import shard_batch
 
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         B = -(-B // rows) * rows
-        cache_sharding = make_cache_sharding(mesh)
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
     sampling = Sampling.of(request, B, config.vocab_size)
@@ -177,5 +177,5 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
     if mesh is not None:
         tokens = shard_batch(tokens, mesh)
     d = prefill(weights.graphdef, weights.state, tokens, pad, valid, np.uint32(request.sampling.seed), sampling,
-                np.int32(request.max_new_tokens), config, cache_length, mode, cache_sharding)
+                np.int32(request.max_new_tokens), config, cache_length, mode, kv_cache, mesh)
     return d, jnp.asarray(pad), sampling, mode
