@@ -59,6 +59,28 @@ def test_forward_and_generate_equal_one_device(shape):
                                                                                        greedy=True).tokens
 
 
+@pytest.mark.parametrize("shape,precision,kv_cache", [
+    ((1, 1, 8), "bf16", None), ((2, 2, 2), "int8", "int8"), ((1, 1, 8), "int8", None), ((2, 1, 4), "w8a8", "bf16"),
+    ((8, 1, 1), "int8", "int8"),
+])
+def test_reduced_precision_on_a_mesh_equals_one_device(shape, precision, kv_cache):
+    params, tokens = _params(), np.random.default_rng(4).integers(0, 96, (8, 11))
+    options = {"precision": precision} | ({"kv_cache": kv_cache} if kv_cache else {})
+    single = get_backend("jax", CONFIG, **options)
+    sharded = get_backend("jax", CONFIG, mesh=make_mesh(*shape), **options)
+    weights = sharded.prepare(params)
+    c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"][...]
+    assert c_fc.dtype == {"bf16": jnp.bfloat16}.get(precision, jnp.int8)
+    if shape[2] > 1:
+        assert c_fc.sharding.spec[1] == "tensor"  # the low-precision weights are split like the fp32 ones
+    # int8/w8a8 on CPU quantise activations per token (lowp): another partitioning may round one value differently
+    np.testing.assert_allclose(sharded.forward(weights, tokens), single.forward(params, tokens),
+                               atol={"int8": 1e-3, "w8a8": 5e-3}.get(precision, 1e-4))
+    prompts = [list(t[: 3 + i]) for i, t in enumerate(tokens[:6])]
+    assert (sharded.generate(weights, prompts, 8, greedy=True).tokens
+            == single.generate(params, prompts, 8, greedy=True).tokens)
+
+
 @pytest.mark.parametrize("shape,expected", [
     ((8, 1, 1), (None, None)), ((1, 8, 1), ("fsdp", None)), ((1, 1, 8), (None, "tensor")),
     ((2, 2, 2), ("fsdp", "tensor")),
