@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="jax", help="backend name (default jax; see `gptjax backends`)")
     gen.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps per streamed chunk")
     gen.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
+    gen.add_argument("--precision", choices=["fp32", "bf16", "int8", "w8a8"], help="how to run the weights "
+                     "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
+    gen.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="KV-cache storage (default: bf16 for "
+                     "bf16, else fp32)")
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train a GPT (default: a small byte-level model on the Python stdlib, ~3 min)",
@@ -333,7 +337,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           "give the prompt as --tokens 1,2,3")
     else:
         prompt = tokenizer.encode(args.prompt)
-    options = {}
+    from gptjax.weights import stored_precision
+
+    options = {"precision": args.precision or stored_precision(args.checkpoint)}
+    if args.kv_cache:
+        options["kv_cache"] = args.kv_cache
     if args.mesh:
         from gptjax.sharding import make_mesh, parse_mesh
 

@@ -244,3 +244,16 @@ def test_for_precision_passes_matching_params_through():
     bf = for_precision(PARAMS, CONFIG, "bf16")
     assert for_precision(bf, CONFIG, "bf16") is bf
     assert precision_of(for_precision(PARAMS, CONFIG, "w8a8")) == "int8"
+
+
+def test_generate_cli_runs_a_quantised_checkpoint_as_stored(tmp_path, capsys):
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "100,101,102", "--greedy",
+                 "--max-new-tokens", "6", "--kv-cache", "int8"]) == 0
+    printed = capsys.readouterr().out.split("\n")[0]
+    expected = get_backend("jax", CONFIG, precision="int8", kv_cache="int8").generate(
+        PARAMS, [[100, 101, 102]], 6, greedy=True).tokens[0]
+    assert printed == ",".join(map(str, expected))
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "1", "--precision", "bf16"]) == 2
+    assert "params are int8; run them with precision='int8' or 'w8a8'" in capsys.readouterr().err
