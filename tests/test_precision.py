@@ -255,5 +255,6 @@ def test_generate_cli_runs_a_quantised_checkpoint_as_stored(tmp_path, capsys):
     expected = get_backend("jax", CONFIG, precision="int8", kv_cache="int8").generate(
         PARAMS, [[100, 101, 102]], 6, greedy=True).tokens[0]
     assert printed == ",".join(map(str, expected))
-    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "1", "--precision", "bf16"]) == 2
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "1", "--precision", "bf16",
+                 "--max-new-tokens", "4"]) == 2
     assert "params are int8; run them with precision='int8' or 'w8a8'" in capsys.readouterr().err
