@@ -21,7 +21,17 @@ import jax.numpy as jnp
 
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., I] @ w [I, O] in w's dtype, accumulated and returned in float32."""
+    if w.dtype != jnp.float32:
+        return _two_row(lambda a: jnp.matmul(a, w, preferred_element_type=jnp.float32), x)
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _two_row(matmul, x: jax.Array) -> jax.Array:
+    """matmul(x), run on [x, 0] when x is a single row on CPU: XLA:CPU's bf16 and int8 dots are faster (by
+    10-25% in the gpt2 decode) with two rows than with one."""
+    if x.size != x.shape[-1] or jax.default_backend() != "cpu":
+        return matmul(x)
+    return matmul(jnp.stack([x, jnp.zeros_like(x)]))[0]
 
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -64,7 +74,8 @@ def w8a8_matmul(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     int8 x int8 -> int32 dot, then both scales: sum over g of (xq_g @ q_g) * sx_g * s_g."""
     if q.shape[0] == 1:
         xq, sx = quantize_rows(x)  # [..., I] int8, [..., 1]
-        return jnp.matmul(xq, q[0], preferred_element_type=jnp.int32).astype(jnp.float32) * sx * s[0]
+        acc = _two_row(lambda a: jnp.matmul(a, q[0], preferred_element_type=jnp.int32), xq)
+        return acc.astype(jnp.float32) * sx * s[0]
     xq, sx = quantize_rows(x.reshape(*x.shape[:-1], q.shape[0], -1))  # [..., G, I/G] int8, [..., G, 1]
     acc = jnp.einsum("...gi,gio->...go", xq, q, preferred_element_type=jnp.int32)  # [..., G, O]
     return (acc.astype(jnp.float32) * sx * s).sum(-2)
