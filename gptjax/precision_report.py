@@ -65,9 +65,9 @@ class ModeReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
-        fields = asdict(self)
+        fields = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
         fields["decode_tokens_per_s"] = {str(b): t for b, t in self.decode_tokens_per_s.items()}
-        return fields
+        return fields  # strict JSON: a quantity not measured is null, not NaN
 
 
 def kv_bytes_per_token(config: GPTConfig, kv_cache: str) -> int:

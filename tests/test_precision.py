@@ -228,6 +228,8 @@ def test_precision_report_on_the_trained_model():
     assert rows[1].kv_bytes_per_token == rows[0].kv_bytes_per_token // 2  # bf16 mode keeps a bf16 cache
     assert all(r.prefill_tokens_per_s > 0 and set(r.decode_tokens_per_s) == {1, 2} for r in rows)
     assert json.loads(json.dumps(rows[0].as_dict()))["decode_tokens_per_s"].keys() == {"1", "2"}
+    unmeasured = report(CONFIG, PARAMS, None, modes[:2])[1].as_dict()
+    assert unmeasured["loss"] is None and "NaN" not in json.dumps(unmeasured)  # strict JSON
     with pytest.raises(GptjaxError, match="the first mode of a precision report must be fp32"):
         report(CONFIG, PARAMS, WINDOWS, DEFAULT_MODES[1:])
 
