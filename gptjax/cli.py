@@ -191,6 +191,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                     "413 (default 1 MiB)")
     sv.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps between hand-overs to "
                     "clients (default 4)")
+    sv.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="how long a new batch may wait "
+                    "for the clients of the previous one to send their next request (default 20)")
     sv.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
     sv.set_defaults(func=_cmd_serve)
 
@@ -222,7 +224,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
                                  max_tokens_cap=cap, request_timeout=args.request_timeout,
                                  max_body_bytes=args.max_body_bytes, chunk_size=args.chunk_size,
-                                 warmup=not args.no_warmup)
+                                 batch_wait=max(0.0, args.batch_wait_ms) / 1e3, warmup=not args.no_warmup)
     return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
 
 

@@ -49,6 +49,7 @@ class ServeOptions:
     request_timeout: float = 60.0  # seconds from arrival to the last token; then 504 / a timeout error event
     max_body_bytes: int = 1 << 20
     chunk_size: int = 4  # decode steps between hand-overs (streaming granularity, cancellation latency)
+    batch_wait: float = 0.02  # seconds a new batch may wait for the clients of the last one to come back
     warmup: bool = True  # compile a batch-1 generation before /health says ready
 
 
@@ -81,6 +82,7 @@ class ServerState:
         self.cancelled = Counter("gptjax_serve_cancelled", "Requests whose work was cancelled, by reason",
                                  ["reason"], registry=r)
         self.scheduler = Scheduler(self._stream, max_batch=options.max_batch, max_queue=options.max_queue,
+                                   batch_wait=options.batch_wait,
                                    on_batch=self.batch_size.observe,
                                    on_cancel=lambda reason: self.cancelled.labels(reason=reason).inc())
         self.queue_depth.set_function(lambda: self.scheduler.depth)

@@ -2,7 +2,10 @@
 
 Dynamic batching: the worker takes every queued job (up to max_batch) as one joined batch
 (`Backend.stream_joined`, each row with its own settings and seed, so its tokens equal a solo run); jobs that
-arrive while a batch runs wait for the next one. Between decode chunks the worker hands each row's new tokens
+arrive while a batch runs wait for the next one. After a batch of k rows, the worker waits up to batch_wait
+seconds for as many jobs as were waiting plus k (the clients just answered often send their next request
+within milliseconds: without the wait, closed-loop clients split into two cohorts that alternate, each
+running half-sized batches). Between decode chunks the worker hands each row's new tokens
 to its job, drops rows whose client left or timed out, and stops the batch once no live row is left. If a
 batch fails, each of its live jobs is re-run alone (same seed, same tokens; the ones already sent are
 skipped), so one bad request fails only itself.
@@ -75,14 +78,15 @@ class Scheduler:
     """Runs jobs on `stream(requests) -> chunks` (a backend's stream_joined, weights bound) in one thread."""
 
     def __init__(self, stream: Callable[[Sequence[GenerationRequest]], Any], *, max_batch: int, max_queue: int,
-                 on_batch: Callable[[int], None] | None = None, on_cancel: Callable[[str], None] | None = None
-                 ) -> None:
+                 batch_wait: float = 0.02, on_batch: Callable[[int], None] | None = None,
+                 on_cancel: Callable[[str], None] | None = None) -> None:
         self._stream, self.max_batch, self.max_queue = stream, max_batch, max_queue
         self._on_batch, self._on_cancel = on_batch or (lambda n: None), on_cancel or (lambda reason: None)
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
         self._cv = threading.Condition()
         self._closing = False
+        self.batch_wait, self._target = batch_wait, 1  # gather until `_target` jobs wait, up to batch_wait s
         self._thread = threading.Thread(target=self._loop, name="gptjax-serve-worker", daemon=True)
 
     @property
@@ -133,6 +137,7 @@ class Scheduler:
             finally:
                 with self._cv:
                     self._running = []
+                    self._target = min(self.max_batch, len(self._pending) + len(batch))
 
     def _next_batch(self) -> list[Job] | None:
         """Wait for queued jobs; take the live ones, up to max_batch (None when closing)."""
@@ -145,6 +150,7 @@ class Scheduler:
                 if self._pending:
                     break
                 self._cv.wait()
+            self._gather()
             batch = []
             while self._pending and len(batch) < self.max_batch:
                 job = self._pending.popleft()
@@ -154,6 +160,13 @@ class Scheduler:
                     self._dropped(job)
             self._running = batch
             return batch
+
+    def _gather(self) -> None:
+        """Wait (the condition releases the lock meanwhile) until _target jobs are queued or batch_wait passed."""
+        end = time.monotonic() + self.batch_wait
+        while len(self._pending) < self._target and not self._closing and time.monotonic() < end:
+            self._cv.wait(end - time.monotonic())
+        self._target = 1
 
     def _dropped(self, job: Job) -> None:
         self._on_cancel(job.cancel_reason or "finished")
