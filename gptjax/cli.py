@@ -193,6 +193,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                     "clients (default 4)")
     sv.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="how long a new batch may wait "
                     "for the clients of the previous one to send their next request (default 20)")
+    sv.add_argument("--batching", choices=["continuous", "dynamic"], default="continuous", help="continuous: "
+                    "requests join a running batch between decode chunks (jax backend without --mesh; others fall "
+                    "back to dynamic); dynamic: requests arriving during a batch wait for the next (default "
+                    "continuous)")
     sv.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
     sv.set_defaults(func=_cmd_serve)
 
@@ -209,8 +213,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                              ("--chunk-size", args.chunk_size, 1)):
         if value < low:
             raise GptjaxError(f"{flag} {value} must be >= {low}")
-    if args.port > 65535 or args.request_timeout <= 0 or args.drain_timeout < 0:
-        raise GptjaxError("--port must be <= 65535, --request-timeout > 0 and --drain-timeout >= 0")
+    for flag, bad in (("--port", args.port > 65535), ("--request-timeout", args.request_timeout <= 0),
+                      ("--drain-timeout", args.drain_timeout < 0)):
+        if bad:
+            raise GptjaxError(f"{flag} is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0")
     mesh = None
     if args.mesh:
         from gptjax.sharding import make_mesh, parse_mesh
@@ -224,7 +230,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
                                  max_tokens_cap=cap, request_timeout=args.request_timeout,
                                  max_body_bytes=args.max_body_bytes, chunk_size=args.chunk_size,
-                                 batch_wait=max(0.0, args.batch_wait_ms) / 1e3, warmup=not args.no_warmup)
+                                 batch_wait=max(0.0, args.batch_wait_ms) / 1e3, batching=args.batching,
+                                 warmup=not args.no_warmup)
     return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
 
 

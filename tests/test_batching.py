@@ -48,3 +48,35 @@ def test_join_requests_rejects_what_is_not_a_request():
         join_requests([])
     with pytest.raises(GptjaxError, match="non-empty list of GenerationRequests"):
         join_requests([[1, 2, 3]])
+
+
+def test_rows_joining_a_running_session_get_their_solo_tokens():
+    from gptjax.backends.jax_session import DecodeSession
+
+    backend = get_backend("jax", CONFIG)
+    weights = backend.prepare(PARAMS)
+    requests = [make_request(CONFIG, [p], n, **kw) for p, n, kw in CASES]
+    session = DecodeSession(backend, weights, [requests[0], requests[2]], ["a", "c"], slots=4, headroom=16)
+    got, reasons, joined_while_busy = {name: [] for name in "abcde"}, {}, 0  # c filters (top-k): the session's
+    # mode covers every row that joins
+
+    def take(chunk):
+        for name, tokens, reason in chunk:
+            got[name].extend(tokens)
+            if reason:
+                reasons[name] = reason
+
+    take(session.first_chunk())
+    pending = [("b", requests[1]), ("d", requests[3]), ("e", requests[4])]
+    while session.live or pending:
+        take(session.run(2))
+        while pending and session.fits(pending[0][1]):
+            joined_while_busy += bool(session.live)
+            name, request = pending.pop(0)
+            take(session.admit(request, name))
+        assert session.live or not pending, "a request could never join"
+    assert joined_while_busy == 3
+    for name, (prompt, n, kw) in zip("abcde", CASES):
+        alone = backend.generate(PARAMS, [prompt], n, **kw)
+        assert got[name] == alone.tokens[0], name
+        assert reasons[name] == alone.finish_reasons[0], name

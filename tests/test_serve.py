@@ -46,16 +46,18 @@ class Server:
         self.log = log
         self.proc = subprocess.Popen([sys.executable, *args(self.port)] if callable(args) else args, env=env,
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline, self.health_seen = time.monotonic() + 120, []
         while True:
             assert self.proc.poll() is None, log.read_text()
             try:
-                if httpx.get(self.url + "/health").status_code == 200:
+                health = httpx.get(self.url + "/health")
+                self.health_seen.append((health.status_code, health.json()["status"]))
+                if health.status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     def post(self, body, headers=None, **kw):
         """POST /v1/completions (a dict as JSON, bytes as they are)."""
@@ -103,10 +105,11 @@ def cli(checkpoint):
     assert server.stop() == 0, server.log.read_text()
 
 
-@pytest.fixture(scope="module")
-def faulty(checkpoint):
-    server = Server(lambda port: [str(HERE / "_serve_faulty.py"), str(checkpoint), str(port)], _env(),
-                    checkpoint.parent / "faulty.log")
+@pytest.fixture(scope="module", params=["dynamic", "continuous"])
+def faulty(checkpoint, request):
+    server = Server(lambda port: [str(HERE / "_serve_faulty.py"), str(checkpoint), str(port), request.param], _env(),
+                    checkpoint.parent / f"faulty-{request.param}.log")
+    server.batching = request.param
     yield server
     server.stop()
 
@@ -169,6 +172,18 @@ def test_stream_equals_generate_and_ends_with_done(cli, backend):
 def test_models_and_health(cli):
     assert httpx.get(cli.url + "/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny-ck"
     assert httpx.get(cli.url + "/health").json() == {"status": "ready"}
+    assert (503, "loading") in cli.health_seen  # while the warm-up compiled
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch 0 must be >= 1"),
+    (["--port", "70000"], "--port is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0"),
+    (["--max-tokens-cap", "65"], "--max-tokens-cap 65 must be in [1, 64]"),
+])
+def test_bad_serve_flags_exit_2_with_one_line(checkpoint, flags, message):
+    r = subprocess.run([sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", str(checkpoint), *flags],
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"gptjax serve: error: {message}", r.stderr
 
 
 # ---- bad input: 400 (or its own status) with an OpenAI error naming the field ------------------------------
@@ -286,8 +301,27 @@ def test_concurrent_requests_are_batched_and_get_their_solo_tokens(faulty, pool,
         assert future.result().json()["choices"][0]["token_ids"] == _expected(backend, prompt, n, seed,
                                                                                **kwargs).tokens[0]
     assert leader.result().status_code == 200
-    assert faulty.metric("gptjax_serve_batch_size_count") == faulty.batches + 1  # the four ran as one batch
-    assert faulty.metric("gptjax_serve_batch_size_sum") >= 5
+    if faulty.batching == "dynamic":
+        assert faulty.metric("gptjax_serve_batch_size_count") == faulty.batches + 1  # the four ran as one batch
+        assert faulty.metric("gptjax_serve_batch_size_sum") >= 5
+
+
+def test_continuous_batching_lets_requests_join_a_running_batch(faulty, backend):
+    if faulty.batching != "continuous":
+        pytest.skip("dynamic batching: requests wait for the running batch")
+    batches = faulty.metric("gptjax_serve_batch_size_count")
+    pool = ThreadPoolExecutor(4)
+    leader = pool.submit(faulty.post, {"prompt": [VERY_SLOW, 1], "max_tokens": 24, "seed": 1, "stream": True})
+    time.sleep(1.0)  # the leader's session runs: 6 chunks of 1 s; it has one spare row (rows = 2 x jobs)
+    joiners = [pool.submit(faulty.post, {"prompt": [i, 7], "max_tokens": 4, "seed": i}) for i in (1, 2)]
+    for i, future in zip((1, 2), joiners):
+        assert future.result().json()["choices"][0]["token_ids"] == _expected(backend, [i, 7], 4, i).tokens[0]
+    assert not leader.done()  # they finished inside the leader's batch, one after the other, not after it
+    events = _sse(leader.result())
+    expected = _expected(backend, [VERY_SLOW, 1], 24, 1).tokens[0]
+    assert [t for e in events for t in e["choices"][0]["token_ids"]] == expected
+    assert faulty.metric("gptjax_serve_batch_size_count") == batches + 1  # one session served all three
+    pool.shutdown()
 
 
 def test_a_failing_request_fails_alone(faulty, pool, backend):
@@ -322,6 +356,8 @@ def test_a_burst_over_the_queue_gets_429_and_nothing_is_lost(faulty, pool):
 
 
 def test_a_timeout_is_504_and_cancels_the_work(faulty):
+    if faulty.batching != "dynamic":
+        pytest.skip("the timeout is the app's, alike for both; continuous mode's cancelling is the disconnect test's")
     cancelled = faulty.metric('gptjax_requests_total{outcome="cancelled"}')
     timeouts = faulty.metric('gptjax_serve_cancelled_total{reason="timeout"}')
     t0 = time.monotonic()

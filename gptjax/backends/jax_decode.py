@@ -63,6 +63,7 @@ class DecodeState(NamedTuple):
     lengths: jax.Array  # [B] tokens kept in out (stop token excluded)
     out: jax.Array  # [B, N] generated tokens
     keys: jax.Array  # [B] per-row PRNG keys
+    start: jax.Array  # [B] step at which each row began: 0, or later for a row admitted into a running batch
 
 
 def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -92,21 +93,23 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampli
     if mode == "filter":
         x = filter_top_k_top_p(x, sampling.top_k, sampling.top_p)
     cdf = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)  # [B, V]
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape[:1]))  # step: () or [B]
     u = jax.vmap(jax.random.uniform)(step_keys) * cdf[:, -1]  # [B], scaled by the total (rounding)
     drawn = jnp.minimum((cdf <= u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)  # first cdf > u
     return jnp.where(sampling.temperature > 0, drawn, greedy)
 
 
 def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Array) -> DecodeState:
-    """Store the tokens of step d.step, mark rows that hit their stop tokens [B, n] or length limits [B]."""
+    """Store the tokens of step d.step (out column d.step), mark rows that hit their stop tokens [B, n] or
+    length limits [B]; a row's own count is the steps since its start."""
     active = ~d.done
     hit_stop = active & (token[:, None] == stop).any(-1)
     kept = active & ~hit_stop
     out = jax.lax.dynamic_update_index_in_dim(d.out, jnp.where(kept, token, 0), d.step, axis=1)
     step = d.step + 1
-    return d._replace(last=token, step=step, out=out, lengths=jnp.where(kept, step, d.lengths),
-                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (step >= max_new))
+    own = step - d.start  # [B] tokens each row has sampled
+    return d._replace(last=token, step=step, out=out, lengths=jnp.where(kept, own, d.lengths),
+                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (own >= max_new))
 
 
 def prefill_masks(pad: jax.Array, T: int) -> Masks:
@@ -139,7 +142,7 @@ def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid:
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(sampling.seed, sampling.key_index)
         zeros = jnp.zeros(B, jnp.int32)
         d = DecodeState(cache, zeros, jnp.int32(0), ~valid, jnp.zeros(B, bool), zeros,
-                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys)
+                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys, zeros)
         return _record(d, sample(logits, keys, d.step, sampling, mode), sampling.stop, sampling.max_new)
 
 
@@ -156,7 +159,7 @@ def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: 
             index = Tp + d.step - 1  # cache index of d.last
             logits, cache = model.step(d.last[:, None], (index - pad)[:, None], decode_masks(pad, index, S),
                                        d.cache, index)
-            token = sample(logits, d.keys, d.step, sampling, mode)
+            token = sample(logits, d.keys, d.step - d.start, sampling, mode)
             return _record(d._replace(cache=cache), token, sampling.stop, sampling.max_new)
 
         return jax.lax.while_loop(lambda d: (d.step < until) & ~jnp.all(d.done), body, d)
@@ -167,12 +170,13 @@ def batch_bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
-def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None
-          ) -> tuple[DecodeState, jax.Array, Sampling, str]:
+def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None,
+          rows: int | None = None, mode: str | None = None) -> tuple[DecodeState, jax.Array, Sampling, str]:
     """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
-    With a mesh the batch is padded to a multiple of its batch axes too, and placed over them."""
+    With a mesh the batch is padded to a multiple of its batch axes too, and placed over them. rows (at least
+    the request's) and mode (one covering the request's) override the batch bucket and sampling mode."""
     config = weights.config
-    B = batch_bucket(request.batch)
+    B = batch_bucket(max(rows or 1, request.batch))
     cache_sharding = None
     if mesh is not None:
         from gptjax.sharding import cache_sharding as make_cache_sharding
@@ -184,9 +188,30 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
     sampling = Sampling.of(request, B, config.vocab_size)
-    mode = request.mode
+    mode = mode or request.mode
     if mesh is not None:
         tokens = shard_batch(tokens, mesh)
     d = prefill(weights.graphdef, weights.state, tokens, pad, valid, sampling, config, cache_length, mode,
                 cache_sharding)
     return d, jnp.asarray(pad), sampling, mode
+
+
+@partial(jax.jit, donate_argnames=("d",))
+def admit(d: DecodeState, new: DecodeState, row: jax.Array, index: jax.Array) -> DecodeState:
+    """Put a one-row prefill `new` (its prompt bucket of cache entries, first token, key) into slot `row` of a
+    running batch, so that its next token is written at cache index `index` (its prompt ends just before)."""
+    Tp1 = new.cache.k[0].shape[2] - new.out.shape[1]  # the new row's prompt bucket
+
+    def put(big: jax.Array, small: jax.Array) -> jax.Array:  # [B, H, S, K] <- [1, H, Tp1, K]
+        return jax.lax.dynamic_update_slice(big, small[:, :, :Tp1].astype(big.dtype), (row, 0, index - Tp1, 0))
+
+    first = d.step - 1  # the new row's token 0 sits in out column first; decode samples its token 1 next
+
+    def one(a: jax.Array, b: jax.Array) -> jax.Array:
+        return a.at[row].set(b[0])
+
+    return d._replace(cache=KVCache(tuple(map(put, d.cache.k, new.cache.k)), tuple(map(put, d.cache.v, new.cache.v))),
+                      last=one(d.last, new.last), done=one(d.done, new.done), stopped=one(d.stopped, new.stopped),
+                      lengths=one(d.lengths, new.lengths), keys=one(d.keys, new.keys),
+                      out=jax.lax.dynamic_update_slice(d.out, new.out[:, :1], (row, first)),
+                      start=d.start.at[row].set(first))

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
-from gptjax.serve.scheduler import Event, Job, QueueFull, Scheduler
+from gptjax.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
 from gptjax.serve.validation import Completion, Limits, RequestError, parse_completion
 from gptjax.tokenizer import Tokenizer
 from gptjax.tracing.metrics import Metrics
@@ -50,6 +50,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     chunk_size: int = 4  # decode steps between hand-overs (streaming granularity, cancellation latency)
     batch_wait: float = 0.02  # seconds a new batch may wait for the clients of the last one to come back
+    batching: str = "continuous"  # or "dynamic"; continuous needs the jax backend without a mesh
     warmup: bool = True  # compile a batch-1 generation before /health says ready
 
 
@@ -81,10 +82,20 @@ class ServerState:
                                     registry=r)
         self.cancelled = Counter("gptjax_serve_cancelled", "Requests whose work was cancelled, by reason",
                                  ["reason"], registry=r)
+        self.decode_rows = Histogram("gptjax_serve_decode_rows", "Rows decoding per decode chunk (batch occupancy)",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        on_cancel = lambda reason: self.cancelled.labels(reason=reason).inc()  # noqa: E731
+        self.batching = _batching(model, options)
+        session = None
+        if self.batching == "continuous":
+            from gptjax.serve.continuous import SessionRunner
+
+            session = SessionRunner(model.backend, model.weights, chunk_size=options.chunk_size,
+                                    max_batch=options.max_batch,
+                                    on_cancel=on_cancel, on_chunk=self.decode_rows.observe)
         self.scheduler = Scheduler(self._stream, max_batch=options.max_batch, max_queue=options.max_queue,
-                                   batch_wait=options.batch_wait,
-                                   on_batch=self.batch_size.observe,
-                                   on_cancel=lambda reason: self.cancelled.labels(reason=reason).inc())
+                                   batch_wait=options.batch_wait, on_batch=self.batch_size.observe,
+                                   on_cancel=on_cancel, on_chunk=self.decode_rows.observe, session=session)
         self.queue_depth.set_function(lambda: self.scheduler.depth)
 
     def _stream(self, requests: Any) -> Any:
@@ -94,9 +105,14 @@ class ServerState:
     def start(self) -> None:
         """Warm up (compile) in a thread, then start the worker and turn ready."""
         def run() -> None:
-            if self.options.warmup:
-                m = self.model
-                m.backend.generate(m.weights, [[0]], 2, seed=0)
+            try:
+                if self.options.warmup:
+                    m = self.model
+                    m.backend.generate(m.weights, [[0]], 2, seed=0)
+            except Exception:
+                log.exception("warm-up failed: the server stays unready")
+                self.phase = "failed"
+                return
             self.scheduler.start()
             if self.phase == "loading":
                 self.phase = "ready"
@@ -115,6 +131,16 @@ class ServerState:
                 return False
             time.sleep(0.05)
         return True
+
+
+def _batching(model: ServedModel, options: ServeOptions) -> str:
+    """The batching mode to use: continuous where the backend supports it (jax without a mesh), else dynamic."""
+    if options.batching not in ("continuous", "dynamic"):
+        raise GptjaxError(f"batching={options.batching!r}; allowed: continuous, dynamic")
+    from gptjax.backends.jax_flax import JaxBackend
+
+    supported = isinstance(model.backend, JaxBackend) and model.backend.mesh is None
+    return options.batching if supported else "dynamic"
 
 
 def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
@@ -218,7 +244,8 @@ def _authorize(request: Request, api_key: str | None) -> None:
 
 def _check_ready(state: ServerState) -> None:
     if state.phase != "ready":
-        message = "the model is still loading" if state.phase == "loading" else "the server is shutting down"
+        message = {"loading": "the model is still loading", "failed": "the model failed to warm up (see the "
+                   "server log)"}.get(state.phase, "the server is shutting down")
         raise RequestError(503, message, type="server_error", code="unavailable", headers={"Retry-After": "1"})
 
 
@@ -243,7 +270,7 @@ def _submit(state: ServerState, job: Job) -> None:
     except QueueFull as e:
         raise RequestError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-    except GptjaxError as e:
+    except ShuttingDown as e:
         raise RequestError(503, str(e), type="server_error", code="unavailable") from None
 
 
@@ -266,9 +293,10 @@ async def _next_event(request: Request | None, job: Job, deadline: float) -> Eve
 
 def _generation_error(error: BaseException) -> RequestError:
     """A job's failure as what the client may see (the details stay in the server log)."""
-    if isinstance(error, GptjaxError):
-        return RequestError(503 if "shut down" in str(error) else 400, str(error),
-                            type="server_error" if "shut down" in str(error) else "invalid_request_error")
+    if isinstance(error, ShuttingDown):
+        return RequestError(503, str(error), type="server_error", code="unavailable")
+    if isinstance(error, GptjaxError):  # a request the checks let through but the backend refused
+        return RequestError(400, str(error))
     log.error("generation failed", exc_info=error)
     return RequestError(500, f"generation failed ({type(error).__name__}); the request was not completed",
                         type="server_error")

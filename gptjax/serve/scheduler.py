@@ -74,13 +74,22 @@ class QueueFull(GptjaxError):
     """The bounded queue has no room: answer 429."""
 
 
+class ShuttingDown(GptjaxError):
+    """The server is stopping: answer 503."""
+
+
 class Scheduler:
     """Runs jobs on `stream(requests) -> chunks` (a backend's stream_joined, weights bound) in one thread."""
 
     def __init__(self, stream: Callable[[Sequence[GenerationRequest]], Any], *, max_batch: int, max_queue: int,
                  batch_wait: float = 0.02, on_batch: Callable[[int], None] | None = None,
-                 on_cancel: Callable[[str], None] | None = None) -> None:
-        self._stream, self.max_batch, self.max_queue = stream, max_batch, max_queue
+                 on_cancel: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None,
+                 session: Callable[[list[Job], Any, list[Any]], None] | None = None) -> None:
+        """stream runs a batch (dynamic batching); session, when given, runs a batch and takes queued jobs into
+        it between chunks (continuous batching, gptjax.serve.continuous). Hooks: on_batch(rows at start),
+        on_chunk(live rows per decode chunk), on_cancel(reason)."""
+        self._stream, self.max_batch, self.max_queue, self._session = stream, max_batch, max_queue, session
+        self.on_chunk = on_chunk or (lambda n: None)
         self._on_batch, self._on_cancel = on_batch or (lambda n: None), on_cancel or (lambda reason: None)
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
@@ -102,7 +111,7 @@ class Scheduler:
         """Queue a job, or raise QueueFull when max_queue jobs are already waiting."""
         with self._cv:
             if self._closing:
-                raise GptjaxError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._pending.append(job)
@@ -123,7 +132,7 @@ class Scheduler:
         for job in jobs:
             if job.live:
                 job.cancel("shutdown")
-                job.post(Event(error=GptjaxError("the server shut down before this request finished")))
+                job.post(Event(error=ShuttingDown("the server shut down before this request finished")))
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -171,21 +180,50 @@ class Scheduler:
     def _dropped(self, job: Job) -> None:
         self._on_cancel(job.cancel_reason or "finished")
 
+    def take(self, fits: Callable[[GenerationRequest], bool], limit: int) -> list[Job]:
+        """Up to `limit` queued live jobs whose request fits (in queue order), now counted as running."""
+        taken: list[Job] = []
+        with self._cv:
+            for job in list(self._pending):
+                if len(taken) >= limit:
+                    break
+                if not job.live:
+                    self._pending.remove(job)
+                    self._dropped(job)
+                elif fits(job.request):
+                    self._pending.remove(job)
+                    taken.append(job)
+            self._running += taken
+        return taken
+
     def _run(self, batch: list[Job]) -> None:
         """Run a batch; if it fails, each job alone, so an error stays with the job that caused it."""
         self._on_batch(len(batch))
         try:
-            self._run_batch(batch)
+            if self._session is None:
+                self._run_batch(batch)
+            else:
+                self._run_session(batch)
         except Exception as e:
-            if len(batch) == 1:
-                batch[0].post(Event(error=e))
+            jobs = list(self._running)  # with the jobs a session took in
+            if len(jobs) == 1:
+                if jobs[0].live:
+                    jobs[0].post(Event(error=e))
                 return
-            for job in batch:
+            for job in jobs:
                 if job.live:
                     try:
                         self._run_batch([job])
                     except Exception as single:
                         job.post(Event(error=single))
+
+    def _run_session(self, jobs: list[Job]) -> None:
+        spans = _batch_spans(jobs)
+        try:
+            self._session(jobs, self.take, spans)
+        finally:
+            for span in spans:
+                span.end()
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Stream one batch, handing each live row its tokens (those not sent before), until no row is live."""
@@ -198,6 +236,8 @@ class Scheduler:
         produced = [0] * len(jobs)
         try:
             for chunk in chunks:
+                if chunk.phase == "decode":
+                    self.on_chunk(sum(job.live for job in jobs))
                 for row, job in enumerate(jobs):
                     new = chunk.tokens[row]
                     fresh = new[max(0, job.sent - produced[row]):]
