@@ -3,13 +3,13 @@
     python -m benchmarks.serve_load                          # gpt2 shape, random weights, 32 new tokens
     python -m benchmarks.serve_load --preset byte-mini --requests 64 --concurrency 1,4,16,32
 
-Starts the server (a subprocess, --max-batch 16), warms every batch bucket up, then for each concurrency c
-runs c clients that each send streaming completions back to back until the level's request count is sent or
-its duration cap passes; levels are interleaved over --rounds (1 4 16 1 4 16 ...) so machine drift hits all
-alike. Reports requests/s and generated tokens/s (the median over rounds), time to first token and time per
-output token (p50/p99 over all rounds' requests, from the SSE chunks), the mean batch the server formed, and
-checks /metrics against the client's counts (requests answered 200, tokens generated). The machine is
-shared: compare ratios within a run.
+Starts the server (a subprocess, --max-batch 16, --batching continuous or dynamic), warms every batch bucket
+and level up, then for each concurrency c runs c clients that each send streaming completions back to back until the
+level's request count is sent or its duration cap passes; levels are interleaved over --rounds (1 4 16 1 4 16
+...) so machine drift hits all alike. Reports requests/s and generated tokens/s (the median over rounds), time
+to first token and time per output token (p50/p99 over all rounds' requests, from the SSE chunks), the rows
+decoding per chunk, and checks /metrics against the client's counts (requests answered 200, tokens
+generated). The machine is shared: compare ratios within a run.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ async def _level(url: str, clients: int, requests: int, cap_s: float, prompts: l
 def _scrape(url: str) -> dict[str, float]:
     """The samples of /metrics this benchmark checks."""
     wanted = ('gptjax_http_requests_total{method="POST",route="/v1/completions",status="200"}',
-              'gptjax_generated_tokens_total{backend="jax"}', "gptjax_serve_batch_size_sum",
-              "gptjax_serve_batch_size_count")
+              'gptjax_generated_tokens_total{backend="jax"}', "gptjax_serve_decode_rows_sum",
+              "gptjax_serve_decode_rows_count")
     values = dict.fromkeys(wanted, 0.0)
     for line in httpx.get(url + "/metrics").text.splitlines():
         name, _, value = line.rpartition(" ")
@@ -101,7 +101,7 @@ def _scrape(url: str) -> dict[str, float]:
 def _start_server(checkpoint: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", checkpoint, "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", "256", "--chunk-size", str(args.chunk_size),
-           "--request-timeout", "600"]
+           "--request-timeout", "600", "--batching", args.batching]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -139,13 +139,14 @@ def _row(c: int, runs: list[tuple[list[Sample], float, dict]], args: argparse.Na
     gaps = [g for s in ok for g in s.gaps]
     rates = [sum(s.tokens for s in run if s.status == 200) / wall for run, wall, _ in runs]
     return {"benchmark": "serve_load", "preset": args.preset, "checkpoint": args.checkpoint, "clients": c,
+            "batching": args.batching,
             "requests": len(samples), "ok": len(ok), "rounds": len(runs),
             "requests_per_s": statistics.median(sum(s.status == 200 for s in run) / wall for run, wall, _ in runs),
             "tokens_per_s": statistics.median(rates), "tokens_per_s_rounds": rates,
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "tpot_p50_s": percentile(gaps, 50) if gaps else float("nan"),
             "tpot_p99_s": percentile(gaps, 99) if gaps else float("nan"),
-            "mean_batch": diff["gptjax_serve_batch_size_sum"] / max(1, diff["gptjax_serve_batch_size_count"]),
+            "mean_rows": diff["gptjax_serve_decode_rows_sum"] / max(1, diff["gptjax_serve_decode_rows_count"]),
             "server_200": diff['gptjax_http_requests_total{method="POST",route="/v1/completions",status="200"}'],
             "server_tokens": diff['gptjax_generated_tokens_total{backend="jax"}'], "client_tokens": tokens,
             "max_tokens": args.max_tokens, "prompt": args.prompt}
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (default 32)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=4)
+    ap.add_argument("--batching", choices=["continuous", "dynamic"], default="continuous")
     ap.add_argument("--json", metavar="FILE", help="append one JSON line per level")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -181,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         proc = _start_server(checkpoint, port, args)
         url = f"http://127.0.0.1:{port}"
         try:
-            for b in (1, 2, 4, 8, 16, 32):  # compile each batch bucket the levels can form
+            for b in (1, 2, 4, 8, 16, 32):  # compile each batch bucket the levels can form ...
                 if b <= max(levels) and b <= 2 * args.max_batch:
                     asyncio.run(_level(url, b, b, 600, prompts, args.max_tokens))
+            for c in levels:  # ... and what each level's traffic compiles (rows joining running batches)
+                asyncio.run(_level(url, c, 3 * c, 600, prompts, args.max_tokens))
             runs: dict[int, list] = {c: [] for c in levels}
             for _ in range(args.rounds):
                 for c in levels:
@@ -199,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print("environment:", json.dumps(env))
     print(f"\nserve_load, {args.checkpoint or args.preset + ' (random weights)'}, prompt {args.prompt}, max_tokens "
-          f"{args.max_tokens}, chunk {args.chunk_size}, max batch {args.max_batch}, {args.requests} requests x "
+          f"{args.max_tokens}, chunk {args.chunk_size}, max batch {args.max_batch}, {args.batching} batching, "
+          f"{args.requests} requests x "
           f"{args.rounds} rounds per level; server exit status {code}\n")
     print("| clients | requests ok | req/s | tokens/s (rounds) | vs 1 client | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
-          "mean batch | /metrics 200s, tokens = client's |")
+          "rows per decode chunk | /metrics 200s, tokens = client's |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = next((r["tokens_per_s"] for r in rows if r["clients"] == 1), None)
     for r in rows:
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         each = " / ".join(f"{x:,.0f}" for x in r["tokens_per_s_rounds"])
         print(f"| {r['clients']} | {r['ok']}/{r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:,.1f} "
               f"({each}) | {vs} | {1e3 * r['ttft_p50_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} | "
-              f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f} | {r['mean_batch']:.1f} | "
+              f"{1e3 * r['tpot_p50_s']:.1f} / {1e3 * r['tpot_p99_s']:.1f} | {r['mean_rows']:.1f} | "
               f"{int(r['server_200'])}, {int(r['server_tokens'])}: {'yes' if match else 'NO'} |")
     append_jsonl(args.json, rows, env)
     return 0 if code == 0 and all(r["ok"] == r["requests"] for r in rows) else 1

@@ -43,8 +43,8 @@ class SessionRunner:
                 first = session.first_chunk()
             self._deliver(session, first, ttft=True)
             while session.live:
-                self._admit(session, take)
                 self._drop_cancelled(session)
+                self._admit(session, take)
                 if not session.live:
                     break
                 before = session.step
@@ -67,7 +67,8 @@ class SessionRunner:
 
     def _admit(self, session: DecodeSession, take: Take) -> None:
         """Move queued jobs that fit into free slots, each prefilled alone (a failure fails only that job)."""
-        for job in take(session.fits, session.owners.count(None)):
+        room = min(session.owners.count(None), self.max_batch - len(session.live))  # rows are a power of two
+        for job in take(session.fits, max(0, room)):
             n = len(job.request.prompts[0])
             try:
                 with self._phase("prefill", job.span, 1, n, n):
