@@ -306,9 +306,8 @@ def test_concurrent_requests_are_batched_and_get_their_solo_tokens(faulty, pool,
         assert faulty.metric("gptjax_serve_batch_size_sum") >= 5
 
 
+@pytest.mark.parametrize("faulty", ["continuous"], indirect=True)  # dynamic: requests wait for the running batch
 def test_continuous_batching_lets_requests_join_a_running_batch(faulty, backend):
-    if faulty.batching != "continuous":
-        pytest.skip("dynamic batching: requests wait for the running batch")
     batches = faulty.metric("gptjax_serve_batch_size_count")
     pool = ThreadPoolExecutor(4)
     leader = pool.submit(faulty.post, {"prompt": [VERY_SLOW, 1], "max_tokens": 24, "seed": 1, "stream": True})
@@ -355,9 +354,8 @@ def test_a_burst_over_the_queue_gets_429_and_nothing_is_lost(faulty, pool):
     assert sum(after.values()) == n + 1
 
 
-def test_a_timeout_is_504_and_cancels_the_work(faulty):
-    if faulty.batching != "dynamic":
-        pytest.skip("the timeout is the app's, alike for both; continuous mode's cancelling is the disconnect test's")
+@pytest.mark.parametrize("faulty", ["dynamic"], indirect=True)  # the app's timeout, alike for both modes; continuous
+def test_a_timeout_is_504_and_cancels_the_work(faulty):  # mode's cancelling is tested by the disconnect test
     cancelled = faulty.metric('gptjax_requests_total{outcome="cancelled"}')
     timeouts = faulty.metric('gptjax_serve_cancelled_total{reason="timeout"}')
     t0 = time.monotonic()
