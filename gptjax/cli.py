@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="jax", help="backend name (default jax; see `gptjax backends`)")
     gen.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps per streamed chunk")
     gen.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
+    gen.add_argument("--precision", choices=["fp32", "bf16", "int8", "w8a8"], help="how to run the weights "
+                     "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
+    gen.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="KV-cache storage (default: bf16 for "
+                     "bf16, else fp32)")
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train a GPT (default: a small byte-level model on the Python stdlib, ~3 min)",
@@ -153,6 +157,29 @@ def _parser() -> argparse.ArgumentParser:
                     "the run's seq_len to reproduce its validation figure)")
     ev.set_defaults(func=_cmd_eval)
 
+    q = sub.add_parser("quantize", help="write a bf16/int8 checkpoint, or report every precision mode's trade-off",
+                       description="--to int8|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per "
+                       "output channel, or per group of --group-size inputs, + float32 scales; the mode is "
+                       "recorded in the safetensors metadata and loading never quantises again). --report "
+                       "measures fp32, bf16, int8, int8 grouped, w8a8 and the int8 KV cache on the same "
+                       "validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, "
+                       "prefill and decode tokens/s.")
+    q.add_argument("--checkpoint", required=True, metavar="DIR", help="a float checkpoint")
+    q.add_argument("--to", choices=["int8", "bf16"], help="write the checkpoint in this precision")
+    q.add_argument("--out", metavar="DIR", help="where --to writes (never the source)")
+    q.add_argument("--group-size", type=int, metavar="G", help="int8: one scale per G inputs of each output channel "
+                   "(default: one per channel)")
+    q.add_argument("--keep-head", action="store_true", help="int8: keep the (tied) embedding/LM head float32")
+    q.add_argument("--report", action="store_true", help="print the precision report instead of writing")
+    q.add_argument("--data", metavar="SPEC", help="report: validation text, as for train (default stdlib)")
+    q.add_argument("--val-fraction", type=float, default=0.05, help="report: as the run used (default 0.05)")
+    q.add_argument("--seq-len", type=int, metavar="T", help="report: window length (default: the context)")
+    q.add_argument("--windows", type=int, default=64, metavar="N", help="report: validation windows (default 64)")
+    q.add_argument("--runs", type=int, default=5, metavar="N", help="report: timed runs per mode (default 5)")
+    q.add_argument("--no-speed", action="store_true", help="report: quality and bytes only")
+    q.add_argument("--json", metavar="FILE", help="report: also write one JSON line per mode")
+    q.set_defaults(func=_cmd_quantize)
+
     _serve_parser(sub)
 
     backends = sub.add_parser("backends", help="list the available backends (built-in and plugins)")
@@ -168,8 +195,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (config.json + "
                     "model.safetensors, tokenizer files optional)")
     sv.add_argument("--backend", default="jax", help="backend name (default jax)")
-    sv.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="weight precision mode, passed "
-                    "to the backend as its `precision` option (default fp32)")
+    sv.add_argument("--precision", choices=["fp32", "bf16", "int8", "w8a8"], help="how to run the weights "
+                    "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
+    sv.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="KV-cache storage (default: bf16 for "
+                    "bf16, else fp32)")
     sv.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -222,7 +251,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from gptjax.sharding import make_mesh, parse_mesh
 
         mesh = make_mesh(**parse_mesh(args.mesh))
-    model = serve.load_model(args.checkpoint, args.backend, precision=args.precision, mesh=mesh)
+    model = serve.load_model(args.checkpoint, args.backend, precision=args.precision, kv_cache=args.kv_cache,
+                             mesh=mesh)
     cap = args.max_tokens_cap
     if cap is not None and not 1 <= cap <= model.backend.config.n_positions:
         raise GptjaxError(f"--max-tokens-cap {cap} must be in [1, {model.backend.config.n_positions}]")
@@ -387,7 +417,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                           "give the prompt as --tokens 1,2,3")
     else:
         prompt = tokenizer.encode(args.prompt)
-    options = {}
+    from gptjax.weights import stored_precision
+
+    options = {"precision": args.precision or stored_precision(args.checkpoint)}
+    if args.kv_cache:
+        options["kv_cache"] = args.kv_cache
     if args.mesh:
         from gptjax.sharding import make_mesh, parse_mesh
 
@@ -531,32 +565,105 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from gptjax import data
     from gptjax.backends.jax_flax import GPT
-    from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
     from gptjax.train import evaluate
     from gptjax.weights import load_checkpoint
 
     config, params = load_checkpoint(args.checkpoint)
+    tokens, val_docs = _validation_tokens(args, config)
+    if args.batch_size < 1 or args.max_batches < 1:
+        raise GptjaxError("--batch-size and --max-batches must be >= 1")
+    graphdef, weights = nnx.split(GPT(config, params))
+    T = _seq_len(args.seq_len, config)
+    loss, n = evaluate(graphdef, weights, data.eval_batches(tokens, args.batch_size, T, args.max_batches))
+    print(f"validation: {n:,} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}, "
+          f"{data.bits_per_byte(loss, len(tokens), data.corpus_bytes(val_docs)):.4f} bits/byte")
+    return 0
+
+
+def _seq_len(seq_len: int | None, config: GPTConfig) -> int:
+    T = seq_len or config.n_positions
+    if not 1 <= T <= config.n_positions:
+        raise GptjaxError(f"--seq-len {T} must be in [1, {config.n_positions}]")
+    return T
+
+
+def _validation_tokens(args: argparse.Namespace, config: GPTConfig) -> tuple[np.ndarray, list]:
+    """The validation split of --data tokenised with the checkpoint's tokenizer (joined as training joins
+    documents), and its documents."""
+    from gptjax import data
+    from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
+
     if has_tokenizer(args.checkpoint):
         tokenizer = load_tokenizer(args.checkpoint)
     elif config.vocab_size == 256:
         tokenizer = ByteTokenizer()
     else:
         raise GptjaxError(f"{args.checkpoint} has no tokenizer files and a {config.vocab_size}-token vocabulary")
-    if not 0 < args.val_fraction < 1 or args.batch_size < 1 or args.max_batches < 1:
-        raise GptjaxError("--val-fraction must be in (0, 1), --batch-size and --max-batches >= 1")
+    if not 0 < args.val_fraction < 1:
+        raise GptjaxError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
     _, val_docs = data.split_docs(data.resolve_corpus(args.data), args.val_fraction)
     separator = tokenizer.encode(data.SEPARATOR)  # documents are joined as training joins them
     tokens = np.asarray([i for n, (_, text) in enumerate(val_docs) for i in (separator if n else []) +
                          tokenizer.encode(text)], np.int64)
     if tokens.max(initial=0) >= config.vocab_size:
         raise GptjaxError(f"the tokenizer produced id {tokens.max()} >= the model's vocab_size {config.vocab_size}")
-    graphdef, weights = nnx.split(GPT(config, params))
-    T = args.seq_len or config.n_positions
-    if not 1 <= T <= config.n_positions:
-        raise GptjaxError(f"--seq-len {T} must be in [1, {config.n_positions}]")
-    loss, n = evaluate(graphdef, weights, data.eval_batches(tokens, args.batch_size, T, args.max_batches))
-    print(f"validation: {n:,} tokens, loss {loss:.4f} nats/token, perplexity {math.exp(min(loss, 50)):.3f}, "
-          f"{data.bits_per_byte(loss, len(tokens), data.corpus_bytes(val_docs)):.4f} bits/byte")
+    return tokens, val_docs
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptjax.quantize import convert
+    from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
+
+    if (args.to is None) == (not args.report):
+        raise GptjaxError("give --to MODE --out DIR (write a quantised checkpoint) or --report (measure every mode)")
+    stored = stored_precision(args.checkpoint)
+    if stored != "fp32":
+        raise GptjaxError(f"{args.checkpoint} is already a {stored} checkpoint; quantise from float weights")
+    if args.report:
+        return _quantize_report(args)
+    if not args.out:
+        raise GptjaxError("--to needs --out DIR (the quantised checkpoint; the source is never overwritten)")
+    source, out = Path(args.checkpoint).resolve(), Path(args.out).resolve()
+    if out == source:
+        raise GptjaxError(f"--out {args.out!r} is the source checkpoint; write the quantised one elsewhere")
+    config, params = load_checkpoint(source)
+    quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
+    metadata = {"gptjax.group_size": str(args.group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
+    save_checkpoint(config, quantised, out, metadata=metadata, extra_files_from=source)
+    before = sum(np.asarray(v).nbytes for v in params.values())
+    after = sum(np.asarray(v).nbytes for v in quantised.values())
+    print(f"wrote {out} ({args.to}{f', groups of {args.group_size}' if args.group_size else ''}"
+          f"{', head kept float32' if args.keep_head else ''}): weights {after / 1e6:.2f} MB = "
+          f"{after / before:.3f} x float32's {before / 1e6:.2f} MB")
+    return 0
+
+
+def _quantize_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from gptjax import data
+    from gptjax.precision_report import DEFAULT_MODES, report, table
+    from gptjax.weights import load_checkpoint
+
+    config, params = load_checkpoint(args.checkpoint)
+    tokens, _ = _validation_tokens(args, config)
+    T = _seq_len(args.seq_len, config)
+    batches = list(data.eval_batches(tokens, 8, T, -(-args.windows // 8)))
+    if not batches:
+        raise GptjaxError(f"the validation split has fewer than {T + 1} tokens")
+    windows = np.concatenate([np.concatenate([x, y[:, -1:]], 1) for x, y in batches])[: args.windows]
+    timing = None if args.no_speed else {"prompt": min(32, config.n_positions // 2),
+                                         "new_tokens": min(32, config.n_positions // 2), "runs": args.runs}
+    rows = report(config, params, windows, DEFAULT_MODES, timing=timing,
+                  progress=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
+    print(f"{args.checkpoint}: {len(windows)} validation windows of {T} tokens ({windows[:, 1:].size:,} "
+          f"predictions); quality vs fp32 on the JAX backend; speed: median of {args.runs} interleaved runs\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text("\n".join(json.dumps(r.as_dict()) for r in rows) + "\n", encoding="utf-8")
     return 0
 
 

@@ -6,8 +6,8 @@ size G the scale is per output channel and per group of G inputs. Dequantised va
 the original. An all-zero channel gets scale 1 and values 0, so it round-trips exactly.
 
 Quantised params keep the canonical key of each quantised weight for its int8 values and add
-`<key>_scale`; `precision_of` tells the mode of a param dict. (The backends' bf16/int8 execution modes
-build on these functions: the precision issue.)
+`<key>_scale`; `precision_of` tells the storage of a param dict, and `for_precision` is the conversion step
+every backend runs on the params it is given (precision fp32 | bf16 | int8 | w8a8).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.weights import Params
+from gptjax.weights import SCALE_SUFFIX, Params
 
-MODES = ("fp32", "bf16", "int8")
-SCALE_SUFFIX = "_scale"
+MODES = ("fp32", "bf16", "int8")  # how weights are stored
+PRECISIONS = ("fp32", "bf16", "int8", "w8a8")  # how a backend runs them: w8a8 = int8 weights + int8 activations
+KV_CACHE_MODES = ("fp32", "bf16", "int8")
 
 
 def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]:
@@ -94,6 +95,62 @@ def convert(params: Params, config: GPTConfig, mode: str, *, group_size: int | N
         else:
             out[key] = np.asarray(value, np.float32)
     return out
+
+
+def storage(precision: str) -> str:
+    """The weight storage a precision runs on (w8a8 runs on int8 weights)."""
+    if precision not in PRECISIONS:
+        raise GptjaxError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    return "int8" if precision == "w8a8" else precision
+
+
+def default_kv_cache(precision: str) -> str:
+    """The KV-cache mode a precision uses unless told otherwise: bf16 for bf16, else fp32."""
+    return "bf16" if storage(precision) == "bf16" else "fp32"
+
+
+def for_precision(params: Params, config: GPTConfig, precision: str, *, group_size: int | None = None,
+                  keep_head: bool = False) -> Params:
+    """params as `precision` runs them: float32 weights are converted; weights already in that storage (a
+    quantised checkpoint) are used as they are, never quantised twice; other combinations are an error."""
+    target, current = storage(precision), precision_of(params)
+    if current == target:
+        if target == "int8" and (group_size is not None or keep_head):
+            raise GptjaxError("group_size/keep_head apply when quantising float32 weights; these params are "
+                              "already int8 (a quantised checkpoint) and are used as stored")
+        return params
+    if current != "fp32":
+        raise GptjaxError(f"params are {current}; run them with precision="
+                          f"{' or '.join(repr(p) for p in PRECISIONS if storage(p) == current)} "
+                          f"(precision={precision!r} needs float32 weights)")
+    return convert(params, config, target, group_size=group_size, keep_head=keep_head)
+
+
+def check_quantized(config: GPTConfig, params: Params, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise naming the first int8 weight without a valid scale (or stray scale) in quantised params."""
+    for key, value in params.items():
+        dtype = np.asarray(value).dtype
+        if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in shapes:
+            continue
+        if dtype == np.int8:
+            if key not in quantized_keys(config):
+                raise GptjaxError(f"param {key!r} is int8, but only matmul weights may be quantised")
+            if key + SCALE_SUFFIX not in params:
+                raise GptjaxError(f"param {key!r} is int8 but {key + SCALE_SUFFIX!r} (its scales) is missing")
+    for key in params:
+        if not key.endswith(SCALE_SUFFIX) or key[: -len(SCALE_SUFFIX)] not in shapes:
+            continue
+        weight = key[: -len(SCALE_SUFFIX)]
+        axis = quantized_keys(config).get(weight)
+        scale = np.asarray(params[key])
+        if axis is None or np.asarray(params[weight]).dtype != np.int8:
+            raise GptjaxError(f"param {key!r} is a scale, but {weight!r} is not an int8 matmul weight")
+        out, width = shapes[weight][1 - axis], shapes[weight][axis]
+        groups = scale.size // out if scale.size % out == 0 else 0
+        allowed = [(groups, out) if axis == 0 else (out, groups)] + ([(out,)] if groups == 1 else [])
+        if scale.dtype != np.float32 or not groups or width % groups or scale.shape not in allowed:
+            raise GptjaxError(f"param {key!r} has shape {scale.shape} and dtype {scale.dtype}; expected float32 "
+                              f"[{out}] (per channel) or groups dividing {width}")
 
 
 def weight_bytes(params: Params) -> int:

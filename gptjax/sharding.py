@@ -137,9 +137,9 @@ def _divides(dim: int, axes: Any, mesh: Mesh) -> bool:
     return dim % math.prod(mesh.shape[a] for a in names) == 0
 
 
-def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """KV cache [B, H, S, K]: rows over the batch axes, heads over tensor."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "act_heads", None, None), mesh))
+def cache_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
+    """KV cache [B, H, S, K] (or its int8 scales [B, H, S]): rows over the batch axes, heads over tensor."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "act_heads") + (None,) * (ndim - 2), mesh))
 
 
 def shard_state(state: Any, mesh: Mesh) -> Any:

@@ -35,7 +35,7 @@ from gptjax.weights import Params, init_params
 
 log = logging.getLogger("gptjax.train")
 
-_DECAYED = ("kernel", "qkv_kernel", "out_kernel", "wte", "wpe", "lm_head")  # matrices; not biases or LN
+_DECAYED = ("kernel", "embedding", "wpe")  # matrices (wte and lm_head are Embedding.embedding); not biases or LN
 
 
 @dataclass(frozen=True)

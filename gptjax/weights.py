@@ -26,6 +26,8 @@ INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved
+PRECISION_KEY = "gptjax.precision"  # safetensors metadata of a reduced-precision checkpoint
+SCALE_SUFFIX = "_scale"  # int8 weights' scales (gptjax.quantize)
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -67,12 +69,15 @@ def init_params(config: GPTConfig, seed: int = 0) -> Params:
 
 
 def validate_params(config: GPTConfig, params: Params) -> None:
-    """Raise naming the first missing/unexpected key or wrong shape of params against config."""
+    """Raise naming the first missing/unexpected key or wrong shape/dtype of params against config. Params are
+    floating point, or quantised by gptjax.quantize (int8 matmul weights, each with a float32 `<key>_scale`)."""
+    from gptjax.quantize import check_quantized
+
     if not isinstance(params, dict):
         raise GptjaxError(f"params must be a dict of arrays (canonical GPT-2 names), got {type(params).__name__}")
     shapes = param_shapes(config)
     missing = [k for k in shapes if k not in params]
-    unexpected = sorted(set(params) - set(shapes))
+    unexpected = sorted(k for k in set(params) - set(shapes) if k.removesuffix(SCALE_SUFFIX) not in shapes)
     if missing or unexpected:
         raise GptjaxError(f"params do not match the config: missing keys {missing[:8]}"
                           f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}")
@@ -80,23 +85,31 @@ def validate_params(config: GPTConfig, params: Params) -> None:
         if tuple(np.shape(params[key])) != shape:
             raise GptjaxError(f"param {key!r} has shape {tuple(np.shape(params[key]))}, expected {shape}")
         dtype = np.asarray(params[key]).dtype
-        if dtype.kind != "f" and dtype.name != "bfloat16":
-            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point")
+        if dtype.kind != "f" and dtype.name != "bfloat16" and dtype != np.int8:
+            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point (or int8 "
+                              "matmul weights with scales)")
+    check_quantized(config, params, shapes)
 
 
 # ---- loading ------------------------------------------------------------------------------------
 def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
-    """Read a GPT-2 checkpoint directory (transformers layout, safetensors only) into (config, float32 params).
+    """Read a GPT-2 checkpoint directory (transformers layout, safetensors only) into (config, params).
 
-    Tensors are copied one by one out of a memory map, so peak memory stays near the checkpoint's size.
+    Params are float32, except in a checkpoint `gptjax quantize` wrote (its safetensors metadata records
+    gptjax.precision): those load as stored, bfloat16 or int8 weights with `<key>_scale` float32 scales, and
+    are never quantised again. Tensors are copied one by one out of a memory map, so peak memory stays near
+    the checkpoint's size.
     """
     directory = _checkpoint_dir(Path(path))
     config = load_config(directory)
     shapes = param_shapes(config)
+    files = _weight_files(directory)
+    precision = stored_precision(directory)
     params: Params = {}
     head = None
-    for file in _weight_files(directory):
-        for raw_key, array in iter_tensors(str(file), lambda k, a: _to_float32(file, k, a)):
+    for file in files:
+        convert = _as_stored if precision != "fp32" else (lambda k, a, file=file: _to_float32(file, k, a))
+        for raw_key, array in iter_tensors(str(file), convert):
             key = _canonical_key(raw_key)
             if key is None:
                 continue
@@ -105,9 +118,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
                 continue
             if key in params:
                 raise GptjaxError(f"{file}: tensor {raw_key!r} appears twice (as {key!r})")
-            if key not in shapes:
+            if key not in shapes and not (precision == "int8" and key.removesuffix(SCALE_SUFFIX) in shapes):
                 raise GptjaxError(f"{file}: unexpected tensor {raw_key!r} for a {config.n_layer}-layer GPT-2")
-            if array.shape != shapes[key]:
+            if key in shapes and array.shape != shapes[key]:
                 raise GptjaxError(f"{file}: tensor {raw_key!r} has shape {array.shape}, "
                                   f"expected {shapes[key]} from config.json")
             params[key] = array
@@ -117,7 +130,26 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
     if head is not None and not np.array_equal(head[1], params["wte.weight"]):
         raise GptjaxError(f"{head[0]}: lm_head.weight differs from wte.weight, but config.json ties them "
                           "(tie_word_embeddings=true)")
+    if precision != "fp32":
+        try:
+            validate_params(config, params)
+        except GptjaxError as e:
+            raise GptjaxError(f"{directory} ({precision} checkpoint): {e}") from None
     return config, params
+
+
+def stored_precision(path: str | os.PathLike) -> str:
+    """The precision a checkpoint's weights are stored in: what `gptjax quantize` recorded in the safetensors
+    metadata (bf16 or int8), else fp32 (a float checkpoint, loaded as float32 whatever its dtypes)."""
+    directory = _checkpoint_dir(Path(path))
+    recorded = read_header(str(_weight_files(directory)[0]))[1].get(PRECISION_KEY, "fp32")
+    if recorded not in ("fp32", "bf16", "int8"):
+        raise GptjaxError(f"{directory}: metadata {PRECISION_KEY}={recorded!r}; allowed: fp32, bf16, int8")
+    return recorded
+
+
+def _as_stored(key: str, a: np.ndarray) -> np.ndarray:
+    return np.array(a)  # a copy in the stored dtype: the view dies with the memory map
 
 
 def load_config(path: str | os.PathLike) -> GPTConfig:
@@ -178,23 +210,32 @@ def _to_float32(file: Path, key: str, a: np.ndarray) -> np.ndarray:
 
 
 # ---- saving -------------------------------------------------------------------------------------
-def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike) -> Path:
+def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None, extra_files_from: str | os.PathLike | None = None) -> Path:
     """Write config.json + model.safetensors atomically (temp dir + rename) in the layout transformers'
-    GPT2LMHeadModel.save_pretrained writes, so from_pretrained loads it unchanged. Other files already in
-    the directory (tokenizer files, a README) are kept; old weight files are replaced."""
+    GPT2LMHeadModel.save_pretrained writes, so from_pretrained loads it unchanged (float params). Reduced-
+    precision params (gptjax.quantize) are written as stored, with their precision in the metadata (plus any
+    `metadata` given). Other files already in the directory (tokenizer files, a README) are kept, and those
+    of `extra_files_from` (another checkpoint) copied in the same swap; old weight files are replaced."""
+    from gptjax.quantize import precision_of
+
     validate_params(config, params)
+    precision = precision_of(params)
+    metadata = {"format": "pt", **(metadata or {})} | ({PRECISION_KEY: precision} if precision != "fp32" else {})
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tensors = {_hf_key(k): np.asarray(v) for k, v in params.items()}
         with open(tmp / WEIGHTS_NAME, "wb") as f:
-            write_safetensors(f, tensors, {"format": "pt"})
+            write_safetensors(f, tensors, metadata)
             _fsync(f)
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config.to_hf_dict(), f, indent=2)
             _fsync(f)
         _carry_over(target, tmp)
+        if extra_files_from is not None:
+            _carry_over(Path(extra_files_from), tmp)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is shared like any directory
         _replace_dir(tmp, target)
     except BaseException:

@@ -50,10 +50,11 @@ def test_join_requests_rejects_what_is_not_a_request():
         join_requests([[1, 2, 3]])
 
 
-def test_rows_joining_a_running_session_get_their_solo_tokens():
+@pytest.mark.parametrize("options", [{}, {"kv_cache": "int8"}, {"precision": "bf16"}])
+def test_rows_joining_a_running_session_get_their_solo_tokens(options):
     from gptjax.backends.jax_session import DecodeSession
 
-    backend = get_backend("jax", CONFIG)
+    backend = get_backend("jax", CONFIG, **options)
     weights = backend.prepare(PARAMS)
     requests = [make_request(CONFIG, [p], n, **kw) for p, n, kw in CASES]
     session = DecodeSession(backend, weights, [requests[0], requests[2]], ["a", "c"], slots=4, headroom=16)

@@ -59,6 +59,28 @@ def test_forward_and_generate_equal_one_device(shape):
                                                                                        greedy=True).tokens
 
 
+@pytest.mark.parametrize("shape,precision,kv_cache", [
+    ((1, 1, 8), "bf16", None), ((2, 2, 2), "int8", "int8"), ((1, 1, 8), "int8", None), ((2, 1, 4), "w8a8", "bf16"),
+    ((8, 1, 1), "int8", "int8"),
+])
+def test_reduced_precision_on_a_mesh_equals_one_device(shape, precision, kv_cache):
+    params, tokens = _params(), np.random.default_rng(4).integers(0, 96, (8, 11))
+    options = {"precision": precision} | ({"kv_cache": kv_cache} if kv_cache else {})
+    single = get_backend("jax", CONFIG, **options)
+    sharded = get_backend("jax", CONFIG, mesh=make_mesh(*shape), **options)
+    weights = sharded.prepare(params)
+    c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"][...]
+    assert c_fc.dtype == {"bf16": jnp.bfloat16}.get(precision, jnp.int8)
+    if shape[2] > 1:
+        assert c_fc.sharding.spec[1] == "tensor"  # the low-precision weights are split like the fp32 ones
+    # int8/w8a8 on CPU quantise activations per token (lowp): another partitioning may round one value differently
+    np.testing.assert_allclose(sharded.forward(weights, tokens), single.forward(params, tokens),
+                               atol={"int8": 1e-3, "w8a8": 5e-3}.get(precision, 1e-4))
+    prompts = [list(t[: 3 + i]) for i, t in enumerate(tokens[:6])]
+    assert (sharded.generate(weights, prompts, 8, greedy=True).tokens
+            == single.generate(params, prompts, 8, greedy=True).tokens)
+
+
 @pytest.mark.parametrize("shape,expected", [
     ((8, 1, 1), (None, None)), ((1, 8, 1), ("fsdp", None)), ((1, 1, 8), (None, "tensor")),
     ((2, 2, 2), ("fsdp", "tensor")),
@@ -67,14 +89,14 @@ def test_parameters_and_kv_cache_are_sharded_as_intended(shape, expected):
     mesh = make_mesh(*shape)
     backend = get_backend("jax", CONFIG, mesh=mesh)
     weights = backend.prepare(_params())
-    c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]
+    c_fc = weights.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"]
     spec = tuple(c_fc[...].sharding.spec) + (None,) * 2
     assert spec[:2] == expected  # [D, F]: embed over fsdp, mlp over tensor
-    qkv = weights.state["blocks"][0]["attn"]["qkv_kernel"][...].sharding.spec  # [D, 3, H, K]
+    qkv = weights.state["blocks"][0]["attn"]["c_attn"]["kernel"][...].sharding.spec  # [D, 3, H, K]
     assert (qkv[2] if len(qkv) > 2 else None) == ("tensor" if shape[2] > 1 else None)
     request = make_request(CONFIG, [[1, 2, 3]] * 8, 4)
     d, *_ = jax_decode.start(weights, request, 8, 16, mesh)
-    cache_spec = tuple(d.cache.k[0].sharding.spec) + (None,) * 4  # [B, H, S, K]
+    cache_spec = tuple(d.cache.layers[0].k.sharding.spec) + (None,) * 4  # [B, H, S, K]
     assert cache_spec[1] == ("tensor" if shape[2] > 1 else None)
 
 
@@ -94,8 +116,8 @@ def test_training_steps_equal_one_device(shape):
     assert float(m.grad_norm) == pytest.approx(float(ref_m.grad_norm), rel=1e-5)
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["c_fc"]["kernel"]
-    param = state.params["blocks"][0]["mlp"]["c_fc"]["kernel"]
+    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"]
+    param = state.params["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"]
     assert mu[...].sharding.spec == param[...].sharding.spec  # optimizer state sharded alike
 
 

@@ -16,10 +16,13 @@ from opentelemetry import context as otel_context
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
+from gptjax.quantize import KV_CACHE_MODES, PRECISIONS, default_kv_cache, for_precision, storage
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
 
 ENTRY_POINT_GROUP = "gptjax.backends"
+PRECISION_OPTIONS: dict[str, tuple] = {"precision": PRECISIONS, "kv_cache": KV_CACHE_MODES, "group_size": (),
+                                       "keep_head": (False, True)}
 _BUILTIN = {
     "numpy": "gptjax.backends.numpy_ref:NumpyBackend",
     "jax": "gptjax.backends.jax_flax:JaxBackend",
@@ -36,6 +39,8 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}  # option name → allowed values (empty tuple: any)
+    # Every built-in backend takes these (merge them into `options`): the precision mode, the KV cache's
+    # storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
 
     def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
         if not isinstance(config, GPTConfig):
@@ -46,15 +51,24 @@ class Backend(abc.ABC):
             allowed = self.options[key]
             if allowed and value not in allowed:
                 raise GptjaxError(f"backend {self.name!r}: {key}={value!r}; allowed: {list(allowed)}")
+        group_size = options.get("group_size")
+        if group_size is not None and (not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool)
+                                       or group_size < 1):
+            raise GptjaxError(f"backend {self.name!r}: group_size={group_size!r} must be a positive integer or None")
         self.config = config
+        self._precision = options.get("precision", "fp32")
+        self.kv_cache = options.get("kv_cache") or default_kv_cache(self._precision)
+        self.quantization = {"group_size": group_size, "keep_head": bool(options.get("keep_head", False))}
         self.metrics = metrics  # a gptjax.tracing.Metrics, or None
         self.trace_sync = trace_sync  # False: spans do not wait for device results (marked gptjax.synced=false)
         self._cache: tuple[Params, tuple[Any, ...], Any] | None = None
 
     def prepare(self, params: Params) -> Any:
-        """Validate canonical params and convert them to this backend's layout (reusable across calls)."""
+        """Validate canonical params, bring them to this backend's precision (gptjax.quantize.for_precision:
+        float32 weights are converted, a quantised checkpoint is used as stored) and convert them to the
+        backend's layout (reusable across calls)."""
         validate_params(self.config, params)
-        return self._convert(params)
+        return self._convert(for_precision(params, self.config, self.precision, **self.quantization))
 
     def forward(self, params: Params | Any, tokens: Any, *, last_only: bool = False) -> np.ndarray:
         """Logits, float32 [B, T, V] (or [B, V] at the last position with last_only) for int tokens [B, T].
@@ -137,8 +151,8 @@ class Backend(abc.ABC):
 
     @property
     def precision(self) -> str:
-        """The weights' precision mode (fp32 until reduced-precision modes exist)."""
-        return "fp32"
+        """How this backend runs the weights: fp32, bf16, int8 (weight-only) or w8a8 (int8 activations too)."""
+        return self._precision
 
     def _compile_count(self) -> int:
         """Compilations so far of this backend's jitted functions (0 for backends that do not compile)."""
@@ -228,11 +242,11 @@ class Backend(abc.ABC):
         if phase == "prefill":
             m.ttft.labels(backend=self.name).observe(since_start + seconds)
             flops = sum(c.forward_flops(1, len(p), last_only=True) for p in request.prompts)
-            m.observe_utilization(phase, seconds, flops, c.weight_bytes(self.precision))
+            m.observe_utilization(phase, seconds, flops, c.weight_bytes(storage(self.precision)))
         elif steps:
             m.tpot.labels(backend=self.name).observe(seconds / steps)
             per_token = c.forward_flops(1, position + steps) - c.forward_flops(1, position + steps - 1)
-            m.observe_utilization(phase, seconds, per_token * tokens, c.weight_bytes(self.precision) * steps)
+            m.observe_utilization(phase, seconds, per_token * tokens, c.weight_bytes(storage(self.precision)) * steps)
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...

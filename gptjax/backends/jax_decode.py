@@ -126,17 +126,20 @@ def decode_masks(pad: jax.Array, index: jax.Array, S: int) -> Masks:
     return Masks(cache, jnp.ones((pad.shape[0], 1, 1), bool))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "cache_sharding"))
-def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array,
-            sampling: Sampling, config: GPTConfig, cache_length: int, mode: str,
-            cache_sharding: Any = None) -> DecodeState:
-    """Run left-padded prompts [B, Tp] into a fresh cache of cache_length and sample the first token."""
+@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "kv_cache", "mesh"))
+def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, sampling: Sampling,
+            config: GPTConfig, cache_length: int, mode: str, kv_cache: str = "fp32", mesh: Any = None
+            ) -> DecodeState:
+    """Run left-padded prompts [B, Tp] into a fresh cache (cache_length entries stored as kv_cache) and sample
+    the first token."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
         B, Tp = tokens.shape
-        cache = KVCache.zeros(config, B, cache_length)
-        if cache_sharding is not None:  # heads over tensor, rows over the batch axes
-            cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+        cache = KVCache.zeros(config, B, cache_length, kv_cache)
+        if mesh is not None:  # heads over tensor, rows over the batch axes
+            from gptjax.sharding import cache_sharding
+
+            cache = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding(mesh, a.ndim)), cache)
         positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
         logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(sampling.seed, sampling.key_index)
@@ -152,7 +155,7 @@ def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: 
     """Decode one token per row per step, inside one while_loop, until step == until or every row is done."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
-        S = d.cache.k[0].shape[2]
+        S = d.cache.length
         Tp = S - d.out.shape[1]  # prompt bucket: the cache holds Tp prompt entries, then the new tokens
 
         def body(d: DecodeState) -> DecodeState:
@@ -171,28 +174,26 @@ def batch_bucket(batch: int) -> int:
 
 
 def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None,
-          rows: int | None = None, mode: str | None = None) -> tuple[DecodeState, jax.Array, Sampling, str]:
+          kv_cache: str = "fp32", rows: int | None = None, mode: str | None = None
+          ) -> tuple[DecodeState, jax.Array, Sampling, str]:
     """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
     With a mesh the batch is padded to a multiple of its batch axes too, and placed over them. rows (at least
     the request's) and mode (one covering the request's) override the batch bucket and sampling mode."""
     config = weights.config
     B = batch_bucket(max(rows or 1, request.batch))
-    cache_sharding = None
     if mesh is not None:
-        from gptjax.sharding import cache_sharding as make_cache_sharding
         from gptjax.sharding import shard_batch
 
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         B = -(-B // rows) * rows
-        cache_sharding = make_cache_sharding(mesh)
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
     sampling = Sampling.of(request, B, config.vocab_size)
     mode = mode or request.mode
     if mesh is not None:
         tokens = shard_batch(tokens, mesh)
-    d = prefill(weights.graphdef, weights.state, tokens, pad, valid, sampling, config, cache_length, mode,
-                cache_sharding)
+    d = prefill(weights.graphdef, weights.state, tokens, pad, valid, sampling, config, cache_length, mode, kv_cache,
+                mesh)
     return d, jnp.asarray(pad), sampling, mode
 
 
@@ -200,18 +201,19 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
 def admit(d: DecodeState, new: DecodeState, row: jax.Array, index: jax.Array) -> DecodeState:
     """Put a one-row prefill `new` (its prompt bucket of cache entries, first token, key) into slot `row` of a
     running batch, so that its next token is written at cache index `index` (its prompt ends just before)."""
-    Tp1 = new.cache.k[0].shape[2] - new.out.shape[1]  # the new row's prompt bucket
+    Tp1 = new.cache.length - new.out.shape[1]  # the new row's prompt bucket
 
-    def put(big: jax.Array, small: jax.Array) -> jax.Array:  # [B, H, S, K] <- [1, H, Tp1, K]
-        return jax.lax.dynamic_update_slice(big, small[:, :, :Tp1].astype(big.dtype), (row, 0, index - Tp1, 0))
+    def put(big: jax.Array, small: jax.Array) -> jax.Array:  # [B, H, S, ...] <- [1, H, Tp1, ...] (values, scales)
+        at = (row, 0, index - Tp1) + (0,) * (big.ndim - 3)
+        return jax.lax.dynamic_update_slice(big, small[:, :, :Tp1].astype(big.dtype), at)
 
     first = d.step - 1  # the new row's token 0 sits in out column first; decode samples its token 1 next
 
     def one(a: jax.Array, b: jax.Array) -> jax.Array:
         return a.at[row].set(b[0])
 
-    return d._replace(cache=KVCache(tuple(map(put, d.cache.k, new.cache.k)), tuple(map(put, d.cache.v, new.cache.v))),
-                      last=one(d.last, new.last), done=one(d.done, new.done), stopped=one(d.stopped, new.stopped),
+    return d._replace(cache=jax.tree.map(put, d.cache, new.cache), last=one(d.last, new.last),
+                      done=one(d.done, new.done), stopped=one(d.stopped, new.stopped),
                       lengths=one(d.lengths, new.lengths), keys=one(d.keys, new.keys),
                       out=jax.lax.dynamic_update_slice(d.out, new.out[:, :1], (row, first)),
                       start=d.start.at[row].set(first))

@@ -11,6 +11,7 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -21,16 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.backends.base import Backend
+from gptjax.backends import lowp
+from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
 from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk
+from gptjax.quantize import SCALE_SUFFIX
 from gptjax.weights import Params
-
-_BLOCK_KEYS = (
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-    "mlp.c_proj.weight", "mlp.c_proj.bias",
-)
 
 
 def _param(value: Any, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -38,15 +35,104 @@ def _param(value: Any, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(jnp.asarray(value), out_sharding=axes, eager_sharding=False)
 
 
-class Linear(nnx.Module):
-    """Conv1D-layout dense layer: x [..., in] @ kernel [in, out] + bias [out]."""
+# ---- matmul weights in each precision. The conversion step (gptjax.quantize) decides what the params hold; the
+# model builds the matching module once (float kernel, int8 weight-only, or int8 with int8 activations), so no
+# layer branches on precision. Every kernel is stored [*in, *out] (Conv1D layout) with n_out output dims.
+class Dense(nnx.Module):
+    """A float kernel: x [..., in] -> float32 [..., out]. The input is cast to the kernel's dtype, so a
+    bfloat16 kernel multiplies bfloat16 activations, accumulating in float32."""
 
-    def __init__(self, kernel: Any, bias: Any, axes: tuple[str | None, ...]) -> None:
+    def __init__(self, kernel: Any, axes: tuple[str | None, ...], n_out: int = 1) -> None:
         self.kernel = _param(kernel, axes)
-        self.bias = _param(bias, axes[:-2] + axes[-1:])
+        self.n_out = n_out
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.kernel[...] + self.bias[...]
+        w = self.kernel[...]
+        w = w.reshape(-1, math.prod(w.shape[-self.n_out:]))  # [in, out]: a 2-D dot (fastest on XLA:CPU)
+        return lowp.dot(x.astype(w.dtype), w)
+
+
+class Int8Dense(nnx.Module):
+    """An int8 kernel with float32 scales [G, *out] (one per output channel and group of in/G inputs),
+    weight-only: the int8 values travel from memory and are dequantised inside the jitted matmul."""
+
+    def __init__(self, q: Any, scale: Any, axes: tuple[str | None, ...], n_out: int = 1) -> None:
+        lead = np.ndim(scale) - 1 - n_out  # stacked layers
+        self.kernel = _param(q, axes)
+        self.scale = _param(scale, (*axes[:lead], None, *axes[-n_out:]))
+        self.n_out = n_out
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, s = self.kernel[...], self.scale[...]
+        G, out = s.shape[0], math.prod(s.shape[1:])
+        return self.matmul(x.astype(jnp.float32), q.reshape(G, -1, out), s.reshape(G, out))
+
+    matmul = staticmethod(lowp.int8_matmul)
+
+
+class W8A8Dense(Int8Dense):
+    """The same int8 kernel with dynamically quantised activations (int8 per token, int8 x int8 -> int32)."""
+
+    matmul = staticmethod(lowp.w8a8_matmul)
+
+
+class Linear(nnx.Module):
+    """Conv1D-layout dense layer: x [..., in] @ kernel [in, out] + bias [out], float32 out."""
+
+    def __init__(self, kernel: Dense | Int8Dense, bias: Any, axes: tuple[str | None, ...]) -> None:
+        self.kernel = kernel
+        self.bias = _param(bias, axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.kernel(x) + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    """A float [V, D] table: rows for token ids, and the (tied) LM head x @ table.T with float32 logits."""
+
+    def __init__(self, table: Any, axes: tuple[str | None, ...]) -> None:
+        self.embedding = _param(table, axes)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.embedding[...][tokens].astype(jnp.float32)  # [...] -> [..., D]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        w = self.embedding[...]  # [V, D]
+        return jnp.einsum("...d,vd->...v", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+class Int8Embedding(nnx.Module):
+    """An int8 [V, D] table with float32 scales [V, G] (per row and group of D/G columns)."""
+
+    def __init__(self, q: Any, scale: Any, axes: tuple[str | None, ...]) -> None:
+        self.embedding = _param(q, axes)
+        self.scale = _param(np.reshape(scale, (np.shape(q)[0], -1)), (axes[0], None))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        q, s = self.embedding[...], self.scale[...]
+        rows = q[tokens].astype(jnp.float32)  # [..., D]
+        return (rows.reshape(*rows.shape[:-1], s.shape[1], -1) * s[tokens][..., None]).reshape(rows.shape)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        q, s = self.embedding[...], self.scale[...]
+        return lowp.int8_matmul_t(x.astype(jnp.float32), q, s)  # [..., D] -> [..., V]
+
+
+def _dense(p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int,
+           int8_kernel: type[Int8Dense]) -> Dense | Int8Dense:
+    """The kernel module for what the converted params hold under key (a scale marks an int8 weight)."""
+    w = p[key]
+    lead = w.shape[:-2]  # stacked layers
+    if key + SCALE_SUFFIX in p:
+        scale = p[key + SCALE_SUFFIX]
+        return int8_kernel(w.reshape(*lead, *shape), scale.reshape(*lead, -1, *shape[-n_out:]), axes, n_out)
+    return Dense(w.reshape(*lead, *shape), axes, n_out)
+
+
+def _embedding(p: dict[str, Any], key: str, axes: tuple[str | None, ...]) -> Embedding | Int8Embedding:
+    if key + SCALE_SUFFIX in p:
+        return Int8Embedding(p[key], p[key + SCALE_SUFFIX], axes)
+    return Embedding(p[key], axes)
 
 
 class LayerNorm(nnx.Module):
@@ -66,60 +152,59 @@ class LayerNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head causal self-attention; softmax in float32.
+    """Multi-head causal self-attention; scores, softmax and the weighted sum in float32.
 
-    The Conv1D kernels are stored split by head ([D, 3, H, K] in, [H, K, D] out) so that tensor
+    The Conv1D kernels are viewed split by head ([D, 3, H, K] in, [H, K, D] out) so that tensor
     parallelism can shard the "heads" axis directly.
     """
 
-    def __init__(self, p: dict[str, Any], n_head: int, layer_axes: tuple[str, ...]) -> None:
-        w, b, wo = p["attn.c_attn.weight"], p["attn.c_attn.bias"], p["attn.c_proj.weight"]
-        lead, D = w.shape[:-2], w.shape[-2]
+    def __init__(self, p: dict[str, Any], n_head: int, layer_axes: tuple[str, ...],
+                 int8_kernel: type[Int8Dense] = Int8Dense) -> None:
+        D = p["attn.c_attn.bias"].shape[-1] // 3
         H, K = n_head, D // n_head
-        self.qkv_kernel = _param(w.reshape(*lead, D, 3, H, K), layer_axes + ("embed", None, "heads", "kv"))
-        self.qkv_bias = _param(b.reshape(*lead, 3, H, K), layer_axes + (None, "heads", "kv"))
-        self.out_kernel = _param(wo.reshape(*lead, H, K, D), layer_axes + ("heads", "kv", "embed"))
+        self.c_attn = _dense(p, "attn.c_attn.weight", layer_axes + ("embed", None, "heads", "kv"), (D, 3, H, K), 3,
+                             int8_kernel)
+        b = p["attn.c_attn.bias"]
+        self.qkv_bias = _param(b.reshape(*b.shape[:-1], 3, H, K), layer_axes + (None, "heads", "kv"))
+        self.c_proj = _dense(p, "attn.c_proj.weight", layer_axes + ("heads", "kv", "embed"), (H, K, D), 1,
+                             int8_kernel)
         self.out_bias = _param(p["attn.c_proj.bias"], layer_axes + ("embed",))
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys, values [B, H, T, K] of x [B, T, D]."""
         B, T, D = x.shape
-        w, b = self.qkv_kernel[...], self.qkv_bias[...]  # [D, 3, H, K], [3, H, K]
-        qkv = x @ w.reshape(D, -1) + b.reshape(-1)  # 2-D dot (2x faster on XLA:CPU than the 4-D einsum)
+        b = self.qkv_bias[...]  # [3, H, K]
+        qkv = self.c_attn(x) + b.reshape(-1).astype(jnp.float32)  # [B, T, 3D]
         qkv = qkv.reshape(B, T, *b.shape).transpose(2, 0, 3, 1, 4)  # [B, T, 3D] -> [3, B, H, T, K]
         return qkv[0], qkv[1], qkv[2]
 
-    def attend(self, q: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-        """Attention of q [B, H, T, K] over one softmax spanning every (k, v [B, H, S_i, K], mask [B or 1, T, S_i])
-        part, projected out to [B, T, D]. Keys/values keep the cache's [B, H, S, K] layout, which both
-        einsums read without a transpose."""
+    def attend(self, q: jax.Array, parts: list[tuple[Any, jax.Array]]) -> jax.Array:
+        """Attention of q [B, H, T, K] over one softmax spanning every (keys/values, mask [B or 1, T, S_i])
+        part, projected out to [B, T, D]. Keys/values (FloatKV or Int8KV, [B, H, S_i, K]) compute their own
+        scores and weighted sums, reading the cache's layout without a transpose."""
         scale = 1 / np.sqrt(q.shape[-1])
-        scores = [jnp.where(m[:, None], jnp.einsum("bhtk,bhsk->bhts", q, k).astype(jnp.float32) * scale,
-                            jnp.finfo(jnp.float32).min) for k, _, m in parts]  # [B, H, T, S_i] each
+        scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
+                  for kv, m in parts]  # [B, H, T, S_i] each
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S_i]
-        splits = np.cumsum([k.shape[2] for k, _, _ in parts])[:-1]
-        out = sum(jnp.einsum("bhts,bhsk->bthk", p.astype(v.dtype), v)
-                  for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # -> [B, T, H, K]
-        w = self.out_kernel[...]  # [H, K, D]
-        return out.reshape(*out.shape[:2], -1) @ w.reshape(-1, w.shape[-1]) + self.out_bias[...]  # -> [B, T, D]
+        splits = np.cumsum([kv.length for kv, _ in parts])[:-1]
+        out = sum(kv.mix(p) for p, (kv, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # -> [B, T, H, K]
+        return self.c_proj(out.reshape(*out.shape[:2], -1)) + self.out_bias[...]  # -> [B, T, D]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         T = x.shape[1]
         q, k, v = self.qkv(x)
-        return self.attend(q, [(k, v, jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
+        return self.attend(q, [(FloatKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
 
-    def cached(self, x: jax.Array, masks: Masks, cache: tuple[jax.Array, jax.Array], start: jax.Array
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Attention of new tokens x [B, T, D] over the cache [B, H, S, K] before they are added (masks.cache,
-        or nothing for a fresh cache) and over themselves (masks.new); their keys/values are then written at
-        cache index start. Reading the cache from before the write keeps the write in place in the loop."""
+    def cached(self, x: jax.Array, masks: Masks, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
+        """Attention of new tokens x [B, T, D] over one layer's cache (FloatKV or Int8KV, [B, H, S, K]) before
+        they are added (masks.cache, or nothing for a fresh cache) and over themselves (masks.new), seen as the
+        cache will store them; their keys/values are then written at cache index start. Reading the cache
+        from before the write keeps the write in place in the loop."""
         q, k, v = self.qkv(x)
-        parts = [(k, v, masks.new)] if masks.cache is None else [(cache[0], cache[1], masks.cache), (k, v, masks.new)]
+        new = cache.stored(k, v)
+        parts = [(new, masks.new)] if masks.cache is None else [(cache, masks.cache), (new, masks.new)]
         out = self.attend(q, parts)
-        start = start + zero_after(out)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=2)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=2)
-        return out, (k_cache, v_cache)
+        return out, cache.write(k, v, start + zero_after(out))
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -148,9 +233,13 @@ class Masks(NamedTuple):
 class MLP(nnx.Module):
     """Feed-forward network with tanh GELU."""
 
-    def __init__(self, p: dict[str, Any], layer_axes: tuple[str, ...]) -> None:
-        self.c_fc = Linear(p["mlp.c_fc.weight"], p["mlp.c_fc.bias"], layer_axes + ("embed", "mlp"))
-        self.c_proj = Linear(p["mlp.c_proj.weight"], p["mlp.c_proj.bias"], layer_axes + ("mlp", "embed"))
+    def __init__(self, p: dict[str, Any], layer_axes: tuple[str, ...], int8_kernel: type[Int8Dense] = Int8Dense
+                 ) -> None:
+        D, F = p["mlp.c_fc.weight"].shape[-2:]
+        self.c_fc = Linear(_dense(p, "mlp.c_fc.weight", layer_axes + ("embed", "mlp"), (D, F), 1, int8_kernel),
+                           p["mlp.c_fc.bias"], layer_axes + ("mlp",))
+        self.c_proj = Linear(_dense(p, "mlp.c_proj.weight", layer_axes + ("mlp", "embed"), (F, D), 1, int8_kernel),
+                             p["mlp.c_proj.bias"], layer_axes + ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # [B, T, D] -> [B, T, F] -> [B, T, D]
@@ -159,11 +248,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-LayerNorm transformer block. Built with stacked [L, ...] weights; called on one layer's slice."""
 
-    def __init__(self, p: dict[str, Any], n_head: int, eps: float, layer_axes: tuple[str, ...] = ()) -> None:
+    def __init__(self, p: dict[str, Any], n_head: int, eps: float, layer_axes: tuple[str, ...] = (),
+                 int8_kernel: type[Int8Dense] = Int8Dense) -> None:
         self.ln_1 = LayerNorm(p["ln_1.weight"], p["ln_1.bias"], eps, layer_axes + ("embed",))
-        self.attn = Attention(p, n_head, layer_axes)
+        self.attn = Attention(p, n_head, layer_axes, int8_kernel)
         self.ln_2 = LayerNorm(p["ln_2.weight"], p["ln_2.bias"], eps, layer_axes + ("embed",))
-        self.mlp = MLP(p, layer_axes)
+        self.mlp = MLP(p, layer_axes, int8_kernel)
 
     def __call__(self, x: jax.Array, dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; with a key, dropout on each residual branch (training only)."""
@@ -171,8 +261,7 @@ class Block(nnx.Module):
         x = x + _dropout(self.attn(self.ln_1(x)), dropout, k1)  # [B, T, D]
         return x + _dropout(self.mlp(self.ln_2(x)), dropout, k2)  # [B, T, D]
 
-    def cached(self, x: jax.Array, masks: Masks, cache: tuple[jax.Array, jax.Array], start: jax.Array
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    def cached(self, x: jax.Array, masks: Masks, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
         """The block over new tokens x [B, T, D] whose keys/values go into the layer's cache at start."""
         a, cache = self.attn.cached(self.ln_1(x), masks, cache, start)
         x = x + a  # [B, T, D]
@@ -182,20 +271,24 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     """GPT-2: token + position embeddings, L pre-LN blocks, final LayerNorm, tied (or separate) head."""
 
-    def __init__(self, config: GPTConfig, params: Params, *, scan_layers: bool = False) -> None:
+    def __init__(self, config: GPTConfig, params: Params, *, scan_layers: bool = False,
+                 int8_kernel: type[Int8Dense] = Int8Dense) -> None:
+        """Built from canonical params as gptjax.quantize left them (float32, bfloat16, or int8 matmul weights
+        with `<key>_scale`); int8_kernel says how int8 matmuls run (weight-only, or W8A8Dense)."""
         c = config
-        layer = [{k: params[f"h.{i}.{k}"] for k in _BLOCK_KEYS} for i in range(c.n_layer)]
-        self.wte = _param(params["wte.weight"], ("vocab", "embed"))  # [V, D]
+        layer = [{k.removeprefix(f"h.{i}."): v for k, v in params.items() if k.startswith(f"h.{i}.")}
+                 for i in range(c.n_layer)]
+        self.wte = _embedding(params, "wte.weight", ("vocab", "embed"))  # [V, D]
         self.wpe = _param(params["wpe.weight"], ("length", "embed"))  # [P, D]
         if scan_layers:
-            stacked = {k: np.stack([p[k] for p in layer]) for k in _BLOCK_KEYS}  # [L, ...]
-            self.blocks = Block(stacked, c.n_head, c.layer_norm_epsilon, layer_axes=("layers",))
+            stacked = {k: np.stack([p[k] for p in layer]) for k in layer[0]}  # [L, ...]
+            self.blocks = Block(stacked, c.n_head, c.layer_norm_epsilon, ("layers",), int8_kernel)
         else:
-            self.blocks = nnx.List([Block(p, c.n_head, c.layer_norm_epsilon) for p in layer])
+            self.blocks = nnx.List([Block(p, c.n_head, c.layer_norm_epsilon, (), int8_kernel) for p in layer])
         self.scan_layers = scan_layers
         self.ln_f = LayerNorm(params["ln_f.weight"], params["ln_f.bias"], c.layer_norm_epsilon, ("embed",))
-        head = params.get("lm_head.weight")
-        self.lm_head = None if head is None else _param(head, ("vocab", "embed"))  # [V, D] if untied
+        untied = "lm_head.weight" in params
+        self.lm_head = _embedding(params, "lm_head.weight", ("vocab", "embed")) if untied else None  # [V, D]
 
     def layers(self) -> list[Block]:
         """One Block per layer (slices of the stacked weights when scan_layers)."""
@@ -214,7 +307,7 @@ class GPT(nnx.Module):
         With a PRNG key, dropout of rate `dropout` on the embeddings and every residual branch."""
         T, L = tokens.shape[1], self.n_layer()
         keys = [None] * (L + 1) if key is None else list(jax.random.split(key, L + 1))
-        x = _dropout(self.wte[...][tokens] + self.wpe[...][:T], dropout, keys[0])  # [B, T] -> [B, T, D]
+        x = _dropout(self.wte(tokens) + self.wpe[...][:T], dropout, keys[0])  # [B, T] -> [B, T, D] float32
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
             layer_keys = None if key is None else jnp.stack(keys[1:])
@@ -233,57 +326,137 @@ class GPT(nnx.Module):
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final LayerNorm and the (tied) head: [..., D] -> float32 [..., V]."""
-        head = self.wte[...] if self.lm_head is None else self.lm_head[...]  # [V, D]
-        return jnp.einsum("...d,vd->...v", self.ln_f(x), head, preferred_element_type=jnp.float32)
+        head = self.wte if self.lm_head is None else self.lm_head  # [V, D]
+        return head.attend(self.ln_f(x))
 
     def step(self, tokens: jax.Array, positions: jax.Array, masks: Masks, cache: KVCache, start: jax.Array
              ) -> tuple[jax.Array, KVCache]:
         """Run new tokens [B, T] at positions [B, T] against the cache, writing their keys/values at cache
         index start; masks say which cache entries and new tokens each query reads. Returns the last
         position's logits [B, V] and the updated cache."""
-        x = self.wte[...][tokens] + self.wpe[...][positions]  # [B, T] -> [B, T, D]
-        ks, vs = [], []
-        for block, k, v in zip(self.layers(), cache.k, cache.v):
-            x, (k, v) = block.cached(x, masks, (k, v), start)  # [B, T, D]; cache [B, H, S, K]
-            ks.append(k)
-            vs.append(v)
-        return self.logits(x[:, -1]), KVCache(tuple(ks), tuple(vs))
+        x = self.wte(tokens) + self.wpe[...][positions]  # [B, T] -> [B, T, D] float32
+        layers = []
+        for block, layer in zip(self.layers(), cache.layers):
+            x, layer = block.cached(x, masks, layer, start)  # [B, T, D]; cache [B, H, S, K]
+            layers.append(layer)
+        return self.logits(x[:, -1]), KVCache(tuple(layers))
 
 
 def to_params(model: GPT) -> Params:
     """The canonical GPT-2 dict (NumPy float32, Conv1D layouts) of a model, stacked or not: the inverse of
     GPT(config, params)."""
-    params = {"wte.weight": model.wte[...], "wpe.weight": model.wpe[...], "ln_f.weight": model.ln_f.scale[...],
-              "ln_f.bias": model.ln_f.bias[...]}
+    params = {"wte.weight": model.wte.embedding[...], "wpe.weight": model.wpe[...],
+              "ln_f.weight": model.ln_f.scale[...], "ln_f.bias": model.ln_f.bias[...]}
     if model.lm_head is not None:
-        params["lm_head.weight"] = model.lm_head[...]
+        params["lm_head.weight"] = model.lm_head.embedding[...]
     for i, block in enumerate(model.layers()):
         a = block.attn
-        D = a.qkv_kernel.shape[0]
+        D = a.out_bias.shape[0]
         params |= {f"h.{i}.{k}": v for k, v in {
             "ln_1.weight": block.ln_1.scale[...], "ln_1.bias": block.ln_1.bias[...],
-            "attn.c_attn.weight": a.qkv_kernel[...].reshape(D, -1), "attn.c_attn.bias": a.qkv_bias[...].reshape(-1),
-            "attn.c_proj.weight": a.out_kernel[...].reshape(-1, D), "attn.c_proj.bias": a.out_bias[...],
+            "attn.c_attn.weight": a.c_attn.kernel[...].reshape(D, -1), "attn.c_attn.bias": a.qkv_bias[...].reshape(-1),
+            "attn.c_proj.weight": a.c_proj.kernel[...].reshape(-1, D), "attn.c_proj.bias": a.out_bias[...],
             "ln_2.weight": block.ln_2.scale[...], "ln_2.bias": block.ln_2.bias[...],
-            "mlp.c_fc.weight": block.mlp.c_fc.kernel[...], "mlp.c_fc.bias": block.mlp.c_fc.bias[...],
-            "mlp.c_proj.weight": block.mlp.c_proj.kernel[...], "mlp.c_proj.bias": block.mlp.c_proj.bias[...],
+            "mlp.c_fc.weight": block.mlp.c_fc.kernel.kernel[...], "mlp.c_fc.bias": block.mlp.c_fc.bias[...],
+            "mlp.c_proj.weight": block.mlp.c_proj.kernel.kernel[...], "mlp.c_proj.bias": block.mlp.c_proj.bias[...],
         }.items()}
     return {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
 
 
-class KVCache(NamedTuple):
-    """Keys and values, one [B, H, S, K] buffer per layer; passed in and returned, never hidden state.
+class FloatKV(NamedTuple):
+    """One layer's keys and values [B, H, S, K] in a float dtype (float32 or bfloat16)."""
 
-    Separate buffers (not one [L, ...] array) let XLA update each in place inside the decode loop."""
+    k: jax.Array
+    v: jax.Array
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    @property
+    def length(self) -> int:
+        """S, the entries per row."""
+        return self.k.shape[2]
 
     @classmethod
-    def zeros(cls, config: GPTConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-        """An empty cache of S=length entries per row."""
+    def zeros(cls, shape: tuple[int, ...], dtype: Any) -> FloatKV:
+        """An empty layer cache."""
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def scores(self, q: jax.Array) -> jax.Array:
+        """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
+        return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32))
+
+    def mix(self, p: jax.Array) -> jax.Array:
+        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
+        return jnp.einsum("bhts,bhsk->bthk", p, self.v.astype(jnp.float32))
+
+    def stored(self, k: jax.Array, v: jax.Array) -> FloatKV:
+        """New keys/values [B, H, T, K] as this cache would hold them."""
+        return FloatKV(k.astype(self.k.dtype), v.astype(self.v.dtype))
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> FloatKV:
+        """The cache with k, v [B, H, T, K] written at index start."""
+        new = self.stored(k, v)
+        return FloatKV(jax.lax.dynamic_update_slice_in_dim(self.k, new.k, start, axis=2),
+                       jax.lax.dynamic_update_slice_in_dim(self.v, new.v, start, axis=2))
+
+
+class Int8KV(NamedTuple):
+    """One layer's keys and values as int8 [B, H, S, K] with a float32 scale per head and token [B, H, S]
+    (symmetric: max |x| over K / 127): a quarter of float32's bytes, half of bfloat16's, plus 4 / K."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array
+    v_scale: jax.Array
+
+    @property
+    def length(self) -> int:
+        """S, the entries per row."""
+        return self.k.shape[2]
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], dtype: Any = None) -> Int8KV:
+        """An empty layer cache."""
+        return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3], jnp.float32),
+                   jnp.ones(shape[:3], jnp.float32))
+
+    def scores(self, q: jax.Array) -> jax.Array:
+        """q [B, H, T, K] . keys -> float32 [B, H, T, S] (the key scales applied after the dot)."""
+        return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32)) * self.k_scale[:, :, None]
+
+    def mix(self, p: jax.Array) -> jax.Array:
+        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K] (value scales folded into p)."""
+        return jnp.einsum("bhts,bhsk->bthk", p * self.v_scale[:, :, None], self.v.astype(jnp.float32))
+
+    def stored(self, k: jax.Array, v: jax.Array) -> Int8KV:
+        """New keys/values [B, H, T, K] quantised as this cache holds them."""
+        (kq, ks), (vq, vs) = lowp.quantize_rows(k), lowp.quantize_rows(v)
+        return Int8KV(kq, vq, ks[..., 0], vs[..., 0])
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> Int8KV:
+        """The cache with k, v [B, H, T, K] quantised and written at index start."""
+        new = self.stored(k, v)
+        return Int8KV(*(jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2) for old, part in zip(self, new)))
+
+
+KV_CACHES = {"fp32": (FloatKV, jnp.float32), "bf16": (FloatKV, jnp.bfloat16), "int8": (Int8KV, None)}
+
+
+class KVCache(NamedTuple):
+    """The decode cache: one layer cache (FloatKV or Int8KV, [B, H, S, K]) per layer; passed in and returned,
+    never hidden state. Separate buffers (not one [L, ...] array) let XLA update each in place in the loop."""
+
+    layers: tuple[Any, ...]
+
+    @classmethod
+    def zeros(cls, config: GPTConfig, batch: int, length: int, kind: str = "fp32") -> KVCache:
+        """An empty cache of S=length entries per row, stored as kind (fp32, bf16 or int8)."""
+        layer_cls, dtype = KV_CACHES[kind]
         shape = (batch, config.n_head, length, config.head_dim)
-        return cls(*(tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)) for _ in "kv"))
+        return cls(tuple(layer_cls.zeros(shape, dtype) for _ in range(config.n_layer)))
+
+    @property
+    def length(self) -> int:
+        """S, the entries per row."""
+        return self.layers[0].length
 
 
 @dataclass(frozen=True)
@@ -302,6 +475,11 @@ def _apply(graphdef: Any, state: Any, tokens: jax.Array, last_index: jax.Array, 
         return model(tokens, last_index if last_only else None)
 
 
+def _is_lowp(a: Any) -> bool:
+    """bfloat16 or int8 arrays: kept as the conversion step stored them."""
+    return np.asarray(a).dtype.name in ("bfloat16", "int8")
+
+
 def bucket_length(T: int, n_positions: int) -> int:
     """Pad lengths to few shapes (powers of two up to 64, then multiples of 64) so jit compiles rarely."""
     bucket = 1 << max(3, (T - 1).bit_length()) if T <= 64 else -(-T // 64) * 64
@@ -316,7 +494,7 @@ class JaxBackend(Backend):
 
     name = "jax"
     prepared_type = JaxWeights
-    options = {"mesh": ()}
+    options = {"mesh": (), **PRECISION_OPTIONS}
 
     def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
         super().__init__(config, metrics=metrics, trace_sync=trace_sync, **options)
@@ -347,8 +525,9 @@ class JaxBackend(Backend):
         return jax.device_count()
 
     def _convert(self, params: Params) -> JaxWeights:
-        float32 = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
-        graphdef, state = nnx.split(GPT(self.config, float32))
+        kept = {k: np.asarray(v) if _is_lowp(v) else np.asarray(v, np.float32) for k, v in params.items()}
+        int8_kernel = W8A8Dense if self.precision == "w8a8" else Int8Dense
+        graphdef, state = nnx.split(GPT(self.config, kept, int8_kernel=int8_kernel))
         if self.mesh is not None:
             from gptjax.sharding import shard_state
 
@@ -363,7 +542,7 @@ class JaxBackend(Backend):
         S = Tp + bucket_length(request.max_new_tokens, 2**31)
         from gptjax.backends import jax_decode  # the decode loop builds on this module's model
 
-        d, pad, sampling, mode = jax_decode.start(weights, request, Tp, S, self.mesh)
+        d, pad, sampling, mode = jax_decode.start(weights, request, Tp, S, self.mesh, self.kv_cache)
         max_new, sent = np.int32(request.max_new_tokens), np.zeros(request.batch, int)
         step, phase = 1, "prefill"  # the first chunk is prefill's token; then chunk_size decode steps each
         while True:

@@ -35,12 +35,12 @@ class DecodeSession:
         `headroom` steps beyond the longest budget for rows that join later."""
         joined = join_requests(requests)
         config = backend.config
-        self.weights, self.config = weights, config
+        self.weights, self.config, self.kv_cache = weights, config, backend.kv_cache
         self.Tp = bucket_length(max(len(p) for p in joined.prompts), config.n_positions)
         self.S = self.Tp + bucket_length(joined.max_new_tokens + headroom, 2**31)
         self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
         self.d, pad, self.sampling, _ = jax_decode.start(weights, joined, self.Tp, self.S, backend.mesh,
-                                                         rows=slots, mode=self.mode)
+                                                         backend.kv_cache, rows=slots, mode=self.mode)
         B = self.d.last.shape[0]
         self.pad = np.asarray(pad).copy()
         self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
@@ -70,7 +70,7 @@ class DecodeSession:
         w = self.weights
         one = jax_decode.Sampling.of(request, 1, self.config.vocab_size)
         new = jax_decode.prefill(w.graphdef, w.state, tokens, pad1, np.ones(1, bool), one, self.config,
-                                 Tp1 + 8, request.mode)
+                                 Tp1 + 8, request.mode, self.kv_cache)
         index = self.Tp + self.step - 1
         self.d = jax_decode.admit(self.d, new, np.int32(row), np.int32(index))
         width = self.sampling.stop.shape[1]

@@ -11,14 +11,14 @@ import math
 from collections.abc import Iterator
 from functools import partial
 
+import ml_dtypes
 import numpy as np
 
-from gptjax.backends.base import Backend
+from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
 from gptjax.generate import LENGTH, STOP, GenerationRequest, RowSettings, StreamChunk, left_pad, sample_token
+from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys
 from gptjax.weights import Params
-
-Cache = tuple[np.ndarray, np.ndarray]  # one layer's keys and values, [B, H, S, K] each
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -57,23 +57,23 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
 
 
 def self_attention(x: np.ndarray, p: Params, h: str, n_head: int, mask: np.ndarray,
-                   cache: Cache | None = None, start: int = 0) -> np.ndarray:
-    """Multi-head self-attention of block h. With a cache ([B, H, S, K] keys and values of this layer), the new
-    keys/values are written at index start and the queries attend over the whole cache, as the mask allows."""
+                   cache: LayerCache | None = None, start: int = 0) -> np.ndarray:
+    """Multi-head self-attention of block h. With this layer's cache ([B, H, S, K] keys and values), the new
+    keys/values are written at index start and the queries attend over the whole cache (as stored: rounded to
+    bf16 or int8 if it holds those), as the mask allows."""
     B, T, D = x.shape
     qkv = linear(x, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # [B, T, D] -> [B, T, 3D]
     q, k, v = qkv.reshape(B, T, 3, n_head, D // n_head).transpose(2, 0, 3, 1, 4)  # -> 3 x [B, H, T, K]
     if cache is not None:
-        cache[0][:, :, start:start + T] = k  # written in place: the cache is preallocated to S
-        cache[1][:, :, start:start + T] = v
-        k, v = cache  # [B, H, S, K]
+        cache.write(k, v, start)  # in place: the cache is preallocated to S
+        k, v = cache.read()  # [B, H, S, K]
     out = attention(q, k, v, mask)  # -> [B, H, T, K]
     out = out.transpose(0, 2, 1, 3).reshape(B, T, D)  # [B, H, T, K] -> [B, T, D]
     return linear(out, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])  # [B, T, D] -> [B, T, D]
 
 
 def block(x: np.ndarray, p: Params, h: str, n_head: int, eps: float, mask: np.ndarray,
-          cache: Cache | None = None, start: int = 0) -> np.ndarray:
+          cache: LayerCache | None = None, start: int = 0) -> np.ndarray:
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
     a = self_attention(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps), p, h, n_head, mask, cache,
                        start)
@@ -88,11 +88,12 @@ def causal_mask(T: int, dtype: np.dtype) -> np.ndarray:
 
 def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, last_only: bool,
          positions: np.ndarray | None = None, mask: np.ndarray | None = None,
-         cache: list[Cache] | None = None, start: int = 0) -> np.ndarray:
+         cache: list[LayerCache] | None = None, start: int = 0) -> np.ndarray:
     """Logits for int tokens [B, T]: [B, T, V], or [B, V] at the last position.
 
-    Without a cache this is the plain causal forward pass. With one (a [B, H, S, K] key/value pair per
-    layer), tokens sit at cache index start.. with their own positions [B, T] and additive mask [B, 1, T, S].
+    Without a cache this is the plain causal forward pass. With one (a LayerCache of [B, H, S, K] keys and
+    values per layer), tokens sit at cache index start.. with their own positions [B, T] and additive mask
+    [B, 1, T, S]. Matrices may be reduced-precision stand-ins (BF16Matrix, Int8Matrix) for float arrays.
     """
     T = tokens.shape[1]
     pos = np.arange(T) if positions is None else positions  # [T] or [B, T]
@@ -106,6 +107,117 @@ def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, l
     return x @ p.get("lm_head.weight", p["wte.weight"]).T  # [..., D] x [D, V] -> [..., V]
 
 
+# ---- reduced precision: stand-ins for the float matrices and the KV cache -------------------------------
+class BF16Matrix:
+    """A bfloat16 matrix (Conv1D [in, out], or a [V, D] table) used like the float one: `x @ w` rounds x to
+    bfloat16 and accumulates in float32, `w[ids]` gives float32 rows, `x @ w.T` is the tied head."""
+
+    __array_ufunc__ = None  # ndarray @ w defers to __rmatmul__
+
+    def __init__(self, w: np.ndarray) -> None:
+        self.w = w
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        return _bf16(x) @ self.w.astype(np.float32)  # [..., in] x [in, out] -> [..., out]
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        return self.w[ids].astype(np.float32)
+
+    @property
+    def T(self) -> _Transposed:
+        return _Transposed(lambda x: _bf16(x) @ self.w.astype(np.float32).T)
+
+
+class Int8Matrix:
+    """An int8 matrix with float32 scales (gptjax.quantize layout: per output channel, per input group when
+    grouped), used like the float one. `x @ w` applies the scales after each group's dot, as the JAX backend
+    does; with activations=True (w8a8) x is first quantised per token and group, and the dot is exact int32."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray, activations: bool = False) -> None:
+        self.q, self.scale, self.activations = q, scale, activations
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:  # Conv1D [in, out]
+        s = self.scale.reshape(-1, self.q.shape[1])  # [G, out]
+        G = s.shape[0]
+        xg = x.reshape(*x.shape[:-1], G, -1)  # [..., G, in/G]
+        qg = self.q.reshape(G, -1, self.q.shape[1])  # [G, in/G, out]
+        if self.activations:
+            xq, sx = quantize_int8(xg, axis=xg.ndim - 1)
+            acc = np.einsum("...gi,gio->...go", xq.astype(np.int32), qg.astype(np.int32))  # exact
+            return (acc.astype(np.float32) * sx[..., None] * s).sum(-2)
+        return (np.einsum("...gi,gio->...go", xg.astype(np.float32), qg.astype(np.float32)) * s).sum(-2)
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:  # [V, D] table rows
+        s = self.scale.reshape(self.q.shape[0], -1)  # [V, G]
+        rows = self.q[ids].astype(np.float32)  # [..., D]
+        return (rows.reshape(*rows.shape[:-1], s.shape[1], -1) * s[ids][..., None]).reshape(rows.shape)
+
+    @property
+    def T(self) -> _Transposed:
+        def head(x: np.ndarray) -> np.ndarray:  # x [..., D] @ table.T -> [..., V], weight-only
+            s = self.scale.reshape(self.q.shape[0], -1)  # [V, G]
+            V, G = s.shape
+            xg = x.reshape(*x.shape[:-1], G, -1).astype(np.float32)
+            return (np.einsum("...gi,vgi->...vg", xg, self.q.reshape(V, G, -1).astype(np.float32)) * s).sum(-1)
+        return _Transposed(head)
+
+
+class _Transposed:
+    """`x @ w.T` for a stand-in matrix w."""
+
+    __array_ufunc__ = None
+
+    def __init__(self, matmul) -> None:
+        self.matmul = matmul
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        return self.matmul(x)
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 (as the JAX backend feeds a bf16 matmul), back in float32."""
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+class FloatCache:
+    """One layer's keys and values [B, H, S, K] stored in a float dtype (float32, bfloat16), read as `compute`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, compute: np.dtype) -> None:
+        self.k, self.v, self.compute = np.zeros(shape, dtype), np.zeros(shape, dtype), compute
+
+    def write(self, k: np.ndarray, v: np.ndarray, start: int) -> None:
+        """Store k, v [B, H, T, K] at index start."""
+        self.k[:, :, start:start + k.shape[2]] = k
+        self.v[:, :, start:start + v.shape[2]] = v
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """All keys and values, [B, H, S, K] each."""
+        return self.k.astype(self.compute), self.v.astype(self.compute)
+
+
+class Int8Cache:
+    """One layer's keys and values as int8 [B, H, S, K] with a float32 scale per head and token [B, H, S]."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: object = None, compute: np.dtype = np.float32) -> None:
+        self.k, self.v = np.zeros(shape, np.int8), np.zeros(shape, np.int8)
+        self.k_scale, self.v_scale = np.ones(shape[:3], np.float32), np.ones(shape[:3], np.float32)
+
+    def write(self, k: np.ndarray, v: np.ndarray, start: int) -> None:
+        """Quantise k, v [B, H, T, K] per head and token and store them at index start."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.k_scale[:, :, start:end] = quantize_int8(k, axis=3)
+        self.v[:, :, start:end], self.v_scale[:, :, start:end] = quantize_int8(v, axis=3)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """All keys and values dequantised, float32 [B, H, S, K] each."""
+        return self.k * self.k_scale[..., None], self.v * self.v_scale[..., None]
+
+
+LayerCache = FloatCache | Int8Cache
+
+
 def ragged_mask(pad: np.ndarray, first: int, T: int, S: int, dtype: np.dtype) -> np.ndarray:
     """Additive mask [B, 1, T, S] for queries at cache indices first..first+T-1 of left-padded rows:
     a query reads cache entries at or before its own index and not in its row's padding."""
@@ -116,17 +228,29 @@ def ragged_mask(pad: np.ndarray, first: int, T: int, S: int, dtype: np.dtype) ->
 
 
 class NumpyBackend(Backend):
-    """Pure NumPy, float32 (or float64 with dtype="float64" for reference checks)."""
+    """Pure NumPy, float32 (or float64 with dtype="float64" for reference checks); bf16, int8 and w8a8
+    through stand-in matrices (ml_dtypes bfloat16, int8 arrays) that compute as the JAX backend does."""
 
     name = "numpy"
-    options = {"dtype": ("float32", "float64")}
+    options = {"dtype": ("float32", "float64"), **PRECISION_OPTIONS}
 
     def __init__(self, config: GPTConfig, *, metrics: object = None, trace_sync: bool = True, **options: str) -> None:
         super().__init__(config, metrics=metrics, trace_sync=trace_sync, **options)
         self.dtype = np.dtype(options.get("dtype", "float32"))
 
     def _convert(self, params: Params) -> Params:
-        return {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
+        matrices = quantized_keys(self.config)
+        out: Params = {}
+        for key, value in params.items():
+            if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in matrices:
+                continue
+            if key + SCALE_SUFFIX in params:
+                out[key] = Int8Matrix(value, params[key + SCALE_SUFFIX], self.precision == "w8a8")
+            elif key in matrices and value.dtype.name == "bfloat16":
+                out[key] = BF16Matrix(value)
+            else:
+                out[key] = np.asarray(value, dtype=self.dtype)  # biases, LayerNorm, wpe (bf16 converts exactly)
+        return out
 
     def _forward(self, weights: Params, tokens: np.ndarray, last_only: bool) -> np.ndarray:
         c = self.config
@@ -142,8 +266,8 @@ class NumpyBackend(Backend):
         S = Tp + request.max_new_tokens
         tokens, pad = left_pad(request.prompts, Tp)  # [B, Tp], [B]
         B, K = len(pad), c.head_dim
-        cache = [(np.zeros((B, c.n_head, S, K), self.dtype), np.zeros((B, c.n_head, S, K), self.dtype))
-                 for _ in range(c.n_layer)]
+        layer_cache, dtype = _CACHES[self.kv_cache]
+        cache = [layer_cache((B, c.n_head, S, K), dtype or self.dtype, self.dtype) for _ in range(c.n_layer)]
         run = partial(gpt2, p=weights, n_layer=c.n_layer, n_head=c.n_head, eps=c.layer_norm_epsilon,
                       last_only=True, cache=cache)
         positions = np.maximum(np.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
@@ -161,6 +285,9 @@ class NumpyBackend(Backend):
             index = Tp + step  # cache index of the token just sampled
             logits = run(next_tokens[:, None], positions=(index - pad)[:, None],
                          mask=ragged_mask(pad, index, 1, S, self.dtype), start=index)
+
+
+_CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
 
 
 class _Rows:

@@ -22,16 +22,19 @@ from gptjax.tracing.metrics import Metrics
 log = logging.getLogger("gptjax.serve")
 
 
-def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision: str = "fp32",
-               mesh: Any = None) -> ServedModel:
+def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision: str | None = None,
+               kv_cache: str | None = None, mesh: Any = None) -> ServedModel:
     """A checkpoint's backend, prepared weights, tokenizer (its files, or bytes for a 256-token vocabulary)
-    and a fresh metrics registry. precision other than fp32 is passed as the backend option `precision`."""
+    and a fresh metrics registry. precision (default: as the checkpoint stores its weights) and kv_cache are
+    the backend options of those names."""
     from gptjax.backends import get_backend
     from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
-    from gptjax.weights import load_checkpoint
+    from gptjax.weights import load_checkpoint, stored_precision
 
     config, params = load_checkpoint(checkpoint)
-    options: dict[str, Any] = {} if precision == "fp32" else {"precision": precision}
+    options: dict[str, Any] = {"precision": precision or stored_precision(checkpoint)}
+    if kv_cache:
+        options["kv_cache"] = kv_cache
     if mesh is not None:
         options["mesh"] = mesh
     metrics = Metrics()

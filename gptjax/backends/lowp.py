@@ -1,0 +1,91 @@
+"""The matmul formulations of the reduced-precision modes, one function per kind of weight, chosen per
+platform by measurement (benchmarks/precision.py; figures in the README's precision section).
+
+Legend: x [..., I] activations, q [G, I/G, O] int8 values with float32 scales s [G, O] (G groups along the
+input; per-channel quantisation is G = 1). Every function returns float32 [..., O].
+
+What XLA:CPU does (measured on the gpt2 shape, decode): a dot whose int8 (or bf16) operand is converted to
+float32 inside the jit materialises the converted weight on every call (9 bytes of traffic per int8 weight
+instead of fp32's 4), and its int8 x int8 -> int32 dots are compute-bound, not bandwidth-bound. So on CPU the
+weight-only int8 matmul feeds the int8 dot a two-term int8 expansion of the activations (hi + lo / 254 of
+each token's scale: 16-bit fixed point, error <= max|x| / 64516, far below the weights' own rounding): one
+int8 dot over 2 x the rows, no converted weight. On GPU/TPU XLA fuses the convert into the GEMM, so the
+plain dequantise-inside-the-dot formulation is used there.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., I] @ w [I, O] in w's dtype, accumulated and returned in float32."""
+    if w.dtype != jnp.float32:
+        return _two_row(lambda a: jnp.matmul(a, w, preferred_element_type=jnp.float32), x)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _two_row(matmul, x: jax.Array) -> jax.Array:
+    """matmul(x), run on [x, 0] when x is a single row on CPU: XLA:CPU's bf16 and int8 dots are faster (by
+    10-25% in the gpt2 decode) with two rows than with one."""
+    if x.size != x.shape[-1] or jax.default_backend() != "cpu":
+        return matmul(x)
+    return matmul(jnp.stack([x, jnp.zeros_like(x)]))[0]
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 of x [..., K] with one float32 scale per row [..., 1] (an all-zero row gets scale 1)."""
+    amax = jnp.abs(x).max(-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    return jnp.clip(jnp.rint(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+    """Weight-only int8: sum over groups g of (x_g @ q_g) * s_g."""
+    if q.shape[0] == 1 and jax.default_backend() == "cpu":
+        return _split_int8_dot(x, q[0]) * s[0]
+    return _dequantized_dot(x, q, s)
+
+
+def _dequantized_dot(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+    """The int8 values converted to float32 inside the jitted dot, the scales applied after each group's dot."""
+    if q.shape[0] == 1:
+        return jnp.matmul(x, q[0].astype(jnp.float32)) * s[0]
+    xg = x.reshape(*x.shape[:-1], q.shape[0], -1)  # [..., G, I/G]
+    return (jnp.einsum("...gi,gio->...go", xg, q.astype(jnp.float32)) * s).sum(-2)
+
+
+def _split_int8_dot(x: jax.Array, q: jax.Array) -> jax.Array:
+    """x [..., I] @ q [I, O] (int8) as one int8 x int8 -> int32 dot over x's two-term int8 expansion:
+    x = sx * (hi + lo / 254) per row, |error| <= sx / 508 = max|x| / 64516."""
+    amax = jnp.abs(x).max(-1, keepdims=True)
+    sx = jnp.where(amax > 0, amax / 127.0, 1.0)  # [..., 1]
+    a = x / sx  # in [-127, 127]
+    hi = jnp.rint(a)
+    lo = jnp.rint((a - hi) * 254.0)  # (a - hi) in [-0.5, 0.5] -> [-127, 127]
+    acc = jnp.matmul(jnp.stack([hi, lo]).astype(jnp.int8), q, preferred_element_type=jnp.int32)  # [2, ..., O]
+    acc = acc.astype(jnp.float32)
+    return (acc[0] + acc[1] / 254.0) * sx
+
+
+def w8a8_matmul(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+    """Dynamic W8A8: each token's activations (per group) quantised to int8 with their own scale, an
+    int8 x int8 -> int32 dot, then both scales: sum over g of (xq_g @ q_g) * sx_g * s_g."""
+    if q.shape[0] == 1:
+        xq, sx = quantize_rows(x)  # [..., I] int8, [..., 1]
+        acc = _two_row(lambda a: jnp.matmul(a, q[0], preferred_element_type=jnp.int32), xq)
+        return acc.astype(jnp.float32) * sx * s[0]
+    xq, sx = quantize_rows(x.reshape(*x.shape[:-1], q.shape[0], -1))  # [..., G, I/G] int8, [..., G, 1]
+    acc = jnp.einsum("...gi,gio->...go", xq, q, preferred_element_type=jnp.int32)  # [..., G, O]
+    return (acc.astype(jnp.float32) * sx * s).sum(-2)
+
+
+def int8_matmul_t(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+    """x [..., D] @ q.T for an int8 [V, D] table with scales s [V, G] per row and group: float32 [..., V]
+    (the tied LM head; dequantised inside the dot, which measured as fast as fp32's head here)."""
+    V, G = s.shape
+    if G == 1:
+        return jnp.einsum("...d,vd->...v", x, q.astype(jnp.float32)) * s[:, 0]
+    xg = x.reshape(*x.shape[:-1], G, -1)  # [..., G, D/G]
+    return (jnp.einsum("...gi,vgi->...vg", xg, q.reshape(V, G, -1).astype(jnp.float32)) * s).sum(-1)

@@ -1,0 +1,260 @@
+"""Precision modes (bf16, int8 weight-only, w8a8, int8/bf16 KV caches) on both backends, quantised checkpoints,
+`gptjax quantize`, and the precision report — on a byte-level model trained by `gptjax train`
+(tests/fixtures/trained_byte_tiny: 2 layers, width 64, context 64, 400 steps on the stdlib)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gptjax import get_backend
+from gptjax.backends.jax_flax import KVCache
+from gptjax.cli import main
+from gptjax.errors import GptjaxError
+from gptjax.precision_report import DEFAULT_MODES, Mode, report
+from gptjax.quantize import convert, for_precision, precision_of, weight_bytes
+from gptjax.weights import load_checkpoint, stored_precision
+
+FIXTURE = Path(__file__).parent / "fixtures" / "trained_byte_tiny"
+CONFIG, PARAMS = load_checkpoint(FIXTURE)
+MODES = [("fp32", {}), ("bf16", {}), ("int8", {}), ("int8", {"group_size": 16}), ("int8", {"keep_head": True}),
+         ("w8a8", {}), ("int8", {"kv_cache": "int8"}), ("fp32", {"kv_cache": "bf16"})]
+
+
+def _text_tokens(n_windows: int = 8, T: int = 64) -> np.ndarray:
+    """Byte windows [n, T+1] of real Python source (the kind of text the fixture was trained on)."""
+    data = np.frombuffer(inspect.getsource(inspect).encode(), np.uint8).astype(np.int64)
+    return np.stack([data[i * 997: i * 997 + T + 1] for i in range(n_windows)])
+
+
+WINDOWS = _text_tokens()
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return float((logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]).mean())
+
+
+@pytest.mark.parametrize("precision,max_err,max_dloss", [("bf16", 0.15, 0.005), ("int8", 0.25, 0.01),
+                                                         ("w8a8", 0.3, 0.015)])
+def test_reduced_precision_logits_stay_close_to_fp32_on_a_trained_model(precision, max_err, max_dloss):
+    # thresholds: logits of this model span ~ +-15; bf16 rounds weights to 8 mantissa bits (2^-9 relative),
+    # int8 to 1/254 of each channel's max: errors of a few tenths at worst, and the loss barely moves
+    inputs, targets = WINDOWS[:, :-1], WINDOWS[:, 1:]
+    ref = get_backend("jax", CONFIG).forward(PARAMS, inputs)
+    out = get_backend("jax", CONFIG, precision=precision).forward(PARAMS, inputs)
+    err = np.abs(out - ref)
+    assert err.max() < max_err and err.mean() < max_err / 10
+    assert abs(_nll(out, targets) - _nll(ref, targets)) < max_dloss
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.97
+
+
+@pytest.mark.parametrize("precision,options", MODES)
+def test_both_backends_agree_in_every_mode(precision, options):
+    prompts = [list(WINDOWS[0, :20]), list(WINDOWS[1, :9]), list(WINDOWS[2, :31])]
+    jax_b = get_backend("jax", CONFIG, precision=precision, **options)
+    np_b = get_backend("numpy", CONFIG, precision=precision, **options)
+    logits = [b.forward(PARAMS, WINDOWS[:2, :40]) for b in (jax_b, np_b)]
+    # int8 on XLA:CPU feeds its dot 16-bit fixed-point activations (lowp._split_int8_dot: error <= max|x|/64516);
+    # w8a8 quantises activations, where a last-bit difference can move one value across a rounding boundary
+    atol = {"int8": 2e-3, "w8a8": 2e-2}.get(precision, 2e-4)
+    np.testing.assert_allclose(logits[0], logits[1], atol=atol)
+    results = [b.generate(PARAMS, prompts, 24, greedy=True) for b in (jax_b, np_b)]
+    assert results[0].tokens == results[1].tokens
+    assert all(len(t) == 24 for t in results[0].tokens)
+
+
+def test_quantised_checkpoint_gives_the_same_greedy_tokens_on_both_backends(tmp_path):
+    out = tmp_path / "int8"
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int8", "--out", str(out)]) == 0
+    config, params = load_checkpoint(out)
+    assert precision_of(params) == "int8" and stored_precision(out) == "int8"
+    prompts = [list(WINDOWS[3, :16]), list(WINDOWS[4, :5])]
+    tokens = [get_backend(name, config, precision="int8").generate(params, prompts, 20, greedy=True).tokens
+              for name in ("jax", "numpy")]
+    assert tokens[0] == tokens[1]
+    direct = get_backend("jax", CONFIG, precision="int8").generate(PARAMS, prompts, 20, greedy=True).tokens
+    assert direct == tokens[0]  # quantising at load time or ahead of time: the same model
+
+
+def test_quantised_checkpoint_round_trip_is_exact_and_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int8", "--group-size", "32",
+                     "--out", str(tmp_path / name)]) == 0
+    blob = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert blob == (tmp_path / "b" / "model.safetensors").read_bytes()  # fp32 -> int8 is deterministic
+    _, loaded = load_checkpoint(tmp_path / "a")
+    expected = convert(PARAMS, CONFIG, "int8", group_size=32)
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert loaded[key].dtype == value.dtype and np.array_equal(loaded[key], value), key  # loaded as stored
+    assert loaded["h.0.mlp.c_fc.weight_scale"].shape == (2, 256)  # 64 inputs / 32 per group
+    # loading never quantises again: the backend uses the stored int8 arrays as they are
+    backend = get_backend("numpy", CONFIG, precision="int8")
+    assert backend.prepare(loaded)["h.0.mlp.c_fc.weight"].q is loaded["h.0.mlp.c_fc.weight"]
+
+
+def test_bf16_checkpoint_round_trip(tmp_path):
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "bf16", "--out", str(tmp_path / "bf")]) == 0
+    _, loaded = load_checkpoint(tmp_path / "bf")
+    assert {v.dtype for v in loaded.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    assert weight_bytes(loaded) == CONFIG.weight_bytes("bf16")
+    np.testing.assert_array_equal(loaded["wte.weight"], PARAMS["wte.weight"].astype(ml_dtypes.bfloat16))
+
+
+def test_quantize_keeps_the_tokenizer_files_and_never_overwrites_the_source(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE, src)
+    (src / "tokenizer.json").write_text("{}")
+    assert main(["quantize", "--checkpoint", str(src), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert (tmp_path / "q" / "tokenizer.json").read_text() == "{}"
+    ratio = CONFIG.weight_bytes("int8") / CONFIG.weight_bytes("fp32")
+    assert f"= {ratio:.3f} x float32's" in capsys.readouterr().out
+    before = (src / "model.safetensors").read_bytes()
+    assert main(["quantize", "--checkpoint", str(src), "--to", "int8", "--out", str(src)]) == 2
+    assert "is the source checkpoint" in capsys.readouterr().err
+    assert (src / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--to", "int8", "--out", "X", "--group-size", "48"], "group_size=48 must be a positive integer dividing"),
+    (["--to", "int8"], "--to needs --out DIR"),
+    ([], "give --to MODE --out DIR"),
+    (["--to", "int8", "--out", "X", "--report"], "give --to MODE --out DIR"),
+])
+def test_quantize_cli_bad_input(tmp_path, capsys, argv, message):
+    argv = [a.replace("X", str(tmp_path / "out")) for a in argv]
+    assert main(["quantize", "--checkpoint", str(FIXTURE), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_cli_unknown_mode(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int4", "--out", "x"])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_quantising_a_quantised_checkpoint_is_refused(tmp_path, capsys):
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert main(["quantize", "--checkpoint", str(tmp_path / "q"), "--to", "int8", "--out",
+                 str(tmp_path / "qq")]) == 2
+    assert "already a int8 checkpoint; quantise from float weights" in capsys.readouterr().err
+    _, q = load_checkpoint(tmp_path / "q")
+    with pytest.raises(GptjaxError, match="params are already int8; convert from float32 weights"):
+        convert(q, CONFIG, "int8")
+    with pytest.raises(GptjaxError, match=r"params are int8; run them with precision='int8' or 'w8a8' "
+                                          r"\(precision='bf16' needs float32 weights\)"):
+        get_backend("jax", CONFIG, precision="bf16").forward(q, WINDOWS[:1, :8])
+    with pytest.raises(GptjaxError, match="group_size/keep_head apply when quantising float32 weights"):
+        get_backend("jax", CONFIG, precision="int8", group_size=16).forward(q, WINDOWS[:1, :8])
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"precision": "int4"}, "precision='int4'; allowed: ['fp32', 'bf16', 'int8', 'w8a8']"),
+    ({"kv_cache": "fp8"}, "kv_cache='fp8'; allowed: ['fp32', 'bf16', 'int8']"),
+    ({"precision": "int8", "group_size": 0}, "group_size=0 must be a positive integer or None"),
+])
+def test_backend_option_errors(options, message):
+    for name in ("jax", "numpy"):
+        with pytest.raises(GptjaxError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            get_backend(name, CONFIG, **options)
+
+
+def test_group_size_must_divide_the_width():
+    with pytest.raises(GptjaxError, match="group_size=48 must be a positive integer dividing the input width 64"):
+        get_backend("jax", CONFIG, precision="int8", group_size=48).forward(PARAMS, WINDOWS[:1, :8])
+
+
+def test_corrupt_quantised_params_are_named():
+    q = convert(PARAMS, CONFIG, "int8")
+    bad = dict(q)
+    del bad["h.1.attn.c_proj.weight_scale"]
+    with pytest.raises(GptjaxError, match=r"'h.1.attn.c_proj.weight' is int8 but 'h.1.attn.c_proj.weight_scale'"):
+        get_backend("numpy", CONFIG, precision="int8").prepare(bad)
+    bad = dict(q, **{"h.0.mlp.c_fc.weight_scale": np.ones(7, np.float32)})
+    with pytest.raises(GptjaxError, match=r"'h.0.mlp.c_fc.weight_scale' has shape \(7,\)"):
+        get_backend("jax", CONFIG, precision="int8").prepare(bad)
+    bad = dict(q, **{"h.0.ln_1.weight": q["h.0.ln_1.weight"].astype(np.int8)})
+    with pytest.raises(GptjaxError, match="'h.0.ln_1.weight' is int8, but only matmul weights may be quantised"):
+        get_backend("jax", CONFIG, precision="int8").prepare(bad)
+
+
+def test_memory_accounting_is_the_sum_of_array_bytes():
+    for mode in ("fp32", "bf16", "int8"):
+        params = convert(PARAMS, CONFIG, mode)
+        assert weight_bytes(params) == sum(a.nbytes for a in params.values()) == CONFIG.weight_bytes(mode)
+        weights = get_backend("jax", CONFIG, precision=mode).prepare(params)
+        on_device = sum(a.nbytes for a in jax.tree.leaves(weights.state))
+        assert on_device == CONFIG.weight_bytes(mode)  # what the backend holds (the head's scales included)
+    assert CONFIG.weight_bytes("int8") / CONFIG.weight_bytes("fp32") < 0.35  # tiny model: LN/bias/wpe weigh more
+
+
+def test_int8_kv_cache_halves_bf16_and_matches_the_calculator():
+    B, S = 4, 32
+    nbytes = {kind: sum(a.nbytes for a in jax.tree.leaves(KVCache.zeros(CONFIG, B, S, kind)))
+              for kind in ("fp32", "bf16", "int8")}
+    for kind, n in nbytes.items():
+        assert n == CONFIG.kv_cache_bytes_per_token(kind) * B * S
+    K = CONFIG.head_dim
+    assert nbytes["int8"] / nbytes["bf16"] == pytest.approx((K + 4) / (2 * K))  # values halve, + a scale per head
+
+
+def test_int8_kv_cache_decodes_like_the_float_cache():
+    prompts = [list(WINDOWS[5, :24]), list(WINDOWS[6, :12])]
+    ref = get_backend("jax", CONFIG).generate(PARAMS, prompts, 32, greedy=True).tokens
+    out = get_backend("jax", CONFIG, kv_cache="int8").generate(PARAMS, prompts, 32, greedy=True).tokens
+    agree = np.mean([a == b for r, o in zip(ref, out) for a, b in zip(r, o)])
+    assert agree > 0.9  # greedy decoding may diverge after a near-tie; most tokens agree
+
+
+def test_precision_report_on_the_trained_model():
+    modes = [Mode("fp32"), Mode("bf16"), Mode("int8"), Mode("int8", group_size=32), Mode("w8a8")]
+    rows = report(CONFIG, PARAMS, WINDOWS, modes, timing={"prompt": 8, "new_tokens": 4, "batches": (1, 2),
+                                                          "prefill_len": 16, "runs": 1})
+    assert [r.mode for r in rows] == ["fp32", "bf16", "int8", "int8 g32", "w8a8"]
+    assert rows[0].perplexity_change == 0 and rows[0].top1_agreement == 1 and rows[0].max_logit_error == 0
+    for r in rows[1:]:
+        assert abs(r.perplexity_change) < 0.02 and r.top1_agreement > 0.97 and 0 < r.max_logit_error < 0.3
+    assert rows[2].weight_bytes == CONFIG.weight_bytes("int8")
+    assert rows[1].kv_bytes_per_token == rows[0].kv_bytes_per_token // 2  # bf16 mode keeps a bf16 cache
+    assert all(r.prefill_tokens_per_s > 0 and set(r.decode_tokens_per_s) == {1, 2} for r in rows)
+    assert json.loads(json.dumps(rows[0].as_dict()))["decode_tokens_per_s"].keys() == {"1", "2"}
+    with pytest.raises(GptjaxError, match="the first mode of a precision report must be fp32"):
+        report(CONFIG, PARAMS, WINDOWS, DEFAULT_MODES[1:])
+
+
+def test_quantize_report_cli(capsys):
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--report", "--windows", "4", "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("| fp32 |", "| bf16 |", "| int8 |", "| int8 g64 |", "| w8a8 |", "| int8 kv:int8 |"):
+        assert mode in out
+    assert "4 validation windows of 64 tokens" in out
+
+
+def test_for_precision_passes_matching_params_through():
+    bf = for_precision(PARAMS, CONFIG, "bf16")
+    assert for_precision(bf, CONFIG, "bf16") is bf
+    assert precision_of(for_precision(PARAMS, CONFIG, "w8a8")) == "int8"
+
+
+def test_generate_cli_runs_a_quantised_checkpoint_as_stored(tmp_path, capsys):
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "100,101,102", "--greedy",
+                 "--max-new-tokens", "6", "--kv-cache", "int8"]) == 0
+    printed = capsys.readouterr().out.split("\n")[0]
+    expected = get_backend("jax", CONFIG, precision="int8", kv_cache="int8").generate(
+        PARAMS, [[100, 101, 102]], 6, greedy=True).tokens[0]
+    assert printed == ",".join(map(str, expected))
+    assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "1", "--precision", "bf16",
+                 "--max-new-tokens", "4"]) == 2
+    assert "params are int8; run them with precision='int8' or 'w8a8'" in capsys.readouterr().err
