@@ -126,8 +126,8 @@ def test_registry_lists_builtins_and_rejects_unknowns():
     config = SHAPES[0][0]
     with pytest.raises(GptjaxError, match=r"unknown backend 'torch'; available: \[.*'jax'.*'numpy'"):
         get_backend("torch", config)
-    with pytest.raises(GptjaxError, match=r"backend 'numpy' has no option 'precision'"):
-        get_backend("numpy", config, precision="int8")
+    with pytest.raises(GptjaxError, match=r"backend 'numpy' has no option 'mesh'"):
+        get_backend("numpy", config, mesh=None)
     with pytest.raises(GptjaxError, match=r"dtype='float16'; allowed: \['float32', 'float64'\]"):
         get_backend("numpy", config, dtype="float16")
     with pytest.raises(GptjaxError, match="config must be a GPTConfig"):

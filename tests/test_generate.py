@@ -8,7 +8,7 @@ import pytest
 from gptjax import GPTConfig, GptjaxError, get_backend, init_params
 from gptjax.backends import jax_decode
 from gptjax.backends.jax_flax import GPT, KVCache
-from gptjax.backends.numpy_ref import gpt2, ragged_mask
+from gptjax.backends.numpy_ref import FloatCache, gpt2, ragged_mask
 from gptjax.generate import SamplingParams, filter_logits, sample_token
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)
@@ -30,8 +30,7 @@ def _numpy_cached_logits(tokens, pad, S):
     """Last-position logits after prefill of left-padded tokens, then after each appended token."""
     c = CONFIG
     B, Tp = tokens.shape
-    cache = [(np.zeros((B, c.n_head, S, c.head_dim), np.float32),) * 1 + (np.zeros((B, c.n_head, S, c.head_dim),
-              np.float32),) for _ in range(c.n_layer)]
+    cache = [FloatCache((B, c.n_head, S, c.head_dim), np.float32, np.float32) for _ in range(c.n_layer)]
     run = dict(p=PARAMS, n_layer=c.n_layer, n_head=c.n_head, eps=c.layer_norm_epsilon, last_only=True, cache=cache)
     positions = np.maximum(np.arange(Tp)[None] - pad[:, None], 0)
     return gpt2(tokens, positions=positions, mask=ragged_mask(pad, 0, Tp, S, np.float32), start=0, **run), run
