@@ -1,4 +1,4 @@
-"""The `gptjax` command: `train`, `eval`, `generate`, `info` (size calculator), `demo`, `backends`."""
+"""The `gptjax` command: `train`, `eval`, `generate`, `serve`, `info` (size calculator), `demo`, `backends`."""
 
 from __future__ import annotations
 
@@ -180,9 +180,89 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", metavar="FILE", help="report: also write one JSON line per mode")
     q.set_defaults(func=_cmd_quantize)
 
+    _serve_parser(sub)
+
     backends = sub.add_parser("backends", help="list the available backends (built-in and plugins)")
     backends.set_defaults(func=_cmd_backends)
     return p
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-style HTTP API (completions, streaming, /metrics) for a checkpoint",
+                        description="Serve a checkpoint over HTTP: POST /v1/completions (JSON or Server-Sent Events), "
+                        "GET /v1/models, /health and /metrics, with dynamic batching, a bounded queue (429 when "
+                        "full), per-request timeouts and draining on SIGTERM. Needs the serve extra.")
+    sv.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (config.json + "
+                    "model.safetensors, tokenizer files optional)")
+    sv.add_argument("--backend", default="jax", help="backend name (default jax)")
+    sv.add_argument("--precision", choices=["fp32", "bf16", "int8", "w8a8"], help="how to run the weights "
+                    "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
+    sv.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="KV-cache storage (default: bf16 for "
+                    "bf16, else fp32)")
+    sv.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), metavar="KEY", help="require "
+                    "'Authorization: Bearer KEY' on /v1/* (default: $GPTJAX_API_KEY; prefer the variable, "
+                    "arguments show in ps)")
+    sv.add_argument("--model-name", metavar="NAME", help="model id in /v1/models and responses (default: the "
+                    "checkpoint directory's name)")
+    sv.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests per batch (default 16)")
+    sv.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a batch; more "
+                    "are refused with 429 (default 64)")
+    sv.add_argument("--max-tokens-cap", type=int, metavar="N", help="largest max_tokens accepted (default: the "
+                    "context length)")
+    sv.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS", help="time from arrival "
+                    "to the last token; then 504 and the work is cancelled (default 60)")
+    sv.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, how long "
+                    "requests in flight may take to finish (default 30)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="larger request bodies get "
+                    "413 (default 1 MiB)")
+    sv.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps between hand-overs to "
+                    "clients (default 4)")
+    sv.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="how long a new batch may wait "
+                    "for the clients of the previous one to send their next request (default 20)")
+    sv.add_argument("--batching", choices=["continuous", "dynamic"], default="continuous", help="continuous: "
+                    "requests join a running batch between decode chunks (jax backend without --mesh; others fall "
+                    "back to dynamic); dynamic: requests arriving during a batch wait for the next (default "
+                    "continuous)")
+    sv.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
+    sv.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from gptjax import serve
+        from gptjax.serve.server import default_model_id
+    except ImportError as e:
+        raise GptjaxError(f"gptjax serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'gptjax[serve]'") from None
+    for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                             ("--max-queue", args.max_queue, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--chunk-size", args.chunk_size, 1)):
+        if value < low:
+            raise GptjaxError(f"{flag} {value} must be >= {low}")
+    for flag, bad in (("--port", args.port > 65535), ("--request-timeout", args.request_timeout <= 0),
+                      ("--drain-timeout", args.drain_timeout < 0)):
+        if bad:
+            raise GptjaxError(f"{flag} is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0")
+    mesh = None
+    if args.mesh:
+        from gptjax.sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
+    model = serve.load_model(args.checkpoint, args.backend, precision=args.precision, kv_cache=args.kv_cache,
+                             mesh=mesh)
+    cap = args.max_tokens_cap
+    if cap is not None and not 1 <= cap <= model.backend.config.n_positions:
+        raise GptjaxError(f"--max-tokens-cap {cap} must be in [1, {model.backend.config.n_positions}]")
+    options = serve.ServeOptions(model_id=args.model_name or default_model_id(args.checkpoint),
+                                 api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
+                                 max_tokens_cap=cap, request_timeout=args.request_timeout,
+                                 max_body_bytes=args.max_body_bytes, chunk_size=args.chunk_size,
+                                 batch_wait=max(0.0, args.batch_wait_ms) / 1e3, batching=args.batching,
+                                 warmup=not args.no_warmup)
+    return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
 
 
 def _version() -> str:

@@ -49,17 +49,51 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class RowSettings:
+    """One row's sampling, token budget and random stream: its draws use fold_in(key(sampling.seed), key_index)
+    (NumPy: default_rng([seed, key_index]))."""
+
+    sampling: SamplingParams
+    max_new_tokens: int
+    key_index: int
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """A validated batch: prompts (ragged), how many tokens to add at most, and how to sample them."""
+    """A validated batch: prompts (ragged), how many tokens to add at most, and how to sample them.
+
+    `rows` is set only for a batch joined from separate requests (`join_requests`): then each row has its
+    own settings, and max_new_tokens / sampling are the largest budget / the first row's (for reporting)."""
 
     prompts: tuple[tuple[int, ...], ...]
     max_new_tokens: int
     sampling: SamplingParams
+    rows: tuple[RowSettings, ...] | None = None
 
     @property
     def batch(self) -> int:
         """Number of rows."""
         return len(self.prompts)
+
+    def row(self, b: int) -> RowSettings:
+        """Row b's settings: its own in a joined batch, else the request's with random stream b."""
+        return self.rows[b] if self.rows is not None else RowSettings(self.sampling, self.max_new_tokens, b)
+
+    @property
+    def mode(self) -> str:
+        """"greedy" (every row argmax), "filter" (some row uses top-k/top-p) or "sample"."""
+        rows = [self.row(b).sampling for b in range(self.batch)]
+        return "greedy" if all(r.is_greedy for r in rows) else "filter" if any(r.filters for r in rows) else "sample"
+
+
+def join_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
+    """One batch of the rows of several validated requests, each row keeping its request's settings and random
+    stream, so it gets the same tokens as when its request runs alone (what a server's batcher needs)."""
+    if not requests or not all(isinstance(r, GenerationRequest) for r in requests):
+        raise GptjaxError("join_requests needs a non-empty list of GenerationRequests (from make_request)")
+    rows = tuple(r.row(b) for r in requests for b in range(r.batch))
+    return GenerationRequest(tuple(p for r in requests for p in r.prompts), max(r.max_new_tokens for r in rows),
+                             requests[0].sampling, rows)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import numbers
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -15,7 +15,7 @@ from opentelemetry import context as otel_context
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, make_request
+from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
 from gptjax.quantize import KV_CACHE_MODES, PRECISIONS, default_kv_cache, for_precision, storage
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
@@ -130,11 +130,17 @@ class Backend(abc.ABC):
         Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
         generate()'s result.
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-            raise GptjaxError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+        _check_chunk_size(chunk_size)
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
         return self._traced(self._prepared(params), request, chunk_size)
+
+    def stream_joined(self, params: Params | Any, requests: Sequence[GenerationRequest], *, chunk_size: int = 16
+                      ) -> Iterator[StreamChunk]:
+        """stream() of several requests (from make_request) as one batch, their rows in order, each keeping its
+        request's settings and random stream: every row gets the tokens its request would get alone."""
+        _check_chunk_size(chunk_size)
+        return self._traced(self._prepared(params), join_requests(requests), chunk_size)
 
     # ---- observability: spans around every forward pass (no-ops without an OpenTelemetry SDK) ------------
     @property
@@ -252,6 +258,11 @@ class Backend(abc.ABC):
     def _generate(self, weights: Any, request: GenerationRequest, chunk_size: int | None
                   ) -> Iterator[StreamChunk]:
         """Yield StreamChunks for a validated request (one at the end when chunk_size is None)."""
+
+
+def _check_chunk_size(chunk_size: Any) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise GptjaxError(f"chunk_size={chunk_size!r} must be an integer >= 1")
 
 
 def validate_tokens(tokens: Any, config: GPTConfig) -> np.ndarray:

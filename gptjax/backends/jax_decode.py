@@ -27,17 +27,29 @@ class Sampling(NamedTuple):
     temperature: jax.Array  # [B] float32, 0 = greedy
     top_k: jax.Array  # [B] int32, V = off
     top_p: jax.Array  # [B] float32, 1 = off
-    stop: jax.Array  # [n] int32 stop tokens, -1 padded
+    stop: jax.Array  # [B, n] int32 stop tokens per row, -1 padded
+    # the decode loop's per-row budget and random stream (sample() alone needs none of them)
+    max_new: jax.Array | None = None  # [B] int32 tokens each row may add
+    seed: jax.Array | None = None  # [B] uint32 each row's seed ...
+    key_index: jax.Array | None = None  # [B] int32 ... and stream: its key is fold_in(key(seed), key_index)
 
     @classmethod
     def of(cls, request: GenerationRequest, batch: int, vocab: int) -> Sampling:
-        """Arrays for a request, every row sampled alike (rows beyond the request are padding)."""
-        sp = request.sampling
-        temperature = 0.0 if sp.is_greedy else sp.temperature
-        stop = np.full(-(-max(1, len(sp.stop_tokens)) // 8) * 8, -1, np.int32)  # 8 per bucket: few compiles
-        stop[: len(sp.stop_tokens)] = sp.stop_tokens
-        return cls(jnp.full(batch, temperature, jnp.float32), jnp.full(batch, sp.top_k or vocab, jnp.int32),
-                   jnp.full(batch, 1.0 if sp.top_p is None else sp.top_p, jnp.float32), jnp.asarray(stop))
+        """Arrays for a request's rows (rows beyond the request are padding, greedy and finished)."""
+        rows = [request.row(b) for b in range(request.batch)]
+        n = -(-max(1, *(len(r.sampling.stop_tokens) for r in rows)) // 8) * 8  # 8 per bucket: few compiles
+        temperature, top_k, top_p = np.zeros(batch, np.float32), np.full(batch, vocab, np.int32), np.ones(batch)
+        stop, max_new = np.full((batch, n), -1, np.int32), np.ones(batch, np.int32)
+        seed, key_index = np.zeros(batch, np.uint32), np.arange(batch, dtype=np.int32)
+        for b, r in enumerate(rows):
+            sp = r.sampling
+            temperature[b] = 0.0 if sp.is_greedy else sp.temperature
+            top_k[b] = sp.top_k or vocab
+            top_p[b] = 1.0 if sp.top_p is None else sp.top_p
+            stop[b, : len(sp.stop_tokens)] = sp.stop_tokens
+            max_new[b], seed[b], key_index[b] = r.max_new_tokens, sp.seed, r.key_index
+        return cls(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p, jnp.float32), jnp.asarray(stop),
+                   jnp.asarray(max_new), jnp.asarray(seed), jnp.asarray(key_index))
 
 
 class DecodeState(NamedTuple):
@@ -51,6 +63,7 @@ class DecodeState(NamedTuple):
     lengths: jax.Array  # [B] tokens kept in out (stop token excluded)
     out: jax.Array  # [B, N] generated tokens
     keys: jax.Array  # [B] per-row PRNG keys
+    start: jax.Array  # [B] step at which each row began: 0, or later for a row admitted into a running batch
 
 
 def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -80,21 +93,23 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampli
     if mode == "filter":
         x = filter_top_k_top_p(x, sampling.top_k, sampling.top_p)
     cdf = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)  # [B, V]
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape[:1]))  # step: () or [B]
     u = jax.vmap(jax.random.uniform)(step_keys) * cdf[:, -1]  # [B], scaled by the total (rounding)
     drawn = jnp.minimum((cdf <= u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)  # first cdf > u
     return jnp.where(sampling.temperature > 0, drawn, greedy)
 
 
 def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Array) -> DecodeState:
-    """Store the tokens of step d.step, mark rows that hit a stop token or the length limit."""
+    """Store the tokens of step d.step (out column d.step), mark rows that hit their stop tokens [B, n] or
+    length limits [B]; a row's own count is the steps since its start."""
     active = ~d.done
-    hit_stop = active & jnp.isin(token, stop)
+    hit_stop = active & (token[:, None] == stop).any(-1)
     kept = active & ~hit_stop
     out = jax.lax.dynamic_update_index_in_dim(d.out, jnp.where(kept, token, 0), d.step, axis=1)
     step = d.step + 1
-    return d._replace(last=token, step=step, out=out, lengths=jnp.where(kept, step, d.lengths),
-                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (step >= max_new))
+    own = step - d.start  # [B] tokens each row has sampled
+    return d._replace(last=token, step=step, out=out, lengths=jnp.where(kept, own, d.lengths),
+                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (own >= max_new))
 
 
 def prefill_masks(pad: jax.Array, T: int) -> Masks:
@@ -112,9 +127,9 @@ def decode_masks(pad: jax.Array, index: jax.Array, S: int) -> Masks:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "kv_cache", "mesh"))
-def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, seed: jax.Array,
-            sampling: Sampling, max_new: jax.Array, config: GPTConfig, cache_length: int, mode: str,
-            kv_cache: str = "fp32", mesh: Any = None) -> DecodeState:
+def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, sampling: Sampling,
+            config: GPTConfig, cache_length: int, mode: str, kv_cache: str = "fp32", mesh: Any = None
+            ) -> DecodeState:
     """Run left-padded prompts [B, Tp] into a fresh cache (cache_length entries stored as kv_cache) and sample
     the first token."""
     with jax.default_matmul_precision("float32"):
@@ -127,16 +142,16 @@ def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid:
             cache = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding(mesh, a.ndim)), cache)
         positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
         logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(B))
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(sampling.seed, sampling.key_index)
         zeros = jnp.zeros(B, jnp.int32)
         d = DecodeState(cache, zeros, jnp.int32(0), ~valid, jnp.zeros(B, bool), zeros,
-                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys)
-        return _record(d, sample(logits, keys, d.step, sampling, mode), sampling.stop, max_new)
+                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys, zeros)
+        return _record(d, sample(logits, keys, d.step, sampling, mode), sampling.stop, sampling.max_new)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("d",))
 def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: Sampling, until: jax.Array,
-           max_new: jax.Array, mode: str) -> DecodeState:
+           mode: str) -> DecodeState:
     """Decode one token per row per step, inside one while_loop, until step == until or every row is done."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
@@ -147,8 +162,8 @@ def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: 
             index = Tp + d.step - 1  # cache index of d.last
             logits, cache = model.step(d.last[:, None], (index - pad)[:, None], decode_masks(pad, index, S),
                                        d.cache, index)
-            token = sample(logits, d.keys, d.step, sampling, mode)
-            return _record(d._replace(cache=cache), token, sampling.stop, max_new)
+            token = sample(logits, d.keys, d.step - d.start, sampling, mode)
+            return _record(d._replace(cache=cache), token, sampling.stop, sampling.max_new)
 
         return jax.lax.while_loop(lambda d: (d.step < until) & ~jnp.all(d.done), body, d)
 
@@ -159,11 +174,13 @@ def batch_bucket(batch: int) -> int:
 
 
 def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None,
-          kv_cache: str = "fp32") -> tuple[DecodeState, jax.Array, Sampling, str]:
+          kv_cache: str = "fp32", rows: int | None = None, mode: str | None = None
+          ) -> tuple[DecodeState, jax.Array, Sampling, str]:
     """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
-    With a mesh the batch is padded to a multiple of its batch axes too, and placed over them."""
+    With a mesh the batch is padded to a multiple of its batch axes too, and placed over them. rows (at least
+    the request's) and mode (one covering the request's) override the batch bucket and sampling mode."""
     config = weights.config
-    B = batch_bucket(request.batch)
+    B = batch_bucket(max(rows or 1, request.batch))
     if mesh is not None:
         from gptjax.sharding import shard_batch
 
@@ -172,10 +189,31 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
     sampling = Sampling.of(request, B, config.vocab_size)
-    sp = request.sampling
-    mode = "greedy" if sp.is_greedy else "filter" if sp.filters else "sample"
+    mode = mode or request.mode
     if mesh is not None:
         tokens = shard_batch(tokens, mesh)
-    d = prefill(weights.graphdef, weights.state, tokens, pad, valid, np.uint32(request.sampling.seed), sampling,
-                np.int32(request.max_new_tokens), config, cache_length, mode, kv_cache, mesh)
+    d = prefill(weights.graphdef, weights.state, tokens, pad, valid, sampling, config, cache_length, mode, kv_cache,
+                mesh)
     return d, jnp.asarray(pad), sampling, mode
+
+
+@partial(jax.jit, donate_argnames=("d",))
+def admit(d: DecodeState, new: DecodeState, row: jax.Array, index: jax.Array) -> DecodeState:
+    """Put a one-row prefill `new` (its prompt bucket of cache entries, first token, key) into slot `row` of a
+    running batch, so that its next token is written at cache index `index` (its prompt ends just before)."""
+    Tp1 = new.cache.length - new.out.shape[1]  # the new row's prompt bucket
+
+    def put(big: jax.Array, small: jax.Array) -> jax.Array:  # [B, H, S, ...] <- [1, H, Tp1, ...] (values, scales)
+        at = (row, 0, index - Tp1) + (0,) * (big.ndim - 3)
+        return jax.lax.dynamic_update_slice(big, small[:, :, :Tp1].astype(big.dtype), at)
+
+    first = d.step - 1  # the new row's token 0 sits in out column first; decode samples its token 1 next
+
+    def one(a: jax.Array, b: jax.Array) -> jax.Array:
+        return a.at[row].set(b[0])
+
+    return d._replace(cache=jax.tree.map(put, d.cache, new.cache), last=one(d.last, new.last),
+                      done=one(d.done, new.done), stopped=one(d.stopped, new.stopped),
+                      lengths=one(d.lengths, new.lengths), keys=one(d.keys, new.keys),
+                      out=jax.lax.dynamic_update_slice(d.out, new.out[:, :1], (row, first)),
+                      start=d.start.at[row].set(first))

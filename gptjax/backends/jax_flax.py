@@ -548,8 +548,7 @@ class JaxBackend(Backend):
         while True:
             if phase == "decode":
                 until = request.max_new_tokens if chunk_size is None else min(step + chunk_size, max_new)
-                d = jax_decode.decode(weights.graphdef, weights.state, d, pad, sampling, np.int32(until), max_new,
-                                      mode)
+                d = jax_decode.decode(weights.graphdef, weights.state, d, pad, sampling, np.int32(until), mode)
             step, done, stopped, lengths = jax.device_get((d.step, d.done, d.stopped, d.lengths))
             first = sent.min()
             out = np.asarray(d.out[: request.batch, first: lengths.max(initial=0)])

@@ -16,7 +16,7 @@ import numpy as np
 
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
-from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk, left_pad, sample_token
+from gptjax.generate import LENGTH, STOP, GenerationRequest, RowSettings, StreamChunk, left_pad, sample_token
 from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys
 from gptjax.weights import Params
 
@@ -261,7 +261,7 @@ class NumpyBackend(Backend):
                   ) -> Iterator[StreamChunk]:
         """Prefill the left-padded prompts into a preallocated cache (first chunk: its token), then one token
         per row per step, chunk_size steps per chunk."""
-        c, sp = self.config, request.sampling
+        c, rows_settings = self.config, [request.row(b) for b in range(request.batch)]
         Tp = max(len(p) for p in request.prompts)
         S = Tp + request.max_new_tokens
         tokens, pad = left_pad(request.prompts, Tp)  # [B, Tp], [B]
@@ -272,11 +272,12 @@ class NumpyBackend(Backend):
                       last_only=True, cache=cache)
         positions = np.maximum(np.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
         logits = run(tokens, positions=positions, mask=ragged_mask(pad, 0, Tp, S, self.dtype), start=0)
-        rngs = [np.random.default_rng([sp.seed, b]) for b in range(B)]
-        rows = _Rows(B, sp.stop_tokens)
+        rngs = [np.random.default_rng([r.sampling.seed, r.key_index]) for r in rows_settings]
+        rows = _Rows(rows_settings)
         for step in range(request.max_new_tokens):
-            next_tokens = np.array([sample_token(logits[b], sp, rngs[b]) for b in range(B)])  # [B]
-            rows.record(next_tokens, last_step=step == request.max_new_tokens - 1)
+            next_tokens = np.array([sample_token(logits[b], r.sampling, rngs[b])
+                                    for b, r in enumerate(rows_settings)])  # [B]
+            rows.record(next_tokens, step)
             if step == 0 or rows.all_done or (chunk_size and step % chunk_size == 0):
                 yield rows.flush("prefill" if step == 0 else "decode")
             if rows.all_done:
@@ -292,24 +293,25 @@ _CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16),
 class _Rows:
     """Per-row bookkeeping of a decode: tokens not yet yielded, which rows are done and why."""
 
-    def __init__(self, batch: int, stop_tokens: tuple[int, ...]) -> None:
-        self.pending: list[list[int]] = [[] for _ in range(batch)]
-        self.reasons: list[str | None] = [None] * batch
-        self.stop_tokens = set(stop_tokens)
+    def __init__(self, settings: list[RowSettings]) -> None:
+        self.pending: list[list[int]] = [[] for _ in settings]
+        self.reasons: list[str | None] = [None] * len(settings)
+        self.stop_tokens = [set(r.sampling.stop_tokens) for r in settings]
+        self.last_step = [r.max_new_tokens - 1 for r in settings]
 
     @property
     def all_done(self) -> bool:
         return all(self.reasons)
 
-    def record(self, tokens: np.ndarray, last_step: bool) -> None:
+    def record(self, tokens: np.ndarray, step: int) -> None:
         for b, t in enumerate(tokens.tolist()):
             if self.reasons[b]:
                 continue
-            if t in self.stop_tokens:
+            if t in self.stop_tokens[b]:
                 self.reasons[b] = STOP
                 continue
             self.pending[b].append(t)
-            if last_step:
+            if step == self.last_step[b]:
                 self.reasons[b] = LENGTH
 
     def flush(self, phase: str) -> StreamChunk:

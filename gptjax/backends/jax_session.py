@@ -1,0 +1,119 @@
+"""Continuous batching on the JAX backend: a decode loop whose rows (slots) change between chunks.
+
+A session holds B slots over one KV cache of S entries. It starts like generate (a joined batch, prefilled
+together), then between decode chunks a request may take a free slot: its prompt is prefilled alone (exactly
+as a solo generate would) and its cache entries are copied in so that they end right before the cache index
+the batch writes next; its pad, sampling settings, seed stream and start step are set for that row. Every row
+thus reads only its own entries at its own positions and samples with its own key and step count, so it gets
+the tokens its request gets alone. A row leaves when it finishes or is cancelled, freeing its slot. A request
+fits while the cache has room for its budget after the current step (S is sized with headroom for that) and
+its sampling mode is covered by the session's (greedy ⊂ sample ⊂ filter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.backends import jax_decode
+from gptjax.backends.jax_flax import bucket_length
+from gptjax.generate import LENGTH, STOP, GenerationRequest, join_requests, left_pad
+
+MODES = ("greedy", "sample", "filter")  # each covers the ones before it
+
+
+class DecodeSession:
+    """A running batch that requests join and leave between chunks. Slots hold opaque owners (e.g. jobs)."""
+
+    def __init__(self, backend: Any, weights: Any, requests: Sequence[GenerationRequest], owners: Sequence[Any],
+                 slots: int, headroom: int) -> None:
+        """Prefill `requests` (one owner per row) into a batch of at least `slots` rows whose cache leaves
+        `headroom` steps beyond the longest budget for rows that join later."""
+        joined = join_requests(requests)
+        config = backend.config
+        self.weights, self.config, self.kv_cache = weights, config, backend.kv_cache
+        self.Tp = bucket_length(max(len(p) for p in joined.prompts), config.n_positions)
+        self.S = self.Tp + bucket_length(joined.max_new_tokens + headroom, 2**31)
+        self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
+        self.d, pad, self.sampling, _ = jax_decode.start(weights, joined, self.Tp, self.S, backend.mesh,
+                                                         backend.kv_cache, rows=slots, mode=self.mode)
+        B = self.d.last.shape[0]
+        self.pad = np.asarray(pad).copy()
+        self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
+        self.sent = np.zeros(B, int)
+        self.step = 1
+
+    @property
+    def live(self) -> list[int]:
+        """Occupied slots."""
+        return [b for b, owner in enumerate(self.owners) if owner is not None]
+
+    def fits(self, request: GenerationRequest) -> bool:
+        """Whether a one-row request can join now (a free slot, cache room, a covered sampling mode)."""
+        index = self.Tp + self.step - 1  # where the batch writes next
+        n = len(request.prompts[0])
+        return (request.batch == 1 and None in self.owners and MODES.index(request.mode) <= MODES.index(self.mode)
+                and bucket_length(n, self.config.n_positions) <= index
+                and self.step - 1 + request.max_new_tokens <= self.S - self.Tp
+                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1])
+
+    def admit(self, request: GenerationRequest, owner: Any) -> list[tuple[Any, list[int], str | None]]:
+        """Prefill a fitting one-row request alone and put it in a free slot; [(owner, first tokens, finish
+        reason)]."""
+        row, n = self.owners.index(None), len(request.prompts[0])
+        Tp1 = bucket_length(n, self.config.n_positions)
+        tokens, pad1 = left_pad(request.prompts, Tp1)
+        w = self.weights
+        one = jax_decode.Sampling.of(request, 1, self.config.vocab_size)
+        new = jax_decode.prefill(w.graphdef, w.state, tokens, pad1, np.ones(1, bool), one, self.config,
+                                 Tp1 + 8, request.mode, self.kv_cache)
+        index = self.Tp + self.step - 1
+        self.d = jax_decode.admit(self.d, new, np.int32(row), np.int32(index))
+        width = self.sampling.stop.shape[1]
+        stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
+        self.sampling = jax_decode.Sampling(*(a.at[row].set(b[0]) for a, b in zip(self.sampling,
+                                                                                   one._replace(stop=stop))))
+        self.pad[row], self.owners[row], self.sent[row] = index - n, owner, 0
+        done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
+        self.sent[row] = int(length)
+        if done:
+            self.owners[row] = None
+        return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+
+    def first_chunk(self) -> list[tuple[Any, list[int], str | None]]:
+        """The prefill's tokens of the starting rows."""
+        return self._read()
+
+    def run(self, chunk_size: int) -> list[tuple[Any, list[int], str | None]]:
+        """Decode up to chunk_size steps; (owner, new tokens, finish reason) of each occupied slot (a finished
+        one is freed)."""
+        until = min(self.step + chunk_size, self.S - self.Tp)
+        w = self.weights
+        self.d = jax_decode.decode(w.graphdef, w.state, self.d, jnp.asarray(self.pad), self.sampling,
+                                   np.int32(until), self.mode)
+        return self._read()
+
+    def cancel(self, owner: Any) -> None:
+        """Free an owner's slot now (its row stops being decoded)."""
+        row = self.owners.index(owner)
+        self.owners[row] = None
+        self.d = self.d._replace(done=self.d.done.at[row].set(True))
+
+    def _read(self) -> list[tuple[Any, list[int], str | None]]:
+        step, done, stopped, lengths, start = jax.device_get((self.d.step, self.d.done, self.d.stopped,
+                                                               self.d.lengths, self.d.start))
+        self.step = int(step)
+        out = np.asarray(self.d.out)
+        chunks = []
+        for b in self.live:
+            new = out[b, start[b] + self.sent[b]: start[b] + lengths[b]].tolist()
+            self.sent[b] = lengths[b]
+            reason = (STOP if stopped[b] else LENGTH) if done[b] else None
+            chunks.append((self.owners[b], new, reason))
+            if reason:
+                self.owners[b] = None
+        return chunks

@@ -1,0 +1,275 @@
+"""The batcher: a bounded queue of jobs and ONE worker thread that runs them through the backend in batches.
+
+Dynamic batching: the worker takes every queued job (up to max_batch) as one joined batch
+(`Backend.stream_joined`, each row with its own settings and seed, so its tokens equal a solo run); jobs that
+arrive while a batch runs wait for the next one. After a batch of k rows, the worker waits up to batch_wait
+seconds for as many jobs as were waiting plus k (the clients just answered often send their next request
+within milliseconds: without the wait, closed-loop clients split into two cohorts that alternate, each
+running half-sized batches). Between decode chunks the worker hands each row's new tokens
+to its job, drops rows whose client left or timed out, and stops the batch once no live row is left. If a
+batch fails, each of its live jobs is re-run alone (same seed, same tokens; the ones already sent are
+skipped), so one bad request fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from gptjax.errors import GptjaxError
+from gptjax.generate import GenerationRequest
+from gptjax.tracing.spans import record_error, tracer
+
+
+@dataclass
+class Event:
+    """What the worker tells a request handler: new tokens (with the finish reason once known) or an error."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
+class Job:
+    """One request in flight: its generation request, where its events go (an asyncio queue on the server's
+    loop), and whether it was cancelled (client gone, timeout, shutdown)."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, span: Any = None) -> None:
+        self.request, self.loop, self.span = request, loop, span
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.sent = 0  # tokens handed over so far
+        self.finished = False
+        self.cancel_reason: str | None = None
+        self.queued_at = time.perf_counter()
+
+    @property
+    def live(self) -> bool:
+        """Still wants tokens."""
+        return not self.finished and self.cancel_reason is None
+
+    def cancel(self, reason: str) -> None:
+        """Stop working for this job (safe from any thread; the worker drops it at the next chunk)."""
+        if self.live:
+            self.cancel_reason = reason
+
+    def post(self, event: Event) -> None:
+        """Queue an event for the handler (thread-safe); a finish reason or an error ends the job."""
+        if event.finish_reason or event.error is not None:
+            self.finished = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+
+class QueueFull(GptjaxError):
+    """The bounded queue has no room: answer 429."""
+
+
+class ShuttingDown(GptjaxError):
+    """The server is stopping: answer 503."""
+
+
+class Scheduler:
+    """Runs jobs on `stream(requests) -> chunks` (a backend's stream_joined, weights bound) in one thread."""
+
+    def __init__(self, stream: Callable[[Sequence[GenerationRequest]], Any], *, max_batch: int, max_queue: int,
+                 batch_wait: float = 0.02, on_batch: Callable[[int], None] | None = None,
+                 on_cancel: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None,
+                 session: Callable[[list[Job], Any, list[Any]], None] | None = None) -> None:
+        """stream runs a batch (dynamic batching); session, when given, runs a batch and takes queued jobs into
+        it between chunks (continuous batching, gptjax.serve.continuous). Hooks: on_batch(rows at start),
+        on_chunk(live rows per decode chunk), on_cancel(reason)."""
+        self._stream, self.max_batch, self.max_queue, self._session = stream, max_batch, max_queue, session
+        self.on_chunk = on_chunk or (lambda n: None)
+        self._on_batch, self._on_cancel = on_batch or (lambda n: None), on_cancel or (lambda reason: None)
+        self._pending: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        self.batch_wait, self._target = batch_wait, 1  # gather until `_target` jobs wait, up to batch_wait s
+        self._thread = threading.Thread(target=self._loop, name="gptjax-serve-worker", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for a batch."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull when max_queue jobs are already waiting."""
+        with self._cv:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self._pending.append(job)
+            self._cv.notify()
+
+    def idle(self) -> bool:
+        """No job waiting or running."""
+        with self._cv:
+            return not self._pending and not self._running
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel what is left (its handlers get an error) and stop the worker."""
+        with self._cv:
+            self._closing = True
+            jobs = list(self._pending) + list(self._running)
+            self._pending.clear()
+            self._cv.notify()
+        for job in jobs:
+            if job.live:
+                job.cancel("shutdown")
+                job.post(Event(error=ShuttingDown("the server shut down before this request finished")))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self._cv:
+                    self._running = []
+                    self._target = min(self.max_batch, len(self._pending) + len(batch))
+
+    def _next_batch(self) -> list[Job] | None:
+        """Wait for queued jobs; take the live ones, up to max_batch (None when closing)."""
+        with self._cv:
+            while True:
+                while self._pending and not self._pending[0].live:
+                    self._dropped(self._pending.popleft())
+                if self._closing:
+                    return None
+                if self._pending:
+                    break
+                self._cv.wait()
+            self._gather()
+            batch = []
+            while self._pending and len(batch) < self.max_batch:
+                job = self._pending.popleft()
+                if job.live:
+                    batch.append(job)
+                else:
+                    self._dropped(job)
+            self._running = batch
+            return batch
+
+    def _gather(self) -> None:
+        """Wait (the condition releases the lock meanwhile) until _target jobs are queued or batch_wait passed."""
+        end = time.monotonic() + self.batch_wait
+        while len(self._pending) < self._target and not self._closing and time.monotonic() < end:
+            self._cv.wait(end - time.monotonic())
+        self._target = 1
+
+    def _dropped(self, job: Job) -> None:
+        self._on_cancel(job.cancel_reason or "finished")
+
+    def take(self, fits: Callable[[GenerationRequest], bool], limit: int) -> list[Job]:
+        """Up to `limit` queued live jobs whose request fits (in queue order), now counted as running."""
+        taken: list[Job] = []
+        with self._cv:
+            for job in list(self._pending):
+                if len(taken) >= limit:
+                    break
+                if not job.live:
+                    self._pending.remove(job)
+                    self._dropped(job)
+                elif fits(job.request):
+                    self._pending.remove(job)
+                    taken.append(job)
+            self._running += taken
+        return taken
+
+    def _run(self, batch: list[Job]) -> None:
+        """Run a batch; if it fails, each job alone, so an error stays with the job that caused it."""
+        self._on_batch(len(batch))
+        try:
+            if self._session is None:
+                self._run_batch(batch)
+            else:
+                self._run_session(batch)
+        except Exception as e:
+            jobs = list(self._running)  # with the jobs a session took in
+            if len(jobs) == 1:
+                if jobs[0].live:
+                    jobs[0].post(Event(error=e))
+                return
+            for job in jobs:
+                if job.live:
+                    try:
+                        self._run_batch([job])
+                    except Exception as single:
+                        job.post(Event(error=single))
+
+    def _run_session(self, jobs: list[Job]) -> None:
+        spans = _batch_spans(jobs)
+        try:
+            self._session(jobs, self.take, spans)
+        finally:
+            for span in spans:
+                span.end()
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Stream one batch, handing each live row its tokens (those not sent before), until no row is live."""
+        slots = _batch_spans(jobs)
+        token = otel_context.attach(trace.set_span_in_context(slots[0]))
+        try:
+            chunks = self._stream([job.request for job in jobs])
+        finally:
+            otel_context.detach(token)
+        produced = [0] * len(jobs)
+        try:
+            for chunk in chunks:
+                if chunk.phase == "decode":
+                    self.on_chunk(sum(job.live for job in jobs))
+                for row, job in enumerate(jobs):
+                    new = chunk.tokens[row]
+                    fresh = new[max(0, job.sent - produced[row]):]
+                    produced[row] += len(new)
+                    if job.live and (fresh or chunk.finish_reasons[row]):
+                        job.sent += len(fresh)
+                        job.post(Event(list(fresh), chunk.finish_reasons[row]))
+                if not any(job.live for job in jobs):
+                    break
+            for job in jobs:
+                if job.cancel_reason:
+                    self._on_cancel(job.cancel_reason)
+        except BaseException as e:
+            for span in slots:
+                record_error(span, e)
+            raise
+        finally:
+            chunks.close()
+            for span in slots:
+                span.end()
+
+
+def _batch_spans(jobs: list[Job]) -> list[Any]:
+    """A `gptjax.serve.batch` span under each job's server span; the first (the backend's spans go under it)
+    is linked from the others, so every request's trace leads to the batch that served it."""
+    spans: list[Any] = []
+    for row, job in enumerate(jobs):
+        parent = trace.set_span_in_context(job.span) if job.span is not None else None
+        links = [trace.Link(spans[0].get_span_context())] if spans else None
+        span = tracer().start_span("gptjax.serve.batch", context=parent, links=links)
+        if span.is_recording():
+            span.set_attributes({"gptjax.batch_size": len(jobs), "gptjax.batch_row": row,
+                                 "gptjax.queue_seconds": time.perf_counter() - job.queued_at})
+        spans.append(span)
+    return spans

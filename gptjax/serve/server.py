@@ -1,0 +1,83 @@
+"""Loading a checkpoint for serving, and running uvicorn with graceful draining.
+
+SIGTERM (or the first Ctrl-C): /health turns 503 and new requests get 503 while the listener stays open;
+requests in flight finish (up to drain_timeout seconds); then uvicorn stops and the process exits 0.
+A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
+from gptjax.tracing.metrics import Metrics
+
+log = logging.getLogger("gptjax.serve")
+
+
+def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision: str | None = None,
+               kv_cache: str | None = None, mesh: Any = None) -> ServedModel:
+    """A checkpoint's backend, prepared weights, tokenizer (its files, or bytes for a 256-token vocabulary)
+    and a fresh metrics registry. precision (default: as the checkpoint stores its weights) and kv_cache are
+    the backend options of those names."""
+    from gptjax.backends import get_backend
+    from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
+    from gptjax.weights import load_checkpoint, stored_precision
+
+    config, params = load_checkpoint(checkpoint)
+    options: dict[str, Any] = {"precision": precision or stored_precision(checkpoint)}
+    if kv_cache:
+        options["kv_cache"] = kv_cache
+    if mesh is not None:
+        options["mesh"] = mesh
+    metrics = Metrics()
+    engine = get_backend(backend, config, metrics=metrics, **options)
+    tokenizer = load_tokenizer(checkpoint) if has_tokenizer(checkpoint) else \
+        ByteTokenizer() if config.vocab_size == 256 else None
+    return ServedModel(engine, engine.prepare(params), tokenizer, metrics)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT drains before stopping (and the exit status stays 0)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.state, self.drain_timeout, self.draining = state, drain_timeout, False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:  # a second signal: stop now
+            self.should_exit = self.force_exit = True
+            return
+        self.draining = True
+        self.state.phase = "draining"
+        threading.Thread(target=self._drain, name="gptjax-serve-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        if not self.state.wait_drained(self.drain_timeout):
+            log.warning("drain timeout (%.0f s): stopping with requests in flight", self.drain_timeout)
+        self.should_exit = True
+
+
+def run(model: ServedModel, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000,
+        drain_timeout: float = 30.0, log_level: str = "warning") -> int:
+    """Serve until SIGTERM/SIGINT, drain, return 0."""
+    app = create_app(model, options)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = _DrainingServer(config, app.state.gptjax, drain_timeout)
+    print(f"gptjax serve: {options.model_id} on http://{host}:{port} (model loading; GET /health says when ready)",
+          flush=True)
+    server.run()
+    return 0
+
+
+def default_model_id(checkpoint: str | os.PathLike) -> str:
+    """The name /v1/models reports: the checkpoint directory's name."""
+    return Path(checkpoint).resolve().name or "gptjax"
