@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the plots (they need the bench extra)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="record workloads not started by then "
                    "as skipped (default: none; 240 with --device-check)")
+    p.add_argument("--matmul-n", type=int, metavar="N", help="matmul ceiling size N³ (default: 1024 on CPU "
+                   "(2048 full), 8192 on accelerators)")
+    p.add_argument("--bandwidth-mib", type=int, metavar="MIB", help="buffer for the bandwidth ceilings (default: "
+                   "256 MiB on CPU (1 GiB full), 1 GiB on accelerators (4 GiB full))")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="print the ratio table between two "
                    "results.jsonl files and exit")
     p.add_argument("--device-check", action="store_true", help="for a short accelerator lease: logits vs the "
@@ -63,7 +67,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
                    kv_cache=args.kv_cache, seqs=int_list("--seq", args.seq), batches=int_list("--batch", args.batch),
                    new=args.new, runs=args.runs, workloads=tuple(w.strip() for w in args.workloads.split(",")),
                    peer=None if args.peer == "none" else args.peer, out=args.out, plots=not args.no_plots,
-                   time_budget=args.time_budget)
+                   time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -34,8 +34,11 @@ def hf_model(params: dict, config: GPTConfig, precision: str = "fp32") -> Any:
     """transformers' GPT2LMHeadModel loaded from gptjax's own checkpoint of these params (eval mode), in the
     peer's counterpart of this precision."""
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
     from gptjax.weights import save_checkpoint
+
+    hf_logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(config, params, d + "/ck")

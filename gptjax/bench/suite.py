@@ -63,6 +63,8 @@ class Options:
     out: str | None = None
     plots: bool = True
     time_budget: float | None = None  # seconds; workloads not started by then are recorded as skipped
+    matmul_n: int | None = None  # ceiling sizes (default: the suite's for this platform)
+    bandwidth_mib: int | None = None
 
     def spec(self) -> SuiteSpec:
         """The suite's defaults with this run's overrides applied."""
@@ -89,6 +91,9 @@ def validate(options: Options) -> tuple[SuiteSpec, GPTConfig]:
         raise GptjaxError(f"--peer {options.peer!r}; allowed: hf, none")
     if spec.runs < 1:
         raise GptjaxError(f"--runs {spec.runs} must be >= 1")
+    for flag, v in (("--matmul-n", options.matmul_n), ("--bandwidth-mib", options.bandwidth_mib)):
+        if v is not None and v < 1:
+            raise GptjaxError(f"{flag} {v} must be >= 1")
     _check_lengths(config, spec)
     return spec, config
 
@@ -120,10 +125,11 @@ def plan(options: Options, spec: SuiteSpec) -> list[tuple[Shape, str]]:
     return [(s, p) for w in WORKLOADS if w in options.workloads for p in options.precisions for s in shapes[w]]
 
 
-def ceiling_sizes(spec: SuiteSpec, platform: str) -> tuple[int, int]:
-    """(matmul n, bandwidth bytes) for this platform: small enough for a CPU, big enough for an accelerator."""
+def ceiling_sizes(spec: SuiteSpec, options: Options, platform: str) -> tuple[int, int]:
+    """(matmul n, bandwidth bytes): the options', else the suite's for this platform (small enough for a CPU,
+    big enough for an accelerator)."""
     accel = platform != "cpu"
-    return spec.matmul_n[accel], spec.bandwidth_mib[accel] * 2**20
+    return options.matmul_n or spec.matmul_n[accel], (options.bandwidth_mib or spec.bandwidth_mib[accel]) * 2**20
 
 
 def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
@@ -139,7 +145,7 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     base = {"schema": SCHEMA, "run": uuid.uuid4().hex[:12]}
     env = environment()
     log(f"environment: {env}")
-    ceiling = _ceilings(spec, env, log)
+    ceiling = _ceilings(spec, options, env, log)
     rows = [base | {"kind": "environment", "env": env}, base | {"kind": "ceiling"} | ceiling]
     from gptjax.weights import init_params
 
@@ -153,8 +159,8 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     return rows
 
 
-def _ceilings(spec: SuiteSpec, env: dict[str, Any], log: Any) -> dict[str, Any]:
-    n, nbytes = ceiling_sizes(spec, env["platform"])
+def _ceilings(spec: SuiteSpec, options: Options, env: dict[str, Any], log: Any) -> dict[str, Any]:
+    n, nbytes = ceiling_sizes(spec, options, env["platform"])
     log(f"measuring ceilings: matmul {n}³ per dtype, memory {nbytes / 2**20:.0f} MiB ...")
     ceiling = measure_ceilings(n, nbytes)
     sheet = datasheet_for(env["device_kind"])
@@ -181,7 +187,7 @@ def _skipped(base: dict, spec: SuiteSpec, shape: Shape, precision: str, options:
 def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape: Shape, precision: str,
             options: Options, ceiling: dict[str, Any], log: Any) -> list[dict[str, Any]]:
     """Rows for one workload variant: gptjax's and the peer's (interleaved), or skipped rows with the reason."""
-    log(f"{shape.workload} {shape} {precision} ...")
+    log(f"{shape.workload} {shape.label} {precision} ...")
     try:
         job = ours(options.backend, config, params, shape, precision, options.kv_cache)
     except GptjaxError as e:

@@ -28,6 +28,11 @@ class Shape:
     new: int | None = None
 
     @property
+    def label(self) -> str:
+        """"B8 P32+32" for decode, "B1 T128" otherwise."""
+        return f"B{self.batch} P{self.prompt}+{self.new}" if self.workload == "decode" else f"B{self.batch} T{self.seq}"
+
+    @property
     def tokens(self) -> int:
         """Tokens one call processes (prefill, train) or produces (decode)."""
         return self.batch * (self.new if self.workload == "decode" else self.seq)
@@ -94,7 +99,7 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
                flops=metrics.decode_flops(config, B, P, n), bytes_moved=steps_bytes * n,
                memory={"params_bytes": metrics.weight_bytes(config, precision),
                        "cache_bytes": B * (P + n) * config.kv_cache_bytes_per_token(kv)},
-               latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes={"kv_cache": kv})
+               latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes={"kv_cache_counted": kv})
 
 
 def stream_latencies(backend: Any, weights: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
