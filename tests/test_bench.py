@@ -214,11 +214,14 @@ def test_plots_are_written(tmp_path):
 def test_time_budget_records_the_rest_as_skipped(tmp_path):
     from gptjax.bench.suite import Options, run
 
-    rows = run(Options(preset="tiny", precisions=("fp32",), workloads=("prefill", "decode"), runs=1, seqs=(8,),
-                       batches=(1,), new=2, out=str(tmp_path), plots=False, time_budget=1e-9, matmul_n=32,
-                       bandwidth_mib=1), log=lambda *a: None)
+    options = Options(preset="tiny", precisions=("fp32",), workloads=("prefill", "decode"), runs=1, seqs=(8,),
+                      batches=(1,), new=2, out=str(tmp_path), plots=False, time_budget=1e-9, matmul_n=32,
+                      bandwidth_mib=1)
+    rows = run(options, log=lambda *a: None)
     work = [r for r in rows if r["kind"] == "workload"]
     assert work and all(r["status"] == "skipped" and r["message"] == "time budget spent" for r in work)
+    run(options, log=lambda *a: None)  # the same directory again: the file holds one run, not two
+    assert len(read_jsonl(str(tmp_path / "results.jsonl"))) == len(rows)
 
 
 def test_device_check_on_cpu(tmp_path, capsys):

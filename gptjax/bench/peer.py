@@ -95,7 +95,9 @@ def _prefill(model: Any, config: GPTConfig, shape: Shape) -> Callable[[int], obj
     return call
 
 
-def _generate(model: Any, prompt: Any, new: int, stopping: Any = None) -> Any:
+def hf_generate(model: Any, prompt: Any, new: int, stopping: Any = None) -> Any:
+    """Exactly `new` greedy tokens after each row of prompt (a [B, P] int64 tensor): HF generate with the
+    cache, all rows the same length; returns [B, P + new]."""
     import torch
 
     with torch.inference_mode(), torch_threads():
@@ -112,11 +114,11 @@ def _decode(model: Any, config: GPTConfig, shape: Shape) -> tuple[Callable[[int]
     def latencies() -> dict[str, Any]:
         stamps = _Stamps()
         t0 = time.perf_counter()
-        _generate(model, prompts[1], shape.new, [stamps])
+        hf_generate(model, prompts[1], shape.new, [stamps])
         times = [t - t0 for t in stamps.times]
         return {"ttft_s": times[0], "per_token_s": np.diff(times).tolist()}
 
-    return (lambda i: _generate(model, prompts[i % N_INPUTS], shape.new)), latencies
+    return (lambda i: hf_generate(model, prompts[i % N_INPUTS], shape.new)), latencies
 
 
 class _Stamps:

@@ -133,7 +133,8 @@ def ceiling_sizes(spec: SuiteSpec, options: Options, platform: str) -> tuple[int
 
 
 def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
-    """Run the suite; write DIR/results.jsonl, DIR/results.md and plots; return every row."""
+    """Run the suite; write DIR/results.jsonl (line by line, so an interrupted run keeps what it measured),
+    DIR/results.md and plots; return every row."""
     spec, config = validate(options)
     if options.peer == "hf":
         from gptjax.bench.peer import require_peer
@@ -142,19 +143,24 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     deadline = time.monotonic() + options.time_budget if options.time_budget else None
     out = options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S")
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.jsonl")
+    open(path, "w").close()  # one run per file
     base = {"schema": SCHEMA, "run": uuid.uuid4().hex[:12]}
     env = environment()
     log(f"environment: {env}")
     ceiling = _ceilings(spec, options, env, log)
     rows = [base | {"kind": "environment", "env": env}, base | {"kind": "ceiling"} | ceiling]
+    write_jsonl(path, rows)
     from gptjax.weights import init_params
 
     params = init_params(config, seed=0)
     for shape, precision in plan(options, spec):
         if deadline is not None and time.monotonic() > deadline:
-            rows += _skipped(base, spec, shape, precision, options, "time budget spent")
-            continue
-        rows += measure(base, spec, config, params, shape, precision, options, ceiling, log)
+            new = _skipped(base, spec, shape, precision, options, "time budget spent")
+        else:
+            new = measure(base, spec, config, params, shape, precision, options, ceiling, log)
+        write_jsonl(path, new)
+        rows += new
     _finish(rows, out, options, ceiling, spec, log)
     return rows
 
@@ -244,7 +250,6 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
 
 def _finish(rows: list[dict[str, Any]], out: str, options: Options, ceiling: dict[str, Any], spec: SuiteSpec,
             log: Any) -> None:
-    write_jsonl(os.path.join(out, "results.jsonl"), rows)
     text = (f"## gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs\n\n"
             f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
