@@ -131,6 +131,7 @@ def test_compare_table_is_a_function_of_rows():
     (["--precision", "fp16"], "--precision 'fp16'; allowed: fp32, bf16, int8, w8a8"),
     (["--workloads", "prefil"], "--workloads 'prefil'; allowed: prefill, decode, train"),
     (["--runs", "0"], "--runs 0 must be >= 1"),
+    (["--peer-threads", "0"], "--peer-threads 0 must be >= 1"),
 ])
 def test_bad_values_are_clear_errors(argv, message, capsys, tmp_path):
     assert main(["bench", "--out", str(tmp_path), *argv]) == 2
@@ -178,6 +179,9 @@ def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
     decode = work[("decode", 2, "fp32")]
     assert decode["flops"] == metrics.decode_flops(get_preset("tiny"), 2, 32, 4)
     assert "ttft_s" in decode and len(decode["per_token_s"]) == 3
+    assert decode["flops_formula"] == "forward_flops(B=2, T=32, last_only=True) + 2·(forward_flops(1, 35) - " \
+        "forward_flops(1, 32))"
+    assert work[("train", 4, "fp32")]["flops_formula"] == "3·forward_flops(B=4, T=64)"
     assert decode["memory"]["cache_bytes"] == 2 * 36 * get_preset("tiny").kv_cache_bytes_per_token("fp32")
     table = (out / "results.md").read_text()
     assert "| prefill | B1 T16 | jax | fp32 |" in table and "| decode | B2 P32+4 | jax | fp32 |" in table

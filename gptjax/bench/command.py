@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of prefill, decode, train (default all)")
     p.add_argument("--peer", choices=["hf", "none"], default="none", help="hf: Hugging Face GPT-2 on PyTorch "
                    "doing the same work in the same run, interleaved A B A B (needs the peer extra)")
+    p.add_argument("--peer-threads", type=int, metavar="N", help="torch CPU threads for the peer (default: as "
+                   "many as XLA uses, one per core; fewer only when other work holds cores, and say so)")
     p.add_argument("--out", metavar="DIR", help="results directory (default runs/bench-<time>): results.jsonl, "
                    "results.md, plots/")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (they need the bench extra)")
@@ -67,7 +69,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
                    kv_cache=args.kv_cache, seqs=int_list("--seq", args.seq), batches=int_list("--batch", args.batch),
                    new=args.new, runs=args.runs, workloads=tuple(w.strip() for w in args.workloads.split(",")),
                    peer=None if args.peer == "none" else args.peer, out=args.out, plots=not args.no_plots,
-                   time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib)
+                   time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib,
+                   peer_threads=args.peer_threads)
 
 
 def main(args: argparse.Namespace) -> int:

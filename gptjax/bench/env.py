@@ -12,7 +12,7 @@ from typing import Any
 _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers")
 
 
-def environment() -> dict[str, Any]:
+def environment(peer_thread_count: int | None = None) -> dict[str, Any]:
     """Versions (gptjax, jax, jaxlib, flax, numpy, torch, transformers), git commit, device kind and count,
     CPU model and cores, XLA flags and the thread counts both sides use."""
     import jax
@@ -20,9 +20,10 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {name: _version(name) for name in _PACKAGES}
     env |= {"python": platform.python_version(), "git": git_commit(), "platform": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-            "cpu": cpu_model(), "cores": os.cpu_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""), "peer_threads": peer_threads()}
+            "cpu": cpu_model(), "cores": os.cpu_count()}
+    env |= {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")}
+    env |= {"peer_threads": peer_thread_count or peer_threads(),
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     return env
 
 
@@ -63,15 +64,18 @@ def peer_threads() -> int:
 
 
 class torch_threads:
-    """Give PyTorch peer_threads() threads for the peer's call, then shrink its pool to one thread.
+    """Give PyTorch `n` threads (default peer_threads()) for the peer's call, then shrink its pool to one thread.
 
     torch's worker threads keep spinning after an op; left at full size they slowed the JAX step measured
     next in the same process by 15% (2,067 vs 2,442 tokens/s on the train benchmark here)."""
 
+    def __init__(self, n: int | None = None) -> None:
+        self.n = n or peer_threads()
+
     def __enter__(self) -> None:
         import torch
 
-        torch.set_num_threads(peer_threads())
+        torch.set_num_threads(self.n)
 
     def __exit__(self, *exc: object) -> None:
         import torch

@@ -19,6 +19,12 @@ from __future__ import annotations
 
 from gptjax.config import GPTConfig
 
+FORMULAS = ("FLOPs (gptjax.config's size calculator, 2 per multiply-add): prefill = forward_flops(B, T, "
+            "last_only=True); decode of n tokens after a prompt P = prefill(B, P) + B·(forward_flops(1, P+n-1) - "
+            "forward_flops(1, P)); train step = 3·forward_flops(B, T). Bytes (lower bounds): prefill = weight bytes; "
+            "decode = n·(weight bytes + B·KV bytes/token·(P + n/2)); train = 4·N·(2 + 7). MFU = FLOP/s / the "
+            "matmul peak of the mode's compute dtype; bandwidth use = bytes/s / the read bandwidth (or datasheet HBM).")
+
 # which measured matmul ceiling a precision mode's dots run at: weight-only int8 dequantises into the
 # activation dtype (fp32 here), so its compute ceiling is fp32's; w8a8 multiplies int8 x int8.
 COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "int8": "fp32", "w8a8": "int8"}

@@ -1,6 +1,7 @@
 """The peer: Hugging Face GPT-2 on PyTorch doing the same work on the same weights (gptjax's checkpoint of
-them), with as many CPU threads as XLA uses. Precisions: fp32, bf16 (the model cast to bfloat16; training
-under bf16 autocast), int8/w8a8 (torch dynamic quantisation, W8A8, after HF's Conv1D layers become Linear)."""
+them), with as many CPU threads as XLA uses, on CUDA when this torch build sees a GPU (else the CPU).
+Precisions: fp32, bf16 (the model cast to bfloat16; training under bf16 autocast), int8/w8a8 (torch dynamic
+quantisation, W8A8, after HF's Conv1D layers become Linear; CPU only)."""
 
 from __future__ import annotations
 
@@ -39,19 +40,41 @@ def hf_model(params: dict, config: GPTConfig, precision: str = "fp32") -> Any:
     from gptjax.weights import save_checkpoint
 
     hf_logging.disable_progress_bar()
-
+    if precision not in PEER_NOTES:
+        raise GptjaxError(f"the peer has no counterpart of precision {precision!r}")
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(config, params, d + "/ck")
         model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
-    if precision == "bf16":
-        import torch
-
-        return model.to(torch.bfloat16)
     if precision in ("int8", "w8a8"):
         return _quantized(model)
-    if precision != "fp32":
-        raise GptjaxError(f"the peer has no counterpart of precision {precision!r}")
-    return model
+    import torch
+
+    return model.to(device=peer_device(), dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def peer_device() -> str:
+    """"cuda" when this torch build sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(model: Any, tensor: Any) -> Any:
+    """tensor on the model's device."""
+    return tensor.to(next(model.parameters()).device)
+
+
+def describe(precision: str) -> str:
+    """What the peer runs for this precision, and where."""
+    where = "cpu" if precision in ("int8", "w8a8") else peer_device()
+    return f"{PEER_NOTES[precision]}, torch on {where}"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _quantized(model: Any) -> Any:
@@ -72,53 +95,56 @@ def _quantized(model: Any) -> Any:
     return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def peer_job(params: dict, config: GPTConfig, shape: Shape, precision: str
+def peer_job(params: dict, config: GPTConfig, shape: Shape, precision: str, threads: int | None = None
              ) -> tuple[Callable[[int], object], Callable[[], dict[str, Any]] | None]:
-    """(call(i), latencies or None) doing this workload the HF way on input i % N_INPUTS."""
+    """(call(i), latencies or None) doing this workload the HF way on input i % N_INPUTS, torch using `threads`
+    CPU threads (default: as many as XLA)."""
     if shape.workload == "train":
-        return _train(params, config, shape, precision), None
+        return _train(params, config, shape, precision, threads), None
     model = hf_model(params, config, precision)
     if shape.workload == "prefill":
-        return _prefill(model, config, shape), None
-    return _decode(model, config, shape)
+        return _prefill(model, config, shape, threads), None
+    return _decode(model, config, shape, threads)
 
 
-def _prefill(model: Any, config: GPTConfig, shape: Shape) -> Callable[[int], object]:
+def _prefill(model: Any, config: GPTConfig, shape: Shape, threads: int | None) -> Callable[[int], object]:
     import torch
 
-    batches = [torch.from_numpy(b.astype(np.int64)) for b in token_batches(config, shape.batch, shape.seq)]
+    batches = [_on(model, torch.from_numpy(b.astype(np.int64))) for b in token_batches(config, shape.batch, shape.seq)]
 
     def call(i: int) -> object:
-        with torch.inference_mode(), torch_threads():
-            return model(batches[i % N_INPUTS], use_cache=False, logits_to_keep=1).logits.float().numpy()
+        with torch.inference_mode(), torch_threads(threads):
+            return model(batches[i % N_INPUTS], use_cache=False, logits_to_keep=1).logits.float().cpu().numpy()
 
     return call
 
 
-def hf_generate(model: Any, prompt: Any, new: int, stopping: Any = None) -> Any:
+def hf_generate(model: Any, prompt: Any, new: int, stopping: Any = None, threads: int | None = None) -> Any:
     """Exactly `new` greedy tokens after each row of prompt (a [B, P] int64 tensor): HF generate with the
     cache, all rows the same length; returns [B, P + new]."""
     import torch
 
-    with torch.inference_mode(), torch_threads():
-        return model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-                              pad_token_id=0, attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                              stopping_criteria=stopping)
+    with torch.inference_mode(), torch_threads(threads):
+        out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                             pad_token_id=0, attention_mask=torch.ones_like(prompt), stopping_criteria=stopping)
+        return out.cpu()  # waits for the device
 
 
-def _decode(model: Any, config: GPTConfig, shape: Shape) -> tuple[Callable[[int], object], Callable[[], dict]]:
+def _decode(model: Any, config: GPTConfig, shape: Shape, threads: int | None
+            ) -> tuple[Callable[[int], object], Callable[[], dict]]:
     import torch
 
-    prompts = [torch.from_numpy(b.astype(np.int64)) for b in token_batches(config, shape.batch, shape.prompt)]
+    prompts = [_on(model, torch.from_numpy(b.astype(np.int64)))
+               for b in token_batches(config, shape.batch, shape.prompt)]
 
     def latencies() -> dict[str, Any]:
         stamps = _Stamps()
         t0 = time.perf_counter()
-        hf_generate(model, prompts[1], shape.new, [stamps])
+        hf_generate(model, prompts[1], shape.new, [stamps], threads)
         times = [t - t0 for t in stamps.times]
         return {"ttft_s": times[0], "per_token_s": np.diff(times).tolist()}
 
-    return (lambda i: hf_generate(model, prompts[i % N_INPUTS], shape.new)), latencies
+    return (lambda i: hf_generate(model, prompts[i % N_INPUTS], shape.new, threads=threads)), latencies
 
 
 class _Stamps:
@@ -130,11 +156,13 @@ class _Stamps:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        _sync()
         self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _train(params: dict, config: GPTConfig, shape: Shape, precision: str) -> Callable[[int], object]:
+def _train(params: dict, config: GPTConfig, shape: Shape, precision: str, threads: int | None
+           ) -> Callable[[int], object]:
     """One AdamW step (forward, backward, update) of HF GPT-2 in train mode (no dropout), bf16 by autocast."""
     import torch
 
@@ -142,14 +170,15 @@ def _train(params: dict, config: GPTConfig, shape: Shape, precision: str) -> Cal
         raise GptjaxError(f"the peer trains in fp32 or bf16, not {precision!r}")
     model = hf_model(params, config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    batches = [torch.from_numpy(b.astype(np.int64)) for b in token_batches(config, shape.batch, shape.seq)]
+    batches = [_on(model, torch.from_numpy(b.astype(np.int64))) for b in token_batches(config, shape.batch, shape.seq)]
 
     def step(i: int) -> None:
         x = batches[i % N_INPUTS]
-        with torch_threads(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch_threads(threads), torch.autocast(peer_device(), dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(x, labels=x).loss.backward()
-        with torch_threads():
+        with torch_threads(threads):
             opt.step()
             opt.zero_grad(set_to_none=True)
+            _sync()
 
     return step

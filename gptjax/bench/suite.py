@@ -63,6 +63,7 @@ class Options:
     out: str | None = None
     plots: bool = True
     time_budget: float | None = None  # seconds; workloads not started by then are recorded as skipped
+    peer_threads: int | None = None  # torch's CPU threads for the peer (default: as many as XLA, one per core)
     matmul_n: int | None = None  # ceiling sizes (default: the suite's for this platform)
     bandwidth_mib: int | None = None
 
@@ -91,7 +92,8 @@ def validate(options: Options) -> tuple[SuiteSpec, GPTConfig]:
         raise GptjaxError(f"--peer {options.peer!r}; allowed: hf, none")
     if spec.runs < 1:
         raise GptjaxError(f"--runs {spec.runs} must be >= 1")
-    for flag, v in (("--matmul-n", options.matmul_n), ("--bandwidth-mib", options.bandwidth_mib)):
+    for flag, v in (("--matmul-n", options.matmul_n), ("--bandwidth-mib", options.bandwidth_mib),
+                    ("--peer-threads", options.peer_threads)):
         if v is not None and v < 1:
             raise GptjaxError(f"{flag} {v} must be >= 1")
     _check_lengths(config, spec)
@@ -146,7 +148,8 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     path = os.path.join(out, "results.jsonl")
     open(path, "w").close()  # one run per file
     base = {"schema": SCHEMA, "run": uuid.uuid4().hex[:12]}
-    env = environment()
+    env = environment(options.peer_threads)
+    _warn_if_busy(env, log)
     log(f"environment: {env}")
     ceiling = _ceilings(spec, options, env, log)
     rows = [base | {"kind": "environment", "env": env}, base | {"kind": "ceiling"} | ceiling]
@@ -163,6 +166,16 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
         rows += new
     _finish(rows, out, options, ceiling, spec, log)
     return rows
+
+
+def _warn_if_busy(env: dict[str, Any], log: Any) -> None:
+    """Say so when other work already loads the cores: timings are noisy then, and the peer's OpenMP threads
+    (spin-waiting at barriers) slow down far more than XLA's pool when a core is taken."""
+    load, cores = env.get("load_avg_1m"), env.get("cores") or 1
+    if env["platform"] == "cpu" and load is not None and load > 0.5 * cores:
+        log(f"warning: 1-minute load average {load:.1f} on {cores} cores before the run: other work competes for the "
+            "CPU; timings are noisy and the peer (OpenMP) suffers more than XLA (measured here: torch prefill 7x "
+            "slower with 2 threads than 1 while another process held a core); see --peer-threads")
 
 
 def _ceilings(spec: SuiteSpec, options: Options, env: dict[str, Any], log: Any) -> dict[str, Any]:
@@ -204,7 +217,7 @@ def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape:
         from gptjax.bench.peer import peer_job
 
         try:
-            fns["hf"], peer_latencies = peer_job(params, config, shape, precision)
+            fns["hf"], peer_latencies = peer_job(params, config, shape, precision, options.peer_threads)
         except GptjaxError as e:
             peer_error = str(e)
     times = interleaved_times(fns, spec.runs, warmup=1)
@@ -215,9 +228,9 @@ def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape:
     if "hf" in times:
         peer_row = _row(base | _identity(spec, shape, precision, options, "hf"), shape, job, times["hf"], ceiling,
                         peer_latencies)
-        from gptjax.bench.peer import PEER_NOTES
+        from gptjax.bench.peer import describe
 
-        peer_row["peer"] = PEER_NOTES.get(precision)
+        peer_row["peer"] = describe(precision)
         ours_row["vs_peer"] = median(times["hf"]) / median(times[options.backend])
         rows.append(peer_row)
     elif peer_error:
@@ -240,7 +253,8 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
             "bytes_moved": job.bytes_moved, "bytes_per_s": bytes_per_s,
             "bw_use_measured": metrics.utilisation(bytes_per_s, ceiling["bandwidth"]["read"]),
             "bw_use_datasheet": metrics.utilisation(bytes_per_s, sheet.get("hbm_bytes_per_s")),
-            "memory": job.memory | device_memory(), "latency_s": latency_summary(times)} | job.notes
+            "memory": job.memory | device_memory(), "latency_s": latency_summary(times),
+            "load_avg_1m": _load()} | job.notes
     if latencies is not None:
         extra = latencies()
         row |= {"ttft_s": extra["ttft_s"], "latency_s": latency_summary(extra["per_token_s"]),
@@ -248,10 +262,21 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
     return row
 
 
+def _load() -> float | None:
+    """The machine's 1-minute load average (others' work competes for the cores), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _finish(rows: list[dict[str, Any]], out: str, options: Options, ceiling: dict[str, Any], spec: SuiteSpec,
             log: Any) -> None:
+    loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
+    load = (f"\n1-minute load average after each measurement: {min(loads):.1f} to {max(loads):.1f} on "
+            f"{os.cpu_count()} cores (above the core count, other work competed for the CPU)\n" if loads else "")
     text = (f"## gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs\n\n"
-            f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n")
+            f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}\n")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     log("\n" + text)

@@ -86,7 +86,9 @@ def _prefill(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precis
     return Job(call=lambda i: backend.forward(weights, batches[i % N_INPUTS], last_only=True),
                flops=metrics.prefill_flops(config, shape.batch, shape.seq),
                bytes_moved=metrics.weight_bytes(config, precision),
-               memory={"params_bytes": metrics.weight_bytes(config, precision)})
+               memory={"params_bytes": metrics.weight_bytes(config, precision)},
+               notes={"flops_formula": f"forward_flops(B={shape.batch}, T={shape.seq}, last_only=True)",
+                      "bytes_formula": f"weight_bytes({precision})"})
 
 
 def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precision: str,
@@ -94,12 +96,17 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
     B, P, n = shape.batch, shape.prompt, shape.new
     prompts = [p.tolist() for p in token_batches(config, B, P)]
     kv = kv_precision(precision, kv_cache)
-    steps_bytes = metrics.decode_step_bytes(config, precision, kv, B, P + n / 2)  # mean context over the steps
+    context = P + n / 2  # the mean context a decode step reads
+    notes = {"kv_cache_counted": kv,
+             "flops_formula": f"forward_flops(B={B}, T={P}, last_only=True) + {B}·(forward_flops(1, {P + n - 1}) "
+                              f"- forward_flops(1, {P}))",
+             "bytes_formula": f"{n}·(weight_bytes({precision}) + {B}·kv_cache_bytes_per_token({kv})·{context:g})"}
     return Job(call=lambda i: backend.generate(weights, prompts[i % N_INPUTS], n, greedy=True),
-               flops=metrics.decode_flops(config, B, P, n), bytes_moved=steps_bytes * n,
+               flops=metrics.decode_flops(config, B, P, n),
+               bytes_moved=n * metrics.decode_step_bytes(config, precision, kv, B, context),
                memory={"params_bytes": metrics.weight_bytes(config, precision),
                        "cache_bytes": B * (P + n) * config.kv_cache_bytes_per_token(kv)},
-               latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes={"kv_cache_counted": kv})
+               latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes=notes)
 
 
 def stream_latencies(backend: Any, weights: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
@@ -133,4 +140,6 @@ def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, pre
     n = config.num_params()
     return Job(call=step, flops=metrics.train_flops(config, shape.batch, shape.seq),
                bytes_moved=metrics.train_step_bytes(config),
-               memory={"params_bytes": 4 * n, "optimizer_bytes": 8 * n, "gradient_bytes": 4 * n})
+               memory={"params_bytes": 4 * n, "optimizer_bytes": 8 * n, "gradient_bytes": 4 * n},
+               notes={"flops_formula": f"3·forward_flops(B={shape.batch}, T={shape.seq})",
+                      "bytes_formula": "4·num_params·(2 + 7)"})
