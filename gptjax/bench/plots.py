@@ -44,6 +44,9 @@ def _throughput(ax: Any, work: list[dict[str, Any]], ceiling: dict[str, Any]) ->
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
            title="decode throughput vs batch size")
+    batches = sorted({b for points in series.values() for b, _ in points})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
 
 
