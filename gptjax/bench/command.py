@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model shape (default: the suite's; gpt2 for the real comparison)")
     p.add_argument("--backend", default="jax", help="gptjax backend to measure (default jax; the train step "
                    "needs jax)")
-    p.add_argument("--precision", default="fp32,bf16,int8", metavar="LIST", help="comma list of precision modes "
-                   "(fp32, bf16, int8, w8a8; default fp32,bf16,int8); a mode the backend refuses is recorded "
+    p.add_argument("--precision", default="fp32,bf16,int8,w8a8", metavar="LIST", help="comma list of precision "
+                   "modes (fp32, bf16, int8 weight-only, w8a8; default all); a mode the backend refuses is recorded "
                    "as skipped")
     p.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="KV-cache storage passed to the backend "
                    "(default: the backend's)")

@@ -52,7 +52,7 @@ class Options:
     suite: str = "quick"
     preset: str | None = None
     backend: str = "jax"
-    precisions: tuple[str, ...] = ("fp32", "bf16", "int8")
+    precisions: tuple[str, ...] = PRECISION_MODES
     kv_cache: str | None = None
     seqs: tuple[int, ...] | None = None
     batches: tuple[int, ...] | None = None
