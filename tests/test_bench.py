@@ -185,7 +185,7 @@ def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
     assert decode["memory"]["cache_bytes"] == 2 * 36 * get_preset("tiny").kv_cache_bytes_per_token("fp32")
     table = (out / "results.md").read_text()
     assert "| prefill | B1 T16 | jax | fp32 |" in table and "| decode | B2 P32+4 | jax | fp32 |" in table
-    assert "| matmul fp32 (64³) |" in table
+    assert "| matmul fp32 (64³) |" in table and f"environment: git {env['git']}; gptjax" in table
     assert "| decode | B2 P32+4 | jax | fp32 |" in capsys.readouterr().out
 
 

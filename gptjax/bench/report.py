@@ -91,6 +91,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def environment_line(env: dict[str, Any]) -> str:
+    """The environment in one markdown paragraph."""
+    versions = ", ".join(f"{k} {env[k]}" for k in ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch",
+                                                    "transformers") if env.get(k))
+    return (f"environment: git {env.get('git')}; {versions}; python {env.get('python')}; platform "
+            f"{env.get('platform')}, {env.get('device_count')} x {env.get('device_kind')}; CPU {env.get('cpu')}, "
+            f"{env.get('cores')} cores; XLA_FLAGS={env.get('XLA_FLAGS')!r}; peer threads {env.get('peer_threads')}; "
+            f"load average at start {env.get('load_avg_1m')}")
+
+
 def ceilings_table(ceiling: dict[str, Any]) -> str:
     """The measured ceilings (and datasheet peaks, labelled) as a markdown table."""
     sheet = ceiling.get("datasheet") or {}

@@ -13,7 +13,7 @@ from typing import Any
 from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for, measure_ceilings
 from gptjax.bench.env import device_memory, environment
-from gptjax.bench.report import SCHEMA, ceilings_table, markdown_table, write_jsonl
+from gptjax.bench.report import SCHEMA, ceilings_table, environment_line, markdown_table, write_jsonl
 from gptjax.bench.stats import interleaved_times, latency_summary, median, timed
 from gptjax.bench.workloads import Job, Shape, ours
 from gptjax.config import GPTConfig, get_preset
@@ -276,7 +276,7 @@ def _finish(rows: list[dict[str, Any]], out: str, options: Options, ceiling: dic
     load = (f"\n1-minute load average after each measurement: {min(loads):.1f} to {max(loads):.1f} on "
             f"{os.cpu_count()} cores (above the core count, other work competed for the CPU)\n" if loads else "")
     text = (f"## gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs\n\n"
-            f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}\n")
+            f"{environment_line(rows[0]['env'])}\n\n{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}\n")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     log("\n" + text)
