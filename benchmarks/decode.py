@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -27,9 +26,9 @@ from benchmarks.common import (
     median,
     memory_bandwidth,
     percentile,
-    torch_threads,
 )
 from gptjax import get_backend, get_preset, init_params
+from gptjax.bench.workloads import stream_latencies
 
 
 def _hf_generate(params, config):
@@ -39,22 +38,18 @@ def _hf_generate(params, config):
         return None
     import torch
 
+    from gptjax.bench.peer import hf_generate
+
     def generate(prompts: np.ndarray, n_new: int) -> np.ndarray:
-        with torch.inference_mode(), torch_threads():
-            out = model.generate(torch.from_numpy(prompts.astype(np.int64)), max_new_tokens=n_new,
-                                 min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0,
-                                 attention_mask=torch.ones(prompts.shape, dtype=torch.long))
-        return out[:, prompts.shape[1]:].numpy()
+        return hf_generate(model, torch.from_numpy(prompts.astype(np.int64)), n_new)[:, prompts.shape[1]:].numpy()
 
     return generate
 
 
 def _latencies(backend, weights, prompts, n_new):
     """TTFT and the gaps between later tokens, from a stream of one decode step per chunk."""
-    stamps, t0 = [], time.perf_counter()
-    for _ in backend.stream(weights, prompts, n_new, chunk_size=1, greedy=True):
-        stamps.append(time.perf_counter() - t0)
-    return stamps[0], list(np.diff(stamps))
+    found = stream_latencies(backend, weights, prompts, n_new)
+    return found["ttft_s"], found["per_token_s"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The `gptjax` command: `train`, `eval`, `generate`, `serve`, `info` (size calculator), `demo`, `backends`."""
+"""The `gptjax` command: `train`, `eval`, `generate`, `serve`, `quantize`, `info` (size calculator), `demo`,
+`backends`, `bench`."""
 
 from __future__ import annotations
 
@@ -184,6 +185,15 @@ def _parser() -> argparse.ArgumentParser:
 
     backends = sub.add_parser("backends", help="list the available backends (built-in and plugins)")
     backends.set_defaults(func=_cmd_backends)
+
+    bench = sub.add_parser("bench", help="benchmark suite: prefill, decode, train step per precision, with "
+                           "measured ceilings, MFU, bandwidth use and an optional HF peer",
+                           description="Measure ceilings (matmul FLOP/s per dtype, memory bandwidth) and then each "
+                           "workload on whatever platform JAX sees; write results.jsonl, results.md and plots.")
+    from gptjax.bench.command import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -672,6 +682,12 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
     print("\n".join(available_backends()))
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from gptjax.bench.command import main
+
+    return main(args)
 
 
 if __name__ == "__main__":

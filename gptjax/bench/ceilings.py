@@ -1,0 +1,115 @@
+"""Ceilings: matmul FLOP/s per dtype and memory bandwidth measured through JAX now, on this device, plus the
+datasheet peaks of known accelerators (clearly labelled "datasheet": vendor figures, not measurements)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gptjax.bench.stats import best_time
+
+
+@dataclass(frozen=True)
+class Datasheet:
+    """Dense peak FLOP/s per dtype and HBM bandwidth of one accelerator, as its vendor publishes them."""
+
+    name: str
+    flops: dict[str, float]  # dtype -> FLOP/s (int8: OP/s), dense (no 2:4 sparsity)
+    hbm_bytes_per_s: float
+    source: str
+
+
+_T = 1e12
+# (substring of jax's device_kind, lower case) -> datasheet; the first match wins, so specific names come first.
+DATASHEETS: tuple[tuple[str, Datasheet], ...] = (
+    ("h200", Datasheet("NVIDIA H200 SXM", {"fp32": 67 * _T, "bf16": 989 * _T, "int8": 1979 * _T}, 4.8e12,
+                       "NVIDIA H200 datasheet, dense (sparsity figures halved)")),
+    ("h100 pcie", Datasheet("NVIDIA H100 PCIe", {"fp32": 51 * _T, "bf16": 756 * _T, "int8": 1513 * _T}, 2.0e12,
+                            "NVIDIA H100 datasheet, dense (sparsity figures halved)")),
+    ("h100", Datasheet("NVIDIA H100 SXM", {"fp32": 67 * _T, "bf16": 989 * _T, "int8": 1979 * _T}, 3.35e12,
+                       "NVIDIA H100 datasheet, dense (sparsity figures halved)")),
+    ("a100-sxm4-40gb", Datasheet("NVIDIA A100 SXM 40GB", {"fp32": 19.5 * _T, "bf16": 312 * _T, "int8": 624 * _T},
+                                 1.555e12, "NVIDIA A100 datasheet, dense")),
+    ("a100-pcie-40gb", Datasheet("NVIDIA A100 PCIe 40GB", {"fp32": 19.5 * _T, "bf16": 312 * _T, "int8": 624 * _T},
+                                 1.555e12, "NVIDIA A100 datasheet, dense")),
+    ("a100", Datasheet("NVIDIA A100 80GB", {"fp32": 19.5 * _T, "bf16": 312 * _T, "int8": 624 * _T}, 2.039e12,
+                       "NVIDIA A100 datasheet, dense")),
+    ("tpu v5 lite", Datasheet("TPU v5e", {"bf16": 197 * _T, "int8": 394 * _T}, 819e9, "Google Cloud TPU v5e spec")),
+    ("tpu v5e", Datasheet("TPU v5e", {"bf16": 197 * _T, "int8": 394 * _T}, 819e9, "Google Cloud TPU v5e spec")),
+    ("tpu v5", Datasheet("TPU v5p", {"bf16": 459 * _T, "int8": 918 * _T}, 2765e9, "Google Cloud TPU v5p spec")),
+    ("tpu v4", Datasheet("TPU v4", {"bf16": 275 * _T, "int8": 275 * _T}, 1228e9, "Google Cloud TPU v4 spec")),
+)
+
+
+def datasheet_for(device_kind: str) -> Datasheet | None:
+    """The datasheet entry whose key occurs in this device kind (e.g. "NVIDIA H100 80GB HBM3"), or None."""
+    kind = device_kind.lower()
+    return next((sheet for key, sheet in DATASHEETS if key in kind), None)
+
+
+def matmul_flops(dtype: str, n: int, runs: int = 5) -> float:
+    """FLOP/s (2n³ per call) of an n x n x n matmul in dtype (fp32 | bf16 | int8 with int32 accumulation) through
+    jax.jit on the default device, best of runs; fp32 at "float32" precision (no TF32/bf16 passes)."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8}[dtype]
+    a = jnp.ones((n, n), dt)
+    out_dtype = jnp.int32 if dtype == "int8" else None
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=out_dtype, precision="highest"))
+    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
+
+
+def memory_bandwidth(n_bytes: int, runs: int = 5) -> dict[str, float]:
+    """Bytes/s through JAX now, best of runs: "read" (a sum over n_bytes), "copy" (device to device: read n_bytes,
+    write them into a donated buffer, 2·n_bytes of traffic, no fresh pages), "host_to_device" and
+    "device_to_host" (n_bytes each way; accelerators only)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.ones(n_bytes // 4, jnp.float32)
+    read = jax.jit(jnp.sum)
+    copy = jax.jit(lambda src, dst: src + 1.0, donate_argnums=1)
+    holder = [jnp.zeros_like(x)]
+
+    def copy_once() -> None:
+        holder[0] = copy(x, holder[0])
+        holder[0].block_until_ready()
+
+    out = {"read": n_bytes / best_time(lambda: read(x).block_until_ready(), runs),
+           "copy": 2 * n_bytes / best_time(copy_once, runs)}
+    if jax.default_backend() != "cpu":  # on CPU host and device share memory: transfers may be zero-copy
+        host = np.ones(n_bytes // 4, np.float32)
+        out["host_to_device"] = n_bytes / best_time(lambda: jax.device_put(host).block_until_ready(), runs)
+        out["device_to_host"] = n_bytes / _fetch_time(x, runs)
+    return out
+
+
+def _fetch_time(x: Any, runs: int) -> float:
+    """Best seconds to copy a fresh device array (not yet cached on the host) to host memory."""
+    import time
+
+    import jax
+
+    fresh = jax.jit(lambda v: v + 1.0)
+    best = float("inf")
+    for _ in range(runs + 1):
+        y = fresh(x).block_until_ready()
+        t0 = time.perf_counter()
+        jax.device_get(y)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_ceilings(matmul_n: int, bandwidth_bytes: int, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"),
+                     runs: int = 5) -> dict[str, Any]:
+    """Measured matmul FLOP/s per dtype ({dtype: value or an error string where unsupported}) and bandwidths."""
+    flops: dict[str, float | str] = {}
+    for dtype in dtypes:
+        try:
+            flops[dtype] = matmul_flops(dtype, matmul_n, runs)
+        except Exception as e:  # a dtype the platform cannot multiply is recorded, not fatal
+            flops[dtype] = f"unsupported: {type(e).__name__}: {str(e)[:200]}"
+    return {"matmul_n": matmul_n, "matmul_flops": flops, "bandwidth_bytes": bandwidth_bytes,
+            "bandwidth": memory_bandwidth(bandwidth_bytes, runs)}

@@ -1,0 +1,68 @@
+"""FLOPs, bytes moved, MFU and bandwidth use of each workload, from gptjax.config's size calculator.
+
+Formulas (N_mm = matmul weights of the blocks, L layers, D width, V vocab; 2 FLOPs per multiply-add):
+  forward_flops(B, T)      = B·(2·N_mm·T + 2·D·V·T' + 2·L·D·T·(T+1))   T' = 1 with last-position logits, else T
+  prefill (B, T)           = forward_flops(B, T, last_only=True)
+  decode (B, prompt P, n)  = prefill(B, P) + B·(forward_flops(1, P+n-1) - forward_flops(1, P))
+                             (the prefill yields the first token; n-1 decode steps, one position each)
+  train step (B, T)        = 3·forward_flops(B, T)   (backward = 2 x forward)
+  MFU                      = FLOPs / seconds / peak FLOP/s (measured now, or the datasheet's)
+Bytes moved (lower bounds: what must cross memory at least once):
+  prefill                  = weight bytes (each weight read once)
+  decode step              = weight bytes + B · KV bytes per token · context length read
+  train step               = 4·N·(2 + 7): weights read in forward and backward, AdamW reads p, g, m, v and
+                             writes p, m, v (fp32 state)
+  bandwidth use            = bytes per second / bandwidth (the measured read bandwidth, or the datasheet HBM)
+"""
+
+from __future__ import annotations
+
+from gptjax.config import GPTConfig
+
+FORMULAS = ("FLOPs (gptjax.config's size calculator, 2 per multiply-add): prefill = forward_flops(B, T, "
+            "last_only=True); decode of n tokens after a prompt P = prefill(B, P) + B·(forward_flops(1, P+n-1) - "
+            "forward_flops(1, P)); train step = 3·forward_flops(B, T). Bytes (lower bounds): prefill = weight bytes; "
+            "decode = n·(weight bytes + B·KV bytes/token·(P + n/2)); train = 4·N·(2 + 7). MFU = FLOP/s / the "
+            "matmul peak of the mode's compute dtype; bandwidth use = bytes/s / the read bandwidth (or datasheet HBM).")
+
+# which measured matmul ceiling a precision mode's dots run at: weight-only int8 dequantises into the
+# activation dtype (fp32 here), so its compute ceiling is fp32's; w8a8 multiplies int8 x int8.
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "int8": "fp32", "w8a8": "int8"}
+# bytes per value of the weights a mode stores, for the size calculator (w8a8 stores int8 weights too)
+WEIGHT_PRECISION = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "w8a8": "int8"}
+
+
+def prefill_flops(config: GPTConfig, batch: int, seq: int) -> int:
+    """FLOPs of a prefill: a forward pass over [batch, seq] producing the last position's logits."""
+    return config.forward_flops(batch, seq, last_only=True)
+
+
+def decode_flops(config: GPTConfig, batch: int, prompt: int, new: int) -> int:
+    """FLOPs to generate `new` tokens per row after a `prompt`-token prefill (the prefill included)."""
+    steps = config.forward_flops(1, prompt + new - 1) - config.forward_flops(1, prompt) if new > 1 else 0
+    return prefill_flops(config, batch, prompt) + batch * steps
+
+
+def train_flops(config: GPTConfig, batch: int, seq: int) -> int:
+    """FLOPs of one training step (forward + backward) over [batch, seq] tokens: 3 x the forward pass."""
+    return 3 * config.forward_flops(batch, seq)
+
+
+def weight_bytes(config: GPTConfig, precision: str) -> int:
+    """Bytes of the weights in this precision mode (gptjax.config's calculator)."""
+    return config.weight_bytes(WEIGHT_PRECISION.get(precision, "fp32"))
+
+
+def decode_step_bytes(config: GPTConfig, precision: str, kv_cache: str, batch: int, context: float) -> float:
+    """Bytes one decode step reads at least: every weight once, and each row's KV cache over `context` tokens."""
+    return weight_bytes(config, precision) + batch * config.kv_cache_bytes_per_token(kv_cache) * context
+
+
+def train_step_bytes(config: GPTConfig) -> int:
+    """Bytes one fp32 AdamW step moves at least: 4·N·(2 weight reads + 4 optimizer reads + 3 writes)."""
+    return 4 * config.num_params() * (2 + 7)
+
+
+def utilisation(achieved: float, peak: float | str | None) -> float | None:
+    """achieved / peak, or None when the peak is unknown or unsupported (a str)."""
+    return achieved / peak if isinstance(peak, (int, float)) and peak > 0 else None

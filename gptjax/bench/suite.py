@@ -1,0 +1,287 @@
+"""The suite: which workloads a quick or full run measures, the runner (ceilings first, then each workload,
+gptjax and the peer interleaved A B A B), and the rows it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from gptjax.bench import metrics
+from gptjax.bench.ceilings import datasheet_for, measure_ceilings
+from gptjax.bench.env import device_memory, environment
+from gptjax.bench.report import SCHEMA, ceilings_table, environment_line, markdown_table, write_jsonl
+from gptjax.bench.stats import interleaved_times, latency_summary, median, timed
+from gptjax.bench.workloads import Job, Shape, ours
+from gptjax.config import GPTConfig, get_preset
+from gptjax.errors import GptjaxError
+
+WORKLOADS = ("prefill", "decode", "train")
+PRECISION_MODES = ("fp32", "bf16", "int8", "w8a8")
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """What a suite measures by default (each field can be overridden from the command line)."""
+
+    preset: str
+    seqs: tuple[int, ...]  # prefill lengths (B=1)
+    batches: tuple[int, ...]  # decode batch sizes
+    prompt: int
+    new: int
+    train_batch: int
+    train_seq: int
+    runs: int
+    matmul_n: tuple[int, int]  # (CPU, accelerator)
+    bandwidth_mib: tuple[int, int]
+
+
+SUITES = {
+    "quick": SuiteSpec("byte-small", (128,), (1, 8), 32, 32, 4, 64, 5, (1024, 8192), (256, 1024)),
+    "full": SuiteSpec("gpt2", (128, 512), (1, 4, 8, 16), 32, 128, 8, 256, 7, (2048, 8192), (1024, 4096)),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """One `gptjax bench` run, resolved: the suite's defaults with the command line's overrides."""
+
+    suite: str = "quick"
+    preset: str | None = None
+    backend: str = "jax"
+    precisions: tuple[str, ...] = PRECISION_MODES
+    kv_cache: str | None = None
+    seqs: tuple[int, ...] | None = None
+    batches: tuple[int, ...] | None = None
+    new: int | None = None
+    runs: int | None = None
+    workloads: tuple[str, ...] = WORKLOADS
+    peer: str | None = None
+    out: str | None = None
+    plots: bool = True
+    time_budget: float | None = None  # seconds; workloads not started by then are recorded as skipped
+    peer_threads: int | None = None  # torch's CPU threads for the peer (default: as many as XLA, one per core)
+    matmul_n: int | None = None  # ceiling sizes (default: the suite's for this platform)
+    bandwidth_mib: int | None = None
+
+    def spec(self) -> SuiteSpec:
+        """The suite's defaults with this run's overrides applied."""
+        s = SUITES[self.suite]
+        changes = {"preset": self.preset, "seqs": self.seqs, "batches": self.batches, "new": self.new,
+                   "runs": self.runs}
+        return dataclasses.replace(s, **{k: v for k, v in changes.items() if v is not None})
+
+
+def validate(options: Options) -> tuple[SuiteSpec, GPTConfig]:
+    """The resolved spec and config, or a GptjaxError naming the bad value and what is allowed."""
+    if options.suite not in SUITES:
+        raise GptjaxError(f"--suite {options.suite!r}; allowed: {', '.join(SUITES)}")
+    spec = options.spec()
+    config = get_preset(spec.preset)
+    spec = _fit_defaults(spec, options, config.n_positions)
+    for p in options.precisions:
+        if p not in PRECISION_MODES:
+            raise GptjaxError(f"--precision {p!r}; allowed: {', '.join(PRECISION_MODES)}")
+    for w in options.workloads:
+        if w not in WORKLOADS:
+            raise GptjaxError(f"--workloads {w!r}; allowed: {', '.join(WORKLOADS)}")
+    if options.peer not in (None, "hf"):
+        raise GptjaxError(f"--peer {options.peer!r}; allowed: hf, none")
+    if spec.runs < 1:
+        raise GptjaxError(f"--runs {spec.runs} must be >= 1")
+    for flag, v in (("--matmul-n", options.matmul_n), ("--bandwidth-mib", options.bandwidth_mib),
+                    ("--peer-threads", options.peer_threads)):
+        if v is not None and v < 1:
+            raise GptjaxError(f"{flag} {v} must be >= 1")
+    _check_lengths(config, spec)
+    return spec, config
+
+
+def _fit_defaults(spec: SuiteSpec, options: Options, context: int) -> SuiteSpec:
+    """The suite's default lengths shrunk to a small context (lengths given on the command line are kept)."""
+    seqs = spec.seqs if options.seqs else tuple(sorted({min(T, context) for T in spec.seqs}))
+    prompt = min(spec.prompt, context // 2)
+    new = spec.new if options.new else min(spec.new, context - prompt)
+    return dataclasses.replace(spec, seqs=seqs, prompt=prompt, new=new, train_seq=min(spec.train_seq, context))
+
+
+def _check_lengths(config: GPTConfig, spec: SuiteSpec) -> None:
+    P = config.n_positions
+    for name, values in (("--batch", spec.batches), ("--seq", spec.seqs)):
+        if not values or any(v < 1 for v in values):
+            raise GptjaxError(f"{name} {','.join(map(str, values))}: give positive integers, e.g. 1,8")
+    if max(spec.seqs) > P:
+        raise GptjaxError(f"--seq {max(spec.seqs)} exceeds the context n_positions={P} of {spec.preset}")
+    if spec.new < 1 or spec.prompt + spec.new > P:
+        raise GptjaxError(f"--new {spec.new}: prompt {spec.prompt} + new must be in [{spec.prompt + 1}, {P}]")
+
+
+def plan(options: Options, spec: SuiteSpec) -> list[tuple[Shape, str]]:
+    """(shape, precision) of every measurement, in order: prefill, decode, train, each per precision."""
+    shapes = {"prefill": [Shape("prefill", 1, seq=T) for T in spec.seqs],
+              "decode": [Shape("decode", B, prompt=spec.prompt, new=spec.new) for B in spec.batches],
+              "train": [Shape("train", spec.train_batch, seq=spec.train_seq)]}
+    return [(s, p) for w in WORKLOADS if w in options.workloads for p in options.precisions for s in shapes[w]]
+
+
+def ceiling_sizes(spec: SuiteSpec, options: Options, platform: str) -> tuple[int, int]:
+    """(matmul n, bandwidth bytes): the options', else the suite's for this platform (small enough for a CPU,
+    big enough for an accelerator)."""
+    accel = platform != "cpu"
+    return options.matmul_n or spec.matmul_n[accel], (options.bandwidth_mib or spec.bandwidth_mib[accel]) * 2**20
+
+
+def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
+    """Run the suite; write DIR/results.jsonl (line by line, so an interrupted run keeps what it measured),
+    DIR/results.md and plots; return every row."""
+    spec, config = validate(options)
+    if options.peer == "hf":
+        from gptjax.bench.peer import require_peer
+
+        require_peer()
+    deadline = time.monotonic() + options.time_budget if options.time_budget else None
+    out = options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.jsonl")
+    open(path, "w").close()  # one run per file
+    base = {"schema": SCHEMA, "run": uuid.uuid4().hex[:12]}
+    env = environment(options.peer_threads)
+    _warn_if_busy(env, log)
+    log(f"environment: {env}")
+    ceiling = _ceilings(spec, options, env, log)
+    rows = [base | {"kind": "environment", "env": env}, base | {"kind": "ceiling"} | ceiling]
+    write_jsonl(path, rows)
+    from gptjax.weights import init_params
+
+    params = init_params(config, seed=0)
+    for shape, precision in plan(options, spec):
+        if deadline is not None and time.monotonic() > deadline:
+            new = _skipped(base, spec, shape, precision, options, "time budget spent")
+        else:
+            new = measure(base, spec, config, params, shape, precision, options, ceiling, log)
+        write_jsonl(path, new)
+        rows += new
+    _finish(rows, out, options, ceiling, spec, log)
+    return rows
+
+
+def _warn_if_busy(env: dict[str, Any], log: Any) -> None:
+    """Say so when other work already loads the cores: timings are noisy then, and the peer's OpenMP threads
+    (spin-waiting at barriers) slow down far more than XLA's pool when a core is taken."""
+    load, cores = env.get("load_avg_1m"), env.get("cores") or 1
+    if env["platform"] == "cpu" and load is not None and load > 0.5 * cores:
+        log(f"warning: 1-minute load average {load:.1f} on {cores} cores before the run: other work competes for the "
+            "CPU; timings are noisy and the peer (OpenMP) suffers more than XLA (measured here: torch prefill 7x "
+            "slower with 2 threads than 1 while another process held a core); see --peer-threads")
+
+
+def _ceilings(spec: SuiteSpec, options: Options, env: dict[str, Any], log: Any) -> dict[str, Any]:
+    n, nbytes = ceiling_sizes(spec, options, env["platform"])
+    log(f"measuring ceilings: matmul {n}³ per dtype, memory {nbytes / 2**20:.0f} MiB ...")
+    ceiling = measure_ceilings(n, nbytes)
+    sheet = datasheet_for(env["device_kind"])
+    ceiling["datasheet"] = dataclasses.asdict(sheet) if sheet else None
+    return ceiling
+
+
+def _identity(spec: SuiteSpec, shape: Shape, precision: str, options: Options, backend: str) -> dict[str, Any]:
+    return {"kind": "workload", "workload": shape.workload, "backend": backend, "precision": precision,
+            "kv_cache": options.kv_cache, "preset": spec.preset, "batch": shape.batch, "seq": shape.seq,
+            "prompt": shape.prompt, "new": shape.new}
+
+
+def _skipped(base: dict, spec: SuiteSpec, shape: Shape, precision: str, options: Options, message: str
+             ) -> list[dict[str, Any]]:
+    rows = [base | _identity(spec, shape, precision, options, options.backend) | {"status": "skipped",
+                                                                                    "message": message}]
+    if options.peer:
+        rows.append(base | _identity(spec, shape, precision, options, options.peer) | {
+            "status": "skipped", "message": f"not run: gptjax's {precision} variant was skipped"})
+    return rows
+
+
+def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape: Shape, precision: str,
+            options: Options, ceiling: dict[str, Any], log: Any) -> list[dict[str, Any]]:
+    """Rows for one workload variant: gptjax's and the peer's (interleaved), or skipped rows with the reason."""
+    log(f"{shape.workload} {shape.label} {precision} ...")
+    try:
+        job = ours(options.backend, config, params, shape, precision, options.kv_cache)
+    except GptjaxError as e:
+        return _skipped(base, spec, shape, precision, options, str(e))
+    first = timed(lambda: job.call(-1))  # compiles (jit) and converts: excluded from the timed runs
+    fns, peer_latencies, peer_error = {options.backend: job.call}, None, None
+    if options.peer == "hf":
+        from gptjax.bench.peer import peer_job
+
+        try:
+            fns["hf"], peer_latencies = peer_job(params, config, shape, precision, options.peer_threads)
+        except GptjaxError as e:
+            peer_error = str(e)
+    times = interleaved_times(fns, spec.runs, warmup=1)
+    ours_row = _row(base | _identity(spec, shape, precision, options, options.backend), shape, job,
+                    times[options.backend], ceiling, job.latencies)
+    ours_row["compile_s"] = max(0.0, first - median(times[options.backend]))
+    rows = [ours_row]
+    if "hf" in times:
+        peer_row = _row(base | _identity(spec, shape, precision, options, "hf"), shape, job, times["hf"], ceiling,
+                        peer_latencies)
+        from gptjax.bench.peer import describe
+
+        peer_row["peer"] = describe(precision)
+        ours_row["vs_peer"] = median(times["hf"]) / median(times[options.backend])
+        rows.append(peer_row)
+    elif peer_error:
+        rows.append(base | _identity(spec, shape, precision, options, "hf") | {"status": "skipped",
+                                                                              "message": peer_error})
+    return rows
+
+
+def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceiling: dict[str, Any],
+         latencies: Any) -> dict[str, Any]:
+    """One measurement: throughput, latency percentiles, FLOP/s and MFU, bytes/s and bandwidth use, memory."""
+    t = median(times)
+    flops_per_s, bytes_per_s = job.flops / t, job.bytes_moved / t
+    dtype = metrics.COMPUTE_DTYPE[row["precision"]]
+    sheet = ceiling.get("datasheet") or {}
+    row |= {"status": "ok", "runs": len(times), "times_s": times, "median_s": t, "tokens_per_s": shape.tokens / t,
+            "flops": job.flops, "flops_per_s": flops_per_s, "compute_dtype": dtype,
+            "mfu_measured": metrics.utilisation(flops_per_s, ceiling["matmul_flops"].get(dtype)),
+            "mfu_datasheet": metrics.utilisation(flops_per_s, (sheet.get("flops") or {}).get(dtype)),
+            "bytes_moved": job.bytes_moved, "bytes_per_s": bytes_per_s,
+            "bw_use_measured": metrics.utilisation(bytes_per_s, ceiling["bandwidth"]["read"]),
+            "bw_use_datasheet": metrics.utilisation(bytes_per_s, sheet.get("hbm_bytes_per_s")),
+            "memory": job.memory | device_memory(), "latency_s": latency_summary(times),
+            "load_avg_1m": _load()} | job.notes
+    if latencies is not None:
+        extra = latencies()
+        row |= {"ttft_s": extra["ttft_s"], "latency_s": latency_summary(extra["per_token_s"]),
+                "per_token_s": extra["per_token_s"], "call_latency_s": latency_summary(times)}
+    return row
+
+
+def _load() -> float | None:
+    """The machine's 1-minute load average (others' work competes for the cores), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _finish(rows: list[dict[str, Any]], out: str, options: Options, ceiling: dict[str, Any], spec: SuiteSpec,
+            log: Any) -> None:
+    loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
+    load = (f"\n1-minute load average after each measurement: {min(loads):.1f} to {max(loads):.1f} on "
+            f"{os.cpu_count()} cores (above the core count, other work competed for the CPU)\n" if loads else "")
+    text = (f"## gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs\n\n"
+            f"{environment_line(rows[0]['env'])}\n\n{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}\n")
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    log("\n" + text)
+    if options.plots:
+        from gptjax.bench.plots import make_plots
+
+        log(make_plots(rows, out))
+    log(f"results: {out}/results.jsonl, {out}/results.md")

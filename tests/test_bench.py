@@ -1,0 +1,247 @@
+"""`gptjax bench`: statistics helpers, FLOPs/bytes/MFU arithmetic, the JSONL schema, --compare, CLI errors and a
+smoke run of the quick suite on the tiny preset (no test asserts a speed)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptjax import get_preset
+from gptjax.bench import metrics, stats
+from gptjax.bench.ceilings import datasheet_for
+from gptjax.bench.report import SCHEMA, compare_table, markdown_table, read_jsonl
+from gptjax.bench.workloads import Job, Shape
+from gptjax.cli import main
+from gptjax.errors import GptjaxError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL = ["--preset", "tiny", "--runs", "1", "--matmul-n", "64", "--bandwidth-mib", "4", "--no-plots"]
+
+
+# ---- statistics -------------------------------------------------------------------------------------
+def test_median_and_percentiles_on_known_data():
+    xs = [float(v) for v in range(10, 0, -1)]  # 10 .. 1, unsorted on purpose
+    assert stats.median(xs) == 5.5
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert stats.percentile(xs, 50) == pytest.approx(5.5)
+    assert stats.percentile(xs, 90) == pytest.approx(9.1)  # linear: 1 + 0.9 * 9
+    assert stats.percentile(xs, 99) == pytest.approx(9.91)
+    assert stats.percentile(xs, 0) == 1.0 and stats.percentile(xs, 100) == 10.0
+    assert stats.latency_summary(xs) == pytest.approx({"p50": 5.5, "p90": 9.1, "p99": 9.91})
+    assert stats.latency_summary([]) == {}
+
+
+def test_interleaved_times_alternates_and_rotates_inputs():
+    calls = []
+    times = stats.interleaved_times({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+                                    runs=2, warmup=1)
+    assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+# ---- FLOPs, bytes, MFU: hand-computed on the tiny preset (L=2, D=32, F=128, V=256) ----------------------
+def test_flops_by_hand():
+    tiny = get_preset("tiny")
+    # N_mm = L(4D² + 2DF) = 2(4096 + 8192) = 24576; per position t: 2·N_mm + 2DV + 4LDt = 65536 + 256t
+    # prefill B1 T4, last-position logits: 2·24576·4 + 2·32·256 + 2·2·32·4·5 = 196608 + 16384 + 2560
+    assert metrics.prefill_flops(tiny, 1, 4) == 215552
+    assert metrics.prefill_flops(tiny, 3, 4) == 3 * 215552
+    # decode prompt 4, 3 new: the prefill yields token 1, then positions 5 and 6 (66816 + 67072)
+    assert metrics.decode_flops(tiny, 1, 4, 3) == 215552 + 133888
+    assert metrics.decode_flops(tiny, 2, 4, 1) == 2 * 215552
+    # train B2 T4: 3 x forward with all logits: 3 · 2 · (65536·4 + 128·4·5)
+    assert metrics.train_flops(tiny, 2, 4) == 3 * 2 * 264704
+
+
+def test_bytes_and_utilisation_by_hand():
+    tiny = get_preset("tiny")
+    kv = 2 * 2 * 32 * 4  # K and V, 2 layers, width 32, fp32
+    assert tiny.kv_cache_bytes_per_token("fp32") == kv
+    assert metrics.decode_step_bytes(tiny, "fp32", "fp32", 2, 10) == tiny.weight_bytes("fp32") + 2 * kv * 10
+    assert metrics.weight_bytes(tiny, "w8a8") == tiny.weight_bytes("int8")
+    assert metrics.train_step_bytes(tiny) == 36 * tiny.num_params()
+    assert metrics.utilisation(1e9, 4e9) == 0.25
+    assert metrics.utilisation(1e9, None) is None and metrics.utilisation(1e9, "unsupported: ...") is None
+
+
+def test_row_mfu_and_bandwidth_arithmetic():
+    from gptjax.bench.suite import _row
+
+    ceiling = {"matmul_flops": {"fp32": 4e9, "bf16": "unsupported: x"}, "bandwidth": {"read": 8e9},
+               "datasheet": {"flops": {"fp32": 1e10}, "hbm_bytes_per_s": 2e10}}
+    job = Job(call=lambda i: None, flops=10**9, bytes_moved=2e9, memory={"params_bytes": 4})
+    row = _row({"precision": "fp32"}, Shape("prefill", 2, seq=50), job, [1.5, 0.5, 1.0], ceiling, None)
+    assert row["median_s"] == 1.0 and row["tokens_per_s"] == 100.0 and row["flops_per_s"] == 1e9
+    assert row["mfu_measured"] == 0.25 and row["mfu_datasheet"] == 0.1
+    assert row["bw_use_measured"] == 0.25 and row["bw_use_datasheet"] == 0.1
+    assert row["latency_s"]["p50"] == 1.0
+    bf16 = _row({"precision": "bf16"}, Shape("prefill", 2, seq=50), job, [1.0], ceiling, None)
+    assert bf16["mfu_measured"] is None and bf16["mfu_datasheet"] is None  # unsupported / not in the datasheet
+
+
+def test_datasheet_lookup_by_device_kind():
+    assert datasheet_for("NVIDIA H100 80GB HBM3").name == "NVIDIA H100 SXM"
+    assert datasheet_for("NVIDIA H100 PCIe").name == "NVIDIA H100 PCIe"
+    assert datasheet_for("NVIDIA H200").flops["bf16"] == 989e12
+    assert datasheet_for("NVIDIA A100-SXM4-40GB").hbm_bytes_per_s == 1.555e12
+    assert datasheet_for("TPU v5 lite").name == "TPU v5e"
+    assert datasheet_for("TPU v5p").name == "TPU v5p" and datasheet_for("TPU v4").name == "TPU v4"
+    assert datasheet_for("cpu") is None
+
+
+# ---- JSONL schema and --compare ---------------------------------------------------------------------
+def test_read_jsonl_rejects_other_schemas_and_bad_lines(tmp_path):
+    bad = tmp_path / "x.jsonl"
+    bad.write_text(json.dumps({"schema": "other/9"}) + "\n")
+    with pytest.raises(GptjaxError, match="schema 'other/9'"):
+        read_jsonl(str(bad))
+    bad.write_text("{not json\n")
+    with pytest.raises(GptjaxError, match="x.jsonl:1: not JSON"):
+        read_jsonl(str(bad))
+    with pytest.raises(GptjaxError, match="cannot read"):
+        read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_compare_on_fixture_files(capsys):
+    assert main(["bench", "--compare", str(FIXTURES / "bench_old.jsonl"), str(FIXTURES / "bench_new.jsonl")]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(" | ")[1] + " " + line.split(" | ")[0]: line for line in out.splitlines()
+             if line.startswith("| ") and "workload" not in line}
+    assert "| 1,000.0 | 1,500.0 | 1.50x | 10.0 | 8.0 |  |" in lines["B1 T64 | prefill"]
+    assert "| 200.0 | 100.0 | 0.50x | 5.0 | 10.0 | slower |" in lines["B1 P32+32 | decode"]
+    assert "| 800.0 | 800.0 | 1.00x |" in lines["B8 P32+32 | decode"]
+    assert "- only in new: decode B16 P32+32 jax fp32" in out
+    assert "- only in old: train B4 T64 jax fp32" in out
+    assert "T32" not in out  # skipped rows are not compared
+
+
+def test_compare_table_is_a_function_of_rows():
+    rows = read_jsonl(str(FIXTURES / "bench_old.jsonl"))
+    assert "| 1.00x |" in compare_table(rows, rows) and "slower" not in compare_table(rows, rows)
+
+
+# ---- the command: errors at the boundary ---------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--batch", "1,x"], "--batch '1,x': give a comma list of positive integers"),
+    (["--batch", "0"], "--batch '0'"),
+    (["--seq", "1000", "--preset", "tiny"], "--seq 1000 exceeds the context n_positions=64"),
+    (["--precision", "fp16"], "--precision 'fp16'; allowed: fp32, bf16, int8, w8a8"),
+    (["--workloads", "prefil"], "--workloads 'prefil'; allowed: prefill, decode, train"),
+    (["--runs", "0"], "--runs 0 must be >= 1"),
+    (["--peer-threads", "0"], "--peer-threads 0 must be >= 1"),
+])
+def test_bad_values_are_clear_errors(argv, message, capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_peer_extra_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    assert main(["bench", "--peer", "hf", "--out", str(tmp_path), *SMALL]) == 2
+    assert "--peer hf needs the `peer` extra" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_skips_plots_with_a_message(monkeypatch):
+    from gptjax.bench.plots import make_plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert "plots skipped: matplotlib is not installed" in make_plots([], "/nonexistent")
+
+
+# ---- smoke runs (tiny preset, one run each: seconds) ----------------------------------------------------
+def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["bench", *SMALL, "--out", str(out), "--precision", "fp32,bf16", "--batch", "1,2", "--new", "4",
+                 "--seq", "16"]) == 0
+    rows = read_jsonl(str(out / "results.jsonl"))
+    assert all(r["schema"] == SCHEMA for r in rows) and len({r["run"] for r in rows}) == 1
+    kinds = [r["kind"] for r in rows]
+    assert kinds[:2] == ["environment", "ceiling"]
+    env = rows[0]["env"]
+    for key in ("gptjax", "jax", "jaxlib", "flax", "git", "device_kind", "device_count", "cpu", "XLA_FLAGS",
+                "peer_threads"):
+        assert key in env
+    assert set(rows[1]["matmul_flops"]) == {"fp32", "bf16", "int8"} and "read" in rows[1]["bandwidth"]
+    work = {(r["workload"], r["batch"], r["precision"]): r for r in rows if r["kind"] == "workload"}
+    assert set(work) == {("prefill", 1, p) for p in ("fp32", "bf16")} | {
+        ("decode", b, p) for b in (1, 2) for p in ("fp32", "bf16")} | {("train", 4, p) for p in ("fp32", "bf16")}
+    for key, r in work.items():
+        assert r["status"] in ("ok", "skipped"), r
+        if key[2] == "fp32":
+            assert r["status"] == "ok"
+            for field in ("tokens_per_s", "median_s", "compile_s", "flops", "flops_per_s", "mfu_measured",
+                          "bytes_moved", "bw_use_measured", "latency_s", "memory", "times_s"):
+                assert field in r, field
+            assert set(r["latency_s"]) == {"p50", "p90", "p99"} and r["tokens_per_s"] > 0
+    decode = work[("decode", 2, "fp32")]
+    assert decode["flops"] == metrics.decode_flops(get_preset("tiny"), 2, 32, 4)
+    assert "ttft_s" in decode and len(decode["per_token_s"]) == 3
+    assert decode["flops_formula"] == "forward_flops(B=2, T=32, last_only=True) + 2·(forward_flops(1, 35) - " \
+        "forward_flops(1, 32))"
+    assert work[("train", 4, "fp32")]["flops_formula"] == "3·forward_flops(B=4, T=64)"
+    assert decode["memory"]["cache_bytes"] == 2 * 36 * get_preset("tiny").kv_cache_bytes_per_token("fp32")
+    table = (out / "results.md").read_text()
+    assert "| prefill | B1 T16 | jax | fp32 |" in table and "| decode | B2 P32+4 | jax | fp32 |" in table
+    assert "| matmul fp32 (64³) |" in table and f"environment: git {env['git']}; gptjax" in table
+    assert "| decode | B2 P32+4 | jax | fp32 |" in capsys.readouterr().out
+
+
+def test_peer_runs_interleaved_with_a_ratio(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "peer"
+    assert main(["bench", *SMALL, "--out", str(out), "--precision", "fp32", "--workloads", "prefill,decode",
+                 "--batch", "1", "--new", "3", "--seq", "8", "--peer", "hf"]) == 0
+    rows = [r for r in read_jsonl(str(out / "results.jsonl")) if r["kind"] == "workload"]
+    assert {(r["workload"], r["backend"]) for r in rows} == {(w, b) for w in ("prefill", "decode")
+                                                            for b in ("jax", "hf")}
+    for r in rows:
+        assert r["status"] == "ok"
+        assert ("vs_peer" in r) == (r["backend"] == "jax")
+    hf_decode = next(r for r in rows if r["workload"] == "decode" and r["backend"] == "hf")
+    assert "ttft_s" in hf_decode and len(hf_decode["per_token_s"]) == 2
+    assert "vs peer" in markdown_table(rows)
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "plots"
+    argv = [a for a in SMALL if a != "--no-plots"]
+    assert main(["bench", *argv, "--out", str(out), "--precision", "fp32", "--workloads", "prefill,decode",
+                 "--batch", "1,2", "--new", "2", "--seq", "8"]) == 0
+    assert {p.name for p in (out / "plots").iterdir()} == {"throughput_vs_batch.png", "roofline.png",
+                                                          "latency_cdf.png"}
+
+
+def test_time_budget_records_the_rest_as_skipped(tmp_path):
+    from gptjax.bench.suite import Options, run
+
+    options = Options(preset="tiny", precisions=("fp32",), workloads=("prefill", "decode"), runs=1, seqs=(8,),
+                      batches=(1,), new=2, out=str(tmp_path), plots=False, time_budget=1e-9, matmul_n=32,
+                      bandwidth_mib=1)
+    rows = run(options, log=lambda *a: None)
+    work = [r for r in rows if r["kind"] == "workload"]
+    assert work and all(r["status"] == "skipped" and r["message"] == "time budget spent" for r in work)
+    run(options, log=lambda *a: None)  # the same directory again: the file holds one run, not two
+    assert len(read_jsonl(str(tmp_path / "results.jsonl"))) == len(rows)
+
+
+def test_device_check_on_cpu(tmp_path, capsys):
+    out = tmp_path / "dc"
+    assert main(["bench", "--device-check", *SMALL, "--out", str(out), "--precision", "fp32,bf16",
+                 "--workloads", "prefill", "--seq", "8"]) == 0
+    checks = {c["precision"]: c for c in read_jsonl(str(out / "check.jsonl"))}
+    fp32 = checks["fp32"]
+    assert fp32["kind"] == "check" and fp32["passed"] and fp32["max_rel_logit_error"] < 1e-4
+    assert fp32["preset"] == "tiny" and fp32["platform"] == "cpu"
+    assert checks["bf16"]["status"] in ("ok", "skipped")  # skipped until the backend has precision modes
+    assert (out / "results.jsonl").exists() and "PASS" in capsys.readouterr().out
+
+
+def test_benchmark_scripts_still_import_the_shared_helpers():
+    from benchmarks import common
+
+    assert common.median([1.0, 2.0, 3.0]) == 2.0 and callable(common.interleaved_times)
+    assert set(common.memory_bandwidth(2**20, runs=1)) >= {"read_bytes_per_s", "copy_bytes_per_s"}
