@@ -273,8 +273,10 @@ def _load() -> float | None:
 def _finish(rows: list[dict[str, Any]], out: str, options: Options, ceiling: dict[str, Any], spec: SuiteSpec,
             log: Any) -> None:
     loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
+    busy = loads and max(loads) > (os.cpu_count() or 1)
     load = (f"\n1-minute load average after each measurement: {min(loads):.1f} to {max(loads):.1f} on "
-            f"{os.cpu_count()} cores (above the core count, other work competed for the CPU)\n" if loads else "")
+            f"{os.cpu_count()} cores{' (above the core count: other work competed for the CPU)' if busy else ''}\n"
+            if loads else "")
     text = (f"## gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs\n\n"
             f"{environment_line(rows[0]['env'])}\n\n{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}\n")
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
