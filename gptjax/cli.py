@@ -429,7 +429,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt)
     from gptjax.weights import stored_precision
 
-    options = {"precision": args.precision or stored_precision(args.checkpoint)}
+    precision = args.precision or stored_precision(args.checkpoint)
+    options = {"precision": precision} if precision != "fp32" or args.precision else {}  # plugins may lack it
     if args.kv_cache:
         options["kv_cache"] = args.kv_cache
     if args.mesh:
@@ -636,8 +637,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if not args.out:
         raise GptjaxError("--to needs --out DIR (the quantised checkpoint; the source is never overwritten)")
     source, out = Path(args.checkpoint).resolve(), Path(args.out).resolve()
-    if out == source:
-        raise GptjaxError(f"--out {args.out!r} is the source checkpoint; write the quantised one elsewhere")
+    if out == source or source in out.parents:
+        raise GptjaxError(f"--out {args.out!r} is the source checkpoint or inside it; write the quantised one "
+                          "elsewhere")
     config, params = load_checkpoint(source)
     quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
     metadata = {"gptjax.group_size": str(args.group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
@@ -659,6 +661,8 @@ def _quantize_report(args: argparse.Namespace) -> int:
     from gptjax.weights import load_checkpoint
 
     config, params = load_checkpoint(args.checkpoint)
+    if args.runs < 1 or args.windows < 1 or (args.seq_len is not None and args.seq_len < 2):
+        raise GptjaxError(f"--runs {args.runs} and --windows {args.windows} must be >= 1, --seq-len >= 2")
     tokens, _ = _validation_tokens(args, config)
     T = _seq_len(args.seq_len, config)
     batches = list(data.eval_batches(tokens, 8, T, -(-args.windows // 8)))
@@ -667,7 +671,9 @@ def _quantize_report(args: argparse.Namespace) -> int:
     windows = np.concatenate([np.concatenate([x, y[:, -1:]], 1) for x, y in batches])[: args.windows]
     timing = None if args.no_speed else {"prompt": min(32, config.n_positions // 2),
                                          "new_tokens": min(32, config.n_positions // 2), "runs": args.runs}
-    rows = report(config, params, windows, DEFAULT_MODES, timing=timing,
+    modes = [m for m in DEFAULT_MODES  # a group size must divide both input widths
+             if not m.group_size or (config.n_embd % m.group_size == 0 and config.mlp_width % m.group_size == 0)]
+    rows = report(config, params, windows, modes, timing=timing,
                   progress=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
     print(f"{args.checkpoint}: {len(windows)} validation windows of {T} tokens ({windows[:, 1:].size:,} "
           f"predictions); quality vs fp32 on the JAX backend; speed: median of {args.runs} interleaved runs\n")

@@ -83,6 +83,8 @@ def convert(params: Params, config: GPTConfig, mode: str, *, group_size: int | N
     current = precision_of(params)
     if current != "fp32":
         raise GptjaxError(f"params are already {current}; convert from float32 weights")
+    if mode != "int8" and (group_size is not None or keep_head):
+        raise GptjaxError(f"group_size/keep_head apply to int8 quantisation, not to {mode}")
     if mode == "fp32":
         return dict(params)
     if mode == "bf16":
@@ -114,6 +116,8 @@ def for_precision(params: Params, config: GPTConfig, precision: str, *, group_si
     """params as `precision` runs them: float32 weights are converted; weights already in that storage (a
     quantised checkpoint) are used as they are, never quantised twice; other combinations are an error."""
     target, current = storage(precision), precision_of(params)
+    if target != "int8" and (group_size is not None or keep_head):
+        raise GptjaxError(f"group_size/keep_head apply to int8 quantisation, not to {target}")
     if current == target:
         if target == "int8" and (group_size is not None or keep_head):
             raise GptjaxError("group_size/keep_head apply when quantising float32 weights; these params are "

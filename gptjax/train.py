@@ -31,6 +31,7 @@ from flax import nnx
 from gptjax.backends.jax_flax import GPT, to_params
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.quantize import precision_of
 from gptjax.weights import Params, init_params
 
 log = logging.getLogger("gptjax.train")
@@ -127,6 +128,9 @@ def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = Non
                  ) -> tuple[Any, TrainState]:
     """(graphdef, state) for training from canonical params (GPT-2 init with tc.seed if None); with a mesh,
     parameters and optimizer state are sharded by their logical axes (FSDP, tensor parallel)."""
+    if params is not None and precision_of(params) == "int8":
+        raise GptjaxError("params are int8 (a quantised checkpoint): training needs float weights; start from the "
+                          "float checkpoint it was quantised from")
     model = GPT(config, params if params is not None else init_params(config, tc.seed), scan_layers=tc.scan_layers)
     graphdef, weights = nnx.split(model)
     weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), weights)

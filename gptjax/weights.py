@@ -220,6 +220,11 @@ def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike,
     from gptjax.quantize import precision_of
 
     validate_params(config, params)
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise GptjaxError(f"metadata {key!r}: {value!r}; safetensors metadata maps strings to strings")
+        if key in ("format", PRECISION_KEY):
+            raise GptjaxError(f"metadata {key!r} is written by save_checkpoint itself (from the params)")
     precision = precision_of(params)
     metadata = {"format": "pt", **(metadata or {})} | ({PRECISION_KEY: precision} if precision != "fp32" else {})
     target = Path(path).resolve()
@@ -235,7 +240,7 @@ def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike,
             _fsync(f)
         _carry_over(target, tmp)
         if extra_files_from is not None:
-            _carry_over(Path(extra_files_from), tmp)
+            _carry_over(Path(extra_files_from), tmp, skip=(target, tmp.resolve()), weights_too=False)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is shared like any directory
         _replace_dir(tmp, target)
     except BaseException:
@@ -261,12 +266,17 @@ def _umask() -> int:
         return 0o022
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Copy what an existing checkpoint directory holds besides its config and weights into the new one."""
+def _carry_over(old: Path, new: Path, skip: tuple[Path, ...] = (), weights_too: bool = True) -> None:
+    """Copy what an existing checkpoint directory holds besides its config and weights into the new one
+    (without weights_too: only plain files that are not weights in any format, e.g. tokenizer files)."""
     if not old.is_dir():
         return
     for item in old.iterdir():
         if item.name in (CONFIG_NAME, INDEX_NAME) or item.suffix == ".safetensors" or (new / item.name).exists():
+            continue
+        if item.resolve() in skip:
+            continue
+        if not weights_too and (item.suffix in _PICKLE_SUFFIXES or not item.is_file() or item.name.startswith(".")):
             continue
         if item.is_dir() and not item.is_symlink():
             shutil.copytree(item, new / item.name, symlinks=True)
@@ -287,10 +297,10 @@ def _replace_dir(new: Path, target: Path) -> None:
     try:
         os.replace(new, target)
     except BaseException:
-        os.replace(backup / target.name, target)
-        raise
-    finally:
+        os.replace(backup / target.name, target)  # if this fails too, the backup stays where it is
         shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def checkpoint_dtypes(path: str | os.PathLike) -> dict[str, str]:

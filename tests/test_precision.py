@@ -20,7 +20,7 @@ from gptjax.cli import main
 from gptjax.errors import GptjaxError
 from gptjax.precision_report import DEFAULT_MODES, Mode, report
 from gptjax.quantize import convert, for_precision, precision_of, weight_bytes
-from gptjax.weights import load_checkpoint, stored_precision
+from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trained_byte_tiny"
 CONFIG, PARAMS = load_checkpoint(FIXTURE)
@@ -260,3 +260,97 @@ def test_generate_cli_runs_a_quantised_checkpoint_as_stored(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "1", "--precision", "bf16",
                  "--max-new-tokens", "4"]) == 2
     assert "params are int8; run them with precision='int8' or 'w8a8'" in capsys.readouterr().err
+
+
+# ---- bugs found in review, each with the test that failed before its fix --------------------------------
+def test_training_refuses_int8_params():
+    from gptjax.train import TrainConfig, create_state
+
+    with pytest.raises(GptjaxError, match="params are int8 .* training needs float weights"):
+        create_state(CONFIG, TrainConfig(), convert(PARAMS, CONFIG, "int8"))
+
+
+def test_checkpoint_metadata_must_be_strings_and_cannot_relabel(tmp_path):
+    save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
+    with pytest.raises(GptjaxError, match="metadata 'step': 100; safetensors metadata maps strings to strings"):
+        save_checkpoint(CONFIG, PARAMS, tmp_path / "ck", metadata={"step": 100})
+    with pytest.raises(GptjaxError, match="'gptjax.precision' is written by save_checkpoint itself"):
+        save_checkpoint(CONFIG, PARAMS, tmp_path / "ck", metadata={"gptjax.precision": "bf16"})
+    assert load_checkpoint(tmp_path / "ck")[1].keys() == PARAMS.keys()  # the good checkpoint is still there
+
+
+def test_generate_passes_no_precision_option_to_a_plugin_for_a_float_checkpoint(monkeypatch, capsys):
+    from gptjax.backends.numpy_ref import NumpyBackend
+
+    class Plugin(NumpyBackend):
+        name = "plugin"
+        options = {"dtype": ("float32",)}  # no precision options, as a third-party backend may have
+
+    expected = get_backend("numpy", CONFIG).generate(PARAMS, [[100, 101]], 3, greedy=True).tokens[0]
+    monkeypatch.setattr("gptjax.backends.base._registry", lambda: {"plugin": ["x:Plugin"]})
+    monkeypatch.setattr("gptjax.backends.base._load", lambda name, value: Plugin)
+    assert main(["generate", "--checkpoint", str(FIXTURE), "--tokens", "100,101", "--greedy",
+                 "--max-new-tokens", "3", "--backend", "plugin"]) == 0
+    assert capsys.readouterr().out.split("\n")[0] == ",".join(map(str, expected))
+
+
+def test_quantize_out_inside_the_source_and_other_weight_formats(tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE, src)
+    (src / "pytorch_model.bin").write_bytes(b"\0" * 1000)
+    (src / "onnx").mkdir()
+    assert main(["quantize", "--checkpoint", str(src), "--to", "int8", "--out", str(src / "q8")]) == 2
+    assert "is the source checkpoint or inside it" in capsys.readouterr().err and not (src / "q8").exists()
+    assert main(["quantize", "--checkpoint", str(src), "--to", "int8", "--out", str(tmp_path / "q8")]) == 0
+    assert sorted(p.name for p in (tmp_path / "q8").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_quantize_report_on_a_width_that_64_does_not_divide(tmp_path, capsys):
+    from gptjax import GPTConfig, init_params
+
+    config = GPTConfig(vocab_size=256, n_positions=32, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    assert main(["quantize", "--checkpoint", str(tmp_path / "ck"), "--report", "--windows", "2", "--no-speed"]) == 0
+    out = capsys.readouterr().out
+    assert "| int8 |" in out and "g64" not in out
+    for bad in (["--runs", "0"], ["--windows", "0"], ["--seq-len", "1"]):
+        assert main(["quantize", "--checkpoint", str(tmp_path / "ck"), "--report", *bad]) == 2
+        assert "must be >= 1, --seq-len >= 2" in capsys.readouterr().err
+
+
+def test_option_values_none_and_numpy_ints():
+    backend = get_backend("numpy", CONFIG, precision="int8", kv_cache=None, group_size=np.int64(16))
+    assert backend.kv_cache == "fp32" and backend.quantization["group_size"] == 16
+    backend.forward(PARAMS, WINDOWS[:1, :8])  # groups of 16 divide 64
+    assert get_backend("jax", CONFIG, precision=None).precision == "fp32"
+
+
+def test_group_size_and_keep_head_are_int8_only():
+    for mode in ("fp32", "bf16"):
+        with pytest.raises(GptjaxError, match=f"group_size/keep_head apply to int8 quantisation, not to {mode}"):
+            get_backend("numpy", CONFIG, precision=mode, group_size=16).forward(PARAMS, WINDOWS[:1, :8])
+        with pytest.raises(GptjaxError, match="apply to int8 quantisation"):
+            convert(PARAMS, CONFIG, mode, keep_head=True)
+
+
+def test_a_failed_restore_keeps_the_backup(tmp_path, monkeypatch):
+    import os
+
+    from gptjax import weights
+
+    save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) >= 2:  # the swap and then the restore fail
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(weights.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
+    monkeypatch.setattr(weights.os, "replace", real)
+    backups = list(tmp_path.glob(".ck.old-*/ck"))
+    assert len(backups) == 1 and load_checkpoint(backups[0])[1].keys() == PARAMS.keys()  # nothing lost

@@ -43,6 +43,7 @@ class Backend(abc.ABC):
     # storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
 
     def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
+        options = {k: v for k, v in options.items() if v is not None or k not in PRECISION_OPTIONS}  # None: default
         if not isinstance(config, GPTConfig):
             raise GptjaxError(f"config must be a GPTConfig, got {type(config).__name__}")
         for key, value in options.items():
@@ -58,7 +59,8 @@ class Backend(abc.ABC):
         self.config = config
         self._precision = options.get("precision", "fp32")
         self.kv_cache = options.get("kv_cache") or default_kv_cache(self._precision)
-        self.quantization = {"group_size": group_size, "keep_head": bool(options.get("keep_head", False))}
+        self.quantization = {"group_size": None if group_size is None else int(group_size),
+                             "keep_head": bool(options.get("keep_head", False))}
         self.metrics = metrics  # a gptjax.tracing.Metrics, or None
         self.trace_sync = trace_sync  # False: spans do not wait for device results (marked gptjax.synced=false)
         self._cache: tuple[Params, tuple[Any, ...], Any] | None = None

@@ -32,7 +32,8 @@ def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision
     from gptjax.weights import load_checkpoint, stored_precision
 
     config, params = load_checkpoint(checkpoint)
-    options: dict[str, Any] = {"precision": precision or stored_precision(checkpoint)}
+    stored = precision or stored_precision(checkpoint)
+    options: dict[str, Any] = {"precision": stored} if stored != "fp32" or precision else {}  # plugins may lack it
     if kv_cache:
         options["kv_cache"] = kv_cache
     if mesh is not None:
