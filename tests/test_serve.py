@@ -216,6 +216,12 @@ BAD = [
     ({"prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed with stream"),
     ({"prompt": [1], "model": "gpt-4"}, 404, "model", "the model 'gpt-4' does not exist"),
     (b'{"prompt": "' + b"x" * 5000 + b'"}', 413, None, "larger than 4096 bytes"),
+    # found in review (each was a 500 before its fix)
+    ({"prompt": [1], "temperature": 10 ** 400}, 400, "temperature", "temperature must be a number in [0, 2]"),
+    ({"prompt": [1], "top_p": -10 ** 400}, 400, "top_p", "top_p must be a number in (0, 1]"),
+    (b'{"prompt": "\\ud800", "max_tokens": 2}', 400, "prompt", "prompt is not encodable text: surrogates"),
+    (b'{"prompt": [1], "max_tokens": 2, "stop": "\\ud800"}', 400, "stop", "stop is not encodable text"),
+    (b"[" * 2000 + b"]" * 2000, 400, None, "nests JSON too deeply"),
 ]
 
 
@@ -381,6 +387,20 @@ def test_a_client_leaving_mid_stream_cancels_the_work(faulty):
         assert time.monotonic() < deadline, "the generation was not cancelled"
         time.sleep(0.1)
     assert faulty.metric('gptjax_serve_cancelled_total{reason="disconnect"}') >= 1
+    assert faulty.metric('gptjax_generated_tokens_total{backend="jax"}') - generated < 60  # stopped early
+
+
+def test_a_client_leaving_a_json_request_cancels_the_work(faulty):
+    # found in review: a non-streaming request went on to max_tokens after its client left, since the
+    # disconnect was only checked when no event had come for 0.5 s
+    cancelled = faulty.metric('gptjax_serve_cancelled_total{reason="disconnect"}')
+    generated = faulty.metric('gptjax_generated_tokens_total{backend="jax"}')
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(faulty.url + "/v1/completions", json={"prompt": [SLOW], "max_tokens": 60}, timeout=1.5)
+    deadline = time.monotonic() + 5
+    while faulty.metric('gptjax_serve_cancelled_total{reason="disconnect"}') == cancelled:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.1)
     assert faulty.metric('gptjax_generated_tokens_total{backend="jax"}') - generated < 60  # stopped early
 
 

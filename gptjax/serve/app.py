@@ -274,21 +274,31 @@ def _submit(state: ServerState, job: Job) -> None:
         raise RequestError(503, str(e), type="server_error", code="unavailable") from None
 
 
-async def _next_event(request: Request | None, job: Job, deadline: float) -> Event:
-    """The job's next event; on the deadline cancel it (504); a vanished client cancels it too."""
+DISCONNECT_CHECK_S = 0.5  # how often a waiting request asks whether its client is still there
+
+
+async def _next_event(request: Request | None, job: Job, deadline: float, checked: list[float] | None = None
+                      ) -> Event:
+    """The job's next event; on the deadline cancel it (504); a vanished client cancels it too. The client is
+    asked at least every DISCONNECT_CHECK_S, also while events keep coming (`checked` holds the last time)."""
     loop = asyncio.get_running_loop()
+    checked = checked if checked is not None else [loop.time()]
     while True:
-        remaining = deadline - loop.time()
+        now = loop.time()
+        remaining = deadline - now
         if remaining <= 0:
             job.cancel("timeout")
             raise RequestError(504, "the request timed out; its work was cancelled", type="timeout_error",
                                code="timeout")
-        try:
-            return await asyncio.wait_for(job.events.get(), min(remaining, 0.5))
-        except TimeoutError:
-            if request is not None and await request.is_disconnected():
+        if request is not None and now - checked[0] >= DISCONNECT_CHECK_S:
+            checked[0] = now
+            if await request.is_disconnected():
                 job.cancel("disconnect")
-                raise RequestError(499, "the client closed the connection") from None
+                raise RequestError(499, "the client closed the connection")
+        try:
+            return await asyncio.wait_for(job.events.get(), min(remaining, DISCONNECT_CHECK_S))
+        except TimeoutError:
+            continue
 
 
 def _generation_error(error: BaseException) -> RequestError:
@@ -307,9 +317,9 @@ async def _collect(request: Request, state: ServerState, job: Job, completion: C
     """The whole completion as one JSON body."""
     deadline = asyncio.get_running_loop().time() + state.options.request_timeout
     tokens: list[int] = []
-    reason = None
+    reason, checked = None, [asyncio.get_running_loop().time()]
     while reason is None:
-        event = await _next_event(request, job, deadline)
+        event = await _next_event(request, job, deadline, checked)
         if event.error is not None:
             raise _generation_error(event.error)
         tokens += event.tokens

@@ -87,14 +87,32 @@ def _bad(message: str, param: str | None = None) -> RequestError:
     return RequestError(400, message, param)
 
 
+def _encode(tokenizer: Any, text: str, field: str) -> list[int]:
+    """Token ids of text, or a 400 for text UTF-8 cannot encode (a lone surrogate such as "\\ud800")."""
+    try:
+        return tokenizer.encode(text)
+    except UnicodeEncodeError as e:
+        raise _bad(f"{field} is not encodable text: {e.reason} at position {e.start}", field) from None
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise _bad("the request body nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise _bad(f"the request body must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _finite(x: numbers.Real) -> bool:
+    """A finite number a float can hold (a JSON integer may have hundreds of digits)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _is_int(x: Any) -> bool:
@@ -112,7 +130,7 @@ def _number(data: dict[str, Any], field: str, default: float, ok: Any, allowed: 
     value = data.get(field)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or not ok(value):
         raise _bad(f"{field} must be {allowed}, got {json.dumps(value)[:50]}", field)
     return float(value)
 
@@ -151,7 +169,7 @@ def _prompt(prompt: Any, config: GPTConfig, tokenizer: Tokenizer | None) -> list
     if isinstance(prompt, str):
         if tokenizer is None:
             raise _bad("prompt: this model has no tokenizer; give the prompt as a list of token ids", "prompt")
-        ids = tokenizer.encode(prompt)
+        ids = _encode(tokenizer, prompt, "prompt")
     elif isinstance(prompt, list):
         if not all(_is_int(t) for t in prompt):
             raise _bad("prompt must be a string or a list of integer token ids", "prompt")
@@ -193,8 +211,8 @@ def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> list[int]:
     for item in items:
         if _is_int(item) and 0 <= item < V:
             ids.append(item)
-        elif isinstance(item, str) and tokenizer is not None and len(tokenizer.encode(item)) == 1:
-            ids.append(tokenizer.encode(item)[0])
+        elif isinstance(item, str) and tokenizer is not None and len(_encode(tokenizer, item, "stop")) == 1:
+            ids.append(_encode(tokenizer, item, "stop")[0])
         else:
             raise _bad(f"stop: {json.dumps(item)[:50]} is not a single-token string or a token id in [0, {V}) "
                        "(this server stops on single tokens)", "stop")
