@@ -70,11 +70,6 @@ class ModeReport:
         return fields  # strict JSON: a quantity not measured is null, not NaN
 
 
-def kv_bytes_per_token(config: GPTConfig, kv_cache: str) -> int:
-    """K and V bytes of one token in every layer as the backends store them (int8: + a float32 scale per head)."""
-    return config.kv_cache_bytes_per_token(kv_cache)
-
-
 def build(config: GPTConfig, params: Params, modes: Sequence[Mode], backend: str = "jax"
           ) -> list[tuple[Mode, Any, Any, int]]:
     """(mode, backend, prepared weights, weight bytes) per mode; quantised params are used as stored."""
@@ -170,7 +165,7 @@ def report(config: GPTConfig, params: Params, windows: np.ndarray | None, modes:
     if not modes or modes[0].precision != "fp32":
         raise GptjaxError("the first mode of a precision report must be fp32 (the reference)")
     built = build(config, params, modes, backend)
-    rows = [ModeReport(m.label, nbytes, kv_bytes_per_token(config, b.kv_cache)) for m, b, _, nbytes in built]
+    rows = [ModeReport(m.label, nbytes, config.kv_cache_bytes_per_token(b.kv_cache)) for m, b, _, nbytes in built]
     if windows is not None:
         for row, q in zip(rows, quality(built, windows)):
             for k, v in q.items():

@@ -21,6 +21,8 @@ from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
 
 ENTRY_POINT_GROUP = "gptjax.backends"
+# The options every built-in backend takes (merged into its `options`): the precision mode, the KV cache's
+# storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
 PRECISION_OPTIONS: dict[str, tuple] = {"precision": PRECISIONS, "kv_cache": KV_CACHE_MODES, "group_size": (),
                                        "keep_head": (False, True)}
 _BUILTIN = {
@@ -39,8 +41,6 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}  # option name → allowed values (empty tuple: any)
-    # Every built-in backend takes these (merge them into `options`): the precision mode, the KV cache's
-    # storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
 
     def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
         options = {k: v for k, v in options.items() if v is not None or k not in PRECISION_OPTIONS}  # None: default

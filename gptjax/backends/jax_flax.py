@@ -201,10 +201,10 @@ class Attention(nnx.Module):
         cache will store them; their keys/values are then written at cache index start. Reading the cache
         from before the write keeps the write in place in the loop."""
         q, k, v = self.qkv(x)
-        new = cache.stored(k, v)
+        new = cache.stored(k, v)  # quantised (or rounded) once: attended to now, written below
         parts = [(new, masks.new)] if masks.cache is None else [(cache, masks.cache), (new, masks.new)]
         out = self.attend(q, parts)
-        return out, cache.write(k, v, start + zero_after(out))
+        return out, cache.write(new, start + zero_after(out))
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -391,11 +391,9 @@ class FloatKV(NamedTuple):
         """New keys/values [B, H, T, K] as this cache would hold them."""
         return FloatKV(k.astype(self.k.dtype), v.astype(self.v.dtype))
 
-    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> FloatKV:
-        """The cache with k, v [B, H, T, K] written at index start."""
-        new = self.stored(k, v)
-        return FloatKV(jax.lax.dynamic_update_slice_in_dim(self.k, new.k, start, axis=2),
-                       jax.lax.dynamic_update_slice_in_dim(self.v, new.v, start, axis=2))
+    def write(self, new: FloatKV, start: jax.Array) -> FloatKV:
+        """The cache with new entries (from stored(), [B, H, T, K]) written at index start."""
+        return FloatKV(*(jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2) for old, part in zip(self, new)))
 
 
 class Int8KV(NamedTuple):
@@ -431,9 +429,8 @@ class Int8KV(NamedTuple):
         (kq, ks), (vq, vs) = lowp.quantize_rows(k), lowp.quantize_rows(v)
         return Int8KV(kq, vq, ks[..., 0], vs[..., 0])
 
-    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> Int8KV:
-        """The cache with k, v [B, H, T, K] quantised and written at index start."""
-        new = self.stored(k, v)
+    def write(self, new: Int8KV, start: jax.Array) -> Int8KV:
+        """The cache with new entries (from stored(): int8 [B, H, T, K], scales [B, H, T]) written at start."""
         return Int8KV(*(jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2) for old, part in zip(self, new)))
 
 

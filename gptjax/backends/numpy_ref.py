@@ -131,23 +131,23 @@ class BF16Matrix:
 class Int8Matrix:
     """An int8 matrix with float32 scales (gptjax.quantize layout: per output channel, per input group when
     grouped), used like the float one. `x @ w` applies the scales after each group's dot, as the JAX backend
-    does; with activations=True (w8a8) x is first quantised per token and group, and the dot is exact int32."""
+    does."""
 
     __array_ufunc__ = None
 
-    def __init__(self, q: np.ndarray, scale: np.ndarray, activations: bool = False) -> None:
-        self.q, self.scale, self.activations = q, scale, activations
+    def __init__(self, q: np.ndarray, scale: np.ndarray) -> None:
+        self.q, self.scale = q, scale
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:  # Conv1D [in, out]
         s = self.scale.reshape(-1, self.q.shape[1])  # [G, out]
-        G = s.shape[0]
-        xg = x.reshape(*x.shape[:-1], G, -1)  # [..., G, in/G]
-        qg = self.q.reshape(G, -1, self.q.shape[1])  # [G, in/G, out]
-        if self.activations:
-            xq, sx = quantize_int8(xg, axis=xg.ndim - 1)
-            acc = np.einsum("...gi,gio->...go", xq.astype(np.int32), qg.astype(np.int32))  # exact
-            return (acc.astype(np.float32) * sx[..., None] * s).sum(-2)
-        return (np.einsum("...gi,gio->...go", xg.astype(np.float32), qg.astype(np.float32)) * s).sum(-2)
+        xg = x.reshape(*x.shape[:-1], s.shape[0], -1)  # [..., G, in/G]
+        qg = self.q.reshape(s.shape[0], -1, self.q.shape[1])  # [G, in/G, out]
+        return (self.group_dots(xg, qg) * s).sum(-2)
+
+    @staticmethod
+    def group_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
+        """Per group g: xg[..., g, :] @ qg[g] -> float32 [..., G, out] (weight-only: float activations)."""
+        return np.einsum("...gi,gio->...go", xg.astype(np.float32), qg.astype(np.float32))
 
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:  # [V, D] table rows
         s = self.scale.reshape(self.q.shape[0], -1)  # [V, G]
@@ -162,6 +162,17 @@ class Int8Matrix:
             xg = x.reshape(*x.shape[:-1], G, -1).astype(np.float32)
             return (np.einsum("...gi,vgi->...vg", xg, self.q.reshape(V, G, -1).astype(np.float32)) * s).sum(-1)
         return _Transposed(head)
+
+
+class W8A8Matrix(Int8Matrix):
+    """The same int8 matrix with x quantised per token and group first (dynamic w8a8): an exact int32 dot."""
+
+    @staticmethod
+    def group_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
+        """Per group g: (int8 xg_g @ qg[g]) * xg_g's scale -> float32 [..., G, out]."""
+        xq, sx = quantize_int8(xg, axis=xg.ndim - 1)  # [..., G, in/G] int8, [..., G]
+        acc = np.einsum("...gi,gio->...go", xq.astype(np.int32), qg.astype(np.int32))  # exact
+        return acc.astype(np.float32) * sx[..., None]
 
 
 class _Transposed:
@@ -245,7 +256,7 @@ class NumpyBackend(Backend):
             if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in matrices:
                 continue
             if key + SCALE_SUFFIX in params:
-                out[key] = Int8Matrix(value, params[key + SCALE_SUFFIX], self.precision == "w8a8")
+                out[key] = _INT8_MATRICES.get(self.precision, Int8Matrix)(value, params[key + SCALE_SUFFIX])
             elif key in matrices and value.dtype.name == "bfloat16":
                 out[key] = BF16Matrix(value)
             else:
@@ -287,6 +298,7 @@ class NumpyBackend(Backend):
                          mask=ragged_mask(pad, index, 1, S, self.dtype), start=index)
 
 
+_INT8_MATRICES = {"w8a8": W8A8Matrix}  # how int8 matmuls run per precision (the JAX backend: W8A8Dense)
 _CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
 
 
