@@ -63,7 +63,10 @@ def test_forward_and_generate_equal_one_device(shape):
     ((1, 1, 8), "bf16", None), ((2, 2, 2), "int8", "int8"), ((1, 1, 8), "int8", None), ((2, 1, 4), "w8a8", "bf16"),
     ((8, 1, 1), "int8", "int8"),
 ])
-def test_reduced_precision_on_a_mesh_equals_one_device(shape, precision, kv_cache):
+def test_reduced_precision_on_a_mesh_equals_one_device(shape, precision, kv_cache, monkeypatch):
+    # a mesh runs XLA's formulations; one device would take gptjax's CPU kernels (compared with XLA's in
+    # test_cpu_kernels.py), so the single-device reference is told to use XLA's too: this test is about partitioning
+    monkeypatch.setenv("GPTJAX_CPU_KERNELS", "0")
     params, tokens = _params(), np.random.default_rng(4).integers(0, 96, (8, 11))
     options = {"precision": precision} | ({"kv_cache": kv_cache} if kv_cache else {})
     single = get_backend("jax", CONFIG, **options)

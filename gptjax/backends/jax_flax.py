@@ -76,6 +76,52 @@ class W8A8Dense(Int8Dense):
     matmul = staticmethod(lowp.w8a8_matmul)
 
 
+class OutMajorDense(nnx.Module):
+    """A bfloat16 kernel stored out-major [out, in] for gptjax's CPU kernels (gptjax.backends.cpu_kernels): one
+    pass over its bytes per call, where XLA:CPU would convert it to float32 first. x [..., in] -> [..., out]."""
+
+    def __init__(self, kernel: Any, n_out: int = 1) -> None:
+        self.kernel = _param(_out_major(kernel, n_out), (None, None))  # only used without a mesh
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lowp.bf16_matmul_nk(x, self.kernel[...])
+
+
+class OutMajorInt8Dense(nnx.Module):
+    """A per-channel int8 kernel stored out-major [out, in] with scales [out], for gptjax's CPU kernels;
+    weight-only (float activations as two int8 terms, as int8_matmul on CPU: the same numbers)."""
+
+    def __init__(self, q: Any, scale: Any, n_out: int = 1) -> None:
+        self.kernel = _param(_out_major(q, n_out), (None, None))
+        self.scale = _param(np.reshape(scale, -1), (None,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.matmul(x.astype(jnp.float32), self.kernel[...], self.scale[...])
+
+    matmul = staticmethod(lowp.int8_matmul_nk)
+
+
+class OutMajorW8A8Dense(OutMajorInt8Dense):
+    """The same out-major int8 kernel with dynamically quantised activations (as W8A8Dense: the same numbers)."""
+
+    matmul = staticmethod(lowp.w8a8_matmul_nk)
+
+
+def rows(table: jax.Array, ids: Any, cpu_kernels: bool = False) -> jax.Array:
+    """table[ids] in float32. XLA:CPU gathers a bfloat16 table from a float32 copy of all of it, which it hoists
+    out of the decode loop (gpt2's wte: 150 MB written, about 40 ms, per decode call; one-token stream chunks
+    took 48 ms instead of 8), so with gptjax's CPU kernels those rows come from a kernel instead."""
+    if cpu_kernels and table.dtype == jnp.bfloat16:
+        return lowp.bf16_rows(table, jnp.arange(*ids.indices(len(table))) if isinstance(ids, slice) else ids)
+    return table[ids].astype(jnp.float32)
+
+
+def _out_major(w: Any, n_out: int) -> np.ndarray:
+    """A [*in, *out] kernel as a contiguous [out, in] matrix."""
+    w = np.asarray(w)
+    return np.ascontiguousarray(w.reshape(-1, math.prod(w.shape[-n_out:])).T)
+
+
 class Linear(nnx.Module):
     """Conv1D-layout dense layer: x [..., in] @ kernel [in, out] + bias [out], float32 out."""
 
@@ -101,6 +147,16 @@ class Embedding(nnx.Module):
         return jnp.einsum("...d,vd->...v", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+class KernelEmbedding(Embedding):
+    """A bfloat16 [V, D] table (already out-major for the head) whose tied head runs gptjax's CPU bf16 kernel."""
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return rows(self.embedding[...], tokens, cpu_kernels=True)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return lowp.bf16_matmul_nk(x, self.embedding[...])
+
+
 class Int8Embedding(nnx.Module):
     """An int8 [V, D] table with float32 scales [V, G] (per row and group of D/G columns)."""
 
@@ -118,21 +174,44 @@ class Int8Embedding(nnx.Module):
         return lowp.int8_matmul_t(x.astype(jnp.float32), q, s)  # [..., D] -> [..., V]
 
 
+class KernelInt8Embedding(Int8Embedding):
+    """A per-row int8 [V, D] table whose tied head runs gptjax's CPU int8 kernel (weight-only, two int8 terms)."""
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return lowp.int8_matmul_nk(x.astype(jnp.float32), self.embedding[...], self.scale[...][:, 0])
+
+
+class Formulation(NamedTuple):
+    """How the matmuls run, chosen once per backend (JaxBackend.formulation): int8 activations (w8a8), and
+    gptjax's CPU kernels over out-major weights (per-channel int8 and bfloat16; one device, unstacked layers)."""
+
+    w8a8: bool = False
+    cpu_kernels: bool = False
+
+
 def _dense(p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int,
-           int8_kernel: type[Int8Dense]) -> Dense | Int8Dense:
+           how: Formulation) -> nnx.Module:
     """The kernel module for what the converted params hold under key (a scale marks an int8 weight)."""
     w = p[key]
     lead = w.shape[:-2]  # stacked layers
+    kernels = how.cpu_kernels and not lead
     if key + SCALE_SUFFIX in p:
-        scale = p[key + SCALE_SUFFIX]
-        return int8_kernel(w.reshape(*lead, *shape), scale.reshape(*lead, -1, *shape[-n_out:]), axes, n_out)
+        scale = p[key + SCALE_SUFFIX].reshape(*lead, -1, *shape[-n_out:])  # [*lead, G, *out]
+        if kernels and scale.shape[len(lead)] == 1:
+            return (OutMajorW8A8Dense if how.w8a8 else OutMajorInt8Dense)(w.reshape(shape), scale, n_out)
+        return (W8A8Dense if how.w8a8 else Int8Dense)(w.reshape(*lead, *shape), scale, axes, n_out)
+    if kernels and w.dtype.name == "bfloat16":
+        return OutMajorDense(w.reshape(shape), n_out)
     return Dense(w.reshape(*lead, *shape), axes, n_out)
 
 
-def _embedding(p: dict[str, Any], key: str, axes: tuple[str | None, ...]) -> Embedding | Int8Embedding:
+def _embedding(p: dict[str, Any], key: str, axes: tuple[str | None, ...], how: Formulation) -> nnx.Module:
+    w = p[key]
     if key + SCALE_SUFFIX in p:
-        return Int8Embedding(p[key], p[key + SCALE_SUFFIX], axes)
-    return Embedding(p[key], axes)
+        scale = p[key + SCALE_SUFFIX]
+        per_channel = np.size(scale) == w.shape[0]
+        return (KernelInt8Embedding if how.cpu_kernels and per_channel else Int8Embedding)(w, scale, axes)
+    return (KernelEmbedding if how.cpu_kernels and w.dtype.name == "bfloat16" else Embedding)(w, axes)
 
 
 class LayerNorm(nnx.Module):
@@ -158,16 +237,14 @@ class Attention(nnx.Module):
     parallelism can shard the "heads" axis directly.
     """
 
-    def __init__(self, p: dict[str, Any], n_head: int, layer_axes: tuple[str, ...],
-                 int8_kernel: type[Int8Dense] = Int8Dense) -> None:
+    def __init__(self, p: dict[str, Any], n_head: int, layer_axes: tuple[str, ...], how: Formulation = Formulation()
+                 ) -> None:
         D = p["attn.c_attn.bias"].shape[-1] // 3
         H, K = n_head, D // n_head
-        self.c_attn = _dense(p, "attn.c_attn.weight", layer_axes + ("embed", None, "heads", "kv"), (D, 3, H, K), 3,
-                             int8_kernel)
+        self.c_attn = _dense(p, "attn.c_attn.weight", layer_axes + ("embed", None, "heads", "kv"), (D, 3, H, K), 3, how)
         b = p["attn.c_attn.bias"]
         self.qkv_bias = _param(b.reshape(*b.shape[:-1], 3, H, K), layer_axes + (None, "heads", "kv"))
-        self.c_proj = _dense(p, "attn.c_proj.weight", layer_axes + ("heads", "kv", "embed"), (H, K, D), 1,
-                             int8_kernel)
+        self.c_proj = _dense(p, "attn.c_proj.weight", layer_axes + ("heads", "kv", "embed"), (H, K, D), 1, how)
         self.out_bias = _param(p["attn.c_proj.bias"], layer_axes + ("embed",))
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -233,12 +310,11 @@ class Masks(NamedTuple):
 class MLP(nnx.Module):
     """Feed-forward network with tanh GELU."""
 
-    def __init__(self, p: dict[str, Any], layer_axes: tuple[str, ...], int8_kernel: type[Int8Dense] = Int8Dense
-                 ) -> None:
+    def __init__(self, p: dict[str, Any], layer_axes: tuple[str, ...], how: Formulation = Formulation()) -> None:
         D, F = p["mlp.c_fc.weight"].shape[-2:]
-        self.c_fc = Linear(_dense(p, "mlp.c_fc.weight", layer_axes + ("embed", "mlp"), (D, F), 1, int8_kernel),
+        self.c_fc = Linear(_dense(p, "mlp.c_fc.weight", layer_axes + ("embed", "mlp"), (D, F), 1, how),
                            p["mlp.c_fc.bias"], layer_axes + ("mlp",))
-        self.c_proj = Linear(_dense(p, "mlp.c_proj.weight", layer_axes + ("mlp", "embed"), (F, D), 1, int8_kernel),
+        self.c_proj = Linear(_dense(p, "mlp.c_proj.weight", layer_axes + ("mlp", "embed"), (F, D), 1, how),
                              p["mlp.c_proj.bias"], layer_axes + ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -249,11 +325,11 @@ class Block(nnx.Module):
     """Pre-LayerNorm transformer block. Built with stacked [L, ...] weights; called on one layer's slice."""
 
     def __init__(self, p: dict[str, Any], n_head: int, eps: float, layer_axes: tuple[str, ...] = (),
-                 int8_kernel: type[Int8Dense] = Int8Dense) -> None:
+                 how: Formulation = Formulation()) -> None:
         self.ln_1 = LayerNorm(p["ln_1.weight"], p["ln_1.bias"], eps, layer_axes + ("embed",))
-        self.attn = Attention(p, n_head, layer_axes, int8_kernel)
+        self.attn = Attention(p, n_head, layer_axes, how)
         self.ln_2 = LayerNorm(p["ln_2.weight"], p["ln_2.bias"], eps, layer_axes + ("embed",))
-        self.mlp = MLP(p, layer_axes, int8_kernel)
+        self.mlp = MLP(p, layer_axes, how)
 
     def __call__(self, x: jax.Array, dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; with a key, dropout on each residual branch (training only)."""
@@ -272,23 +348,24 @@ class GPT(nnx.Module):
     """GPT-2: token + position embeddings, L pre-LN blocks, final LayerNorm, tied (or separate) head."""
 
     def __init__(self, config: GPTConfig, params: Params, *, scan_layers: bool = False,
-                 int8_kernel: type[Int8Dense] = Int8Dense) -> None:
+                 how: Formulation = Formulation()) -> None:
         """Built from canonical params as gptjax.quantize left them (float32, bfloat16, or int8 matmul weights
-        with `<key>_scale`); int8_kernel says how int8 matmuls run (weight-only, or W8A8Dense)."""
+        with `<key>_scale`); `how` says how the matmuls run (Formulation)."""
         c = config
         layer = [{k.removeprefix(f"h.{i}."): v for k, v in params.items() if k.startswith(f"h.{i}.")}
                  for i in range(c.n_layer)]
-        self.wte = _embedding(params, "wte.weight", ("vocab", "embed"))  # [V, D]
+        self.wte = _embedding(params, "wte.weight", ("vocab", "embed"), how)  # [V, D]
         self.wpe = _param(params["wpe.weight"], ("length", "embed"))  # [P, D]
+        self.cpu_kernels = how.cpu_kernels
         if scan_layers:
             stacked = {k: np.stack([p[k] for p in layer]) for k in layer[0]}  # [L, ...]
-            self.blocks = Block(stacked, c.n_head, c.layer_norm_epsilon, ("layers",), int8_kernel)
+            self.blocks = Block(stacked, c.n_head, c.layer_norm_epsilon, ("layers",), how)
         else:
-            self.blocks = nnx.List([Block(p, c.n_head, c.layer_norm_epsilon, (), int8_kernel) for p in layer])
+            self.blocks = nnx.List([Block(p, c.n_head, c.layer_norm_epsilon, (), how) for p in layer])
         self.scan_layers = scan_layers
         self.ln_f = LayerNorm(params["ln_f.weight"], params["ln_f.bias"], c.layer_norm_epsilon, ("embed",))
         untied = "lm_head.weight" in params
-        self.lm_head = _embedding(params, "lm_head.weight", ("vocab", "embed")) if untied else None  # [V, D]
+        self.lm_head = _embedding(params, "lm_head.weight", ("vocab", "embed"), how) if untied else None  # [V, D]
 
     def layers(self) -> list[Block]:
         """One Block per layer (slices of the stacked weights when scan_layers)."""
@@ -307,7 +384,8 @@ class GPT(nnx.Module):
         With a PRNG key, dropout of rate `dropout` on the embeddings and every residual branch."""
         T, L = tokens.shape[1], self.n_layer()
         keys = [None] * (L + 1) if key is None else list(jax.random.split(key, L + 1))
-        x = _dropout(self.wte(tokens) + self.wpe[...][:T], dropout, keys[0])  # [B, T] -> [B, T, D] float32
+        x = self.wte(tokens) + rows(self.wpe[...], slice(0, T), self.cpu_kernels)  # [B, T] -> [B, T, D] float32
+        x = _dropout(x, dropout, keys[0])
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
             layer_keys = None if key is None else jnp.stack(keys[1:])
@@ -334,7 +412,7 @@ class GPT(nnx.Module):
         """Run new tokens [B, T] at positions [B, T] against the cache, writing their keys/values at cache
         index start; masks say which cache entries and new tokens each query reads. Returns the last
         position's logits [B, V] and the updated cache."""
-        x = self.wte(tokens) + self.wpe[...][positions]  # [B, T] -> [B, T, D] float32
+        x = self.wte(tokens) + rows(self.wpe[...], positions, self.cpu_kernels)  # [B, T] -> [B, T, D] float32
         layers = []
         for block, layer in zip(self.layers(), cache.layers):
             x, layer = block.cached(x, masks, layer, start)  # [B, T, D]; cache [B, H, S, K]
@@ -434,7 +512,38 @@ class Int8KV(NamedTuple):
         return Int8KV(*(jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2) for old, part in zip(self, new)))
 
 
-KV_CACHES = {"fp32": (FloatKV, jnp.float32), "bf16": (FloatKV, jnp.bfloat16), "int8": (Int8KV, None)}
+class Bf16KV(FloatKV):
+    """One layer's bfloat16 keys and values [B, H, S, K], held as their uint16 bit patterns: XLA:CPU writes into
+    a bfloat16 buffer through a float32 copy of all of it (every decode step: 47 vs 25 ms per gpt2 step at B=8,
+    480 cached tokens), while an integer buffer is updated in place. Read and written as bfloat16."""
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], dtype: Any = None) -> Bf16KV:
+        """An empty layer cache."""
+        return cls(jnp.zeros(shape, jnp.uint16), jnp.zeros(shape, jnp.uint16))
+
+    def scores(self, q: jax.Array) -> jax.Array:
+        """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
+        return FloatKV(_from_bits(self.k), self.v).scores(q)
+
+    def mix(self, p: jax.Array) -> jax.Array:
+        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
+        return FloatKV(self.k, _from_bits(self.v)).mix(p)
+
+    def stored(self, k: jax.Array, v: jax.Array) -> Bf16KV:
+        """New keys/values [B, H, T, K] rounded to bfloat16, as bits."""
+        return Bf16KV(*(jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16) for a in (k, v)))
+
+    def write(self, new: Bf16KV, start: jax.Array) -> Bf16KV:
+        """The cache with new entries (from stored()) written at index start."""
+        return Bf16KV(*FloatKV.write(self, new, start))
+
+
+def _from_bits(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+KV_CACHES = {"fp32": (FloatKV, jnp.float32), "bf16": (Bf16KV, None), "int8": (Int8KV, None)}
 
 
 class KVCache(NamedTuple):
@@ -523,13 +632,19 @@ class JaxBackend(Backend):
 
     def _convert(self, params: Params) -> JaxWeights:
         kept = {k: np.asarray(v) if _is_lowp(v) else np.asarray(v, np.float32) for k, v in params.items()}
-        int8_kernel = W8A8Dense if self.precision == "w8a8" else Int8Dense
-        graphdef, state = nnx.split(GPT(self.config, kept, int8_kernel=int8_kernel))
+        graphdef, state = nnx.split(GPT(self.config, kept, how=self.formulation()))
         if self.mesh is not None:
             from gptjax.sharding import shard_state
 
             state = shard_state(state, self.mesh)
         return JaxWeights(graphdef, state, self.config)
+
+    def formulation(self) -> Formulation:
+        """gptjax's CPU kernels (cpu_kernels.status()) for reduced precision on one CPU device, else XLA's dots."""
+        from gptjax.backends import cpu_kernels
+
+        kernels = self.precision != "fp32" and self.mesh is None and cpu_kernels.available()
+        return Formulation(w8a8=self.precision == "w8a8", cpu_kernels=kernels)
 
     def _generate(self, weights: JaxWeights, request: GenerationRequest, chunk_size: int | None
                   ) -> Iterator[StreamChunk]:

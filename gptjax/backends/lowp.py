@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gptjax.backends import cpu_kernels
+
 
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., I] @ w [I, O] in w's dtype, accumulated and returned in float32."""
@@ -57,14 +59,24 @@ def _dequantized_dot(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
 
 
 def _split_int8_dot(x: jax.Array, q: jax.Array) -> jax.Array:
-    """x [..., I] @ q [I, O] (int8) as one int8 x int8 -> int32 dot over x's two-term int8 expansion:
-    x = sx * (hi + lo / 254) per row, |error| <= sx / 508 = max|x| / 64516."""
+    """x [..., I] @ q [I, O] (int8) as one int8 x int8 -> int32 dot over x's two-term int8 expansion."""
+    terms, sx = split_rows(x)
+    return _join(jnp.matmul(terms, q, preferred_element_type=jnp.int32), sx)
+
+
+def split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., I] as two int8 terms [2, ..., I] and a float32 scale per row [..., 1]:
+    x = sx * (hi + lo / 254), |error| <= sx / 508 = max|x| / 64516 (16-bit fixed point)."""
     amax = jnp.abs(x).max(-1, keepdims=True)
     sx = jnp.where(amax > 0, amax / 127.0, 1.0)  # [..., 1]
     a = x / sx  # in [-127, 127]
     hi = jnp.rint(a)
     lo = jnp.rint((a - hi) * 254.0)  # (a - hi) in [-0.5, 0.5] -> [-127, 127]
-    acc = jnp.matmul(jnp.stack([hi, lo]).astype(jnp.int8), q, preferred_element_type=jnp.int32)  # [2, ..., O]
+    return jnp.stack([hi, lo]).astype(jnp.int8), sx
+
+
+def _join(acc: jax.Array, sx: jax.Array) -> jax.Array:
+    """The float32 [..., O] of int32 dots [2, ..., O] of split_rows' two terms."""
     acc = acc.astype(jnp.float32)
     return (acc[0] + acc[1] / 254.0) * sx
 
@@ -89,3 +101,27 @@ def int8_matmul_t(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x, q.astype(jnp.float32)) * s[:, 0]
     xg = x.reshape(*x.shape[:-1], G, -1)  # [..., G, D/G]
     return (jnp.einsum("...gi,vgi->...vg", xg, q.reshape(V, G, -1).astype(jnp.float32)) * s).sum(-1)
+
+
+# ---- Out-major weights [O, I] on gptjax's CPU kernels (cpu_kernels.available()): the same numbers as the int8
+# formulations above on CPU (exact int32 sums), and bfloat16 products accumulated in float32.
+def int8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+    """Weight-only int8 over q [O, I] with scales s [O]: x's two int8 terms through the int8 kernel."""
+    terms, sx = split_rows(x)
+    return _join(cpu_kernels.int8_matmul(terms, q), sx) * s
+
+
+def w8a8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+    """Dynamic W8A8 over q [O, I] with scales s [O]: x quantised per token, then the int8 kernel."""
+    xq, sx = quantize_rows(x)
+    return cpu_kernels.int8_matmul(xq, q).astype(jnp.float32) * sx * s
+
+
+def bf16_matmul_nk(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., I] rounded to bfloat16 @ w bfloat16 [O, I].T, float32 accumulation and result."""
+    return cpu_kernels.bf16_matmul(x, w)
+
+
+def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """float32 rows of a bfloat16 table [V, D] (ids clamped to [0, V))."""
+    return cpu_kernels.bf16_rows(table, ids)

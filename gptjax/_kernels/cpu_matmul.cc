@@ -1,0 +1,304 @@
+// Matmuls over out-major [N, K] weights for XLA:CPU, called from jitted JAX code through the XLA FFI.
+//
+// XLA:CPU 0.10.2 has no fast path for int8 or bfloat16 weights: it converts them to float32 (materialised,
+// or hoisted out of the decode loop) and its int8 x int8 dots run at about its float32 rate. These kernels
+// read the int8 / bfloat16 bytes once and multiply them with AVX512-VNNI (vpdpbusd) / AVX512_BF16
+// (vdpbf16ps), so a decode step moves a quarter / half of float32's bytes. Results:
+//   gptjax_int8_matmul: x int8 [M, K], w int8 [N, K] -> int32 [M, N], exactly sum_k x[m, k] * w[n, k]
+//                       (the same integers as XLA's int8 dot; the scales are applied in JAX).
+//   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation.
+//   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)).
+// Leading dims of x are flattened into M. Work is split over rows of w on the XLA intra-op thread pool.
+#include <Python.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTaskRows = 64;  // rows of w per work item (64 x K bytes or 2-byte values: L2-resident)
+constexpr int kNB = 4;             // rows of w per register block
+constexpr int kMB = 4;             // rows of x per register block
+// Software prefetch of the rows kPrefetchRows ahead: once a block runs more than two rows of x, the hardware
+// prefetcher alone fell to a third of the read bandwidth on weights larger than the L3 (measured on Zen 4).
+constexpr int kPrefetchRows = 2 * kNB;
+
+#define GPTJAX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+
+// Run body(n0, n1) over [0, N) in chunks of kTaskRows on the calling thread and the XLA pool. Chunks are
+// claimed from a shared counter, so the caller never waits for a helper to start (no deadlock if the pool is
+// busy); a helper that starts after all chunks are claimed just exits.
+template <typename Body>
+void ParallelRows(ffi::ThreadPool& pool, int64_t N, const Body& body) {
+  const int64_t chunks = (N + kTaskRows - 1) / kTaskRows;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, chunks, N, body]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      body(c * kTaskRows, std::min(N, (c + 1) * kTaskRows));
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
+  run();
+  while (state->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+}
+
+// ---- int8: vpdpbusd multiplies unsigned by signed bytes, so x is offset to x + 128 (as uint8) and
+// 128 * sum_k w[n, k] (from a vpdpbusd against ones) is subtracted: exact in int32.
+// One register block: MB rows of x against NB rows of w (accumulators in a flat array with fully unrolled
+// loops: GCC keeps those in registers, while a 2-D array was spilled to the stack on every step).
+template <int MB, int NB, bool kRowsum>
+GPTJAX_TARGET inline void Int8Block(const uint8_t* xu, int64_t kp, const int8_t* w, int64_t K, int32_t* out,
+                                    int64_t N, int32_t* rowsum) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[MB * NB], cor[NB];
+#pragma GCC unroll 16
+  for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) cor[j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;  // w's tail reads 0
+    __m512i wv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + j) * K + k), _MM_HINT_T0);
+    }
+    if constexpr (kRowsum) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) cor[j] = _mm512_dpbusd_epi32(cor[j], ones, wv[j]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xu + i * kp + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i * NB + j] = _mm512_dpbusd_epi32(acc[i * NB + j], xv, wv[j]);
+    }
+  }
+  if constexpr (kRowsum) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) rowsum[j] = 128 * _mm512_reduce_add_epi32(cor[j]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) out[i * N + j] = _mm512_reduce_add_epi32(acc[i * NB + j]) - rowsum[j];
+}
+
+template <int NB>
+GPTJAX_TARGET void Int8Rows(const uint8_t* xu, int64_t M, int64_t kp, const int8_t* w, int64_t K, int64_t n0,
+                            int32_t* out, int64_t N) {
+  int32_t rowsum[NB];
+  w += n0 * K;
+  out += n0;
+  // The first block also sums w's rows (4 more registers), so it takes at most 3 rows of x: 4 spilled.
+  const int64_t first = std::min<int64_t>(3, M);
+  switch (first) {
+    case 3: Int8Block<3, NB, true>(xu, kp, w, K, out, N, rowsum); break;
+    case 2: Int8Block<2, NB, true>(xu, kp, w, K, out, N, rowsum); break;
+    default: Int8Block<1, NB, true>(xu, kp, w, K, out, N, rowsum); break;
+  }
+  for (int64_t m = first; m < M; m += kMB) {
+    const uint8_t* xm = xu + m * kp;
+    int32_t* om = out + m * N;
+    switch (std::min<int64_t>(kMB, M - m)) {
+      case 4: Int8Block<4, NB, false>(xm, kp, w, K, om, N, rowsum); break;
+      case 3: Int8Block<3, NB, false>(xm, kp, w, K, om, N, rowsum); break;
+      case 2: Int8Block<2, NB, false>(xm, kp, w, K, om, N, rowsum); break;
+      default: Int8Block<1, NB, false>(xm, kp, w, K, om, N, rowsum); break;
+    }
+  }
+}
+
+GPTJAX_TARGET void Int8Matmul(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N,
+                              ffi::ThreadPool& pool) {
+  const int64_t kp = (K + 63) / 64 * 64;  // x rows padded for full 64-byte loads (w's tail is masked to 0)
+  std::vector<uint8_t> xu(M * kp, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xu[m * kp + k] = uint8_t(x[m * K + k]) ^ 0x80;
+  const uint8_t* xp = xu.data();
+  ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + kNB <= n1; n += kNB) Int8Rows<kNB>(xp, M, kp, w, K, n, out, N);
+    for (; n < n1; ++n) Int8Rows<1>(xp, M, kp, w, K, n, out, N);
+  });
+}
+
+// ---- bfloat16: vdpbf16ps multiplies pairs of bf16 and accumulates in float32.
+template <int MB, int NB>
+GPTJAX_TARGET inline void Bf16Block(const uint16_t* x, int64_t kp, const uint16_t* w, int64_t K, float* out,
+                                    int64_t N) {
+  __m512 acc[MB * NB];
+#pragma GCC unroll 16
+  for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    __m512i wv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * K + k);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + j) * K + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * kp + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i * NB + j] = _mm512_dpbf16_ps(acc[i * NB + j], xv, (__m512bh)wv[j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) out[i * N + j] = _mm512_reduce_add_ps(acc[i * NB + j]);
+}
+
+template <int NB>
+GPTJAX_TARGET void Bf16Rows(const uint16_t* x, int64_t M, int64_t kp, const uint16_t* w, int64_t K, int64_t n0,
+                            float* out, int64_t N) {
+  w += n0 * K;
+  out += n0;
+  for (int64_t m = 0; m < M; m += kMB) {
+    const uint16_t* xm = x + m * kp;
+    float* om = out + m * N;
+    switch (std::min<int64_t>(kMB, M - m)) {
+      case 4: Bf16Block<4, NB>(xm, kp, w, K, om, N); break;
+      case 3: Bf16Block<3, NB>(xm, kp, w, K, om, N); break;
+      case 2: Bf16Block<2, NB>(xm, kp, w, K, om, N); break;
+      default: Bf16Block<1, NB>(xm, kp, w, K, om, N); break;
+    }
+  }
+}
+
+GPTJAX_TARGET void Bf16Matmul(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
+                              ffi::ThreadPool& pool) {
+  const int64_t kp = (K + 31) / 32 * 32;  // x rows padded with zeros for full 64-byte loads
+  std::vector<uint16_t> xp(M * kp, 0);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(&xp[m * kp], x + m * K, K * sizeof(uint16_t));
+  const uint16_t* xd = xp.data();
+  ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + kNB <= n1; n += kNB) Bf16Rows<kNB>(xd, M, kp, w, K, n, out, N);
+    for (; n < n1; ++n) Bf16Rows<1>(xd, M, kp, w, K, n, out, N);
+  });
+}
+
+// ---- Rows of a bfloat16 table as float32 (XLA:CPU gathers bfloat16 from a float32 copy of the whole table).
+void Bf16Rows(const uint16_t* table, int64_t V, int64_t D, const int32_t* ids, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t id = std::clamp<int64_t>(ids[i], 0, V - 1);  // as XLA's gather clamps
+    uint32_t* row = reinterpret_cast<uint32_t*>(out + i * D);
+    for (int64_t d = 0; d < D; ++d) row[d] = uint32_t(table[id * D + d]) << 16;
+  }
+}
+
+// ---- FFI handlers: shape checks, then the kernels.
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> out,
+                       int64_t* M, int64_t* K, int64_t* N) {
+  if (x.size() < 1 || w.size() != 2 || out.size() != x.size())
+    return ffi::Error::InvalidArgument("gptjax matmul: x [..., K], w [N, K] and out [..., N] expected");
+  *K = x.back();
+  *N = w[0];
+  *M = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) *M *= x[i];
+  if (w[1] != *K || out.back() != *N)
+    return ffi::Error::InvalidArgument("gptjax matmul: x's last dim must equal w's and out's last dim w's first");
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                    ffi::ResultBuffer<ffi::S32> out) {
+  int64_t M, K, N;
+  if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
+  Int8Matmul(x.typed_data(), w.typed_data(), out->typed_data(), M, K, N, pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> out) {
+  int64_t M, K, N;
+  if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
+  Bf16Matmul(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+             out->typed_data(), M, K, N, pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16RowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
+  const auto t = table.dimensions();
+  if (t.size() != 2 || out->element_count() != ids.element_count() * t[1])
+    return ffi::Error::InvalidArgument("gptjax_bf16_rows: table [V, D], ids [...] and out [..., D] expected");
+  Bf16Rows(reinterpret_cast<const uint16_t*>(table.typed_data()), t[0], t[1], ids.typed_data(),
+           ids.element_count(), out->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Rows, Bf16RowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8Matmul, Int8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, Bf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
+static PyObject* Supported(PyObject*, PyObject*) {
+  __builtin_cpu_init();
+  const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                  __builtin_cpu_supports("avx512bf16");
+  return PyBool_FromLong(ok);
+}
+
+static PyObject* Targets(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  const std::pair<const char*, void*> handlers[] = {{"gptjax_int8_matmul", (void*)GptjaxInt8Matmul},
+                                                    {"gptjax_bf16_matmul", (void*)GptjaxBf16Matmul},
+                                                    {"gptjax_bf16_rows", (void*)GptjaxBf16Rows}};
+  for (const auto& [name, fn] : handlers) {
+    PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
+    if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {
+      Py_XDECREF(capsule);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(capsule);
+  }
+  return d;
+}
+
+static PyMethodDef kMethods[] = {
+    {"supported", Supported, METH_NOARGS, "Whether this CPU has AVX512 VNNI and BF16 (the kernels need both)."},
+    {"targets", Targets, METH_NOARGS, "The XLA FFI handlers as {target name: PyCapsule}."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels", "int8 / bfloat16 matmuls for XLA:CPU", -1,
+                              kMethods};
+
+PyMODINIT_FUNC PyInit__cpu_kernels() { return PyModule_Create(&kModule); }

@@ -1,0 +1,73 @@
+"""gptjax's CPU matmul kernels (gptjax/_kernels/cpu_matmul.cc), called from jitted code through the XLA FFI.
+
+XLA:CPU has no fast path for int8 or bfloat16 weights (it converts them to float32, materialised or hoisted
+out of the decode loop), so reduced precision ran slower than float32 there. These kernels read the int8 /
+bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with AVX512-VNNI / AVX512_BF16:
+  int8_matmul(x int8 [..., K], w int8 [N, K]) -> int32 [..., N]: exactly XLA's int8 dot (integer sums).
+  bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order).
+  bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
+  the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
+They are used when `status()` is "enabled": built at install (a C++ compiler), a CPU with AVX512 VNNI and BF16,
+JAX on CPU, and GPTJAX_CPU_KERNELS not set to 0 (set it to 0 to measure the pure-XLA formulations).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+ENV = "GPTJAX_CPU_KERNELS"
+
+
+@functools.cache
+def _module_status() -> str:
+    """'enabled', or why the kernels cannot run in this process (registers them with XLA once)."""
+    try:
+        from gptjax import _cpu_kernels
+    except ImportError as e:
+        return f"not built ({e}): pip install . with a C++ compiler builds them"
+    if not _cpu_kernels.supported():
+        return "this CPU lacks AVX512 VNNI / BF16"
+    for name, capsule in _cpu_kernels.targets().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    return "enabled"
+
+
+def status() -> str:
+    """'enabled' when the kernels run, else the reason they do not (reported in benchmarks)."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"disabled ({ENV}=0)"
+    if jax.default_backend() != "cpu":
+        return f"not used on {jax.default_backend()}"
+    return _module_status()
+
+
+def available() -> bool:
+    """Whether the JAX backend should store matmul weights out-major and run them through these kernels."""
+    return status() == "enabled"
+
+
+def _call(target: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    if x.shape[-1] != w.shape[1] or w.ndim != 2:
+        raise ValueError(f"{target}: x [..., K] and w [N, K] expected, got {x.shape} and {w.shape}")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), dtype))(x, w)
+
+
+def int8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x int8 [..., K] @ w int8 [N, K].T -> int32 [..., N], exact."""
+    return _call("gptjax_int8_matmul", x.astype(jnp.int8), w, jnp.int32)
+
+
+def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] rounded to bfloat16 @ w bfloat16 [N, K].T -> float32 [..., N], float32 accumulation."""
+    return _call("gptjax_bf16_matmul", x.astype(jnp.bfloat16), w, jnp.float32)
+
+
+def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """float32 rows table[ids] of a bfloat16 table [V, D] (ids clamped to [0, V), as XLA's gather does)."""
+    ids = jnp.asarray(ids, jnp.int32)
+    return jax.ffi.ffi_call("gptjax_bf16_rows", jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), jnp.float32))(
+        table, ids)

@@ -1,0 +1,157 @@
+"""gptjax's CPU kernels (gptjax/_kernels/cpu_matmul.cc through the XLA FFI): exact int8 sums, bfloat16 products
+accumulated in float32, bfloat16 rows; and the JAX backend's use of them (the same numbers as the pure-XLA
+formulations, nothing converted per decode call)."""
+
+from __future__ import annotations
+
+import platform
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gptjax import get_backend
+from gptjax.backends import cpu_kernels, jax_decode
+from gptjax.config import GPTConfig
+from gptjax.weights import init_params
+
+CPU_OK = platform.machine() in ("x86_64", "AMD64")
+
+
+def test_the_kernels_are_built_by_the_install():
+    # `pip install` compiles them (setup.py); .ci/run installs g++ first, so CI always has them
+    if not CPU_OK:
+        pytest.skip(f"the kernels target x86-64, not {platform.machine()}")
+    from gptjax import _cpu_kernels
+
+    assert set(_cpu_kernels.targets()) == {"gptjax_int8_matmul", "gptjax_bf16_matmul", "gptjax_bf16_rows"}
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,K,N", [((1,), 768, 2304), ((3,), 70, 13), ((16,), 200, 67), ((2, 5), 64, 64),
+                                      ((2, 1), 5, 1), ((37,), 129, 9)])
+def test_int8_matmul_is_exact(lead, K, N):
+    rng = np.random.default_rng(K * N)
+    x = rng.integers(-128, 128, (*lead, K), dtype=np.int8)
+    w = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    w[0] = 127
+    x[..., 0] = -128  # the extremes: x + 128 = 0 and the largest products
+    got = np.asarray(jax.jit(cpu_kernels.int8_matmul)(x, w))
+    assert got.dtype == np.int32 and got.shape == (*lead, N)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,K,N", [((1,), 768, 2304), ((3,), 70, 13), ((9,), 40, 67), ((2, 2), 31, 5)])
+def test_bf16_matmul_accumulates_in_float32(lead, K, N):
+    rng = np.random.default_rng(K + N)
+    x = rng.standard_normal((*lead, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(ml_dtypes.bfloat16)
+    got = np.asarray(jax.jit(cpu_kernels.bf16_matmul)(x, w))
+    xb = x.astype(ml_dtypes.bfloat16).astype(np.float64)  # x rounded to bfloat16, exact products
+    ref = xb @ w.astype(np.float64).T
+    bound = 1e-6 * (np.abs(xb) @ np.abs(w.astype(np.float64)).T) + 1e-30  # float32 sums of K terms
+    assert got.dtype == np.float32 and np.all(np.abs(got - ref) <= bound * 8)
+
+
+@needs_kernels
+def test_bf16_rows_equal_the_float32_rows_and_clamp_like_xla():
+    table = np.random.default_rng(1).standard_normal((11, 7)).astype(ml_dtypes.bfloat16)
+    ids = np.array([[0, 10, 3], [5, 5, 12]], np.int32)
+    got = np.asarray(jax.jit(cpu_kernels.bf16_rows)(table, ids))
+    np.testing.assert_array_equal(got, table.astype(np.float32)[np.minimum(ids, 10)])
+
+
+@needs_kernels
+def test_kernels_run_inside_jitted_loops():
+    # the decode loop calls them from a while_loop body; results must not depend on where they run
+    rng = np.random.default_rng(2)
+    x = rng.integers(-127, 128, (4, 96), dtype=np.int8)
+    w = jnp.asarray(rng.integers(-127, 128, (40, 96), dtype=np.int8))
+
+    def body(i, acc):
+        return acc + cpu_kernels.int8_matmul(jnp.roll(x, i, axis=0), w)
+
+    got = jax.jit(lambda: jax.lax.fori_loop(0, 4, body, jnp.zeros((4, 40), jnp.int32)))()
+    ref = sum(np.roll(x, i, axis=0).astype(np.int64) @ np.asarray(w, np.int64).T for i in range(4))
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_bad_shapes_name_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 5\) and \(3, 4\)"):
+        cpu_kernels.int8_matmul(jnp.zeros((2, 5), jnp.int8), jnp.zeros((3, 4), jnp.int8))
+
+
+# ---- the JAX backend on the kernels
+CONFIG = GPTConfig(vocab_size=96, n_positions=80, n_embd=64, n_layer=2, n_head=4)
+PARAMS = init_params(CONFIG, seed=3)
+TOKENS = np.random.default_rng(4).integers(0, 96, (2, 24))
+
+
+def _backend(precision: str, kernels: bool, monkeypatch, **options):
+    monkeypatch.setenv(cpu_kernels.ENV, "1" if kernels else "0")
+    b = get_backend("jax", CONFIG, precision=precision, **options)
+    return b, b.prepare(PARAMS)
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision,atol", [("bf16", 2e-3), ("int8", 1e-3), ("w8a8", 1e-3)])
+def test_backend_on_the_kernels_matches_the_xla_formulation(precision, atol, monkeypatch):
+    b, w = _backend(precision, True, monkeypatch)
+    assert b.formulation().cpu_kernels
+    b0, w0 = _backend(precision, False, monkeypatch)
+    assert not b0.formulation().cpu_kernels
+    # int8 / w8a8 matmuls give the very same int32 sums; only the tied head's formulation differs (the kernel
+    # feeds it x's two int8 terms where XLA dequantises the table). bf16 accumulates in another order, and a
+    # last-bit difference can move an activation across a bfloat16 rounding step (2^-9 relative) downstream
+    np.testing.assert_allclose(b.forward(w, TOKENS), b0.forward(w0, TOKENS), atol=atol)
+    prompts = [TOKENS[0, :10].tolist(), TOKENS[1, :3].tolist()]
+    assert b.generate(w, prompts, 16, greedy=True).tokens == b0.generate(w0, prompts, 16, greedy=True).tokens
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "int8", "w8a8"])
+def test_kernel_weights_are_stored_out_major_with_the_same_bytes(precision, monkeypatch):
+    b, w = _backend(precision, True, monkeypatch)
+    b0, w0 = _backend(precision, False, monkeypatch)
+    kernel = w.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"][...]
+    assert kernel.shape == (4 * 64, 64)  # [out, in]
+    nbytes = [sum(a.nbytes for a in jax.tree.leaves(x.state)) for x in (w, w0)]
+    assert nbytes[0] == nbytes[1]
+
+
+@needs_kernels
+def test_grouped_int8_and_meshes_keep_the_xla_formulation(monkeypatch):
+    from gptjax.sharding import make_mesh
+
+    b, w = _backend("int8", True, monkeypatch, group_size=16)
+    assert w.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"][...].shape == (64, 4 * 64)  # [in, out], grouped
+    mesh_b = get_backend("jax", CONFIG, precision="int8", mesh=make_mesh(1, 1, 2, devices=jax.devices()[:2]))
+    assert not mesh_b.formulation().cpu_kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_decode_converts_no_table_per_call(precision, monkeypatch):
+    # regression: XLA:CPU gathered the bfloat16 wte from a float32 copy of the whole table and hoisted that out
+    # of the decode loop, so every decode call wrote V x D float32 (gpt2: 150 MB, ~40 ms per one-token chunk)
+    b, w = _backend(precision, True, monkeypatch)
+    captured = {}
+    real = jax_decode.decode
+
+    def spy(*args):
+        captured["hlo"] = real.lower(*args).compile().as_text()  # before the call donates the state
+        return real(*args)
+
+    spy._cache_size = real._cache_size
+    monkeypatch.setattr(jax_decode, "decode", spy)
+    b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True)
+    hlo = captured["hlo"]
+    assert f"f32[{CONFIG.vocab_size},{CONFIG.n_embd}]" not in hlo  # the (tied) table
+    if precision == "bf16":  # int8 mode keeps the position table in float32
+        assert f"f32[{CONFIG.n_positions},{CONFIG.n_embd}]" not in hlo
