@@ -26,7 +26,8 @@ def test_the_kernels_are_built_by_the_install():
         pytest.skip(f"the kernels target x86-64, not {platform.machine()}")
     from gptjax import _cpu_kernels
 
-    assert set(_cpu_kernels.targets()) == {"gptjax_int8_matmul", "gptjax_bf16_matmul", "gptjax_bf16_rows"}
+    assert set(_cpu_kernels.targets()) == {"gptjax_int8_matmul", "gptjax_int8_grouped_matmul", "gptjax_bf16_matmul",
+                                           "gptjax_bf16_rows"}
 
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
@@ -44,6 +45,26 @@ def test_int8_matmul_is_exact(lead, K, N):
     got = np.asarray(jax.jit(cpu_kernels.int8_matmul)(x, w))
     assert got.dtype == np.int32 and got.shape == (*lead, N)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lead,K,N,G", [((1,), 768, 2304, 6), ((3,), 128, 13, 8), ((16,), 96, 67, 2),
+                                        ((2, 5), 64, 64, 1), ((37,), 192, 9, 3)])
+def test_int8_grouped_matmul_scales_each_groups_exact_sum(lead, K, N, G):
+    rng = np.random.default_rng(K * N + G)
+    x = rng.integers(-128, 128, (*lead, K), dtype=np.int8)
+    w = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    ws = rng.uniform(0.001, 0.01, (N, G)).astype(np.float32)
+    xs = rng.uniform(0.5, 2, (*lead, G)).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.int8_grouped_matmul)(x, w, ws, xs))
+    sums = np.einsum("...gi,ngi->...ng", x.reshape(*lead, G, -1).astype(np.int64),
+                     w.reshape(N, G, -1).astype(np.int64))  # exact [..., N, G]
+    abs_sums = np.einsum("...gi,ngi->...ng", np.abs(x.reshape(*lead, G, -1).astype(np.int64)),
+                         np.abs(w.reshape(N, G, -1).astype(np.int64)))
+    scales = ws.astype(np.float64) * xs[..., None, :].astype(np.float64)  # [..., N, G]
+    assert got.dtype == np.float32 and got.shape == (*lead, N)
+    # float32 products and sums of the per-lane partial sums: a few units of 2^-24 of sum |x w| * scales
+    assert np.all(np.abs(got - (sums * scales).sum(-1)) <= 1e-6 * (abs_sums * scales).sum(-1))
 
 
 @needs_kernels
@@ -100,15 +121,18 @@ def _backend(precision: str, kernels: bool, monkeypatch, **options):
 
 
 @needs_kernels
-@pytest.mark.parametrize("precision,atol", [("bf16", 2e-3), ("int8", 1e-3), ("w8a8", 1e-3)])
-def test_backend_on_the_kernels_matches_the_xla_formulation(precision, atol, monkeypatch):
-    b, w = _backend(precision, True, monkeypatch)
+@pytest.mark.parametrize("precision,options,atol", [("bf16", {}, 2e-3), ("int8", {}, 1e-3), ("w8a8", {}, 1e-3),
+                                                    ("int8", {"group_size": 16}, 1e-3),
+                                                    ("w8a8", {"group_size": 32}, 1e-3)])
+def test_backend_on_the_kernels_matches_the_xla_formulation(precision, options, atol, monkeypatch):
+    b, w = _backend(precision, True, monkeypatch, **options)
     assert b.formulation().cpu_kernels
-    b0, w0 = _backend(precision, False, monkeypatch)
+    b0, w0 = _backend(precision, False, monkeypatch, **options)
     assert not b0.formulation().cpu_kernels
-    # int8 / w8a8 matmuls give the very same int32 sums; only the tied head's formulation differs (the kernel
-    # feeds it x's two int8 terms where XLA dequantises the table). bf16 accumulates in another order, and a
-    # last-bit difference can move an activation across a bfloat16 rounding step (2^-9 relative) downstream
+    # per-channel int8 / w8a8 matmuls give the very same int32 sums; the tied head's formulation differs (the
+    # kernel feeds it x's two int8 terms where XLA dequantises the table), and so does grouped int8's; bf16
+    # accumulates in another order, where a last-bit difference can move an activation across a bfloat16
+    # rounding step (2^-9 relative) downstream
     np.testing.assert_allclose(b.forward(w, TOKENS), b0.forward(w0, TOKENS), atol=atol)
     prompts = [TOKENS[0, :10].tolist(), TOKENS[1, :3].tolist()]
     assert b.generate(w, prompts, 16, greedy=True).tokens == b0.generate(w0, prompts, 16, greedy=True).tokens
@@ -126,11 +150,12 @@ def test_kernel_weights_are_stored_out_major_with_the_same_bytes(precision, monk
 
 
 @needs_kernels
-def test_grouped_int8_and_meshes_keep_the_xla_formulation(monkeypatch):
+def test_grouped_scales_are_stored_per_output_row_and_meshes_keep_the_xla_formulation(monkeypatch):
     from gptjax.sharding import make_mesh
 
     b, w = _backend("int8", True, monkeypatch, group_size=16)
-    assert w.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"][...].shape == (64, 4 * 64)  # [in, out], grouped
+    c_fc = w.state["blocks"][0]["mlp"]["c_fc"]["kernel"]
+    assert c_fc["kernel"][...].shape == (4 * 64, 64) and c_fc["scale"][...].shape == (4 * 64, 64 // 16)
     mesh_b = get_backend("jax", CONFIG, precision="int8", mesh=make_mesh(1, 1, 2, devices=jax.devices()[:2]))
     assert not mesh_b.formulation().cpu_kernels
 

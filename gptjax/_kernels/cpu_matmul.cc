@@ -6,6 +6,8 @@
 // (vdpbf16ps), so a decode step moves a quarter / half of float32's bytes. Results:
 //   gptjax_int8_matmul: x int8 [M, K], w int8 [N, K] -> int32 [M, N], exactly sum_k x[m, k] * w[n, k]
 //                       (the same integers as XLA's int8 dot; the scales are applied in JAX).
+//   gptjax_int8_grouped_matmul: x int8 [M, K], w int8 [N, K], ws float32 [N, G], xs float32 [M, G] -> float32
+//                       [M, N] = sum over groups g of K / G inputs of ws[n, g] * xs[m, g] * (exact int32 sum).
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation.
 //   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)).
 // Leading dims of x are flattened into M. Work is split over rows of w on the XLA intra-op thread pool.
@@ -137,6 +139,90 @@ GPTJAX_TARGET void Int8Matmul(const int8_t* x, const int8_t* w, int32_t* out, in
   });
 }
 
+// ---- grouped int8: out[m, n] = sum_g ws[n, g] * xs[m, g] * sum_{k in group g} x[m, k] * w[n, k], in float32.
+// Each group's int32 sums are exact (offset-corrected per lane), then scaled and added in float32.
+template <int MB, int NB>
+GPTJAX_TARGET inline void GroupedBlock(const uint8_t* xu, int64_t kp, const int8_t* w, int64_t K, int64_t gs,
+                                       const float* ws, const float* xs, float* out, int64_t N) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const int64_t G = K / gs;
+  __m512 facc[MB * NB];
+#pragma GCC unroll 16
+  for (int t = 0; t < MB * NB; ++t) facc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MB * NB], cor[NB];
+#pragma GCC unroll 16
+    for (int t = 0; t < MB * NB; ++t) acc[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) cor[j] = _mm512_setzero_si512();
+    const int64_t end = (g + 1) * gs;
+    for (int64_t k = g * gs; k < end; k += 64) {
+      const __mmask64 mask = end - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (end - k)) - 1;
+      __m512i wv[NB];
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        wv[j] = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + j) * K + k), _MM_HINT_T0);
+        cor[j] = _mm512_dpbusd_epi32(cor[j], ones, wv[j]);
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xu + i * kp + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) acc[i * NB + j] = _mm512_dpbusd_epi32(acc[i * NB + j], xv, wv[j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m512i exact = _mm512_sub_epi32(acc[i * NB + j], _mm512_slli_epi32(cor[j], 7));
+        const __m512 scale = _mm512_set1_ps(ws[j * G + g] * xs[i * G + g]);
+        facc[i * NB + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, facc[i * NB + j]);
+      }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) out[i * N + j] = _mm512_reduce_add_ps(facc[i * NB + j]);
+}
+
+constexpr int kGroupedNB = 2;  // two sets of accumulators (int32 per group, float32 overall): fewer rows of w
+
+template <int NB>
+GPTJAX_TARGET void GroupedRows(const uint8_t* xu, int64_t M, int64_t kp, const int8_t* w, int64_t K, int64_t gs,
+                               const float* ws, const float* xs, int64_t n0, float* out, int64_t N) {
+  const int64_t G = K / gs;
+  w += n0 * K;
+  ws += n0 * G;
+  out += n0;
+  for (int64_t m = 0; m < M; m += kMB) {
+    const uint8_t* xm = xu + m * kp;
+    const float* xsm = xs + m * G;
+    float* om = out + m * N;
+    switch (std::min<int64_t>(kMB, M - m)) {
+      case 4: GroupedBlock<4, NB>(xm, kp, w, K, gs, ws, xsm, om, N); break;
+      case 3: GroupedBlock<3, NB>(xm, kp, w, K, gs, ws, xsm, om, N); break;
+      case 2: GroupedBlock<2, NB>(xm, kp, w, K, gs, ws, xsm, om, N); break;
+      default: GroupedBlock<1, NB>(xm, kp, w, K, gs, ws, xsm, om, N); break;
+    }
+  }
+}
+
+GPTJAX_TARGET void GroupedMatmul(const int8_t* x, const int8_t* w, const float* ws, const float* xs, float* out,
+                                 int64_t M, int64_t K, int64_t N, int64_t G, ffi::ThreadPool& pool) {
+  const int64_t kp = (K + 63) / 64 * 64, gs = K / G;
+  std::vector<uint8_t> xu(M * kp, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xu[m * kp + k] = uint8_t(x[m * K + k]) ^ 0x80;
+  const uint8_t* xp = xu.data();
+  ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + kGroupedNB <= n1; n += kGroupedNB) GroupedRows<kGroupedNB>(xp, M, kp, w, K, gs, ws, xs, n, out, N);
+    for (; n < n1; ++n) GroupedRows<1>(xp, M, kp, w, K, gs, ws, xs, n, out, N);
+  });
+}
+
 // ---- bfloat16: vdpbf16ps multiplies pairs of bf16 and accumulates in float32.
 template <int MB, int NB>
 GPTJAX_TARGET inline void Bf16Block(const uint16_t* x, int64_t kp, const uint16_t* w, int64_t K, float* out,
@@ -226,6 +312,18 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> xs, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t M, K, N;
+  if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
+  const auto g = ws.dimensions();
+  if (g.size() != 2 || g[0] != N || g[1] < 1 || K % g[1] != 0 || xs.element_count() != M * g[1])
+    return ffi::Error::InvalidArgument("gptjax_int8_grouped_matmul: ws [N, G] with G dividing K, xs [..., G]");
+  GroupedMatmul(x.typed_data(), w.typed_data(), ws.typed_data(), xs.typed_data(), out->typed_data(), M, K, N, g[1],
+                pool);
+  return ffi::Error::Success();
+}
+
 ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                     ffi::ResultBuffer<ffi::F32> out) {
   int64_t M, K, N;
@@ -259,6 +357,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8Matmul, Int8Impl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, Bf16Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -280,6 +387,7 @@ static PyObject* Targets(PyObject*, PyObject*) {
   if (!d) return nullptr;
   const std::pair<const char*, void*> handlers[] = {{"gptjax_int8_matmul", (void*)GptjaxInt8Matmul},
                                                     {"gptjax_bf16_matmul", (void*)GptjaxBf16Matmul},
+                                                    {"gptjax_int8_grouped_matmul", (void*)GptjaxInt8GroupedMatmul},
                                                     {"gptjax_bf16_rows", (void*)GptjaxBf16Rows}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);

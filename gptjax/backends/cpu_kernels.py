@@ -4,6 +4,8 @@ XLA:CPU has no fast path for int8 or bfloat16 weights (it converts them to float
 out of the decode loop), so reduced precision ran slower than float32 there. These kernels read the int8 /
 bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with AVX512-VNNI / AVX512_BF16:
   int8_matmul(x int8 [..., K], w int8 [N, K]) -> int32 [..., N]: exactly XLA's int8 dot (integer sums).
+  int8_grouped_matmul(x, w, ws [N, G], xs [..., G]) -> float32 [..., N]: per group of K/G inputs, the exact int32
+  sum times both scales, summed over groups in float32.
   bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order).
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
@@ -28,7 +30,8 @@ def _module_status() -> str:
     try:
         from gptjax import _cpu_kernels
     except ImportError as e:
-        return f"not built ({e}): pip install . with a C++ compiler builds them"
+        return (f"not built ({e}): `pip install .` builds them where a C++ compiler is found; from a source "
+                "checkout, use `pip install -e .` (or `python setup.py build_ext --inplace`)")
     if not _cpu_kernels.supported():
         return "this CPU lacks AVX512 VNNI / BF16"
     for name, capsule in _cpu_kernels.targets().items():
@@ -50,20 +53,31 @@ def available() -> bool:
     return status() == "enabled"
 
 
-def _call(target: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    if x.shape[-1] != w.shape[1] or w.ndim != 2:
+def _call(target: str, dtype: jnp.dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) -> jax.Array:
+    """The FFI call of target on x [..., K], w [N, K] (and rest) -> dtype [..., N]."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"{target}: x [..., K] and w [N, K] expected, got {x.shape} and {w.shape}")
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), dtype))(x, w)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), dtype))(x, w, *rest)
 
 
 def int8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x int8 [..., K] @ w int8 [N, K].T -> int32 [..., N], exact."""
-    return _call("gptjax_int8_matmul", x.astype(jnp.int8), w, jnp.int32)
+    return _call("gptjax_int8_matmul", jnp.int32, x.astype(jnp.int8), w)
+
+
+def int8_grouped_matmul(x: jax.Array, w: jax.Array, ws: jax.Array, xs: jax.Array) -> jax.Array:
+    """Grouped int8: x int8 [..., K], w int8 [N, K], weight scales ws [N, G], activation scales xs [..., G] ->
+    float32 [..., N] = sum over groups g of K/G inputs of ws[n, g] * xs[..., g] * (the exact int32 sum)."""
+    if ws.shape[0] != w.shape[0] or xs.shape != (*x.shape[:-1], ws.shape[1]):
+        raise ValueError(f"gptjax_int8_grouped_matmul: ws [N, G] and xs [..., G] expected for x {x.shape} and "
+                         f"w {w.shape}, got {ws.shape} and {xs.shape}")
+    return _call("gptjax_int8_grouped_matmul", jnp.float32, x.astype(jnp.int8), w, ws.astype(jnp.float32),
+                 xs.astype(jnp.float32))
 
 
 def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., K] rounded to bfloat16 @ w bfloat16 [N, K].T -> float32 [..., N], float32 accumulation."""
-    return _call("gptjax_bf16_matmul", x.astype(jnp.bfloat16), w, jnp.float32)
+    return _call("gptjax_bf16_matmul", jnp.float32, x.astype(jnp.bfloat16), w)
 
 
 def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

@@ -88,12 +88,12 @@ class OutMajorDense(nnx.Module):
 
 
 class OutMajorInt8Dense(nnx.Module):
-    """A per-channel int8 kernel stored out-major [out, in] with scales [out], for gptjax's CPU kernels;
-    weight-only (float activations as two int8 terms, as int8_matmul on CPU: the same numbers)."""
+    """An int8 kernel stored out-major [out, in] with scales [out, G], for gptjax's CPU kernels; weight-only
+    (float activations as two int8 terms, as int8_matmul on CPU: per channel, the same numbers)."""
 
     def __init__(self, q: Any, scale: Any, n_out: int = 1) -> None:
         self.kernel = _param(_out_major(q, n_out), (None, None))
-        self.scale = _param(np.reshape(scale, -1), (None,))
+        self.scale = _param(_out_major(scale, n_out), (None, None))  # [G, *out] -> [out, G]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.matmul(x.astype(jnp.float32), self.kernel[...], self.scale[...])
@@ -175,15 +175,15 @@ class Int8Embedding(nnx.Module):
 
 
 class KernelInt8Embedding(Int8Embedding):
-    """A per-row int8 [V, D] table whose tied head runs gptjax's CPU int8 kernel (weight-only, two int8 terms)."""
+    """An int8 [V, D] table whose tied head runs gptjax's CPU int8 kernels (weight-only, two int8 terms)."""
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return lowp.int8_matmul_nk(x.astype(jnp.float32), self.embedding[...], self.scale[...][:, 0])
+        return lowp.int8_matmul_nk(x.astype(jnp.float32), self.embedding[...], self.scale[...])
 
 
 class Formulation(NamedTuple):
     """How the matmuls run, chosen once per backend (JaxBackend.formulation): int8 activations (w8a8), and
-    gptjax's CPU kernels over out-major weights (per-channel int8 and bfloat16; one device, unstacked layers)."""
+    gptjax's CPU kernels over out-major int8 and bfloat16 weights (one device, unstacked layers)."""
 
     w8a8: bool = False
     cpu_kernels: bool = False
@@ -197,7 +197,7 @@ def _dense(p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tup
     kernels = how.cpu_kernels and not lead
     if key + SCALE_SUFFIX in p:
         scale = p[key + SCALE_SUFFIX].reshape(*lead, -1, *shape[-n_out:])  # [*lead, G, *out]
-        if kernels and scale.shape[len(lead)] == 1:
+        if kernels:
             return (OutMajorW8A8Dense if how.w8a8 else OutMajorInt8Dense)(w.reshape(shape), scale, n_out)
         return (W8A8Dense if how.w8a8 else Int8Dense)(w.reshape(*lead, *shape), scale, axes, n_out)
     if kernels and w.dtype.name == "bfloat16":
@@ -208,9 +208,7 @@ def _dense(p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tup
 def _embedding(p: dict[str, Any], key: str, axes: tuple[str | None, ...], how: Formulation) -> nnx.Module:
     w = p[key]
     if key + SCALE_SUFFIX in p:
-        scale = p[key + SCALE_SUFFIX]
-        per_channel = np.size(scale) == w.shape[0]
-        return (KernelInt8Embedding if how.cpu_kernels and per_channel else Int8Embedding)(w, scale, axes)
+        return (KernelInt8Embedding if how.cpu_kernels else Int8Embedding)(w, p[key + SCALE_SUFFIX], axes)
     return (KernelEmbedding if how.cpu_kernels and w.dtype.name == "bfloat16" else Embedding)(w, axes)
 
 

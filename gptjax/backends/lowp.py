@@ -106,15 +106,22 @@ def int8_matmul_t(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
 # ---- Out-major weights [O, I] on gptjax's CPU kernels (cpu_kernels.available()): the same numbers as the int8
 # formulations above on CPU (exact int32 sums), and bfloat16 products accumulated in float32.
 def int8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
-    """Weight-only int8 over q [O, I] with scales s [O]: x's two int8 terms through the int8 kernel."""
+    """Weight-only int8 over q [O, I] with scales s [O, G]: x's two int8 terms through the int8 kernel (per
+    channel: exact int32 sums, as int8_matmul on CPU) or the grouped kernel."""
     terms, sx = split_rows(x)
-    return _join(cpu_kernels.int8_matmul(terms, q), sx) * s
+    if s.shape[1] == 1:
+        return _join(cpu_kernels.int8_matmul(terms, q), sx) * s[:, 0]
+    out = cpu_kernels.int8_grouped_matmul(terms, q, s, jnp.ones((*terms.shape[:-1], s.shape[1]), jnp.float32))
+    return (out[0] + out[1] / 254.0) * sx
 
 
 def w8a8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
-    """Dynamic W8A8 over q [O, I] with scales s [O]: x quantised per token, then the int8 kernel."""
-    xq, sx = quantize_rows(x)
-    return cpu_kernels.int8_matmul(xq, q).astype(jnp.float32) * sx * s
+    """Dynamic W8A8 over q [O, I] with scales s [O, G]: x quantised per token (and group), then the kernel."""
+    if s.shape[1] == 1:
+        xq, sx = quantize_rows(x)
+        return cpu_kernels.int8_matmul(xq, q).astype(jnp.float32) * sx * s[:, 0]
+    xq, sx = quantize_rows(x.reshape(*x.shape[:-1], s.shape[1], -1))  # [..., G, I/G], [..., G, 1]
+    return cpu_kernels.int8_grouped_matmul(xq.reshape(x.shape), q, s, sx[..., 0])
 
 
 def bf16_matmul_nk(x: jax.Array, w: jax.Array) -> jax.Array:
