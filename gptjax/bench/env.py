@@ -14,14 +14,17 @@ _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers"
 
 def environment(peer_thread_count: int | None = None) -> dict[str, Any]:
     """Versions (gptjax, jax, jaxlib, flax, numpy, torch, transformers), git commit, device kind and count,
-    CPU model and cores, XLA flags and the thread counts both sides use."""
+    CPU model and cores, XLA flags, whether gptjax's CPU kernels ran, and the thread counts both sides use."""
     import jax
+
+    from gptjax.backends import cpu_kernels
 
     env: dict[str, Any] = {name: _version(name) for name in _PACKAGES}
     env |= {"python": platform.python_version(), "git": git_commit(), "platform": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
             "cpu": cpu_model(), "cores": os.cpu_count()}
     env |= {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")}
+    env["cpu_kernels"] = cpu_kernels.status()
     env |= {"peer_threads": peer_thread_count or peer_threads(),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     return env

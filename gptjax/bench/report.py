@@ -97,7 +97,8 @@ def environment_line(env: dict[str, Any]) -> str:
                                                     "transformers") if env.get(k))
     return (f"environment: git {env.get('git')}; {versions}; python {env.get('python')}; platform "
             f"{env.get('platform')}, {env.get('device_count')} x {env.get('device_kind')}; CPU {env.get('cpu')}, "
-            f"{env.get('cores')} cores; XLA_FLAGS={env.get('XLA_FLAGS')!r}; peer threads {env.get('peer_threads')}; "
+            f"{env.get('cores')} cores; XLA_FLAGS={env.get('XLA_FLAGS')!r}; gptjax CPU kernels: "
+            f"{env.get('cpu_kernels')}; peer threads {env.get('peer_threads')}; "
             f"load average at start {env.get('load_avg_1m')}")
 
 
