@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     bandwidth = memory_bandwidth()
     print(f"# precision modes: {args.checkpoint or args.preset} ({config.num_params() / 1e6:.1f}M params), "
-          f"{env['devices']}, {env['cpu']}; read bandwidth measured now {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s",
+          f"{env['device_count']} x {env['device_kind']}, {env['cpu']}; gptjax CPU kernels: {env['cpu_kernels']}; "
+          f"read bandwidth measured now {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s",
           flush=True)
     timing = {"prompt": args.prompt, "new_tokens": args.new, "batches": batches, "prefill_len": args.prefill,
               "runs": args.runs}

@@ -245,3 +245,27 @@ def test_benchmark_scripts_still_import_the_shared_helpers():
 
     assert common.median([1.0, 2.0, 3.0]) == 2.0 and callable(common.interleaved_times)
     assert set(common.memory_bandwidth(2**20, runs=1)) >= {"read_bytes_per_s", "copy_bytes_per_s"}
+
+
+def test_the_precision_benchmark_runs_end_to_end(tmp_path, capsys):
+    # regression: benchmarks/precision.py read env["devices"], a key the shared environment() no longer has,
+    # and crashed after measuring nothing
+    from benchmarks import precision
+
+    out = tmp_path / "p.jsonl"
+    assert precision.main(["--preset", "tiny", "--modes", "fp32,int8", "--batches", "1", "--prompt", "4", "--new",
+                           "3", "--prefill", "8", "--runs", "1", "--jsonl", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gptjax CPU kernels:" in printed and "roofline" in printed
+    assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["fp32", "int8"]
+
+
+def test_the_long_decode_benchmark_runs_end_to_end(tmp_path, capsys):
+    from benchmarks import long_decode
+
+    out = tmp_path / "l.jsonl"
+    assert long_decode.main(["--preset", "tiny", "--batch", "2", "--prompt", "8", "--new", "16", "--runs", "1",
+                             "--modes", "fp32/fp32,int8/int8", "--jsonl", str(out)]) == 0
+    assert "| int8 | int8 |" in capsys.readouterr().out
+    assert [(r["precision"], r["kv_cache"]) for r in map(json.loads, out.read_text().splitlines())] == [
+        ("fp32", "fp32"), ("int8", "int8")]

@@ -10,6 +10,7 @@
 //                       [M, N] = sum over groups g of K / G inputs of ws[n, g] * xs[m, g] * (exact int32 sum).
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation.
 //   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)).
+//   gptjax_kv_{scores,mix}_{int8,bf16}: attention of few queries over a KV cache stored as int8 or bfloat16 bits.
 // Leading dims of x are flattened into M. Work is split over rows of w on the XLA intra-op thread pool.
 #include <Python.h>
 #include <immintrin.h>
@@ -36,20 +37,20 @@ constexpr int kPrefetchRows = 2 * kNB;
 
 #define GPTJAX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 
-// Run body(n0, n1) over [0, N) in chunks of kTaskRows on the calling thread and the XLA pool. Chunks are
+// Run body(n0, n1) over [0, N) in chunks (of kTaskRows by default) on the calling thread and the XLA pool. Chunks are
 // claimed from a shared counter, so the caller never waits for a helper to start (no deadlock if the pool is
 // busy); a helper that starts after all chunks are claimed just exits.
 template <typename Body>
-void ParallelRows(ffi::ThreadPool& pool, int64_t N, const Body& body) {
-  const int64_t chunks = (N + kTaskRows - 1) / kTaskRows;
+void ParallelRows(ffi::ThreadPool& pool, int64_t N, const Body& body, int64_t chunk = kTaskRows) {
+  const int64_t chunks = (N + chunk - 1) / chunk;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
   struct State {
     std::atomic<int64_t> next{0}, done{0};
   };
   auto state = std::make_shared<State>();
-  auto run = [state, chunks, N, body]() {
+  auto run = [state, chunks, chunk, N, body]() {
     for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      body(c * kTaskRows, std::min(N, (c + 1) * kTaskRows));
+      body(c * chunk, std::min(N, (c + 1) * chunk));
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -290,6 +291,60 @@ void Bf16Rows(const uint16_t* table, int64_t V, int64_t D, const int32_t* ids, i
   }
 }
 
+// ---- Attention over a cache stored as int8 or as bfloat16 bits (decode: few queries per head). XLA converts
+// the whole cache to float32 before its dots, every step; these read the stored bytes.
+//   scores[bh, t, s] = sum_k q[bh, t, k] * c[bh, s, k];   mix[bh, t, k] = sum_s p[bh, t, s] * c[bh, s, k]
+struct Int8Elems {
+  using T = int8_t;
+  GPTJAX_TARGET static __m512 Load(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+  }
+};
+struct Bf16Elems {
+  using T = uint16_t;
+  GPTJAX_TARGET static __m512 Load(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+};
+
+inline __mmask16 TailMask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+template <typename E>
+GPTJAX_TARGET void KvScoresRange(const float* q, const typename E::T* c, float* out, int64_t i0, int64_t i1,
+                                 int64_t T, int64_t S, int64_t K) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* qt = q + (i * T + t) * K;
+      float* o = out + (i * T + t) * S;
+      for (int64_t s = 0; s < S; ++s) {
+        const typename E::T* cs = c + (i * S + s) * K;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+          const __mmask16 m = TailMask(K - k);
+          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qt + k), E::Load(cs + k, m), acc);
+        }
+        o[s] = _mm512_reduce_add_ps(acc);
+      }
+    }
+}
+
+template <typename E>
+GPTJAX_TARGET void KvMixRange(const float* p, const typename E::T* c, float* out, int64_t i0, int64_t i1, int64_t T,
+                              int64_t S, int64_t K) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* pt = p + (i * T + t) * S;
+      float* o = out + (i * T + t) * K;
+      for (int64_t k = 0; k < K; k += 16) {  // one 16-wide slice of the head at a time
+        const __mmask16 m = TailMask(K - k);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; ++s)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(pt[s]), E::Load(c + (i * S + s) * K + k, m), acc);
+        _mm512_mask_storeu_ps(o + k, m, acc);
+      }
+    }
+}
+
 // ---- FFI handlers: shape checks, then the kernels.
 ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> out,
                        int64_t* M, int64_t* K, int64_t* N) {
@@ -342,7 +397,54 @@ ffi::Error Bf16RowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids,
   return ffi::Error::Success();
 }
 
+// q or p [B, H, T, X] float32 and a cache [B, H, S, K]: scores (X = K) -> [B, H, T, S]; mix (X = S) -> [B, H, T, K]
+template <typename E, bool kScores, ffi::DataType kDtype>
+ffi::Error KvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<kDtype> c,
+                  ffi::ResultBuffer<ffi::F32> out) {
+  const auto ad = a.dimensions(), cd = c.dimensions(), od = out->dimensions();
+  if (ad.size() != 4 || cd.size() != 4 || od.size() != 4 || ad[0] != cd[0] || ad[1] != cd[1] || od[2] != ad[2] ||
+      (kScores ? (ad[3] != cd[3] || od[3] != cd[2]) : (ad[3] != cd[2] || od[3] != cd[3])))
+    return ffi::Error::InvalidArgument("gptjax kv kernel: [B, H, T, K or S] and a cache [B, H, S, K] expected");
+  const int64_t BH = ad[0] * ad[1], T = ad[2], S = cd[2], K = cd[3];
+  const auto* cache = reinterpret_cast<const typename E::T*>(c.typed_data());
+  const float* in = a.typed_data();
+  float* o = out->typed_data();
+  ParallelRows(pool, BH, [=](int64_t i0, int64_t i1) {  // one (row, head) per work item
+    if constexpr (kScores) KvScoresRange<E>(in, cache, o, i0, i1, T, S, K);
+    else KvMixRange<E>(in, cache, o, i0, i1, T, S, K);
+  }, 1);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvScoresInt8, (KvImpl<Int8Elems, true, ffi::S8>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvMixInt8, (KvImpl<Int8Elems, false, ffi::S8>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvScoresBf16, (KvImpl<Bf16Elems, true, ffi::U16>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvMixBf16, (KvImpl<Bf16Elems, false, ffi::U16>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Rows, Bf16RowsImpl,
                               ffi::Ffi::Bind()
@@ -388,7 +490,11 @@ static PyObject* Targets(PyObject*, PyObject*) {
   const std::pair<const char*, void*> handlers[] = {{"gptjax_int8_matmul", (void*)GptjaxInt8Matmul},
                                                     {"gptjax_bf16_matmul", (void*)GptjaxBf16Matmul},
                                                     {"gptjax_int8_grouped_matmul", (void*)GptjaxInt8GroupedMatmul},
-                                                    {"gptjax_bf16_rows", (void*)GptjaxBf16Rows}};
+                                                    {"gptjax_bf16_rows", (void*)GptjaxBf16Rows},
+                                                    {"gptjax_kv_scores_int8", (void*)GptjaxKvScoresInt8},
+                                                    {"gptjax_kv_mix_int8", (void*)GptjaxKvMixInt8},
+                                                    {"gptjax_kv_scores_bf16", (void*)GptjaxKvScoresBf16},
+                                                    {"gptjax_kv_mix_bf16", (void*)GptjaxKvMixBf16}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
     if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {

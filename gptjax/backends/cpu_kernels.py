@@ -9,6 +9,9 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order).
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
+  kv_scores(q [B, H, T, K], cache [B, H, S, K]) -> float32 [B, H, T, S] and kv_mix(p [B, H, T, S], cache) ->
+  float32 [B, H, T, K] over a cache of int8 or of bfloat16 bits (uint16), read as stored: XLA converts the
+  whole cache to float32 before its dots on every decode step.
 They are used when `status()` is "enabled": built at install (a C++ compiler), a CPU with AVX512 VNNI and BF16,
 JAX on CPU, and GPTJAX_CPU_KERNELS not set to 0 (set it to 0 to measure the pure-XLA formulations).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +38,15 @@ def _module_status() -> str:
                 "checkout, use `pip install -e .` (or `python setup.py build_ext --inplace`)")
     if not _cpu_kernels.supported():
         return "this CPU lacks AVX512 VNNI / BF16"
-    for name, capsule in _cpu_kernels.targets().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    _register(_cpu_kernels)
     return "enabled"
+
+
+@functools.cache
+def _register(module: Any) -> None:
+    """Register the module's FFI handlers with XLA (once per process)."""
+    for name, capsule in module.targets().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
 
 
 def status() -> str:
@@ -53,10 +63,17 @@ def available() -> bool:
     return status() == "enabled"
 
 
+def _require() -> None:
+    """Register the kernels with XLA (once), or say why they cannot run."""
+    if (reason := _module_status()) != "enabled":
+        raise RuntimeError(f"gptjax's CPU kernels cannot run: {reason}")
+
+
 def _call(target: str, dtype: jnp.dtype, x: jax.Array, w: jax.Array, *rest: jax.Array) -> jax.Array:
     """The FFI call of target on x [..., K], w [N, K] (and rest) -> dtype [..., N]."""
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"{target}: x [..., K] and w [N, K] expected, got {x.shape} and {w.shape}")
+    _require()
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), dtype))(x, w, *rest)
 
 
@@ -83,5 +100,29 @@ def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """float32 rows table[ids] of a bfloat16 table [V, D] (ids clamped to [0, V), as XLA's gather does)."""
     ids = jnp.asarray(ids, jnp.int32)
+    _require()
     return jax.ffi.ffi_call("gptjax_bf16_rows", jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), jnp.float32))(
         table, ids)
+
+
+_KV_SUFFIX = {"int8": "int8", "uint16": "bf16"}
+
+
+def kv_scores(q: jax.Array, cache: jax.Array) -> jax.Array:
+    """q [B, H, T, K] . a cache [B, H, S, K] of int8 or bfloat16 bits (uint16) -> float32 [B, H, T, S]."""
+    return _kv("scores", q, cache, (*q.shape[:3], cache.shape[2]))
+
+
+def kv_mix(p: jax.Array, cache: jax.Array) -> jax.Array:
+    """p [B, H, T, S] . a cache [B, H, S, K] of int8 or bfloat16 bits (uint16) -> float32 [B, H, T, K]."""
+    return _kv("mix", p, cache, (*p.shape[:3], cache.shape[3]))
+
+
+def _kv(kind: str, a: jax.Array, cache: jax.Array, out: tuple[int, ...]) -> jax.Array:
+    suffix = _KV_SUFFIX.get(cache.dtype.name)
+    if suffix is None or a.ndim != 4 or cache.ndim != 4:
+        raise ValueError(f"gptjax_kv_{kind}: [B, H, T, .] float32 and a [B, H, S, K] int8 or uint16 cache expected, "
+                         f"got {a.shape} and {cache.shape} {cache.dtype}")
+    _require()
+    return jax.ffi.ffi_call(f"gptjax_kv_{kind}_{suffix}", jax.ShapeDtypeStruct(out, jnp.float32))(
+        a.astype(jnp.float32), cache)

@@ -183,7 +183,8 @@ class KernelInt8Embedding(Int8Embedding):
 
 class Formulation(NamedTuple):
     """How the matmuls run, chosen once per backend (JaxBackend.formulation): int8 activations (w8a8), and
-    gptjax's CPU kernels over out-major int8 and bfloat16 weights (one device, unstacked layers)."""
+    gptjax's CPU kernels (one device) over out-major int8 and bfloat16 weights (unstacked layers) and over
+    int8 / bfloat16 KV caches during decode."""
 
     w8a8: bool = False
     cpu_kernels: bool = False
@@ -244,6 +245,7 @@ class Attention(nnx.Module):
         self.qkv_bias = _param(b.reshape(*b.shape[:-1], 3, H, K), layer_axes + (None, "heads", "kv"))
         self.c_proj = _dense(p, "attn.c_proj.weight", layer_axes + ("heads", "kv", "embed"), (H, K, D), 1, how)
         self.out_bias = _param(p["attn.c_proj.bias"], layer_axes + ("embed",))
+        self.kernels = how.cpu_kernels  # a reduced-precision cache is read by gptjax's CPU kernels
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys, values [B, H, T, K] of x [B, T, D]."""
@@ -258,11 +260,11 @@ class Attention(nnx.Module):
         part, projected out to [B, T, D]. Keys/values (FloatKV or Int8KV, [B, H, S_i, K]) compute their own
         scores and weighted sums, reading the cache's layout without a transpose."""
         scale = 1 / np.sqrt(q.shape[-1])
-        scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
+        scores = [jnp.where(m[:, None], kv.scores(q, self.kernels) * scale, jnp.finfo(jnp.float32).min)
                   for kv, m in parts]  # [B, H, T, S_i] each
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S_i]
         splits = np.cumsum([kv.length for kv, _ in parts])[:-1]
-        out = sum(kv.mix(p) for p, (kv, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # -> [B, T, H, K]
+        out = sum(kv.mix(p, self.kernels) for p, (kv, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # [B,T,H,K]
         return self.c_proj(out.reshape(*out.shape[:2], -1)) + self.out_bias[...]  # -> [B, T, D]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -455,11 +457,11 @@ class FloatKV(NamedTuple):
         """An empty layer cache."""
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
+    def scores(self, q: jax.Array, kernels: bool = False) -> jax.Array:
+        """q [B, H, T, K] . keys -> float32 [B, H, T, S] (XLA's dot; `kernels` concerns the stored caches)."""
         return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32))
 
-    def mix(self, p: jax.Array) -> jax.Array:
+    def mix(self, p: jax.Array, kernels: bool = False) -> jax.Array:
         """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
         return jnp.einsum("bhts,bhsk->bthk", p, self.v.astype(jnp.float32))
 
@@ -492,12 +494,16 @@ class Int8KV(NamedTuple):
         return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3], jnp.float32),
                    jnp.ones(shape[:3], jnp.float32))
 
-    def scores(self, q: jax.Array) -> jax.Array:
+    def scores(self, q: jax.Array, kernels: bool = False) -> jax.Array:
         """q [B, H, T, K] . keys -> float32 [B, H, T, S] (the key scales applied after the dot)."""
+        if _cache_kernels(kernels, q):
+            return lowp.kv_scores(q, self.k) * self.k_scale[:, :, None]
         return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32)) * self.k_scale[:, :, None]
 
-    def mix(self, p: jax.Array) -> jax.Array:
+    def mix(self, p: jax.Array, kernels: bool = False) -> jax.Array:
         """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K] (value scales folded into p)."""
+        if _cache_kernels(kernels, p):
+            return lowp.kv_mix(p * self.v_scale[:, :, None], self.v).transpose(0, 2, 1, 3)
         return jnp.einsum("bhts,bhsk->bthk", p * self.v_scale[:, :, None], self.v.astype(jnp.float32))
 
     def stored(self, k: jax.Array, v: jax.Array) -> Int8KV:
@@ -520,12 +526,16 @@ class Bf16KV(FloatKV):
         """An empty layer cache."""
         return cls(jnp.zeros(shape, jnp.uint16), jnp.zeros(shape, jnp.uint16))
 
-    def scores(self, q: jax.Array) -> jax.Array:
+    def scores(self, q: jax.Array, kernels: bool = False) -> jax.Array:
         """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
+        if _cache_kernels(kernels, q):
+            return lowp.kv_scores(q, self.k)
         return FloatKV(_from_bits(self.k), self.v).scores(q)
 
-    def mix(self, p: jax.Array) -> jax.Array:
+    def mix(self, p: jax.Array, kernels: bool = False) -> jax.Array:
         """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
+        if _cache_kernels(kernels, p):
+            return lowp.kv_mix(p, self.v).transpose(0, 2, 1, 3)
         return FloatKV(self.k, _from_bits(self.v)).mix(p)
 
     def stored(self, k: jax.Array, v: jax.Array) -> Bf16KV:
@@ -535,6 +545,15 @@ class Bf16KV(FloatKV):
     def write(self, new: Bf16KV, start: jax.Array) -> Bf16KV:
         """The cache with new entries (from stored()) written at index start."""
         return Bf16KV(*FloatKV.write(self, new, start))
+
+
+KERNEL_QUERIES = 8  # up to this many new tokens per row, gptjax's CPU kernels read an int8/bf16 cache (decode)
+
+
+def _cache_kernels(kernels: bool, a: jax.Array) -> bool:
+    """Whether attention over a stored int8/bf16 cache runs on gptjax's CPU kernels: few queries (a decode
+    step: XLA converts the whole cache to float32 before its dots, every step); prefill keeps XLA's dots."""
+    return kernels and a.shape[2] <= KERNEL_QUERIES
 
 
 def _from_bits(bits: jax.Array) -> jax.Array:
@@ -638,10 +657,11 @@ class JaxBackend(Backend):
         return JaxWeights(graphdef, state, self.config)
 
     def formulation(self) -> Formulation:
-        """gptjax's CPU kernels (cpu_kernels.status()) for reduced precision on one CPU device, else XLA's dots."""
+        """gptjax's CPU kernels (cpu_kernels.status()) for int8/bf16 weights and caches on one CPU device, else
+        XLA's dots."""
         from gptjax.backends import cpu_kernels
 
-        kernels = self.precision != "fp32" and self.mesh is None and cpu_kernels.available()
+        kernels = self.mesh is None and cpu_kernels.available()  # fp32 weights keep XLA's dots either way
         return Formulation(w8a8=self.precision == "w8a8", cpu_kernels=kernels)
 
     def _generate(self, weights: JaxWeights, request: GenerationRequest, chunk_size: int | None

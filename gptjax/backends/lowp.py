@@ -2,15 +2,18 @@
 platform by measurement (benchmarks/precision.py; figures in the README's precision section).
 
 Legend: x [..., I] activations, q [G, I/G, O] int8 values with float32 scales s [G, O] (G groups along the
-input; per-channel quantisation is G = 1). Every function returns float32 [..., O].
+input; per-channel quantisation is G = 1). Every function returns float32 [..., O]. The `_nk` functions take
+out-major weights q [O, I] with scales s [O, G] and run gptjax's CPU kernels (cpu_kernels.available()).
 
 What XLA:CPU does (measured on the gpt2 shape, decode): a dot whose int8 (or bf16) operand is converted to
 float32 inside the jit materialises the converted weight on every call (9 bytes of traffic per int8 weight
-instead of fp32's 4), and its int8 x int8 -> int32 dots are compute-bound, not bandwidth-bound. So on CPU the
+instead of fp32's 4), its int8 x int8 -> int32 dots are compute-bound, not bandwidth-bound, and the decode
+loop hoists loop-invariant converts out of the loop (float32 copies written per decode call). So on CPU the
 weight-only int8 matmul feeds the int8 dot a two-term int8 expansion of the activations (hi + lo / 254 of
-each token's scale: 16-bit fixed point, error <= max|x| / 64516, far below the weights' own rounding): one
-int8 dot over 2 x the rows, no converted weight. On GPU/TPU XLA fuses the convert into the GEMM, so the
-plain dequantise-inside-the-dot formulation is used there.
+each token's scale: 16-bit fixed point, error <= max|x| / 64516, far below the weights' own rounding), and
+where gptjax's CPU kernels are built that dot is theirs (one pass over the int8 bytes); the XLA formulations
+below are the fallback. On GPU/TPU XLA fuses the convert into the GEMM, so the plain
+dequantise-inside-the-dot formulation is used there.
 """
 
 from __future__ import annotations
@@ -132,3 +135,13 @@ def bf16_matmul_nk(x: jax.Array, w: jax.Array) -> jax.Array:
 def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """float32 rows of a bfloat16 table [V, D] (ids clamped to [0, V))."""
     return cpu_kernels.bf16_rows(table, ids)
+
+
+def kv_scores(q: jax.Array, cache: jax.Array) -> jax.Array:
+    """q [B, H, T, K] . a cache [B, H, S, K] of int8 or bfloat16 bits -> float32 [B, H, T, S] (CPU kernel)."""
+    return cpu_kernels.kv_scores(q, cache)
+
+
+def kv_mix(p: jax.Array, cache: jax.Array) -> jax.Array:
+    """p [B, H, T, S] . a cache [B, H, S, K] of int8 or bfloat16 bits -> float32 [B, H, T, K] (CPU kernel)."""
+    return cpu_kernels.kv_mix(p, cache)
