@@ -212,7 +212,8 @@ GPTJAX_TARGET void GroupedRows(const uint8_t* xu, int64_t M, int64_t kp, const i
 
 GPTJAX_TARGET void GroupedMatmul(const int8_t* x, const int8_t* w, const float* ws, const float* xs, float* out,
                                  int64_t M, int64_t K, int64_t N, int64_t G, ffi::ThreadPool& pool) {
-  const int64_t kp = (K + 63) / 64 * 64, gs = K / G;
+  // x rows padded by 64 more bytes: a group's last 64-byte load may start up to gs - 1 bytes before its end
+  const int64_t kp = (K + 63) / 64 * 64 + 64, gs = K / G;
   std::vector<uint8_t> xu(M * kp, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xu[m * kp + k] = uint8_t(x[m * K + k]) ^ 0x80;
