@@ -249,3 +249,16 @@ def test_decode_reads_a_reduced_precision_cache_without_a_float32_copy(precision
     b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True)
     cache_f32 = rf"f32\[\d+,{CONFIG.n_head},\d{{2,}},{CONFIG.head_dim}\]"  # S = 16 entries (the new token's: 1)
     assert hlo and not re.search(cache_f32, hlo[0]) and "gptjax_kv_scores" in hlo[0]
+
+
+def test_to_params_refuses_models_it_cannot_export():
+    from flax import nnx
+
+    from gptjax.backends.jax_flax import GPT, Formulation, to_params
+    from gptjax.errors import GptjaxError
+    from gptjax.quantize import for_precision
+
+    np.testing.assert_array_equal(to_params(GPT(CONFIG, PARAMS))["h.0.mlp.c_fc.weight"], PARAMS["h.0.mlp.c_fc.weight"])
+    bf16 = for_precision(PARAMS, CONFIG, "bf16")
+    with pytest.raises(GptjaxError, match="float models built in XLA.s layout \\(not int8 or out-major"):
+        to_params(nnx.merge(*nnx.split(GPT(CONFIG, bf16, how=Formulation(cpu_kernels=True)))))

@@ -25,6 +25,7 @@ from flax import nnx
 from gptjax.backends import lowp
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
 from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk
 from gptjax.quantize import SCALE_SUFFIX
 from gptjax.weights import Params
@@ -422,7 +423,11 @@ class GPT(nnx.Module):
 
 def to_params(model: GPT) -> Params:
     """The canonical GPT-2 dict (NumPy float32, Conv1D layouts) of a model, stacked or not: the inverse of
-    GPT(config, params)."""
+    GPT(config, params) for float weights in XLA's layout (an int8 or out-major model cannot be exported)."""
+    dense = [m for b in model.layers() for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc.kernel, b.mlp.c_proj.kernel)]
+    tables = [model.wte] + ([model.lm_head] if model.lm_head is not None else [])
+    if any(type(m) is not Dense for m in dense) or any(type(t) is not Embedding for t in tables):
+        raise GptjaxError("to_params exports float models built in XLA's layout (not int8 or out-major ones)")
     params = {"wte.weight": model.wte.embedding[...], "wpe.weight": model.wpe[...],
               "ln_f.weight": model.ln_f.scale[...], "ln_f.bias": model.ln_f.bias[...]}
     if model.lm_head is not None:
