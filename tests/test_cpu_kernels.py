@@ -262,3 +262,31 @@ def test_to_params_refuses_models_it_cannot_export():
     bf16 = for_precision(PARAMS, CONFIG, "bf16")
     with pytest.raises(GptjaxError, match="float models built in XLA.s layout \\(not int8 or out-major"):
         to_params(nnx.merge(*nnx.split(GPT(CONFIG, bf16, how=Formulation(cpu_kernels=True)))))
+
+
+@needs_kernels
+def test_handlers_refuse_an_output_shape_they_would_overrun():
+    # found in review: the handlers checked only out's last dim and wrote M x N (or B x H x T x S) values anyway;
+    # a direct ffi_call with a smaller out segfaulted the process
+    cpu_kernels._require()
+    x, w = jnp.ones((16, 64), jnp.int8), jnp.ones((256, 64), jnp.int8)
+    with pytest.raises(Exception, match="out must be"):
+        jax.ffi.ffi_call("gptjax_int8_matmul", jax.ShapeDtypeStruct((1, 256), jnp.int32))(x, w).block_until_ready()
+    q, cache = jnp.ones((4, 4, 2, 16)), jnp.ones((4, 4, 64, 16), jnp.int8)
+    with pytest.raises(Exception, match="kv kernel"):
+        jax.ffi.ffi_call("gptjax_kv_scores_int8", jax.ShapeDtypeStruct((1, 1, 2, 64), jnp.float32))(
+            q, cache).block_until_ready()
+    with pytest.raises(Exception, match="non-empty table"):
+        cpu_kernels.bf16_rows(jnp.zeros((0, 8), jnp.bfloat16), jnp.array([0, 3])).block_until_ready()
+
+
+@needs_kernels
+def test_edge_shapes_match_xla():
+    # an empty reduction (K = 0) gives zeros, not a division by a zero group size; negative ids count from the end
+    got = cpu_kernels.int8_grouped_matmul(jnp.zeros((2, 0), jnp.int8), jnp.ones((4, 0), jnp.int8), jnp.ones((4, 1)),
+                                          jnp.ones((2, 1)))
+    np.testing.assert_array_equal(np.asarray(got), np.zeros((2, 4), np.float32))
+    table = jnp.asarray(np.arange(21, dtype=np.float32).reshape(7, 3), jnp.bfloat16)
+    ids = jnp.array([-1, -7, 0, 6, 9])
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.bf16_rows(table, ids)),
+                                  np.asarray(table[ids].astype(jnp.float32)))

@@ -286,7 +286,7 @@ GPTJAX_TARGET void Bf16Matmul(const uint16_t* x, const uint16_t* w, float* out, 
 // ---- Rows of a bfloat16 table as float32 (XLA:CPU gathers bfloat16 from a float32 copy of the whole table).
 void Bf16Rows(const uint16_t* table, int64_t V, int64_t D, const int32_t* ids, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t id = std::clamp<int64_t>(ids[i], 0, V - 1);  // as XLA's gather clamps
+    const int64_t id = std::clamp<int64_t>(ids[i], 0, V - 1);  // as XLA's gather clamps (negatives wrapped in JAX)
     uint32_t* row = reinterpret_cast<uint32_t*>(out + i * D);
     for (int64_t d = 0; d < D; ++d) row[d] = uint32_t(table[id * D + d]) << 16;
   }
@@ -355,8 +355,10 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, f
   *N = w[0];
   *M = 1;
   for (size_t i = 0; i + 1 < x.size(); ++i) *M *= x[i];
-  if (w[1] != *K || out.back() != *N)
-    return ffi::Error::InvalidArgument("gptjax matmul: x's last dim must equal w's and out's last dim w's first");
+  bool leading_match = true;
+  for (size_t i = 0; i + 1 < x.size(); ++i) leading_match = leading_match && out[i] == x[i];
+  if (w[1] != *K || out.back() != *N || !leading_match)
+    return ffi::Error::InvalidArgument("gptjax matmul: out must be [..., N] for x [..., K] and w [N, K]");
   return ffi::Error::Success();
 }
 
@@ -364,6 +366,7 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
                     ffi::ResultBuffer<ffi::S32> out) {
   int64_t M, K, N;
   if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
+  if (M == 0 || N == 0) return ffi::Error::Success();
   Int8Matmul(x.typed_data(), w.typed_data(), out->typed_data(), M, K, N, pool);
   return ffi::Error::Success();
 }
@@ -375,6 +378,11 @@ ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   const auto g = ws.dimensions();
   if (g.size() != 2 || g[0] != N || g[1] < 1 || K % g[1] != 0 || xs.element_count() != M * g[1])
     return ffi::Error::InvalidArgument("gptjax_int8_grouped_matmul: ws [N, G] with G dividing K, xs [..., G]");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {  // empty sums (and no group size to divide by)
+    std::fill(out->typed_data(), out->typed_data() + M * N, 0.0f);
+    return ffi::Error::Success();
+  }
   GroupedMatmul(x.typed_data(), w.typed_data(), ws.typed_data(), xs.typed_data(), out->typed_data(), M, K, N, g[1],
                 pool);
   return ffi::Error::Success();
@@ -384,15 +392,17 @@ ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
                     ffi::ResultBuffer<ffi::F32> out) {
   int64_t M, K, N;
   if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
+  if (M == 0 || N == 0) return ffi::Error::Success();
   Bf16Matmul(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
              out->typed_data(), M, K, N, pool);
   return ffi::Error::Success();
 }
 
 ffi::Error Bf16RowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
-  const auto t = table.dimensions();
-  if (t.size() != 2 || out->element_count() != ids.element_count() * t[1])
-    return ffi::Error::InvalidArgument("gptjax_bf16_rows: table [V, D], ids [...] and out [..., D] expected");
+  const auto t = table.dimensions(), od = out->dimensions();
+  if (t.size() != 2 || od.size() != ids.dimensions().size() + 1 || od.back() != t[1] ||
+      out->element_count() != ids.element_count() * t[1] || (t[0] == 0 && ids.element_count() > 0))
+    return ffi::Error::InvalidArgument("gptjax_bf16_rows: a non-empty table [V, D], ids [...], out [..., D] expected");
   Bf16Rows(reinterpret_cast<const uint16_t*>(table.typed_data()), t[0], t[1], ids.typed_data(),
            ids.element_count(), out->typed_data());
   return ffi::Error::Success();
@@ -403,7 +413,8 @@ template <typename E, bool kScores, ffi::DataType kDtype>
 ffi::Error KvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<kDtype> c,
                   ffi::ResultBuffer<ffi::F32> out) {
   const auto ad = a.dimensions(), cd = c.dimensions(), od = out->dimensions();
-  if (ad.size() != 4 || cd.size() != 4 || od.size() != 4 || ad[0] != cd[0] || ad[1] != cd[1] || od[2] != ad[2] ||
+  if (ad.size() != 4 || cd.size() != 4 || od.size() != 4 || ad[0] != cd[0] || ad[1] != cd[1] || od[0] != ad[0] ||
+      od[1] != ad[1] || od[2] != ad[2] ||
       (kScores ? (ad[3] != cd[3] || od[3] != cd[2]) : (ad[3] != cd[2] || od[3] != cd[3])))
     return ffi::Error::InvalidArgument("gptjax kv kernel: [B, H, T, K or S] and a cache [B, H, S, K] expected");
   const int64_t BH = ad[0] * ad[1], T = ad[2], S = cd[2], K = cd[3];

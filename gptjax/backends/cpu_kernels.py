@@ -98,8 +98,10 @@ def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """float32 rows table[ids] of a bfloat16 table [V, D] (ids clamped to [0, V), as XLA's gather does)."""
+    """float32 rows table[ids] of a bfloat16 table [V, D], indexed like table[ids] in JAX: negative ids count
+    from the end, then ids are clamped to [0, V)."""
     ids = jnp.asarray(ids, jnp.int32)
+    ids = jnp.where(ids < 0, ids + table.shape[0], ids)
     _require()
     return jax.ffi.ffi_call("gptjax_bf16_rows", jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), jnp.float32))(
         table, ids)
