@@ -25,3 +25,26 @@ def golden() -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(FIXTURES / "hf_tiny_gpt2_golden.safetensors"))
+
+
+@pytest.fixture
+def decode_hlo(monkeypatch):
+    """decode_hlo(generate) runs generate() and returns the optimised HLO text of the jitted decode loop it used
+    (compiled from the same arguments before the call donates them)."""
+    from gptjax.backends import jax_decode
+
+    def run(generate) -> str:
+        real, hlo = jax_decode.decode, []
+
+        def spy(*args):
+            hlo.append(real.lower(*args).compile().as_text())
+            return real(*args)
+
+        spy._cache_size = real._cache_size  # the backend counts compilations through it
+        monkeypatch.setattr(jax_decode, "decode", spy)
+        generate()
+        monkeypatch.setattr(jax_decode, "decode", real)
+        assert hlo, "generate() never reached the decode loop"
+        return hlo[0]
+
+    return run

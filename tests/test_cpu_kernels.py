@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gptjax import get_backend
-from gptjax.backends import cpu_kernels, jax_decode
+from gptjax.backends import cpu_kernels
 from gptjax.config import GPTConfig
 from gptjax.weights import init_params
 
@@ -193,21 +193,11 @@ def test_grouped_scales_are_stored_per_output_row_and_meshes_keep_the_xla_formul
 
 @needs_kernels
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_decode_converts_no_table_per_call(precision, monkeypatch):
+def test_decode_converts_no_table_per_call(precision, decode_hlo, monkeypatch):
     # regression: XLA:CPU gathered the bfloat16 wte from a float32 copy of the whole table and hoisted that out
     # of the decode loop, so every decode call wrote V x D float32 (gpt2: 150 MB, ~40 ms per one-token chunk)
     b, w = _backend(precision, True, monkeypatch)
-    captured = {}
-    real = jax_decode.decode
-
-    def spy(*args):
-        captured["hlo"] = real.lower(*args).compile().as_text()  # before the call donates the state
-        return real(*args)
-
-    spy._cache_size = real._cache_size
-    monkeypatch.setattr(jax_decode, "decode", spy)
-    b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True)
-    hlo = captured["hlo"]
+    hlo = decode_hlo(lambda: b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True))
     assert f"f32[{CONFIG.vocab_size},{CONFIG.n_embd}]" not in hlo  # the (tied) table
     if precision == "bf16":  # int8 mode keeps the position table in float32
         assert f"f32[{CONFIG.n_positions},{CONFIG.n_embd}]" not in hlo
@@ -234,21 +224,14 @@ def test_without_the_built_module_the_status_says_why_and_the_backend_uses_xla(m
 
 @needs_kernels
 @pytest.mark.parametrize("precision,kv_cache", [("bf16", "bf16"), ("int8", "int8"), ("fp32", "int8")])
-def test_decode_reads_a_reduced_precision_cache_without_a_float32_copy(precision, kv_cache, monkeypatch):
+def test_decode_reads_a_reduced_precision_cache_without_a_float32_copy(precision, kv_cache, decode_hlo,
+                                                                       monkeypatch):
     # XLA's dots convert the whole [B, H, S, K] cache to float32 first, every decode step (gpt2, B=8, 480 cached
     # tokens: 50-56 ms per step against 29 ms for a float32 cache); the kernels read the stored bytes
     b, w = _backend(precision, True, monkeypatch, kv_cache=kv_cache)
-    real, hlo = jax_decode.decode, []
-
-    def spy(*args):
-        hlo.append(real.lower(*args).compile().as_text())
-        return real(*args)
-
-    spy._cache_size = real._cache_size
-    monkeypatch.setattr(jax_decode, "decode", spy)
-    b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True)
+    hlo = decode_hlo(lambda: b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True))
     cache_f32 = rf"f32\[\d+,{CONFIG.n_head},\d{{2,}},{CONFIG.head_dim}\]"  # S = 16 entries (the new token's: 1)
-    assert hlo and not re.search(cache_f32, hlo[0]) and "gptjax_kv_scores" in hlo[0]
+    assert not re.search(cache_f32, hlo) and "gptjax_kv_scores" in hlo
 
 
 def test_to_params_refuses_models_it_cannot_export():

@@ -428,35 +428,26 @@ ffi::Error KvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<kDt
   return ffi::Error::Success();
 }
 
+// The binding of every handler here but the rows gather: XLA's intra-op pool, operands A and B, a result R.
+template <ffi::DataType A, ffi::DataType B, ffi::DataType R>
+auto PooledBinding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<ffi::Buffer<A>>().template Arg<ffi::Buffer<B>>()
+      .template Ret<ffi::Buffer<R>>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvScoresInt8, (KvImpl<Int8Elems, true, ffi::S8>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              (PooledBinding<ffi::F32, ffi::S8, ffi::F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvMixInt8, (KvImpl<Int8Elems, false, ffi::S8>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              (PooledBinding<ffi::F32, ffi::S8, ffi::F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvScoresBf16, (KvImpl<Bf16Elems, true, ffi::U16>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              (PooledBinding<ffi::F32, ffi::U16, ffi::F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxKvMixBf16, (KvImpl<Bf16Elems, false, ffi::U16>),
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              (PooledBinding<ffi::F32, ffi::U16, ffi::F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Rows, Bf16RowsImpl,
                               ffi::Ffi::Bind()
@@ -465,11 +456,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Rows, Bf16RowsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8Matmul, Int8Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                              (PooledBinding<ffi::S8, ffi::S8, ffi::S32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
                               ffi::Ffi::Bind()
@@ -481,11 +468,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, Bf16Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
 static PyObject* Supported(PyObject*, PyObject*) {

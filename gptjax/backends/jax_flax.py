@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.backends import lowp
+from gptjax.backends import cpu_kernels, lowp
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
@@ -85,7 +85,7 @@ class OutMajorDense(nnx.Module):
         self.kernel = _param(_out_major(kernel, n_out), (None, None))  # only used without a mesh
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return lowp.bf16_matmul_nk(x, self.kernel[...])
+        return cpu_kernels.bf16_matmul(x, self.kernel[...])
 
 
 class OutMajorInt8Dense(nnx.Module):
@@ -108,12 +108,12 @@ class OutMajorW8A8Dense(OutMajorInt8Dense):
     matmul = staticmethod(lowp.w8a8_matmul_nk)
 
 
-def rows(table: jax.Array, ids: Any, cpu_kernels: bool = False) -> jax.Array:
+def rows(table: jax.Array, ids: Any, kernels: bool = False) -> jax.Array:
     """table[ids] in float32. XLA:CPU gathers a bfloat16 table from a float32 copy of all of it, which it hoists
     out of the decode loop (gpt2's wte: 150 MB written, about 40 ms, per decode call; one-token stream chunks
     took 48 ms instead of 8), so with gptjax's CPU kernels those rows come from a kernel instead."""
-    if cpu_kernels and table.dtype == jnp.bfloat16:
-        return lowp.bf16_rows(table, jnp.arange(*ids.indices(len(table))) if isinstance(ids, slice) else ids)
+    if kernels and table.dtype == jnp.bfloat16:
+        return cpu_kernels.bf16_rows(table, jnp.arange(*ids.indices(len(table))) if isinstance(ids, slice) else ids)
     return table[ids].astype(jnp.float32)
 
 
@@ -152,10 +152,10 @@ class KernelEmbedding(Embedding):
     """A bfloat16 [V, D] table (already out-major for the head) whose tied head runs gptjax's CPU bf16 kernel."""
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return rows(self.embedding[...], tokens, cpu_kernels=True)
+        return rows(self.embedding[...], tokens, kernels=True)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return lowp.bf16_matmul_nk(x, self.embedding[...])
+        return cpu_kernels.bf16_matmul(x, self.embedding[...])
 
 
 class Int8Embedding(nnx.Module):
@@ -502,13 +502,13 @@ class Int8KV(NamedTuple):
     def scores(self, q: jax.Array, kernels: bool = False) -> jax.Array:
         """q [B, H, T, K] . keys -> float32 [B, H, T, S] (the key scales applied after the dot)."""
         if _cache_kernels(kernels, q):
-            return lowp.kv_scores(q, self.k) * self.k_scale[:, :, None]
+            return cpu_kernels.kv_scores(q, self.k) * self.k_scale[:, :, None]
         return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32)) * self.k_scale[:, :, None]
 
     def mix(self, p: jax.Array, kernels: bool = False) -> jax.Array:
         """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K] (value scales folded into p)."""
         if _cache_kernels(kernels, p):
-            return lowp.kv_mix(p * self.v_scale[:, :, None], self.v).transpose(0, 2, 1, 3)
+            return cpu_kernels.kv_mix(p * self.v_scale[:, :, None], self.v).transpose(0, 2, 1, 3)
         return jnp.einsum("bhts,bhsk->bthk", p * self.v_scale[:, :, None], self.v.astype(jnp.float32))
 
     def stored(self, k: jax.Array, v: jax.Array) -> Int8KV:
@@ -535,13 +535,13 @@ class Bf16KV(FloatKV):
     def scores(self, q: jax.Array, kernels: bool = False) -> jax.Array:
         """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
         if _cache_kernels(kernels, q):
-            return lowp.kv_scores(q, self.k)
+            return cpu_kernels.kv_scores(q, self.k)
         return FloatKV(_from_bits(self.k), self.v).scores(q)
 
     def mix(self, p: jax.Array, kernels: bool = False) -> jax.Array:
         """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
         if _cache_kernels(kernels, p):
-            return lowp.kv_mix(p, self.v).transpose(0, 2, 1, 3)
+            return cpu_kernels.kv_mix(p, self.v).transpose(0, 2, 1, 3)
         return FloatKV(self.k, _from_bits(self.v)).mix(p)
 
     def stored(self, k: jax.Array, v: jax.Array) -> Bf16KV:
@@ -665,8 +665,6 @@ class JaxBackend(Backend):
     def formulation(self) -> Formulation:
         """gptjax's CPU kernels (cpu_kernels.status()) for int8/bf16 weights and caches on one CPU device, else
         XLA's dots."""
-        from gptjax.backends import cpu_kernels
-
         kernels = self.mesh is None and cpu_kernels.available()  # fp32 weights keep XLA's dots either way
         return Formulation(w8a8=self.precision == "w8a8", cpu_kernels=kernels)
 

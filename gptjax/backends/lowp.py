@@ -79,7 +79,7 @@ def split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _join(acc: jax.Array, sx: jax.Array) -> jax.Array:
-    """The float32 [..., O] of int32 dots [2, ..., O] of split_rows' two terms."""
+    """The float32 [..., O] of the dots [2, ..., O] (int32 sums, or scaled float32) of split_rows' two terms."""
     acc = acc.astype(jnp.float32)
     return (acc[0] + acc[1] / 254.0) * sx
 
@@ -106,16 +106,16 @@ def int8_matmul_t(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     return (jnp.einsum("...gi,vgi->...vg", xg, q.reshape(V, G, -1).astype(jnp.float32)) * s).sum(-1)
 
 
-# ---- Out-major weights [O, I] on gptjax's CPU kernels (cpu_kernels.available()): the same numbers as the int8
-# formulations above on CPU (exact int32 sums), and bfloat16 products accumulated in float32.
+# ---- Out-major int8 weights [O, I] on gptjax's CPU kernels (cpu_kernels.available()): per channel, the same
+# numbers as the int8 formulations above on CPU (exact int32 sums). Out-major bfloat16 weights call
+# cpu_kernels.bf16_matmul directly.
 def int8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     """Weight-only int8 over q [O, I] with scales s [O, G]: x's two int8 terms through the int8 kernel (per
     channel: exact int32 sums, as int8_matmul on CPU) or the grouped kernel."""
     terms, sx = split_rows(x)
     if s.shape[1] == 1:
         return _join(cpu_kernels.int8_matmul(terms, q), sx) * s[:, 0]
-    out = cpu_kernels.int8_grouped_matmul(terms, q, s, jnp.ones((*terms.shape[:-1], s.shape[1]), jnp.float32))
-    return (out[0] + out[1] / 254.0) * sx
+    return _join(cpu_kernels.int8_grouped_matmul(terms, q, s, jnp.ones((*terms.shape[:-1], s.shape[1]))), sx)
 
 
 def w8a8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
@@ -125,23 +125,3 @@ def w8a8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
         return cpu_kernels.int8_matmul(xq, q).astype(jnp.float32) * sx * s[:, 0]
     xq, sx = quantize_rows(x.reshape(*x.shape[:-1], s.shape[1], -1))  # [..., G, I/G], [..., G, 1]
     return cpu_kernels.int8_grouped_matmul(xq.reshape(x.shape), q, s, sx[..., 0])
-
-
-def bf16_matmul_nk(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., I] rounded to bfloat16 @ w bfloat16 [O, I].T, float32 accumulation and result."""
-    return cpu_kernels.bf16_matmul(x, w)
-
-
-def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """float32 rows of a bfloat16 table [V, D] (ids clamped to [0, V))."""
-    return cpu_kernels.bf16_rows(table, ids)
-
-
-def kv_scores(q: jax.Array, cache: jax.Array) -> jax.Array:
-    """q [B, H, T, K] . a cache [B, H, S, K] of int8 or bfloat16 bits -> float32 [B, H, T, S] (CPU kernel)."""
-    return cpu_kernels.kv_scores(q, cache)
-
-
-def kv_mix(p: jax.Array, cache: jax.Array) -> jax.Array:
-    """p [B, H, T, S] . a cache [B, H, S, K] of int8 or bfloat16 bits -> float32 [B, H, T, K] (CPU kernel)."""
-    return cpu_kernels.kv_mix(p, cache)
