@@ -142,8 +142,8 @@ def decode_latency(results: Results) -> str:
         for backend in ("jax", "hf"):
             r = find(rows, "decode", backend, "fp32", b)
             lat = r["latency_s"]
-            body.append([backend, str(b), num(r["tokens_per_s"]), ms(r["ttft_s"]), f"{ms(lat['p50'])} / {ms(lat['p99'])}",
-                         pct(r["bw_use_measured"])])
+            body.append([backend, str(b), num(r["tokens_per_s"]), ms(r["ttft_s"]),
+                         f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["bw_use_measured"])])
     return table(["backend", "B", "tokens/s", "TTFT ms", "per token p50 / p99 ms", "read-bandwidth use"], body)
 
 
@@ -174,9 +174,12 @@ def precision_decode(results: Results) -> str:
 def precision_prefill(results: Results) -> str:
     """Prefill (B=1, T=128) tokens/s per precision mode, kernels and XLA alone, against HF."""
     k, x = results[KERNELS], results[XLA_ONLY]
-    body = [[mode, num(find(k, "prefill", "jax", mode)["tokens_per_s"]), num(find(x, "prefill", "jax", mode)["tokens_per_s"]),
-             num(find(k, "prefill", "hf", mode)["tokens_per_s"]), ratio(find(k, "prefill", "jax", mode)["vs_peer"])]
-            for mode in MODES]
+    body = []
+    for mode in MODES:
+        fast, slow = find(k, "prefill", "jax", mode), find(x, "prefill", "jax", mode)
+        peer = find(k, "prefill", "hf", mode)
+        body.append([mode, num(fast["tokens_per_s"]), num(slow["tokens_per_s"]), num(peer["tokens_per_s"]),
+                     ratio(fast["vs_peer"])])
     return table(["mode", "kernels tok/s", "XLA only tok/s", "HF tok/s", "kernels vs HF"], body)
 
 
@@ -248,7 +251,8 @@ def plot_decode(results: Results, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, b in zip(axes, (1, 8)):
         xs = np.arange(len(MODES))
-        series = (("gptjax, CPU kernels", KERNELS, "jax"), ("gptjax, XLA only", XLA_ONLY, "jax"), ("HF (PyTorch)", KERNELS, "hf"))
+        series = (("gptjax, CPU kernels", KERNELS, "jax"), ("gptjax, XLA only", XLA_ONLY, "jax"),
+                  ("HF (PyTorch)", KERNELS, "hf"))
         for i, (label, name, backend) in enumerate(series):
             ys = [find(results[name], "decode", backend, m, b)["tokens_per_s"] for m in MODES]
             ax.bar(xs + (i - 1) * 0.27, ys, 0.27, label=label)
@@ -258,22 +262,31 @@ def plot_decode(results: Results, path: Path) -> None:
 
 
 def plot_roofline(results: Results, path: Path) -> None:
-    """Each gptjax workload of the kernels run at (FLOPs per byte moved, FLOP/s) under the measured ceilings."""
+    """Each gptjax workload of the kernels run at (FLOPs per byte moved, FLOP/s) under the measured ceilings:
+    colour = precision mode, marker = workload."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [r for r in results[KERNELS] if r.get("kind") == "workload" and r.get("status") == "ok" and r["backend"] == "jax"]
+    rows = [r for r in results[KERNELS]
+            if r.get("kind") == "workload" and r.get("status") == "ok" and r["backend"] == "jax"]
     c = of_kind(results[KERNELS], "ceiling")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = np.logspace(-1, 4, 100)
-    ax.plot(xs, np.minimum(c["matmul_flops"]["fp32"], c["bandwidth"]["read"] * xs), "k--",
-            label="measured fp32 matmul / read bandwidth")
+    for dtype, style in (("fp32", "k--"), ("int8", "k:")):
+        ax.plot(xs, np.minimum(c["matmul_flops"][dtype], c["bandwidth"]["read"] * xs), style,
+                label=f"measured {dtype} matmul / read bandwidth")
+    colours = dict(zip(MODES, ("C0", "C1", "C2", "C3")))
+    markers = {"prefill": "s", "decode": "o", "train": "^"}
     for r in rows:
-        ax.scatter(r["flops"] / r["bytes_moved"], r["flops_per_s"], label=f"{r['workload']} {shape(r)} {r['precision']}",
-                   marker={"prefill": "s", "decode": "o", "train": "^"}[r["workload"]])
+        ax.scatter(r["flops"] / r["bytes_moved"], r["flops_per_s"], color=colours[r["precision"]],
+                   marker=markers[r["workload"]], s=40)
+    for mode, colour in colours.items():
+        ax.scatter([], [], color=colour, marker="o", label=mode)
+    for workload, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=workload)
     ax.set(xscale="log", yscale="log", xlabel="FLOPs per byte moved", ylabel="achieved FLOP/s",
-           title="roofline of the quick suite, gpt2 shape")
-    ax.legend(fontsize=6, ncol=2)
+           title="roofline of the quick suite, gpt2 shape (gptjax, CPU kernels)")
+    ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)
 
 
@@ -286,7 +299,8 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-PLOTS: dict[str, Callable[[Results, Path], None]] = {"decode_by_precision.png": plot_decode, "roofline.png": plot_roofline}
+PLOTS: dict[str, Callable[[Results, Path], None]] = {"decode_by_precision.png": plot_decode,
+                                                     "roofline.png": plot_roofline}
 
 
 def main(argv: list[str] | None = None) -> int:
