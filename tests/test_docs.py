@@ -86,6 +86,7 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh JAX process per page: about 10-40 s each on 2 cores
 @pytest.mark.parametrize("page", [p for p in DOCS if python_blocks(p.read_text())],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_python_snippets_run_as_pasted(page, tmp_path):
