@@ -1,0 +1,329 @@
+"""Render every measured number in README.md and docs/*.md from the JSONL committed under benchmarks/results/.
+
+A figure in the prose sits between `<!-- render:NAME -->` and `<!-- /render -->`; NAME is a function in
+BLOCKS below that formats it from the results. `python docs/render.py` rewrites those blocks in place and
+redraws the plots in docs/img/; `python docs/render.py --check` only says which files would change (exit 1),
+which is what tests/test_docs.py asserts, so a figure cannot drift from its measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+IMG = ROOT / "docs" / "img"
+BLOCK = re.compile(r"(<!-- render:([a-z0-9-]+) -->)(.*?)(<!-- /render -->)", re.S)
+
+KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptjax's CPU kernels enabled
+XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
+MODES = ("fp32", "bf16", "int8", "w8a8")
+
+Row = dict[str, Any]
+Results = dict[str, list[Row]]
+
+
+def load_results(folder: Path = RESULTS) -> Results:
+    """Every results file under folder, by file name: a list of its JSON lines."""
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            for p in sorted(folder.glob("*.jsonl"))}
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    """The markdown files whose blocks are rendered (and whose Python snippets the tests run)."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def find(rows: list[Row], workload: str, backend: str, precision: str, batch: int | None = None) -> Row:
+    """The one measured row of that identity (batch None: any); a KeyError names it if it is missing."""
+    for r in rows:
+        if (r.get("kind") == "workload" and r["workload"] == workload and r["backend"] == backend
+                and r["precision"] == precision and (batch is None or r["batch"] == batch)):
+            return r
+    raise KeyError(f"no {workload} {backend} {precision} B={batch} row")
+
+
+def of_kind(rows: list[Row], kind: str) -> Row:
+    """The first row of that kind (environment, ceiling)."""
+    return next(r for r in rows if r.get("kind") == kind)
+
+
+# ---- number formats ----------------------------------------------------------------------------------
+def num(x: float, digits: int = 1) -> str:
+    """1727.93 -> '1,727.9'."""
+    return f"{x:,.{digits}f}"
+
+
+def ratio(x: float) -> str:
+    """2.349 -> '2.35x'."""
+    return f"{x:.2f}x"
+
+
+def pct(x: float | None) -> str:
+    """0.636 -> '63.6%'; None -> '-'."""
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def ms(seconds: float) -> str:
+    """0.0164 -> '16.4'."""
+    return f"{1000 * seconds:.1f}"
+
+
+def mib(n: float) -> str:
+    """Bytes as MiB, one decimal."""
+    return f"{n / 2**20:,.1f}"
+
+
+def table(header: list[str], body: list[list[str]]) -> str:
+    """A markdown table, with a blank line before and after (so it renders inside a block)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def shape(r: Row) -> str:
+    """'B1 T128' or 'B8 P32+32'."""
+    return f"B{r['batch']} T{r['seq']}" if r.get("prompt") is None else f"B{r['batch']} P{r['prompt']}+{r['new']}"
+
+
+# ---- blocks: one function per marked block, (results) -> text ------------------------------------------
+def environment(results: Results) -> str:
+    """One line naming where and on what the quick suite ran."""
+    env = of_kind(results[KERNELS], "environment")["env"]
+    return (f"git {env['git']}; jax {env['jax']}, flax {env['flax']}, torch {env['torch']}, "
+            f"transformers {env['transformers']}, Python {env['python']}; {env['cpu']}, {env['cores']} cores; "
+            f"load average at start {env['load_avg_1m']:.1f}")
+
+
+def ceilings(results: Results) -> str:
+    """The ceilings both runs measured (through JAX, best of 5)."""
+    body = []
+    for label, name in (("kernels run", KERNELS), ("XLA-only run", XLA_ONLY)):
+        c = of_kind(results[name], "ceiling")
+        n = c["matmul_n"]
+        body.append([label] + [f"{c['matmul_flops'][d] / 1e12:.3f}" for d in ("fp32", "bf16", "int8")]
+                    + [f"{c['bandwidth']['read'] / 1e9:.1f}", f"{c['bandwidth']['copy'] / 1e9:.1f}"])
+    return table(["run", f"matmul fp32 {n}³ TFLOP/s", "bf16", "int8", "read GB/s", "copy GB/s"], body)
+
+
+def _versus_hf(r: Row, rows: list[Row]) -> list[str]:
+    peer = find(rows, r["workload"], "hf", r["precision"], r["batch"])
+    return [num(r["tokens_per_s"]), num(peer["tokens_per_s"]), ratio(r["vs_peer"]), pct(r["mfu_measured"]),
+            pct(peer["mfu_measured"])]
+
+
+def fp32_vs_hf(results: Results) -> str:
+    """gptjax (JAX backend) against HF GPT-2 on PyTorch, fp32, every workload of the quick suite."""
+    rows = results[KERNELS]
+    body = [[r["workload"], shape(r)] + _versus_hf(r, rows)
+            for r in rows if r.get("kind") == "workload" and r["backend"] == "jax" and r["precision"] == "fp32"]
+    return table(["workload", "shape", "gptjax tok/s", "HF tok/s", "gptjax / HF", "gptjax MFU", "HF MFU"], body)
+
+
+def headline(results: Results) -> str:
+    """The README's one-line summary: fp32 ratios against HF."""
+    rows = results[KERNELS]
+    parts = [f"{label} {ratio(find(rows, w, 'jax', 'fp32', b)['vs_peer'])}"
+             for label, w, b in (("prefill", "prefill", 1), ("decode B=1", "decode", 1), ("decode B=8", "decode", 8),
+                                 ("train step", "train", None))]
+    return ", ".join(parts)
+
+
+def decode_latency(results: Results) -> str:
+    """Greedy decode in fp32: throughput, TTFT, per-token latency, read-bandwidth use, against HF."""
+    rows, body = results[KERNELS], []
+    for b in (1, 8):
+        for backend in ("jax", "hf"):
+            r = find(rows, "decode", backend, "fp32", b)
+            lat = r["latency_s"]
+            body.append([backend, str(b), num(r["tokens_per_s"]), ms(r["ttft_s"]),
+                         f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["bw_use_measured"])])
+    return table(["backend", "B", "tokens/s", "TTFT ms", "per token p50 / p99 ms", "read-bandwidth use"], body)
+
+
+def cache_bytes(results: Results) -> str:
+    """KV-cache bytes of the decode workloads (fp32 cache, gpt2 shape, 64 positions)."""
+    rows = results[KERNELS]
+    return ", ".join(f"{mib(find(rows, 'decode', 'jax', 'fp32', b)['memory']['cache_bytes'])} MiB at B={b}"
+                     for b in (1, 8))
+
+
+def precision_decode(results: Results) -> str:
+    """Decode tokens/s per precision mode: with gptjax's CPU kernels, with XLA alone, and HF's peer."""
+    k, x = results[KERNELS], results[XLA_ONLY]
+    body = []
+    for mode in MODES:
+        r = find(k, "decode", "jax", mode, 1)
+        row = [mode, mib(r["memory"]["params_bytes"])]
+        for b in (1, 8):
+            fast, slow = find(k, "decode", "jax", mode, b), find(x, "decode", "jax", mode, b)
+            base = find(k, "decode", "jax", "fp32", b)["tokens_per_s"]
+            row += [f"{num(fast['tokens_per_s'])} ({ratio(fast['tokens_per_s'] / base)})",
+                    f"{num(slow['tokens_per_s'])}", ratio(fast["vs_peer"])]
+        body.append(row)
+    return table(["mode", "weights MiB", "B=1 kernels (x fp32)", "B=1 XLA only", "B=1 vs HF",
+                  "B=8 kernels (x fp32)", "B=8 XLA only", "B=8 vs HF"], body)
+
+
+def precision_prefill(results: Results) -> str:
+    """Prefill (B=1, T=128) tokens/s per precision mode, kernels and XLA alone, against HF."""
+    k, x = results[KERNELS], results[XLA_ONLY]
+    body = []
+    for mode in MODES:
+        fast, slow = find(k, "prefill", "jax", mode), find(x, "prefill", "jax", mode)
+        peer = find(k, "prefill", "hf", mode)
+        body.append([mode, num(fast["tokens_per_s"]), num(slow["tokens_per_s"]), num(peer["tokens_per_s"]),
+                     ratio(fast["vs_peer"])])
+    return table(["mode", "kernels tok/s", "XLA only tok/s", "HF tok/s", "kernels vs HF"], body)
+
+
+def train_modes(results: Results) -> str:
+    """Train step (AdamW, B=4, T=64) in fp32 and bf16 compute, against HF."""
+    rows = results[KERNELS]
+    body = [[mode] + _versus_hf(find(rows, "train", "jax", mode), rows) for mode in ("fp32", "bf16")]
+    return table(["compute", "gptjax tok/s", "HF tok/s", "gptjax / HF", "gptjax MFU", "HF MFU"], body)
+
+
+def int8_weight_ratio(results: Results) -> str:
+    """int8 weight bytes over fp32's, as measured by the suite's memory accounting."""
+    rows = results[KERNELS]
+    sizes = {m: find(rows, "decode", "jax", m, 1)["memory"]["params_bytes"] for m in ("fp32", "int8")}
+    return f"{sizes['int8'] / sizes['fp32']:.3f}x"
+
+
+def suite_table(results: Results) -> str:
+    """Every workload row of the kernels run, gptjax and HF."""
+    body = []
+    for r in results[KERNELS]:
+        if r.get("kind") != "workload" or r.get("status") != "ok":
+            continue
+        lat = r["latency_s"]
+        body.append([r["workload"], shape(r), r["backend"], r["precision"], num(r["tokens_per_s"]),
+                     "-" if r.get("vs_peer") is None else ratio(r["vs_peer"]),
+                     f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["mfu_measured"]), pct(r["bw_use_measured"])])
+    return table(["workload", "shape", "backend", "precision", "tokens/s", "vs peer", "latency p50 / p99 ms",
+                  "MFU", "BW use"], body)
+
+
+def skipped(results: Results) -> str:
+    """The workloads the run recorded as skipped, with their message."""
+    lines = [f"- {r['workload']} {shape(r)} {r['backend']} {r['precision']}: {r['message']}"
+             for r in results[KERNELS] if r.get("kind") == "workload" and r.get("status") == "skipped"]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, Callable[[Results], str]] = {
+    "environment": environment, "ceilings": ceilings, "fp32-vs-hf": fp32_vs_hf, "headline": headline,
+    "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
+    "precision-prefill": precision_prefill, "train-modes": train_modes, "int8-weight-ratio": int8_weight_ratio,
+    "suite-table": suite_table, "skipped": skipped,
+}
+
+
+def render_text(text: str, results: Results) -> str:
+    """text with every marked block re-rendered; an unknown block name is an error."""
+    def one(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in BLOCKS:
+            raise KeyError(f"unknown render block {name!r}; known: {sorted(BLOCKS)}")
+        return m.group(1) + BLOCKS[name](results) + m.group(4)
+
+    return BLOCK.sub(one, text)
+
+
+def rendered(results: Results, root: Path = ROOT) -> dict[Path, tuple[str, str]]:
+    """For each document: (its text now, its text rendered from results)."""
+    return {p: (p.read_text(), render_text(p.read_text(), results)) for p in doc_files(root)}
+
+
+# ---- plots (matplotlib, the bench/test extra) ----------------------------------------------------------
+def plot_decode(results: Results, path: Path) -> None:
+    """Grouped bars: decode tokens/s per precision mode at B=1 and B=8, kernels vs XLA alone vs HF."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, b in zip(axes, (1, 8)):
+        xs = np.arange(len(MODES))
+        series = (("gptjax, CPU kernels", KERNELS, "jax"), ("gptjax, XLA only", XLA_ONLY, "jax"),
+                  ("HF (PyTorch)", KERNELS, "hf"))
+        for i, (label, name, backend) in enumerate(series):
+            ys = [find(results[name], "decode", backend, m, b)["tokens_per_s"] for m in MODES]
+            ax.bar(xs + (i - 1) * 0.27, ys, 0.27, label=label)
+        ax.set(xticks=xs, xticklabels=MODES, title=f"greedy decode, gpt2 shape, B={b}", ylabel="tokens/s")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_roofline(results: Results, path: Path) -> None:
+    """Each gptjax workload of the kernels run at (FLOPs per byte moved, FLOP/s) under the measured ceilings:
+    colour = precision mode, marker = workload."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in results[KERNELS]
+            if r.get("kind") == "workload" and r.get("status") == "ok" and r["backend"] == "jax"]
+    c = of_kind(results[KERNELS], "ceiling")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = np.logspace(-1, 4, 100)
+    for dtype, style in (("fp32", "k--"), ("int8", "k:")):
+        ax.plot(xs, np.minimum(c["matmul_flops"][dtype], c["bandwidth"]["read"] * xs), style,
+                label=f"measured {dtype} matmul / read bandwidth")
+    colours = dict(zip(MODES, ("C0", "C1", "C2", "C3")))
+    markers = {"prefill": "s", "decode": "o", "train": "^"}
+    for r in rows:
+        ax.scatter(r["flops"] / r["bytes_moved"], r["flops_per_s"], color=colours[r["precision"]],
+                   marker=markers[r["workload"]], s=40)
+    for mode, colour in colours.items():
+        ax.scatter([], [], color=colour, marker="o", label=mode)
+    for workload, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=workload)
+    ax.set(xscale="log", yscale="log", xlabel="FLOPs per byte moved", ylabel="achieved FLOP/s",
+           title="roofline of the quick suite, gpt2 shape (gptjax, CPU kernels)")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: the same data, the same bytes
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+PLOTS: dict[str, Callable[[Results, Path], None]] = {"decode_by_precision.png": plot_decode,
+                                                     "roofline.png": plot_roofline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the marked blocks and the plots; with --check, report stale files and exit 1 if any."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document is stale")
+    args = parser.parse_args(argv)
+    results = load_results()
+    stale = {p: new for p, (now, new) in rendered(results).items() if now != new}
+    if args.check:
+        for p in stale:
+            print(f"stale: {p.relative_to(ROOT)} (run python docs/render.py)")
+        return 1 if stale else 0
+    for p, text in stale.items():
+        p.write_text(text)
+        print(f"rendered {p.relative_to(ROOT)}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for name, draw in PLOTS.items():
+        draw(results, IMG / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
