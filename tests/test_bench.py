@@ -1,6 +1,7 @@
 """`gptjax bench`: statistics helpers, FLOPs/bytes/MFU arithmetic, the JSONL schema, --compare, CLI errors and a
 smoke run of the quick suite on the tiny preset (no test asserts a speed)."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -342,8 +343,10 @@ def test_each_study_has_help(capsys):
             main(["bench", "--study", name, "--help"])
         assert done.value.code == 0
         out = capsys.readouterr().out
-        assert f"usage: gptjax bench --study {name}" in out and f"gptjax bench --study {name}" in out.split("options")[0]
-        assert "--out DIR" in out
+        usage, description = out.split("\n\n")[:2]
+        assert usage.startswith(f"usage: gptjax bench --study {name}") and "--out DIR" in out
+        study = importlib.import_module(f"gptjax.bench.studies.{STUDIES[name]}")
+        assert description == study.__doc__.split("\n\n")[0]  # the study's docstring is its --help
 
 
 # ---- the harness under the other timed code: precision_report.speed --------------------------------------

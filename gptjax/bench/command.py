@@ -46,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "results.jsonl files and exit")
     p.add_argument("--device-check", action="store_true", help="for a short accelerator lease: logits vs the "
                    "NumPy oracle on the device, then the quick suite (default preset gpt2) in under 5 minutes")
-    p.add_argument("--study", nargs=argparse.REMAINDER, metavar="NAME ...", help="NAME [FLAGS]: a focused study instead of the "
-                   f"suite, on the same harness: {', '.join(STUDIES)}; the flags after NAME are the study's own "
-                   "(`gptjax bench --study NAME --help` lists them); results in --out DIR (results.jsonl, results.md)")
+    p.add_argument("--study", nargs=argparse.REMAINDER, help="NAME [FLAGS]: a focused study instead of the suite, "
+                   f"on the same harness: {', '.join(STUDIES)}; the flags after NAME are the study's own (`gptjax "
+                   "bench --study NAME --help` lists them); results in --out DIR (results.jsonl, results.md)")
 
 
 def int_list(flag: str, text: str | None) -> tuple[int, ...] | None:

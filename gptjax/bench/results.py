@@ -4,13 +4,17 @@ the first row records the environment) and DIR/results.md (the run's tables)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from gptjax.bench.env import environment
 from gptjax.bench.report import SCHEMA, environment_line, write_jsonl
+from gptjax.errors import GptjaxError
 
 
 class Outcome(NamedTuple):
@@ -78,3 +82,12 @@ def warn_if_busy(env: dict[str, Any], log: Any) -> None:
         log(f"warning: 1-minute load average {load:.1f} on {cores} cores before the run: other work competes for the "
             "CPU; timings are noisy and the peer (OpenMP) suffers more than XLA (measured here: torch prefill 7x "
             "slower with 2 threads than 1 while another process held a core); see --peer-threads")
+
+
+def child_result(module: str, *argv: str) -> dict[str, Any]:
+    """The JSON object that `python -m module argv...` prints last: what a study measures in a fresh process
+    (a tracer provider of its own, a clean peak RSS); a GptjaxError with the end of its stderr if it fails."""
+    done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise GptjaxError(f"{module} exited with status {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

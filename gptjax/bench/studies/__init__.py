@@ -1,6 +1,6 @@
 """Focused studies on the suite's harness, one lever each: `gptjax bench --study NAME [its flags]`.
 
-Each study module has a docstring (its --help), add_arguments(parser), run(args, log) -> Outcome and, where
+Each study module has a docstring (its --help), FLAGS (its flags), run(args, log) -> Outcome and, where
 needed, prepare(args): it checks flag values (a GptjaxError) and sets what must be set before JAX starts. The
 runner here parses its flags, opens the results directory (DIR/results.jsonl in the suite's schema: an
 environment row with the study's arguments, then one "study" row per measurement; DIR/results.md with its
@@ -28,7 +28,10 @@ def parser(name: str) -> argparse.ArgumentParser:
     module = _module(name)
     p = argparse.ArgumentParser(prog=f"gptjax bench --study {name}", description=module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    module.add_arguments(p)
+    for flag, (default, text, *choices) in module.FLAGS.items():
+        p.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                       choices=choices[0] if choices else None,
+                       help=text if default is None else f"{text} (default {default})")
     p.add_argument("--out", metavar="DIR", help=f"results directory (default runs/{name}-<time>): results.jsonl, "
                    "results.md")
     return p
@@ -45,7 +48,7 @@ def main(argv: Sequence[str], out: str | None = None, log: Any = print) -> int:
     if hasattr(module, "prepare"):  # before the results directory is made and JAX starts
         module.prepare(args)
     args.out = args.out or out or time.strftime(f"runs/{name}-%Y%m%d-%H%M%S")
-    arguments = {k: v for k, v in vars(args).items() if k not in ("out", "child")}
+    arguments = {k: v for k, v in vars(args).items() if k != "out"}
     results = open_results(args.out, log, study=name, args=arguments)
     outcome = module.run(args, log)
     results.write([{"kind": "study", "study": name, "load_avg_1m": load_average()} | row for row in outcome.rows])

@@ -11,20 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any
 
 from gptjax.bench.env import peak_rss
-from gptjax.bench.results import Outcome
+from gptjax.bench.results import Outcome, child_result
 from gptjax.bench.stats import timed, timed_value
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    p.add_argument("--preset", default="gpt2-xl", help="model shape, random weights (default gpt2-xl)")
-    p.add_argument("--dir", help="where to write the checkpoint (default: a temporary directory, removed after)")
+# flag -> (default, help); the runner adds them (the type is the default's, str for None)
+FLAGS = {"--preset": ("gpt2-xl", "model shape, random weights"),
+         "--dir": (None, "where to write the checkpoint (default: a temporary directory, removed after)")}
 
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
@@ -37,9 +34,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
         save_s = timed(lambda: save_checkpoint(config, init_params(config), path))
         size = os.path.getsize(os.path.join(path, "model.safetensors"))
         log(f"wrote {args.preset} checkpoint: {size / 1e9:.2f} GB in {save_s:.1f} s")
-        out = subprocess.run([sys.executable, "-m", __name__, path], check=True, capture_output=True,
-                             text=True).stdout
-    child = json.loads(out.strip().splitlines()[-1])
+        child = child_result(__name__, path)
     growth = child["rss_after_bytes"] - child["rss_before_bytes"]
     row = {"preset": args.preset, "file_bytes": size, "save_s": save_s, "growth_bytes": growth,
            "growth_vs_file": growth / size} | child

@@ -23,16 +23,12 @@ from gptjax.errors import GptjaxError
 DEFAULT_MODES = "fp32/fp32,bf16/bf16,bf16/fp32,int8/int8,int8/fp32,int8/bf16"
 CHUNK = 8  # decode steps per stream chunk
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    p.add_argument("--preset", default="gpt2", help="model shape, random weights (default gpt2)")
-    p.add_argument("--batch", type=int, default=8, help="rows decoding together (default 8)")
-    p.add_argument("--prompt", type=int, default=480, help="cached prompt tokens per row (default 480)")
-    p.add_argument("--new", type=int, default=40, help="new tokens per row, >= 16 (a multiple of 8: whole chunks; "
-                   "default 40)")
-    p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma list of precision/kv_cache (default {DEFAULT_MODES})")
-    p.add_argument("--runs", type=int, default=3, help="timed rounds, modes interleaved (default 3)")
+# flag -> (default, help); the runner adds them (the type is the default's)
+FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--batch": (8, "rows decoding together"),
+         "--prompt": (480, "cached prompt tokens per row"),
+         "--new": (40, "new tokens per row, >= 16 (a multiple of 8: whole chunks)"),
+         "--modes": (DEFAULT_MODES, "comma list of precision/kv_cache"),
+         "--runs": (3, "timed rounds, modes interleaved")}
 
 
 def step_time(backend: Any, weights: Any, prompts: list[list[int]], new: int, chunk: int = CHUNK) -> float:

@@ -25,16 +25,12 @@ from gptjax.bench.stats import interleaved_times, median
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    p.add_argument("--preset", default="byte-mini", help="model shape, random weights (default byte-mini)")
-    p.add_argument("--batch", type=int, default=16, help="global batch (default 16)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
-    p.add_argument("--meshes", default="1x1x1,8x1x1,1x8x1,2x1x4,2x2x2", help="comma list of data x fsdp x tensor "
-                   "(default 1x1x1,8x1x1,1x8x1,2x1x4,2x2x2)")
-    p.add_argument("--runs", type=int, default=5, help="timed steps per mesh, median reported (default 5)")
-    p.add_argument("--cpu-devices", type=int, default=8, help="host devices JAX makes on CPU (default 8)")
+# flag -> (default, help); the runner adds them (the type is the default's)
+FLAGS = {"--preset": ("byte-mini", "model shape, random weights"), "--batch": (16, "global batch"),
+         "--seq-len": (128, "tokens per row"),
+         "--meshes": ("1x1x1,8x1x1,1x8x1,2x1x4,2x2x2", "comma list of data x fsdp x tensor"),
+         "--runs": (5, "timed steps per mesh, median reported"),
+         "--cpu-devices": (8, "host devices JAX makes on CPU")}
 
 
 def parse_meshes(text: str) -> list[tuple[int, int, int]]:

@@ -38,21 +38,15 @@ METRICS = ('gptjax_http_requests_total{method="POST",route="/v1/completions",sta
            'gptjax_generated_tokens_total{backend="jax"}', "gptjax_serve_decode_rows_sum",
            "gptjax_serve_decode_rows_count")
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    p.add_argument("--preset", default="gpt2", help="model shape with random weights (default gpt2)")
-    p.add_argument("--checkpoint", help="serve this checkpoint instead of a random --preset model")
-    p.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
-    p.add_argument("--requests", type=int, default=64, help="requests per level and round (default 64)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all levels (default 2)")
-    p.add_argument("--duration", type=float, default=120, help="cap in seconds per level (default 120)")
-    p.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
-    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (default 32)")
-    p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
-    p.add_argument("--chunk-size", type=int, default=4, help="the server's --chunk-size (default 4)")
-    p.add_argument("--batching", choices=["continuous", "dynamic"], default="continuous",
-                   help="the server's --batching (default continuous)")
+# flag -> (default, help[, choices]); the runner adds them (the type is the default's, str for None)
+FLAGS = {"--preset": ("gpt2", "model shape with random weights"),
+         "--checkpoint": (None, "serve this checkpoint instead of a random --preset model"),
+         "--concurrency": ("1,4,16", "comma list of client counts"),
+         "--requests": (64, "requests per level and round"), "--rounds": (2, "interleaved rounds of all levels"),
+         "--duration": (120.0, "cap in seconds per level"), "--prompt": (16, "prompt tokens"),
+         "--max-tokens": (32, "max_tokens per request"), "--max-batch": (16, "the server's --max-batch"),
+         "--chunk-size": (4, "the server's --chunk-size"),
+         "--batching": ("continuous", "the server's --batching", ("continuous", "dynamic"))}
 
 
 def levels(args: argparse.Namespace) -> list[int]:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from typing import Any
 
-from gptjax.bench.results import Outcome
+from gptjax.bench.results import Outcome, child_result
 from gptjax.bench.stats import interleaved_runs, interleaved_times, median
 from gptjax.errors import GptjaxError
 
@@ -26,16 +25,10 @@ VARIANTS = ("off", "on", "unsynced")
 LABELS = {"off": "off (API no-op)", "on": "on (SDK + batch exporter, synced)", "unsynced": "on, unsynced"}
 PROMPT = 32  # prompt tokens per row
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    p.add_argument("--preset", default="gpt2", help="model shape, random weights (default gpt2)")
-    p.add_argument("--batch", type=int, default=1, help="rows per call (default 1)")
-    p.add_argument("--new", type=int, default=128, help="new tokens per row (default 128)")
-    p.add_argument("--chunk-size", type=int, default=8, help="decode steps per stream chunk (default 8)")
-    p.add_argument("--runs", type=int, default=3, help="timed calls per process (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="processes per variant, A B C A B C ... (default 3)")
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+# flag -> (default, help); the runner adds them (the type is the default's)
+FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--batch": (1, "rows per call"),
+         "--new": (128, "new tokens per row"), "--chunk-size": (8, "decode steps per stream chunk"),
+         "--runs": (3, "timed calls per process"), "--rounds": (3, "processes per variant, A B C A B C ...")}
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -50,14 +43,10 @@ def prepare(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Each variant's decode throughput, one child process per variant and round."""
-    flags = ["--preset", args.preset, "--batch", str(args.batch), "--new", str(args.new), "--chunk-size",
-             str(args.chunk_size), "--runs", str(args.runs)]
 
     def child(variant: str) -> dict[str, Any]:
         log(f"tracing {variant} ...")
-        out = subprocess.run([sys.executable, "-m", __name__, "--child", variant, *flags], capture_output=True,
-                             text=True, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        return child_result(__name__, json.dumps(vars(args) | {"variant": variant}))
 
     found = interleaved_runs({v: (lambda i, v=v: child(v)) for v in VARIANTS}, args.rounds, warmup=0)
     base = median([r["median_s"] for r in found["off"]])
@@ -80,16 +69,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _child(args: argparse.Namespace) -> dict[str, Any]:
+def _child(task: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: install the variant's tracer provider, then time streamed decode calls."""
     import numpy as np
 
     from gptjax import get_backend, get_preset, init_params
 
+    args, variant = argparse.Namespace(**task), task["variant"]
     spans = [0]
-    provider = _discarding_provider(spans) if args.child != "off" else None
+    provider = _discarding_provider(spans) if variant != "off" else None
     config = get_preset(args.preset)
-    backend = get_backend("jax", config, trace_sync=args.child != "unsynced")
+    backend = get_backend("jax", config, trace_sync=variant != "unsynced")
     weights = backend.prepare(init_params(config))
     prompts = [np.random.default_rng(i).integers(0, config.vocab_size, (args.batch, PROMPT)).tolist()
                for i in range(3)]
@@ -97,10 +87,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     def call(i: int) -> None:
         list(backend.stream(weights, prompts[i % 3], args.new, chunk_size=args.chunk_size, greedy=True))
 
-    times = interleaved_times({args.child: call}, args.runs, warmup=2)[args.child]
+    times = interleaved_times({variant: call}, args.runs, warmup=2)[variant]
     if provider is not None:
         provider.force_flush()
-    return {"variant": args.child, "median_s": median(times), "times_s": times, "spans": spans[0]}
+    return {"variant": variant, "median_s": median(times), "times_s": times, "spans": spans[0]}
 
 
 def _discarding_provider(spans: list[int]) -> Any:
@@ -120,7 +110,5 @@ def _discarding_provider(spans: list[int]) -> Any:
     return provider
 
 
-if __name__ == "__main__":  # a child process of the study
-    _parser = argparse.ArgumentParser()
-    add_arguments(_parser)
-    print(json.dumps(_child(_parser.parse_args())))
+if __name__ == "__main__":  # a child process of the study: its arguments and variant as one JSON object
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
