@@ -265,6 +265,14 @@ def test_long_decode_study(tmp_path):
     assert rows[0]["vs_fp32"] == 1.0 and "| int8 | int8 |" in table and "long-decode: tiny, B=2" in table
 
 
+def test_kv_cache_study(tmp_path):
+    _, [row], table = _study("kv-cache", tmp_path, "--preset", "tiny", "--prompt", "4", "--new", "6", "--runs", "2")
+    assert row["same_tokens"] and len(row["cache_times_s"]) == len(row["recompute_times_s"]) == 2
+    assert row["cache_tokens_per_s"] == pytest.approx(6 / stats.median(row["cache_times_s"]))
+    assert row["speedup"] == pytest.approx(row["cache_tokens_per_s"] / row["recompute_tokens_per_s"])
+    assert "(same tokens)" in table
+
+
 def test_scaling_study_skips_a_mesh_larger_than_the_devices(tmp_path):
     _, rows, table = _study("scaling", tmp_path, "--preset", "tiny", "--batch", "4", "--seq-len", "8", "--runs", "1",
                             "--meshes", "2x1x1,1x1x16")
@@ -322,10 +330,12 @@ def test_serve_load_study(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--study"], "--study nothing; allowed: long-decode, scaling, serve-load, tracing-overhead, load-memory"),
+    (["--study"], "--study nothing; allowed: long-decode, kv-cache, scaling, serve-load, tracing-overhead, "
+                  "load-memory"),
     (["--study", "nope"], "--study 'nope'; allowed:"),
     (["--study", "long-decode", "--new", "8"], "--new 8 must be >= 16"),
     (["--study", "long-decode", "--modes", "int8"], "each mode is precision/kv_cache"),
+    (["--study", "kv-cache", "--preset", "tiny", "--new", "64"], "--prompt 32 + --new 64 must fit n_positions=64"),
     (["--study", "scaling", "--meshes", "2x2"], "--meshes '2x2': give data x fsdp x tensor sizes"),
     (["--study", "serve-load", "--concurrency", "0"], "--concurrency '0': give a comma list of positive integers"),
 ])

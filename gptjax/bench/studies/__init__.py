@@ -19,7 +19,7 @@ from gptjax.bench.stats import load_average
 from gptjax.errors import GptjaxError
 
 # --study name -> module in this package
-STUDIES = {"long-decode": "long_decode", "scaling": "scaling", "serve-load": "serve_load",
+STUDIES = {"long-decode": "long_decode", "kv-cache": "kv_cache", "scaling": "scaling", "serve-load": "serve_load",
            "tracing-overhead": "tracing_overhead", "load-memory": "load_memory"}
 
 
