@@ -2,14 +2,12 @@
 bytes it stores, the quality it keeps (loss, perplexity, top-1 agreement and logit error against fp32) and
 the speed it gives (prefill and decode tokens/s, timed after warm-up, modes interleaved, median of runs).
 
-Used by `gptjax quantize --report` and benchmarks/precision.py.
+Used by `gptjax quantize --report`; timed by the bench harness (gptjax.bench.stats), as `gptjax bench` is.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gptjax.backends.base import get_backend
+from gptjax.bench.stats import interleaved_runs, median, stamps, timed
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import for_precision, weight_bytes
@@ -130,31 +129,40 @@ def speed(built: list[tuple[Mode, Any, Any, int]], config: GPTConfig, *, prompt:
           progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Prefill tokens/s (B=1, prefill_len tokens, last-position logits) and greedy decode tokens/s per batch
     size (prompt tokens, then new_tokens; the decode phase alone, timed from the prefill's token to the last),
-    every mode warmed up first, then run in turn (A B C A B C ...), median of `runs`."""
+    every mode warmed up first, then run in turn (A B C A B C ...), median of `runs`; timed by the bench
+    harness (gptjax.bench.stats)."""
     rng = np.random.default_rng(seed)
     T = min(prefill_len, config.n_positions)
     prompt = min(prompt, config.n_positions - new_tokens)
     if prompt < 1:
         raise GptjaxError(f"new_tokens={new_tokens} leaves no room for a prompt in n_positions={config.n_positions}")
-    results: list[dict[str, Any]] = [{"prefill": [], "decode": {b: [] for b in batches}} for _ in built]
-    for i in range(runs + 1):  # the first round is the warm-up (compilation), not recorded
-        tokens = rng.integers(0, config.vocab_size, (1, T))
-        prompts = {b: rng.integers(0, config.vocab_size, (b, prompt)).tolist() for b in batches}
-        for r, (mode, backend, weights, _) in zip(results, built):
+    # fresh inputs every round, the same for every mode; round 0 is the warm-up (compilation), not recorded
+    rounds = [(rng.integers(0, config.vocab_size, (1, T)),
+               {b: rng.integers(0, config.vocab_size, (b, prompt)).tolist() for b in batches}) for _ in range(runs + 1)]
+
+    def job(mode: Mode, backend: Any, weights: Any) -> Callable[[int], tuple[float, dict[int, float]]]:
+        def call(i: int) -> tuple[float, dict[int, float]]:
+            n = max(i + 1, 0)  # the harness's warm-up call is i = -1
+            tokens, prompts = rounds[n]
             if progress:
-                progress(f"round {i}/{runs} {mode.label}")
-            t0 = time.perf_counter()
-            backend.forward(weights, tokens, last_only=True)
-            if i:
-                r["prefill"].append(T / (time.perf_counter() - t0))
-            for b in batches:
-                chunks = backend.stream(weights, prompts[b], new_tokens, chunk_size=new_tokens, greedy=True)
-                next(chunks)  # prefill's token
-                t0, n = time.perf_counter(), sum(len(t) for c in chunks for t in c.tokens)
-                if i:
-                    r["decode"][b].append(n / (time.perf_counter() - t0))
-    return [{"prefill": statistics.median(r["prefill"]),
-             "decode": {b: statistics.median(v) for b, v in r["decode"].items()}} for r in results]
+                progress(f"round {n}/{runs} {mode.label}")
+            prefill = T / timed(lambda: backend.forward(weights, tokens, last_only=True))
+            return prefill, {b: _decode_rate(backend, weights, prompts[b], new_tokens) for b in batches}
+
+        return call
+
+    fns = {str(k): job(mode, backend, weights) for k, (mode, backend, weights, _) in enumerate(built)}
+    measured = interleaved_runs(fns, runs, warmup=1).values()
+    return [{"prefill": median([p for p, _ in m]), "decode": {b: median([d[b] for _, d in m]) for b in batches}}
+            for m in measured]
+
+
+def _decode_rate(backend: Any, weights: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of a greedy stream's decode phase: the tokens after the prefill's, over the time from the
+    prefill's chunk to the last chunk."""
+    chunks = stamps(backend.stream(weights, prompts, new_tokens, chunk_size=new_tokens, greedy=True))
+    n = sum(len(t) for _, chunk in chunks[1:] for t in chunk.tokens)
+    return n / (chunks[-1][0] - chunks[0][0])
 
 
 def report(config: GPTConfig, params: Params, windows: np.ndarray | None, modes: Sequence[Mode] = DEFAULT_MODES, *,

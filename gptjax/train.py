@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from gptjax.backends.jax_flax import GPT, to_params
+from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import precision_of
@@ -206,19 +207,6 @@ def export_params(graphdef: Any, weights: Any) -> Params:
     return to_params(nnx.merge(graphdef, weights))
 
 
-def measure_peak_flops(n: int = 1024, runs: int = 5) -> float:
-    """FLOP/s of a float32 n³ matmul through JAX on the default device, best of runs (the MFU ceiling)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def config_from_overrides(config: GPTConfig, tc: TrainConfig, overrides: list[str]
                           ) -> tuple[GPTConfig, TrainConfig]:
     """Apply `key=value` overrides to the model or training config, parsing each value as its field's type."""
@@ -382,7 +370,7 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     if resume:
         state = _restore(manager, state, batcher)
     unigram = data.unigram_entropy(np.asarray(d.val))
-    peak = peak_flops or measure_peak_flops()
+    peak = peak_flops or matmul_flops(tc.compute_dtype, 1024)  # the suite's ceiling for this compute dtype
     writer = SummaryWriter(str(out / "tb"))
     loop = _Loop(graphdef, tc, config, T, batcher, eval_tokens, d, writer, manager, peak, unigram,
                  skip_nonfinite, inject_nan_at, sample_prompt)

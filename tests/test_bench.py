@@ -1,6 +1,7 @@
 """`gptjax bench`: statistics helpers, FLOPs/bytes/MFU arithmetic, the JSONL schema, --compare, CLI errors and a
 smoke run of the quick suite on the tiny preset (no test asserts a speed)."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -240,32 +241,179 @@ def test_device_check_on_cpu(tmp_path, capsys):
     assert (out / "results.jsonl").exists() and "PASS" in capsys.readouterr().out
 
 
-def test_benchmark_scripts_still_import_the_shared_helpers():
-    from benchmarks import common
-
-    assert common.median([1.0, 2.0, 3.0]) == 2.0 and callable(common.interleaved_times)
-    assert set(common.memory_bandwidth(2**20, runs=1)) >= {"read_bytes_per_s", "copy_bytes_per_s"}
-
-
-def test_the_precision_benchmark_runs_end_to_end(tmp_path, capsys):
-    # regression: benchmarks/precision.py read env["devices"], a key the shared environment() no longer has,
-    # and crashed after measuring nothing
-    from benchmarks import precision
-
-    out = tmp_path / "p.jsonl"
-    assert precision.main(["--preset", "tiny", "--modes", "fp32,int8", "--batches", "1", "--prompt", "4", "--new",
-                           "3", "--prefill", "8", "--runs", "1", "--jsonl", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "gptjax CPU kernels:" in printed and "roofline" in printed
-    assert [json.loads(line)["mode"] for line in out.read_text().splitlines()] == ["fp32", "int8"]
+# ---- the studies (`gptjax bench --study NAME`): tiny shapes, one run each -------------------------------
+def _study(name: str, out: Path, *flags: str) -> tuple[dict, list[dict], str]:
+    """Run one study; its environment row, its study rows and its results.md."""
+    assert main(["bench", "--study", name, "--out", str(out), *flags]) == 0
+    rows = read_jsonl(str(out / "results.jsonl"))
+    assert all(r["schema"] == SCHEMA for r in rows) and len({r["run"] for r in rows}) == 1
+    assert rows[0]["kind"] == "environment" and rows[0]["study"] == name and "git" in rows[0]["env"]
+    study = rows[1:]
+    assert all(r["kind"] == "study" and r["study"] == name and "load_avg_1m" in r for r in study)
+    return rows[0], study, (out / "results.md").read_text()
 
 
-def test_the_long_decode_benchmark_runs_end_to_end(tmp_path, capsys):
-    from benchmarks import long_decode
+def test_long_decode_study(tmp_path):
+    env, rows, table = _study("long-decode", tmp_path, "--preset", "tiny", "--batch", "2", "--prompt", "8", "--new",
+                              "16", "--runs", "2", "--modes", "fp32/fp32,int8/int8")
+    assert env["args"] == {"preset": "tiny", "batch": 2, "prompt": 8, "new": 16, "modes": "fp32/fp32,int8/int8",
+                           "runs": 2}
+    assert [(r["precision"], r["kv_cache"]) for r in rows] == [("fp32", "fp32"), ("int8", "int8")]
+    for r in rows:
+        assert len(r["times_s"]) == 2 and r["step_s"] == stats.median(r["times_s"]) > 0
+        assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"])
+    assert rows[0]["vs_fp32"] == 1.0 and "| int8 | int8 |" in table and "long-decode: tiny, B=2" in table
 
-    out = tmp_path / "l.jsonl"
-    assert long_decode.main(["--preset", "tiny", "--batch", "2", "--prompt", "8", "--new", "16", "--runs", "1",
-                             "--modes", "fp32/fp32,int8/int8", "--jsonl", str(out)]) == 0
-    assert "| int8 | int8 |" in capsys.readouterr().out
-    assert [(r["precision"], r["kv_cache"]) for r in map(json.loads, out.read_text().splitlines())] == [
-        ("fp32", "fp32"), ("int8", "int8")]
+
+def test_kv_cache_study(tmp_path):
+    _, [row], table = _study("kv-cache", tmp_path, "--preset", "tiny", "--prompt", "4", "--new", "6", "--runs", "2")
+    assert row["same_tokens"] and len(row["cache_times_s"]) == len(row["recompute_times_s"]) == 2
+    assert row["cache_tokens_per_s"] == pytest.approx(6 / stats.median(row["cache_times_s"]))
+    assert row["speedup"] == pytest.approx(row["cache_tokens_per_s"] / row["recompute_tokens_per_s"])
+    assert "(same tokens)" in table
+
+
+def test_scaling_study_skips_a_mesh_larger_than_the_devices(tmp_path):
+    _, rows, table = _study("scaling", tmp_path, "--preset", "tiny", "--batch", "4", "--seq-len", "8", "--runs", "1",
+                            "--meshes", "2x1x1,1x1x16")
+    ok, skipped = rows
+    assert ok["mesh"] == "2x1x1" and ok["status"] == "ok" and len(ok["times_s"]) == 1 and ok["step_s"] > 0
+    assert set(ok["comm_bytes"]) == {"data", "fsdp", "tensor"} and ok["comm_bytes"]["fsdp"] == 0
+    assert skipped["status"] == "skipped" and skipped["message"] == "needs 16 devices, JAX sees 8"
+    assert "| 1x1x16 | skipped: needs 16 devices" in table
+
+
+def test_scaling_communication_estimates_by_hand():
+    from gptjax.bench.studies.scaling import comm_bytes
+
+    tiny = get_preset("tiny")
+    P = 4 * tiny.num_params()
+    assert comm_bytes(tiny, 8, 16, 1, 1, 1) == {"data": 0.0, "fsdp": 0.0, "tensor": 0.0}
+    assert comm_bytes(tiny, 8, 16, 2, 1, 1)["data"] == pytest.approx(P)  # 2(d-1)/d·P
+    assert comm_bytes(tiny, 8, 16, 1, 4, 1)["fsdp"] == pytest.approx(3 * 3 / 4 * P)
+    # 4 all-reduces per layer, ring 2(t-1)/t, rows B/(d·f) = 4, [4, 16, 32] fp32 activations
+    assert comm_bytes(tiny, 8, 16, 2, 1, 2)["tensor"] == pytest.approx(4 * 2 * 2 * (1 / 2) * 4 * 16 * 32 * 4)
+
+
+@pytest.mark.slow  # three child processes, each starting JAX and compiling: about 40 s on 2 cores under load
+def test_tracing_overhead_study(tmp_path):
+    pytest.importorskip("opentelemetry.sdk")
+    _, rows, table = _study("tracing-overhead", tmp_path, "--preset", "tiny", "--new", "4", "--chunk-size", "2",
+                            "--runs", "1", "--rounds", "1")
+    assert [r["variant"] for r in rows] == ["off", "on", "unsynced"]
+    assert rows[0]["spans"] == 0 and rows[0]["cost_vs_off"] == 0
+    assert rows[1]["spans"] > 0 and rows[2]["spans"] == rows[1]["spans"]
+    assert all(len(r["process_median_s"]) == 1 and r["tokens_per_s"] > 0 for r in rows)
+    assert "| on (SDK + batch exporter, synced) |" in table
+
+
+def test_load_memory_study(tmp_path):
+    _, [row], table = _study("load-memory", tmp_path, "--preset", "tiny", "--dir", str(tmp_path))
+    assert row["params_bytes"] == 4 * get_preset("tiny").num_params()
+    assert row["file_bytes"] >= row["params_bytes"] and row["rss_after_bytes"] >= row["rss_before_bytes"]
+    assert row["growth_vs_file"] == row["growth_bytes"] / row["file_bytes"] and row["load_s"] > 0
+    assert "the file" in table
+
+
+@pytest.mark.slow  # starts `gptjax serve` in a subprocess and compiles its buckets: about 35 s on 2 cores
+def test_serve_load_study(tmp_path):
+    pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    _, rows, table = _study("serve-load", tmp_path, "--preset", "tiny", "--concurrency", "1,2", "--requests", "2",
+                            "--rounds", "1", "--prompt", "4", "--max-tokens", "4", "--max-batch", "2")
+    assert [r["clients"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["ok"] == r["requests"] == 2 and r["server_exit_status"] == 0 and len(r["tokens_per_s_rounds"]) == 1
+        assert r["server_200"] == 2 and r["server_tokens"] == r["client_tokens"] == 8  # /metrics = the client's
+        assert r["ttft_p50_s"] > 0 and r["tokens_per_s"] > 0
+    assert "| 2 | 2/2 |" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--study"], "--study nothing; allowed: long-decode, kv-cache, scaling, serve-load, tracing-overhead, "
+                  "load-memory"),
+    (["--study", "nope"], "--study 'nope'; allowed:"),
+    (["--study", "long-decode", "--new", "8"], "--new 8 must be >= 16"),
+    (["--study", "long-decode", "--modes", "int8"], "each mode is precision/kv_cache"),
+    (["--study", "kv-cache", "--preset", "tiny", "--new", "64"], "--prompt 32 + --new 64 must fit n_positions=64"),
+    (["--study", "scaling", "--meshes", "2x2"], "--meshes '2x2': give data x fsdp x tensor sizes"),
+    (["--study", "serve-load", "--concurrency", "0"], "--concurrency '0': give a comma list of positive integers"),
+])
+def test_bad_study_values_are_clear_errors(argv, message, capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path / "x"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing measured, nothing written
+
+
+def test_each_study_has_help(capsys):
+    from gptjax.bench.studies import STUDIES
+
+    for name in STUDIES:
+        with pytest.raises(SystemExit) as done:
+            main(["bench", "--study", name, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        usage, description = out.split("\n\n")[:2]
+        assert usage.startswith(f"usage: gptjax bench --study {name}") and "--out DIR" in out
+        study = importlib.import_module(f"gptjax.bench.studies.{STUDIES[name]}")
+        assert description == study.__doc__.split("\n\n")[0]  # the study's docstring is its --help
+
+
+# ---- the harness under the other timed code: precision_report.speed --------------------------------------
+def test_interleaved_runs_returns_what_each_run_measured():
+    calls = []
+    found = stats.interleaved_runs({"a": lambda i: calls.append(("a", i)) or 10 * i,
+                                    "b": lambda i: calls.append(("b", i)) or -i}, runs=2, warmup=1)
+    assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert found == {"a": [0, 10], "b": [0, -1]}
+
+
+def test_stamps_and_timed_read_the_harness_clock(monkeypatch):
+    ticks = iter(range(100))
+    monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))
+    assert stats.stamps("xyz") == [(1.0, "x"), (2.0, "y"), (3.0, "z")]  # clock 0 at the start
+    assert stats.timed_value(lambda: "v") == ("v", 1.0) and stats.timed(lambda: None) == 1.0
+
+
+class _Chunk:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+
+class _FakeBackend:
+    """forward and stream as the precision report calls them, logging each call."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def forward(self, weights, tokens, last_only):
+        self.log.append((self.name, "forward", tokens.shape))
+
+    def stream(self, weights, prompts, new, chunk_size, greedy):
+        self.log.append((self.name, "stream", len(prompts)))
+        yield _Chunk([[0] for _ in prompts])  # the prefill's token
+        yield _Chunk([[0] * (new - 1) for _ in prompts])
+
+
+def test_precision_report_speed_times_on_the_harness(monkeypatch):
+    from gptjax.precision_report import Mode, speed
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))  # every reading 1 s after the last
+    log, progress = [], []
+    built = [(Mode("fp32"), _FakeBackend("a", log), None, 0), (Mode("int8"), _FakeBackend("b", log), None, 0)]
+    out = speed(built, get_preset("tiny"), prompt=4, new_tokens=5, batches=(1, 3), prefill_len=16, runs=2,
+                progress=progress.append)
+    # one warm-up round, then the modes in turn (A B A B), each prefill then decode per batch size
+    assert progress == [f"round {n}/2 {m}" for n in range(3) for m in ("fp32", "int8")]
+    assert log[:3] == [("a", "forward", (1, 16)), ("a", "stream", 1), ("a", "stream", 3)] and len(log) == 18
+    # prefill: 16 tokens in 1 s; decode: B·(new - 1) tokens from the prefill's chunk to the last, 1 s apart
+    assert out == [{"prefill": 16.0, "decode": {1: 4.0, 3: 12.0}}] * 2
+
+
+def test_train_mfu_uses_the_suite_ceiling():
+    import gptjax.train as train
+    from gptjax.bench.ceilings import matmul_flops
+
+    assert not hasattr(train, "measure_peak_flops") and train.matmul_flops is matmul_flops
+    assert matmul_flops("fp32", 64, runs=1) > 0 and matmul_flops("bf16", 64, runs=1) > 0

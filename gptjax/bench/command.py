@@ -1,11 +1,12 @@
-"""The `gptjax bench` command line: flags, their parsing into suite.Options, and the three modes (suite,
---compare, --device-check)."""
+"""The `gptjax bench` command line: flags, their parsing into suite.Options, and the four modes (suite,
+--compare, --device-check, --study NAME)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from gptjax.bench.studies import STUDIES
 from gptjax.errors import GptjaxError
 
 
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "results.jsonl files and exit")
     p.add_argument("--device-check", action="store_true", help="for a short accelerator lease: logits vs the "
                    "NumPy oracle on the device, then the quick suite (default preset gpt2) in under 5 minutes")
+    p.add_argument("--study", nargs=argparse.REMAINDER, help="NAME [FLAGS]: a focused study instead of the suite, "
+                   f"on the same harness: {', '.join(STUDIES)}; the flags after NAME are the study's own (`gptjax "
+                   "bench --study NAME --help` lists them); results in --out DIR (results.jsonl, results.md)")
 
 
 def int_list(flag: str, text: str | None) -> tuple[int, ...] | None:
@@ -74,7 +78,11 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `gptjax bench` with parsed flags: --compare, --device-check, or the suite."""
+    """Run `gptjax bench` with parsed flags: --compare, --device-check, --study, or the suite."""
+    if args.study is not None:
+        from gptjax.bench.studies import main as study
+
+        return study(args.study, out=args.out)
     if args.compare:
         from gptjax.bench.report import compare_table, read_jsonl
 

@@ -9,6 +9,8 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
+from gptjax.bench.stats import load_average
+
 _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers")
 
 
@@ -26,7 +28,7 @@ def environment(peer_thread_count: int | None = None) -> dict[str, Any]:
     env |= {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")}
     env["cpu_kernels"] = cpu_kernels.status()
     env |= {"peer_threads": peer_thread_count or peer_threads(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_avg_1m": load_average()}
     return env
 
 
@@ -91,10 +93,11 @@ def device_memory() -> dict[str, int | None]:
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
-    return {"peak_device_bytes": stats.get("peak_bytes_in_use"), "host_peak_rss_bytes": _peak_rss()}
+    return {"peak_device_bytes": stats.get("peak_bytes_in_use"), "host_peak_rss_bytes": peak_rss()}
 
 
-def _peak_rss() -> int | None:
+def peak_rss() -> int | None:
+    """This process's peak resident memory so far (VmHWM, Linux), None where unknown."""
     try:
         with open("/proc/self/status") as f:
             found = re.search(r"VmHWM:\s+(\d+) kB", f.read())

@@ -6,13 +6,13 @@ quantisation, W8A8, after HF's Conv1D layers become Linear; CPU only)."""
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from gptjax.bench.env import torch_threads
+from gptjax.bench.stats import clock
 from gptjax.bench.workloads import N_INPUTS, Shape, token_batches
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
@@ -139,7 +139,7 @@ def _decode(model: Any, config: GPTConfig, shape: Shape, threads: int | None
 
     def latencies() -> dict[str, Any]:
         stamps = _Stamps()
-        t0 = time.perf_counter()
+        t0 = clock()
         hf_generate(model, prompts[1], shape.new, [stamps], threads)
         times = [t - t0 for t in stamps.times]
         return {"ttft_s": times[0], "per_token_s": np.diff(times).tolist()}
@@ -157,7 +157,7 @@ class _Stamps:
         import torch
 
         _sync()
-        self.times.append(time.perf_counter())
+        self.times.append(clock())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 

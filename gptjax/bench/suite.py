@@ -6,15 +6,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for, measure_ceilings
-from gptjax.bench.env import device_memory, environment
-from gptjax.bench.report import SCHEMA, ceilings_table, environment_line, markdown_table, write_jsonl
-from gptjax.bench.stats import interleaved_times, latency_summary, median, timed
+from gptjax.bench.env import device_memory
+from gptjax.bench.report import ceilings_table, markdown_table
+from gptjax.bench.results import Results, open_results
+from gptjax.bench.stats import interleaved_times, latency_summary, load_average, median, timed
 from gptjax.bench.workloads import Job, Shape, ours
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
@@ -143,17 +143,10 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
 
         require_peer()
     deadline = time.monotonic() + options.time_budget if options.time_budget else None
-    out = options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "results.jsonl")
-    open(path, "w").close()  # one run per file
-    base = {"schema": SCHEMA, "run": uuid.uuid4().hex[:12]}
-    env = environment(options.peer_threads)
-    _warn_if_busy(env, log)
-    log(f"environment: {env}")
-    ceiling = _ceilings(spec, options, env, log)
-    rows = [base | {"kind": "environment", "env": env}, base | {"kind": "ceiling"} | ceiling]
-    write_jsonl(path, rows)
+    results = open_results(options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"), log, options.peer_threads)
+    ceiling = _ceilings(spec, options, results.env, log)
+    rows = [results.environment_row] + results.write([{"kind": "ceiling"} | ceiling])
+    base = results.base
     from gptjax.weights import init_params
 
     params = init_params(config, seed=0)
@@ -162,20 +155,9 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
             new = _skipped(base, spec, shape, precision, options, "time budget spent")
         else:
             new = measure(base, spec, config, params, shape, precision, options, ceiling, log)
-        write_jsonl(path, new)
-        rows += new
-    _finish(rows, out, options, ceiling, spec, log)
+        rows += results.write(new)
+    _finish(rows, results, options, ceiling, spec, log)
     return rows
-
-
-def _warn_if_busy(env: dict[str, Any], log: Any) -> None:
-    """Say so when other work already loads the cores: timings are noisy then, and the peer's OpenMP threads
-    (spin-waiting at barriers) slow down far more than XLA's pool when a core is taken."""
-    load, cores = env.get("load_avg_1m"), env.get("cores") or 1
-    if env["platform"] == "cpu" and load is not None and load > 0.5 * cores:
-        log(f"warning: 1-minute load average {load:.1f} on {cores} cores before the run: other work competes for the "
-            "CPU; timings are noisy and the peer (OpenMP) suffers more than XLA (measured here: torch prefill 7x "
-            "slower with 2 threads than 1 while another process held a core); see --peer-threads")
 
 
 def _ceilings(spec: SuiteSpec, options: Options, env: dict[str, Any], log: Any) -> dict[str, Any]:
@@ -254,7 +236,7 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
             "bw_use_measured": metrics.utilisation(bytes_per_s, ceiling["bandwidth"]["read"]),
             "bw_use_datasheet": metrics.utilisation(bytes_per_s, sheet.get("hbm_bytes_per_s")),
             "memory": job.memory | device_memory(), "latency_s": latency_summary(times),
-            "load_avg_1m": _load()} | job.notes
+            "load_avg_1m": load_average()} | job.notes
     if latencies is not None:
         extra = latencies()
         row |= {"ttft_s": extra["ttft_s"], "latency_s": latency_summary(extra["per_token_s"]),
@@ -262,28 +244,16 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
     return row
 
 
-def _load() -> float | None:
-    """The machine's 1-minute load average (others' work competes for the cores), None where unknown."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-def _finish(rows: list[dict[str, Any]], out: str, options: Options, ceiling: dict[str, Any], spec: SuiteSpec,
-            log: Any) -> None:
+def _finish(rows: list[dict[str, Any]], results: Results, options: Options, ceiling: dict[str, Any],
+            spec: SuiteSpec, log: Any) -> None:
     loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
     busy = loads and max(loads) > (os.cpu_count() or 1)
     load = (f"\n1-minute load average after each measurement: {min(loads):.1f} to {max(loads):.1f} on "
             f"{os.cpu_count()} cores{' (above the core count: other work competed for the CPU)' if busy else ''}\n"
             if loads else "")
-    text = (f"## gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs\n\n"
-            f"{environment_line(rows[0]['env'])}\n\n{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}\n")
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-    log("\n" + text)
     if options.plots:
         from gptjax.bench.plots import make_plots
 
-        log(make_plots(rows, out))
-    log(f"results: {out}/results.jsonl, {out}/results.md")
+        log(make_plots(rows, results.out))
+    results.finish(f"gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs",
+                   f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}", log)

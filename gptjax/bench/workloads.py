@@ -3,7 +3,6 @@ inputs, plus its work in FLOPs and bytes, its memory, and extra latency samples 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from gptjax.bench import metrics
+from gptjax.bench.stats import stamps
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 
@@ -111,10 +111,8 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
 
 def stream_latencies(backend: Any, weights: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
     """TTFT and the per-token gaps of a stream yielding after every decode step (each synced to the host)."""
-    stamps, t0 = [], time.perf_counter()
-    for _ in backend.stream(weights, prompts, new, chunk_size=1, greedy=True):
-        stamps.append(time.perf_counter() - t0)
-    return {"ttft_s": stamps[0], "per_token_s": np.diff(stamps).tolist()}
+    times = [t for t, _ in stamps(backend.stream(weights, prompts, new, chunk_size=1, greedy=True))]
+    return {"ttft_s": times[0], "per_token_s": np.diff(times).tolist()}
 
 
 def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, precision: str) -> Job:
