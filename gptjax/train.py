@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-
 from opentelemetry import trace
 from tqdm import tqdm
 
@@ -411,8 +410,8 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     if o.mesh is not None:
         check_divisible((tc.batch_size,), logical_to_spec(("batch",), o.mesh), o.mesh, "batch_size")
     graphdef, state = create_state(config, tc, start_params, o.mesh)
-    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
-    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=options)
+    kept = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=kept)
     if resume:
         state = _restore(manager, state, batcher)
     unigram = data.unigram_entropy(np.asarray(d.val))

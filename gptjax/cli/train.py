@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from gptjax.cli.options import mesh_from
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
+from gptjax.tracing import Metrics, serve_metrics
 
 NAME = "train"
 HELP = "train a GPT (default: a small byte-level model on the Python stdlib, ~3 min)"
@@ -54,11 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the run's config, train, and print where the model and logs are; 1 when training stopped."""
-    # gptjax.train imports jax, flax, optax and orbax (seconds): only this command pays for them
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
+    # gptjax.train imports jax, flax and optax (seconds): only this command pays for them
     from gptjax.train import TrainingStopped, TrainOptions, train
-    from gptjax.tracing import Metrics, serve_metrics
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
