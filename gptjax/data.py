@@ -435,6 +435,29 @@ def eval_batches(tokens: np.ndarray, batch_size: int, context: int,
         yield windows[:, :-1], windows[:, 1:]
 
 
+def validation_tokens(spec: str | None, tokenizer: Tokenizer, val_fraction: float, vocab_size: int
+                      ) -> tuple[np.ndarray, list[Doc]]:
+    """The validation split of corpus `spec` (as resolve_corpus reads it, split as training splits it),
+    tokenised and joined as training joins documents, and its documents; a GptjaxError when the tokenizer
+    yields ids outside the model's vocabulary."""
+    _, val_docs = split_docs(resolve_corpus(spec), val_fraction)
+    separator = tokenizer.encode(SEPARATOR)
+    tokens = np.asarray([i for n, (_, text) in enumerate(val_docs) for i in (separator if n else []) +
+                         tokenizer.encode(text)], np.int64)
+    if tokens.max(initial=0) >= vocab_size:
+        raise GptjaxError(f"the tokenizer produced id {tokens.max()} >= the model's vocab_size {vocab_size}")
+    return tokens, val_docs
+
+
+def eval_windows(tokens: np.ndarray, context: int, count: int) -> np.ndarray:
+    """The first `count` windows of context + 1 tokens that eval_batches tiles (inputs plus the last target),
+    int32 [N, T+1]."""
+    batches = list(eval_batches(tokens, 8, context, -(-count // 8)))
+    if not batches:
+        raise GptjaxError(f"the validation split has fewer than {context + 1} tokens")
+    return np.concatenate([np.concatenate([x, y[:, -1:]], 1) for x, y in batches])[:count]
+
+
 # ---------------------------------------------------------------- metrics
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptjax.errors import GptjaxError
+from gptjax.sizes import human
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -198,3 +199,24 @@ def per_device_bytes(config: Any, mesh_sizes: Mapping[str, int], batch: int, seq
     logits = rows * T * config.vocab_size / tensor * 4
     return {"parameters": params, "gradients": full, "optimizer": 2 * full,
             "activations": L * per_layer + logits}
+
+
+def mesh_table(config: Any, spec: str, batch: int, seq_len: int | None) -> str:
+    """Per-device bytes of training on a mesh ("data=2,fsdp=2,tensor=2"; data -1 counts as 1) next to one
+    device, as a markdown table: what FSDP and tensor parallelism buy."""
+    sizes = parse_mesh(spec)
+    if sizes["data"] == -1:
+        sizes["data"] = 1
+    T = seq_len or config.n_positions
+    rows = batch // (sizes["data"] * sizes["fsdp"])
+    if batch < 1 or rows * sizes["data"] * sizes["fsdp"] != batch:
+        raise GptjaxError(f"batch {batch} is not divisible by data x fsdp = {sizes['data'] * sizes['fsdp']}")
+    one = per_device_bytes(config, {}, batch, T)
+    mesh = per_device_bytes(config, sizes, batch, T)
+    label = ",".join(f"{k}={sizes[k]}" for k in MESH_AXES)
+    lines = [f"| per device (fp32 AdamW, batch {batch}, T={T}) | 1 device | {label} | ratio |", "|---|---|---|---|"]
+    for key in one:
+        lines.append(f"| {key} | {human(one[key], 'B')} | {human(mesh[key], 'B')} | {mesh[key] / one[key]:.3f}x |")
+    total = sum(one.values()), sum(mesh.values())
+    lines.append(f"| total | {human(total[0], 'B')} | {human(total[1], 'B')} | {total[1] / total[0]:.3f}x |")
+    return "\n".join(lines)

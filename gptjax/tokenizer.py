@@ -75,3 +75,11 @@ def has_tokenizer(path: str | os.PathLike) -> bool:
     """Whether a checkpoint directory carries tokenizer files."""
     d = Path(path)
     return (d / "tokenizer.json").is_file() or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())
+
+
+def checkpoint_tokenizer(path: str | os.PathLike, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer text goes through for a checkpoint: its own tokenizer files, else bytes for a 256-token
+    vocabulary, else None (the model can only be given token ids)."""
+    if has_tokenizer(path):
+        return load_tokenizer(path)
+    return ByteTokenizer() if vocab_size == 256 else None

@@ -27,13 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from opentelemetry import trace
+from tqdm import tqdm
 
+from gptjax import data
+from gptjax.backends import get_backend
 from gptjax.backends.jax_flax import GPT, to_params
 from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import precision_of
-from gptjax.weights import Params, init_params
+from gptjax.sharding import check_config, check_divisible, logical_to_spec, mesh_description, shard_batch, shard_state
+from gptjax.tokenizer import has_tokenizer
+from gptjax.tracing import forward_span, record_error, start_parent
+from gptjax.weights import Params, init_params, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("gptjax.train")
 
@@ -136,8 +143,6 @@ def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = Non
     graphdef, weights = nnx.split(model)
     weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), weights)
     if mesh is not None:
-        from gptjax.sharding import check_config, shard_state
-
         check_config(config, mesh)
         weights = shard_state(weights, mesh)
     optimizer, _ = make_optimizer(tc)
@@ -153,14 +158,13 @@ def loss_fn(weights: Any, graphdef: Any, inputs: jax.Array, targets: jax.Array, 
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-@partial(jax.jit, static_argnames=("graphdef", "tc"), donate_argnames=("state",))
-def train_step(graphdef: Any, tc: TrainConfig, state: TrainState, inputs: jax.Array, targets: jax.Array,
-               poison: jax.Array) -> tuple[TrainState, StepMetrics]:
-    """One optimizer update from grad_accum micro-batches [A, B, T]. A non-finite loss or gradient norm
-    leaves the state unchanged except the step count; `poison` (0, or NaN in tests) is added to the loss."""
+def _train_step(loss: Callable[..., jax.Array], graphdef: Any, tc: TrainConfig, state: TrainState,
+                inputs: jax.Array, targets: jax.Array) -> tuple[TrainState, StepMetrics]:
+    """One optimizer update minimising `loss` (loss_fn's signature) from grad_accum micro-batches [A, B, T].
+    A non-finite loss or gradient norm leaves the state unchanged except the step count."""
     optimizer, schedule = make_optimizer(tc)
     key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
-    grad = jax.value_and_grad(loss_fn)
+    grad = jax.value_and_grad(loss)
 
     def micro(acc: tuple, xs: tuple) -> tuple:
         i, x, y = xs
@@ -171,7 +175,7 @@ def train_step(graphdef: Any, tc: TrainConfig, state: TrainState, inputs: jax.Ar
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     A = inputs.shape[0]
     (loss, grads), _ = jax.lax.scan(micro, (jnp.float32(0), zeros), (jnp.arange(A), inputs, targets))
-    loss, grads = loss / A + poison, jax.tree.map(lambda g: g / A, grads)
+    loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -179,6 +183,21 @@ def train_step(graphdef: Any, tc: TrainConfig, state: TrainState, inputs: jax.Ar
     keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
     return new_state, StepMetrics(loss, grad_norm, schedule(state.step), finite)
+
+
+def make_train_step(loss: Callable[..., jax.Array] = loss_fn) -> Callable[..., tuple[TrainState, StepMetrics]]:
+    """The jitted step train_step(graphdef, tc, state, inputs, targets) -> (state, metrics) for an objective
+    with loss_fn's signature (the state is donated: its buffers are reused for the new one)."""
+    return jax.jit(partial(_train_step, loss), static_argnames=("graphdef", "tc"), donate_argnames=("state",))
+
+
+train_step = make_train_step()  # the step `gptjax train` takes: next-token cross-entropy
+
+
+def step_function(step: int) -> Callable[..., tuple[TrainState, StepMetrics]]:
+    """The jitted step the loop takes as its 1-based step `step`: train_step. The tests' seam: they replace
+    this function (monkeypatch) to make chosen steps non-finite, outside the step itself."""
+    return train_step
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -195,6 +214,13 @@ def evaluate(graphdef: Any, weights: Any, batches: Iterator[tuple[np.ndarray, np
         total += float(eval_loss(graphdef, weights, x, y))
         n += y.size
     return total / max(n, 1), n
+
+
+def evaluate_params(config: GPTConfig, params: Params, batches: Iterator[tuple[np.ndarray, np.ndarray]]
+                    ) -> tuple[float, int]:
+    """evaluate() of canonical params (a checkpoint's) on the training model."""
+    graphdef, weights = nnx.split(GPT(config, params))
+    return evaluate(graphdef, weights, batches)
 
 
 def export_params(graphdef: Any, weights: Any) -> Params:
@@ -295,8 +321,6 @@ class _Data:
 
 def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: str) -> _Data:
     """Corpus → split → tokenizer → token files in the run directory (re-encoded only when the source changes)."""
-    from gptjax import data
-
     train_docs, val_docs = data.split_docs(data.resolve_corpus(spec), tc.val_fraction)
     tokenizer = data.make_tokenizer(tokenizer_spec, [t for _, t in train_docs], out)
     train = data.encode_to_memmap(train_docs, tokenizer, out / "data" / "train.bin")
@@ -304,23 +328,38 @@ def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: 
     return _Data(tokenizer, train, val, data.corpus_bytes(val_docs))
 
 
-def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.PathLike, *, data_spec: str | None = None,
-          resume: bool = False, max_time: float | None = None, skip_nonfinite: bool = False, profile_steps: int = 0,
-          peak_flops: float | None = None, progress: bool = True, sample_prompt: str = "def ",
-          stop_at_step: int | None = None, init_from: str | os.PathLike | None = None, metrics: Any = None,
-          mesh: Any = None, inject_nan_at: frozenset[int] = frozenset()) -> TrainResult:
+@dataclass(frozen=True)
+class TrainOptions:
+    """How train() runs (what it trains is the GPTConfig and TrainConfig): the corpus, resuming, limits,
+    MFU denominator, progress bar, fine-tuning source, metrics registry and device mesh."""
+
+    data_spec: str | None = None  # gptjax.data.resolve_corpus's spec (default: the stdlib)
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    max_time: float | None = None  # seconds; then evaluate, checkpoint and export
+    skip_nonfinite: bool = False  # skip updates with a non-finite loss or gradient (default: stop)
+    profile_steps: int = 0  # capture a jax.profiler trace of this many steps (after compilation)
+    peak_flops: float | None = None  # MFU denominator, FLOP/s (default: measured now)
+    progress: bool = True  # a progress bar
+    sample_prompt: str = "def "  # the prompt of the sample shown at each evaluation
+    stop_at_step: int | None = None  # end this invocation early (checkpointed, resumable), schedule unchanged
+    init_from: str | os.PathLike | None = None  # fine-tune this checkpoint (its config, weights, tokenizer files)
+    metrics: Any = None  # a gptjax.tracing.Metrics: step durations, tokens/s and MFU, as TensorBoard gets
+    mesh: Any = None  # a gptjax.sharding.make_mesh mesh: data/FSDP/tensor parallel training
+
+
+def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.PathLike,
+          options: TrainOptions | None = None) -> TrainResult:
     """Train (or resume) a run in out_dir: data, checkpoints, TensorBoard logs, and the exported model.
 
-    mesh (gptjax.sharding.make_mesh) trains data/FSDP/tensor parallel; metrics (a gptjax.tracing.Metrics)
-    receives step durations, tokens/s and MFU, as TensorBoard does;
-    init_from fine-tunes a checkpoint (its config and weights; its tokenizer files unless tc.tokenizer says
-    otherwise); stop_at_step ends this invocation early (checkpointed, resumable) without changing the schedule;
-    inject_nan_at lists 1-based steps whose loss is made NaN (for testing the non-finite handling)."""
+    With options.resume, config and tc may be None (the run's saved ones) and may differ only in max_steps;
+    with options.init_from, the checkpoint's config replaces `config` (its tokenizer files are used unless
+    tc.tokenizer says otherwise)."""
+    # orbax and tensorboardX take seconds to import: only a training run pays for them, not eval or the bench
     import orbax.checkpoint as ocp
     from tensorboardX import SummaryWriter
 
-    from gptjax import data
-
+    o = options or TrainOptions()
+    data_spec, resume, init_from = o.data_spec, o.resume, o.init_from
     out = Path(out_dir)
     run_file = out / "run.json"
     if resume:
@@ -332,9 +371,6 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     start_params = None
     if init_from is not None and not resume:
-        from gptjax.tokenizer import has_tokenizer
-        from gptjax.weights import load_checkpoint
-
         config, start_params = load_checkpoint(init_from)
         if tc.tokenizer == "byte" and has_tokenizer(init_from):
             tc = dataclasses.replace(tc, tokenizer=str(init_from))
@@ -357,31 +393,25 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     if len(d.val) <= T:
         raise GptjaxError(f"the validation split has {len(d.val)} tokens, fewer than one window of seq_len + 1 = "
                           f"{T + 1}: raise val_fraction or give more text")
-    eval_tokens = d.val
     save_run_config(run_file, config, tc, {"data": data_spec})
 
-    if mesh is not None:
-        from gptjax.sharding import check_divisible, logical_to_spec
-
-        check_divisible((tc.batch_size,), logical_to_spec(("batch",), mesh), mesh, "batch_size")
-    graphdef, state = create_state(config, tc, start_params, mesh)
-    options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
-    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=options)
+    if o.mesh is not None:
+        check_divisible((tc.batch_size,), logical_to_spec(("batch",), o.mesh), o.mesh, "batch_size")
+    graphdef, state = create_state(config, tc, start_params, o.mesh)
+    kept = ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints, enable_async_checkpointing=True)
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=kept)
     if resume:
         state = _restore(manager, state, batcher)
     unigram = data.unigram_entropy(np.asarray(d.val))
-    peak = peak_flops or matmul_flops(tc.compute_dtype, 1024)  # the suite's ceiling for this compute dtype
+    peak = o.peak_flops or matmul_flops(tc.compute_dtype, 1024)  # the suite's ceiling for this compute dtype
     writer = SummaryWriter(str(out / "tb"))
-    loop = _Loop(graphdef, tc, config, T, batcher, eval_tokens, d, writer, manager, peak, unigram,
-                 skip_nonfinite, inject_nan_at, sample_prompt)
-    loop.metrics, loop.mesh = metrics, mesh
+    loop = _Loop(_Run(graphdef, tc, config, T, batcher, d, writer, manager, peak, unigram), o)
     try:
-        stop_reason = loop.run(state, max_time, profile_steps, out, progress, stop_at_step or tc.max_steps)
+        stop_reason = loop.run(state, out)
     finally:
         manager.wait_until_finished()
         manager.close()
         writer.close()
-    from gptjax.weights import save_checkpoint
 
     exported = export_params(graphdef, loop.state.params)  # a collective: every process takes part
     if jax.process_index() == 0:
@@ -429,40 +459,49 @@ def _restore(manager: Any, state: TrainState, batcher: Any) -> TrainState:
     return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored["state"]))
 
 
+@dataclass
+class _Run:
+    """What the loop works with: the model graph, the settings, data, writers and the MFU denominator."""
+
+    graphdef: Any
+    tc: TrainConfig
+    config: GPTConfig
+    T: int  # window length
+    batcher: Any  # gptjax.data.Batcher over the training tokens
+    data: _Data
+    writer: Any  # TensorBoard SummaryWriter
+    manager: Any  # orbax CheckpointManager
+    peak: float  # FLOP/s
+    unigram: float  # the validation split's unigram entropy (nats/token): the baseline to beat
+
+
 class _Loop:
     """The step loop: batches in, state forward, metrics out to the progress bar and TensorBoard,
     evaluations and checkpoints on schedule."""
 
-    def __init__(self, graphdef, tc, config, T, batcher, eval_tokens, data, writer, manager, peak, unigram,
-                 skip_nonfinite, inject_nan_at, sample_prompt) -> None:
-        self.graphdef, self.tc, self.config, self.T = graphdef, tc, config, T
-        self.batcher, self.eval_tokens, self.data = batcher, eval_tokens, data
-        self.writer, self.manager = writer, manager
-        self.peak, self.unigram, self.skip_nonfinite = peak, unigram, skip_nonfinite
-        self.inject_nan_at, self.sample_prompt = inject_nan_at, sample_prompt
+    def __init__(self, run: _Run, options: TrainOptions) -> None:
+        self.graphdef, self.tc, self.config, self.T = run.graphdef, run.tc, run.config, run.T
+        self.batcher, self.data, self.writer, self.manager = run.batcher, run.data, run.writer, run.manager
+        self.peak, self.unigram, self.options = run.peak, run.unigram, options
+        self.metrics = options.metrics  # a gptjax.tracing.Metrics, or None
+        self.mesh = options.mesh  # a jax Mesh, or None
         self.losses: list[float] = []
         self.skipped: list[int] = []
         self.val_loss = self.val_bpb = None
         self.sample = ""
-        self.flops_per_token = config.train_flops_per_token(T)
+        self.flops_per_token = run.config.train_flops_per_token(run.T)
         self.parent = None  # the run's gptjax.train span, set by run()
-        self.metrics = None  # a gptjax.tracing.Metrics, or None
-        self.mesh = None  # a jax Mesh, or None
         self.profiling = False
 
-    def run(self, state: TrainState, max_time: float | None, profile_steps: int, out: Path, progress: bool,
-            stop_at: int) -> str:
-        from gptjax.tracing import record_error, start_parent
-
+    def run(self, state: TrainState, out: Path) -> str:
+        """Train from state to max_steps (or the options' stop_at_step or max_time); why it stopped."""
         tc, start = self.tc, int(state.step)
         self.state = state
         self.parent = start_parent("gptjax.train", lambda: self._attributes("train") | {
             "gptjax.train.start_step": start, "gptjax.train.max_steps": tc.max_steps})
-        from opentelemetry import trace
-
         try:
             with trace.use_span(self.parent, end_on_exit=False):  # logs and the sample nest under the run
-                reason = self._run(start, max_time, profile_steps, out, progress, stop_at)
+                reason = self._run(start, out)
         except BaseException as e:
             record_error(self.parent, e)
             if self.metrics is not None:
@@ -476,12 +515,10 @@ class _Loop:
             self.parent.end()
         return reason
 
-    def _run(self, start: int, max_time: float | None, profile_steps: int, out: Path, progress: bool,
-             stop_at: int) -> str:
-        from tqdm import tqdm
-
-        tc = self.tc
-        bar = tqdm(total=tc.max_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    def _run(self, start: int, out: Path) -> str:
+        tc, o = self.tc, self.options
+        max_time, profile_steps, stop_at = o.max_time, o.profile_steps, o.stop_at_step or tc.max_steps
+        bar = tqdm(total=tc.max_steps, initial=start, disable=not o.progress, unit="step", dynamic_ncols=True)
         t_start, window_t, window_tokens, reason = time.perf_counter(), time.perf_counter(), 0, "max_steps"
         profile_at = start + 2 if profile_steps else -1  # after the compiling step
         for step in range(start, tc.max_steps):
@@ -527,22 +564,18 @@ class _Loop:
         return reason
 
     def _step(self, step: int) -> StepMetrics:
-        from gptjax.tracing import forward_span
-
         tc = self.tc
         xs, ys = zip(*(next(self.batcher) for _ in range(tc.grad_accum)))
-        poison = np.float32(np.nan if step + 1 in self.inject_nan_at else 0.0)
-        before = train_step._cache_size()
+        step_fn = step_function(step + 1)
+        before = step_fn._cache_size()
         with forward_span("gptjax.train_step", lambda: self._attributes("train") | {"gptjax.step": step + 1},
                           parent=self.parent) as span:
             x, y = np.stack(xs), np.stack(ys)  # [A, B / processes, T]: this process's rows
             if self.mesh is not None:
-                from gptjax.sharding import shard_batch
-
                 x, y = shard_batch(x, self.mesh, leading=1), shard_batch(y, self.mesh, leading=1)
-            self.state, metrics = train_step(self.graphdef, tc, self.state, x, y, poison)
+            self.state, metrics = step_fn(self.graphdef, tc, self.state, x, y)
             span.wait_for(metrics.loss)
-            span.set(lambda: {"gptjax.compiled": train_step._cache_size() > before})
+            span.set(lambda: {"gptjax.compiled": step_fn._cache_size() > before})
         return metrics
 
     def _attributes(self, phase: str) -> dict[str, Any]:
@@ -551,14 +584,12 @@ class _Loop:
                 "gptjax.devices": jax.device_count(), "gptjax.mesh": self._mesh_text(), "gptjax.phase": phase}
 
     def _mesh_text(self) -> str:
-        from gptjax.sharding import mesh_description
-
         return mesh_description(self.mesh)
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         self.writer.add_scalar("train/nonfinite_step", step + 1, step + 1)
         self.writer.flush()
-        if self.skip_nonfinite:
+        if self.options.skip_nonfinite:
             log.warning("step %d: non-finite loss %s / gradient norm %s; update skipped", step + 1, loss, grad_norm)
             self.skipped.append(step + 1)
             return
@@ -580,10 +611,7 @@ class _Loop:
             self.metrics.record_device_memory()
 
     def _evaluate(self, step: int, bar: Any) -> None:
-        from gptjax import data
-        from gptjax.tracing import forward_span
-
-        batches = data.eval_batches(self.eval_tokens, self.tc.batch_size, self.T, self.tc.eval_batches)
+        batches = data.eval_batches(self.data.val, self.tc.batch_size, self.T, self.tc.eval_batches)
         with forward_span("gptjax.eval", lambda: self._attributes("eval") | {"gptjax.step": step},
                           parent=self.parent) as span:
             t0 = time.perf_counter()
@@ -605,9 +633,7 @@ class _Loop:
         log.info(message)
 
     def _sample(self) -> str:
-        from gptjax.backends import get_backend
-
-        prompt = self.data.tokenizer.encode(self.sample_prompt)[: self.config.n_positions // 2] or [0]
+        prompt = self.data.tokenizer.encode(self.options.sample_prompt)[: self.config.n_positions // 2] or [0]
         n = min(160, self.config.n_positions - len(prompt))
         params = export_params(self.graphdef, self.state.params)
         out = get_backend("jax", self.config).generate(params, [prompt], n, temperature=0.8, top_k=40, seed=0)

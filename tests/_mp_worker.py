@@ -17,7 +17,6 @@ def main(n_proc: int, pid: int, port: str, out_dir: str) -> None:
 
         initialize_distributed(f"127.0.0.1:{port}", n_proc, pid)
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
@@ -36,7 +35,7 @@ def main(n_proc: int, pid: int, port: str, out_dir: str) -> None:
         rows = 4 // jax.process_count()
         local = batch[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]  # this process's rows
         state, metrics = train_step(graphdef, tc, state, shard_batch(local[..., :-1], mesh, 1),
-                                    shard_batch(local[..., 1:], mesh, 1), jnp.float32(0))
+                                    shard_batch(local[..., 1:], mesh, 1))
         losses.append(float(metrics.loss))
     manager = ocp.CheckpointManager(os.path.join(out_dir, f"ck{n_proc}"))
     manager.save(3, args=ocp.args.StandardSave(state))

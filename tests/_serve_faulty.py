@@ -2,7 +2,7 @@
 test_serve.py (args: checkpoint, port, batching mode). A row whose prompt starts with token 255 raises in the
 backend; one starting with 254 (253) makes its batch slow (very slow) per chunk, so tests can fill the queue,
 hit timeouts and disconnect mid-stream. Both batching paths are patched: the backend's _generate (dynamic)
-and the decode session (continuous)."""
+and the decode session it opens (continuous)."""
 
 import sys
 import time
@@ -29,6 +29,9 @@ class FaultyBackend(JaxBackend):
             time.sleep(delay)
             yield chunk
 
+    def open_session(self, weights, requests, owners, *, slots, headroom):
+        return FaultySession(self, weights, requests, owners, slots, headroom)
+
 
 class FaultySession(jax_session.DecodeSession):
     """The decode session, failing or slow on marked prompts."""
@@ -50,9 +53,6 @@ class FaultySession(jax_session.DecodeSession):
 
 if __name__ == "__main__":
     checkpoint, port, batching = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    import gptjax.serve.continuous
-
-    gptjax.serve.continuous.DecodeSession = FaultySession
     model = load_model(checkpoint, "jax")
     model.backend.__class__ = FaultyBackend
     # continuous batching compiles more shapes (a session's, each joining prefill and copy): more time

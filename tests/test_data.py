@@ -266,6 +266,20 @@ def test_eval_batches_tile_and_repeat():
 # ---------------------------------------------------------------- metrics
 
 
+def test_validation_tokens_join_documents_as_training_does_and_windows_tile_them(tmp_path):
+    for name, text in synthetic_docs(5):
+        (tmp_path / name).write_text(text)
+    _, val_docs = data.split_docs(data.local_corpus(tmp_path), 0.4)
+    tokens, docs = data.validation_tokens(str(tmp_path), ByteTokenizer(), 0.4, 256)
+    assert docs == val_docs
+    assert bytes(tokens.tolist()).decode() == data.SEPARATOR.join(text for _, text in val_docs)
+    with pytest.raises(GptjaxError, match="produced id .* >= the model's vocab_size 100"):
+        data.validation_tokens(str(tmp_path), ByteTokenizer(), 0.4, 100)
+    windows = data.eval_windows(tokens, 16, 5)  # [N, T+1]: inputs plus the last target
+    x, y = next(data.eval_batches(tokens, 8, 16))
+    assert windows.shape == (5, 17) and np.array_equal(windows[:, :-1], x[:5]) and np.array_equal(windows[:, 1:], y[:5])
+
+
 def test_bits_per_byte_and_unigram_entropy():
     # 100 tokens at ln 2 nats each over 200 bytes: 100 bits / 200 bytes = 0.5 bits per byte.
     assert data.bits_per_byte(math.log(2), 100, 200) == pytest.approx(0.5)

@@ -110,11 +110,10 @@ def test_training_steps_equal_one_device(shape):
     tc = TrainConfig(batch_size=8, seq_len=16, warmup_steps=0, lr=1e-4, min_lr=1e-5)
     x = np.random.default_rng(2).integers(0, 96, (1, 8, 17)).astype(np.int32)
     graphdef, ref = create_state(CONFIG, tc)
-    ref, ref_m = train_step(graphdef, tc, ref, x[..., :-1], x[..., 1:], jnp.float32(0))
+    ref, ref_m = train_step(graphdef, tc, ref, x[..., :-1], x[..., 1:])
     mesh = make_mesh(*shape)
     graphdef, state = create_state(CONFIG, tc, mesh=mesh)
-    state, m = train_step(graphdef, tc, state, shard_batch(x[..., :-1], mesh, 1), shard_batch(x[..., 1:], mesh, 1),
-                          jnp.float32(0))
+    state, m = train_step(graphdef, tc, state, shard_batch(x[..., :-1], mesh, 1), shard_batch(x[..., 1:], mesh, 1))
     assert float(m.loss) == pytest.approx(float(ref_m.loss), abs=1e-5)
     assert float(m.grad_norm) == pytest.approx(float(ref_m.grad_norm), rel=1e-5)
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(state.params)):
@@ -140,10 +139,10 @@ def test_bad_shapes_name_both_numbers():
         backend.forward(_params(), np.zeros((6, 4), np.int32))
     tc = TrainConfig(batch_size=6)
     with pytest.raises(GptjaxError, match="dimension 6 is not divisible by the mesh's data x fsdp size 8"):
-        from gptjax.train import train
+        from gptjax.train import TrainOptions, train
 
-        train(CONFIG, tc, "/tmp/never", data_spec=str(Path(__file__)), mesh=make_mesh(data=4, fsdp=2),
-              progress=False)
+        train(CONFIG, tc, "/tmp/never", TrainOptions(data_spec=str(Path(__file__)), mesh=make_mesh(data=4, fsdp=2),
+                                                     progress=False))
 
 
 def test_cli_train_on_a_mesh_and_the_memory_report(tmp_path, capsys):

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 
 from gptjax import ByteTokenizer, GptjaxError, load_tokenizer
-from gptjax.tokenizer import has_tokenizer
+from gptjax.tokenizer import checkpoint_tokenizer, has_tokenizer
 
 TEXT = ["def f(x):\n    return x * 2  # doubled\n", "héllo wörld, naïve café", "the quick brown fox"] * 20
 
@@ -50,3 +50,9 @@ def test_missing_or_corrupt_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(GptjaxError, match="not a valid tokenizers file"):
         load_tokenizer(tmp_path)
+
+
+def test_checkpoint_tokenizer_prefers_files_then_bytes(bpe_dirs, tmp_path):
+    assert checkpoint_tokenizer(tmp_path, 300) is None  # no files, not a byte vocabulary: ids only
+    assert isinstance(checkpoint_tokenizer(tmp_path, 256), ByteTokenizer)
+    assert checkpoint_tokenizer(bpe_dirs[1], 256).vocab_size == 300  # the files win over the byte fallback

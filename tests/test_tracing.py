@@ -93,12 +93,13 @@ def test_a_failing_generate_marks_its_span(spans, monkeypatch):
 
 
 def test_train_span_tree(spans, tmp_path):
-    from gptjax.train import TrainConfig, train
+    from gptjax.train import TrainConfig, TrainOptions, train
 
     (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 200)
     spans.clear()
     tc = TrainConfig(batch_size=2, seq_len=32, max_steps=4, eval_every=2, checkpoint_every=4, warmup_steps=1)
-    train(CONFIG, tc, tmp_path / "run", data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11)
+    train(CONFIG, tc, tmp_path / "run",
+          TrainOptions(data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11))
     got = _by_name(spans.get_finished_spans())
     parent, = got["gptjax.train"]
     steps, evals = got["gptjax.train_step"], got["gptjax.eval"]
@@ -282,14 +283,14 @@ def test_training_logs_carry_the_run_trace_and_the_sample_nests_under_it(spans, 
     import logging
 
     from gptjax.tracing import install_json_logs
-    from gptjax.train import TrainConfig, train
+    from gptjax.train import TrainConfig, TrainOptions, train
 
     (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 200)
     spans.clear()
     handler = install_json_logs()
     try:
         train(CONFIG, TrainConfig(batch_size=2, seq_len=32, max_steps=1, warmup_steps=0), tmp_path / "run",
-              data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11)
+              TrainOptions(data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11))
     finally:
         logging.getLogger("gptjax").removeHandler(handler)
         logging.getLogger("gptjax").propagate = True

@@ -17,7 +17,8 @@ import pytest
 
 from gptjax import GPTConfig, GptjaxError, get_backend, load_checkpoint
 from gptjax.cli import main
-from gptjax.train import TrainConfig, TrainingStopped, create_state, train, train_step
+from gptjax.train import (TrainConfig, TrainingStopped, TrainOptions, create_state, loss_fn, make_train_step, train,
+                          train_step)
 
 CONFIG = GPTConfig(vocab_size=256, n_positions=32, n_layer=2, n_head=2, n_embd=32)
 TC = TrainConfig(batch_size=4, seq_len=32, max_steps=6, warmup_steps=2, eval_every=3, eval_batches=2,
@@ -35,14 +36,26 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _run(out, corpus, tc=TC, **kwargs):
-    return train(CONFIG, tc, out, data_spec=corpus, progress=False, peak_flops=1e11, **kwargs)
+    return train(CONFIG, tc, out, TrainOptions(data_spec=corpus, progress=False, peak_flops=1e11, **kwargs))
+
+
+def _nan_loss(*args, **kwargs):
+    return loss_fn(*args, **kwargs) + jnp.nan  # a non-finite loss (its gradients stay finite)
+
+
+NAN_STEP = make_train_step(_nan_loss)
+
+
+def _nan_at(monkeypatch, steps):
+    """Make the loop's 1-based `steps` non-finite, through the seam gptjax.train.step_function."""
+    monkeypatch.setattr("gptjax.train.step_function", lambda step: NAN_STEP if step in steps else train_step)
 
 
 def test_resume_gives_exactly_the_uninterrupted_losses_and_weights(tmp_path, corpus):
     straight = _run(tmp_path / "a", corpus)
     first = _run(tmp_path / "b", corpus, stop_at_step=3)
     assert first.steps == 3 and first.stop_reason == "stop_at_step"
-    second = train(CONFIG, TC, tmp_path / "b", resume=True, progress=False, peak_flops=1e11)
+    second = train(CONFIG, TC, tmp_path / "b", TrainOptions(resume=True, progress=False, peak_flops=1e11))
     assert second.steps == 6
     assert first.losses + second.losses == straight.losses  # bit-equal on CPU
     a, b = load_checkpoint(tmp_path / "a" / "model")[1], load_checkpoint(tmp_path / "b" / "model")[1]
@@ -65,9 +78,10 @@ def test_export_loads_in_the_inference_backends_and_eval_agrees(tmp_path, corpus
     assert "bits/byte" in out and "perplexity" in out
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    _nan_at(monkeypatch, {5})
     with pytest.raises(TrainingStopped, match=r"step 5: non-finite loss nan .* last good checkpoint is step 3"):
-        _run(tmp_path / "n", corpus, inject_nan_at=frozenset({5}))
+        _run(tmp_path / "n", corpus)
     import orbax.checkpoint as ocp
 
     manager = ocp.CheckpointManager((tmp_path / "n" / "checkpoints").absolute())
@@ -80,8 +94,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert len(acc.Scalars("train/loss")) == 4  # the metrics up to the failure were written
 
 
-def test_skip_nonfinite_skips_the_update(tmp_path, corpus):
-    result = _run(tmp_path / "s", corpus, inject_nan_at=frozenset({2, 5}), skip_nonfinite=True)
+def test_skip_nonfinite_skips_the_update(tmp_path, corpus, monkeypatch):
+    _nan_at(monkeypatch, {2, 5})
+    result = _run(tmp_path / "s", corpus, skip_nonfinite=True)
     assert result.skipped_steps == [2, 5] and result.steps == 6
     assert len(result.losses) == 4 and all(np.isfinite(result.losses))
 
@@ -90,7 +105,7 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_untouched():
     graphdef, state = create_state(CONFIG, TC)
     x = np.random.default_rng(0).integers(0, 256, (1, 4, 33)).astype(np.int32)
     before = jax.tree.map(np.asarray, state)
-    after, metrics = train_step(graphdef, TC, state, x[..., :-1], x[..., 1:], jnp.float32(np.nan))
+    after, metrics = NAN_STEP(graphdef, TC, state, x[..., :-1], x[..., 1:])
     assert not bool(metrics.finite) and int(after.step) == 1
     for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
                     jax.tree.leaves(after.params) + jax.tree.leaves(after.opt_state)):
@@ -103,8 +118,8 @@ def test_gradient_accumulation_equals_the_big_batch():
     small = dataclasses.replace(TC, batch_size=2, grad_accum=2)
     g, s1 = create_state(CONFIG, big)
     _, s2 = create_state(CONFIG, small)
-    s1, m1 = train_step(g, big, s1, x[None, :, :-1], x[None, :, 1:], jnp.float32(0))
-    s2, m2 = train_step(g, small, s2, x.reshape(2, 2, 33)[..., :-1], x.reshape(2, 2, 33)[..., 1:], jnp.float32(0))
+    s1, m1 = train_step(g, big, s1, x[None, :, :-1], x[None, :, 1:])
+    s2, m2 = train_step(g, small, s2, x.reshape(2, 2, 33)[..., :-1], x.reshape(2, 2, 33)[..., 1:])
     assert float(m1.loss) == pytest.approx(float(m2.loss), abs=1e-6)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -116,7 +131,7 @@ def test_bf16_compute_and_dropout():
     for name, tc in {"fp32": TC, "bf16": dataclasses.replace(TC, compute_dtype="bf16"),
                      "dropout": dataclasses.replace(TC, dropout=0.2)}.items():
         g, s = create_state(CONFIG, tc)
-        s, m = train_step(g, tc, s, x[..., :-1], x[..., 1:], jnp.float32(0))
+        s, m = train_step(g, tc, s, x[..., :-1], x[..., 1:])
         losses[name] = float(m.loss)
         assert jax.tree.leaves(s.params)[0].dtype == jnp.float32  # master weights stay float32
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.02) and losses["bf16"] != losses["fp32"]
@@ -142,11 +157,12 @@ def test_tensorboard_events_read_back(tmp_path, corpus):
 _KILL_SCRIPT = """
 import sys
 from gptjax import GPTConfig
-from gptjax.train import TrainConfig, train
+from gptjax.train import TrainConfig, TrainOptions, train
 config = GPTConfig(vocab_size=256, n_positions=32, n_layer=2, n_head=2, n_embd=256)
 tc = TrainConfig(batch_size=2, seq_len=32, max_steps=10000, eval_every=10000, checkpoint_every=1,
                  keep_checkpoints=3, warmup_steps=1)
-train(config, tc, sys.argv[1], data_spec=sys.argv[2], progress=False, peak_flops=1e11, resume=sys.argv[3] == "1")
+train(config, tc, sys.argv[1], TrainOptions(data_spec=sys.argv[2], progress=False, peak_flops=1e11,
+                                            resume=sys.argv[3] == "1"))
 """
 
 
@@ -232,8 +248,9 @@ def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys, caplog):
 
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path, corpus):
     base = _run(tmp_path / "base", corpus)
-    tuned = train(GPTConfig(), dataclasses.replace(TC, max_steps=2), tmp_path / "tuned", data_spec=corpus,
-                  progress=False, peak_flops=1e11, init_from=tmp_path / "base" / "model")
+    tuned = train(GPTConfig(), dataclasses.replace(TC, max_steps=2), tmp_path / "tuned",
+                  TrainOptions(data_spec=corpus, progress=False, peak_flops=1e11,
+                               init_from=tmp_path / "base" / "model"))
     scratch = _run(tmp_path / "scratch", corpus, tc=dataclasses.replace(TC, max_steps=2))
     assert tuned.losses[0] < scratch.losses[0] - 0.2  # it starts where the base model ended, not at random
     assert tuned.losses[0] == pytest.approx(base.losses[-1], abs=0.5)
@@ -244,10 +261,10 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path, corpus):
 def test_resume_refuses_changed_settings_but_may_extend(tmp_path, corpus):
     _run(tmp_path / "r", corpus, tc=dataclasses.replace(TC, max_steps=2))
     with pytest.raises(GptjaxError, match=r"settings differ from .*run.json: \['lr'\]"):
-        train(CONFIG, dataclasses.replace(TC, max_steps=2, lr=1e-2), tmp_path / "r", resume=True, progress=False,
-              peak_flops=1e11)
-    extended = train(None, dataclasses.replace(TC, max_steps=4), tmp_path / "r", resume=True, progress=False,
-                     peak_flops=1e11)
+        train(CONFIG, dataclasses.replace(TC, max_steps=2, lr=1e-2), tmp_path / "r",
+              TrainOptions(resume=True, progress=False, peak_flops=1e11))
+    extended = train(None, dataclasses.replace(TC, max_steps=4), tmp_path / "r",
+                     TrainOptions(resume=True, progress=False, peak_flops=1e11))
     assert extended.steps == 4 and len(extended.losses) == 2
 
 
@@ -287,7 +304,7 @@ def test_a_byte_run_does_not_export_a_stale_bpe_tokenizer(tmp_path, corpus):
 def test_eval_reproduces_the_runs_validation_loss(tmp_path, corpus, capsys):
     config = CONFIG.replace(n_positions=64)
     tc = dataclasses.replace(TC, max_steps=2, seq_len=32, val_fraction=0.4, eval_batches=1000)
-    result = train(config, tc, tmp_path / "e", data_spec=corpus, progress=False, peak_flops=1e11)
+    result = train(config, tc, tmp_path / "e", TrainOptions(data_spec=corpus, progress=False, peak_flops=1e11))
     assert main(["eval", "--checkpoint", str(tmp_path / "e" / "model"), "--data", corpus, "--val-fraction", "0.4",
                  "--seq-len", "32", "--batch-size", "4", "--max-batches", "1000"]) == 0
     reported = float(capsys.readouterr().out.split("loss ")[1].split()[0])
@@ -298,14 +315,15 @@ def test_eval_reproduces_the_runs_validation_loss(tmp_path, corpus, capsys):
 def test_short_validation_split_is_an_error(tmp_path):
     (tmp_path / "one.txt").write_text("def f(x):\n    return x\n" * 20)
     with pytest.raises(GptjaxError, match="validation split has .* fewer than one window"):
-        train(CONFIG, TC, tmp_path / "o", data_spec=str(tmp_path / "one.txt"), progress=False, peak_flops=1e11)
+        train(CONFIG, TC, tmp_path / "o", TrainOptions(data_spec=str(tmp_path / "one.txt"), progress=False,
+                                                       peak_flops=1e11))
 
 
 def test_tiny_context_and_a_profile_longer_than_the_run(tmp_path, corpus):
     config = CONFIG.replace(n_positions=4)
     tc = dataclasses.replace(TC, seq_len=4, max_steps=2, checkpoint_every=1, eval_every=1)
-    result = train(config, tc, tmp_path / "p", data_spec=corpus, progress=False, peak_flops=1e11,
-                   profile_steps=5)
+    result = train(config, tc, tmp_path / "p", TrainOptions(data_spec=corpus, progress=False, peak_flops=1e11,
+                                                            profile_steps=5))
     assert result.steps == 2 and sorted(int(p.name) for p in (tmp_path / "p" / "checkpoints").iterdir()) == [1, 2]
     _run(tmp_path / "p2", corpus, tc=dataclasses.replace(TC, max_steps=3), profile_steps=1)  # no trace left open
 

@@ -81,7 +81,7 @@ class Backend(abc.ABC):
         tokens = validate_tokens(tokens, self.config)
         weights = self._prepared(params)
         before, t0 = self._compile_count(), time.perf_counter()
-        with forward_span("gptjax.forward", lambda: self._attributes("prefill", *tokens.shape),
+        with forward_span("gptjax.forward", lambda: self.span_attributes("prefill", *tokens.shape),
                           synced=self.trace_sync) as span:
             logits = self._forward(weights, tokens, last_only)
             span.set({"gptjax.compiled": self._compile_count() > before})
@@ -163,7 +163,9 @@ class Backend(abc.ABC):
     def _devices(self) -> int:
         return 1
 
-    def _attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+    def span_attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+        """The attributes of a span around one forward pass (phase prefill/decode/generate) of `batch` rows at
+        sequence length `seq_len`: model, backend, precision, devices, mesh (OpenTelemetry GenAI names)."""
         return {"gen_ai.provider.name": "gptjax", "gen_ai.request.model": self.model_name,
                 "gptjax.backend": self.name, "gptjax.precision": self.precision, "gptjax.batch_size": batch,
                 "gptjax.seq_len": seq_len, "gptjax.devices": self._devices(), "gptjax.mesh": "",
@@ -186,7 +188,7 @@ class Backend(abc.ABC):
             while not all(reasons):
                 phase = "prefill" if generated == 0 and position == longest else "decode"
                 before, t0 = self._compile_count(), time.perf_counter()
-                with forward_span(f"gptjax.{phase}", lambda: self._attributes(phase, request.batch, position),
+                with forward_span(f"gptjax.{phase}", lambda: self.span_attributes(phase, request.batch, position),
                                   parent=parent, synced=self.trace_sync) as span:
                     chunk = next(chunks)
                     steps = max((len(t) for t in chunk.tokens), default=0)
@@ -218,13 +220,12 @@ class Backend(abc.ABC):
         finally:
             chunks.close()
             parent.end()
-            if self.metrics is not None:
-                self.metrics.observe_request(self.name, time.perf_counter() - t_start,
-                                             sum(len(p) for p in request.prompts), generated, outcome, error)
+            self.observe_request(time.perf_counter() - t_start, sum(len(p) for p in request.prompts), generated,
+                                 outcome, error)
 
     def _request_attributes(self, request: GenerationRequest) -> dict[str, Any]:
         sp, longest = request.sampling, max(len(p) for p in request.prompts)
-        attributes = self._attributes("generate", request.batch, longest) | {
+        attributes = self.span_attributes("generate", request.batch, longest) | {
             "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": request.max_new_tokens,
             "gen_ai.request.temperature": 0.0 if sp.is_greedy else sp.temperature, "gen_ai.request.seed": sp.seed,
             "gen_ai.usage.input_tokens": sum(len(p) for p in request.prompts)}
@@ -236,19 +237,60 @@ class Backend(abc.ABC):
 
     def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int,
                        request: GenerationRequest, position: int) -> None:
+        if phase == "prefill":
+            self.observe_prefill(seconds, [len(p) for p in request.prompts])
+            self.observe_first_token(since_start + seconds)
+        else:
+            self.observe_decode(seconds, steps, tokens, position)
+
+    # ---- metrics: recorded here for generate() and for the server's decode sessions alike ---------------
+    def observe_prefill(self, seconds: float, prompt_lengths: Sequence[int]) -> None:
+        """Report a prefill of prompts of these lengths that took `seconds`: forward time, tokens/s, MFU and
+        bandwidth use (nothing without metrics)."""
         m, c = self.metrics, self.config
         if m is None:
             return
-        m.observe_forward(phase, self.name, seconds,
-                          sum(len(p) for p in request.prompts) if phase == "prefill" else tokens)
-        if phase == "prefill":
-            m.ttft.labels(backend=self.name).observe(since_start + seconds)
-            flops = sum(c.forward_flops(1, len(p), last_only=True) for p in request.prompts)
-            m.observe_utilization(phase, seconds, flops, c.weight_bytes(storage(self.precision)))
-        elif steps:
+        m.observe_forward("prefill", self.name, seconds, sum(prompt_lengths))
+        flops = sum(c.forward_flops(1, n, last_only=True) for n in prompt_lengths)
+        m.observe_utilization("prefill", seconds, flops, c.weight_bytes(storage(self.precision)))
+
+    def observe_decode(self, seconds: float, steps: int, tokens: int, position: int) -> None:
+        """Report `steps` decode steps from sequence position `position` that gave `tokens` tokens (all rows) in
+        `seconds`: forward time, tokens/s, time per output token, MFU and bandwidth use."""
+        m, c = self.metrics, self.config
+        if m is None:
+            return
+        m.observe_forward("decode", self.name, seconds, tokens)
+        if steps:
             m.tpot.labels(backend=self.name).observe(seconds / steps)
             per_token = c.forward_flops(1, position + steps) - c.forward_flops(1, position + steps - 1)
-            m.observe_utilization(phase, seconds, per_token * tokens, c.weight_bytes(storage(self.precision)) * steps)
+            m.observe_utilization("decode", seconds, per_token * tokens,
+                                  c.weight_bytes(storage(self.precision)) * steps)
+
+    def observe_first_token(self, seconds: float) -> None:
+        """Report a request's time to first token, `seconds` after it arrived."""
+        if self.metrics is not None:
+            self.metrics.ttft.labels(backend=self.name).observe(seconds)
+
+    def observe_request(self, seconds: float, prompt_tokens: int, generated: int, outcome: str,
+                        error: BaseException | None = None) -> None:
+        """Report a finished request: latency, token counts, outcome (ok, error, cancelled) and error type."""
+        if self.metrics is not None:
+            self.metrics.observe_request(self.name, seconds, prompt_tokens, generated, outcome, error)
+
+    # ---- decode sessions: continuous batching, where a backend supports it -------------------------------
+    @property
+    def supports_sessions(self) -> bool:
+        """Whether open_session works here (the server batches continuously where it does, else dynamically)."""
+        return False
+
+    def open_session(self, weights: Any, requests: Sequence[GenerationRequest], owners: Sequence[Any], *,
+                     slots: int, headroom: int) -> Any:
+        """A running batch that requests join and leave between decode chunks: `requests` (one opaque owner
+        each) prefilled into at least `slots` rows over prepared `weights`, with cache room for `headroom` steps
+        beyond the longest budget for requests that join later. Its methods are those gptjax.serve.continuous's
+        Session protocol names. Only where supports_sessions."""
+        raise GptjaxError(f"backend {self.name!r} has no decode sessions (continuous batching)")
 
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...

@@ -633,10 +633,24 @@ class JaxBackend(Backend):
 
             check_config(config, self.mesh)
 
-    def _attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+    def span_attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+        """Backend.span_attributes plus the mesh's description."""
         from gptjax.sharding import mesh_description
 
-        return super()._attributes(phase, batch, seq_len) | {"gptjax.mesh": mesh_description(self.mesh)}
+        return super().span_attributes(phase, batch, seq_len) | {"gptjax.mesh": mesh_description(self.mesh)}
+
+    @property
+    def supports_sessions(self) -> bool:
+        """Decode sessions are built for one device: with a mesh the server batches dynamically."""
+        return self.mesh is None
+
+    def open_session(self, weights: JaxWeights, requests: Any, owners: Any, *, slots: int, headroom: int) -> Any:
+        """A gptjax.backends.jax_session.DecodeSession (see Backend.open_session)."""
+        if not self.supports_sessions:
+            raise GptjaxError("decode sessions (continuous batching) need the jax backend without a mesh")
+        from gptjax.backends.jax_session import DecodeSession  # session builds on this module: imported on use
+
+        return DecodeSession(self, weights, requests, owners, slots=slots, headroom=headroom)
 
     def _place_batch(self, tokens: np.ndarray) -> Any:
         if self.mesh is None:

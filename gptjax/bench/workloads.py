@@ -120,8 +120,6 @@ def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, pre
         raise GptjaxError(f"the train step runs on the jax backend only, not {backend_name!r}")
     if precision not in ("fp32", "bf16"):
         raise GptjaxError(f"training runs in fp32 or bf16 compute, not {precision!r}")
-    import jax.numpy as jnp
-
     from gptjax.train import TrainConfig, create_state, train_step
 
     tc = TrainConfig(batch_size=shape.batch, seq_len=shape.seq, compute_dtype=precision, warmup_steps=0)
@@ -131,8 +129,7 @@ def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, pre
 
     def step(i: int) -> None:
         b = batches[i % N_INPUTS]
-        holder["state"], m = train_step(graphdef, tc, holder["state"], b[None, :, :-1], b[None, :, 1:],
-                                        jnp.float32(0))
+        holder["state"], m = train_step(graphdef, tc, holder["state"], b[None, :, :-1], b[None, :, 1:])
         m.loss.block_until_ready()
 
     n = config.num_params()

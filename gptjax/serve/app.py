@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
+from gptjax.serve.continuous import SessionRunner
 from gptjax.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
 from gptjax.serve.validation import Completion, Limits, RequestError, parse_completion
 from gptjax.tokenizer import Tokenizer
@@ -88,8 +89,6 @@ class ServerState:
         self.batching = _batching(model, options)
         session = None
         if self.batching == "continuous":
-            from gptjax.serve.continuous import SessionRunner
-
             session = SessionRunner(model.backend, model.weights, chunk_size=options.chunk_size,
                                     max_batch=options.max_batch,
                                     on_cancel=on_cancel, on_chunk=self.decode_rows.observe)
@@ -134,13 +133,11 @@ class ServerState:
 
 
 def _batching(model: ServedModel, options: ServeOptions) -> str:
-    """The batching mode to use: continuous where the backend supports it (jax without a mesh), else dynamic."""
+    """The batching mode to use: continuous where the backend has decode sessions (jax without a mesh), else
+    dynamic."""
     if options.batching not in ("continuous", "dynamic"):
         raise GptjaxError(f"batching={options.batching!r}; allowed: continuous, dynamic")
-    from gptjax.backends.jax_flax import JaxBackend
-
-    supported = isinstance(model.backend, JaxBackend) and model.backend.mesh is None
-    return options.batching if supported else "dynamic"
+    return options.batching if model.backend.supports_sessions else "dynamic"
 
 
 def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:

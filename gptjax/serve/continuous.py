@@ -1,30 +1,55 @@
-"""Continuous batching for the scheduler: run a batch of jobs on a `DecodeSession` (JAX backend) and, between
-decode chunks, admit queued jobs into free slots and drop rows whose client left or timed out.
+"""Continuous batching for the scheduler: run a batch of jobs on a backend's decode session
+(`Backend.open_session`, where `supports_sessions`) and, between decode chunks, admit queued jobs into free
+slots and drop rows whose client left or timed out.
 
 Reports what the backend's own wrapper reports for generate calls: prefill/decode spans (the session's under a
-`text_completion` span in the first job's trace, a joining job's prefill in its own trace) and the backend's
-Prometheus metrics (forward time, TTFT from the request's arrival, time per output token, requests by
-outcome, tokens).
+`text_completion` span in the first job's trace, a joining job's prefill in its own trace) and, through the
+backend's observe_* methods, its Prometheus metrics (forward time, TTFT from the request's arrival, time per
+output token, requests by outcome, tokens).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from gptjax.backends.jax_session import DecodeSession
+from opentelemetry import trace
+
+from gptjax.backends.base import Backend
 from gptjax.generate import GenerationRequest
 from gptjax.serve.scheduler import Event, Job
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 
 Take = Callable[[Callable[[GenerationRequest], bool], int], list[Job]]
+Chunk = list[tuple[Job, list[int], "str | None"]]  # (owner, new tokens, finish reason) per occupied row
+
+
+class Session(Protocol):
+    """What the runner needs of `Backend.open_session`'s result (gptjax.backends.jax_session.Session)."""
+
+    owners: list[Any]  # per row: its job, or None for a free slot
+    step: int  # decode steps taken
+    Tp: int  # padded prompt length: the sequence position of step 0
+
+    @property
+    def live(self) -> list[int]: ...
+
+    def fits(self, request: GenerationRequest) -> bool: ...
+
+    def admit(self, request: GenerationRequest, owner: Any) -> Chunk: ...
+
+    def first_chunk(self) -> Chunk: ...
+
+    def run(self, chunk_size: int) -> Chunk: ...
+
+    def cancel(self, owner: Any) -> None: ...
 
 
 class SessionRunner:
     """Callable(jobs, take, spans): serve jobs, and jobs `take` hands over while room lasts, on one session."""
 
-    def __init__(self, backend: Any, weights: Any, *, chunk_size: int, max_batch: int,
+    def __init__(self, backend: Backend, weights: Any, *, chunk_size: int, max_batch: int,
                  on_cancel: Callable[[str], None], on_chunk: Callable[[int], None]) -> None:
         self.backend, self.weights, self.chunk_size, self.max_batch = backend, weights, chunk_size, max_batch
         self.on_cancel, self.on_chunk = on_cancel, on_chunk
@@ -33,13 +58,14 @@ class SessionRunner:
         b, n_pos = self.backend, self.backend.config.n_positions
         budget = max(j.request.max_new_tokens for j in jobs)
         longest = max(len(j.request.prompts[0]) for j in jobs)
-        parent = start_parent(f"text_completion {b.model_name}", lambda: b._attributes("generate", len(jobs), longest)
-                              | {"gen_ai.operation.name": "text_completion", "gptjax.continuous": True},
+        attributes = {"gen_ai.operation.name": "text_completion", "gptjax.continuous": True}
+        parent = start_parent(f"text_completion {b.model_name}",
+                              lambda: b.span_attributes("generate", len(jobs), longest) | attributes,
                               context=_context(spans[0]))
         try:
-            with self._phase("prefill", parent, len(jobs), longest, sum(len(j.request.prompts[0]) for j in jobs)):
-                session = DecodeSession(b, self.weights, [j.request for j in jobs], jobs, slots=self.slots(len(jobs)),
-                                        headroom=max(0, min(3 * budget, n_pos - budget)))
+            with self._phase("prefill", parent, len(jobs), longest, [len(j.request.prompts[0]) for j in jobs]):
+                session = b.open_session(self.weights, [j.request for j in jobs], jobs, slots=self.slots(len(jobs)),
+                                         headroom=max(0, min(3 * budget, n_pos - budget)))
                 first = session.first_chunk()
             self._deliver(session, first, ttft=True)
             while session.live:
@@ -52,7 +78,8 @@ class SessionRunner:
                 with self._phase("decode", parent, len(session.live), session.Tp + before) as span:
                     chunk = session.run(self.chunk_size)
                     span.set({"gptjax.steps": session.step - before})
-                self._observe_decode(span, session.step - before, sum(len(t) for _, t, _ in chunk))
+                b.observe_decode(span.seconds, session.step - before, sum(len(t) for _, t, _ in chunk),
+                                 session.Tp + before)
                 self._deliver(session, chunk)
         except BaseException as e:
             record_error(parent, e)
@@ -65,13 +92,13 @@ class SessionRunner:
         (a spare row costs little while decode reads the weights once per step for all rows)."""
         return max(jobs, min(self.max_batch, 2 * jobs))
 
-    def _admit(self, session: DecodeSession, take: Take) -> None:
+    def _admit(self, session: Session, take: Take) -> None:
         """Move queued jobs that fit into free slots, each prefilled alone (a failure fails only that job)."""
         room = min(session.owners.count(None), self.max_batch - len(session.live))  # rows are a power of two
         for job in take(session.fits, max(0, room)):
             n = len(job.request.prompts[0])
             try:
-                with self._phase("prefill", job.span, 1, n, n):
+                with self._phase("prefill", job.span, 1, n, [n]):
                     first = session.admit(job.request, job)
             except Exception as e:
                 job.post(Event(error=e))
@@ -79,7 +106,7 @@ class SessionRunner:
                 continue
             self._deliver(session, first, ttft=True)
 
-    def _drop_cancelled(self, session: DecodeSession) -> None:
+    def _drop_cancelled(self, session: Session) -> None:
         for row in session.live:
             job = session.owners[row]
             if not job.live:
@@ -87,43 +114,34 @@ class SessionRunner:
                 self.on_cancel(job.cancel_reason or "cancelled")
                 self._observe_end(job, "cancelled")
 
-    def _deliver(self, session: DecodeSession, chunk: list[tuple[Job, list[int], str | None]], ttft: bool = False
-                 ) -> None:
-        m = self.backend.metrics
+    def _deliver(self, session: Session, chunk: Chunk, ttft: bool = False) -> None:
         for job, tokens, reason in chunk:
             if not job.live:
                 continue
-            if ttft and m is not None:
-                m.ttft.labels(backend=self.backend.name).observe(time.perf_counter() - job.queued_at)
+            if ttft:
+                self.backend.observe_first_token(time.perf_counter() - job.queued_at)
             job.sent += len(tokens)
             job.post(Event(list(tokens), reason))
             if reason:
                 self._observe_end(job, "ok")
 
     def _observe_end(self, job: Job, outcome: str, error: BaseException | None = None) -> None:
-        if self.backend.metrics is not None:
-            self.backend.metrics.observe_request(self.backend.name, time.perf_counter() - job.queued_at,
-                                                 len(job.request.prompts[0]), job.sent, outcome, error)
+        self.backend.observe_request(time.perf_counter() - job.queued_at, len(job.request.prompts[0]), job.sent,
+                                     outcome, error)
 
-    def _phase(self, phase: str, parent: Any, batch: int, position: int, tokens: int = 0) -> Any:
-        """A forward span (and, at its end, the forward-time metric) around one prefill or decode chunk."""
-        return _Phase(self, phase, parent, batch, position, tokens)
-
-    def _observe_decode(self, span: Any, steps: int, tokens: int) -> None:
-        m = self.backend.metrics
-        if m is not None and steps:
-            m.observe_forward("decode", self.backend.name, span.seconds, tokens)
-            m.tpot.labels(backend=self.backend.name).observe(span.seconds / steps)
+    def _phase(self, phase: str, parent: Any, batch: int, position: int, prompts: list[int] | None = None) -> Any:
+        """A forward span (and, at the end of a prefill of prompts of these lengths, its metrics) around one
+        prefill or decode chunk."""
+        return _Phase(self.backend, phase, parent, batch, position, prompts or [])
 
 
 class _Phase:
-    """forward_span plus timing; prefill time is reported to the metrics on exit."""
+    """forward_span plus timing; a prefill is reported to the metrics on exit."""
 
-    def __init__(self, runner: SessionRunner, phase: str, parent: Any, batch: int, position: int, tokens: int):
-        self.runner, self.phase, self.tokens = runner, phase, tokens
-        b = runner.backend
-        self._cm = forward_span(f"gptjax.{phase}", lambda: b._attributes(phase, batch, position), parent=parent,
-                                synced=b.trace_sync)
+    def __init__(self, backend: Backend, phase: str, parent: Any, batch: int, position: int, prompts: list[int]):
+        self.backend, self.phase, self.prompts = backend, phase, prompts
+        self._cm = forward_span(f"gptjax.{phase}", lambda: backend.span_attributes(phase, batch, position),
+                                parent=parent, synced=backend.trace_sync)
 
     def __enter__(self) -> Any:
         self.t0 = time.perf_counter()
@@ -134,13 +152,10 @@ class _Phase:
     def __exit__(self, *exc: Any) -> Any:
         self.handle.seconds = time.perf_counter() - self.t0
         result = self._cm.__exit__(*exc)
-        m = self.runner.backend.metrics
-        if self.phase == "prefill" and exc[0] is None and m is not None:
-            m.observe_forward("prefill", self.runner.backend.name, self.handle.seconds, self.tokens)
+        if self.phase == "prefill" and exc[0] is None:
+            self.backend.observe_prefill(self.handle.seconds, self.prompts)
         return result
 
 
 def _context(span: Any) -> Any:
-    from opentelemetry import trace
-
     return trace.set_span_in_context(span)

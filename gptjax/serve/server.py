@@ -16,8 +16,11 @@ from typing import Any
 
 import uvicorn
 
+from gptjax.backends import get_backend
 from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
+from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
+from gptjax.weights import load_checkpoint, stored_precision
 
 log = logging.getLogger("gptjax.serve")
 
@@ -27,10 +30,6 @@ def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision
     """A checkpoint's backend, prepared weights, tokenizer (its files, or bytes for a 256-token vocabulary)
     and a fresh metrics registry. precision (default: as the checkpoint stores its weights) and kv_cache are
     the backend options of those names."""
-    from gptjax.backends import get_backend
-    from gptjax.tokenizer import ByteTokenizer, has_tokenizer, load_tokenizer
-    from gptjax.weights import load_checkpoint, stored_precision
-
     config, params = load_checkpoint(checkpoint)
     stored = precision or stored_precision(checkpoint)
     options: dict[str, Any] = {"precision": stored} if stored != "fp32" or precision else {}  # plugins may lack it
@@ -40,8 +39,7 @@ def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision
         options["mesh"] = mesh
     metrics = Metrics()
     engine = get_backend(backend, config, metrics=metrics, **options)
-    tokenizer = load_tokenizer(checkpoint) if has_tokenizer(checkpoint) else \
-        ByteTokenizer() if config.vocab_size == 256 else None
+    tokenizer = checkpoint_tokenizer(checkpoint, config.vocab_size)
     return ServedModel(engine, engine.prepare(params), tokenizer, metrics)
 
 

@@ -90,7 +90,6 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
 def _step_times(config: GPTConfig, args: argparse.Namespace, batch: Any, sizes: tuple[int, int, int]) -> list[float]:
     """Seconds per train step on this mesh, after two warm-up steps."""
     import jax
-    import jax.numpy as jnp
 
     from gptjax.sharding import make_mesh, shard_batch
     from gptjax.train import TrainConfig, create_state, train_step
@@ -102,7 +101,7 @@ def _step_times(config: GPTConfig, args: argparse.Namespace, batch: Any, sizes: 
     holder = {"state": state}
 
     def step(i: int) -> None:
-        holder["state"], m = train_step(graphdef, tc, holder["state"], x, y, jnp.float32(0))
+        holder["state"], m = train_step(graphdef, tc, holder["state"], x, y)
         m.loss.block_until_ready()
 
     # two warm-up steps, as the suite's train workload has: the second step compiles again (the state that the

@@ -1,0 +1,67 @@
+"""Flags several commands share, and the precision-mode lists the CLI offers (the one place to change them)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
+from gptjax.weights import stored_precision
+
+# The precision modes as the CLI offers them (one place: a new mode is added here once).
+RUN_PRECISIONS = ["fp32", "bf16", "int8", "w8a8"]  # how a backend runs the weights (--precision)
+KV_CACHES = ["fp32", "bf16", "int8"]  # KV-cache storage (--kv-cache)
+QUANTIZED_CHECKPOINTS = ["int8", "bf16"]  # what `gptjax quantize --to` writes
+
+MODEL_OVERRIDES = {  # flag → GPTConfig field
+    "--vocab-size": "vocab_size", "--n-positions": "n_positions", "--n-layer": "n_layer",
+    "--n-head": "n_head", "--n-embd": "n_embd", "--n-inner": "n_inner",
+}
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """The flags every command takes (--trace, --log-format), as a parent parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--trace", metavar="EXPORTER|FILE", help="export OpenTelemetry spans: console, otlp "
+                        "(OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4318), none, or FILE.jsonl for JSON "
+                        "lines (default: $OTEL_TRACES_EXPORTER, else none); needs the otel extra")
+    common.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per log record, with trace_id/span_id")
+    return common
+
+
+def add_precision_flags(p: argparse.ArgumentParser) -> None:
+    """--precision and --kv-cache of the commands that run a checkpoint (generate, serve)."""
+    p.add_argument("--precision", choices=RUN_PRECISIONS, help="how to run the weights "
+                   "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
+    p.add_argument("--kv-cache", choices=KV_CACHES, help="KV-cache storage (default: bf16 for "
+                   "bf16, else fp32)")
+
+
+def backend_options(checkpoint: str, precision: str | None, kv_cache: str | None) -> dict[str, Any]:
+    """Backend options for running a checkpoint: its stored precision unless --precision says otherwise (none
+    for a float checkpoint without --precision, since plugin backends may lack the option), --kv-cache."""
+    chosen = precision or stored_precision(checkpoint)
+    options: dict[str, Any] = {"precision": chosen} if chosen != "fp32" or precision else {}
+    if kv_cache:
+        options["kv_cache"] = kv_cache
+    return options
+
+
+def mesh_from(spec: str | None) -> Any:
+    """The device mesh a --mesh SPEC names (e.g. "data=2,tensor=2"), or None without one."""
+    if not spec:
+        return None
+    # gptjax.sharding imports jax (about a second): only commands given --mesh pay for it
+    from gptjax.sharding import make_mesh, parse_mesh
+
+    return make_mesh(**parse_mesh(spec))
+
+
+def seq_len(value: int | None, config: GPTConfig) -> int:
+    """--seq-len, or the model's context without one; a GptjaxError outside [1, context]."""
+    T = value or config.n_positions
+    if not 1 <= T <= config.n_positions:
+        raise GptjaxError(f"--seq-len {T} must be in [1, {config.n_positions}]")
+    return T

@@ -1,0 +1,94 @@
+"""`gptjax quantize`: write a bf16/int8 checkpoint, or report every precision mode's trade-off."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from gptjax import data
+from gptjax.cli.evaluate import validation_tokens
+from gptjax.cli.options import QUANTIZED_CHECKPOINTS, seq_len
+from gptjax.errors import GptjaxError
+from gptjax.precision_report import DEFAULT_MODES, report, table
+from gptjax.quantize import convert
+from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
+
+NAME = "quantize"
+HELP = "write a bf16/int8 checkpoint, or report every precision mode's trade-off"
+DESCRIPTION = ("--to int8|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per output channel, or per "
+               "group of --group-size inputs, + float32 scales; the mode is recorded in the safetensors metadata and "
+               "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8 and the int8 "
+               "KV cache on the same validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, "
+               "prefill and decode tokens/s.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `gptjax quantize`."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a float checkpoint")
+    p.add_argument("--to", choices=QUANTIZED_CHECKPOINTS, help="write the checkpoint in this precision")
+    p.add_argument("--out", metavar="DIR", help="where --to writes (never the source)")
+    p.add_argument("--group-size", type=int, metavar="G", help="int8: one scale per G inputs of each output channel "
+                   "(default: one per channel)")
+    p.add_argument("--keep-head", action="store_true", help="int8: keep the (tied) embedding/LM head float32")
+    p.add_argument("--report", action="store_true", help="print the precision report instead of writing")
+    p.add_argument("--data", metavar="SPEC", help="report: validation text, as for train (default stdlib)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="report: as the run used (default 0.05)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="report: window length (default: the context)")
+    p.add_argument("--windows", type=int, default=64, metavar="N", help="report: validation windows (default 64)")
+    p.add_argument("--runs", type=int, default=5, metavar="N", help="report: timed runs per mode (default 5)")
+    p.add_argument("--no-speed", action="store_true", help="report: quality and bytes only")
+    p.add_argument("--json", metavar="FILE", help="report: also write one JSON line per mode")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the quantised checkpoint (--to, --out) or print the report (--report)."""
+    if (args.to is None) == (not args.report):
+        raise GptjaxError("give --to MODE --out DIR (write a quantised checkpoint) or --report (measure every mode)")
+    stored = stored_precision(args.checkpoint)
+    if stored != "fp32":
+        raise GptjaxError(f"{args.checkpoint} is already a {stored} checkpoint; quantise from float weights")
+    return _report(args) if args.report else _write(args)
+
+
+def _write(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise GptjaxError("--to needs --out DIR (the quantised checkpoint; the source is never overwritten)")
+    source, out = Path(args.checkpoint).resolve(), Path(args.out).resolve()
+    if out == source or source in out.parents:
+        raise GptjaxError(f"--out {args.out!r} is the source checkpoint or inside it; write the quantised one "
+                          "elsewhere")
+    config, params = load_checkpoint(source)
+    quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
+    metadata = {"gptjax.group_size": str(args.group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
+    save_checkpoint(config, quantised, out, metadata=metadata, extra_files_from=source)
+    before = sum(np.asarray(v).nbytes for v in params.values())
+    after = sum(np.asarray(v).nbytes for v in quantised.values())
+    print(f"wrote {out} ({args.to}{f', groups of {args.group_size}' if args.group_size else ''}"
+          f"{', head kept float32' if args.keep_head else ''}): weights {after / 1e6:.2f} MB = "
+          f"{after / before:.3f} x float32's {before / 1e6:.2f} MB")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    config, params = load_checkpoint(args.checkpoint)
+    if args.runs < 1 or args.windows < 1 or (args.seq_len is not None and args.seq_len < 2):
+        raise GptjaxError(f"--runs {args.runs} and --windows {args.windows} must be >= 1, --seq-len >= 2")
+    tokens, _ = validation_tokens(args, config)
+    T = seq_len(args.seq_len, config)
+    windows = data.eval_windows(tokens, T, args.windows)
+    timing = None if args.no_speed else {"prompt": min(32, config.n_positions // 2),
+                                         "new_tokens": min(32, config.n_positions // 2), "runs": args.runs}
+    modes = [m for m in DEFAULT_MODES  # a group size must divide both input widths
+             if not m.group_size or (config.n_embd % m.group_size == 0 and config.mlp_width % m.group_size == 0)]
+    rows = report(config, params, windows, modes, timing=timing,
+                  progress=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
+    print(f"{args.checkpoint}: {len(windows)} validation windows of {T} tokens ({windows[:, 1:].size:,} "
+          f"predictions); quality vs fp32 on the JAX backend; speed: median of {args.runs} interleaved runs\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text("\n".join(json.dumps(r.as_dict()) for r in rows) + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,87 @@
+"""`gptjax serve`: an OpenAI-style HTTP API for a checkpoint (needs the serve extra)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gptjax.cli.options import add_precision_flags, mesh_from
+from gptjax.errors import GptjaxError
+
+NAME = "serve"
+HELP = "an OpenAI-style HTTP API (completions, streaming, /metrics) for a checkpoint"
+DESCRIPTION = ("Serve a checkpoint over HTTP: POST /v1/completions (JSON or Server-Sent Events), GET /v1/models, "
+               "/health and /metrics, with dynamic batching, a bounded queue (429 when full), per-request timeouts "
+               "and draining on SIGTERM. Needs the serve extra.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `gptjax serve`."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (config.json + "
+                   "model.safetensors, tokenizer files optional)")
+    p.add_argument("--backend", default="jax", help="backend name (default jax)")
+    add_precision_flags(p)
+    p.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), metavar="KEY", help="require "
+                   "'Authorization: Bearer KEY' on /v1/* (default: $GPTJAX_API_KEY; prefer the variable, "
+                   "arguments show in ps)")
+    p.add_argument("--model-name", metavar="NAME", help="model id in /v1/models and responses (default: the "
+                   "checkpoint directory's name)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests per batch (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a batch; more "
+                   "are refused with 429 (default 64)")
+    p.add_argument("--max-tokens-cap", type=int, metavar="N", help="largest max_tokens accepted (default: the "
+                   "context length)")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS", help="time from arrival "
+                   "to the last token; then 504 and the work is cancelled (default 60)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, how long "
+                   "requests in flight may take to finish (default 30)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="larger request bodies get "
+                   "413 (default 1 MiB)")
+    p.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps between hand-overs to "
+                   "clients (default 4)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="how long a new batch may wait "
+                   "for the clients of the previous one to send their next request (default 20)")
+    p.add_argument("--batching", choices=["continuous", "dynamic"], default="continuous", help="continuous: "
+                   "requests join a running batch between decode chunks (jax backend without --mesh; others fall "
+                   "back to dynamic); dynamic: requests arriving during a batch wait for the next (default "
+                   "continuous)")
+    p.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the flags, load the model and serve until SIGTERM/SIGINT (then drain)."""
+    try:  # the serve extra (fastapi, uvicorn) is optional: import it only here, and say how to get it
+        from gptjax import serve
+        from gptjax.serve.server import default_model_id
+    except ImportError as e:
+        raise GptjaxError(f"gptjax serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'gptjax[serve]'") from None
+    _check(args)
+    model = serve.load_model(args.checkpoint, args.backend, precision=args.precision, kv_cache=args.kv_cache,
+                             mesh=mesh_from(args.mesh))
+    cap = args.max_tokens_cap
+    if cap is not None and not 1 <= cap <= model.backend.config.n_positions:
+        raise GptjaxError(f"--max-tokens-cap {cap} must be in [1, {model.backend.config.n_positions}]")
+    options = serve.ServeOptions(model_id=args.model_name or default_model_id(args.checkpoint),
+                                 api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
+                                 max_tokens_cap=cap, request_timeout=args.request_timeout,
+                                 max_body_bytes=args.max_body_bytes, chunk_size=args.chunk_size,
+                                 batch_wait=max(0.0, args.batch_wait_ms) / 1e3, batching=args.batching,
+                                 warmup=not args.no_warmup)
+    return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """A GptjaxError for numeric flags out of range (before the model loads)."""
+    for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                             ("--max-queue", args.max_queue, 1), ("--max-body-bytes", args.max_body_bytes, 1),
+                             ("--chunk-size", args.chunk_size, 1)):
+        if value < low:
+            raise GptjaxError(f"{flag} {value} must be >= {low}")
+    for flag, bad in (("--port", args.port > 65535), ("--request-timeout", args.request_timeout <= 0),
+                      ("--drain-timeout", args.drain_timeout < 0)):
+        if bad:
+            raise GptjaxError(f"{flag} is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0")
