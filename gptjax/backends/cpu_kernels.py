@@ -34,8 +34,9 @@ def _module_status() -> str:
     try:
         from gptjax import _cpu_kernels
     except ImportError as e:
-        return (f"not built ({e}): `pip install .` builds them where a C++ compiler is found; from a source "
-                "checkout, use `pip install -e .` (or `python setup.py build_ext --inplace`)")
+        return (f"not built ({e}): `pip install .` builds them where a C++ compiler is found (`pip install -v .` "
+                "shows why a build was skipped); from a source checkout, use `pip install -e .` (or `python setup.py "
+                "build_ext --inplace`)")
     if not _cpu_kernels.supported():
         return "this CPU lacks AVX512 VNNI / BF16"
     _register(_cpu_kernels)
