@@ -575,7 +575,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from gptjax import data
-    from gptjax.backends.jax_flax import GPT
+    from gptjax.backends.jax import GPT
     from gptjax.train import evaluate
     from gptjax.weights import load_checkpoint
 

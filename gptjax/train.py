@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptjax.backends.jax_flax import GPT, to_params
+from gptjax.backends.jax import GPT, to_params
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import precision_of

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gptjax import get_backend
-from gptjax.backends.jax_flax import KVCache
+from gptjax.backends.jax import KVCache
 from gptjax.cli import main
 from gptjax.errors import GptjaxError
 from gptjax.precision_report import DEFAULT_MODES, Mode, report

@@ -137,7 +137,7 @@ def _batching(model: ServedModel, options: ServeOptions) -> str:
     """The batching mode to use: continuous where the backend supports it (jax without a mesh), else dynamic."""
     if options.batching not in ("continuous", "dynamic"):
         raise GptjaxError(f"batching={options.batching!r}; allowed: continuous, dynamic")
-    from gptjax.backends.jax_flax import JaxBackend
+    from gptjax.backends.jax import JaxBackend
 
     supported = isinstance(model.backend, JaxBackend) and model.backend.mesh is None
     return options.batching if supported else "dynamic"

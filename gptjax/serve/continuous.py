@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gptjax.backends.jax_session import DecodeSession
+from gptjax.backends.jax.session import DecodeSession
 from gptjax.generate import GenerationRequest
 from gptjax.serve.scheduler import Event, Job
 from gptjax.tracing.spans import forward_span, record_error, start_parent
