@@ -5,9 +5,8 @@ from gptjax.backends import Backend, available_backends, get_backend
 from gptjax.config import PRESETS, GPTConfig, get_preset
 from gptjax.errors import GptjaxError
 from gptjax.tokenizer import ByteTokenizer, load_tokenizer
+from gptjax.version import __version__
 from gptjax.weights import init_params, load_checkpoint, param_shapes, save_checkpoint, validate_params
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "Backend", "ByteTokenizer", "GPTConfig", "GptjaxError", "available_backends", "get_backend",

@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from gptjax import precision as registry
 from gptjax.errors import GptjaxError
 
-PRECISIONS = ("fp32", "bf16", "int8")
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
-_SCALE_BYTES = 4  # int8 weights and KV entries carry one float32 scale per output channel / head
+PRECISIONS = tuple(registry.STORAGES)  # how weights can be stored (the run modes: gptjax.precision.MODES)
 
 
 @dataclass(frozen=True)
@@ -113,24 +112,13 @@ class GPTConfig:
         return 3 * self.forward_flops_per_token(seq_len)
 
     def weight_bytes(self, precision: str = "fp32") -> int:
-        """Bytes of the weights: fp32 4/param, bf16 2/param, int8 = int8 matmul weights (incl. wte)
-        + one float32 scale per output channel, other params (biases, LayerNorm, wpe) kept float32."""
-        _check_precision(precision)
-        if precision != "int8":
-            return _DTYPE_BYTES[precision] * self.num_params()
-        D, F, V = self.n_embd, self.mlp_width, self.vocab_size
-        heads = 1 if self.tie_word_embeddings else 2
-        int8_values = self.matmul_params(include_head=False) + heads * V * D
-        scales = self.n_layer * (3 * D + D + F + D) + heads * V
-        rest = self.num_params() - int8_values
-        return int8_values + _SCALE_BYTES * (scales + rest)
+        """Bytes of the weights in a storage or run mode (gptjax.precision): fp32 4/param, bf16 2/param, int8
+        = int8 matmul weights (incl. wte) + one float32 scale per output channel, the rest float32."""
+        return registry.weight_bytes(self, precision)
 
     def kv_cache_bytes_per_token(self, precision: str = "fp32") -> int:
         """K and V of one token in every layer: 2·L·D values (+ a float32 scale per head for int8)."""
-        _check_precision(precision)
-        values = 2 * self.n_layer * self.n_embd * _DTYPE_BYTES[precision]
-        scales = 2 * self.n_layer * self.n_head * _SCALE_BYTES if precision == "int8" else 0
-        return values + scales
+        return registry.kv_cache_bytes_per_token(self, precision)
 
     # ---- (de)serialisation in the Hugging Face GPT2Config layout --------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
@@ -174,11 +162,6 @@ class GPTConfig:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise GptjaxError(f"{name}={value!r} must be a positive integer (>= 1)")
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise GptjaxError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
 
 
 def _divisors(n: int) -> list[int]:

@@ -7,7 +7,8 @@ the original. An all-zero channel gets scale 1 and values 0, so it round-trips e
 
 Quantised params keep the canonical key of each quantised weight for its int8 values and add
 `<key>_scale`; `precision_of` tells the storage of a param dict, and `for_precision` is the conversion step
-every backend runs on the params it is given (precision fp32 | bf16 | int8 | w8a8).
+every backend runs on the params it is given (a run mode of gptjax.precision). CONVERTERS holds the conversion
+of float32 params into each storage the registry declares.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from gptjax import precision as registry
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.weights import SCALE_SUFFIX, Params
+from gptjax.precision import default_kv_cache, storage  # noqa: F401 (re-exported: the names callers knew here)
 
-MODES = ("fp32", "bf16", "int8")  # how weights are stored
-PRECISIONS = ("fp32", "bf16", "int8", "w8a8")  # how a backend runs them: w8a8 = int8 weights + int8 activations
-KV_CACHE_MODES = ("fp32", "bf16", "int8")
+Params = dict[str, np.ndarray]  # canonical params (gptjax.weights re-exports it; weights builds on this module)
+SCALE_SUFFIX = "_scale"  # int8 weights' scales: `<key>_scale`
+
+MODES = tuple(registry.STORAGES)  # how weights are stored
+PRECISIONS = tuple(registry.MODES)  # how a backend runs them: w8a8 = int8 weights + int8 activations
+KV_CACHE_MODES = tuple(registry.KV_CACHES)
 
 
 def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]:
@@ -65,30 +70,34 @@ def _group(w: np.ndarray, axis: int, group_size: int | None) -> np.ndarray:
 
 
 def precision_of(params: Params) -> str:
-    """"int8" if params hold int8 weights, "bf16" if bfloat16, else "fp32"."""
-    dtypes = {np.asarray(v).dtype for v in params.values()}
-    if np.dtype(np.int8) in dtypes:
-        return "int8"
-    if np.dtype(ml_dtypes.bfloat16) in dtypes:
-        return "bf16"
-    return "fp32"
+    """The storage params are in: the reduced one whose dtype they hold (int8 before bf16: int8 params keep
+    float32 too), else "fp32"."""
+    dtypes = {np.asarray(v).dtype.name for v in params.values()}
+    reduced = [s for s in registry.STORAGES.values() if s.name != "fp32"]
+    return next((s.name for s in reversed(reduced) if s.dtype in dtypes), "fp32")
 
 
 def convert(params: Params, config: GPTConfig, mode: str, *, group_size: int | None = None,
             keep_head: bool = False) -> Params:
-    """Canonical float params in `mode`: bf16 casts every array; int8 quantises the matmul weights (and the
-    tied embedding/head unless keep_head) and keeps the rest float32."""
-    if mode not in MODES:
-        raise GptjaxError(f"precision {mode!r}; allowed: {', '.join(MODES)}")
+    """Canonical float params in storage `mode`: bf16 casts every array; int8 quantises the matmul weights (and
+    the tied embedding/head unless keep_head) and keeps the rest float32."""
+    if mode not in registry.STORAGES:
+        raise GptjaxError(f"precision {mode!r}; allowed: {', '.join(registry.STORAGES)}")
     current = precision_of(params)
     if current != "fp32":
         raise GptjaxError(f"params are already {current}; convert from float32 weights")
-    if mode != "int8" and (group_size is not None or keep_head):
+    if not registry.STORAGES[mode].scaled and (group_size is not None or keep_head):
         raise GptjaxError(f"group_size/keep_head apply to int8 quantisation, not to {mode}")
-    if mode == "fp32":
-        return dict(params)
-    if mode == "bf16":
-        return {k: np.asarray(v, ml_dtypes.bfloat16) for k, v in params.items()}
+    return CONVERTERS[mode](params, config, group_size, keep_head)
+
+
+def _to_bf16(params: Params, config: GPTConfig, group_size: None, keep_head: bool) -> Params:
+    """Every array cast to bfloat16."""
+    return {k: np.asarray(v, ml_dtypes.bfloat16) for k, v in params.items()}
+
+
+def _to_int8(params: Params, config: GPTConfig, group_size: int | None, keep_head: bool) -> Params:
+    """The matmul weights quantised (int8 values + `<key>_scale`), the rest float32."""
     out: Params = {}
     targets = quantized_keys(config, keep_head)
     for key, value in params.items():
@@ -99,16 +108,8 @@ def convert(params: Params, config: GPTConfig, mode: str, *, group_size: int | N
     return out
 
 
-def storage(precision: str) -> str:
-    """The weight storage a precision runs on (w8a8 runs on int8 weights)."""
-    if precision not in PRECISIONS:
-        raise GptjaxError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    return "int8" if precision == "w8a8" else precision
-
-
-def default_kv_cache(precision: str) -> str:
-    """The KV-cache mode a precision uses unless told otherwise: bf16 for bf16, else fp32."""
-    return "bf16" if storage(precision) == "bf16" else "fp32"
+# float32 params -> each storage of gptjax.precision: f(params, config, group_size, keep_head)
+CONVERTERS = {"fp32": lambda params, *_: dict(params), "bf16": _to_bf16, "int8": _to_int8}
 
 
 def for_precision(params: Params, config: GPTConfig, precision: str, *, group_size: int | None = None,
@@ -116,16 +117,17 @@ def for_precision(params: Params, config: GPTConfig, precision: str, *, group_si
     """params as `precision` runs them: float32 weights are converted; weights already in that storage (a
     quantised checkpoint) are used as they are, never quantised twice; other combinations are an error."""
     target, current = storage(precision), precision_of(params)
-    if target != "int8" and (group_size is not None or keep_head):
+    scaled = registry.STORAGES[target].scaled
+    if not scaled and (group_size is not None or keep_head):
         raise GptjaxError(f"group_size/keep_head apply to int8 quantisation, not to {target}")
     if current == target:
-        if target == "int8" and (group_size is not None or keep_head):
+        if scaled and (group_size is not None or keep_head):
             raise GptjaxError("group_size/keep_head apply when quantising float32 weights; these params are "
                               "already int8 (a quantised checkpoint) and are used as stored")
         return params
     if current != "fp32":
         raise GptjaxError(f"params are {current}; run them with precision="
-                          f"{' or '.join(repr(p) for p in PRECISIONS if storage(p) == current)} "
+                          f"{' or '.join(repr(m) for m in registry.MODES if storage(m) == current)} "
                           f"(precision={precision!r} needs float32 weights)")
     return convert(params, config, target, group_size=group_size, keep_head=keep_head)
 

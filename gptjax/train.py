@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from gptjax import data
 from gptjax.backends import get_backend
-from gptjax.backends.jax_flax import GPT, to_params
+from gptjax.backends.jax import GPT, to_params
 from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError

@@ -17,9 +17,9 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.precision import STORAGES
+from gptjax.quantize import SCALE_SUFFIX, Params, check_quantized, precision_of
 from gptjax.safetensors_io import iter_tensors, read_header, write_safetensors
-
-Params = dict[str, np.ndarray]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,7 +27,6 @@ CONFIG_NAME = "config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved
 PRECISION_KEY = "gptjax.precision"  # safetensors metadata of a reduced-precision checkpoint
-SCALE_SUFFIX = "_scale"  # int8 weights' scales (gptjax.quantize)
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -71,8 +70,6 @@ def init_params(config: GPTConfig, seed: int = 0) -> Params:
 def validate_params(config: GPTConfig, params: Params) -> None:
     """Raise naming the first missing/unexpected key or wrong shape/dtype of params against config. Params are
     floating point, or quantised by gptjax.quantize (int8 matmul weights, each with a float32 `<key>_scale`)."""
-    from gptjax.quantize import check_quantized
-
     if not isinstance(params, dict):
         raise GptjaxError(f"params must be a dict of arrays (canonical GPT-2 names), got {type(params).__name__}")
     shapes = param_shapes(config)
@@ -85,7 +82,7 @@ def validate_params(config: GPTConfig, params: Params) -> None:
         if tuple(np.shape(params[key])) != shape:
             raise GptjaxError(f"param {key!r} has shape {tuple(np.shape(params[key]))}, expected {shape}")
         dtype = np.asarray(params[key]).dtype
-        if dtype.kind != "f" and dtype.name != "bfloat16" and dtype != np.int8:
+        if dtype.kind != "f" and dtype.name not in {s.dtype for s in STORAGES.values()}:
             raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point (or int8 "
                               "matmul weights with scales)")
     check_quantized(config, params, shapes)
@@ -118,7 +115,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
                 continue
             if key in params:
                 raise GptjaxError(f"{file}: tensor {raw_key!r} appears twice (as {key!r})")
-            if key not in shapes and not (precision == "int8" and key.removesuffix(SCALE_SUFFIX) in shapes):
+            if key not in shapes and not (STORAGES[precision].scaled and key.removesuffix(SCALE_SUFFIX) in shapes):
                 raise GptjaxError(f"{file}: unexpected tensor {raw_key!r} for a {config.n_layer}-layer GPT-2")
             if key in shapes and array.shape != shapes[key]:
                 raise GptjaxError(f"{file}: tensor {raw_key!r} has shape {array.shape}, "
@@ -143,8 +140,8 @@ def stored_precision(path: str | os.PathLike) -> str:
     metadata (bf16 or int8), else fp32 (a float checkpoint, loaded as float32 whatever its dtypes)."""
     directory = _checkpoint_dir(Path(path))
     recorded = read_header(str(_weight_files(directory)[0]))[1].get(PRECISION_KEY, "fp32")
-    if recorded not in ("fp32", "bf16", "int8"):
-        raise GptjaxError(f"{directory}: metadata {PRECISION_KEY}={recorded!r}; allowed: fp32, bf16, int8")
+    if recorded not in STORAGES:
+        raise GptjaxError(f"{directory}: metadata {PRECISION_KEY}={recorded!r}; allowed: {', '.join(STORAGES)}")
     return recorded
 
 
@@ -217,8 +214,6 @@ def save_checkpoint(config: GPTConfig, params: Params, path: str | os.PathLike,
     precision params (gptjax.quantize) are written as stored, with their precision in the metadata (plus any
     `metadata` given). Other files already in the directory (tokenizer files, a README) are kept, and those
     of `extra_files_from` (another checkpoint) copied in the same swap; old weight files are replaced."""
-    from gptjax.quantize import precision_of
-
     validate_params(config, params)
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

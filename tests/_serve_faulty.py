@@ -7,8 +7,8 @@ and the decode session it opens (continuous)."""
 import sys
 import time
 
-from gptjax.backends import jax_session
-from gptjax.backends.jax_flax import JaxBackend
+from gptjax.backends.jax import JaxBackend
+from gptjax.backends.jax import session as jax_session
 from gptjax.serve import ServeOptions, load_model, run
 
 FAIL, DELAYS = 255, {254: 0.25, 253: 1.0}  # first prompt token → seconds per chunk

@@ -31,7 +31,7 @@ def golden() -> dict[str, np.ndarray]:
 def decode_hlo(monkeypatch):
     """decode_hlo(generate) runs generate() and returns the optimised HLO text of the jitted decode loop it used
     (compiled from the same arguments before the call donates them)."""
-    from gptjax.backends import jax_decode
+    from gptjax.backends.jax import decode as jax_decode
 
     def run(generate) -> str:
         real, hlo = jax_decode.decode, []

@@ -62,7 +62,7 @@ def test_golden_logits_are_not_trivial(golden):
 
 
 def test_jax_pads_to_buckets_without_changing_results():
-    from gptjax.backends.jax_flax import bucket_length
+    from gptjax.backends.jax import bucket_length
 
     assert [bucket_length(t, 1024) for t in (1, 8, 9, 64, 65, 128, 1000)] == [8, 8, 16, 64, 128, 128, 1024]
     assert bucket_length(50, 40) == 40

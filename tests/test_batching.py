@@ -52,7 +52,7 @@ def test_join_requests_rejects_what_is_not_a_request():
 
 @pytest.mark.parametrize("options", [{}, {"kv_cache": "int8"}, {"precision": "bf16"}])
 def test_rows_joining_a_running_session_get_their_solo_tokens(options):
-    from gptjax.backends.jax_session import DecodeSession
+    from gptjax.backends.jax.session import DecodeSession
 
     backend = get_backend("jax", CONFIG, **options)
     weights = backend.prepare(PARAMS)

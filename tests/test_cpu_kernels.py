@@ -156,10 +156,10 @@ def _backend(precision: str, kernels: bool, monkeypatch, **options):
                                                     ("fp32", {"kv_cache": "int8"}, 1e-4)])
 def test_backend_on_the_kernels_matches_the_xla_formulation(precision, options, atol, monkeypatch):
     b, w = _backend(precision, True, monkeypatch, **options)
-    assert b.formulation().cpu_kernels
+    assert w.cpu_kernels
     b0, w0 = _backend(precision, False, monkeypatch, **options)
     # (the forward pass has no cache; generate() below decodes through it, greedy, on both formulations)
-    assert not b0.formulation().cpu_kernels
+    assert not w0.cpu_kernels
     # per-channel int8 / w8a8 matmuls give the very same int32 sums; the tied head's formulation differs (the
     # kernel feeds it x's two int8 terms where XLA dequantises the table), and so does grouped int8's; bf16
     # accumulates in another order, where a last-bit difference can move an activation across a bfloat16
@@ -188,7 +188,7 @@ def test_grouped_scales_are_stored_per_output_row_and_meshes_keep_the_xla_formul
     c_fc = w.state["blocks"][0]["mlp"]["c_fc"]["kernel"]
     assert c_fc["kernel"][...].shape == (4 * 64, 64) and c_fc["scale"][...].shape == (4 * 64, 64 // 16)
     mesh_b = get_backend("jax", CONFIG, precision="int8", mesh=make_mesh(1, 1, 2, devices=jax.devices()[:2]))
-    assert not mesh_b.formulation().cpu_kernels
+    assert not mesh_b.prepare(PARAMS).cpu_kernels
 
 
 @needs_kernels
@@ -213,7 +213,7 @@ def test_without_the_built_module_the_status_says_why_and_the_backend_uses_xla(m
     cpu_kernels._module_status.cache_clear()
     try:
         assert cpu_kernels.status().startswith("not built") and "pip install -e ." in cpu_kernels.status()
-        assert not get_backend("jax", CONFIG, precision="int8").formulation().cpu_kernels
+        assert not get_backend("jax", CONFIG, precision="int8").prepare(PARAMS).cpu_kernels
         with pytest.raises(RuntimeError, match="CPU kernels cannot run: not built"):
             cpu_kernels.int8_matmul(jnp.zeros((1, 4), jnp.int8), jnp.zeros((2, 4), jnp.int8))
     finally:
@@ -237,14 +237,14 @@ def test_decode_reads_a_reduced_precision_cache_without_a_float32_copy(precision
 def test_to_params_refuses_models_it_cannot_export():
     from flax import nnx
 
-    from gptjax.backends.jax_flax import GPT, Formulation, to_params
+    from gptjax.backends.jax import GPT, build, to_params
     from gptjax.errors import GptjaxError
     from gptjax.quantize import for_precision
 
     np.testing.assert_array_equal(to_params(GPT(CONFIG, PARAMS))["h.0.mlp.c_fc.weight"], PARAMS["h.0.mlp.c_fc.weight"])
     bf16 = for_precision(PARAMS, CONFIG, "bf16")
     with pytest.raises(GptjaxError, match="float models built in XLA.s layout \\(not int8 or out-major"):
-        to_params(nnx.merge(*nnx.split(GPT(CONFIG, bf16, how=Formulation(cpu_kernels=True)))))
+        to_params(nnx.merge(*nnx.split(build(CONFIG, bf16, "bf16", cpu_kernels=True))))
 
 
 @needs_kernels

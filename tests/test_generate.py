@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gptjax import GPTConfig, GptjaxError, get_backend, init_params
-from gptjax.backends import jax_decode
-from gptjax.backends.jax_flax import GPT, KVCache
+from gptjax.backends.jax import GPT, KVCache
+from gptjax.backends.jax import decode as jax_decode
 from gptjax.backends.numpy_ref import FloatCache, gpt2, ragged_mask
 from gptjax.generate import SamplingParams, filter_logits, sample_token
 

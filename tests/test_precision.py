@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gptjax import get_backend
-from gptjax.backends.jax_flax import KVCache
+from gptjax.backends.jax import KVCache
 from gptjax.cli import main
 from gptjax.errors import GptjaxError
 from gptjax.precision_report import DEFAULT_MODES, Mode, report
@@ -368,3 +368,20 @@ def test_a_failed_restore_keeps_the_backup(tmp_path, monkeypatch):
     monkeypatch.setattr(weights.os, "replace", real)
     backups = list(tmp_path.glob(".ck.old-*/ck"))
     assert len(backups) == 1 and load_checkpoint(backups[0])[1].keys() == PARAMS.keys()  # nothing lost
+
+
+def test_the_registry_declares_what_the_modes_were():
+    from gptjax import precision
+    from gptjax.backends.base import PRECISION_OPTIONS
+
+    assert PRECISION_OPTIONS["precision"] == ("fp32", "bf16", "int8", "w8a8")
+    assert PRECISION_OPTIONS["kv_cache"] == ("fp32", "bf16", "int8")
+    assert [precision.storage(m) for m in precision.MODES] == ["fp32", "bf16", "int8", "int8"]
+    assert [precision.default_kv_cache(m) for m in precision.MODES] == ["fp32", "bf16", "fp32", "fp32"]
+    assert [m.compute_dtype for m in precision.MODES.values()] == ["fp32", "bf16", "fp32", "int8"]
+    assert precision.training_modes() == ("fp32", "bf16")
+    assert [m.options for m in precision.MODES.values()] == [(), (), ("group_size", "keep_head"),
+                                                               ("group_size", "keep_head")]
+    assert CONFIG.weight_bytes("w8a8") == CONFIG.weight_bytes("int8")
+    with pytest.raises(GptjaxError, match="precision 'int4'; allowed: fp32, bf16, int8, w8a8"):
+        precision.mode("int4")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gptjax import GPTConfig, GptjaxError, get_backend, init_params
-from gptjax.backends import jax_decode
+from gptjax.backends.jax import decode as jax_decode
 from gptjax.cli import main
 from gptjax.generate import make_request
 from gptjax.sharding import make_mesh, parse_mesh, shard_batch

@@ -16,18 +16,19 @@ from opentelemetry import context as otel_context
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
-from gptjax.quantize import KV_CACHE_MODES, PRECISIONS, default_kv_cache, for_precision, storage
+from gptjax.precision import KV_CACHES, MODES, default_kv_cache, storage
+from gptjax.quantize import for_precision
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
 
 ENTRY_POINT_GROUP = "gptjax.backends"
 # The options every built-in backend takes (merged into its `options`): the precision mode, the KV cache's
 # storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
-PRECISION_OPTIONS: dict[str, tuple] = {"precision": PRECISIONS, "kv_cache": KV_CACHE_MODES, "group_size": (),
+PRECISION_OPTIONS: dict[str, tuple] = {"precision": tuple(MODES), "kv_cache": tuple(KV_CACHES), "group_size": (),
                                        "keep_head": (False, True)}
 _BUILTIN = {
     "numpy": "gptjax.backends.numpy_ref:NumpyBackend",
-    "jax": "gptjax.backends.jax_flax:JaxBackend",
+    "jax": "gptjax.backends.jax:JaxBackend",
 }
 
 

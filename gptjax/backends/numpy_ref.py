@@ -117,6 +117,11 @@ class BF16Matrix:
     def __init__(self, w: np.ndarray) -> None:
         self.w = w
 
+    @classmethod
+    def stored(cls, params: Params, key: str) -> BF16Matrix:
+        """The stand-in for params[key]."""
+        return cls(params[key])
+
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
         return _bf16(x) @ self.w.astype(np.float32)  # [..., in] x [in, out] -> [..., out]
 
@@ -137,6 +142,11 @@ class Int8Matrix:
 
     def __init__(self, q: np.ndarray, scale: np.ndarray) -> None:
         self.q, self.scale = q, scale
+
+    @classmethod
+    def stored(cls, params: Params, key: str) -> Int8Matrix:
+        """The stand-in for params[key] and its scales."""
+        return cls(params[key], params[key + SCALE_SUFFIX])
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:  # Conv1D [in, out]
         s = self.scale.reshape(-1, self.q.shape[1])  # [G, out]
@@ -251,14 +261,13 @@ class NumpyBackend(Backend):
 
     def _convert(self, params: Params) -> Params:
         matrices = quantized_keys(self.config)
+        stand_in = MATRICES[self.precision]
         out: Params = {}
         for key, value in params.items():
             if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in matrices:
                 continue
-            if key + SCALE_SUFFIX in params:
-                out[key] = _INT8_MATRICES.get(self.precision, Int8Matrix)(value, params[key + SCALE_SUFFIX])
-            elif key in matrices and value.dtype.name == "bfloat16":
-                out[key] = BF16Matrix(value)
+            if stand_in is not None and key in matrices and np.asarray(value).dtype.name != "float32":
+                out[key] = stand_in.stored(params, key)  # (keep_head leaves the head float32: an array)
             else:
                 out[key] = np.asarray(value, dtype=self.dtype)  # biases, LayerNorm, wpe (bf16 converts exactly)
         return out
@@ -277,7 +286,7 @@ class NumpyBackend(Backend):
         S = Tp + request.max_new_tokens
         tokens, pad = left_pad(request.prompts, Tp)  # [B, Tp], [B]
         B, K = len(pad), c.head_dim
-        layer_cache, dtype = _CACHES[self.kv_cache]
+        layer_cache, dtype = CACHES[self.kv_cache]
         cache = [layer_cache((B, c.n_head, S, K), dtype or self.dtype, self.dtype) for _ in range(c.n_layer)]
         run = partial(gpt2, p=weights, n_layer=c.n_layer, n_head=c.n_head, eps=c.layer_norm_epsilon,
                       last_only=True, cache=cache)
@@ -298,8 +307,10 @@ class NumpyBackend(Backend):
                          mask=ragged_mask(pad, index, 1, S, self.dtype), start=index)
 
 
-_INT8_MATRICES = {"w8a8": W8A8Matrix}  # how int8 matmuls run per precision (the JAX backend: W8A8Dense)
-_CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
+# The stand-in of a matmul weight per run mode of gptjax.precision (None: a float array), and the layer cache
+# (with its storage dtype; None: the backend's) per KV-cache storage.
+MATRICES: dict[str, type | None] = {"fp32": None, "bf16": BF16Matrix, "int8": Int8Matrix, "w8a8": W8A8Matrix}
+CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
 
 
 class _Rows:

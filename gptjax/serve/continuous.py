@@ -26,7 +26,7 @@ Chunk = list[tuple[Job, list[int], "str | None"]]  # (owner, new tokens, finish 
 
 
 class Session(Protocol):
-    """What the runner needs of `Backend.open_session`'s result (gptjax.backends.jax_session.Session)."""
+    """What the runner needs of `Backend.open_session`'s result (gptjax.backends.jax.session.DecodeSession)."""
 
     owners: list[Any]  # per row: its job, or None for a free slot
     step: int  # decode steps taken

@@ -24,7 +24,7 @@ SYSTEM = "gptjax"
 @lru_cache(maxsize=1)
 def tracer() -> trace.Tracer:
     """gptjax's tracer (a proxy until an SDK provider is installed, so configuring later still works)."""
-    from gptjax import __version__
+    from gptjax.version import __version__  # not the package: gptjax/__init__ imports the backends, which import this
 
     return trace.get_tracer("gptjax", __version__)
 

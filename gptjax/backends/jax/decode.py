@@ -16,9 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptjax.backends.jax_flax import KVCache, Masks
+from gptjax.backends.jax.kv import KVCache, Masks
 from gptjax.config import GPTConfig
 from gptjax.generate import GenerationRequest, left_pad
+from gptjax.sharding import cache_sharding, shard_batch
+
+
+def bucket_length(T: int, n_positions: int) -> int:
+    """Pad lengths to few shapes (powers of two up to 64, then multiples of 64) so jit compiles rarely."""
+    bucket = 1 << max(3, (T - 1).bit_length()) if T <= 64 else -(-T // 64) * 64
+    return min(bucket, n_positions)
 
 
 class Sampling(NamedTuple):
@@ -126,19 +133,17 @@ def decode_masks(pad: jax.Array, index: jax.Array, S: int) -> Masks:
     return Masks(cache, jnp.ones((pad.shape[0], 1, 1), bool))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "kv_cache", "mesh"))
+@partial(jax.jit, static_argnames=("graphdef", "config", "cache_length", "mode", "kv_cache", "mesh", "cpu_kernels"))
 def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid: jax.Array, sampling: Sampling,
-            config: GPTConfig, cache_length: int, mode: str, kv_cache: str = "fp32", mesh: Any = None
-            ) -> DecodeState:
-    """Run left-padded prompts [B, Tp] into a fresh cache (cache_length entries stored as kv_cache) and sample
-    the first token."""
+            config: GPTConfig, cache_length: int, mode: str, kv_cache: str = "fp32", mesh: Any = None,
+            cpu_kernels: bool = False) -> DecodeState:
+    """Run left-padded prompts [B, Tp] into a fresh cache (cache_length entries stored as kv_cache, read by
+    gptjax's CPU kernels if the conversion chose them) and sample the first token."""
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
         B, Tp = tokens.shape
-        cache = KVCache.zeros(config, B, cache_length, kv_cache)
+        cache = KVCache.zeros(config, B, cache_length, kv_cache, cpu_kernels)
         if mesh is not None:  # heads over tensor, rows over the batch axes
-            from gptjax.sharding import cache_sharding
-
             cache = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding(mesh, a.ndim)), cache)
         positions = jnp.maximum(jnp.arange(Tp)[None] - pad[:, None], 0)  # [B, Tp]
         logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
@@ -182,8 +187,6 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
     config = weights.config
     B = batch_bucket(max(rows or 1, request.batch))
     if mesh is not None:
-        from gptjax.sharding import shard_batch
-
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         B = -(-B // rows) * rows
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
@@ -193,7 +196,7 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
     if mesh is not None:
         tokens = shard_batch(tokens, mesh)
     d = prefill(weights.graphdef, weights.state, tokens, pad, valid, sampling, config, cache_length, mode, kv_cache,
-                mesh)
+                mesh, weights.cpu_kernels)
     return d, jnp.asarray(pad), sampling, mode
 
 

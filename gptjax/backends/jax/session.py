@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.backends import jax_decode
-from gptjax.backends.jax_flax import bucket_length
+from gptjax.backends.jax import decode as jax_decode
+from gptjax.backends.jax.decode import bucket_length
 from gptjax.generate import LENGTH, STOP, GenerationRequest, join_requests, left_pad
 
 MODES = ("greedy", "sample", "filter")  # each covers the ones before it
@@ -70,7 +70,7 @@ class DecodeSession:
         w = self.weights
         one = jax_decode.Sampling.of(request, 1, self.config.vocab_size)
         new = jax_decode.prefill(w.graphdef, w.state, tokens, pad1, np.ones(1, bool), one, self.config,
-                                 Tp1 + 8, request.mode, self.kv_cache)
+                                 Tp1 + 8, request.mode, self.kv_cache, cpu_kernels=w.cpu_kernels)
         index = self.Tp + self.step - 1
         self.d = jax_decode.admit(self.d, new, np.int32(row), np.int32(index))
         width = self.sampling.stop.shape[1]

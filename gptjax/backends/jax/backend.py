@@ -1,0 +1,111 @@
+"""The JAX backend: the NNX GPT under jax.jit behind gptjax's Backend interface (forward, generate, stream).
+
+Converting params is convert.py's; the jitted decode loop is decode.py's; continuous batching (a decode loop
+that rows join and leave) is session.py's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gptjax.backends.base import PRECISION_OPTIONS, Backend
+from gptjax.backends.jax import decode
+from gptjax.backends.jax.convert import JaxWeights, jax_weights
+from gptjax.backends.jax.decode import bucket_length
+from gptjax.backends.jax.session import DecodeSession
+from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
+from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk
+from gptjax.sharding import check_config, mesh_description, shard_batch
+from gptjax.weights import Params
+
+
+@partial(jax.jit, static_argnames=("graphdef", "last_only"))
+def _apply(graphdef: Any, state: Any, tokens: jax.Array, last_index: jax.Array, last_only: bool) -> jax.Array:
+    with jax.default_matmul_precision("float32"):  # true fp32 dots on GPU/TPU too (no TF32/bf16 passes)
+        model = nnx.merge(graphdef, state)
+        return model(tokens, last_index if last_only else None)
+
+
+class JaxBackend(Backend):
+    """Flax NNX GPT-2 under jax.jit; sequence lengths are padded to buckets (causal: padding is invisible).
+
+    Option mesh (from gptjax.sharding.make_mesh): weights are placed by their logical axes (tensor parallel
+    over heads/MLP/vocab, FSDP over the width), batches over (data, fsdp), the KV cache over heads."""
+
+    name = "jax"
+    prepared_type = JaxWeights
+    options = {"mesh": (), **PRECISION_OPTIONS}
+
+    def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
+        super().__init__(config, metrics=metrics, trace_sync=trace_sync, **options)
+        self.mesh = options.get("mesh")
+        if self.mesh is not None:
+            check_config(config, self.mesh)
+
+    def span_attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
+        """Backend.span_attributes plus the mesh's description."""
+        return super().span_attributes(phase, batch, seq_len) | {"gptjax.mesh": mesh_description(self.mesh)}
+
+    @property
+    def supports_sessions(self) -> bool:
+        """Decode sessions are built for one device: with a mesh the server batches dynamically."""
+        return self.mesh is None
+
+    def open_session(self, weights: JaxWeights, requests: Any, owners: Any, *, slots: int, headroom: int
+                     ) -> DecodeSession:
+        """A DecodeSession (continuous batching; see Backend.open_session)."""
+        if not self.supports_sessions:
+            raise GptjaxError("decode sessions (continuous batching) need the jax backend without a mesh")
+        return DecodeSession(self, weights, requests, owners, slots=slots, headroom=headroom)
+
+    def _place_batch(self, tokens: np.ndarray) -> Any:
+        if self.mesh is None:
+            return tokens
+        return shard_batch(tokens, self.mesh)
+
+    def _compile_count(self) -> int:
+        return _apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
+
+    def _devices(self) -> int:
+        return jax.device_count()
+
+    def _convert(self, params: Params) -> JaxWeights:
+        return jax_weights(self.config, params, self.precision, self.mesh)
+
+    def _generate(self, weights: JaxWeights, request: GenerationRequest, chunk_size: int | None
+                  ) -> Iterator[StreamChunk]:
+        """Prefill (its token is the first chunk), then the jitted decode loop: once to the end, or chunk_size
+        steps per yielded chunk."""
+        Tp = bucket_length(max(len(p) for p in request.prompts), self.config.n_positions)
+        S = Tp + bucket_length(request.max_new_tokens, 2**31)
+        d, pad, sampling, mode = decode.start(weights, request, Tp, S, self.mesh, self.kv_cache)
+        max_new, sent = np.int32(request.max_new_tokens), np.zeros(request.batch, int)
+        step, phase = 1, "prefill"  # the first chunk is prefill's token; then chunk_size decode steps each
+        while True:
+            if phase == "decode":
+                until = request.max_new_tokens if chunk_size is None else min(step + chunk_size, max_new)
+                d = decode.decode(weights.graphdef, weights.state, d, pad, sampling, np.int32(until), mode)
+            step, done, stopped, lengths = jax.device_get((d.step, d.done, d.stopped, d.lengths))
+            first = sent.min()
+            out = np.asarray(d.out[: request.batch, first: lengths.max(initial=0)])
+            chunk = [out[b, sent[b] - first: lengths[b] - first].tolist() for b in range(request.batch)]
+            sent = lengths[: request.batch].copy()
+            reasons = [(STOP if stopped[b] else LENGTH) if done[b] else None for b in range(request.batch)]
+            yield StreamChunk(chunk, reasons, phase)
+            if done[: request.batch].all():
+                return
+            phase = "decode"
+
+    def _forward(self, weights: JaxWeights, tokens: np.ndarray, last_only: bool) -> np.ndarray:
+        B, T = tokens.shape
+        padded = np.zeros((B, bucket_length(T, self.config.n_positions)), np.int32)
+        padded[:, :T] = tokens
+        logits = _apply(weights.graphdef, weights.state, self._place_batch(padded), np.int32(T - 1), last_only)
+        return np.asarray(logits if last_only else logits[:, :T])

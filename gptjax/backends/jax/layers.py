@@ -1,0 +1,130 @@
+"""The reduced-precision weight modules of the JAX model: int8 kernels (weight-only and w8a8), out-major
+kernels for gptjax's CPU kernels (gptjax.backends.cpu_kernels), and the tables and position lookup they need.
+The conversion step (convert.py) picks them; their matmul formulations are in lowp.py.
+
+Every kernel is stored [*in, *out] (Conv1D layout) with n_out output dims, or out-major [out, in] for the CPU
+kernels (used only without a mesh, on unstacked layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax.backends import cpu_kernels
+from gptjax.backends.jax import lowp
+from gptjax.backends.jax.model import Embedding, Positions, param
+
+
+class Int8Dense(nnx.Module):
+    """An int8 kernel with float32 scales [G, *out] (one per output channel and group of in/G inputs),
+    weight-only: the int8 values travel from memory and are dequantised inside the jitted matmul."""
+
+    def __init__(self, q: Any, scale: Any, axes: tuple[str | None, ...], n_out: int = 1) -> None:
+        lead = np.ndim(scale) - 1 - n_out  # stacked layers
+        self.kernel = param(q, axes)
+        self.scale = param(scale, (*axes[:lead], None, *axes[-n_out:]))
+        self.n_out = n_out
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        q, s = self.kernel[...], self.scale[...]
+        G, out = s.shape[0], math.prod(s.shape[1:])
+        return self.matmul(x.astype(jnp.float32), q.reshape(G, -1, out), s.reshape(G, out))
+
+    matmul = staticmethod(lowp.int8_matmul)
+
+
+class W8A8Dense(Int8Dense):
+    """The same int8 kernel with dynamically quantised activations (int8 per token, int8 x int8 -> int32)."""
+
+    matmul = staticmethod(lowp.w8a8_matmul)
+
+
+class OutMajorDense(nnx.Module):
+    """A bfloat16 kernel stored out-major [out, in] for gptjax's CPU kernels (gptjax.backends.cpu_kernels): one
+    pass over its bytes per call, where XLA:CPU would convert it to float32 first. x [..., in] -> [..., out]."""
+
+    def __init__(self, kernel: Any, n_out: int = 1) -> None:
+        self.kernel = param(_out_major(kernel, n_out), (None, None))  # only used without a mesh
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return cpu_kernels.bf16_matmul(x, self.kernel[...])
+
+
+class OutMajorInt8Dense(nnx.Module):
+    """An int8 kernel stored out-major [out, in] with scales [out, G], for gptjax's CPU kernels; weight-only
+    (float activations as two int8 terms, as int8_matmul on CPU: per channel, the same numbers)."""
+
+    def __init__(self, q: Any, scale: Any, n_out: int = 1) -> None:
+        self.kernel = param(_out_major(q, n_out), (None, None))
+        self.scale = param(_out_major(scale, n_out), (None, None))  # [G, *out] -> [out, G]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.matmul(x.astype(jnp.float32), self.kernel[...], self.scale[...])
+
+    matmul = staticmethod(lowp.int8_matmul_nk)
+
+
+class OutMajorW8A8Dense(OutMajorInt8Dense):
+    """The same out-major int8 kernel with dynamically quantised activations (as W8A8Dense: the same numbers)."""
+
+    matmul = staticmethod(lowp.w8a8_matmul_nk)
+
+
+def _out_major(w: Any, n_out: int) -> np.ndarray:
+    """A [*in, *out] kernel as a contiguous [out, in] matrix."""
+    w = np.asarray(w)
+    return np.ascontiguousarray(w.reshape(-1, math.prod(w.shape[-n_out:])).T)
+
+
+def kernel_rows(table: jax.Array, ids: jax.Array | slice) -> jax.Array:
+    """table[ids] in float32 for a bfloat16 table, gathered by gptjax's CPU kernel: XLA:CPU gathers a bfloat16
+    table from a float32 copy of all of it, which it hoists out of the decode loop (gpt2's wte: 150 MB written,
+    about 40 ms, per decode call; one-token stream chunks took 48 ms instead of 8)."""
+    return cpu_kernels.bf16_rows(table, jnp.arange(*ids.indices(len(table))) if isinstance(ids, slice) else ids)
+
+
+class KernelPositions(Positions):
+    """The position lookup over a bfloat16 position table, on gptjax's CPU kernel."""
+
+    def __call__(self, table: jax.Array, ids: jax.Array | slice) -> jax.Array:
+        return kernel_rows(table, ids)
+
+
+class KernelEmbedding(Embedding):
+    """A bfloat16 [V, D] table (already out-major for the head) whose tied head runs gptjax's CPU bf16 kernel."""
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return kernel_rows(self.embedding[...], tokens)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return cpu_kernels.bf16_matmul(x, self.embedding[...])
+
+
+class Int8Embedding(nnx.Module):
+    """An int8 [V, D] table with float32 scales [V, G] (per row and group of D/G columns)."""
+
+    def __init__(self, q: Any, scale: Any, axes: tuple[str | None, ...]) -> None:
+        self.embedding = param(q, axes)
+        self.scale = param(np.reshape(scale, (np.shape(q)[0], -1)), (axes[0], None))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        q, s = self.embedding[...], self.scale[...]
+        rows = q[tokens].astype(jnp.float32)  # [..., D]
+        return (rows.reshape(*rows.shape[:-1], s.shape[1], -1) * s[tokens][..., None]).reshape(rows.shape)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        q, s = self.embedding[...], self.scale[...]
+        return lowp.int8_matmul_t(x.astype(jnp.float32), q, s)  # [..., D] -> [..., V]
+
+
+class KernelInt8Embedding(Int8Embedding):
+    """An int8 [V, D] table whose tied head runs gptjax's CPU int8 kernels (weight-only, two int8 terms)."""
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return lowp.int8_matmul_nk(x.astype(jnp.float32), self.embedding[...], self.scale[...])
