@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import precision as registry
 from gptjax.backends.base import get_backend
 from gptjax.bench.stats import interleaved_runs, median, stamps, timed
 from gptjax.config import GPTConfig
@@ -41,8 +42,8 @@ class Mode:
         return {"precision": self.precision} | ({"kv_cache": self.kv_cache} if self.kv_cache else {})
 
 
-DEFAULT_MODES = (Mode("fp32"), Mode("bf16"), Mode("int8"), Mode("int8", group_size=64), Mode("w8a8"),
-                 Mode("int8", kv_cache="int8"))
+# every run mode the registry declares, then the variants worth a row: a group size, an int8 KV cache
+DEFAULT_MODES = (*(Mode(name) for name in registry.MODES), Mode("int8", group_size=64), Mode("int8", kv_cache="int8"))
 
 
 @dataclass

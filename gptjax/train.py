@@ -31,6 +31,7 @@ from opentelemetry import trace
 from tqdm import tqdm
 
 from gptjax import data
+from gptjax import precision as registry
 from gptjax.backends import get_backend
 from gptjax.backends.jax import GPT, to_params
 from gptjax.bench.ceilings import matmul_flops
@@ -87,7 +88,8 @@ class TrainConfig:
         for name in ("beta1", "beta2", "dropout"):
             _require(name, getattr(self, name), lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
         _require("val_fraction", self.val_fraction, lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)")
-        _require("compute_dtype", self.compute_dtype, lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'")
+        _require("compute_dtype", self.compute_dtype, lambda v: v in registry.training_modes(),
+                 " or ".join(repr(m) for m in registry.training_modes()))
 
 
 def _is_num(v: Any) -> bool:
@@ -136,9 +138,10 @@ def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = Non
                  ) -> tuple[Any, TrainState]:
     """(graphdef, state) for training from canonical params (GPT-2 init with tc.seed if None); with a mesh,
     parameters and optimizer state are sharded by their logical axes (FSDP, tensor parallel)."""
-    if params is not None and precision_of(params) == "int8":
-        raise GptjaxError("params are int8 (a quantised checkpoint): training needs float weights; start from the "
-                          "float checkpoint it was quantised from")
+    stored = None if params is None else precision_of(params)
+    if stored is not None and registry.STORAGES[stored].scaled:
+        raise GptjaxError(f"params are {stored} (a quantised checkpoint): training needs float weights; start from "
+                          "the float checkpoint it was quantised from")
     model = GPT(config, params if params is not None else init_params(config, tc.seed), scan_layers=tc.scan_layers)
     graphdef, weights = nnx.split(model)
     weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), weights)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gptjax import precision as registry
 from gptjax.bench.stats import best_time
 
 
@@ -20,6 +21,7 @@ class Datasheet:
 
 
 _T = 1e12
+COMPUTE_DTYPES = tuple(dict.fromkeys(m.compute_dtype for m in registry.MODES.values()))  # fp32, bf16, int8
 # (substring of jax's device_kind, lower case) -> datasheet; the first match wins, so specific names come first.
 DATASHEETS: tuple[tuple[str, Datasheet], ...] = (
     ("h200", Datasheet("NVIDIA H200 SXM", {"fp32": 67 * _T, "bf16": 989 * _T, "int8": 1979 * _T}, 4.8e12,
@@ -102,7 +104,7 @@ def _fetch_time(x: Any, runs: int) -> float:
     return best
 
 
-def measure_ceilings(matmul_n: int, bandwidth_bytes: int, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8"),
+def measure_ceilings(matmul_n: int, bandwidth_bytes: int, dtypes: tuple[str, ...] = COMPUTE_DTYPES,
                      runs: int = 5) -> dict[str, Any]:
     """Measured matmul FLOP/s per dtype ({dtype: value or an error string where unsupported}) and bandwidths."""
     flops: dict[str, float | str] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gptjax import precision as registry
 from gptjax.bench.studies import STUDIES
 from gptjax.errors import GptjaxError
 
@@ -18,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model shape (default: the suite's; gpt2 for the real comparison)")
     p.add_argument("--backend", default="jax", help="gptjax backend to measure (default jax; the train step "
                    "needs jax)")
-    p.add_argument("--precision", default="fp32,bf16,int8,w8a8", metavar="LIST", help="comma list of precision "
-                   "modes (fp32, bf16, int8 weight-only, w8a8; default all); a mode the backend refuses is recorded "
-                   "as skipped")
-    p.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], help="KV-cache storage passed to the backend "
+    p.add_argument("--precision", default=",".join(registry.MODES), metavar="LIST", help="comma list of "
+                   f"precision modes ({', '.join(registry.MODES)}; default all); a mode the backend refuses is "
+                   "recorded as skipped")
+    p.add_argument("--kv-cache", choices=list(registry.KV_CACHES), help="KV-cache storage passed to the backend "
                    "(default: the backend's)")
     p.add_argument("--batch", metavar="LIST", help="comma list of decode batch sizes (default: the suite's)")
     p.add_argument("--seq", metavar="LIST", help="comma list of prefill lengths at B=1 (default: the suite's)")

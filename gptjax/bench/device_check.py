@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 
 from gptjax.bench.report import SCHEMA, write_jsonl
+from gptjax import precision as registry
 from gptjax.bench.workloads import backend_options
 from gptjax.config import get_preset
 from gptjax.errors import GptjaxError
 
-# max |logits - oracle| / max(1, max |oracle|) allowed; only fp32 decides the exit status
-TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "int8": 1e-1, "w8a8": 1e-1}
+# max |logits - oracle| / max(1, max |oracle|) allowed (the registry's tolerance); only fp32 decides the exit status
+TOLERANCE = {name: m.tolerance for name, m in registry.MODES.items()}
 
 
 def correctness(preset: str, backend: str = "jax", precision: str = "fp32", batch: int = 2, seq: int = 64

@@ -17,6 +17,7 @@ Bytes moved (lower bounds: what must cross memory at least once):
 
 from __future__ import annotations
 
+from gptjax import precision
 from gptjax.config import GPTConfig
 
 FORMULAS = ("FLOPs (gptjax.config's size calculator, 2 per multiply-add): prefill = forward_flops(B, T, "
@@ -25,11 +26,10 @@ FORMULAS = ("FLOPs (gptjax.config's size calculator, 2 per multiply-add): prefil
             "decode = n·(weight bytes + B·KV bytes/token·(P + n/2)); train = 4·N·(2 + 7). MFU = FLOP/s / the "
             "matmul peak of the mode's compute dtype; bandwidth use = bytes/s / the read bandwidth (or datasheet HBM).")
 
-# which measured matmul ceiling a precision mode's dots run at: weight-only int8 dequantises into the
-# activation dtype (fp32 here), so its compute ceiling is fp32's; w8a8 multiplies int8 x int8.
-COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "int8": "fp32", "w8a8": "int8"}
-# bytes per value of the weights a mode stores, for the size calculator (w8a8 stores int8 weights too)
-WEIGHT_PRECISION = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "w8a8": "int8"}
+# which measured matmul ceiling a precision mode's dots run at (the registry's compute_dtype): weight-only
+# int8 dequantises into the activation dtype (fp32 here), so its compute ceiling is fp32's; w8a8 multiplies
+# int8 x int8.
+COMPUTE_DTYPE = {name: m.compute_dtype for name, m in precision.MODES.items()}
 
 
 def prefill_flops(config: GPTConfig, batch: int, seq: int) -> int:
@@ -49,8 +49,8 @@ def train_flops(config: GPTConfig, batch: int, seq: int) -> int:
 
 
 def weight_bytes(config: GPTConfig, precision: str) -> int:
-    """Bytes of the weights in this precision mode (gptjax.config's calculator)."""
-    return config.weight_bytes(WEIGHT_PRECISION.get(precision, "fp32"))
+    """Bytes of the weights in this precision mode (the registry's storage, gptjax.config's calculator)."""
+    return config.weight_bytes(precision)
 
 
 def decode_step_bytes(config: GPTConfig, precision: str, kv_cache: str, batch: int, context: float) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import precision as registry
 from gptjax.bench.env import torch_threads
 from gptjax.bench.stats import clock
 from gptjax.bench.workloads import N_INPUTS, Shape, token_batches
@@ -45,7 +46,7 @@ def hf_model(params: dict, config: GPTConfig, precision: str = "fp32") -> Any:
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(config, params, d + "/ck")
         model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
-    if precision in ("int8", "w8a8"):
+    if registry.storage(precision) == "int8":
         return _quantized(model)
     import torch
 
@@ -66,7 +67,7 @@ def _on(model: Any, tensor: Any) -> Any:
 
 def describe(precision: str) -> str:
     """What the peer runs for this precision, and where."""
-    where = "cpu" if precision in ("int8", "w8a8") else peer_device()
+    where = "cpu" if registry.storage(precision) == "int8" else peer_device()
     return f"{PEER_NOTES[precision]}, torch on {where}"
 
 
@@ -166,8 +167,8 @@ def _train(params: dict, config: GPTConfig, shape: Shape, precision: str, thread
     """One AdamW step (forward, backward, update) of HF GPT-2 in train mode (no dropout), bf16 by autocast."""
     import torch
 
-    if precision not in ("fp32", "bf16"):
-        raise GptjaxError(f"the peer trains in fp32 or bf16, not {precision!r}")
+    if precision not in registry.training_modes():
+        raise GptjaxError(f"the peer trains in {' or '.join(registry.training_modes())}, not {precision!r}")
     model = hf_model(params, config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     batches = [_on(model, torch.from_numpy(b.astype(np.int64))) for b in token_batches(config, shape.batch, shape.seq)]

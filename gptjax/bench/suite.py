@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gptjax import precision as registry
 from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for, measure_ceilings
 from gptjax.bench.env import device_memory
@@ -20,7 +21,7 @@ from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
 
 WORKLOADS = ("prefill", "decode", "train")
-PRECISION_MODES = ("fp32", "bf16", "int8", "w8a8")
+PRECISION_MODES = tuple(registry.MODES)  # every run mode the registry declares
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import precision as registry
 from gptjax.bench import metrics
 from gptjax.bench.stats import stamps
 from gptjax.config import GPTConfig
@@ -58,7 +59,7 @@ def backend_options(precision: str, kv_cache: str | None) -> dict[str, str]:
 
 def kv_precision(precision: str, kv_cache: str | None) -> str:
     """The KV cache's storage precision assumed for byte counts: the option, else bf16 for bf16, else fp32."""
-    return kv_cache or ("bf16" if precision == "bf16" else "fp32")
+    return kv_cache or registry.default_kv_cache(precision)
 
 
 def token_batches(config: GPTConfig, batch: int, length: int, seed: int = 0) -> list[np.ndarray]:
@@ -118,8 +119,8 @@ def stream_latencies(backend: Any, weights: Any, prompts: list[list[int]], new: 
 def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, precision: str) -> Job:
     if backend_name != "jax":
         raise GptjaxError(f"the train step runs on the jax backend only, not {backend_name!r}")
-    if precision not in ("fp32", "bf16"):
-        raise GptjaxError(f"training runs in fp32 or bf16 compute, not {precision!r}")
+    if precision not in registry.training_modes():
+        raise GptjaxError(f"training runs in {' or '.join(registry.training_modes())} compute, not {precision!r}")
     from gptjax.train import TrainConfig, create_state, train_step
 
     tc = TrainConfig(batch_size=shape.batch, seq_len=shape.seq, compute_dtype=precision, warmup_steps=0)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gptjax import precision
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.weights import stored_precision
 
-# The precision modes as the CLI offers them (one place: a new mode is added here once).
-RUN_PRECISIONS = ["fp32", "bf16", "int8", "w8a8"]  # how a backend runs the weights (--precision)
-KV_CACHES = ["fp32", "bf16", "int8"]  # KV-cache storage (--kv-cache)
-QUANTIZED_CHECKPOINTS = ["int8", "bf16"]  # what `gptjax quantize --to` writes
+# The precision modes as the CLI offers them, from the registry (gptjax.precision)
+RUN_PRECISIONS = list(precision.MODES)  # how a backend runs the weights (--precision)
+KV_CACHES = list(precision.KV_CACHES)  # KV-cache storage (--kv-cache)
+QUANTIZED_CHECKPOINTS = [s for s in precision.STORAGES if s != "fp32"]  # what `gptjax quantize --to` writes
 
 MODEL_OVERRIDES = {  # flag → GPTConfig field
     "--vocab-size": "vocab_size", "--n-positions": "n_positions", "--n-layer": "n_layer",
