@@ -362,12 +362,16 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, f
   return ffi::Error::Success();
 }
 
-ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                    ffi::ResultBuffer<ffi::S32> out) {
+// The plain matmul handlers (int8 -> int32, bf16 -> float32): shape checks, nothing to do for an empty output,
+// then Kernel over the raw data (bfloat16 as its uint16 bits).
+template <ffi::DataType kIn, ffi::DataType kOut, typename In, typename Out,
+          void (*Kernel)(const In*, const In*, Out*, int64_t, int64_t, int64_t, ffi::ThreadPool&)>
+ffi::Error PlainImpl(ffi::ThreadPool pool, ffi::Buffer<kIn> x, ffi::Buffer<kIn> w, ffi::ResultBuffer<kOut> out) {
   int64_t M, K, N;
   if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
   if (M == 0 || N == 0) return ffi::Error::Success();
-  Int8Matmul(x.typed_data(), w.typed_data(), out->typed_data(), M, K, N, pool);
+  Kernel(reinterpret_cast<const In*>(x.typed_data()), reinterpret_cast<const In*>(w.typed_data()),
+         reinterpret_cast<Out*>(out->typed_data()), M, K, N, pool);
   return ffi::Error::Success();
 }
 
@@ -388,15 +392,6 @@ ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                    ffi::ResultBuffer<ffi::F32> out) {
-  int64_t M, K, N;
-  if (auto e = CheckShapes(x.dimensions(), w.dimensions(), out->dimensions(), &M, &K, &N); e.failure()) return e;
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  Bf16Matmul(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-             out->typed_data(), M, K, N, pool);
-  return ffi::Error::Success();
-}
 
 ffi::Error Bf16RowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
   const auto t = table.dimensions(), od = out->dimensions();
@@ -455,7 +450,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Rows, Bf16RowsImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8Matmul, Int8Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8Matmul, (PlainImpl<ffi::S8, ffi::S32, int8_t, int32_t, Int8Matmul>),
                               (PooledBinding<ffi::S8, ffi::S8, ffi::S32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
@@ -467,7 +462,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, Bf16Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, (PlainImpl<ffi::BF16, ffi::F32, uint16_t, float, Bf16Matmul>),
                               (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
