@@ -152,6 +152,7 @@ def test_missing_matplotlib_skips_plots_with_a_message(monkeypatch):
 
 
 # ---- smoke runs (tiny preset, one run each: seconds) ----------------------------------------------------
+@pytest.mark.slow
 def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["bench", *SMALL, "--out", str(out), "--precision", "fp32,bf16", "--batch", "1,2", "--new", "4",
@@ -247,6 +248,7 @@ def test_benchmark_scripts_still_import_the_shared_helpers():
     assert set(common.memory_bandwidth(2**20, runs=1)) >= {"read_bytes_per_s", "copy_bytes_per_s"}
 
 
+@pytest.mark.slow
 def test_the_precision_benchmark_runs_end_to_end(tmp_path, capsys):
     # regression: benchmarks/precision.py read env["devices"], a key the shared environment() no longer has,
     # and crashed after measuring nothing
