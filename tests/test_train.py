@@ -38,6 +38,7 @@ def _run(out, corpus, tc=TC, **kwargs):
     return train(CONFIG, tc, out, data_spec=corpus, progress=False, peak_flops=1e11, **kwargs)
 
 
+@pytest.mark.slow
 def test_resume_gives_exactly_the_uninterrupted_losses_and_weights(tmp_path, corpus):
     straight = _run(tmp_path / "a", corpus)
     first = _run(tmp_path / "b", corpus, stop_at_step=3)
@@ -233,6 +234,7 @@ def test_existing_run_needs_resume(tmp_path, corpus, capsys):
         _run(tmp_path / "r", corpus)
 
 
+@pytest.mark.slow
 def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys, caplog):
     out = tmp_path / "cli"
     assert main(["train", "--out", str(out), "--data", corpus, "--no-progress", "--max-steps", "4", "--profile", "1",
@@ -274,6 +276,7 @@ def test_resume_refuses_changed_settings_but_may_extend(tmp_path, corpus):
     assert extended.steps == 4 and len(extended.losses) == 2
 
 
+@pytest.mark.slow
 def test_cli_resume_rejects_overrides_and_keeps_the_saved_data(tmp_path, corpus, capsys, monkeypatch):
     out = tmp_path / "c"
     args = ["train", "--out", str(out), "--no-progress", "--peak-flops", "1e11", "n_layer=1", "n_embd=32",
