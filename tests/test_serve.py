@@ -259,13 +259,13 @@ def test_traceparent_continues_the_clients_trace(cli):
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     r = cli.post({"prompt": [9, 9], "max_tokens": 6}, AUTH | {"traceparent": f"00-{trace_id}-{parent_id}-01"})
     assert r.status_code == 200
-    deadline, spans = time.monotonic() + 10, []
-    while time.monotonic() < deadline:
-        spans = [s for s in map(json.loads, cli.trace.read_text().splitlines()) if s["trace_id"] == trace_id] \
-            if cli.trace.exists() else []
-        if {"gptjax.prefill", "gptjax.serve.batch"} <= {s["name"] for s in spans}:
-            break
-        time.sleep(0.2)
+
+    def read() -> list:
+        lines = cli.trace.read_text().splitlines() if cli.trace.exists() else []
+        return [s for s in map(json.loads, lines) if s["trace_id"] == trace_id]
+
+    _wait_until(lambda: {"gptjax.prefill", "gptjax.serve.batch"} <= {s["name"] for s in read()}, "the request's spans")
+    spans = read()
     by_id = {s["span_id"]: s for s in spans}
     chain, span = [], next(s for s in spans if s["name"] == "gptjax.prefill")
     while span["parent_id"] in by_id:  # walk up from the prefill to the span the client's parent id starts
