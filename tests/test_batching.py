@@ -21,6 +21,7 @@ CASES = [  # (prompt, max_new_tokens, sampling settings): every row differs in e
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["numpy", "jax"])
 @pytest.mark.parametrize("chunk_size", [1, 4])
 def test_joined_rows_equal_their_requests_alone(name, chunk_size):
@@ -50,6 +51,7 @@ def test_join_requests_rejects_what_is_not_a_request():
         join_requests([[1, 2, 3]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"kv_cache": "int8"}, {"precision": "bf16"}])
 def test_rows_joining_a_running_session_get_their_solo_tokens(options):
     from gptjax.backends.jax.session import DecodeSession

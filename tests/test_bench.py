@@ -153,6 +153,7 @@ def test_missing_matplotlib_skips_plots_with_a_message(monkeypatch):
 
 
 # ---- smoke runs (tiny preset, one run each: seconds) ----------------------------------------------------
+@pytest.mark.slow
 def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["bench", *SMALL, "--out", str(out), "--precision", "fp32,bf16", "--batch", "1,2", "--new", "4",

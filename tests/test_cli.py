@@ -62,6 +62,7 @@ def test_demo_backends_agree(capsys):
     assert "argmax agreement 100.0%" in out
 
 
+@pytest.mark.integration
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "gptjax.cli", "backends"], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["jax", "numpy"]

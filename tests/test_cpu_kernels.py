@@ -147,6 +147,7 @@ def _backend(precision: str, kernels: bool, monkeypatch, **options):
     return b, b.prepare(PARAMS)
 
 
+@pytest.mark.slow
 @needs_kernels
 @pytest.mark.parametrize("precision,options,atol", [("bf16", {}, 2e-3), ("int8", {}, 1e-3), ("w8a8", {}, 1e-3),
                                                     ("int8", {"group_size": 16}, 1e-3),

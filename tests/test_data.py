@@ -99,6 +99,7 @@ def http_server(tmp_path):
     thread.join()
 
 
+@pytest.mark.integration
 def test_download_verifies_caches_and_reports_errors(http_server, tmp_path):
     base, www, log = http_server
     body = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50

@@ -218,6 +218,7 @@ def test_jax_loop_ends_when_every_row_has_stopped():
 
 
 # ---- compilations ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_mixed_workload_compiles_once_per_bucket():
     config = GPTConfig(vocab_size=64, n_positions=128, n_layer=1, n_head=2, n_embd=16)
     backend, params = get_backend("jax", config), _params(config, 7)

@@ -120,6 +120,7 @@ def test_dashboard_queries_only_metrics_gptjax_exports():
 NEEDS_CI_TOOL = "not installed (apt-get install prometheus; .ci/run does, and CI fails without it)"
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("promtool") is None and not os.environ.get("CI"), reason="promtool " + NEEDS_CI_TOOL)
 def test_promtool_accepts_the_prometheus_config():
     out = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")], capture_output=True,
@@ -127,6 +128,7 @@ def test_promtool_accepts_the_prometheus_config():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("prometheus") is None and not os.environ.get("CI"),
                     reason="prometheus " + NEEDS_CI_TOOL)
 def test_a_real_prometheus_scrapes_gptjax(tmp_path):

@@ -230,6 +230,7 @@ def test_int8_kv_cache_decodes_like_the_float_cache():
     assert agree > 0.9  # greedy decoding may diverge after a near-tie; most tokens agree
 
 
+@pytest.mark.slow
 def test_precision_report_on_the_trained_model():
     modes = [Mode("fp32"), Mode("bf16"), Mode("int8"), Mode("int8", group_size=32), Mode("w8a8")]
     rows = report(CONFIG, PARAMS, WINDOWS, modes, timing={"prompt": 8, "new_tokens": 4, "batches": (1, 2),
@@ -248,6 +249,7 @@ def test_precision_report_on_the_trained_model():
         report(CONFIG, PARAMS, WINDOWS, DEFAULT_MODES[1:])
 
 
+@pytest.mark.slow
 def test_quantize_report_cli(capsys):
     assert main(["quantize", "--checkpoint", str(FIXTURE), "--report", "--windows", "4", "--no-speed"]) == 0
     out = capsys.readouterr().out
@@ -319,6 +321,7 @@ def test_quantize_out_inside_the_source_and_other_weight_formats(tmp_path, capsy
     assert sorted(p.name for p in (tmp_path / "q8").iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_quantize_report_on_a_width_that_64_does_not_divide(tmp_path, capsys):
     from gptjax import GPTConfig, init_params
 

@@ -59,6 +59,7 @@ def test_forward_and_generate_equal_one_device(shape):
                                                                                        greedy=True).tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,precision,kv_cache", [
     ((1, 1, 8), "bf16", None), ((2, 2, 2), "int8", "int8"), ((1, 1, 8), "int8", None), ((2, 1, 4), "w8a8", "bf16"),
     ((8, 1, 1), "int8", "int8"),
@@ -103,6 +104,7 @@ def test_parameters_and_kv_cache_are_sharded_as_intended(shape, expected):
     assert cache_spec[1] == ("tensor" if shape[2] > 1 else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_training_steps_equal_one_device(shape):
     # one AdamW step at full learning rate (no warm-up): Adam's first update is lr * g / (|g| + eps), so a
@@ -145,6 +147,7 @@ def test_bad_shapes_name_both_numbers():
                                                      progress=False))
 
 
+@pytest.mark.slow
 def test_cli_train_on_a_mesh_and_the_memory_report(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("def f(x):\n    return x * 2\n" * 300)
@@ -164,6 +167,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     worker = str(Path(__file__).parent / "_mp_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -111,6 +111,7 @@ def test_train_span_tree(spans, tmp_path):
     assert parent.attributes["gptjax.train.steps"] == 4
 
 
+@pytest.mark.integration
 def test_no_sdk_is_imported_and_no_span_recorded_when_tracing_is_off():
     code = ("import sys, gptjax\n"
             "c = gptjax.GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)\n"
@@ -124,6 +125,7 @@ def test_no_sdk_is_imported_and_no_span_recorded_when_tracing_is_off():
     assert out.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_cli_jsonl_trace_and_json_logs(tmp_path):
     save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
     trace_file = tmp_path / "spans.jsonl"
@@ -177,6 +179,7 @@ class _OtlpReceiver(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.integration
 def test_otlp_http_export_reaches_a_real_receiver(tmp_path):
     save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
     server = HTTPServer(("127.0.0.1", 0), _OtlpReceiver)

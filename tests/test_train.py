@@ -51,6 +51,7 @@ def _nan_at(monkeypatch, steps):
     monkeypatch.setattr("gptjax.train.step_function", lambda step: NAN_STEP if step in steps else train_step)
 
 
+@pytest.mark.slow
 def test_resume_gives_exactly_the_uninterrupted_losses_and_weights(tmp_path, corpus):
     straight = _run(tmp_path / "a", corpus)
     first = _run(tmp_path / "b", corpus, stop_at_step=3)
@@ -78,6 +79,7 @@ def test_export_loads_in_the_inference_backends_and_eval_agrees(tmp_path, corpus
     assert "bits/byte" in out and "perplexity" in out
 
 
+@pytest.mark.integration
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     _nan_at(monkeypatch, {5})
     with pytest.raises(TrainingStopped, match=r"step 5: non-finite loss nan .* last good checkpoint is step 3"):
@@ -138,6 +140,7 @@ def test_bf16_compute_and_dropout():
     assert losses["dropout"] != losses["fp32"]
 
 
+@pytest.mark.integration
 def test_tensorboard_events_read_back(tmp_path, corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -166,21 +169,42 @@ train(config, tc, sys.argv[1], TrainOptions(data_spec=sys.argv[2], progress=Fals
 """
 
 
+def _wait_until(condition, what: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll condition() while proc lives; fail naming what it waited for."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the training process exited (status {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.005)
+
+
+def _save_in_flight(ckpts: Path, written: bool) -> bool:
+    """Whether a save orbax started is not committed yet (its step directory still has a temporary name) and,
+    with `written`, has written files already."""
+    try:
+        tmp = [d for d in ckpts.glob("*.orbax-checkpoint-tmp*") if d.is_dir()]
+        return bool(tmp) and (not written or any(f.is_file() for d in tmp for f in d.rglob("*")))
+    except OSError:  # orbax renamed or removed it while we looked
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, corpus):
     import orbax.checkpoint as ocp
 
     out = tmp_path / "k"
     ckpts = out / "checkpoints"
     committed = lambda: [int(p) for p in os.listdir(ckpts) if p.isdigit()] if ckpts.exists() else []  # noqa: E731
+    # where the kill lands: right after a commit, as a save starts, once the save has written files
+    phases = (lambda: True, lambda: _save_in_flight(ckpts, False), lambda: _save_in_flight(ckpts, True))
     previous = 0
-    for attempt, delay in enumerate((0.0, 0.13, 0.29)):
+    for attempt, phase in enumerate(phases):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out), corpus, "1" if attempt else "0"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and max(committed(), default=0) < previous + 2:
-            time.sleep(0.01)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)  # a save runs every step: this lands in or near one
+        _wait_until(lambda: max(committed(), default=0) >= previous + 2, f"step {previous + 2}'s checkpoint", proc)
+        _wait_until(phase, "a save in flight", proc)
+        proc.send_signal(signal.SIGKILL)  # a save runs every step: this lands in one
         proc.wait()
         manager = ocp.CheckpointManager(ckpts.absolute())
         latest = manager.latest_step()
@@ -226,6 +250,7 @@ def test_existing_run_needs_resume(tmp_path, corpus, capsys):
         _run(tmp_path / "r", corpus)
 
 
+@pytest.mark.slow
 def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys, caplog):
     out = tmp_path / "cli"
     assert main(["train", "--out", str(out), "--data", corpus, "--no-progress", "--max-steps", "4", "--profile", "1",
@@ -268,6 +293,7 @@ def test_resume_refuses_changed_settings_but_may_extend(tmp_path, corpus):
     assert extended.steps == 4 and len(extended.losses) == 2
 
 
+@pytest.mark.slow
 def test_cli_resume_rejects_overrides_and_keeps_the_saved_data(tmp_path, corpus, capsys, monkeypatch):
     out = tmp_path / "c"
     args = ["train", "--out", str(out), "--no-progress", "--peak-flops", "1e11", "n_layer=1", "n_embd=32",

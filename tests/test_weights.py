@@ -232,6 +232,7 @@ print(before, hwm(), sum(v.nbytes for v in params.values()))
 """
 
 
+@pytest.mark.integration
 def test_loading_peak_memory_stays_near_checkpoint_size(tmp_path):
     config = GPTConfig(vocab_size=50257, n_positions=1024, n_layer=4, n_head=12, n_embd=768)  # ~200 MB fp32
     save_checkpoint(config, init_params(config), tmp_path / "big")
