@@ -48,3 +48,21 @@ def decode_hlo(monkeypatch):
         return hlo[0]
 
     return run
+
+
+@pytest.fixture
+def failing_generate(monkeypatch):
+    """fail(backend, params, error): the backend's generation raises `error` before its first chunk, and
+    backend.generate is checked to raise it (what metrics and spans record for a failed request)."""
+
+    def fail(backend, params, error: BaseException) -> None:
+        def broken(weights, request, chunk_size):
+            yield from []
+            raise error
+
+        monkeypatch.setattr(backend, "_generate", broken)
+        with pytest.raises(type(error)):
+            backend.generate(params, [[1]], 3)
+
+    return fail
+

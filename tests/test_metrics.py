@@ -51,20 +51,13 @@ def test_mfu_and_bandwidth_gauges_against_given_peaks():
     assert _value(Metrics(), "gptjax_mfu_ratio", phase="decode") == 0  # unset without a peak
 
 
-def test_errors_and_cancellations_are_counted(monkeypatch):
+def test_errors_and_cancellations_are_counted(failing_generate):
     m = Metrics()
     backend = get_backend("numpy", CONFIG, metrics=m)
     stream = backend.stream(PARAMS, [[1]], 10, chunk_size=1)
     next(stream)
     stream.close()  # the client went away
-
-    def broken(weights, request, chunk_size):
-        yield from []
-        raise MemoryError("out of memory")
-
-    monkeypatch.setattr(backend, "_generate", broken)
-    with pytest.raises(MemoryError):
-        backend.generate(PARAMS, [[1]], 3)
+    failing_generate(backend, PARAMS, MemoryError("out of memory"))
     assert _value(m, "gptjax_requests_total", outcome="cancelled") == 1
     assert _value(m, "gptjax_requests_total", outcome="error") == 1
     assert _value(m, "gptjax_errors_total", error_type="MemoryError") == 1

@@ -73,17 +73,10 @@ def test_forward_spans_say_when_they_compiled(spans):
     assert first.attributes["gptjax.compiled"] is True and second.attributes["gptjax.compiled"] is False
 
 
-def test_a_failing_generate_marks_its_span(spans, monkeypatch):
+def test_a_failing_generate_marks_its_span(spans, failing_generate):
     spans.clear()
     backend = get_backend("numpy", CONFIG)
-
-    def broken(weights, request, chunk_size):
-        yield from []
-        raise MemoryError("device out of memory")
-
-    monkeypatch.setattr(backend, "_generate", broken)
-    with pytest.raises(MemoryError):
-        backend.generate(PARAMS, [[1]], 3)
+    failing_generate(backend, PARAMS, MemoryError("device out of memory"))
     got = _by_name(spans.get_finished_spans())
     parent = got["text_completion gpt-2L-16d-97v"][0]
     assert parent.status.status_code == trace.StatusCode.ERROR

@@ -123,30 +123,16 @@ def _expect(tmp_path, tensors, pattern, config=TINY):
         load_checkpoint(_write_raw(tmp_path, tensors, config))
 
 
-def test_missing_key(tmp_path):
-    p = init_params(TINY)
-    del p["h.1.ln_2.bias"]
-    _expect(tmp_path, p, r"missing tensor\(s\) \['h.1.ln_2.bias'\]")
-
-
-def test_unexpected_key(tmp_path):
-    p = init_params(TINY) | {"h.2.ln_1.weight": np.ones(8, np.float32)}
-    _expect(tmp_path, p, r"unexpected tensor 'h.2.ln_1.weight'")
-
-
-def test_wrong_shape(tmp_path):
-    p = init_params(TINY) | {"wpe.weight": np.zeros((17, 8), np.float32)}
-    _expect(tmp_path, p, r"'wpe.weight' has shape \(17, 8\), expected \(16, 8\)")
-
-
-def test_integer_tensor_in_float_checkpoint(tmp_path):
-    p = init_params(TINY) | {"ln_f.bias": np.zeros(8, np.int32)}
-    _expect(tmp_path, p, r"'ln_f.bias' has dtype int32")
-
-
-def test_untied_lm_head_under_tied_config(tmp_path):
-    p = init_params(TINY) | {"lm_head.weight": np.zeros((50, 8), np.float32)}
-    _expect(tmp_path, p, r"lm_head.weight differs from wte.weight")
+@pytest.mark.parametrize("changes, message", [
+    ({"h.1.ln_2.bias": None}, r"missing tensor\(s\) \['h.1.ln_2.bias'\]"),
+    ({"h.2.ln_1.weight": np.ones(8, np.float32)}, r"unexpected tensor 'h.2.ln_1.weight'"),
+    ({"wpe.weight": np.zeros((17, 8), np.float32)}, r"'wpe.weight' has shape \(17, 8\), expected \(16, 8\)"),
+    ({"ln_f.bias": np.zeros(8, np.int32)}, r"'ln_f.bias' has dtype int32"),
+    ({"lm_head.weight": np.zeros((50, 8), np.float32)}, r"lm_head.weight differs from wte.weight"),
+], ids=["missing", "unexpected", "wrong-shape", "integer-dtype", "untied-head-under-tied-config"])
+def test_a_bad_tensor_is_refused_naming_it(tmp_path, changes, message):
+    p = {k: v for k, v in (init_params(TINY) | changes).items() if v is not None}  # None: the tensor left out
+    _expect(tmp_path, p, message)
 
 
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):

@@ -126,12 +126,18 @@ GPTJAX_TARGET void Int8Rows(const uint8_t* xu, int64_t M, int64_t kp, const int8
   }
 }
 
-GPTJAX_TARGET void Int8Matmul(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N,
-                              ffi::ThreadPool& pool) {
-  const int64_t kp = (K + 63) / 64 * 64;  // x rows padded for full 64-byte loads (w's tail is masked to 0)
+// x [M, K] int8 as uint8 (x ^ 0x80 = x + 128, for vpdpbusd's unsigned operand), rows zero-padded to kp bytes.
+std::vector<uint8_t> OffsetRows(const int8_t* x, int64_t M, int64_t K, int64_t kp) {
   std::vector<uint8_t> xu(M * kp, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xu[m * kp + k] = uint8_t(x[m * K + k]) ^ 0x80;
+  return xu;
+}
+
+GPTJAX_TARGET void Int8Matmul(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N,
+                              ffi::ThreadPool& pool) {
+  const int64_t kp = (K + 63) / 64 * 64;  // x rows padded for full 64-byte loads (w's tail is masked to 0)
+  const std::vector<uint8_t> xu = OffsetRows(x, M, K, kp);
   const uint8_t* xp = xu.data();
   ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
     int64_t n = n0;
@@ -214,9 +220,7 @@ GPTJAX_TARGET void GroupedMatmul(const int8_t* x, const int8_t* w, const float* 
                                  int64_t M, int64_t K, int64_t N, int64_t G, ffi::ThreadPool& pool) {
   // x rows padded by 64 more bytes: a group's last 64-byte load may start up to gs - 1 bytes before its end
   const int64_t kp = (K + 63) / 64 * 64 + 64, gs = K / G;
-  std::vector<uint8_t> xu(M * kp, 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xu[m * kp + k] = uint8_t(x[m * K + k]) ^ 0x80;
+  const std::vector<uint8_t> xu = OffsetRows(x, M, K, kp);
   const uint8_t* xp = xu.data();
   ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
     int64_t n = n0;

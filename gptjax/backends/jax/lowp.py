@@ -1,5 +1,5 @@
 """The matmul formulations of the reduced-precision modes, one function per kind of weight, chosen per
-platform by measurement (benchmarks/precision.py; figures in the README's precision section).
+platform by measurement (`gptjax bench --precision ...` and `gptjax quantize --report`; docs/precision.md).
 
 Legend: x [..., I] activations, q [G, I/G, O] int8 values with float32 scales s [G, O] (G groups along the
 input; per-channel quantisation is G = 1). Every function returns float32 [..., O]. The `_nk` functions take
