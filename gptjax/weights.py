@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,6 +144,15 @@ def stored_precision(path: str | os.PathLike) -> str:
     if recorded not in STORAGES:
         raise GptjaxError(f"{directory}: metadata {PRECISION_KEY}={recorded!r}; allowed: {', '.join(STORAGES)}")
     return recorded
+
+
+def run_options(path: str | os.PathLike, precision: str | None = None, kv_cache: str | None = None
+                ) -> dict[str, Any]:
+    """Backend options for running a checkpoint: its stored precision unless `precision` says otherwise (no
+    option at all for a float checkpoint run as stored, since plugin backends may lack it), and kv_cache."""
+    chosen = precision or stored_precision(path)
+    options: dict[str, Any] = {"precision": chosen} if chosen != "fp32" or precision else {}
+    return options | ({"kv_cache": kv_cache} if kv_cache else {})
 
 
 def _as_stored(key: str, a: np.ndarray) -> np.ndarray:

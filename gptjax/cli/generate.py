@@ -7,10 +7,10 @@ import sys
 import time
 
 from gptjax.backends import get_backend
-from gptjax.cli.options import add_precision_flags, backend_options, mesh_from
+from gptjax.cli.options import add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
 from gptjax.tokenizer import Tokenizer, checkpoint_tokenizer
-from gptjax.weights import load_checkpoint, load_config
+from gptjax.weights import load_checkpoint, load_config, run_options
 
 NAME = "generate"
 HELP = "continue a prompt with a checkpoint, printing tokens as they arrive"
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.checkpoint)
     tokenizer = checkpoint_tokenizer(args.checkpoint, config.vocab_size)
     prompt = _prompt(args, tokenizer, config.vocab_size)
-    options = backend_options(args.checkpoint, args.precision, args.kv_cache)
+    options = run_options(args.checkpoint, args.precision, args.kv_cache)
     mesh = mesh_from(args.mesh)
     if mesh is not None:
         options["mesh"] = mesh

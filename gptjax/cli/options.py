@@ -8,7 +8,6 @@ from typing import Any
 from gptjax import precision
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.weights import stored_precision
 
 # The precision modes as the CLI offers them, from the registry (gptjax.precision)
 RUN_PRECISIONS = list(precision.MODES)  # how a backend runs the weights (--precision)
@@ -38,16 +37,6 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
                    "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
     p.add_argument("--kv-cache", choices=KV_CACHES, help="KV-cache storage (default: bf16 for "
                    "bf16, else fp32)")
-
-
-def backend_options(checkpoint: str, precision: str | None, kv_cache: str | None) -> dict[str, Any]:
-    """Backend options for running a checkpoint: its stored precision unless --precision says otherwise (none
-    for a float checkpoint without --precision, since plugin backends may lack the option), --kv-cache."""
-    chosen = precision or stored_precision(checkpoint)
-    options: dict[str, Any] = {"precision": chosen} if chosen != "fp32" or precision else {}
-    if kv_cache:
-        options["kv_cache"] = kv_cache
-    return options
 
 
 def mesh_from(spec: str | None) -> Any:

@@ -20,7 +20,7 @@ from gptjax.backends import get_backend
 from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
 from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
-from gptjax.weights import load_checkpoint, stored_precision
+from gptjax.weights import load_checkpoint, run_options
 
 log = logging.getLogger("gptjax.serve")
 
@@ -31,12 +31,7 @@ def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision
     and a fresh metrics registry. precision (default: as the checkpoint stores its weights) and kv_cache are
     the backend options of those names."""
     config, params = load_checkpoint(checkpoint)
-    stored = precision or stored_precision(checkpoint)
-    options: dict[str, Any] = {"precision": stored} if stored != "fp32" or precision else {}  # plugins may lack it
-    if kv_cache:
-        options["kv_cache"] = kv_cache
-    if mesh is not None:
-        options["mesh"] = mesh
+    options = run_options(checkpoint, precision, kv_cache) | ({"mesh": mesh} if mesh is not None else {})
     metrics = Metrics()
     engine = get_backend(backend, config, metrics=metrics, **options)
     tokenizer = checkpoint_tokenizer(checkpoint, config.vocab_size)
