@@ -3,7 +3,8 @@ side for one or more model shapes (what `gptjax info` prints)."""
 
 from __future__ import annotations
 
-from gptjax.config import PRECISIONS, GPTConfig
+from gptjax import precision as registry
+from gptjax.config import GPTConfig
 
 
 def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None) -> str:
@@ -14,10 +15,10 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
         ("  embeddings (wte, wpe, untied head)", [c.embedding_params() for _, c in columns], "n"),
         ("  per block", [c.layer_params() for _, c in columns], "n"),
     ]
-    rows += [(f"weights {p}", [c.weight_bytes(p) for _, c in columns], "B") for p in PRECISIONS]
+    rows += [(f"weights {p}", [c.weight_bytes(p) for _, c in columns], "B") for p in registry.STORAGES]
     rows += [("train state fp32 (w, grad, AdamW m, v)", [16 * c.num_params() for _, c in columns], "B")]
     rows += [(f"KV cache per token {p}", [c.kv_cache_bytes_per_token(p) for _, c in columns], "B")
-             for p in PRECISIONS]
+             for p in registry.KV_CACHES]  # the KV cache's own storages (not the weights')
     rows += [("KV cache, full context, fp32", [c.kv_cache_bytes_per_token() * c.n_positions
                                                for _, c in columns], "B")]
     T = {id(c): min(seq_len or c.n_positions, c.n_positions) for _, c in columns}

@@ -121,3 +121,14 @@ def test_flops_reject_bad_sizes():
         c.forward_flops(-1, 8)
     with pytest.raises(GptjaxError, match="seq_len=2.5"):
         c.forward_flops(1, 2.5)
+
+
+def test_the_size_table_takes_weight_storages_and_kv_caches_from_the_registry(monkeypatch):
+    # a weight storage without a KV-cache counterpart (a new mode, say fp16) once broke `gptjax info`: its KV
+    # rows iterated the weight storages
+    from gptjax import precision, sizes
+
+    monkeypatch.setitem(precision.STORAGES, "fp16", precision.Storage("fp16", "float16", 2))
+    table = sizes.size_table([("tiny", get_preset("tiny"))])
+    assert "| weights fp16 | " in table and "KV cache per token fp16" not in table
+    assert all(f"KV cache per token {k} |" in table for k in precision.KV_CACHES)
