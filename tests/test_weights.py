@@ -303,3 +303,16 @@ def test_integer_params_are_refused():
     p["ln_f.bias"] = np.zeros(8, np.int64)
     with pytest.raises(GptjaxError, match="'ln_f.bias' has dtype int64; params must be floating point"):
         validate_params(TINY, p)
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b'{"n_layer": 1' + b"0" * 5000 + b"}"])
+def test_a_hostile_config_or_index_names_the_file(tmp_path, content):
+    d = tmp_path / "ck"
+    save_checkpoint(TINY, init_params(TINY), d)
+    (d / "config.json").write_bytes(content)
+    with pytest.raises(GptjaxError, match="config.json is not valid JSON"):
+        load_checkpoint(d)
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(GptjaxError, match="index.json is not a safetensors index"):
+        load_checkpoint(d)
