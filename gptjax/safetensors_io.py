@@ -72,6 +72,9 @@ def _parse_json(path: str, blob: bytes) -> dict:
 
 
 def _check_entry(path: str, name: str, entry: object) -> None:
+    if isinstance(entry, dict) and "dtype" in entry and not isinstance(entry["dtype"], str):
+        raise GptjaxError(f"{path}: tensor {name!r} has dtype {str(entry['dtype'])[:100]}; a dtype must be a "
+                          f"string, one of {sorted(DTYPES)}")
     if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
         raise GptjaxError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which gptjax does not read "
                           f"(readable: {sorted(DTYPES)})")

@@ -105,3 +105,19 @@ def test_generate_needs_tokens_without_a_tokenizer(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens", "1", "--top-p", "0",
                  "--max-new-tokens", "4"]) == 2
     assert "top_p=0.0 must be a number in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["5", "null", '["F32"]'])
+@pytest.mark.parametrize("command", ["generate", "quantize"])
+def test_a_non_string_dtype_is_one_line_for_generate_and_quantize(tmp_path, capsys, command, dtype):
+    config = get_preset("tiny")
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8:8 + n].replace(b'"dtype":"F32"', b'"dtype":' + dtype.encode(), 1)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n:])
+    argv = (["generate", "--tokens", "1,2", "--max-new-tokens", "2"] if command == "generate"
+            else ["quantize", "--to", "int8", "--out", str(tmp_path / "q")])
+    assert main([*argv, "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert "must be a string" in capsys.readouterr().err

@@ -305,6 +305,13 @@ def test_integer_params_are_refused():
         validate_params(TINY, p)
 
 
+@pytest.mark.parametrize("dtype", [b"5", b"null", b'["F32"]'])
+def test_a_non_string_dtype_is_named(tmp_path, dtype):
+    header = b'{"wte.weight": {"dtype": ' + dtype + b', "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.raises(GptjaxError, match=r"tensor 'wte.weight' has dtype .*must be a string"):
+        load_checkpoint(_header_file(tmp_path, header, b"\0" * 4))
+
+
 @pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b'{"n_layer": 1' + b"0" * 5000 + b"}"])
 def test_a_hostile_config_or_index_names_the_file(tmp_path, content):
     d = tmp_path / "ck"
