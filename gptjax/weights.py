@@ -100,14 +100,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
     """
     directory = _checkpoint_dir(Path(path))
     config = load_config(directory)
+    headers = {file: read_header(str(file)) for file in _weight_files(directory)}  # each parsed once
     shapes = param_shapes(config)
-    files = _weight_files(directory)
-    precision = stored_precision(directory)
+    precision = _precision(directory, next(iter(headers.values()))[1])
     params: Params = {}
     head = None
-    for file in files:
+    for file, header in headers.items():
         convert = _as_stored if precision != "fp32" else (lambda k, a, file=file: _to_float32(file, k, a))
-        for raw_key, array in iter_tensors(str(file), convert):
+        for raw_key, array in iter_tensors(str(file), convert, header):
             key = _canonical_key(raw_key)
             if key is None:
                 continue
@@ -140,7 +140,11 @@ def stored_precision(path: str | os.PathLike) -> str:
     """The precision a checkpoint's weights are stored in: what `gptjax quantize` recorded in the safetensors
     metadata (bf16 or int8), else fp32 (a float checkpoint, loaded as float32 whatever its dtypes)."""
     directory = _checkpoint_dir(Path(path))
-    recorded = read_header(str(_weight_files(directory)[0]))[1].get(PRECISION_KEY, "fp32")
+    return _precision(directory, read_header(str(_weight_files(directory)[0]))[1])
+
+
+def _precision(directory: Path, metadata: dict[str, str]) -> str:
+    recorded = metadata.get(PRECISION_KEY, "fp32")
     if recorded not in STORAGES:
         raise GptjaxError(f"{directory}: metadata {PRECISION_KEY}={recorded!r}; allowed: {', '.join(STORAGES)}")
     return recorded

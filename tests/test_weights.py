@@ -323,3 +323,25 @@ def test_a_hostile_config_or_index_names_the_file(tmp_path, content):
     (d / "model.safetensors.index.json").write_bytes(content)
     with pytest.raises(GptjaxError, match="index.json is not a safetensors index"):
         load_checkpoint(d)
+
+
+def test_header_size_is_capped_before_reading(tmp_path):
+    d = _header_file(tmp_path, b"{}")
+    with open(d / "model.safetensors", "r+b") as f:  # a sparse 64 MiB file claiming a 32 MiB header
+        f.write(struct.pack("<Q", 32 * 2**20))
+        f.truncate(64 * 2**20)
+    with pytest.raises(GptjaxError, match=r"header of 33554432 bytes exceeds gptjax's limit of 16777216"):
+        load_checkpoint(d)
+
+
+def test_tensor_count_is_capped_and_each_header_parsed_once(tmp_path, monkeypatch):
+    many = b",".join(b'"t%d": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}' % i for i in range(5000))
+    with pytest.raises(GptjaxError, match="5000 tensors; gptjax reads at most 4096"):
+        load_checkpoint(_header_file(tmp_path, b"{" + many + b"}"))
+    import gptjax.safetensors_io as sio
+    parses = []
+    real = sio._parse_json
+    monkeypatch.setattr(sio, "_parse_json", lambda *a: parses.append(a[0]) or real(*a))
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "ok")
+    load_checkpoint(tmp_path / "ok")
+    assert len(parses) == 1  # before: 2 (stored_precision, then iter_tensors)
