@@ -20,7 +20,7 @@ from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.precision import STORAGES
 from gptjax.quantize import SCALE_SUFFIX, Params, check_quantized, precision_of
-from gptjax.safetensors_io import iter_tensors, read_header, write_safetensors
+from gptjax.safetensors_io import Header, iter_tensors, read_header, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -101,6 +101,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
     directory = _checkpoint_dir(Path(path))
     config = load_config(directory)
     headers = {file: read_header(str(file)) for file in _weight_files(directory)}  # each parsed once
+    _check_size(directory, config, headers)
     shapes = param_shapes(config)
     precision = _precision(directory, next(iter(headers.values()))[1])
     params: Params = {}
@@ -134,6 +135,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
         except GptjaxError as e:
             raise GptjaxError(f"{directory} ({precision} checkpoint): {e}") from None
     return config, params
+
+
+def _check_size(directory: Path, config: GPTConfig, headers: dict[Path, Header]) -> None:
+    """Refuse a config.json whose n_layer the files cannot match before param_shapes builds anything in
+    proportion to it: the blocks the (capped) headers name bound it. A checkpoint short of a few tensors
+    passes, to be named tensor by tensor."""
+    layers = {key.split(".")[1] for entries, _, _ in headers.values() for name in entries
+              if (key := name.removeprefix("transformer.")).startswith("h.")}
+    if config.n_layer > len(layers):
+        raise GptjaxError(f"{directory}: config.json has n_layer={config.n_layer}, but the weight files hold "
+                          f"{len(layers)} transformer block(s)")
 
 
 def stored_precision(path: str | os.PathLike) -> str:

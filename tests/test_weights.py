@@ -305,6 +305,22 @@ def test_integer_params_are_refused():
         validate_params(TINY, p)
 
 
+# ---- issue 15: hostile checkpoints -------------------------------------------------------------
+def _load_in_child(directory, timeout=60):
+    """load_checkpoint in a child process (a hang or a memory blow-up must not take the test run with it)."""
+    code = ("import sys\nfrom gptjax import GptjaxError, load_checkpoint\n"
+            "try:\n    load_checkpoint(sys.argv[1])\nexcept GptjaxError as e:\n    print('REFUSED', e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_huge_n_layer_is_refused_before_anything_proportional_is_built(tmp_path):
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(TINY.replace(n_layer=10**9).to_hf_dict()))
+    out = _load_in_child(tmp_path / "ck")  # before the fix: loops in param_shapes, ~100 MB/s of dicts
+    assert out.stdout.startswith("REFUSED") and "n_layer=1000000000" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("dtype", [b"5", b"null", b'["F32"]'])
 def test_a_non_string_dtype_is_named(tmp_path, dtype):
     header = b'{"wte.weight": {"dtype": ' + dtype + b', "shape": [1], "data_offsets": [0, 4]}}'
