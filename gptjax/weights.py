@@ -189,13 +189,31 @@ def _checkpoint_dir(path: Path) -> Path:
         raise GptjaxError(f"checkpoint {str(path)!r} must be a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not (path / CONFIG_NAME).is_file():
         raise GptjaxError(f"checkpoint {str(path)!r} has no {CONFIG_NAME}")
+    _check_inside(path, path / CONFIG_NAME)
     return path
+
+
+def _check_inside(directory: Path, file: Path) -> None:
+    """Refuse a file whose links lead out of the checkpoint directory (it could be any file the process can
+    read). A Hugging Face hub cache snapshot (snapshots/<revision>/ linking to ../../blobs/) may link within
+    its cached repository."""
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    target = file.resolve()
+    if root not in target.parents:
+        raise GptjaxError(f"{file} links outside the checkpoint directory (to {target}); copy the file in instead")
 
 
 def _weight_files(directory: Path) -> list[Path]:
     if (directory / INDEX_NAME).is_file():
-        return _index_files(directory / INDEX_NAME)
+        _check_inside(directory, directory / INDEX_NAME)
+        files = _index_files(directory / INDEX_NAME)
+        for file in files:
+            _check_inside(directory, file)
+        return files
     if (directory / WEIGHTS_NAME).is_file():
+        _check_inside(directory, directory / WEIGHTS_NAME)
         return [directory / WEIGHTS_NAME]
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:

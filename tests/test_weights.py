@@ -361,3 +361,17 @@ def test_tensor_count_is_capped_and_each_header_parsed_once(tmp_path, monkeypatc
     save_checkpoint(TINY, init_params(TINY), tmp_path / "ok")
     load_checkpoint(tmp_path / "ok")
     assert len(parses) == 1  # before: 2 (stored_precision, then iter_tensors)
+
+
+def test_a_shard_linking_outside_the_directory_is_refused(tmp_path):
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "elsewhere")
+    d = tmp_path / "ck"
+    d.mkdir()
+    shutil.copy(tmp_path / "elsewhere" / "config.json", d / "config.json")
+    (d / "model.safetensors").symlink_to(tmp_path / "elsewhere" / "model.safetensors")
+    with pytest.raises(GptjaxError, match="links outside the checkpoint directory"):
+        load_checkpoint(d)
+    (d / "model.safetensors").unlink()  # a link that stays inside is fine (and so is a HF cache snapshot's)
+    shutil.copy(tmp_path / "elsewhere" / "model.safetensors", d / "blob")
+    (d / "model.safetensors").symlink_to("blob")
+    load_checkpoint(d)
