@@ -150,8 +150,8 @@ class GPTConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GptjaxError(f"{path} is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # also a too deep nesting or an integer past Python's digit limit
+            raise GptjaxError(f"{path} is not valid JSON: {str(e)[:200]}") from None
         except OSError as e:
             raise GptjaxError(f"cannot read {path}: {e.strerror}") from None
         if not isinstance(d, dict):

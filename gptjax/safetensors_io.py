@@ -28,11 +28,18 @@ DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
-_MAX_HEADER = 100 * 2**20  # a header this large is a corrupt or hostile file, not a model
+# What any GPT-2 needs, with room to spare: gpt2-xl has 48 layers x 12 tensors + 4 = 580 tensors (+ 48 mask
+# buffers in older transformers files, + one scale per matmul weight in an int8 checkpoint) and a header of
+# about 70 KB. Beyond these a file is corrupt or hostile: refused before the header is read (size) or built
+# into Python objects (count), since a 100 MB header of 1.6M empty tensors took 1.5 GB and half a minute.
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_TENSORS = 4096
 _MAX_RANK = 32
 
+Header = tuple[dict[str, dict], dict[str, str], int]  # (tensor entries, metadata, byte offset of the data)
 
-def read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
+
+def read_header(path: str) -> Header:
     """(tensor entries, metadata, byte offset of the data) of a safetensors file, validated as strictly as
     the reference implementation: known dtypes, sane shapes, offsets that tile the data section exactly."""
     size = os.path.getsize(path)
@@ -41,8 +48,11 @@ def read_header(path: str) -> tuple[dict[str, dict], dict[str, str], int]:
         if len(raw) < 8:
             raise GptjaxError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER, size - 8):
+        if n > size - 8:
             raise GptjaxError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
+        if n > MAX_HEADER_BYTES:
+            raise GptjaxError(f"{path}: a safetensors header of {n} bytes exceeds gptjax's limit of "
+                              f"{MAX_HEADER_BYTES} (a GPT-2's is under 100 KB)")
         header = _parse_json(path, f.read(n))
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -60,6 +70,9 @@ def _parse_json(path: str, blob: bytes) -> dict:
             raise GptjaxError(f"{path}: the header names a tensor twice")
         return dict(pairs)
 
+    # every tensor entry spells "dtype" (an escaped spelling slips past this count; the check after parsing
+    # catches it, bounded by MAX_HEADER_BYTES): refuse a huge table before building its dicts
+    _check_count(path, blob.count(b'"dtype"'))
     try:
         header = json.loads(blob, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -68,10 +81,20 @@ def _parse_json(path: str, blob: bytes) -> dict:
         raise GptjaxError(f"{path} is not a safetensors file (its header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise GptjaxError(f"{path} is not a safetensors file (header is not a JSON object)")
+    _check_count(path, len(header) - ("__metadata__" in header))
     return header
 
 
+def _check_count(path: str, count: int) -> None:
+    if count > MAX_TENSORS:
+        raise GptjaxError(f"{path}: the header lists {count} tensors; gptjax reads at most {MAX_TENSORS} "
+                          "(gpt2-xl has 580)")
+
+
 def _check_entry(path: str, name: str, entry: object) -> None:
+    if isinstance(entry, dict) and "dtype" in entry and not isinstance(entry["dtype"], str):
+        raise GptjaxError(f"{path}: tensor {name!r} has dtype {str(entry['dtype'])[:100]}; a dtype must be a "
+                          f"string, one of {sorted(DTYPES)}")
     if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
         raise GptjaxError(f"{path}: tensor {name!r} has dtype {entry['dtype']!r}, which gptjax does not read "
                           f"(readable: {sorted(DTYPES)})")
@@ -100,13 +123,15 @@ def _check_tiling(path: str, header: dict[str, dict], data_size: int) -> None:
         raise GptjaxError(f"{path}: the tensors cover {position} bytes but the data section has {data_size}")
 
 
-def iter_tensors(path: str, convert: Callable[[str, np.ndarray], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, convert(name, view)) in file order; `convert` must copy out of the read-only view."""
-    header, _, data_start = read_header(path)
+def iter_tensors(path: str, convert: Callable[[str, np.ndarray], np.ndarray], header: Header | None = None
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, convert(name, view)) in file order; `convert` must copy out of the read-only view. `header`:
+    read_header(path) if the caller already has it (each header is parsed once)."""
+    entries, _, data_start = header or read_header(path)
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = (data_start + o for o in entry["data_offsets"])
             dtype = DTYPES[entry["dtype"]]
             view = np.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)

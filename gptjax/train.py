@@ -11,6 +11,7 @@ backward passes run on a bfloat16 copy of them, with LayerNorm statistics, softm
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from gptjax.quantize import precision_of
 from gptjax.sharding import check_config, check_divisible, logical_to_spec, mesh_description, shard_batch, shard_state
 from gptjax.tokenizer import has_tokenizer
 from gptjax.tracing import forward_span, record_error, start_parent
-from gptjax.weights import Params, init_params, load_checkpoint, save_checkpoint
+from gptjax.weights import Params, init_params, load_checkpoint, load_config, save_checkpoint
 
 log = logging.getLogger("gptjax.train")
 
@@ -369,6 +370,7 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
         config, tc, data_spec = _resumed_config(run_file, config, tc)
     elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise GptjaxError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    check_inputs(data_spec, None if resume else init_from)
     if data_spec not in (None, "stdlib") and os.path.exists(data_spec):
         data_spec = os.path.abspath(data_spec)  # so --resume from another directory reads the same corpus
     out.mkdir(parents=True, exist_ok=True)
@@ -423,6 +425,16 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
             (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
     return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, unigram, loop.skipped,
                        loop.sample, out, stop_reason)
+
+
+def check_inputs(data_spec: str | None, init_from: str | os.PathLike | None = None) -> None:
+    """Raise if the corpus path or the checkpoint to fine-tune does not exist: checked before a run directory
+    is created, so a typo leaves nothing behind (reading them waits until the run needs them)."""
+    local = data_spec not in (None, "stdlib") and data_spec not in data.DOWNLOADS
+    if local and not os.path.exists(data_spec) and not glob.has_magic(data_spec):
+        data.local_corpus(data_spec)  # raises its "does not exist" error, having read nothing
+    if init_from is not None:
+        load_config(init_from)  # the directory and its config.json (no weights read)
 
 
 def _resumed_config(run_file: Path, config: GPTConfig | None, tc: TrainConfig | None

@@ -20,7 +20,7 @@ from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.precision import STORAGES
 from gptjax.quantize import SCALE_SUFFIX, Params, check_quantized, precision_of
-from gptjax.safetensors_io import iter_tensors, read_header, write_safetensors
+from gptjax.safetensors_io import Header, iter_tensors, read_header, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -100,14 +100,15 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
     """
     directory = _checkpoint_dir(Path(path))
     config = load_config(directory)
+    headers = {file: read_header(str(file)) for file in _weight_files(directory)}  # each parsed once
+    _check_size(directory, config, headers)
     shapes = param_shapes(config)
-    files = _weight_files(directory)
-    precision = stored_precision(directory)
+    precision = _precision(directory, next(iter(headers.values()))[1])
     params: Params = {}
     head = None
-    for file in files:
+    for file, header in headers.items():
         convert = _as_stored if precision != "fp32" else (lambda k, a, file=file: _to_float32(file, k, a))
-        for raw_key, array in iter_tensors(str(file), convert):
+        for raw_key, array in iter_tensors(str(file), convert, header):
             key = _canonical_key(raw_key)
             if key is None:
                 continue
@@ -136,11 +137,26 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
     return config, params
 
 
+def _check_size(directory: Path, config: GPTConfig, headers: dict[Path, Header]) -> None:
+    """Refuse a config.json whose n_layer the files cannot match before param_shapes builds anything in
+    proportion to it: the blocks the (capped) headers name bound it. A checkpoint short of a few tensors
+    passes, to be named tensor by tensor."""
+    layers = {key.split(".")[1] for entries, _, _ in headers.values() for name in entries
+              if (key := name.removeprefix("transformer.")).startswith("h.")}
+    if config.n_layer > len(layers):
+        raise GptjaxError(f"{directory}: config.json has n_layer={config.n_layer}, but the weight files hold "
+                          f"{len(layers)} transformer block(s)")
+
+
 def stored_precision(path: str | os.PathLike) -> str:
     """The precision a checkpoint's weights are stored in: what `gptjax quantize` recorded in the safetensors
     metadata (bf16 or int8), else fp32 (a float checkpoint, loaded as float32 whatever its dtypes)."""
     directory = _checkpoint_dir(Path(path))
-    recorded = read_header(str(_weight_files(directory)[0]))[1].get(PRECISION_KEY, "fp32")
+    return _precision(directory, read_header(str(_weight_files(directory)[0]))[1])
+
+
+def _precision(directory: Path, metadata: dict[str, str]) -> str:
+    recorded = metadata.get(PRECISION_KEY, "fp32")
     if recorded not in STORAGES:
         raise GptjaxError(f"{directory}: metadata {PRECISION_KEY}={recorded!r}; allowed: {', '.join(STORAGES)}")
     return recorded
@@ -173,13 +189,31 @@ def _checkpoint_dir(path: Path) -> Path:
         raise GptjaxError(f"checkpoint {str(path)!r} must be a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not (path / CONFIG_NAME).is_file():
         raise GptjaxError(f"checkpoint {str(path)!r} has no {CONFIG_NAME}")
+    _check_inside(path, path / CONFIG_NAME)
     return path
+
+
+def _check_inside(directory: Path, file: Path) -> None:
+    """Refuse a file whose links lead out of the checkpoint directory (it could be any file the process can
+    read). A Hugging Face hub cache snapshot (snapshots/<revision>/ linking to ../../blobs/) may link within
+    its cached repository."""
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    target = file.resolve()
+    if root not in target.parents:
+        raise GptjaxError(f"{file} links outside the checkpoint directory (to {target}); copy the file in instead")
 
 
 def _weight_files(directory: Path) -> list[Path]:
     if (directory / INDEX_NAME).is_file():
-        return _index_files(directory / INDEX_NAME)
+        _check_inside(directory, directory / INDEX_NAME)
+        files = _index_files(directory / INDEX_NAME)
+        for file in files:
+            _check_inside(directory, file)
+        return files
     if (directory / WEIGHTS_NAME).is_file():
+        _check_inside(directory, directory / WEIGHTS_NAME)
         return [directory / WEIGHTS_NAME]
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -192,7 +226,7 @@ def _index_files(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):  # ValueError: also the int digit limit
         raise GptjaxError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):

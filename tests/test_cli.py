@@ -105,3 +105,32 @@ def test_generate_needs_tokens_without_a_tokenizer(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens", "1", "--top-p", "0",
                  "--max-new-tokens", "4"]) == 2
     assert "top_p=0.0 must be a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_huge_n_layer_in_one_line(tmp_path):
+    import json
+
+    config = get_preset("tiny")
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config.replace(n_layer=10**9).to_hf_dict()))
+    out = subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--checkpoint", str(tmp_path / "ck"),
+                          "--tokens", "1,2", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "n_layer=1000000000" in lines[0], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", ["5", "null", '["F32"]'])
+@pytest.mark.parametrize("command", ["generate", "quantize"])
+def test_a_non_string_dtype_is_one_line_for_generate_and_quantize(tmp_path, capsys, command, dtype):
+    config = get_preset("tiny")
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8:8 + n].replace(b'"dtype":"F32"', b'"dtype":' + dtype.encode(), 1)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n:])
+    argv = (["generate", "--tokens", "1,2", "--max-new-tokens", "2"] if command == "generate"
+            else ["quantize", "--to", "int8", "--out", str(tmp_path / "q")])
+    assert main([*argv, "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert "must be a string" in capsys.readouterr().err

@@ -132,3 +132,10 @@ def test_the_size_table_takes_weight_storages_and_kv_caches_from_the_registry(mo
     table = sizes.size_table([("tiny", get_preset("tiny"))])
     assert "| weights fp16 | " in table and "KV cache per token fp16" not in table
     assert all(f"KV cache per token {k} |" in table for k in precision.KV_CACHES)
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b'{"n_layer": 1' + b"0" * 5000 + b"}"])
+def test_a_hostile_config_file_names_the_file(tmp_path, content):
+    (tmp_path / "config.json").write_bytes(content)  # before: RecursionError / ValueError (int digit limit)
+    with pytest.raises(GptjaxError, match=r"config.json is not valid JSON"):
+        GPTConfig.from_json_file(str(tmp_path / "config.json"))

@@ -62,3 +62,26 @@ def test_bad_input():
         convert(convert(params, config, "int8"), config, "int8")
     with pytest.raises(GptjaxError, match="group_size=48 must be a positive integer dividing the input width 32"):
         convert(params, config, "int8", group_size=48)
+
+
+def test_quantize_out_must_not_be_an_ancestor_or_a_foreign_directory(tmp_path, capsys):
+    from gptjax import save_checkpoint
+    from gptjax.cli import main
+
+    config = GPTConfig(vocab_size=50, n_positions=16, n_layer=2, n_head=2, n_embd=8)
+    parent = tmp_path / "parent"
+    save_checkpoint(config, init_params(config), parent / "src")
+    (parent / "other.safetensors").write_bytes(b"keep me")
+    (parent / "config.json").write_text('{"mine": 1}')
+    src = ["quantize", "--checkpoint", str(parent / "src"), "--to", "int8", "--out"]
+    for out in (parent, tmp_path):  # the parent, and an ancestor further up
+        assert main([*src, str(out)]) == 2  # before: 0, and parent/other.safetensors deleted
+        assert "--out" in capsys.readouterr().err
+    assert (parent / "other.safetensors").read_bytes() == b"keep me"
+    assert (parent / "config.json").read_text() == '{"mine": 1}'
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    assert main([*src, str(tmp_path / "busy")]) == 2
+    assert "notes.txt" in capsys.readouterr().err and (tmp_path / "busy" / "notes.txt").read_text() == "x"
+    for _ in range(2):  # a new directory, then the same one again (it holds only a gptjax checkpoint)
+        assert main([*src, str(tmp_path / "q")]) == 0

@@ -359,3 +359,12 @@ def test_init_with_model_overrides_is_refused(tmp_path, corpus, capsys):
     assert main(["train", "--init", str(tmp_path / "b" / "model"), "--data", corpus, "n_layer=3",
                  "--out", str(tmp_path / "x")]) == 2
     assert "model overrides cannot apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--data", "--init"])
+def test_cli_bad_inputs_create_nothing(tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)  # the default run directory is runs/<timestamp> under the working directory
+    assert main(["train", flag, str(tmp_path / "nonexistent"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+    assert "nonexistent" in captured.err and list(tmp_path.iterdir()) == []

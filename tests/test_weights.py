@@ -303,3 +303,75 @@ def test_integer_params_are_refused():
     p["ln_f.bias"] = np.zeros(8, np.int64)
     with pytest.raises(GptjaxError, match="'ln_f.bias' has dtype int64; params must be floating point"):
         validate_params(TINY, p)
+
+
+# ---- issue 15: hostile checkpoints -------------------------------------------------------------
+def _load_in_child(directory, timeout=60):
+    """load_checkpoint in a child process (a hang or a memory blow-up must not take the test run with it)."""
+    code = ("import sys\nfrom gptjax import GptjaxError, load_checkpoint\n"
+            "try:\n    load_checkpoint(sys.argv[1])\nexcept GptjaxError as e:\n    print('REFUSED', e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_huge_n_layer_is_refused_before_anything_proportional_is_built(tmp_path):
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(TINY.replace(n_layer=10**9).to_hf_dict()))
+    out = _load_in_child(tmp_path / "ck")  # before the fix: loops in param_shapes, ~100 MB/s of dicts
+    assert out.stdout.startswith("REFUSED") and "n_layer=1000000000" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [b"5", b"null", b'["F32"]'])
+def test_a_non_string_dtype_is_named(tmp_path, dtype):
+    header = b'{"wte.weight": {"dtype": ' + dtype + b', "shape": [1], "data_offsets": [0, 4]}}'
+    with pytest.raises(GptjaxError, match=r"tensor 'wte.weight' has dtype .*must be a string"):
+        load_checkpoint(_header_file(tmp_path, header, b"\0" * 4))
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b'{"n_layer": 1' + b"0" * 5000 + b"}"])
+def test_a_hostile_config_or_index_names_the_file(tmp_path, content):
+    d = tmp_path / "ck"
+    save_checkpoint(TINY, init_params(TINY), d)
+    (d / "config.json").write_bytes(content)
+    with pytest.raises(GptjaxError, match="config.json is not valid JSON"):
+        load_checkpoint(d)
+    (d / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (d / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(GptjaxError, match="index.json is not a safetensors index"):
+        load_checkpoint(d)
+
+
+def test_header_size_is_capped_before_reading(tmp_path):
+    d = _header_file(tmp_path, b"{}")
+    with open(d / "model.safetensors", "r+b") as f:  # a sparse 64 MiB file claiming a 32 MiB header
+        f.write(struct.pack("<Q", 32 * 2**20))
+        f.truncate(64 * 2**20)
+    with pytest.raises(GptjaxError, match=r"header of 33554432 bytes exceeds gptjax's limit of 16777216"):
+        load_checkpoint(d)
+
+
+def test_tensor_count_is_capped_and_each_header_parsed_once(tmp_path, monkeypatch):
+    many = b",".join(b'"t%d": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}' % i for i in range(5000))
+    with pytest.raises(GptjaxError, match="5000 tensors; gptjax reads at most 4096"):
+        load_checkpoint(_header_file(tmp_path, b"{" + many + b"}"))
+    import gptjax.safetensors_io as sio
+    parses = []
+    real = sio._parse_json
+    monkeypatch.setattr(sio, "_parse_json", lambda *a: parses.append(a[0]) or real(*a))
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "ok")
+    load_checkpoint(tmp_path / "ok")
+    assert len(parses) == 1  # before: 2 (stored_precision, then iter_tensors)
+
+
+def test_a_shard_linking_outside_the_directory_is_refused(tmp_path):
+    save_checkpoint(TINY, init_params(TINY), tmp_path / "elsewhere")
+    d = tmp_path / "ck"
+    d.mkdir()
+    shutil.copy(tmp_path / "elsewhere" / "config.json", d / "config.json")
+    (d / "model.safetensors").symlink_to(tmp_path / "elsewhere" / "model.safetensors")
+    with pytest.raises(GptjaxError, match="links outside the checkpoint directory"):
+        load_checkpoint(d)
+    (d / "model.safetensors").unlink()  # a link that stays inside is fine (and so is a HF cache snapshot's)
+    shutil.copy(tmp_path / "elsewhere" / "model.safetensors", d / "blob")
+    (d / "model.safetensors").symlink_to("blob")
+    load_checkpoint(d)

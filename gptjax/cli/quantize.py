@@ -58,9 +58,7 @@ def _write(args: argparse.Namespace) -> int:
     if not args.out:
         raise GptjaxError("--to needs --out DIR (the quantised checkpoint; the source is never overwritten)")
     source, out = Path(args.checkpoint).resolve(), Path(args.out).resolve()
-    if out == source or source in out.parents:
-        raise GptjaxError(f"--out {args.out!r} is the source checkpoint or inside it; write the quantised one "
-                          "elsewhere")
+    _check_out(args.out, source, out)
     config, params = load_checkpoint(source)
     quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
     metadata = {"gptjax.group_size": str(args.group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
@@ -71,6 +69,27 @@ def _write(args: argparse.Namespace) -> int:
           f"{', head kept float32' if args.keep_head else ''}): weights {after / 1e6:.2f} MB = "
           f"{after / before:.3f} x float32's {before / 1e6:.2f} MB")
     return 0
+
+
+# what --out may already hold: a checkpoint an earlier `gptjax quantize` (or save_checkpoint) wrote, which the
+# new one replaces; anything else might be someone's data, and save_checkpoint swaps the whole directory
+_REPLACEABLE = {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt",
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
+
+
+def _check_out(given: str, source: Path, out: Path) -> None:
+    """--out must be new, empty, or a previous gptjax checkpoint; never the source, inside it, or above it."""
+    if out == source or source in out.parents:
+        raise GptjaxError(f"--out {given!r} is the source checkpoint or inside it; write the quantised one "
+                          "elsewhere")
+    if out in source.parents:
+        raise GptjaxError(f"--out {given!r} holds the source checkpoint; give a new or empty directory")
+    if out.exists() and not out.is_dir():
+        raise GptjaxError(f"--out {given!r} is a file; give a new or empty directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _REPLACEABLE) if out.exists() else []
+    if foreign:
+        raise GptjaxError(f"--out {given!r} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which is not "
+                          "a gptjax checkpoint; give a new or empty directory (nothing was written)")
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -58,11 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Resolve the run's config, train, and print where the model and logs are; 1 when training stopped."""
     # gptjax.train imports jax, flax and optax (seconds): only this command pays for them
-    from gptjax.train import TrainingStopped, TrainOptions, train
+    from gptjax.train import TrainingStopped, TrainOptions, check_inputs, train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
     config, tc, data_spec = _run_config(args)
+    check_inputs(data_spec, None if args.resume else args.init)  # before anything is printed or created
     out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
     print(f"run directory: {out}\nmodel: {json.dumps(dataclasses.asdict(config))}\n"
           f"training: {json.dumps(dataclasses.asdict(tc))}", flush=True)
