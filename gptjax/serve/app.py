@@ -36,6 +36,9 @@ from gptjax.tracing.spans import record_error, tracer
 
 log = logging.getLogger("gptjax.serve")
 ROUTES = ("/v1/completions", "/v1/models", "/health", "/metrics")
+# /metrics labels take values from fixed sets only (a client must not be able to add series): any other route
+# is "other", any other method "other"; the status is one the server itself chose (a bounded set of codes).
+METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")
 
 
 @dataclass(frozen=True)
@@ -416,7 +419,7 @@ async def _internal_error(request: Request, error: Exception) -> Response:
 
 
 class _CountRequests:
-    """ASGI middleware counting HTTP requests by route (known routes, else "other"), method and status."""
+    """ASGI middleware counting HTTP requests by route and method (each known, else "other") and status."""
 
     def __init__(self, app: Any, counter: Counter) -> None:
         self.app, self.counter = app, counter
@@ -436,4 +439,5 @@ class _CountRequests:
             await self.app(scope, receive, send_status)
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
-            self.counter.labels(route=route, method=scope["method"], status=str(status[0])).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.counter.labels(route=route, method=method, status=str(status[0])).inc()
