@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from gptjax import init_params, save_checkpoint
@@ -194,7 +193,9 @@ def test_text_log_has_ready_and_access_lines(text_server):
 def test_json_log_has_ready_and_access_lines(checkpoint):
     server = PipedServer(checkpoint, "json")
     try:
-        records = lambda: [json.loads(x) for x in server.seen if x.startswith("{")]  # noqa: E731
+        def records() -> list[dict]:
+            return [json.loads(x) for x in server.seen if x.startswith("{")]
+
         server.wait_line(lambda line: line.startswith("{") and json.loads(line)["message"].startswith("ready"))
         ready = next(r for r in records() if r["message"].startswith("ready"))
         assert ready["address"] == server.url and ready["model"] == "tiny-ck"
