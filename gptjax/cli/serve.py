@@ -7,6 +7,7 @@ import os
 
 from gptjax.cli.options import add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
+from gptjax.tracing.setup import install_text_logs
 
 NAME = "serve"
 HELP = "an OpenAI-style HTTP API (completions, streaming, /metrics) for a checkpoint"
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise GptjaxError(f"gptjax serve needs the serve extra ({e.name} is missing): "
                           "pip install 'gptjax[serve]'") from None
     _check(args)
+    if args.log_format == "text":  # the server's ready and access-log lines (--log-format json installs its own)
+        install_text_logs()
     model = serve.load_model(args.checkpoint, args.backend, precision=args.precision, kv_cache=args.kv_cache,
                              mesh=mesh_from(args.mesh))
     cap = args.max_tokens_cap

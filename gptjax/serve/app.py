@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
@@ -35,7 +36,12 @@ from gptjax.tracing.metrics import Metrics
 from gptjax.tracing.spans import record_error, tracer
 
 log = logging.getLogger("gptjax.serve")
+access_log = logging.getLogger("gptjax.serve.access")
+ACCESS = "gptjax.access"  # ASGI scope key: what a route tells the access-log line (completion tokens)
 ROUTES = ("/v1/completions", "/v1/models", "/health", "/metrics")
+# /metrics labels take values from fixed sets only (a client must not be able to add series): any other route
+# is "other", any other method "other"; the status is one the server itself chose (a bounded set of codes).
+METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class ServerState:
     def __init__(self, model: ServedModel, options: ServeOptions) -> None:
         self.model, self.options = model, options
         self.phase = "loading"  # → ready → draining
+        self.address: str | None = None  # where the server listens (set by whoever runs the app; for the log)
         self.inflight = 0
         self.limits = Limits(model.backend.config, options.model_id,
                              options.max_tokens_cap or model.backend.config.n_positions)
@@ -115,6 +122,8 @@ class ServerState:
             self.scheduler.start()
             if self.phase == "loading":
                 self.phase = "ready"
+                log.info("ready: %s on %s", self.options.model_id, self.address or "(address unknown)",
+                         extra={"fields": {"model": self.options.model_id, "address": self.address}})
 
         threading.Thread(target=run, name="gptjax-serve-warmup", daemon=True).start()
 
@@ -196,7 +205,8 @@ async def _completions(request: Request, state: ServerState) -> Response:
                 "model": state.options.model_id}
         if completion.stream:
             handed_over = True  # the stream ends the span and the in-flight count
-            return StreamingResponse(_sse(state, job, completion, head, span), media_type="text/event-stream",
+            access = request.scope.setdefault(ACCESS, {})
+            return StreamingResponse(_sse(state, job, completion, head, span, access), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         response = await _collect(request, state, job, completion, head)
         _end(span, response.status_code)
@@ -253,11 +263,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise too_big
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_big
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_big
+            parts.append(part)
+    except ClientDisconnect:  # the client's doing, not a server fault: 499 (nginx's "client closed request")
+        raise RequestError(499, "the client closed the connection before sending the whole body",
+                           code="client_closed") from None
     return b"".join(parts)
 
 
@@ -321,14 +335,15 @@ async def _collect(request: Request, state: ServerState, job: Job, completion: C
             raise _generation_error(event.error)
         tokens += event.tokens
         reason = event.finish_reason
+    request.scope.setdefault(ACCESS, {})["tokens"] = len(tokens)
     choice = {"text": _decode(state, tokens), "index": 0, "logprobs": None, "finish_reason": reason,
               "token_ids": tokens}
     return JSONResponse(head | {"choices": [choice], "usage": _usage(completion, len(tokens))})
 
 
-async def _sse(state: ServerState, job: Job, completion: Completion, head: dict[str, Any], span: Any
-               ) -> AsyncIterator[str]:
-    """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def _sse(state: ServerState, job: Job, completion: Completion, head: dict[str, Any], span: Any,
+               access: dict[str, Any]) -> AsyncIterator[str]:
+    """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]` (access gets the token count)."""
     deadline = asyncio.get_running_loop().time() + state.options.request_timeout
     text, n, status = _TextStream(state.model.tokenizer), 0, 200
     try:
@@ -356,6 +371,7 @@ async def _sse(state: ServerState, job: Job, completion: Completion, head: dict[
         yield "data: [DONE]\n\n"
     finally:
         job.cancel("disconnect")  # a no-op unless the client left before the end
+        access["tokens"] = n
         span.set_attribute("gptjax.stream", True)
         _end(span, status)
         state.inflight -= 1
@@ -416,7 +432,8 @@ async def _internal_error(request: Request, error: Exception) -> Response:
 
 
 class _CountRequests:
-    """ASGI middleware counting HTTP requests by route (known routes, else "other"), method and status."""
+    """ASGI middleware counting HTTP requests by route and method (each known, else "other") and status, and
+    writing one access-log line per request (the same label values, the duration, completion tokens)."""
 
     def __init__(self, app: Any, counter: Counter) -> None:
         self.app, self.counter = app, counter
@@ -425,7 +442,7 @@ class _CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = [500]
+        start, status = time.perf_counter(), [500]
 
         async def send_status(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -436,4 +453,14 @@ class _CountRequests:
             await self.app(scope, receive, send_status)
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
-            self.counter.labels(route=route, method=scope["method"], status=str(status[0])).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.counter.labels(route=route, method=method, status=str(status[0])).inc()
+            _log_access(method, route, status[0], time.perf_counter() - start, scope.get(ACCESS, {}).get("tokens"))
+
+
+def _log_access(method: str, route: str, status: int, seconds: float, tokens: int | None) -> None:
+    """The access-log line; in JSON logs its values are also fields of their own."""
+    ms = round(seconds * 1e3, 3)
+    access_log.info("%s %s %d %.1f ms tokens=%s", method, route, status, ms, "-" if tokens is None else tokens,
+                    extra={"fields": {"method": method, "route": route, "status": status, "duration_ms": ms,
+                                      "tokens": tokens}})

@@ -65,6 +65,7 @@ def run(model: ServedModel, options: ServeOptions, *, host: str = "127.0.0.1", p
     app = create_app(model, options)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
+    app.state.gptjax.address = f"http://{host}:{port}"  # for the "ready" log line
     server = _DrainingServer(config, app.state.gptjax, drain_timeout)
     print(f"gptjax serve: {options.model_id} on http://{host}:{port} (model loading; GET /health says when ready)",
           flush=True)

@@ -95,9 +95,26 @@ def _encode(tokenizer: Any, text: str, field: str) -> list[int]:
         raise _bad(f"{field} is not encodable text: {e.reason} at position {e.start}", field) from None
 
 
+class _DuplicateKey(Exception):
+    """A JSON object with the same key twice (json.loads would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook for json.loads: a dict, or _DuplicateKey naming the first repeated key."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:  # which value was meant is ambiguous: refuse rather than guess
+        key = e.args[0]
+        raise _bad(f"the key {json.dumps(key)[:50]} appears more than once in a JSON object", key[:50]) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"the request body is not valid JSON: {e}") from None
     except RecursionError:

@@ -129,6 +129,7 @@ class JsonLogFormatter(logging.Formatter):
         ctx = trace.get_current_span().get_span_context()
         payload = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                    "message": record.getMessage()}
+        payload |= getattr(record, "fields", {})  # a record's own fields (extra={"fields": {...}}), e.g. access logs
         if ctx.is_valid:
             payload |= {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
         if record.exc_info:
@@ -143,6 +144,23 @@ def install_json_logs(level: int = logging.INFO) -> logging.Handler:
         logger.removeHandler(h)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return handler
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def install_text_logs(level: int = logging.INFO) -> logging.Handler:
+    """Route the `gptjax` logger's records to stderr as text lines, unless a handler is already installed
+    (e.g. the JSON one); returns the handler in place."""
+    logger = logging.getLogger("gptjax")
+    if logger.handlers:
+        return logger.handlers[0]
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

@@ -1,0 +1,210 @@
+"""Issue 15's server points: bounded /metrics labels, a client hanging up mid-upload (499, not 500), duplicate
+JSON keys (400), and the ready and access-log lines. The server tests run `gptjax serve` for real on
+127.0.0.1 and read its output through a pipe."""
+
+import http.client
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gptjax import init_params, save_checkpoint
+from gptjax.config import get_preset
+from gptjax.serve.validation import Limits, RequestError, parse_completion
+
+CONFIG = get_preset("tiny")  # 256 tokens (bytes), context 64
+HERE = Path(__file__).parent
+WAIT_S = 120.0  # bound on every wait for the server (start-up compiles on a shared CPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PipedServer:
+    """`gptjax serve` in a subprocess whose stdout+stderr lines a thread puts on a queue."""
+
+    def __init__(self, checkpoint: Path, log_format: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GPTJAX_"))}
+        env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
+             "--log-format", log_format], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._wait_healthy()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            assert self.proc.poll() is None, "\n".join(self.drain())
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.05)
+
+    def drain(self) -> list[str]:
+        """Every line printed so far (kept in self.seen)."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return self.seen
+
+    def wait_line(self, match, timeout: float = 30.0) -> str:
+        """The first printed line (from the start) for which match(line) holds, waiting on the pipe."""
+        deadline = time.monotonic() + timeout
+        checked = 0
+        while True:
+            for line in self.seen[checked:]:
+                if match(line):
+                    return line
+            checked = len(self.seen)
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no such line; printed:\n" + "\n".join(self.seen)
+            try:
+                self.seen.append(self.lines.get(timeout=remaining))
+            except queue.Empty:
+                pass
+
+    def series(self, name: str = "gptjax_http_requests_total") -> dict[str, float]:
+        """The samples of one metric: label string → value."""
+        out = {}
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + "{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels] = float(value)
+        return out
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hardening") / "tiny-ck"
+    save_checkpoint(CONFIG, init_params(CONFIG, 2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_server(checkpoint):
+    server = PipedServer(checkpoint, "text")
+    yield server
+    assert server.stop() == 0, "\n".join(server.drain())
+
+
+def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.02)
+
+
+# ---- 4: every /metrics label value comes from a fixed set ---------------------------------------------------
+@pytest.mark.integration
+def test_made_up_methods_do_not_grow_metrics(text_server):
+    text_server.series()  # the first scrape adds the GET /metrics series
+    before = text_server.series()
+    for i in range(50):
+        conn = http.client.HTTPConnection("127.0.0.1", text_server.port, timeout=30)
+        conn.request(f"MADEUP{i}", "/health")
+        assert conn.getresponse().status == 405
+        conn.close()
+    after = text_server.series()
+    new = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    get_metrics = '{method="GET",route="/metrics",status="200"}'
+    assert new == {'gptjax_http_requests_total{method="other",route="/health",status="405"}': 50.0,
+                   "gptjax_http_requests_total" + get_metrics: 1.0}, new
+    assert len(after) == len(before) + 1
+
+
+# ---- 5: a client hanging up mid-upload is a 499, not a server error ------------------------------------------
+@pytest.mark.integration
+def test_a_client_hanging_up_mid_upload_counts_499_without_traceback(text_server):
+    name = 'gptjax_http_requests_total{method="POST",route="/v1/completions",status="%s"}'
+    before = text_server.series()
+    text_server.drain()
+    start = len(text_server.seen)
+    with socket.create_connection(("127.0.0.1", text_server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"prompt":')
+    _wait_until(lambda: text_server.series().get(name % "499", 0) + text_server.series().get(name % "500", 0)
+                > before.get(name % "499", 0) + before.get(name % "500", 0), "the request to be counted")
+    after = text_server.series()
+    assert after.get(name % "499", 0) - before.get(name % "499", 0) == 1
+    assert after.get(name % "500", 0) == before.get(name % "500", 0)
+    text_server.wait_line(lambda line: " 499 " in line, timeout=10)  # its access-log line
+    logged = text_server.drain()[start:]
+    assert not [line for line in logged if "Traceback" in line or "ClientDisconnect" in line], logged
+    assert len([line for line in logged if "/v1/completions" in line]) == 1, logged
+
+
+# ---- 10: duplicate JSON keys are refused ----------------------------------------------------------------
+def test_duplicate_json_keys_are_a_400_naming_the_key():
+    limits = Limits(CONFIG, "tiny", CONFIG.n_positions)
+    with pytest.raises(RequestError) as e:
+        parse_completion(b'{"prompt": [1], "max_tokens": 60, "max_tokens": 2}', limits, None)
+    assert e.value.status == 400 and e.value.param == "max_tokens" and "max_tokens" in e.value.message
+    with pytest.raises(RequestError) as e:  # nested objects too
+        parse_completion(b'{"prompt": [1], "stream": true, "stream_options": {"include_usage": true, '
+                         b'"include_usage": false}}', limits, None)
+    assert e.value.status == 400 and "include_usage" in e.value.message
+    assert parse_completion(b'{"prompt": [1], "max_tokens": 2}', limits, None).request.max_new_tokens == 2
+
+
+# ---- 14: a ready line and one access-log line per request, in the chosen format --------------------------
+@pytest.mark.integration
+def test_text_log_has_ready_and_access_lines(text_server):
+    ready = text_server.wait_line(lambda line: "ready" in line and text_server.url in line)
+    assert "tiny-ck" in ready
+    r = httpx.post(text_server.url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200
+    line = text_server.wait_line(lambda line: "POST /v1/completions 200" in line)
+    assert "tokens=3" in line and " ms" in line, line
+
+
+@pytest.mark.integration
+def test_json_log_has_ready_and_access_lines(checkpoint):
+    server = PipedServer(checkpoint, "json")
+    try:
+        def records() -> list[dict]:
+            return [json.loads(x) for x in server.seen if x.startswith("{")]
+
+        server.wait_line(lambda line: line.startswith("{") and json.loads(line)["message"].startswith("ready"))
+        ready = next(r for r in records() if r["message"].startswith("ready"))
+        assert ready["address"] == server.url and ready["model"] == "tiny-ck"
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200
+        server.wait_line(lambda line: line.startswith("{") and json.loads(line).get("route") == "/v1/completions")
+        access = next(r for r in records() if r.get("route") == "/v1/completions")
+        assert {k: access[k] for k in ("method", "route", "status", "tokens")} == {
+            "method": "POST", "route": "/v1/completions", "status": 200, "tokens": 3}
+        assert access["duration_ms"] > 0 and access["level"] == "INFO"
+    finally:
+        assert server.stop() == 0, "\n".join(server.drain())
