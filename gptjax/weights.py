@@ -112,6 +112,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
             key = _canonical_key(raw_key)
             if key is None:
                 continue
+            _check_finite(file, raw_key, array)
             if key == "lm_head.weight" and config.tie_word_embeddings:
                 head = (file, array)
                 continue
@@ -135,6 +136,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
         except GptjaxError as e:
             raise GptjaxError(f"{directory} ({precision} checkpoint): {e}") from None
     return config, params
+
+
+def _check_finite(file: Path, raw_key: str, array: np.ndarray) -> None:
+    """Refuse a float tensor holding NaN or Inf: a backend would run it into garbage (token 0 forever) without
+    a word. Integer tensors (int8 weights) are finite by construction; their float32 scales are checked here."""
+    if array.dtype.kind in "iub":
+        return
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise GptjaxError(f"{file}: tensor {raw_key!r} has {bad} non-finite value(s) (NaN or Inf) of {array.size}")
 
 
 def _check_size(directory: Path, config: GPTConfig, headers: dict[Path, Header]) -> None:

@@ -1,8 +1,8 @@
 """A test server: `gptjax serve`'s app over a jax backend with injected faults, run as a subprocess by
-test_serve.py (args: checkpoint, port, batching mode). A row whose prompt starts with token 255 raises in the
+test_serve.py (args: checkpoint, port, batching mode[, "fail-warmup"]). A row whose prompt starts with token 255 raises in the
 backend; one starting with 254 (253) makes its batch slow (very slow) per chunk, so tests can fill the queue,
 hit timeouts and disconnect mid-stream. Both batching paths are patched: the backend's _generate (dynamic)
-and the decode session it opens (continuous)."""
+and the decode session it opens (continuous). With "fail-warmup", the warm-up generation raises."""
 
 import sys
 import time
@@ -51,10 +51,17 @@ class FaultySession(jax_session.DecodeSession):
         return super().run(chunk_size)
 
 
+class WarmupFailingBackend(FaultyBackend):
+    """A backend whose every generate call (the server's warm-up first) raises."""
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("injected warm-up failure")
+
+
 if __name__ == "__main__":
     checkpoint, port, batching = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     model = load_model(checkpoint, "jax")
-    model.backend.__class__ = FaultyBackend
+    model.backend.__class__ = WarmupFailingBackend if sys.argv[4:] == ["fail-warmup"] else FaultyBackend
     # continuous batching compiles more shapes (a session's, each joining prefill and copy): more time
     options = ServeOptions(model_id="faulty", max_batch=4, max_queue=4, chunk_size=4, batching=batching,
                            request_timeout=8.0 if batching == "dynamic" else 30.0)

@@ -134,3 +134,15 @@ def test_a_non_string_dtype_is_one_line_for_generate_and_quantize(tmp_path, caps
             else ["quantize", "--to", "int8", "--out", str(tmp_path / "q")])
     assert main([*argv, "--checkpoint", str(tmp_path / "ck")]) == 2
     assert "must be a string" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_nan_weight_in_one_line(tmp_path):
+    config = get_preset("tiny")
+    params = init_params(config)
+    params["h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_checkpoint(config, params, tmp_path / "ck")
+    out = subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--checkpoint", str(tmp_path / "ck"),
+                          "--tokens", "1,2", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "h.0.mlp.c_fc.weight' has 1 non-finite value(s)" in lines[0], out.stderr[-2000:]

@@ -338,6 +338,15 @@ def test_eval_reproduces_the_runs_validation_loss(tmp_path, corpus, capsys):
     assert reported == pytest.approx(result.val_loss, abs=1e-4) and result.val_bpb > 0
 
 
+def test_eval_defaults_reproduce_the_runs_validation_loss(tmp_path, corpus, capsys):
+    config = CONFIG.replace(n_positions=64)  # a run whose settings all differ from eval's built-in defaults
+    tc = dataclasses.replace(TC, max_steps=2, seq_len=16, val_fraction=0.3, batch_size=3, eval_batches=5)
+    result = train(config, tc, tmp_path / "e", TrainOptions(data_spec=corpus, progress=False, peak_flops=1e11))
+    assert main(["eval", "--checkpoint", str(tmp_path / "e" / "model")]) == 0  # no settings: the run's
+    reported = float(capsys.readouterr().out.split("loss ")[1].split()[0])
+    assert reported == pytest.approx(result.val_loss, abs=1e-4)
+
+
 def test_short_validation_split_is_an_error(tmp_path):
     (tmp_path / "one.txt").write_text("def f(x):\n    return x\n" * 20)
     with pytest.raises(GptjaxError, match="validation split has .* fewer than one window"):

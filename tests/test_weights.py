@@ -375,3 +375,24 @@ def test_a_shard_linking_outside_the_directory_is_refused(tmp_path):
     shutil.copy(tmp_path / "elsewhere" / "model.safetensors", d / "blob")
     (d / "model.safetensors").symlink_to("blob")
     load_checkpoint(d)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path, bad):
+    p = init_params(TINY)
+    p["h.1.attn.c_proj.weight"][3, :2] = bad  # two bad values
+    save_checkpoint(TINY, p, tmp_path / "ck")
+    with pytest.raises(GptjaxError, match=r"h\.1\.attn\.c_proj\.weight' has 2 non-finite value\(s\)"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_a_non_finite_int8_scale_is_refused_naming_it(tmp_path):
+    from gptjax.quantize import convert
+
+    q = convert(init_params(TINY), TINY, "int8")
+    scale = next(k for k in q if k.endswith("_scale"))
+    q[scale] = q[scale].copy()
+    q[scale].flat[0] = np.nan
+    save_checkpoint(TINY, q, tmp_path / "ck")
+    with pytest.raises(GptjaxError, match=rf"{scale}' has 1 non-finite value\(s\)"):
+        load_checkpoint(tmp_path / "ck")

@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,7 @@ class ServerState:
         self.model, self.options = model, options
         self.phase = "loading"  # → ready → draining
         self.address: str | None = None  # where the server listens (set by whoever runs the app; for the log)
+        self.on_failed: Callable[[], None] | None = None  # called if warm-up fails (whoever runs the app: exit)
         self.inflight = 0
         self.limits = Limits(model.backend.config, options.model_id,
                              options.max_tokens_cap or model.backend.config.n_positions)
@@ -116,8 +117,10 @@ class ServerState:
                     m = self.model
                     m.backend.generate(m.weights, [[0]], 2, seed=0)
             except Exception:
-                log.exception("warm-up failed: the server stays unready")
+                log.exception("warm-up failed: the server cannot serve this model")
                 self.phase = "failed"
+                if self.on_failed is not None:
+                    self.on_failed()
                 return
             self.scheduler.start()
             if self.phase == "loading":

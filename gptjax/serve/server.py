@@ -2,7 +2,7 @@
 
 SIGTERM (or the first Ctrl-C): /health turns 503 and new requests get 503 while the listener stays open;
 requests in flight finish (up to drain_timeout seconds); then uvicorn stops and the process exits 0.
-A second signal stops at once.
+A second signal stops at once. If the warm-up fails, the server stops and the process exits 1.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
         super().__init__(config)
         self.state, self.drain_timeout, self.draining = state, drain_timeout, False
+        self.failed = False  # warm-up failed (the state's phase turns "draining" as the app shuts down)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining:  # a second signal: stop now
@@ -53,6 +54,10 @@ class _DrainingServer(uvicorn.Server):
         self.state.phase = "draining"
         threading.Thread(target=self._drain, name="gptjax-serve-drain", daemon=True).start()
 
+    def stop_failed(self) -> None:
+        """Warm-up failed: stop at once (nothing was served, so nothing to drain); run() then returns 1."""
+        self.failed = self.should_exit = True
+
     def _drain(self) -> None:
         if not self.state.wait_drained(self.drain_timeout):
             log.warning("drain timeout (%.0f s): stopping with requests in flight", self.drain_timeout)
@@ -61,15 +66,19 @@ class _DrainingServer(uvicorn.Server):
 
 def run(model: ServedModel, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000,
         drain_timeout: float = 30.0, log_level: str = "warning") -> int:
-    """Serve until SIGTERM/SIGINT, drain, return 0."""
+    """Serve until SIGTERM/SIGINT, drain, return 0; return 1 at once if the warm-up fails."""
     app = create_app(model, options)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
     app.state.gptjax.address = f"http://{host}:{port}"  # for the "ready" log line
     server = _DrainingServer(config, app.state.gptjax, drain_timeout)
+    app.state.gptjax.on_failed = server.stop_failed
     print(f"gptjax serve: {options.model_id} on http://{host}:{port} (model loading; GET /health says when ready)",
           flush=True)
     server.run()
+    if server.failed:  # a server that cannot serve must not look alive to a supervisor
+        log.error("exiting with status 1: the model failed to warm up")
+        return 1
     return 0
 
 
