@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "requests join a running batch between decode chunks (jax backend without --mesh; others fall "
                    "back to dynamic); dynamic: requests arriving during a batch wait for the next (default "
                    "continuous)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS", help="a connection must "
+                   "send a request's complete headers within this time of opening (or of its previous response); "
+                   "else it is closed: idle or trickling sockets must not hold file descriptors (default 10)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N", help="open connections served at "
+                   "once; a request on a connection beyond them gets 503 (counted in /metrics, logged): keeps "
+                   "the server under its file-descriptor limit (default 1024)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
 
 
@@ -74,17 +80,20 @@ def run(args: argparse.Namespace) -> int:
                                  max_body_bytes=args.max_body_bytes, chunk_size=args.chunk_size,
                                  batch_wait=max(0.0, args.batch_wait_ms) / 1e3, batching=args.batching,
                                  warmup=not args.no_warmup)
-    return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
+    return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+                     header_timeout=args.header_timeout, max_connections=args.max_connections)
 
 
 def _check(args: argparse.Namespace) -> None:
     """A GptjaxError for numeric flags out of range (before the model loads)."""
     for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 1), ("--max-body-bytes", args.max_body_bytes, 1),
-                             ("--chunk-size", args.chunk_size, 1)):
+                             ("--chunk-size", args.chunk_size, 1), ("--max-connections", args.max_connections, 1)):
         if value < low:
             raise GptjaxError(f"{flag} {value} must be >= {low}")
     for flag, bad in (("--port", args.port > 65535), ("--request-timeout", args.request_timeout <= 0),
                       ("--drain-timeout", args.drain_timeout < 0)):
         if bad:
             raise GptjaxError(f"{flag} is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0")
+    if not args.header_timeout > 0:  # also refuses nan
+        raise GptjaxError(f"--header-timeout {args.header_timeout} must be > 0")

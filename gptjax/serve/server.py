@@ -18,6 +18,7 @@ import uvicorn
 
 from gptjax.backends import get_backend
 from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
+from gptjax.serve.connections import ConnectionLimits
 from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.weights import load_checkpoint, run_options
@@ -65,11 +66,15 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run(model: ServedModel, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000,
-        drain_timeout: float = 30.0, log_level: str = "warning") -> int:
-    """Serve until SIGTERM/SIGINT, drain, return 0; return 1 at once if the warm-up fails."""
+        drain_timeout: float = 30.0, log_level: str = "warning", header_timeout: float = 10.0,
+        max_connections: int = 1024) -> int:
+    """Serve until SIGTERM/SIGINT, drain, return 0; return 1 at once if the warm-up fails. A connection must
+    complete a request's headers within header_timeout seconds; one opened while max_connections are open gets
+    503 (serve/connections.py)."""
     app = create_app(model, options)
+    limits = ConnectionLimits(model.metrics.registry, header_timeout=header_timeout, max_connections=max_connections)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", http=limits.protocol())
     app.state.gptjax.address = f"http://{host}:{port}"  # for the "ready" log line
     server = _DrainingServer(config, app.state.gptjax, drain_timeout)
     app.state.gptjax.on_failed = server.stop_failed
