@@ -33,11 +33,6 @@ class FloatKV(NamedTuple):
     k: jax.Array
     v: jax.Array
 
-    @property
-    def length(self) -> int:
-        """S, the entries per row."""
-        return self.k.shape[2]
-
     @classmethod
     def zeros(cls, shape: tuple[int, ...]) -> FloatKV:
         """An empty float32 layer cache."""
@@ -68,11 +63,6 @@ class Int8KV(NamedTuple):
     v: jax.Array
     k_scale: jax.Array
     v_scale: jax.Array
-
-    @property
-    def length(self) -> int:
-        """S, the entries per row."""
-        return self.k.shape[2]
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...]) -> Int8KV:
@@ -195,4 +185,4 @@ class KVCache(NamedTuple):
     @property
     def length(self) -> int:
         """S, the entries per row."""
-        return self.layers[0].length
+        return self.layers[0].k.shape[2]  # every layer cache holds keys k [B, H, S, K]

@@ -153,7 +153,7 @@ class Attention(nnx.Module):
         scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
                   for kv, m in parts]  # [B, H, T, S_i] each
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S_i]
-        splits = np.cumsum([kv.length for kv, _ in parts])[:-1]
+        splits = np.cumsum([kv.k.shape[2] for kv, _ in parts])[:-1]  # S_i of each part's keys [B, H, S_i, K]
         out = sum(kv.mix(p) for p, (kv, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # [B,T,H,K]
         return self.c_proj(out.reshape(*out.shape[:2], -1)) + self.out_bias[...]  # -> [B, T, D]
 
