@@ -1,6 +1,8 @@
 """Writes that the OS refuses (issue 15 point 9): a full disk mid-checkpoint and an unwritable --out end in one line
 naming the path and the cause, exit 1, no temporary files left, and the last good checkpoint resumes bit-exactly."""
 
+import errno
+import os
 import subprocess
 import sys
 import sysconfig
@@ -69,6 +71,23 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_the_last_checkpoint_resumes_
     _, resumed = load_checkpoint(out / "model")
     _, straight = load_checkpoint(tmp_path / "straight" / "model")
     assert resumed.keys() == straight.keys() and all(np.array_equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_no_partial_model(tmp_path, corpus, capsys,
+                                                                               monkeypatch):
+    def fill_the_disk(f, tensors, metadata):  # the seam: the export's one weights write fails part-way
+        f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("gptjax.weights.write_safetensors", fill_the_disk)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data", corpus, *ARGS]) == 1
+    err = capsys.readouterr().err  # after the run's own log (the last evaluation and its sample)
+    assert err.splitlines()[-1] == (f"gptjax train: cannot write the exported model to {out / 'model'}: "
+                                    "No space left on device (ENOSPC)")
+    assert "Traceback" not in err and err.count("gptjax train:") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "data", "run.json", "tb"]  # no partial model
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "6"]  # the run itself was saved
 
 
 def test_train_out_that_cannot_be_created_is_one_line(tmp_path, corpus, capsys):
