@@ -11,13 +11,18 @@ backward passes run on a bfloat16 copy of them, with LayerNorm statistics, softm
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gc
 import glob
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,7 +42,7 @@ from gptjax.backends import get_backend
 from gptjax.backends.jax import GPT, to_params
 from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, os_cause
 from gptjax.quantize import precision_of
 from gptjax.sharding import check_config, check_divisible, logical_to_spec, mesh_description, shard_batch, shard_state
 from gptjax.tokenizer import has_tokenizer
@@ -282,8 +287,12 @@ def save_run_config(path: Path, config: GPTConfig, tc: TrainConfig, extra: dict)
     """The resolved model + training config of a run, as JSON (atomically)."""
     payload = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tc)} | extra
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a disk that filled mid-write leaves no half-written file behind
+        raise
 
 
 def load_run_config(path: Path) -> tuple[GPTConfig, TrainConfig, dict]:
@@ -298,6 +307,68 @@ def load_run_config(path: Path) -> tuple[GPTConfig, TrainConfig, dict]:
 # ---- the loop behind `gptjax train` ----------------------------------------------------------------------------
 class TrainingStopped(GptjaxError):
     """Training could not continue (a non-finite loss or gradient without skip_nonfinite)."""
+
+
+class WriteFailed(GptjaxError):
+    """A checkpoint or the exported model could not be written (disk full, read-only, no permission); what it
+    had written is removed and the checkpoints committed before it are intact."""
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore (orbax's array writer) reports errno
+
+
+def write_cause(e: BaseException) -> str | None:
+    """The OS-level cause of a failed write in one phrase ('No space left on device (ENOSPC)'): from an OSError,
+    or orbax's error carrying tensorstore's errno, anywhere in e's chain; None when e is no OS failure."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return os_cause(e)
+        found = _OS_ERROR_CODE.search(str(e)) if isinstance(e, ValueError) else None
+        if found and int(found.group(1)) in errno.errorcode:
+            code = int(found.group(1))
+            return os_cause(OSError(code, os.strerror(code)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _wait_for_abandoned_writes(timeout: float) -> None:
+    """Wait for tensorstore writes still running: orbax stops waiting at a save's first failed array write and
+    leaves the others running, and they would recreate the directories a clean-up removes. They are only
+    reachable through the garbage collector (the coroutines that awaited them were dropped with their loop)."""
+    import tensorstore as ts
+
+    deadline = time.time() + timeout
+    kinds = (ts.Future, ts.WriteFutures)  # type(), not isinstance: some objects warn when asked their __class__
+    for future in [f for f in gc.get_objects() if type(f) in kinds and not f.done()]:
+        try:
+            future.exception(deadline=deadline)  # its failure is the one being reported, or a sibling of it
+        except TimeoutError:
+            log.warning("a checkpoint write still runs after %.0f s; its directory may reappear", timeout)
+            return
+
+
+@contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """Re-raise an OS-level failure inside the block as WriteFailed('cannot write <what>: <cause>')."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        cause = None if isinstance(e, GptjaxError) else write_cause(e)
+        if cause is None:
+            raise
+        raise WriteFailed(f"cannot write {what}: {cause}") from e
+
+
+def remove_partial_checkpoints(directory: str | os.PathLike, timeout: float = 60.0) -> list[Path]:
+    """Delete the temporary directories of uncommitted orbax saves in a checkpoint directory (what a failed
+    save leaves), once the writes the failed save abandoned have ended (at most `timeout` s); the paths removed."""
+    _wait_for_abandoned_writes(timeout)
+    partial = [d for d in Path(directory).glob("*.orbax-checkpoint-tmp*") if d.is_dir()]
+    for d in partial:
+        shutil.rmtree(d, ignore_errors=True)
+    return partial
 
 
 @dataclass
@@ -414,15 +485,15 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     try:
         stop_reason = loop.run(state, out)
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        loop.close_checkpoints()
         writer.close()
 
     exported = export_params(graphdef, loop.state.params)  # a collective: every process takes part
     if jax.process_index() == 0:
-        export = save_checkpoint(config, exported, out / "model")
-        if tc.tokenizer != "byte" and (out / "tokenizer.json").exists():
-            (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+        with _writing(f"the exported model to {out / 'model'}"):  # save_checkpoint removes its temporary files
+            export = save_checkpoint(config, exported, out / "model")
+            if tc.tokenizer != "byte" and (out / "tokenizer.json").exists():
+                (export / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
     return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, unigram, loop.skipped,
                        loop.sample, out, stop_reason)
 
@@ -507,6 +578,8 @@ class _Loop:
         self.flops_per_token = run.config.train_flops_per_token(run.T)
         self.parent = None  # the run's gptjax.train span, set by run()
         self.profiling = False
+        self.saving: int | None = None  # the step of the last checkpoint save started
+        self.save_failed = False  # a save failed (and was raised): the manager would raise it again
 
     def run(self, state: TrainState, out: Path) -> str:
         """Train from state to max_steps (or the options' stop_at_step or max_time); why it stopped."""
@@ -659,5 +732,33 @@ class _Loop:
 
         if self.manager.latest_step() == step:
             return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
-                                                        data=ocp.args.JsonSave({"batcher": self.batcher.get_state()})))
+        self.finish_saves()  # saves are asynchronous: the previous one's failure surfaces here, named as its own
+        self.saving = step
+        with self._checkpoint_writes(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.state), data=ocp.args.JsonSave({"batcher": self.batcher.get_state()})))
+
+    def finish_saves(self) -> None:
+        """Wait for the checkpoint being written; if it failed, raise WriteFailed (its temporary files gone)."""
+        if self.saving is not None and not self.save_failed:
+            with self._checkpoint_writes(self.saving):
+                self.manager.wait_until_finished()
+
+    def close_checkpoints(self) -> None:
+        """finish_saves(), then close the manager (after a failed save, closing would only raise it again)."""
+        self.finish_saves()
+        if not self.save_failed:
+            self.manager.close()
+
+    @contextmanager
+    def _checkpoint_writes(self, step: int) -> Iterator[None]:
+        """A failed save of `step`: its partial directory removed, WriteFailed naming it if the OS refused a write
+        (orbax commits a save by renaming it, so the checkpoints before it stay intact and --resume uses them)."""
+        try:
+            with _writing(f"checkpoint to {Path(self.manager.directory) / str(step)}"):
+                yield
+        except Exception:
+            self.save_failed = True
+            if jax.process_index() == 0:
+                remove_partial_checkpoints(self.manager.directory)
+            raise

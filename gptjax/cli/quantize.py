@@ -12,7 +12,7 @@ import numpy as np
 from gptjax import data
 from gptjax.cli.evaluate import validation_tokens
 from gptjax.cli.options import QUANTIZED_CHECKPOINTS, seq_len
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, os_cause
 from gptjax.precision_report import DEFAULT_MODES, report, table
 from gptjax.quantize import convert
 from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
@@ -62,7 +62,11 @@ def _write(args: argparse.Namespace) -> int:
     config, params = load_checkpoint(source)
     quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
     metadata = {"gptjax.group_size": str(args.group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
-    save_checkpoint(config, quantised, out, metadata=metadata, extra_files_from=source)
+    try:  # save_checkpoint writes a temporary directory and swaps it in: a failure leaves nothing behind
+        save_checkpoint(config, quantised, out, metadata=metadata, extra_files_from=source)
+    except OSError as e:  # a read-only or full disk, no permission: not a bug to show a traceback for
+        print(f"gptjax quantize: cannot write {out}: {os_cause(e)}", file=sys.stderr)
+        return 1
     before = sum(np.asarray(v).nbytes for v in params.values())
     after = sum(np.asarray(v).nbytes for v in quantised.values())
     print(f"wrote {out} ({args.to}{f', groups of {args.group_size}' if args.group_size else ''}"

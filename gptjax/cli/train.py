@@ -6,15 +6,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gptjax.cli.options import mesh_from
 from gptjax.config import GPTConfig, get_preset
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, os_cause
 from gptjax.tracing import Metrics, serve_metrics
 
 NAME = "train"
@@ -58,10 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Resolve the run's config, train, and print where the model and logs are; 1 when training stopped."""
     # gptjax.train imports jax, flax and optax (seconds): only this command pays for them
-    from gptjax.train import TrainingStopped, TrainOptions, check_inputs, train
+    from gptjax.train import TrainingStopped, TrainOptions, WriteFailed, check_inputs, train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
+    _quiet_failed_writes()
     config, tc, data_spec = _run_config(args)
     check_inputs(data_spec, None if args.resume else args.init)  # before anything is printed or created
     out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
@@ -82,11 +86,56 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"gptjax train: stopped: {e}", file=sys.stderr)
         return 1
+    except WriteFailed as e:  # a checkpoint or the export: the disk is full, read-only, or not ours
+        print(f"gptjax train: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the run directory itself, its token files, run.json, the logs
+        if not _inside(e.filename, out):
+            raise
+        print(f"gptjax train: cannot write {e.filename}: {os_cause(e)}", file=sys.stderr)
+        return 1
     print(f"done: {result.steps} steps ({result.stop_reason}); validation loss {result.val_loss:.4f} nats/token "
           f"vs unigram baseline {result.unigram_loss:.4f}; {result.val_bpb:.3f} bits/byte\n"
           f"model: {out}/model (gptjax generate --checkpoint {out}/model --prompt 'def ')\n"
           f"TensorBoard: tensorboard --logdir {out}/tb")
     return 0
+
+
+def _quiet_failed_writes() -> None:
+    """Keep a checkpoint save the OS refused (a full disk) to the one line run() prints: orbax logs the error's
+    traceback from several threads, asyncio logs each sibling write as "never retrieved", and tensorstore reports
+    the writes that end after orbax closed its event loop as unraisable errors (hundreds of lines in all), while
+    train() raises the failure itself as WriteFailed. Process-wide, as the logging set-up is; installed once."""
+    logging.getLogger("absl").addFilter(_not_a_failed_write)
+    logging.getLogger("asyncio").addFilter(_not_a_failed_write)
+    if not getattr(sys.unraisablehook, "gptjax_quiet", False):
+        sys.unraisablehook = _closed_loops_dropped(sys.unraisablehook)
+
+
+def _not_a_failed_write(record: logging.LogRecord) -> bool:
+    """False for a logged traceback whose error is a write the OS refused (train() raises it as WriteFailed)."""
+    from gptjax.train import write_cause
+
+    return not (record.exc_info and record.exc_info[1] is not None and write_cause(record.exc_info[1]))
+
+
+def _closed_loops_dropped(previous: Callable[[Any], object]) -> Callable[[Any], None]:
+    """sys.unraisablehook without tensorstore's "Event loop is closed" (a write ending after orbax gave up)."""
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and unraisable.object is None):
+            previous(unraisable)
+
+    hook.gptjax_quiet = True
+    return hook
+
+
+def _inside(filename: object, directory: str) -> bool:
+    """Whether an OSError's filename is directory or lies under it."""
+    if not isinstance(filename, (str, os.PathLike)):
+        return False
+    path, root = Path(os.path.abspath(filename)), Path(os.path.abspath(directory))
+    return path == root or root in path.parents
 
 
 def _run_config(args: argparse.Namespace) -> tuple[GPTConfig, object, str | None]:
