@@ -156,3 +156,54 @@ def test_bad_drafters_are_refused():
     short = GPTConfig(vocab_size=64, n_positions=8, n_layer=1, n_head=1, n_embd=8)
     with pytest.raises(GptjaxError, match="exceeds the draft's context n_positions=8"):
         backend.generate(PARAMS, PROMPTS, 4, draft=ModelDraft(init_params(short), short))
+
+
+# ---- CLI, metrics, spans ---------------------------------------------------------------------------------
+def test_cli_generate_with_a_draft_prints_the_plain_greedy_tokens(tmp_path, capsys):
+    from gptjax import save_checkpoint
+    from gptjax.cli import main
+
+    save_checkpoint(CONFIG, PARAMS, tmp_path / "target")
+    save_checkpoint(DRAFT_CONFIG, DRAFT.params, tmp_path / "draft")
+    expected = get_backend("numpy", CONFIG).generate(PARAMS, PROMPTS[1:2], 10, greedy=True).tokens[0]
+    base = ["generate", "--checkpoint", str(tmp_path / "target"), "--tokens", ",".join(map(str, PROMPTS[1])),
+            "--max-new-tokens", "10", "--greedy", "--backend", "numpy"]
+    for draft in ([str(tmp_path / "draft"), "--spec-k", "3"], ["ngram", "--ngram", "2,1"]):
+        assert main(base + ["--draft", *draft]) == 0
+        out = capsys.readouterr()
+        assert out.out == ",".join(map(str, expected)) and "draft tokens accepted" in out.err
+    assert main(base + ["--draft", "ngram", "--spec-k", "99"]) == 2
+    assert "num_speculative_tokens=99 must be an integer in [1, 16]" in capsys.readouterr().err
+    assert main(base + ["--draft", "ngram", "--ngram", "3"]) == 2
+    assert "--ngram '3' must be two integers MAX,MIN" in capsys.readouterr().err
+
+
+def test_metrics_count_proposed_and_accepted_draft_tokens():
+    from gptjax.tracing import Metrics
+
+    m = Metrics()
+    result = get_backend("numpy", CONFIG, metrics=m).generate(PARAMS, PROMPTS, 12, greedy=True, draft=NgramDraft(),
+                                                              num_speculative_tokens=3)
+    labels = {"backend": "numpy", "draft": "ngram"}
+    assert m.registry.get_sample_value("gptjax_speculative_proposed_tokens_total", labels) == result.proposed > 0
+    assert m.registry.get_sample_value("gptjax_speculative_accepted_tokens_total", labels) == result.accepted > 0
+
+
+def test_spans_record_speculative_rounds():
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    chunks = list(get_backend("numpy", CONFIG).stream(PARAMS, PROMPTS, 12, chunk_size=2, greedy=True,
+                                                      draft=NgramDraft(), num_speculative_tokens=3))
+    rounds = [s for s in exporter.get_finished_spans() if s.name == "gptjax.speculate"]
+    assert len(rounds) == len(chunks) - 1 and {s.attributes["gptjax.draft"] for s in rounds} == {"ngram"}
+    assert [s.attributes["gptjax.spec.accepted"] for s in rounds] == [c.accepted for c in chunks[1:]]
+    assert all(s.attributes["gptjax.spec.k"] == 3 for s in rounds)
+    assert [s.name for s in exporter.get_finished_spans()].count("gptjax.prefill") == 1
