@@ -207,3 +207,13 @@ def test_spans_record_speculative_rounds():
     assert [s.attributes["gptjax.spec.accepted"] for s in rounds] == [c.accepted for c in chunks[1:]]
     assert all(s.attributes["gptjax.spec.k"] == 3 for s in rounds)
     assert [s.name for s in exporter.get_finished_spans()].count("gptjax.prefill") == 1
+
+
+def test_the_benchmark_study_refuses_bad_flags_before_running(tmp_path):
+    from gptjax.bench.studies import main
+
+    with pytest.raises(GptjaxError, match="--ks '2,0': every value must be >= 1"):
+        main(["speculative", "--ks", "2,0", "--out", str(tmp_path / "r")])
+    with pytest.raises(GptjaxError, match="--batches 'one' must be a comma list of integers"):
+        main(["speculative", "--batches", "one", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()

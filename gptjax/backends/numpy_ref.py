@@ -20,9 +20,7 @@ from gptjax.generate import (
     LENGTH, STOP, GenerationRequest, RowSettings, SamplingParams, StreamChunk, left_pad, sample_token,
 )
 from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys
-from gptjax.speculative import (
-    NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs,
-)
+from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs
 from gptjax.weights import Params
 
 

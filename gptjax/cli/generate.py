@@ -9,8 +9,8 @@ import time
 from gptjax.backends import get_backend
 from gptjax.cli.options import RUN_PRECISIONS, add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
-from gptjax.tokenizer import Tokenizer, checkpoint_tokenizer
 from gptjax.speculative import ModelDraft, NgramDraft
+from gptjax.tokenizer import Tokenizer, checkpoint_tokenizer
 from gptjax.weights import load_checkpoint, load_config, run_options, stored_precision
 
 NAME = "generate"

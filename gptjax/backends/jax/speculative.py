@@ -199,7 +199,7 @@ def accept(logits: jax.Array, drafts: jax.Array, q: Any, sampling: Sampling, key
 def advance(s: SpecState, drafts: jax.Array, n: jax.Array, final: jax.Array, sampling: Sampling) -> SpecState:
     """Record each active row's n accepted proposals and final token (stop tokens and budgets as decode's
     _record, token by token) and move its cursor past them: the caches' rollback."""
-    B, k = drafts.shape
+    k = drafts.shape[1]
     t = jnp.arange(k + 1)
     emitted = jnp.where(t < n[:, None], jnp.concatenate([drafts, final[:, None]], 1), final[:, None])  # [B, k+1]
     active = ~s.done
