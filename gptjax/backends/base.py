@@ -152,6 +152,8 @@ class Backend(abc.ABC):
         this kind in the draft's precision (reused while the same ModelDraft object is passed)."""
         if draft is None:
             return None
+        if type(self)._speculate is Backend._speculate:
+            raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
         k = check_speculation(draft, k, self.config)
         check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
         if not isinstance(draft, ModelDraft):
