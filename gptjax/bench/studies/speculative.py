@@ -52,7 +52,8 @@ def _model(spec: str) -> tuple[Any, Any, str]:
 
     if Path(spec).exists():
         config, params = load_checkpoint(spec)
-        return config, params, Path(spec).resolve().parent.name if Path(spec).name == "export" else Path(spec).name
+        path = Path(spec).resolve()
+        return config, params, path.parent.name if path.name == "model" else path.name  # train's DIR/model
     return get_preset(spec), init_params(get_preset(spec), seed=0), f"{spec} (random)"
 
 
