@@ -231,7 +231,7 @@ def _speculative(rows: list[Row]) -> str:
              f"{r['tokens_per_pass']:.2f}", ratio(r["speedup"]), "yes" if r["same_tokens"] else "NO"] for r in study]
     return (table(["B", "draft", "k", "tokens/s", "acceptance", "tokens per target pass", "speed-up vs plain",
                    "same tokens"], body)
-            + f"\nTarget {study[0]['target']} ({study[0]['target_params']:,} params), greedy, prompt "
+            + f"\nTarget: {study[0]['target']}, {study[0]['target_params']:,} params; greedy, prompt "
             f"{study[0]['prompt']} + {study[0]['new']} new tokens; {env['cpu']}, {env['cores']} cores, jax {env['jax']}, "
             f"git {env['git']}; 1-minute load average {env['load_avg_1m']:.1f} at the start, "
             f"{study[-1]['load_avg_1m']:.1f} at the end (other work shared the machine: compare ratios, not "
