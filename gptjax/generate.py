@@ -104,6 +104,8 @@ class StreamChunk:
     tokens: list[list[int]]
     finish_reasons: list[str | None]
     phase: str = "decode"
+    proposed: int = 0  # speculative decoding: draft tokens proposed and accepted in this chunk (all rows)
+    accepted: int = 0
 
 
 @dataclass
@@ -113,6 +115,8 @@ class GenerationResult:
     tokens: list[list[int]]
     finish_reasons: list[str]
     prompt_lengths: list[int] = field(default_factory=list)
+    proposed: int = 0  # speculative decoding: draft tokens proposed and accepted (all rows)
+    accepted: int = 0
 
 
 def make_request(config: GPTConfig, prompts: object, max_new_tokens: object, *, temperature: object = 1.0,
@@ -196,11 +200,14 @@ def collect(chunks: Iterator[StreamChunk], request: GenerationRequest) -> Genera
     """Concatenate a stream into the result generate() returns."""
     tokens: list[list[int]] = [[] for _ in request.prompts]
     reasons: list[str | None] = [None] * request.batch
+    proposed = accepted = 0
     for chunk in chunks:
         for row, new in enumerate(chunk.tokens):
             tokens[row].extend(new)
         reasons = [r or c for r, c in zip(reasons, chunk.finish_reasons)]
-    return GenerationResult(tokens, [r or LENGTH for r in reasons], [len(p) for p in request.prompts])
+        proposed, accepted = proposed + chunk.proposed, accepted + chunk.accepted
+    return GenerationResult(tokens, [r or LENGTH for r in reasons], [len(p) for p in request.prompts], proposed,
+                            accepted)
 
 
 # ---- the reference sampler (NumPy); the JAX backend implements the same rules on device ------------------

@@ -18,6 +18,7 @@ from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
 from gptjax.precision import KV_CACHES, MODES, default_kv_cache, storage
 from gptjax.quantize import for_precision
+from gptjax.speculative import ModelDraft, Speculation, check_room, check_speculation
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
 
@@ -65,6 +66,7 @@ class Backend(abc.ABC):
         self.metrics = metrics  # a gptjax.tracing.Metrics, or None
         self.trace_sync = trace_sync  # False: spans do not wait for device results (marked gptjax.synced=false)
         self._cache: tuple[Params, tuple[Any, ...], Any] | None = None
+        self._draft_cache: tuple[ModelDraft, Backend, Any] | None = None  # the last draft model, prepared
 
     def prepare(self, params: Params) -> Any:
         """Validate canonical params, bring them to this backend's precision (gptjax.quantize.for_precision:
@@ -115,20 +117,26 @@ class Backend(abc.ABC):
 
     def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_tokens: Any = (), greedy: bool = False) -> GenerationResult:
+                 stop_tokens: Any = (), greedy: bool = False, draft: Any = None,
+                 num_speculative_tokens: int = 4) -> GenerationResult:
         """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens.
 
         Sampling rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row
-        stops at a stop token (not included) or after max_new_tokens; the result says which.
+        stops at a stop token (not included) or after max_new_tokens; the result says which. With a draft
+        (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative, num_speculative_tokens proposals
+        per target pass: greedy tokens are those without a draft, sampled ones follow the same distribution.
         """
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
-        return collect(self._traced(self._prepared(params), request, None), request)
+        spec = self._speculation(draft, num_speculative_tokens, request)
+        return collect(self._traced(self._prepared(params), request, None, spec), request)
 
     def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop_tokens: Any = (), greedy: bool = False) -> Iterator[StreamChunk]:
-        """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps.
+               stop_tokens: Any = (), greedy: bool = False, draft: Any = None, num_speculative_tokens: int = 4
+               ) -> Iterator[StreamChunk]:
+        """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps
+        (with a draft: chunk_size verify rounds, each adding 1..num_speculative_tokens + 1 tokens per row).
 
         Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
         generate()'s result.
@@ -136,7 +144,25 @@ class Backend(abc.ABC):
         _check_chunk_size(chunk_size)
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
-        return self._traced(self._prepared(params), request, chunk_size)
+        spec = self._speculation(draft, num_speculative_tokens, request)
+        return self._traced(self._prepared(params), request, chunk_size, spec)
+
+    def _speculation(self, draft: Any, k: Any, request: GenerationRequest) -> Speculation | None:
+        """The checked drafter of a call (None without one), a draft model's weights prepared by a backend of
+        this kind in the draft's precision (reused while the same ModelDraft object is passed)."""
+        if draft is None:
+            return None
+        if type(self)._speculate is Backend._speculate:
+            raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
+        k = check_speculation(draft, k, self.config)
+        check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
+        if not isinstance(draft, ModelDraft):
+            return Speculation(draft, k)
+        if self._draft_cache is None or self._draft_cache[0] is not draft:
+            backend = type(self)(draft.config, precision=draft.precision)
+            self._draft_cache = (draft, backend, backend.prepare(dict(draft.params)))
+        _, backend, weights = self._draft_cache
+        return Speculation(draft, k, weights, backend.kv_cache)
 
     def stream_joined(self, params: Params | Any, requests: Sequence[GenerationRequest], *, chunk_size: int = 16
                       ) -> Iterator[StreamChunk]:
@@ -172,34 +198,42 @@ class Backend(abc.ABC):
                 "gptjax.seq_len": seq_len, "gptjax.devices": self._devices(), "gptjax.mesh": "",
                 "gptjax.phase": phase}
 
-    def _traced(self, weights: Any, request: GenerationRequest, chunk_size: int | None) -> Iterator[StreamChunk]:
-        """_generate's chunks, each inside a prefill/decode span under one text_completion span, which belongs
-        to the trace current at this call and starts now (not at the first read of the stream)."""
+    def _traced(self, weights: Any, request: GenerationRequest, chunk_size: int | None,
+                spec: Speculation | None = None) -> Iterator[StreamChunk]:
+        """_generate's chunks (_speculate's with a drafter), each inside a prefill/decode span under one
+        text_completion span, which belongs to the trace current at this call and starts now (not at the first
+        read of the stream)."""
         return self._traced_chunks(weights, request, chunk_size, otel_context.get_current(), time.time_ns(),
-                                   time.perf_counter())
+                                   time.perf_counter(), spec)
 
     def _traced_chunks(self, weights: Any, request: GenerationRequest, chunk_size: int | None, ctx: Any,
-                       start_ns: int, t_start: float) -> Iterator[StreamChunk]:
+                       start_ns: int, t_start: float, spec: Speculation | None = None) -> Iterator[StreamChunk]:
         longest = max(len(p) for p in request.prompts)
         parent = start_parent(f"text_completion {self.model_name}", lambda: self._request_attributes(request),
                               context=ctx, start_time=start_ns)
-        chunks, generated, position, reasons = self._generate(weights, request, chunk_size), 0, longest, [None]
+        chunks = self._generate(weights, request, chunk_size) if spec is None else self._speculate(
+            weights, request, chunk_size, spec)
+        generated, position, reasons = 0, longest, [None]
         outcome, error, complete = "ok", None, False
         try:
             while not all(reasons):
                 phase = "prefill" if generated == 0 and position == longest else "decode"
+                name = "speculate" if spec is not None and phase == "decode" else phase
                 before, t0 = self._compile_count(), time.perf_counter()
-                with forward_span(f"gptjax.{phase}", lambda: self.span_attributes(phase, request.batch, position),
+                with forward_span(f"gptjax.{name}", lambda: self.span_attributes(phase, request.batch, position),
                                   parent=parent, synced=self.trace_sync) as span:
                     chunk = next(chunks)
                     steps = max((len(t) for t in chunk.tokens), default=0)
-                    span.set({"gptjax.compiled": self._compile_count() > before, "gptjax.steps": steps})
+                    span.set({"gptjax.compiled": self._compile_count() > before, "gptjax.steps": steps}
+                             | _spec_attributes(spec, chunk))
                     if phase == "decode" and span.recording:
                         for i in range(steps):
                             span.event("gptjax.token", {"gptjax.position": position + i})
                 new_tokens = sum(len(t) for t in chunk.tokens)
                 self._observe_chunk(phase, time.perf_counter() - t0, t0 - t_start, steps, new_tokens, request,
                                     position)
+                if spec is not None and self.metrics is not None and phase == "decode":
+                    self.metrics.observe_speculation(self.name, spec.draft.kind, chunk.proposed, chunk.accepted)
                 generated += new_tokens
                 position += max(1, steps)
                 reasons = chunk.finish_reasons
@@ -293,6 +327,12 @@ class Backend(abc.ABC):
         Session protocol names. Only where supports_sessions."""
         raise GptjaxError(f"backend {self.name!r} has no decode sessions (continuous batching)")
 
+    def _speculate(self, weights: Any, request: GenerationRequest, chunk_size: int | None, spec: Speculation
+                   ) -> Iterator[StreamChunk]:
+        """_generate with a drafter: the first chunk is prefill's token, then chunk_size verify rounds per chunk,
+        each chunk carrying its proposed and accepted draft tokens (backends that support speculation)."""
+        raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
+
     @abc.abstractmethod
     def _convert(self, params: Params) -> Any: ...
 
@@ -303,6 +343,15 @@ class Backend(abc.ABC):
     def _generate(self, weights: Any, request: GenerationRequest, chunk_size: int | None
                   ) -> Iterator[StreamChunk]:
         """Yield StreamChunks for a validated request (one at the end when chunk_size is None)."""
+
+
+def _spec_attributes(spec: Speculation | None, chunk: StreamChunk) -> dict[str, Any]:
+    """A speculative chunk's span attributes: the drafter, k, and its draft tokens proposed and accepted (the
+    draft and verify passes of a round run inside one jitted loop, so they are counted, not timed apart)."""
+    if spec is None or chunk.phase != "decode":
+        return {}
+    return {"gptjax.draft": spec.draft.kind, "gptjax.spec.k": spec.k, "gptjax.spec.proposed": chunk.proposed,
+            "gptjax.spec.accepted": chunk.accepted}
 
 
 def _check_chunk_size(chunk_size: Any) -> None:

@@ -16,8 +16,11 @@ import numpy as np
 
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
-from gptjax.generate import LENGTH, STOP, GenerationRequest, RowSettings, StreamChunk, left_pad, sample_token
+from gptjax.generate import (
+    LENGTH, STOP, GenerationRequest, RowSettings, SamplingParams, StreamChunk, left_pad, sample_token,
+)
 from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys
+from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs
 from gptjax.weights import Params
 
 
@@ -306,11 +309,68 @@ class NumpyBackend(Backend):
             logits = run(next_tokens[:, None], positions=(index - pad)[:, None],
                          mask=ragged_mask(pad, index, 1, S, self.dtype), start=index)
 
+    # ---- speculative decoding: the readable reference loop (the rules are gptjax.speculative's) ------------
+    def _speculate(self, weights: Params, request: GenerationRequest, chunk_size: int | None, spec: Speculation
+                   ) -> Iterator[StreamChunk]:
+        """Row by row, without caches: the prompt's token first, then rounds of k proposals verified by one
+        target pass over the context plus the proposals (k shrinks to fit a row's remaining budget)."""
+        c, settings = self.config, [request.row(b) for b in range(request.batch)]
+        target = partial(_all_logits, p=weights, config=c)
+        rngs = [np.random.default_rng([r.sampling.seed, r.key_index]) for r in settings]
+        context = [list(p) for p in request.prompts]
+        rows, counts = _Rows(settings), [1] * request.batch
+        for b, r in enumerate(settings):
+            context[b].append(sample_token(target(context[b])[-1], r.sampling, rngs[b]))
+            rows.extend(b, context[b][-1:], 0)
+        yield rows.flush("prefill")
+        proposed = accepted = rounds = 0
+        while not rows.all_done:
+            for b, r in enumerate(settings):
+                if rows.reasons[b]:
+                    continue
+                k = min(spec.k, r.max_new_tokens - counts[b] - 1)
+                drafts, q = self._propose(context[b], k, spec, r.sampling, rngs[b])
+                logits = target(context[b] + drafts)[-k - 1:]  # [k+1, V]: before each proposal, and after all
+                tokens = (accept_greedy(logits, drafts) if r.sampling.is_greedy else
+                          accept_sampled(token_probs(logits, r.sampling), q, drafts, rngs[b]))
+                kept = rows.extend(b, tokens, counts[b])
+                context[b] += tokens
+                counts[b] += len(tokens)
+                proposed, accepted = proposed + spec.k, accepted + min(len(tokens) - 1, kept)
+            rounds += 1
+            if rows.all_done or (chunk_size and rounds % chunk_size == 0):
+                chunk = rows.flush("decode")
+                chunk.proposed, chunk.accepted, proposed, accepted = proposed, accepted, 0, 0
+                yield chunk
+
+    def _propose(self, context: list[int], k: int, spec: Speculation, sampling: SamplingParams,
+                 rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+        """k draft tokens after context and the distributions [k, V] they were drawn from (one-hot for n-grams;
+        None for greedy rows, which take the draft's argmax)."""
+        V = self.config.vocab_size
+        if isinstance(spec.draft, NgramDraft):
+            drafts = ngram_proposal(context, k, spec.draft.max_ngram, spec.draft.min_ngram)
+            return drafts, np.eye(V)[drafts]
+        drafts, q = [], []
+        for _ in range(k):
+            logits = _all_logits(context + drafts, spec.weights, spec.draft.config)[-1]  # [V]
+            if sampling.is_greedy:
+                drafts.append(int(np.argmax(logits)))
+                continue
+            q.append(token_probs(logits, sampling))
+            drafts.append(int(rng.choice(V, p=q[-1])))
+        return drafts, (np.array(q) if q else np.zeros((0, V)))
+
 
 # The stand-in of a matmul weight per run mode of gptjax.precision (None: a float array), and the layer cache
 # (with its storage dtype; None: the backend's) per KV-cache storage.
 MATRICES: dict[str, type | None] = {"fp32": None, "bf16": BF16Matrix, "int8": Int8Matrix, "w8a8": W8A8Matrix}
 CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
+
+
+def _all_logits(tokens: list[int], p: Params, config: GPTConfig) -> np.ndarray:
+    """The causal forward pass over one row's tokens: logits [T, V] (float32 or float64, as the weights)."""
+    return gpt2(np.array([tokens]), p, config.n_layer, config.n_head, config.layer_norm_epsilon, False)[0]
 
 
 class _Rows:
@@ -328,14 +388,22 @@ class _Rows:
 
     def record(self, tokens: np.ndarray, step: int) -> None:
         for b, t in enumerate(tokens.tolist()):
+            self.extend(b, [t], step)
+
+    def extend(self, b: int, tokens: list[int], step: int) -> int:
+        """Record row b's tokens sampled at steps step, step + 1, ...; how many it kept."""
+        kept = 0
+        for i, t in enumerate(tokens):
             if self.reasons[b]:
-                continue
+                break
             if t in self.stop_tokens[b]:
                 self.reasons[b] = STOP
-                continue
+                break
             self.pending[b].append(t)
-            if step == self.last_step[b]:
+            kept += 1
+            if step + i == self.last_step[b]:
                 self.reasons[b] = LENGTH
+        return kept
 
     def flush(self, phase: str) -> StreamChunk:
         chunk = StreamChunk(self.pending, list(self.reasons), phase)

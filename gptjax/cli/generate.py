@@ -7,10 +7,11 @@ import sys
 import time
 
 from gptjax.backends import get_backend
-from gptjax.cli.options import add_precision_flags, mesh_from
+from gptjax.cli.options import RUN_PRECISIONS, add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
+from gptjax.speculative import ModelDraft, NgramDraft
 from gptjax.tokenizer import Tokenizer, checkpoint_tokenizer
-from gptjax.weights import load_checkpoint, load_config, run_options
+from gptjax.weights import load_checkpoint, load_config, run_options, stored_precision
 
 NAME = "generate"
 HELP = "continue a prompt with a checkpoint, printing tokens as they arrive"
@@ -37,6 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=4, metavar="N", help="decode steps per streamed chunk")
     p.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
     add_precision_flags(p)
+    p.add_argument("--draft", metavar="DIR|ngram", help="speculative decoding: a draft checkpoint with the same "
+                   "vocabulary, or `ngram` for prompt lookup (no model); greedy output is unchanged, sampled output "
+                   "keeps its distribution; chunks are then --chunk-size verify rounds")
+    p.add_argument("--spec-k", type=int, default=4, metavar="K", help="draft tokens proposed per target pass "
+                   "(default 4)")
+    p.add_argument("--draft-precision", choices=RUN_PRECISIONS, help="how to run the draft checkpoint's weights "
+                   "(default: as it stores them)")
+    p.add_argument("--ngram", default="3,1", metavar="MAX,MIN", help="with --draft ngram: the longest and shortest "
+                   "n-gram looked up (default 3,1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,20 +59,38 @@ def run(args: argparse.Namespace) -> int:
     if mesh is not None:
         options["mesh"] = mesh
     backend = get_backend(args.backend, config, **options)
+    spec = {} if args.draft is None else {"draft": draft_from(args.draft, args.ngram, args.draft_precision),
+                                          "num_speculative_tokens": args.spec_k}
     stream = backend.stream(load_checkpoint(args.checkpoint)[1], [prompt], args.max_new_tokens,
                             chunk_size=args.chunk_size, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_tokens=args.stop_token, greedy=args.greedy)
+                            top_p=args.top_p, seed=args.seed, stop_tokens=args.stop_token, greedy=args.greedy,
+                            **spec)
     printer = _TextPrinter(tokenizer) if args.tokens is None else _IdPrinter()
-    t0, reason, n = time.perf_counter(), "length", 0
+    t0, reason, n, proposed, accepted = time.perf_counter(), "length", 0, 0, 0
     if args.tokens is None:
         sys.stdout.write(args.prompt)
     for chunk in stream:
         printer.add(chunk.tokens[0])
         n += len(chunk.tokens[0])
         reason = chunk.finish_reasons[0] or reason
+        proposed, accepted = proposed + chunk.proposed, accepted + chunk.accepted
     seconds = time.perf_counter() - t0
-    print(f"\n[{n} tokens, finish_reason={reason}, {seconds:.2f} s incl. compile]", file=sys.stderr)
+    spec_note = f", {accepted}/{proposed} draft tokens accepted" if args.draft else ""
+    print(f"\n[{n} tokens, finish_reason={reason}, {seconds:.2f} s incl. compile{spec_note}]", file=sys.stderr)
     return 0
+
+
+def draft_from(draft: str, ngram: str, precision: str | None) -> ModelDraft | NgramDraft:
+    """The drafter --draft names: `ngram` (--ngram MAX,MIN) or a checkpoint directory (run in --draft-precision,
+    default as stored)."""
+    if draft == "ngram":
+        try:
+            longest, shortest = (int(n) for n in ngram.split(","))
+        except ValueError:
+            raise GptjaxError(f"--ngram {ngram!r} must be two integers MAX,MIN, e.g. 3,1") from None
+        return NgramDraft(longest, shortest)
+    config, params = load_checkpoint(draft)
+    return ModelDraft(params, config, precision or stored_precision(draft))
 
 
 def _prompt(args: argparse.Namespace, tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:

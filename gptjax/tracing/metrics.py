@@ -16,6 +16,10 @@ metrics=m)`) or to `train(..., metrics=m)`; expose it with `serve_metrics(port)`
 | gptjax_mfu_ratio | gauge | phase | — (model FLOP/s over the peak, last window) |
 | gptjax_bandwidth_utilization_ratio | gauge | phase | — (weight bytes/s over the measured bandwidth) |
 | gptjax_device_memory_bytes | gauge | device | — (where the platform reports it) |
+| gptjax_speculative_proposed_tokens_total | counter | backend, draft | — (draft tokens proposed to the target) |
+| gptjax_speculative_accepted_tokens_total | counter | backend, draft | — (of those, accepted into the output) |
+
+Speculative decoding's acceptance rate is rate(accepted) / rate(proposed).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class Metrics:
         self.bandwidth = Gauge("gptjax_bandwidth_utilization_ratio", "Weight bytes/s over measured bandwidth",
                                ["phase"], registry=r)
         self.device_memory = Gauge("gptjax_device_memory_bytes", "Device memory in use", ["device"], registry=r)
+        self.spec_proposed = Counter("gptjax_speculative_proposed_tokens", "Draft tokens proposed to the target",
+                                     ["backend", "draft"], registry=r)
+        self.spec_accepted = Counter("gptjax_speculative_accepted_tokens", "Draft tokens accepted by the target",
+                                     ["backend", "draft"], registry=r)
 
     def observe_forward(self, phase: str, backend: str, seconds: float, tokens: int = 0) -> None:
         """One forward pass (or chunk of decode steps) took `seconds` and produced/consumed `tokens`."""
@@ -74,6 +82,11 @@ class Metrics:
         self.requests.labels(outcome=outcome).inc()
         if error is not None:
             self.errors.labels(error_type=type(error).__qualname__).inc()
+
+    def observe_speculation(self, backend: str, draft: str, proposed: int, accepted: int) -> None:
+        """Speculative rounds proposed `proposed` draft tokens (drafter kind `draft`), of which `accepted` were kept."""
+        self.spec_proposed.labels(backend=backend, draft=draft).inc(proposed)
+        self.spec_accepted.labels(backend=backend, draft=draft).inc(accepted)
 
     def observe_utilization(self, phase: str, seconds: float, flops: float, weight_bytes: float) -> None:
         """MFU and bandwidth use of a window that did `flops` and streamed `weight_bytes` in `seconds`."""

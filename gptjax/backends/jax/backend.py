@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
-from gptjax.backends.jax import decode
+from gptjax.backends.jax import decode, speculative
 from gptjax.backends.jax.convert import JaxWeights, jax_weights
 from gptjax.backends.jax.decode import bucket_length
 from gptjax.backends.jax.session import DecodeSession
@@ -71,7 +71,8 @@ class JaxBackend(Backend):
         return shard_batch(tokens, self.mesh)
 
     def _compile_count(self) -> int:
-        return _apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
+        return (_apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
+                + speculative.compile_count())
 
     def _devices(self) -> int:
         return jax.device_count()
@@ -102,6 +103,13 @@ class JaxBackend(Backend):
             if done[: request.batch].all():
                 return
             phase = "decode"
+
+    def _speculate(self, weights: JaxWeights, request: GenerationRequest, chunk_size: int | None, spec: Any
+                   ) -> Iterator[StreamChunk]:
+        """Speculative decoding in one jitted loop (speculative.py); one device, no mesh."""
+        if self.mesh is not None:
+            raise GptjaxError("speculative decoding (draft=...) runs on one device: use the jax backend without a mesh")
+        return speculative.stream(weights, request, chunk_size, spec, self.kv_cache)
 
     def _forward(self, weights: JaxWeights, tokens: np.ndarray, last_only: bool) -> np.ndarray:
         B, T = tokens.shape
