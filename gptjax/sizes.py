@@ -34,7 +34,8 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
         ratio = [f"{values[1] / values[0]:.3f}x" if kind and values[0] else ""] if len(columns) == 2 else []
         lines.append("| " + " | ".join([name, *cells, *ratio]) + " |")
     lines.append("\nFLOPs = 2·N_mm + 2·D·V + 2·L·D·(T+1) per token (causal attention counted exactly); "
-                 "training = 3 × forward. int8 = int8 matmul weights + fp32 per-channel scales.")
+                 "training = 3 × forward. int8 = int8 matmul weights + fp32 per-channel scales; int4 = two matmul "
+                 f"weights per byte + an fp32 scale per group of {registry.STORAGES['int4'].group_size} inputs.")
     return "\n".join(lines)
 
 
