@@ -49,7 +49,7 @@ class Storage:
         if not self.scaled:
             return self.value_bytes * config.num_params()
         D, F, V, L = config.n_embd, config.mlp_width, config.vocab_size, config.n_layer
-        G = group_size or self.group_size
+        G = _group_size(self.name, group_size, (D, F))
         heads = (1 if config.tie_word_embeddings else 2) * V * D  # wte (and lm_head) values
         blocks = config.matmul_params(include_head=False)
         per_in = {D: 3 * D + D + F, F: D}  # outputs fed by each input width: c_attn, attn.c_proj, c_fc; mlp.c_proj
@@ -98,6 +98,10 @@ class KVStorage:
         """K and V of one token in every layer: 2·L·D values (+ 2·L·H scales)."""
         values = 2 * config.n_layer * config.n_embd * self.value_bytes
         return values + (2 * config.n_layer * config.n_head * SCALE_BYTES if self.scaled else 0)
+
+
+def _group_size(storage_name: str, size: int | None, widths: tuple[int, ...]) -> int | None:
+    return group_size(storage_name, size, widths)  # for Storage.weight_bytes, whose argument shadows the name
 
 
 STORAGES: dict[str, Storage] = {s.name: s for s in (
@@ -155,16 +159,22 @@ def weight_bytes(config: GPTConfig, precision: str, group_size: int | None = Non
         config, group_size, keep_head)
 
 
-def group_size(storage_name: str, group_size: int | None) -> int | None:
-    """The group size a storage quantises with (None: one scale per output channel): int4's must be one of
-    INT4_GROUP_SIZES (None: its default); whether it divides the widths is checked where they are known."""
+def group_size(storage_name: str, group_size: int | None, widths: tuple[int, ...] = ()) -> int | None:
+    """The group size a storage quantises with (None: one scale per output channel). int4's must be one of
+    INT4_GROUP_SIZES; None means its default, or where that does not divide every input width given, the largest
+    allowed one that does (width 32 models: 32). Whether an explicit one divides the widths is checked on use."""
     store = STORAGES[storage_name]
     if store.bits >= 8:
         return group_size
-    chosen = store.group_size if group_size is None else group_size
-    if isinstance(chosen, bool) or chosen not in INT4_GROUP_SIZES:
+    if group_size is None:
+        fits = [g for g in INT4_GROUP_SIZES if all(n % g == 0 for n in widths)]
+        if not fits:
+            raise GptjaxError(f"{store.name} needs input widths divisible by a group size of "
+                              f"{', '.join(map(str, INT4_GROUP_SIZES))}; got {', '.join(map(str, widths))}")
+        return store.group_size if store.group_size in fits else max(fits)
+    if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
         raise GptjaxError(f"group_size={group_size!r} for {store.name}; allowed: {', '.join(map(str, INT4_GROUP_SIZES))}")
-    return chosen
+    return group_size
 
 
 def kv_cache_bytes_per_token(config: GPTConfig, kind: str) -> int:

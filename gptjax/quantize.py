@@ -154,7 +154,7 @@ def _to_int8(params: Params, config: GPTConfig, group_size: int | None, keep_hea
 def _to_int4(params: Params, config: GPTConfig, group_size: int | None, keep_head: bool) -> Params:
     """The matmul weights as packed int4 (+ `<key>_scale` per group), the head int8 per row with keep_head, the
     rest float32."""
-    G = registry.group_size("int4", group_size)
+    G = registry.group_size("int4", group_size, (config.n_embd, config.mlp_width))
     out: Params = {}
     targets = quantized_keys(config)
     for key, value in params.items():

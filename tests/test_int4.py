@@ -180,6 +180,18 @@ def test_bad_group_size_is_a_clear_error(group_size, message, tmp_path, capsys):
     assert message in capsys.readouterr().err and not (tmp_path / "q").exists()
 
 
+def test_the_default_group_size_falls_back_to_one_that_divides_the_widths():
+    from gptjax import GPTConfig, init_params
+
+    narrow = GPTConfig(vocab_size=64, n_positions=16, n_layer=1, n_head=2, n_embd=32)  # 64 does not divide 32
+    params = convert(init_params(narrow), narrow, "int4")
+    assert params["h.0.attn.c_attn.weight_scale"].shape == (1, 96)  # groups of 32
+    assert weight_bytes(params) == narrow.weight_bytes("int4") == registry.weight_bytes(narrow, "int4", 32)
+    odd = GPTConfig(vocab_size=64, n_positions=16, n_layer=1, n_head=2, n_embd=48)
+    with pytest.raises(GptjaxError, match="int4 needs input widths divisible by a group size of 32, 64, 128; got 48"):
+        convert(init_params(odd), odd, "int4")
+
+
 def test_corrupt_int4_params_are_named(tmp_path):
     q = convert(PARAMS, CONFIG, "int4", group_size=32)
     bad = dict(q, **{"h.0.attn.c_proj.weight_scale": np.ones((4, 64), np.float32)})  # groups of 16 inputs

@@ -65,7 +65,7 @@ def _write(args: argparse.Namespace) -> int:
     _check_out(args.out, source, out)
     config, params = load_checkpoint(source)
     quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
-    group_size = registry.group_size(args.to, args.group_size)  # int4's default when not given
+    group_size = registry.group_size(args.to, args.group_size, (config.n_embd, config.mlp_width))  # int4's default
     metadata = {"gptjax.group_size": str(group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
     save_checkpoint(config, quantised, out, metadata=metadata, extra_files_from=source)
     before = sum(np.asarray(v).nbytes for v in params.values())
