@@ -7,9 +7,9 @@
 // Byte j of a row of w holds input 2j in its low nibble and 2j + 1 in its high one, each stored as value + 8
 // (gptjax.quantize.pack_int4). The nibbles are unpacked in registers (a shift and two masks per 64 bytes) and
 // multiplied as they are, unsigned, by vpdpbusd against x as signed bytes; x is split once per call into its even
-// and odd inputs (so the low nibbles meet the even inputs), and the offset is removed afterwards as
-// 8 * ws[n, g] * sum_{k in g} x[m, k] from per-group sums of x computed once. No int8 or float copy of w is made:
-// a decode step reads its K / 2 bytes per row once.
+// and odd inputs (so the low nibbles meet the even inputs), and the nibbles' + 8 is removed by starting each
+// lane's sum at -8 times the sum of x over that lane's inputs (computed once per call, exact in int32). No int8
+// or float copy of w is made: a decode step reads its K / 2 bytes per row once.
 //
 // One 64-byte load of w spans 128 inputs; int32 lane i of its vpdpbusd sums spans inputs 8i .. 8i + 7, so with
 // groups of 32, 64 or 128 inputs each lane lies in one group: the lane's exact sum is converted to float32 and
@@ -38,7 +38,7 @@ constexpr int kPrefetchRows = 2 * kNB;
 struct Int4Args {
   const uint8_t* xe;  // [M, kp] even inputs of x, as int8 bits, zero-padded to kp bytes
   const uint8_t* xo;  // [M, kp] odd inputs
-  const float* offset;  // [M, G] 8 * sum of x over each group, as float32
+  const int32_t* offset;  // [M, kp / 4] per int32 lane of each 64-byte block: -8 * the sum of x over its 8 inputs
   int64_t kp;  // padded bytes per row of xe / xo (a multiple of 64)
   const uint8_t* w;  // [N, K2]
   int64_t K2;  // bytes per row of w (K / 2)
@@ -75,9 +75,10 @@ GPTJAX_INT4_TARGET inline void Int4Block(const Int4Args& a, int64_t m, int64_t n
     for (int i = 0; i < MB; ++i) {
       const __m512i xe = _mm512_loadu_si512(a.xe + (m + i) * a.kp + k);
       const __m512i xo = _mm512_loadu_si512(a.xo + (m + i) * a.kp + k);
+      const __m512i off = _mm512_loadu_si512(a.offset + ((m + i) * a.kp + k) / 4);
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) {
-        const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[j], xe), hi[j], xo);
+      for (int j = 0; j < NB; ++j) {  // per lane: sum of (nibble - 8) * x, exact
+        const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(off, lo[j], xe), hi[j], xo);
         facc[i * NB + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale[j], facc[i * NB + j]);
       }
     }
@@ -85,12 +86,7 @@ GPTJAX_INT4_TARGET inline void Int4Block(const Int4Args& a, int64_t m, int64_t n
 #pragma GCC unroll 2
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      const float* off = a.offset + (m + i) * a.G;
-      float correction = 0.0f;  // sum_g ws[n, g] * 8 * sum_{k in g} x[m, k]: the nibbles' + 8
-      for (int64_t g = 0; g < a.G; ++g) correction += ws[j * a.G + g] * off[g];
-      a.out[(m + i) * a.N + n + j] = _mm512_reduce_add_ps(facc[i * NB + j]) - correction;
-    }
+    for (int j = 0; j < NB; ++j) a.out[(m + i) * a.N + n + j] = _mm512_reduce_add_ps(facc[i * NB + j]);
 }
 
 template <int NB>
@@ -104,18 +100,13 @@ GPTJAX_INT4_TARGET void Int4Matmul(const int8_t* x, const uint8_t* w, const floa
                                    int64_t K, int64_t N, int64_t G, ffi::ThreadPool& pool) {
   const int64_t K2 = K / 2, kp = (K2 + 63) / 64 * 64, gs = K / G;
   std::vector<uint8_t> xe(M * kp, 0), xo(M * kp, 0);
-  std::vector<float> offset(M * G, 0.0f);
-  for (int64_t m = 0; m < M; ++m) {
+  std::vector<int32_t> offset(M * kp / 4, 0);  // lane l of a block: packed bytes 4l .. 4l + 3, inputs 8l .. 8l + 7
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < K2; ++j) {
       xe[m * kp + j] = uint8_t(x[m * K + 2 * j]);
       xo[m * kp + j] = uint8_t(x[m * K + 2 * j + 1]);
+      offset[(m * kp + j) / 4] -= 8 * (int32_t(x[m * K + 2 * j]) + int32_t(x[m * K + 2 * j + 1]));
     }
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t s = 0;  // exact, then exactly representable: |s| <= 128 * gs <= 2^24
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x[m * K + k];
-      offset[m * G + g] = 8.0f * float(s);
-    }
-  }
   alignas(64) int32_t lanes[16];
   for (int i = 0; i < 16; ++i) lanes[i] = gs >= 128 ? 0 : int32_t(8 * i / gs);  // lane i: inputs 8i .. 8i + 7
   Int4Args a{xe.data(), xo.data(), offset.data(), kp, w, K2, ws, G, gs, _mm512_load_si512(lanes), out, N};
