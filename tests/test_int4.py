@@ -192,6 +192,12 @@ def test_the_default_group_size_falls_back_to_one_that_divides_the_widths():
         convert(init_params(odd), odd, "int4")
 
 
+def test_the_size_table_says_where_int4_does_not_apply(capsys):
+    assert main(["info", "gpt2", "--n-embd", "48", "--n-head", "6"]) == 0  # no allowed group divides 48
+    out = capsys.readouterr().out
+    assert "| weights int4 | 69.73 MiB | n/a |  |" in out and "| weights int8 | 121.78 MiB | 3.04 MiB | 0.025x |" in out
+
+
 def test_corrupt_int4_params_are_named(tmp_path):
     q = convert(PARAMS, CONFIG, "int4", group_size=32)
     bad = dict(q, **{"h.0.attn.c_proj.weight_scale": np.ones((4, 64), np.float32)})  # groups of 16 inputs
