@@ -52,8 +52,8 @@ class Storage:
         G = _group_size(self.name, group_size, (D, F))
         heads = (1 if config.tie_word_embeddings else 2) * V * D  # wte (and lm_head) values
         blocks = config.matmul_params(include_head=False)
-        per_in = {D: 3 * D + D + F, F: D}  # outputs fed by each input width: c_attn, attn.c_proj, c_fc; mlp.c_proj
-        scales = L * sum(outs * (n // G if G else 1) for n, outs in per_in.items())
+        per_in = ((D, 3 * D + D + F), (F, D))  # (input width, outputs): c_attn, attn.c_proj, c_fc; mlp.c_proj
+        scales = L * sum(outs * (n // G if G else 1) for n, outs in per_in)
         body = blocks * self.bits // 8 + SCALE_BYTES * scales + 4 * (config.num_params() - blocks - heads)
         rows = heads // D  # one scale per token row (and group of D/G columns)
         if keep_head:

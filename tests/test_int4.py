@@ -123,6 +123,19 @@ def test_bytes_equal_the_size_calculators(group_size, keep_head, monkeypatch):
     assert CONFIG.weight_bytes("int4") == registry.weight_bytes(CONFIG, "int4", 64)  # the default G
 
 
+@pytest.mark.parametrize("changes", [{"n_inner": 64}, {"tie_word_embeddings": False}])
+def test_the_calculator_counts_every_storage_and_option(changes):
+    # n_inner = n_embd: both input widths equal (the formula once keyed groups by width); an untied head: two tables
+    from gptjax import GPTConfig, init_params
+
+    config = GPTConfig(vocab_size=64, n_positions=16, n_layer=2, n_head=2, n_embd=64, **changes)
+    params = init_params(config)
+    for storage, group_size, keep_head in (("int4", None, False), ("int4", 32, True), ("int8", None, False),
+                                           ("int8", 32, False), ("int8", None, True)):
+        converted = convert(params, config, storage, group_size=group_size, keep_head=keep_head)
+        assert weight_bytes(converted) == registry.weight_bytes(config, storage, group_size, keep_head)
+
+
 @needs_kernels
 def test_decode_reads_the_packed_bytes_through_the_kernel(decode_hlo, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "1")
