@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = argparse.Namespace(checkpoint=args.checkpoint, data=None, val_fraction=0.05)
     windows = data.eval_windows(validation_tokens(ns, config)[0], config.n_positions, args.windows)
     parts = args.parts.split(",")
-    env = {"kind": "environment", "checkpoint_config": config.to_hf_dict(), "windows": int(len(windows)),
+    env = {"kind": "environment", "checkpoint_config": config.to_hf_dict(), "windows": len(windows),
            "window_tokens": int(windows.shape[1] - 1), "python": platform.python_version(),
            "cores": os.cpu_count(), "load_avg_start": load_average(), "cpu_kernels": cpu_kernels.status()}
     rows = [env]

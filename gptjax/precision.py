@@ -173,7 +173,8 @@ def group_size(storage_name: str, group_size: int | None, widths: tuple[int, ...
                               f"{', '.join(map(str, INT4_GROUP_SIZES))}; got {', '.join(map(str, widths))}")
         return store.group_size if store.group_size in fits else max(fits)
     if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
-        raise GptjaxError(f"group_size={group_size!r} for {store.name}; allowed: {', '.join(map(str, INT4_GROUP_SIZES))}")
+        allowed = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise GptjaxError(f"group_size={group_size!r} for {store.name}; allowed: {allowed}")
     return group_size
 
 

@@ -152,7 +152,8 @@ def test_decode_reads_the_packed_bytes_through_the_kernel(decode_hlo, monkeypatc
 # ---- checkpoints and bad input
 def test_quantize_cli_writes_an_int4_checkpoint_that_loads_as_stored(tmp_path, capsys):
     out = tmp_path / "q4"
-    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int4", "--group-size", "32", "--out", str(out)]) == 0
+    argv = ["quantize", "--checkpoint", str(FIXTURE), "--to", "int4", "--group-size", "32", "--out", str(out)]
+    assert main(argv) == 0
     assert "(int4, groups of 32)" in capsys.readouterr().out
     metadata = read_header(str(out / "model.safetensors"))[1]
     assert metadata["gptjax.precision"] == "int4" and metadata["gptjax.group_size"] == "32"

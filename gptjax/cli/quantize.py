@@ -20,11 +20,11 @@ from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
 
 NAME = "quantize"
 HELP = "write a bf16/int8/int4 checkpoint, or report every precision mode's trade-off"
-DESCRIPTION = ("--to int8|int4|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per output channel, or per "
-               "group of --group-size inputs, + float32 scales; int4: two per byte, a float32 scale per group of 32, 64 "
-               "or 128 inputs; the mode and group size are recorded in the safetensors metadata and "
-               "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8 and the int8 "
-               "KV cache on the same validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, "
+DESCRIPTION = ("--to int8|int4|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per output channel, or "
+               "per group of --group-size inputs, + float32 scales; int4: two per byte, a float32 scale per group of "
+               "32, 64 or 128 inputs; the mode and group size are recorded in the safetensors metadata and "
+               "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8, int4 at each "
+               "group size and the int8 KV cache on the same validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, "
                "prefill and decode tokens/s.")
 
 
