@@ -24,8 +24,8 @@ DESCRIPTION = ("--to int8|int4|bf16 --out DIR writes a quantised checkpoint (int
                "per group of --group-size inputs, + float32 scales; int4: two per byte, a float32 scale per group of "
                "32, 64 or 128 inputs; the mode and group size are recorded in the safetensors metadata and "
                "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8, int4 at each "
-               "group size and the int8 KV cache on the same validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, "
-               "prefill and decode tokens/s.")
+               "group size and the int8 KV cache on the same validation windows: bytes, loss/perplexity change, "
+               "top-1 agreement, logit error, prefill and decode tokens/s.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
