@@ -1,6 +1,7 @@
-"""Builds the optional CPU kernels (gptjax/_kernels/cpu_matmul.cc: int8 / bfloat16 matmuls for XLA:CPU through the
-XLA FFI). Without a C++ compiler, or on a CPU family the code does not target, the build skips them with a
-warning and gptjax runs its pure-XLA formulations instead (gptjax.backends.cpu_kernels.status() says which).
+"""Builds the optional CPU kernels (gptjax/_kernels/cpu_matmul.cc: int8 / bfloat16 matmuls, cpu_int4.cc: packed int4
+matmuls, for XLA:CPU through the XLA FFI). Without a C++ compiler, or on a CPU family the code does not target, the
+build skips them with a warning and gptjax runs its pure-XLA formulations instead
+(gptjax.backends.cpu_kernels.status() says which).
 
 The XLA FFI headers are the ones jaxlib ships (jax.ffi.include_dir()), from the jax that pip installs into the
 build environment: pyproject.toml lists jax as a build requirement, pinned to the runtime's range as JAX's own FFI
@@ -35,7 +36,8 @@ setup(
     ext_modules=[
         Extension(
             "gptjax._cpu_kernels",
-            sources=["gptjax/_kernels/cpu_matmul.cc"],
+            sources=["gptjax/_kernels/cpu_matmul.cc", "gptjax/_kernels/cpu_int4.cc"],
+            depends=["gptjax/_kernels/parallel_rows.h"],
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
             language="c++",
             optional=True,  # a failed build warns and leaves gptjax on XLA's formulations

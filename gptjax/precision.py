@@ -25,27 +25,46 @@ if TYPE_CHECKING:
     from gptjax.config import GPTConfig
 
 SCALE_BYTES = 4  # a float32 scale per output channel (and group) of a scaled weight, per head of a KV entry
+INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes int4 takes (inputs per scale); its default is the Storage's
 
 
 @dataclass(frozen=True)
 class Storage:
     """How weights are stored: the dtype of their values, and whether the matmul weights carry float32 scales
-    (then only they take that dtype; biases, LayerNorm and wpe stay float32)."""
+    (then only they take that dtype; biases, LayerNorm and wpe stay float32). Sub-byte values (bits < 8) are
+    packed 8 // bits to a byte along the contracted axis; such a storage is always grouped (group_size: its
+    default), and with keep_head its tied embedding/LM head is stored in head_storage instead."""
 
     name: str
     dtype: str  # NumPy dtype name of the stored values
     value_bytes: int
     scaled: bool = False
+    bits: int = 8  # bits per value of a scaled storage (4: two values per byte)
+    group_size: int | None = None  # default inputs per scale (None: one scale per output channel)
+    head_storage: str = "fp32"  # the head's storage under keep_head
 
-    def weight_bytes(self, config: GPTConfig) -> int:
-        """Bytes of a model's weights in this storage (the tied head counted once)."""
+    def weight_bytes(self, config: GPTConfig, group_size: int | None = None, keep_head: bool = False) -> int:
+        """Bytes of a model's weights in this storage (the tied head counted once), quantised with group_size
+        (None: the storage's default) and keep_head."""
         if not self.scaled:
             return self.value_bytes * config.num_params()
-        D, F, V = config.n_embd, config.mlp_width, config.vocab_size
-        heads = 1 if config.tie_word_embeddings else 2
-        values = config.matmul_params(include_head=False) + heads * V * D  # the block kernels, wte (lm_head)
-        scales = config.n_layer * (3 * D + D + F + D) + heads * V  # one per output channel (per token row)
-        return self.value_bytes * values + SCALE_BYTES * (scales + config.num_params() - values)
+        D, F, V, L = config.n_embd, config.mlp_width, config.vocab_size, config.n_layer
+        G = _group_size(self.name, group_size, (D, F))
+        heads = (1 if config.tie_word_embeddings else 2) * V * D  # wte (and lm_head) values
+        blocks = config.matmul_params(include_head=False)
+        per_in = ((D, 3 * D + D + F), (F, D))  # (input width, outputs): c_attn, attn.c_proj, c_fc; mlp.c_proj
+        scales = L * sum(outs * (n // G if G else 1) for n, outs in per_in)
+        body = blocks * self.bits // 8 + SCALE_BYTES * scales + 4 * (config.num_params() - blocks - heads)
+        rows = heads // D  # one scale per token row (and group of D/G columns)
+        if keep_head:
+            return body + STORAGES[self.head_storage].table_bytes(heads, rows)
+        return body + heads * self.bits // 8 + SCALE_BYTES * rows * (D // G if G else 1)
+
+    def table_bytes(self, values: int, rows: int) -> int:
+        """Bytes of a [rows, values / rows] table in this storage, scaled per row (the head under keep_head)."""
+        if not self.scaled:
+            return self.value_bytes * values
+        return values * self.bits // 8 + SCALE_BYTES * rows
 
 
 @dataclass(frozen=True)
@@ -81,10 +100,17 @@ class KVStorage:
         return values + (2 * config.n_layer * config.n_head * SCALE_BYTES if self.scaled else 0)
 
 
+def _group_size(storage_name: str, size: int | None, widths: tuple[int, ...]) -> int | None:
+    return group_size(storage_name, size, widths)  # for Storage.weight_bytes, whose argument shadows the name
+
+
 STORAGES: dict[str, Storage] = {s.name: s for s in (
     Storage("fp32", "float32", 4),
     Storage("bf16", "bfloat16", 2),
     Storage("int8", "int8", 1, scaled=True),  # symmetric, per output channel (or group of inputs)
+    # symmetric per group of G inputs (default chosen by measurement: docs/precision.md), two values per byte;
+    # keep_head stores the tied embedding/LM head int8 per row instead
+    Storage("int4", "uint8", 1, scaled=True, bits=4, group_size=64, head_storage="int8"),
 )}
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -96,6 +122,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          description="int8 weights with float32 scales, float activations (weight-only)"),
     Mode("w8a8", "int8", "fp32", trains=False, compute_dtype="int8", tolerance=1e-1,
          description="int8 weights and per-token int8 activations, int8 x int8 -> int32 matmuls"),
+    Mode("int4", "int4", "fp32", trains=False, compute_dtype="fp32", tolerance=3e-1,
+         description="int4 weights (two per byte) with a float32 scale per group of G inputs (weight-only)"),
 )}
 
 KV_CACHES: dict[str, KVStorage] = {k.name: k for k in (
@@ -122,11 +150,32 @@ def default_kv_cache(precision: str) -> str:
     return mode(precision).kv_cache
 
 
-def weight_bytes(config: GPTConfig, precision: str) -> int:
-    """Bytes of the weights of a storage or of a run mode (w8a8: its int8 storage)."""
+def weight_bytes(config: GPTConfig, precision: str, group_size: int | None = None, keep_head: bool = False) -> int:
+    """Bytes of the weights of a storage or of a run mode (w8a8: its int8 storage), quantised with group_size
+    (None: the storage's default) and keep_head."""
     if precision not in STORAGES and precision not in MODES:
         raise GptjaxError(f"precision={precision!r}; allowed: {', '.join(dict.fromkeys([*STORAGES, *MODES]))}")
-    return STORAGES[precision if precision in STORAGES else MODES[precision].storage].weight_bytes(config)
+    return STORAGES[precision if precision in STORAGES else MODES[precision].storage].weight_bytes(
+        config, group_size, keep_head)
+
+
+def group_size(storage_name: str, group_size: int | None, widths: tuple[int, ...] = ()) -> int | None:
+    """The group size a storage quantises with (None: one scale per output channel). int4's must be one of
+    INT4_GROUP_SIZES; None means its default, or where that does not divide every input width given, the largest
+    allowed one that does (width 32 models: 32). Whether an explicit one divides the widths is checked on use."""
+    store = STORAGES[storage_name]
+    if store.bits >= 8:
+        return group_size
+    if group_size is None:
+        fits = [g for g in INT4_GROUP_SIZES if all(n % g == 0 for n in widths)]
+        if not fits:
+            raise GptjaxError(f"{store.name} needs input widths divisible by a group size of "
+                              f"{', '.join(map(str, INT4_GROUP_SIZES))}; got {', '.join(map(str, widths))}")
+        return store.group_size if store.group_size in fits else max(fits)
+    if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+        allowed = ", ".join(map(str, INT4_GROUP_SIZES))
+        raise GptjaxError(f"group_size={group_size!r} for {store.name}; allowed: {allowed}")
+    return group_size
 
 
 def kv_cache_bytes_per_token(config: GPTConfig, kind: str) -> int:

@@ -42,8 +42,11 @@ class Mode:
         return {"precision": self.precision} | ({"kv_cache": self.kv_cache} if self.kv_cache else {})
 
 
-# every run mode the registry declares, then the variants worth a row: a group size, an int8 KV cache
-DEFAULT_MODES = (*(Mode(name) for name in registry.MODES), Mode("int8", group_size=64), Mode("int8", kv_cache="int8"))
+# every run mode the registry declares, then the variants worth a row: a group size, an int8 KV cache, and each
+# sub-byte storage's other group sizes (int4: its default G is the plain row)
+DEFAULT_MODES = (*(Mode(name) for name in registry.MODES), Mode("int8", group_size=64), Mode("int8", kv_cache="int8"),
+                 *(Mode(name, group_size=g) for name, s in registry.STORAGES.items() if s.bits < 8
+                   for g in registry.INT4_GROUP_SIZES if g != s.group_size))
 
 
 @dataclass

@@ -5,6 +5,12 @@ as the LM head) gets one float32 scale = max|w| / 127, values round(w / scale) i
 size G the scale is per output channel and per group of G inputs. Dequantised values are within scale / 2 of
 the original. An all-zero channel gets scale 1 and values 0, so it round-trips exactly.
 
+int4 weights: per output channel and group of G inputs (G in 32, 64, 128), symmetric with all 16 levels as
+llama.cpp's q4_0: the value of largest magnitude m in a group maps to -8 exactly (scale = m / -8, signed), the
+others to round(w / scale) in [-8, 7]. The values are stored as nibbles q + 8, two per byte along the contracted
+axis (the even index in the low nibble, the odd one in the high), so a Conv1D [in, out] kernel is stored
+uint8 [in / 2, out] and the [V, D] table uint8 [V, D / 2]; with keep_head the table is int8 per row instead.
+
 Quantised params keep the canonical key of each quantised weight for its int8 values and add
 `<key>_scale`; `precision_of` tells the storage of a param dict, and `for_precision` is the conversion step
 every backend runs on the params it is given (a run mode of gptjax.precision). CONVERTERS holds the conversion
@@ -27,6 +33,8 @@ SCALE_SUFFIX = "_scale"  # int8 weights' scales: `<key>_scale`
 MODES = tuple(registry.STORAGES)  # how weights are stored
 PRECISIONS = tuple(registry.MODES)  # how a backend runs them: w8a8 = int8 weights + int8 activations
 KV_CACHE_MODES = tuple(registry.KV_CACHES)
+_SCALED = "/".join(s.name for s in registry.STORAGES.values() if s.scaled)  # "int8/int4"
+_QUANTISED = (np.dtype(np.int8), np.dtype(np.uint8))  # int8 values, packed int4 nibbles
 
 
 def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]:
@@ -53,6 +61,41 @@ def quantize_int8(w: np.ndarray, axis: int, group_size: int | None = None) -> tu
     return q.reshape(w.shape), np.squeeze(scale, axis=reduce_axis)
 
 
+def quantize_int4(w: np.ndarray, axis: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 values, float32 scales) of w, symmetric, one scale per output channel and group of
+    group_size inputs along axis: scale = m / -8 for the group's value m of largest magnitude."""
+    w = np.asarray(w, np.float32)
+    grouped = _group(w, axis, group_size)  # [..., groups, G, ...] with G at axis + 1
+    m = np.take_along_axis(grouped, np.abs(grouped).argmax(axis + 1, keepdims=True), axis + 1)
+    scale = np.where(m != 0, m / -8.0, 1.0).astype(np.float32)  # an all-zero group: scale 1, values 0
+    q = np.clip(np.rint(grouped / scale), -8, 7).astype(np.int8)
+    return pack_int4(q.reshape(w.shape), axis), np.squeeze(scale, axis=axis + 1)
+
+
+def pack_int4(q: np.ndarray, axis: int) -> np.ndarray:
+    """int4 values q in [-8, 7] as uint8 nibbles q + 8, two per byte along axis (even index low): axis halves."""
+    q = np.asarray(q)
+    if q.shape[axis] % 2:
+        raise GptjaxError(f"int4 packing pairs values along axis {axis}, whose length {q.shape[axis]} is odd")
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise GptjaxError(f"int4 values must be in [-8, 7], got [{q.min()}, {q.max()}]")
+    nibbles = (np.moveaxis(q, axis, -1).astype(np.int16) + 8).astype(np.uint8)  # [..., n]
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # [..., n / 2]
+    return np.ascontiguousarray(np.moveaxis(packed, -1, axis))
+
+
+def unpack_int4(packed: np.ndarray, axis: int) -> np.ndarray:
+    """The int8 values in [-8, 7] of uint8 bytes packed by pack_int4 (axis doubles)."""
+    b = np.moveaxis(np.asarray(packed, np.uint8), axis, -1)
+    pairs = np.stack([b & 0xF, b >> 4], -1).reshape(*b.shape[:-1], 2 * b.shape[-1])  # [..., 2n]
+    return np.moveaxis(pairs.astype(np.int8) - 8, -1, axis).astype(np.int8)
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, axis: int, group_size: int) -> np.ndarray:
+    """float32 values of packed int4 weights with the scales quantize_int4 returned."""
+    return dequantize_int8(unpack_int4(packed, axis), scale, axis, group_size)
+
+
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, axis: int, group_size: int | None = None) -> np.ndarray:
     """float32 values of int8 q with the scales quantize_int8 returned."""
     grouped = _group(q.astype(np.float32), axis, group_size)
@@ -70,8 +113,8 @@ def _group(w: np.ndarray, axis: int, group_size: int | None) -> np.ndarray:
 
 
 def precision_of(params: Params) -> str:
-    """The storage params are in: the reduced one whose dtype they hold (int8 before bf16: int8 params keep
-    float32 too), else "fp32"."""
+    """The storage params are in: the reduced one whose dtype they hold (the last declared first: int4 params
+    may hold an int8 head, int8 ones keep float32 too), else "fp32"."""
     dtypes = {np.asarray(v).dtype.name for v in params.values()}
     reduced = [s for s in registry.STORAGES.values() if s.name != "fp32"]
     return next((s.name for s in reversed(reduced) if s.dtype in dtypes), "fp32")
@@ -87,7 +130,7 @@ def convert(params: Params, config: GPTConfig, mode: str, *, group_size: int | N
     if current != "fp32":
         raise GptjaxError(f"params are already {current}; convert from float32 weights")
     if not registry.STORAGES[mode].scaled and (group_size is not None or keep_head):
-        raise GptjaxError(f"group_size/keep_head apply to int8 quantisation, not to {mode}")
+        raise GptjaxError(f"group_size/keep_head apply to {_SCALED} quantisation, not to {mode}")
     return CONVERTERS[mode](params, config, group_size, keep_head)
 
 
@@ -108,8 +151,33 @@ def _to_int8(params: Params, config: GPTConfig, group_size: int | None, keep_hea
     return out
 
 
+def _to_int4(params: Params, config: GPTConfig, group_size: int | None, keep_head: bool) -> Params:
+    """The matmul weights as packed int4 (+ `<key>_scale` per group), the head int8 per row with keep_head, the
+    rest float32."""
+    G = registry.group_size("int4", group_size, (config.n_embd, config.mlp_width))
+    out: Params = {}
+    targets = quantized_keys(config)
+    for key, value in params.items():
+        axis = targets.get(key)
+        if axis is None:
+            out[key] = np.asarray(value, np.float32)
+        elif keep_head and axis == 1:  # the [V, D] table
+            out[key], out[key + SCALE_SUFFIX] = quantize_int8(value, axis)
+        else:
+            out[key], out[key + SCALE_SUFFIX] = quantize_int4(value, axis, G)
+    return out
+
+
+def stored_shape(config: GPTConfig, key: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """The shape params[key] has in its storage: a packed int4 (uint8) matmul weight halves its contracted axis."""
+    axis = quantized_keys(config).get(key)
+    if axis is None or np.dtype(dtype) != np.uint8:
+        return tuple(shape)
+    return tuple(n // 2 if i == axis else n for i, n in enumerate(shape))
+
+
 # float32 params -> each storage of gptjax.precision: f(params, config, group_size, keep_head)
-CONVERTERS = {"fp32": lambda params, *_: dict(params), "bf16": _to_bf16, "int8": _to_int8}
+CONVERTERS = {"fp32": lambda params, *_: dict(params), "bf16": _to_bf16, "int8": _to_int8, "int4": _to_int4}
 
 
 def for_precision(params: Params, config: GPTConfig, precision: str, *, group_size: int | None = None,
@@ -119,11 +187,11 @@ def for_precision(params: Params, config: GPTConfig, precision: str, *, group_si
     target, current = storage(precision), precision_of(params)
     scaled = registry.STORAGES[target].scaled
     if not scaled and (group_size is not None or keep_head):
-        raise GptjaxError(f"group_size/keep_head apply to int8 quantisation, not to {target}")
+        raise GptjaxError(f"group_size/keep_head apply to {_SCALED} quantisation, not to {target}")
     if current == target:
         if scaled and (group_size is not None or keep_head):
             raise GptjaxError("group_size/keep_head apply when quantising float32 weights; these params are "
-                              "already int8 (a quantised checkpoint) and are used as stored")
+                              f"already {target} (a quantised checkpoint) and are used as stored")
         return params
     if current != "fp32":
         raise GptjaxError(f"params are {current}; run them with precision="
@@ -133,30 +201,37 @@ def for_precision(params: Params, config: GPTConfig, precision: str, *, group_si
 
 
 def check_quantized(config: GPTConfig, params: Params, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise naming the first int8 weight without a valid scale (or stray scale) in quantised params."""
+    """Raise naming the first int8/int4 weight without a valid scale (or stray scale) in quantised params."""
     for key, value in params.items():
         dtype = np.asarray(value).dtype
         if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in shapes:
             continue
-        if dtype == np.int8:
+        if dtype in _QUANTISED:
             if key not in quantized_keys(config):
-                raise GptjaxError(f"param {key!r} is int8, but only matmul weights may be quantised")
+                raise GptjaxError(f"param {key!r} is {dtype}, but only matmul weights may be quantised")
             if key + SCALE_SUFFIX not in params:
-                raise GptjaxError(f"param {key!r} is int8 but {key + SCALE_SUFFIX!r} (its scales) is missing")
+                raise GptjaxError(f"param {key!r} is {_kind(dtype)} but {key + SCALE_SUFFIX!r} (its scales) is missing")
     for key in params:
         if not key.endswith(SCALE_SUFFIX) or key[: -len(SCALE_SUFFIX)] not in shapes:
             continue
         weight = key[: -len(SCALE_SUFFIX)]
         axis = quantized_keys(config).get(weight)
-        scale = np.asarray(params[key])
-        if axis is None or np.asarray(params[weight]).dtype != np.int8:
-            raise GptjaxError(f"param {key!r} is a scale, but {weight!r} is not an int8 matmul weight")
+        scale, dtype = np.asarray(params[key]), np.asarray(params[weight]).dtype
+        if axis is None or dtype not in _QUANTISED:
+            raise GptjaxError(f"param {key!r} is a scale, but {weight!r} is not an int8/int4 matmul weight")
         out, width = shapes[weight][1 - axis], shapes[weight][axis]
         groups = scale.size // out if scale.size % out == 0 else 0
         allowed = [(groups, out) if axis == 0 else (out, groups)] + ([(out,)] if groups == 1 else [])
         if scale.dtype != np.float32 or not groups or width % groups or scale.shape not in allowed:
             raise GptjaxError(f"param {key!r} has shape {scale.shape} and dtype {scale.dtype}; expected float32 "
                               f"[{out}] (per channel) or groups dividing {width}")
+        if dtype == np.uint8 and width // groups not in registry.INT4_GROUP_SIZES:
+            raise GptjaxError(f"param {key!r}: int4 groups of {width // groups} inputs; allowed: "
+                              f"{', '.join(map(str, registry.INT4_GROUP_SIZES))}")
+
+
+def _kind(dtype: np.dtype) -> str:
+    return "int4 (packed uint8)" if dtype == np.uint8 else "int8"
 
 
 def weight_bytes(params: Params) -> int:

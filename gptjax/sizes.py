@@ -3,8 +3,11 @@ side for one or more model shapes (what `gptjax info` prints)."""
 
 from __future__ import annotations
 
+import math
+
 from gptjax import precision as registry
 from gptjax.config import GPTConfig
+from gptjax.errors import GptjaxError
 
 
 def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None) -> str:
@@ -15,7 +18,7 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
         ("  embeddings (wte, wpe, untied head)", [c.embedding_params() for _, c in columns], "n"),
         ("  per block", [c.layer_params() for _, c in columns], "n"),
     ]
-    rows += [(f"weights {p}", [c.weight_bytes(p) for _, c in columns], "B") for p in registry.STORAGES]
+    rows += [(f"weights {p}", [_weight_bytes(c, p) for _, c in columns], "B") for p in registry.STORAGES]
     rows += [("train state fp32 (w, grad, AdamW m, v)", [16 * c.num_params() for _, c in columns], "B")]
     rows += [(f"KV cache per token {p}", [c.kv_cache_bytes_per_token(p) for _, c in columns], "B")
              for p in registry.KV_CACHES]  # the KV cache's own storages (not the weights')
@@ -31,15 +34,28 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
             cells = [f"{c.n_layer} / {c.n_head} / {c.n_embd}" for _, c in columns]
         else:
             cells = [human(v, kind) for v in values]
-        ratio = [f"{values[1] / values[0]:.3f}x" if kind and values[0] else ""] if len(columns) == 2 else []
+        known = kind and values[0] and not any(math.isnan(v) for v in values)
+        ratio = [f"{values[1] / values[0]:.3f}x" if known else ""] if len(columns) == 2 else []
         lines.append("| " + " | ".join([name, *cells, *ratio]) + " |")
     lines.append("\nFLOPs = 2·N_mm + 2·D·V + 2·L·D·(T+1) per token (causal attention counted exactly); "
-                 "training = 3 × forward. int8 = int8 matmul weights + fp32 per-channel scales.")
+                 "training = 3 × forward. int8 = int8 matmul weights + fp32 per-channel scales; int4 = two matmul "
+                 f"weights per byte + an fp32 scale per group of {registry.STORAGES['int4'].group_size} inputs.")
     return "\n".join(lines)
 
 
+def _weight_bytes(config: GPTConfig, storage: str) -> float:
+    """The weight bytes of a storage, or NaN where the shape cannot take it (int4 on widths no group divides)."""
+    try:
+        return config.weight_bytes(storage)
+    except GptjaxError:
+        return float("nan")
+
+
 def human(value: float, kind: str) -> str:
-    """A count ("n": 1,234), bytes ("B": 1.50 KiB, powers of 1024) or FLOPs ("F": 1.50 GFLOP, powers of 1000)."""
+    """A count ("n": 1,234), bytes ("B": 1.50 KiB, powers of 1024) or FLOPs ("F": 1.50 GFLOP, powers of 1000);
+    NaN (not applicable) as "n/a"."""
+    if math.isnan(value):
+        return "n/a"
     if kind == "n":
         return f"{int(value):,}"
     units = ["", "K", "M", "G", "T", "P"]

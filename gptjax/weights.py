@@ -19,7 +19,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.precision import STORAGES
-from gptjax.quantize import SCALE_SUFFIX, Params, check_quantized, precision_of
+from gptjax.quantize import SCALE_SUFFIX, Params, check_quantized, precision_of, stored_shape
 from gptjax.safetensors_io import Header, iter_tensors, read_header, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
@@ -80,12 +80,13 @@ def validate_params(config: GPTConfig, params: Params) -> None:
         raise GptjaxError(f"params do not match the config: missing keys {missing[:8]}"
                           f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}")
     for key, shape in shapes.items():
+        dtype = np.asarray(params[key]).dtype
+        shape = stored_shape(config, key, shape, dtype)  # packed int4: the contracted axis halves
         if tuple(np.shape(params[key])) != shape:
             raise GptjaxError(f"param {key!r} has shape {tuple(np.shape(params[key]))}, expected {shape}")
-        dtype = np.asarray(params[key]).dtype
         if dtype.kind != "f" and dtype.name not in {s.dtype for s in STORAGES.values()}:
-            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point (or int8 "
-                              "matmul weights with scales)")
+            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point (or int8 / packed "
+                              "int4 matmul weights with scales)")
     check_quantized(config, params, shapes)
 
 
@@ -120,9 +121,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
                 raise GptjaxError(f"{file}: tensor {raw_key!r} appears twice (as {key!r})")
             if key not in shapes and not (STORAGES[precision].scaled and key.removesuffix(SCALE_SUFFIX) in shapes):
                 raise GptjaxError(f"{file}: unexpected tensor {raw_key!r} for a {config.n_layer}-layer GPT-2")
-            if key in shapes and array.shape != shapes[key]:
+            if key in shapes and array.shape != (expected := stored_shape(config, key, shapes[key], array.dtype)):
                 raise GptjaxError(f"{file}: tensor {raw_key!r} has shape {array.shape}, "
-                                  f"expected {shapes[key]} from config.json")
+                                  f"expected {expected} from config.json")
             params[key] = array
     missing = [k for k in shapes if k not in params]
     if missing:

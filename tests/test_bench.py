@@ -129,7 +129,7 @@ def test_compare_table_is_a_function_of_rows():
     (["--batch", "1,x"], "--batch '1,x': give a comma list of positive integers"),
     (["--batch", "0"], "--batch '0'"),
     (["--seq", "1000", "--preset", "tiny"], "--seq 1000 exceeds the context n_positions=64"),
-    (["--precision", "fp16"], "--precision 'fp16'; allowed: fp32, bf16, int8, w8a8"),
+    (["--precision", "fp16"], "--precision 'fp16'; allowed: fp32, bf16, int8, w8a8, int4"),
     (["--workloads", "prefil"], "--workloads 'prefil'; allowed: prefill, decode, train"),
     (["--runs", "0"], "--runs 0 must be >= 1"),
     (["--peer-threads", "0"], "--peer-threads 0 must be >= 1"),

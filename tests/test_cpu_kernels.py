@@ -29,7 +29,7 @@ def test_the_kernels_are_built_by_the_install():
 
     assert set(_cpu_kernels.targets()) == {"gptjax_int8_matmul", "gptjax_int8_grouped_matmul", "gptjax_bf16_matmul",
                                            "gptjax_bf16_rows", "gptjax_kv_scores_int8", "gptjax_kv_mix_int8",
-                                           "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16"}
+                                           "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16", "gptjax_int4_matmul"}
 
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")

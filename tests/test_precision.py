@@ -141,8 +141,8 @@ def test_quantize_cli_bad_input(tmp_path, capsys, argv, message):
 
 def test_quantize_cli_unknown_mode(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int4", "--out", "x"])
-    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+        main(["quantize", "--checkpoint", str(FIXTURE), "--to", "int3", "--out", "x"])
+    assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
 
 
 def test_quantising_a_quantised_checkpoint_is_refused(tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_quantising_a_quantised_checkpoint_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"precision": "int4"}, "precision='int4'; allowed: ['fp32', 'bf16', 'int8', 'w8a8']"),
+    ({"precision": "int3"}, "precision='int3'; allowed: ['fp32', 'bf16', 'int8', 'w8a8', 'int4']"),
     ({"kv_cache": "fp8"}, "kv_cache='fp8'; allowed: ['fp32', 'bf16', 'int8']"),
     ({"precision": "int8", "group_size": 0}, "group_size=0 must be a positive integer or None"),
 ])
@@ -344,9 +344,9 @@ def test_option_values_none_and_numpy_ints():
 
 def test_group_size_and_keep_head_are_int8_only():
     for mode in ("fp32", "bf16"):
-        with pytest.raises(GptjaxError, match=f"group_size/keep_head apply to int8 quantisation, not to {mode}"):
+        with pytest.raises(GptjaxError, match=f"group_size/keep_head apply to int8/int4 quantisation, not to {mode}"):
             get_backend("numpy", CONFIG, precision=mode, group_size=16).forward(PARAMS, WINDOWS[:1, :8])
-        with pytest.raises(GptjaxError, match="apply to int8 quantisation"):
+        with pytest.raises(GptjaxError, match="apply to int8/int4 quantisation"):
             convert(PARAMS, CONFIG, mode, keep_head=True)
 
 
@@ -377,14 +377,17 @@ def test_the_registry_declares_what_the_modes_were():
     from gptjax import precision
     from gptjax.backends.base import PRECISION_OPTIONS
 
-    assert PRECISION_OPTIONS["precision"] == ("fp32", "bf16", "int8", "w8a8")
+    assert PRECISION_OPTIONS["precision"] == ("fp32", "bf16", "int8", "w8a8", "int4")
     assert PRECISION_OPTIONS["kv_cache"] == ("fp32", "bf16", "int8")
-    assert [precision.storage(m) for m in precision.MODES] == ["fp32", "bf16", "int8", "int8"]
-    assert [precision.default_kv_cache(m) for m in precision.MODES] == ["fp32", "bf16", "fp32", "fp32"]
-    assert [m.compute_dtype for m in precision.MODES.values()] == ["fp32", "bf16", "fp32", "int8"]
+    assert [precision.storage(m) for m in precision.MODES] == ["fp32", "bf16", "int8", "int8", "int4"]
+    assert [precision.default_kv_cache(m) for m in precision.MODES] == ["fp32", "bf16", "fp32", "fp32", "fp32"]
+    assert [m.compute_dtype for m in precision.MODES.values()] == ["fp32", "bf16", "fp32", "int8", "fp32"]
     assert precision.training_modes() == ("fp32", "bf16")
-    assert [m.options for m in precision.MODES.values()] == [(), (), ("group_size", "keep_head"),
-                                                               ("group_size", "keep_head")]
+    assert [m.options for m in precision.MODES.values()] == [(), (), *[("group_size", "keep_head")] * 3]
+    assert [(s.dtype, s.bits, s.group_size, s.head_storage) for s in precision.STORAGES.values()] == [
+        ("float32", 8, None, "fp32"), ("bfloat16", 8, None, "fp32"), ("int8", 8, None, "fp32"),
+        ("uint8", 4, 64, "int8")]
+    assert precision.INT4_GROUP_SIZES == (32, 64, 128)
     assert CONFIG.weight_bytes("w8a8") == CONFIG.weight_bytes("int8")
-    with pytest.raises(GptjaxError, match="precision 'int4'; allowed: fp32, bf16, int8, w8a8"):
-        precision.mode("int4")
+    with pytest.raises(GptjaxError, match="precision 'int3'; allowed: fp32, bf16, int8, w8a8, int4"):
+        precision.mode("int3")

@@ -56,8 +56,8 @@ def test_conversions_are_deterministic_and_labelled():
 def test_bad_input():
     config = get_preset("tiny")
     params = init_params(config)
-    with pytest.raises(GptjaxError, match="precision 'int4'; allowed: fp32, bf16, int8"):
-        convert(params, config, "int4")
+    with pytest.raises(GptjaxError, match="precision 'int3'; allowed: fp32, bf16, int8, int4"):
+        convert(params, config, "int3")
     with pytest.raises(GptjaxError, match="params are already int8"):
         convert(convert(params, config, "int8"), config, "int8")
     with pytest.raises(GptjaxError, match="group_size=48 must be a positive integer dividing the input width 32"):

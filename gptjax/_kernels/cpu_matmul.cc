@@ -11,6 +11,7 @@
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation.
 //   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)).
 //   gptjax_kv_{scores,mix}_{int8,bf16}: attention of few queries over a KV cache stored as int8 or bfloat16 bits.
+//   gptjax_int4_matmul: packed int4 weights, in cpu_int4.cc (linked into this module; listed by targets()).
 // Leading dims of x are flattened into M. Work is split over rows of w on the XLA intra-op thread pool.
 #include <Python.h>
 #include <immintrin.h>
@@ -22,13 +23,13 @@
 #include <memory>
 #include <vector>
 
+#include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTaskRows = 64;  // rows of w per work item (64 x K bytes or 2-byte values: L2-resident)
 constexpr int kNB = 4;             // rows of w per register block
 constexpr int kMB = 4;             // rows of x per register block
 // Software prefetch of the rows kPrefetchRows ahead: once a block runs more than two rows of x, the hardware
@@ -37,27 +38,7 @@ constexpr int kPrefetchRows = 2 * kNB;
 
 #define GPTJAX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 
-// Run body(n0, n1) over [0, N) in chunks (of kTaskRows by default) on the calling thread and the XLA pool. Chunks are
-// claimed from a shared counter, so the caller never waits for a helper to start (no deadlock if the pool is
-// busy); a helper that starts after all chunks are claimed just exits.
-template <typename Body>
-void ParallelRows(ffi::ThreadPool& pool, int64_t N, const Body& body, int64_t chunk = kTaskRows) {
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, chunks, chunk, N, body]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      body(c * chunk, std::min(N, (c + 1) * chunk));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
-  run();
-  while (state->done.load(std::memory_order_acquire) < chunks) _mm_pause();
-}
+using gptjax::ParallelRows;
 
 // ---- int8: vpdpbusd multiplies unsigned by signed bytes, so x is offset to x + 128 (as uint8) and
 // 128 * sum_k w[n, k] (from a vpdpbusd against ones) is subtracted: exact in int32.
@@ -469,6 +450,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, (PlainImpl<ffi::BF16, ffi::F32, uint16_t, float, Bf16Matmul>),
                               (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
+// The packed-int4 handler, defined in cpu_int4.cc (compiled into the same module).
+extern "C" XLA_FFI_Error* GptjaxInt4Matmul(XLA_FFI_CallFrame* call_frame);
+
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
 static PyObject* Supported(PyObject*, PyObject*) {
   __builtin_cpu_init();
@@ -488,7 +472,8 @@ static PyObject* Targets(PyObject*, PyObject*) {
                                                     {"gptjax_kv_scores_int8", (void*)GptjaxKvScoresInt8},
                                                     {"gptjax_kv_mix_int8", (void*)GptjaxKvMixInt8},
                                                     {"gptjax_kv_scores_bf16", (void*)GptjaxKvScoresBf16},
-                                                    {"gptjax_kv_mix_bf16", (void*)GptjaxKvMixBf16}};
+                                                    {"gptjax_kv_mix_bf16", (void*)GptjaxKvMixBf16},
+                                                    {"gptjax_int4_matmul", (void*)GptjaxInt4Matmul}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
     if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {

@@ -6,6 +6,9 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   int8_matmul(x int8 [..., K], w int8 [N, K]) -> int32 [..., N]: exactly XLA's int8 dot (integer sums).
   int8_grouped_matmul(x, w, ws [N, G], xs [..., G]) -> float32 [..., N]: per group of K/G inputs, the exact int32
   sum times both scales, summed over groups in float32.
+  int4_matmul(x int8 [..., K], w uint8 [N, K/2] (packed int4, gptjax.quantize.pack_int4), ws [N, G]) -> float32
+  [..., N]: per group of K/G inputs the exact int32 sum, times its scale, summed in float32; the nibbles are
+  unpacked in registers (gptjax/_kernels/cpu_int4.cc), never into an int8 or float copy of w.
   bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order).
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
@@ -91,6 +94,19 @@ def int8_grouped_matmul(x: jax.Array, w: jax.Array, ws: jax.Array, xs: jax.Array
                          f"w {w.shape}, got {ws.shape} and {xs.shape}")
     return _call("gptjax_int8_grouped_matmul", jnp.float32, x.astype(jnp.int8), w, ws.astype(jnp.float32),
                  xs.astype(jnp.float32))
+
+
+def int4_matmul(x: jax.Array, w: jax.Array, ws: jax.Array) -> jax.Array:
+    """x int8 [..., K] @ the packed int4 w uint8 [N, K/2] with scales ws [N, G] -> float32 [..., N] = sum over
+    groups g of K/G inputs of ws[n, g] * (the exact int32 sum of x * (nibble - 8))."""
+    K = x.shape[-1]
+    if w.ndim != 2 or ws.ndim != 2 or K != 2 * w.shape[1] or ws.shape[0] != w.shape[0] or ws.shape[1] < 1 or (
+            K % ws.shape[1]):
+        raise ValueError(f"gptjax_int4_matmul: x [..., K], w [N, K/2] and ws [N, G] with G dividing K expected, got "
+                         f"{x.shape}, {w.shape} and {ws.shape}")
+    _require()
+    return jax.ffi.ffi_call("gptjax_int4_matmul", jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))(
+        x.astype(jnp.int8), w, ws.astype(jnp.float32))
 
 
 def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:

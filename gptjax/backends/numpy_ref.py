@@ -17,9 +17,16 @@ import numpy as np
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
 from gptjax.generate import (
-    LENGTH, STOP, GenerationRequest, RowSettings, SamplingParams, StreamChunk, left_pad, sample_token,
+    LENGTH,
+    STOP,
+    GenerationRequest,
+    RowSettings,
+    SamplingParams,
+    StreamChunk,
+    left_pad,
+    sample_token,
 )
-from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys
+from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys, unpack_int4
 from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs
 from gptjax.weights import Params
 
@@ -186,6 +193,27 @@ class W8A8Matrix(Int8Matrix):
         xq, sx = quantize_int8(xg, axis=xg.ndim - 1)  # [..., G, in/G] int8, [..., G]
         acc = np.einsum("...gi,gio->...go", xq.astype(np.int32), qg.astype(np.int32))  # exact
         return acc.astype(np.float32) * sx[..., None]
+
+
+class Int4Matrix(Int8Matrix):
+    """A packed int4 matrix (gptjax.quantize.pack_int4: Conv1D [in/2, out], or a [V, D/2] table) with float32
+    scales per output channel and group, used like the float one: the packed bytes are kept and unpacked on
+    each use, then computed as Int8Matrix computes its int8 values (as the JAX backend's int4 formulation)."""
+
+    def __init__(self, packed: np.ndarray, scale: np.ndarray, axis: int) -> None:
+        self.packed, self.scale, self.axis = packed, scale, axis
+
+    @classmethod
+    def stored(cls, params: Params, key: str) -> Int8Matrix:
+        """The stand-in for params[key] and its scales (an int8 head under keep_head: Int8Matrix)."""
+        if params[key].dtype == np.int8:
+            return Int8Matrix.stored(params, key)
+        return cls(params[key], params[key + SCALE_SUFFIX], 1 if key.endswith(("wte.weight", "lm_head.weight")) else 0)
+
+    @property
+    def q(self) -> np.ndarray:
+        """The int8 values in [-8, 7], unpacked from the stored bytes."""
+        return unpack_int4(self.packed, self.axis)
 
 
 class _Transposed:
@@ -364,7 +392,8 @@ class NumpyBackend(Backend):
 
 # The stand-in of a matmul weight per run mode of gptjax.precision (None: a float array), and the layer cache
 # (with its storage dtype; None: the backend's) per KV-cache storage.
-MATRICES: dict[str, type | None] = {"fp32": None, "bf16": BF16Matrix, "int8": Int8Matrix, "w8a8": W8A8Matrix}
+MATRICES: dict[str, type | None] = {"fp32": None, "bf16": BF16Matrix, "int8": Int8Matrix, "w8a8": W8A8Matrix,
+                                     "int4": Int4Matrix}
 CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from gptjax import data
+from gptjax import precision as registry
 from gptjax.cli.evaluate import validation_tokens
 from gptjax.cli.options import QUANTIZED_CHECKPOINTS, seq_len
 from gptjax.errors import GptjaxError, os_cause
@@ -18,12 +19,13 @@ from gptjax.quantize import convert
 from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
 
 NAME = "quantize"
-HELP = "write a bf16/int8 checkpoint, or report every precision mode's trade-off"
-DESCRIPTION = ("--to int8|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per output channel, or per "
-               "group of --group-size inputs, + float32 scales; the mode is recorded in the safetensors metadata and "
-               "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8 and the int8 "
-               "KV cache on the same validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, "
-               "prefill and decode tokens/s.")
+HELP = "write a bf16/int8/int4 checkpoint, or report every precision mode's trade-off"
+DESCRIPTION = ("--to int8|int4|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per output channel, or "
+               "per group of --group-size inputs, + float32 scales; int4: two per byte, a float32 scale per group of "
+               "32, 64 or 128 inputs; the mode and group size are recorded in the safetensors metadata and "
+               "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8, int4 at each "
+               "group size and the int8 KV cache on the same validation windows: bytes, loss/perplexity change, "
+               "top-1 agreement, logit error, prefill and decode tokens/s.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", choices=QUANTIZED_CHECKPOINTS, help="write the checkpoint in this precision")
     p.add_argument("--out", metavar="DIR", help="where --to writes (never the source)")
     p.add_argument("--group-size", type=int, metavar="G", help="int8: one scale per G inputs of each output channel "
-                   "(default: one per channel)")
-    p.add_argument("--keep-head", action="store_true", help="int8: keep the (tied) embedding/LM head float32")
+                   "(default: one per channel); int4: G in "
+                   f"{', '.join(map(str, registry.INT4_GROUP_SIZES))} (default {registry.STORAGES['int4'].group_size})")
+    p.add_argument("--keep-head", action="store_true", help="int8: keep the (tied) embedding/LM head float32; int4: "
+                   "store it int8 per row")
     p.add_argument("--report", action="store_true", help="print the precision report instead of writing")
     p.add_argument("--data", metavar="SPEC", help="report: validation text, as for train (default stdlib)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="report: as the run used (default 0.05)")
@@ -61,7 +65,8 @@ def _write(args: argparse.Namespace) -> int:
     _check_out(args.out, source, out)
     config, params = load_checkpoint(source)
     quantised = convert(params, config, args.to, group_size=args.group_size, keep_head=args.keep_head)
-    metadata = {"gptjax.group_size": str(args.group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
+    group_size = registry.group_size(args.to, args.group_size, (config.n_embd, config.mlp_width))  # int4's default
+    metadata = {"gptjax.group_size": str(group_size or 0), "gptjax.keep_head": str(args.keep_head).lower()}
     try:  # save_checkpoint writes a temporary directory and swaps it in: a failure leaves nothing behind
         save_checkpoint(config, quantised, out, metadata=metadata, extra_files_from=source)
     except OSError as e:  # a read-only or full disk, no permission: not a bug to show a traceback for
@@ -69,8 +74,9 @@ def _write(args: argparse.Namespace) -> int:
         return 1
     before = sum(np.asarray(v).nbytes for v in params.values())
     after = sum(np.asarray(v).nbytes for v in quantised.values())
-    print(f"wrote {out} ({args.to}{f', groups of {args.group_size}' if args.group_size else ''}"
-          f"{', head kept float32' if args.keep_head else ''}): weights {after / 1e6:.2f} MB = "
+    head = registry.STORAGES[args.to].head_storage
+    print(f"wrote {out} ({args.to}{f', groups of {group_size}' if group_size else ''}"
+          f"{f', head kept {head}' if args.keep_head else ''}): weights {after / 1e6:.2f} MB = "
           f"{after / before:.3f} x float32's {before / 1e6:.2f} MB")
     return 0
 
@@ -105,8 +111,9 @@ def _report(args: argparse.Namespace) -> int:
     windows = data.eval_windows(tokens, T, args.windows)
     timing = None if args.no_speed else {"prompt": min(32, config.n_positions // 2),
                                          "new_tokens": min(32, config.n_positions // 2), "runs": args.runs}
-    modes = [m for m in DEFAULT_MODES  # a group size must divide both input widths
-             if not m.group_size or (config.n_embd % m.group_size == 0 and config.mlp_width % m.group_size == 0)]
+    modes = [m for m in DEFAULT_MODES  # a group size (int4: its default too) must divide both input widths
+             if not (g := registry.group_size(registry.storage(m.precision), m.group_size))
+             or (config.n_embd % g == 0 and config.mlp_width % g == 0)]
     rows = report(config, params, windows, modes, timing=timing,
                   progress=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
     print(f"{args.checkpoint}: {len(windows)} validation windows of {T} tokens ({windows[:, 1:].size:,} "

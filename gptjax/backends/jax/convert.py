@@ -1,8 +1,8 @@
 """The conversion step of the JAX backend: params in a run mode's storage (gptjax.quantize.for_precision) ->
 the NNX model built with that mode's weight modules, split into a graph definition and device arrays.
 
-Whether gptjax's CPU kernels run is decided here, once (`cpu_kernels_for`): they read out-major bfloat16 and
-int8 weights and, during decode, bfloat16 and int8 KV caches (kv.KV_LAYERS); everything else, and every
+Whether gptjax's CPU kernels run is decided here, once (`cpu_kernels_for`): they read out-major bfloat16, int8
+and packed int4 weights and, during decode, bfloat16 and int8 KV caches (kv.KV_LAYERS); everything else, and every
 platform or mesh where they cannot run, keeps XLA's dots. The model itself never asks.
 """
 
@@ -16,8 +16,8 @@ from flax import nnx
 
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax.layers import (
-    Int8Dense, Int8Embedding, KernelEmbedding, KernelInt8Embedding, KernelPositions, OutMajorDense, OutMajorInt8Dense,
-    OutMajorW8A8Dense, W8A8Dense,
+    Int4Dense, Int4Embedding, Int8Dense, Int8Embedding, KernelEmbedding, KernelInt4Embedding, KernelInt8Embedding,
+    KernelPositions, OutMajorDense, OutMajorInt4Dense, OutMajorInt8Dense, OutMajorW8A8Dense, W8A8Dense,
 )
 from gptjax.backends.jax.model import GPT, Embedding, FloatLayers
 from gptjax.config import GPTConfig
@@ -78,12 +78,33 @@ class W8A8Layers(Int8Layers):
     out_major = OutMajorW8A8Dense
 
 
+@dataclass(frozen=True)
+class Int4Layers(Int8Layers):
+    """Packed int4 kernels [*lead, I/2, O] with float32 scales [*lead, G, O], weight-only: XLA's formulation
+    (lowp.int4_matmul), or out-major [O, I/2] on gptjax's CPU int4 kernel (unstacked layers). The table is int4
+    too, or int8 per row (keep_head: Int8Layers' modules)."""
+
+    def dense(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int
+              ) -> nnx.Module:
+        w = p[key]
+        scale = p[key + SCALE_SUFFIX].reshape(*w.shape[:-2], -1, w.shape[-1])  # [*lead, G, O]
+        if self.cpu_kernels and w.ndim == 2:
+            return OutMajorInt4Dense(w, scale)
+        return Int4Dense(w, scale, axes)
+
+    def embedding(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...]) -> nnx.Module:
+        if np.asarray(p[key]).dtype != np.uint8:  # keep_head: an int8 table
+            return super().embedding(p, key, axes)
+        return (KernelInt4Embedding if self.cpu_kernels else Int4Embedding)(p[key], p[key + SCALE_SUFFIX], axes)
+
+
 def _float(cpu_kernels: bool) -> FloatLayers:
     return FloatLayers()  # float32 weights keep XLA's dots either way
 
 
 # The weight modules of each run mode of gptjax.precision, given the CPU-kernel choice.
-LAYERS: dict[str, Any] = {"fp32": _float, "bf16": Bf16Layers, "int8": Int8Layers, "w8a8": W8A8Layers}
+LAYERS: dict[str, Any] = {"fp32": _float, "bf16": Bf16Layers, "int8": Int8Layers, "w8a8": W8A8Layers,
+                          "int4": Int4Layers}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The reduced-precision weight modules of the JAX model: int8 kernels (weight-only and w8a8), out-major
+"""The reduced-precision weight modules of the JAX model: int8 kernels (weight-only and w8a8), packed int4, out-major
 kernels for gptjax's CPU kernels (gptjax.backends.cpu_kernels), and the tables and position lookup they need.
 The conversion step (convert.py) picks them; their matmul formulations are in lowp.py.
 
@@ -37,6 +37,32 @@ class Int8Dense(nnx.Module):
         return self.matmul(x.astype(jnp.float32), q.reshape(G, -1, out), s.reshape(G, out))
 
     matmul = staticmethod(lowp.int8_matmul)
+
+
+class Int4Dense(nnx.Module):
+    """A packed int4 kernel [*lead, I/2, O] (two inputs per byte) with float32 scales [*lead, G, O], weight-only:
+    the packed bytes travel from memory and are unpacked and dequantised inside the jitted matmul. Its sharding
+    keeps only the stacked-layer axes (a packed pair of inputs cannot be split by head)."""
+
+    def __init__(self, p: Any, scale: Any, axes: tuple[str | None, ...]) -> None:
+        lead = np.ndim(p) - 2
+        self.kernel = param(p, (*axes[:lead], None, None))
+        self.scale = param(scale, (*axes[:lead], None, None))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lowp.int4_matmul(x.astype(jnp.float32), self.kernel[...], self.scale[...])
+
+
+class OutMajorInt4Dense(nnx.Module):
+    """A packed int4 kernel stored out-major [O, I/2] (the same bytes) with scales [O, G], for gptjax's CPU int4
+    kernel, which unpacks the nibbles in registers."""
+
+    def __init__(self, p: Any, scale: Any) -> None:
+        self.kernel = param(_out_major(p, 1), (None, None))
+        self.scale = param(_out_major(scale, 1), (None, None))  # [G, O] -> [O, G]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lowp.int4_matmul_nk(x.astype(jnp.float32), self.kernel[...], self.scale[...])
 
 
 class W8A8Dense(Int8Dense):
@@ -121,6 +147,30 @@ class Int8Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         q, s = self.embedding[...], self.scale[...]
         return lowp.int8_matmul_t(x.astype(jnp.float32), q, s)  # [..., D] -> [..., V]
+
+
+class Int4Embedding(nnx.Module):
+    """A packed int4 [V, D/2] table with float32 scales [V, G] (per row and group of D/G columns): token rows
+    are gathered packed and unpacked after the gather."""
+
+    def __init__(self, p: Any, scale: Any, axes: tuple[str | None, ...]) -> None:
+        self.embedding = param(p, (axes[0], None))
+        self.scale = param(scale, (axes[0], None))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        s = self.scale[...]
+        rows = lowp.unpack_int4(self.embedding[...][tokens], -1).astype(jnp.float32)  # [..., D]
+        return (rows.reshape(*rows.shape[:-1], s.shape[1], -1) * s[tokens][..., None]).reshape(rows.shape)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return lowp.int4_matmul_t(x.astype(jnp.float32), self.embedding[...], self.scale[...])  # [..., D] -> [..., V]
+
+
+class KernelInt4Embedding(Int4Embedding):
+    """A packed int4 [V, D/2] table (out-major as stored) whose tied head runs gptjax's CPU int4 kernel."""
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return lowp.int4_matmul_nk(x.astype(jnp.float32), self.embedding[...], self.scale[...])
 
 
 class KernelInt8Embedding(Int8Embedding):

@@ -14,6 +14,11 @@ each token's scale: 16-bit fixed point, error <= max|x| / 64516, far below the w
 where gptjax's CPU kernels are built that dot is theirs (one pass over the int8 bytes); the XLA formulations
 below are the fallback. On GPU/TPU XLA fuses the convert into the GEMM, so the plain
 dequantise-inside-the-dot formulation is used there.
+
+int4: p [I/2, O] packed nibbles (gptjax.quantize.pack_int4: input 2j in the low nibble of byte j, 2j + 1 in the
+high one, each + 8) with scales s [G, O]. Its XLA formulation unpacks and dequantises inside the jitted dot (fused
+into the GEMM on GPU/TPU; materialised per call on XLA:CPU, the fallback where the kernels cannot run); on
+gptjax's CPU kernels x's two int8 terms meet the packed bytes directly (int4_matmul_nk).
 """
 
 from __future__ import annotations
@@ -96,6 +101,26 @@ def w8a8_matmul(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     return (acc.astype(jnp.float32) * sx * s).sum(-2)
 
 
+def unpack_int4(p: jax.Array, axis: int) -> jax.Array:
+    """The int8 values in [-8, 7] of uint8 bytes p packed along axis (which doubles)."""
+    axis %= p.ndim
+    pairs = jnp.stack([p & 0xF, p >> 4], axis + 1)  # [..., n, 2, ...]
+    shape = (*p.shape[:axis], 2 * p.shape[axis], *p.shape[axis + 1:])
+    return pairs.reshape(shape).astype(jnp.int8) - 8
+
+
+def int4_matmul(x: jax.Array, p: jax.Array, s: jax.Array) -> jax.Array:
+    """Weight-only int4: x [..., I] @ p [I/2, O] unpacked, sum over groups g of (x_g @ q_g) * s_g (as int8's
+    grouped formulation, on the unpacked values)."""
+    q = unpack_int4(p, 0)  # [I, O]
+    return _dequantized_dot(x, q.reshape(s.shape[0], -1, q.shape[-1]), s)
+
+
+def int4_matmul_t(x: jax.Array, p: jax.Array, s: jax.Array) -> jax.Array:
+    """x [..., D] @ table.T for a packed int4 [V, D/2] table with scales s [V, G]: float32 [..., V]."""
+    return int8_matmul_t(x, unpack_int4(p, 1), s)
+
+
 def int8_matmul_t(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     """x [..., D] @ q.T for an int8 [V, D] table with scales s [V, G] per row and group: float32 [..., V]
     (the tied LM head; dequantised inside the dot, which measured as fast as fp32's head here)."""
@@ -116,6 +141,13 @@ def int8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     if s.shape[1] == 1:
         return _join(cpu_kernels.int8_matmul(terms, q), sx) * s[:, 0]
     return _join(cpu_kernels.int8_grouped_matmul(terms, q, s, jnp.ones((*terms.shape[:-1], s.shape[1]))), sx)
+
+
+def int4_matmul_nk(x: jax.Array, p: jax.Array, s: jax.Array) -> jax.Array:
+    """Weight-only int4 over packed p [O, I/2] with scales s [O, G]: x's two int8 terms through the int4 kernel
+    (the nibbles unpacked in registers; each group's exact int32 sum times its scale)."""
+    terms, sx = split_rows(x)
+    return _join(cpu_kernels.int4_matmul(terms, p, s), sx)
 
 
 def w8a8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
