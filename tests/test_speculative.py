@@ -156,6 +156,8 @@ def test_bad_drafters_are_refused():
     short = GPTConfig(vocab_size=64, n_positions=8, n_layer=1, n_head=1, n_embd=8)
     with pytest.raises(GptjaxError, match="exceeds the draft's context n_positions=8"):
         backend.generate(PARAMS, PROMPTS, 4, draft=ModelDraft(init_params(short), short))
+    with pytest.raises(GptjaxError, match="does not support presence_penalty, frequency_penalty or logit_bias"):
+        backend.generate(PARAMS, PROMPTS, 4, draft=NgramDraft(), logit_bias={3: 5.0})
 
 
 # ---- CLI, metrics, spans ---------------------------------------------------------------------------------

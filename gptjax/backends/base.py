@@ -18,6 +18,7 @@ from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
 from gptjax.precision import KV_CACHES, MODES, default_kv_cache, storage
 from gptjax.quantize import for_precision
+from gptjax.scoring import Scores, assemble, batches, check_sequences, log_probs, right_pad
 from gptjax.speculative import ModelDraft, Speculation, check_room, check_speculation
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
@@ -92,6 +93,32 @@ class Backend(abc.ABC):
             self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, tokens.size)
         return logits
 
+    def score(self, params: Params | Any, sequences: Any, *, top_k: int = 0) -> list[Scores]:
+        """Each token's log-probability given its prefix, and the top_k most likely tokens at each position,
+        for a ragged list of token-id lists (each of 1 to n_positions + 1 tokens): one gptjax.scoring.Scores
+        per sequence, in order. Sequences run right-padded, as many per forward pass as fit a token budget."""
+        rows = check_sequences(self.config, sequences, top_k)
+        weights = self._prepared(params)
+        out: list[Scores] = []
+        for group in batches([len(r) for r in rows]):
+            inputs, targets = right_pad([rows[i] for i in group])  # [B, L] each
+            before, t0 = self._compile_count(), time.perf_counter()
+            with forward_span("gptjax.score", lambda: self.span_attributes("score", *inputs.shape),
+                              synced=self.trace_sync) as span:
+                chosen, values, ids = self._score(weights, inputs, targets, int(top_k))
+                span.set({"gptjax.compiled": self._compile_count() > before})
+            if self.metrics is not None:
+                self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, inputs.size)
+            out += [assemble(rows[i], chosen[b], values[b], ids[b]) for b, i in enumerate(group)]
+        return out
+
+    def _score(self, weights: Any, inputs: np.ndarray, targets: np.ndarray, top_k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-probabilities of targets [B, L] after inputs [B, L] (right-padded), and the top_k alternatives:
+        float32 [B, L], float32 [B, L, k], int32 [B, L, k]. This default runs _forward and gptjax.scoring's
+        NumPy log-softmax; a backend may do it on its device."""
+        return log_probs(self._forward(weights, inputs, False), targets, top_k)
+
     def _prepared(self, params: Params | Any) -> Any:
         """Converted weights for params: reused while the same dict holds the same array objects
         (the cache keeps those arrays alive, so their identities cannot be recycled). In-place writes
@@ -117,24 +144,31 @@ class Backend(abc.ABC):
 
     def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_tokens: Any = (), greedy: bool = False, draft: Any = None,
+                 stop_tokens: Any = (), greedy: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: Mapping[int | str, float] | None = None, draft: Any = None,
                  num_speculative_tokens: int = 4) -> GenerationResult:
         """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens.
 
-        Sampling rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row
-        stops at a stop token (not included) or after max_new_tokens; the result says which. With a draft
-        (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative, num_speculative_tokens proposals
-        per target pass: greedy tokens are those without a draft, sampled ones follow the same distribution.
+        Sampling rules (penalties and logit bias included) are in gptjax.generate; the same seed gives the same
+        tokens on every run. Each row stops at a stop token (not included) or after max_new_tokens; the result
+        says which. With a draft (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative,
+        num_speculative_tokens proposals per target pass: greedy tokens are those without a draft, sampled ones
+        follow the same distribution.
         """
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
+                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               logit_bias=logit_bias)
         spec = self._speculation(draft, num_speculative_tokens, request)
         return collect(self._traced(self._prepared(params), request, None, spec), request)
 
     def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop_tokens: Any = (), greedy: bool = False, draft: Any = None, num_speculative_tokens: int = 4
-               ) -> Iterator[StreamChunk]:
+               stop_tokens: Any = (), greedy: bool = False,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: Mapping[int | str, float] | None = None, draft: Any = None,
+               num_speculative_tokens: int = 4) -> Iterator[StreamChunk]:
         """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps
         (with a draft: chunk_size verify rounds, each adding 1..num_speculative_tokens + 1 tokens per row).
 
@@ -143,7 +177,9 @@ class Backend(abc.ABC):
         """
         _check_chunk_size(chunk_size)
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
+                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               logit_bias=logit_bias)
         spec = self._speculation(draft, num_speculative_tokens, request)
         return self._traced(self._prepared(params), request, chunk_size, spec)
 
@@ -154,6 +190,9 @@ class Backend(abc.ABC):
             return None
         if type(self)._speculate is Backend._speculate:
             raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
+        if request.adjusts:  # the verify step scores the target's raw distribution
+            raise GptjaxError("speculative decoding (draft=...) does not support presence_penalty, "
+                              "frequency_penalty or logit_bias yet; drop them or the draft")
         k = check_speculation(draft, k, self.config)
         check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
         if not isinstance(draft, ModelDraft):
@@ -268,6 +307,9 @@ class Backend(abc.ABC):
             attributes["gen_ai.request.top_p"] = sp.top_p
         if sp.top_k is not None:
             attributes["gen_ai.request.top_k"] = sp.top_k
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(sp, name):
+                attributes[f"gen_ai.request.{name}"] = getattr(sp, name)
         return attributes
 
     def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int,
