@@ -248,35 +248,35 @@ def speculative_gpt2(results: Results) -> str:
     return _speculative(results[SPEC_GPT2])
 
 
-# ---- int4 (benchmarks/int4_study.py -> int4.jsonl) -----------------------------------------------------------
-INT4 = "int4.jsonl"
+# ---- int4 (`gptjax bench --study int4`: its results.jsonl -> int4.jsonl) -----------------------------------
+INT4 = "int4.jsonl"  # the study's rows carry "part": model, symmetry, quality, speed
 
 
-def _int4(results: Results, kind: str) -> list[Row]:
-    return [r for r in results[INT4] if r.get("kind") == kind]
+def _int4(results: Results, part: str) -> list[Row]:
+    return [r for r in results[INT4] if r.get("kind") == "study" and r["part"] == part]
 
 
 def int4_environment(results: Results) -> str:
     """Where the int4 study ran: the model, the windows and the load."""
-    env = of_kind(results[INT4], "environment")
-    c, speed = env["checkpoint_config"], _int4(results, "int4-speed")
+    env, [model] = of_kind(results[INT4], "environment")["env"], _int4(results, "model")
+    c, speed = model["checkpoint_config"], _int4(results, "speed")
     loads = [r[k] for r in speed for k in ("load_avg_before", "load_avg_after")]
-    return (f"{c['n_layer']} layers, width {c['n_embd']}, context {c['n_positions']}, {env['windows']} validation "
-            f"windows of {env['window_tokens']} bytes; Python {env['python']}, {env['cores']} cores, CPU kernels "
+    return (f"{c['n_layer']} layers, width {c['n_embd']}, context {c['n_positions']}, {model['windows']} validation "
+            f"windows of {model['window_tokens']} bytes; Python {env['python']}, {env['cores']} cores, CPU kernels "
             f"{env['cpu_kernels']}; 1-minute load average {min(loads):.1f} to {max(loads):.1f} during the speed run")
 
 
 def int4_symmetry(results: Results) -> str:
     """Symmetric vs asymmetric int4 per group size: reconstruction error and bits/byte."""
     body = [[str(r["group_size"]), r["scheme"], f"{r['relative_rms_error']:.4f}", f"{r['bits_per_byte']:.4f}",
-             f"{100 * r['bits_per_byte_change']:+.2f}%"] for r in _int4(results, "int4-symmetry")]
+             f"{100 * r['bits_per_byte_change']:+.2f}%"] for r in _int4(results, "symmetry")]
     return table(["G", "rounding", "relative RMS error", "bits/byte", "vs fp32"], body)
 
 
 def int4_quality(results: Results) -> str:
     """The int4 mode per group size and head storage against fp32 (int8 for reference)."""
     body = []
-    for r in _int4(results, "int4-quality"):
+    for r in _int4(results, "quality"):
         label = r["precision"] + (f" g{r['group_size']}" if r["group_size"] else "")
         body.append([label, r["head"], mib(r["weight_bytes"]), f"{r['bits_per_byte']:.4f}",
                      f"{100 * r['perplexity_change']:+.2f}%", pct(r["top1_agreement"]), pct(r["greedy_agreement"])])
@@ -285,7 +285,7 @@ def int4_quality(results: Results) -> str:
 
 def int4_speed(results: Results) -> str:
     """Decode B=1 tokens/s on the gpt2 shape, int8 and int4 per group size, against the bandwidth roofline."""
-    rows = _int4(results, "int4-speed")
+    rows = _int4(results, "speed")
     int8 = next(r for r in rows if r["precision"] == "int8")["decode_tokens_per_s"]
     best8 = next(r for r in rows if r["precision"] == "int8")["decode_tokens_per_s_best"]
     body = [[r["precision"] + (f" g{r['group_size']}" if r["group_size"] else ""), mib(r["weight_bytes"]),

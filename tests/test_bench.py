@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gptjax import get_preset
@@ -339,6 +340,13 @@ def test_serve_load_study(tmp_path):
     (["--study", "kv-cache", "--preset", "tiny", "--new", "64"], "--prompt 32 + --new 64 must fit n_positions=64"),
     (["--study", "scaling", "--meshes", "2x2"], "--meshes '2x2': give data x fsdp x tensor sizes"),
     (["--study", "serve-load", "--concurrency", "0"], "--concurrency '0': give a comma list of positive integers"),
+    (["--study", "int4", "--parts", "speed,x"], "--parts 'speed,x'; give a comma list of symmetry, quality, speed"),
+    (["--study", "int4", "--group-sizes", "16"], "--group-sizes '16'; give a comma list of 32, 64, 128"),
+    (["--study", "int4", "--parts", "quality"], "the symmetry and quality parts need --checkpoint"),
+    (["--study", "int4", "--checkpoint", str(FIXTURES / "trained_byte_tiny")],  # n_embd 64
+     f"--group-sizes 128 must divide --checkpoint {FIXTURES / 'trained_byte_tiny'}'s input widths 64, 256"),
+    (["--study", "int4", "--parts", "speed", "--preset", "tiny", "--group-sizes", "32", "--runs", "0"],
+     "--windows 128 and --runs 0 must be >= 1"),
 ])
 def test_bad_study_values_are_clear_errors(argv, message, capsys, tmp_path):
     assert main(["bench", "--out", str(tmp_path / "x"), *argv]) == 2
@@ -358,6 +366,17 @@ def test_each_study_has_help(capsys):
         assert usage.startswith(f"usage: gptjax bench --study {name}") and "--out DIR" in out
         study = importlib.import_module(f"gptjax.bench.studies.{STUDIES[name]}")
         assert description == study.__doc__.split("\n\n")[0]  # the study's docstring is its --help
+
+
+def test_int4_study_symmetric_rounding_is_the_int4_format():
+    """The symmetry part's "symmetric" row rounds exactly as gptjax's int4 quantiser stores weights."""
+    from gptjax.bench.studies.int4 import rounded
+    from gptjax.quantize import dequantize_int4, quantize_int4
+
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)  # [in, out], groups along in
+    r = np.moveaxis(rounded(np.moveaxis(w, 0, -1), 32, "symmetric"), -1, 0)
+    assert np.array_equal(r, dequantize_int4(*quantize_int4(w, 0, 32), 0, 32))
+    assert not np.array_equal(r, np.moveaxis(rounded(np.moveaxis(w, 0, -1), 32, "asymmetric"), -1, 0))
 
 
 # ---- the harness under the other timed code: precision_report.speed --------------------------------------
