@@ -153,17 +153,25 @@ def _is_real(x: object) -> bool:
 
 
 def _prompts(prompts: object, V: int) -> list[tuple[int, ...]]:
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()] if prompts.ndim == 1 else prompts
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise GptjaxError("prompts must be a non-empty list of token-id lists")
-    rows = []
-    for i, row in enumerate(prompts):
-        ids = _token_list(row, V, f"prompt {i}")
+    return token_rows(prompts, V, "prompt")
+
+
+def token_rows(rows: object, V: int, what: str, max_rows: int | None = None) -> list[tuple[int, ...]]:
+    """A non-empty ragged list of non-empty token-id lists (a 1-D or 2-D array too) as tuples, or a
+    GptjaxError naming the bad row or id (`what` names a row: "prompt", "sequence"); at most max_rows rows."""
+    if isinstance(rows, np.ndarray):
+        rows = rows.tolist() if rows.ndim == 2 else [rows.tolist()] if rows.ndim == 1 else rows
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
+        raise GptjaxError(f"{what}s must be a non-empty list of token-id lists")
+    if max_rows is not None and len(rows) > max_rows:
+        raise GptjaxError(f"{len(rows)} {what}s; at most {max_rows}")
+    out = []
+    for i, row in enumerate(rows):
+        ids = _token_list(row, V, f"{what} {i}")
         if not ids:
-            raise GptjaxError(f"prompt {i} is empty; every prompt needs at least one token")
-        rows.append(tuple(ids))
-    return rows
+            raise GptjaxError(f"{what} {i} is empty; every {what} needs at least one token")
+        out.append(tuple(ids))
+    return out
 
 
 def _token_list(ids: object, V: int, what: str) -> list[int]:

@@ -90,14 +90,15 @@ def quality(built: list[tuple[Mode, Any, Any, int]], windows: np.ndarray, batch_
     for start in range(0, len(windows), batch_size):
         batch = windows[start: start + batch_size]
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        reference = None
+        reference = reference_top1 = None
         for s, (_, backend, weights, _) in zip(sums, built):
-            logits = backend.forward(weights, inputs).astype(np.float64)  # [B, T, V]
-            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-            s["nll"] += float((logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]).sum())
+            scores = backend.score(weights, batch, top_k=1)  # each window's targets scored, and the argmax
+            s["nll"] -= sum(sc.total() for sc in scores)
+            top1 = np.stack([sc.top_ids[1:, 0] for sc in scores])  # [B, T]
+            logits = backend.forward(weights, inputs).astype(np.float64)  # [B, T, V], for the logit errors
             if reference is None:
-                reference = logits
-            s["agree"] += int((logits.argmax(-1) == reference.argmax(-1)).sum())
+                reference, reference_top1 = logits, top1
+            s["agree"] += int((top1 == reference_top1).sum())
             s["max_err"] = max(s["max_err"], float(np.abs(logits - reference).max()))
             s["err"] += float(np.abs(logits - reference).mean(-1).sum())
         count += targets.size

@@ -222,9 +222,20 @@ def evaluate(graphdef: Any, weights: Any, batches: Iterator[tuple[np.ndarray, np
 
 def evaluate_params(config: GPTConfig, params: Params, batches: Iterator[tuple[np.ndarray, np.ndarray]]
                     ) -> tuple[float, int]:
-    """evaluate() of canonical params (a checkpoint's) on the training model."""
-    graphdef, weights = nnx.split(GPT(config, params))
-    return evaluate(graphdef, weights, batches)
+    """evaluate()'s (mean loss, tokens scored) of canonical params (a checkpoint's), from the JAX backend's
+    score (in the precision the params are stored in) of each window: inputs [B, T] and their last target,
+    for targets [B, T] that are the inputs shifted by one (as data.eval_batches gives them)."""
+    backend = get_backend("jax", config, precision=precision_of(params))
+    weights = backend.prepare(params)
+    total, n = 0.0, 0
+    for x, y in batches:
+        if x.shape != y.shape or not np.array_equal(x[:, 1:], y[:, :-1]):
+            raise GptjaxError(f"evaluate_params needs targets that are the inputs shifted by one, got inputs "
+                              f"{x.shape} and targets {y.shape} that are not")
+        windows = np.concatenate([x, y[:, -1:]], axis=1)  # [B, T + 1]
+        total -= sum(s.total() for s in backend.score(weights, windows))
+        n += y.size
+    return total / max(n, 1), n
 
 
 def export_params(graphdef: Any, weights: Any) -> Params:

@@ -18,6 +18,7 @@ from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
 from gptjax.precision import KV_CACHES, MODES, default_kv_cache, storage
 from gptjax.quantize import for_precision
+from gptjax.scoring import Scores, assemble, batches, check_sequences, log_probs, right_pad
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 from gptjax.weights import Params, validate_params
 
@@ -89,6 +90,32 @@ class Backend(abc.ABC):
         if self.metrics is not None:
             self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, tokens.size)
         return logits
+
+    def score(self, params: Params | Any, sequences: Any, *, top_k: int = 0) -> list[Scores]:
+        """Each token's log-probability given its prefix, and the top_k most likely tokens at each position,
+        for a ragged list of token-id lists (each of 1 to n_positions + 1 tokens): one gptjax.scoring.Scores
+        per sequence, in order. Sequences run right-padded, as many per forward pass as fit a token budget."""
+        rows = check_sequences(self.config, sequences, top_k)
+        weights = self._prepared(params)
+        out: list[Scores] = []
+        for group in batches([len(r) for r in rows]):
+            inputs, targets = right_pad([rows[i] for i in group])  # [B, L] each
+            before, t0 = self._compile_count(), time.perf_counter()
+            with forward_span("gptjax.score", lambda: self.span_attributes("score", *inputs.shape),
+                              synced=self.trace_sync) as span:
+                chosen, values, ids = self._score(weights, inputs, targets, int(top_k))
+                span.set({"gptjax.compiled": self._compile_count() > before})
+            if self.metrics is not None:
+                self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, inputs.size)
+            out += [assemble(rows[i], chosen[b], values[b], ids[b]) for b, i in enumerate(group)]
+        return out
+
+    def _score(self, weights: Any, inputs: np.ndarray, targets: np.ndarray, top_k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-probabilities of targets [B, L] after inputs [B, L] (right-padded), and the top_k alternatives:
+        float32 [B, L], float32 [B, L, k], int32 [B, L, k]. This default runs _forward and gptjax.scoring's
+        NumPy log-softmax; a backend may do it on its device."""
+        return log_probs(self._forward(weights, inputs, False), targets, top_k)
 
     def _prepared(self, params: Params | Any) -> Any:
         """Converted weights for params: reused while the same dict holds the same array objects

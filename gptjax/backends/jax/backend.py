@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,6 +32,21 @@ def _apply(graphdef: Any, state: Any, tokens: jax.Array, last_index: jax.Array, 
     with jax.default_matmul_precision("float32"):  # true fp32 dots on GPU/TPU too (no TF32/bf16 passes)
         model = nnx.merge(graphdef, state)
         return model(tokens, last_index if last_only else None)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "top_k"))
+def _log_probs(graphdef: Any, state: Any, inputs: jax.Array, targets: jax.Array, top_k: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-softmax (float32) of the logits of inputs [B, L]: at targets [B, L], and the top_k [B, L, k] values
+    and ids (descending; lax.top_k puts the lower id first among equals)."""
+    with jax.default_matmul_precision("float32"):
+        logits = nnx.merge(graphdef, state)(inputs)  # [B, L, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L]
+    if top_k == 0:
+        return chosen, jnp.zeros((*chosen.shape, 0), jnp.float32), jnp.zeros((*chosen.shape, 0), jnp.int32)
+    values, ids = jax.lax.top_k(logp, top_k)  # [B, L, k]
+    return chosen, values, ids.astype(jnp.int32)
 
 
 class JaxBackend(Backend):
@@ -71,7 +87,8 @@ class JaxBackend(Backend):
         return shard_batch(tokens, self.mesh)
 
     def _compile_count(self) -> int:
-        return _apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
+        return (_apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
+                + _log_probs._cache_size())
 
     def _devices(self) -> int:
         return jax.device_count()
@@ -109,3 +126,18 @@ class JaxBackend(Backend):
         padded[:, :T] = tokens
         logits = _apply(weights.graphdef, weights.state, self._place_batch(padded), np.int32(T - 1), last_only)
         return np.asarray(logits if last_only else logits[:, :T])
+
+    def _score(self, weights: JaxWeights, inputs: np.ndarray, targets: np.ndarray, top_k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Backend._score on device: the batch padded to a power of two (a multiple of the mesh's batch axes),
+        the length to bucket_length, so that a mixed workload compiles rarely; only [B, L, k] comes back."""
+        B, L = inputs.shape
+        rows = decode.batch_bucket(B)
+        if self.mesh is not None:
+            per = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            rows = -(-rows // per) * per
+        padded = np.zeros((2, rows, bucket_length(L, self.config.n_positions)), np.int32)
+        padded[0, :B, :L], padded[1, :B, :L] = inputs, targets
+        out = _log_probs(weights.graphdef, weights.state, self._place_batch(padded[0]), padded[1], top_k)
+        chosen, values, ids = jax.device_get(out)
+        return chosen[:B, :L], values[:B, :L], ids[:B, :L]
