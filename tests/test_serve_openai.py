@@ -102,7 +102,9 @@ def _check_logprobs(block, scores, positions, k, atol=0.0):
         if t == 0:
             assert top is None
             continue
-        want = {TOK.decode([int(i)]): float(v) for i, v in zip(scores.top_ids[t][:k], scores.top_logprobs[t][:k])}
+        want = {}
+        for i, v in zip(scores.top_ids[t][:k], scores.top_logprobs[t][:k]):  # one text for two ids: the likelier
+            want.setdefault(TOK.decode([int(i)]), float(v))
         assert set(want) <= set(top) and len(top) <= k + 1
         assert all(math.isclose(top[key], v, abs_tol=atol) for key, v in want.items())
 
@@ -123,7 +125,7 @@ def test_logprobs_and_echo_equal_backend_score(client, backend):
     only = client.completions.create(model=MODEL, prompt=[prompt, [5, 6]], max_tokens=0, echo=True, logprobs=2)
     for c, p in zip(only.choices, [prompt, [5, 6]]):
         assert c.text == TOK.decode(p) and c.finish_reason == "length" and c.token_ids == []
-        _check_logprobs(c.logprobs, _score(backend, p, 2), range(len(p)), 2)
+        _check_logprobs(c.logprobs, _score(backend, p, 2), range(len(p)), 2, atol=1e-5)  # batched: ulps
 
 
 def test_streamed_logprobs_and_echo_match_the_json_answer(client, backend):
