@@ -210,3 +210,18 @@ def test_bad_new_fields_are_400_naming_the_field(server, fields, param, message)
 def test_bad_tokenize_bodies_are_400(server, path, body, param, message):
     r = httpx.post(server.url + path, json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param and message in r.json()["error"]["message"]
+
+
+def test_stop_text_holds_back_what_could_begin_a_stop_string():
+    from gptjax.serve.stops import StopText
+
+    text = StopText(TOK.decode, ["ab", "é!"])
+    assert text.add(list(b"xa")) == "x"  # "a" may begin "ab": held back
+    assert text.add(list(b"c")) == "ac"  # it did not
+    assert text.add(list("é".encode())[:1]) == ""  # half a character: held back
+    assert text.add(list("é".encode())[1:]) == ""  # "é" may begin "é!"
+    assert text.add(list(b"zab") + [1, 2]) == "éz" and text.stopped and text.text == "xacéz"
+    assert text.used == 8  # the tokens up to the "b" that completed "ab"
+    assert text.add(list(b"more")) == "" and text.flush() == ""
+    tail = StopText(TOK.decode, ["ab"])
+    assert tail.add(list(b"xa")) == "x" and tail.flush() == "a" and not tail.stopped  # the end releases it
