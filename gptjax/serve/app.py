@@ -31,8 +31,15 @@ from gptjax.errors import GptjaxError
 from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
 from gptjax.serve.continuous import SessionRunner
 from gptjax.serve.scheduler import STOPPED, DeviceLock, Event, Job, QueueFull, Scheduler, ShuttingDown
-from gptjax.serve.validation import (MAX_CHOICES, Completion, Limits, RequestError, parse_completion,
-                                    parse_detokenize, parse_tokenize)
+from gptjax.serve.validation import (
+    MAX_CHOICES,
+    Completion,
+    Limits,
+    RequestError,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 from gptjax.tokenizer import Tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.tracing.spans import record_error, tracer
@@ -242,7 +249,7 @@ async def _completions(request: Request, state: ServerState) -> Response:
     """Authorize, check readiness, read and validate the body, queue the job, answer (JSON or SSE)."""
     span = _server_span(request)
     state.inflight += 1
-    handed_over = False
+    handed_over, jobs = False, None
     try:
         _authorize(request, state.options.api_key)
         _check_ready(state)
@@ -261,6 +268,8 @@ async def _completions(request: Request, state: ServerState) -> Response:
         _end(span, response.status_code)
         return response
     except BaseException as e:
+        if jobs is not None:  # one choice failed, or the scoring: the other choices' work is wasted
+            jobs.cancel("error")
         status = e.status if isinstance(e, RequestError) else 500
         if status >= 500:
             record_error(span, e)
@@ -492,7 +501,7 @@ async def _sse(state: ServerState, jobs: _Jobs, completion: Completion, head: di
                 yield _data(head | {"choices": [], "usage": usage(completion.prompts, choices)})
         yield "data: [DONE]\n\n"
     finally:
-        jobs.cancel("disconnect")  # a no-op unless the client left before the end
+        jobs.cancel("disconnect" if status == 200 else "error")  # a no-op unless the client left or one failed
         access["tokens"] = sum(len(c.tokens) for c in choices)
         span.set_attribute("gptjax.stream", True)
         _end(span, status)

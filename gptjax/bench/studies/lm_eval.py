@@ -153,10 +153,9 @@ def _serve(checkpoint: str, mode: str, port: int) -> subprocess.Popen:
 def _evaluate(url: str, model: str, task: str, folder: Path, args: argparse.Namespace,
               limit: int | None = None) -> tuple[dict, float]:
     """lm-eval's results for one task (its first `limit` documents) and its wall-clock seconds."""
+    import httpx
     import lm_eval
     from lm_eval.tasks import TaskManager
-
-    import httpx
 
     context = httpx.get(url + "/tokenizer_info").json()["model_max_length"]
     model_args = {"model": model, "base_url": url + "/v1/completions", "tokenizer_backend": "remote",
