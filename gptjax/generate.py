@@ -1,7 +1,10 @@
 """The backend-agnostic half of generation: request validation, left-padded ragged batches, results, and
 the reference (NumPy) implementation of the sampling rules every backend follows.
 
-Sampling, per row and step: greedy (argmax) when `greedy` or temperature == 0; otherwise logits / temperature,
+Sampling, per row and step: first the logits are adjusted as OpenAI documents it, where c[j] counts token j among
+the tokens this row has generated so far (not its prompt, as vLLM counts):
+    logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty;  logits[j] += logit_bias[j]
+(skipped when a row sets none of them). Then greedy (argmax) when `greedy` or temperature == 0; otherwise logits / temperature,
 then top-k (keep the k largest; ties with the k-th are kept), then top-p on what remains (keep the smallest
 prefix of tokens sorted by probability whose mass reaches p; the most likely token always stays), then one
 draw from the renormalised distribution. A stop token ends its row and is not part of the output.
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +28,7 @@ from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 
 STOP, LENGTH = "stop", "length"
+MAX_LOGIT_BIAS = 300  # entries in a logit_bias (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,14 @@ class SamplingParams:
     seed: int = 0
     stop_tokens: tuple[int, ...] = ()
     greedy: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether penalties or a logit bias change this row's logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def is_greedy(self) -> bool:
@@ -85,6 +98,11 @@ class GenerationRequest:
         rows = [self.row(b).sampling for b in range(self.batch)]
         return "greedy" if all(r.is_greedy for r in rows) else "filter" if any(r.filters for r in rows) else "sample"
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether some row uses penalties or a logit bias (then backends count each row's tokens)."""
+        return any(self.row(b).sampling.adjusts for b in range(self.batch))
+
 
 def join_requests(requests: Sequence[GenerationRequest]) -> GenerationRequest:
     """One batch of the rows of several validated requests, each row keeping its request's settings and random
@@ -117,7 +135,8 @@ class GenerationResult:
 
 def make_request(config: GPTConfig, prompts: object, max_new_tokens: object, *, temperature: object = 1.0,
                  top_k: object = None, top_p: object = None, seed: object = 0, stop_tokens: object = (),
-                 greedy: object = False) -> GenerationRequest:
+                 greedy: object = False, presence_penalty: object = 0.0, frequency_penalty: object = 0.0,
+                 logit_bias: object = None) -> GenerationRequest:
     """Check every argument of a generate call and name the first bad one with its allowed range."""
     V = config.vocab_size
     rows = _prompts(prompts, V)
@@ -138,10 +157,41 @@ def make_request(config: GPTConfig, prompts: object, max_new_tokens: object, *, 
     if not isinstance(greedy, bool):
         raise GptjaxError(f"greedy={greedy!r} must be True or False")
     stops = _token_list(stop_tokens, V, "stop_tokens")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _is_real(value) or not -2 <= value <= 2:
+            raise GptjaxError(f"{name}={value!r} must be a finite number in [-2, 2]")
     sampling = SamplingParams(float(temperature), None if top_k is None else int(top_k),
                               None if top_p is None else float(top_p), int(seed),
-                              tuple(stops), greedy)
+                              tuple(stops), greedy, float(presence_penalty), float(frequency_penalty),
+                              check_logit_bias(logit_bias, V))
     return GenerationRequest(tuple(rows), int(max_new_tokens), sampling)
+
+
+def check_logit_bias(logit_bias: object, V: int) -> tuple[tuple[int, float], ...]:
+    """A logit_bias mapping (token id as an int or a decimal string -> a finite bias in [-100, 100], at most
+    MAX_LOGIT_BIAS entries; None for none) as sorted (id, bias) pairs, or a GptjaxError naming the bad entry."""
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, Mapping):
+        raise GptjaxError(f"logit_bias must be a mapping of token id to bias, got {type(logit_bias).__name__}")
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise GptjaxError(f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+    pairs: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        if isinstance(key, str) and re.fullmatch(r"[0-9]{1,10}", key):
+            token = int(key)
+        elif _is_int(key):
+            token = int(key)
+        else:
+            raise GptjaxError(f"logit_bias: key {key!r} is not a token id (an integer or a decimal string)")
+        if not 0 <= token < V:
+            raise GptjaxError(f"logit_bias: token id {token} is outside [0, {V})")
+        if not _is_real(bias) or not -100 <= bias <= 100:
+            raise GptjaxError(f"logit_bias: bias {bias!r} of token {token} must be a finite number in [-100, 100]")
+        if token in pairs:
+            raise GptjaxError(f"logit_bias: token id {token} is given twice")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def _is_int(x: object) -> bool:
@@ -227,8 +277,29 @@ def filter_logits(logits: np.ndarray, top_k: int | None, top_p: float | None) ->
     return x
 
 
-def sample_token(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from float logits [V] under the sampling rules above."""
+def adjust_logits(logits: np.ndarray, sampling: SamplingParams, counts: np.ndarray) -> np.ndarray:
+    """Float32 logits [V] after the penalties and logit bias of the rules above, given counts [V] of the tokens
+    the row has generated (the JAX backend computes the same float32 expression on device)."""
+    c = counts.astype(np.float32)
+    penalty = c * np.float32(sampling.frequency_penalty) + (c > 0).astype(np.float32) * np.float32(
+        sampling.presence_penalty)
+    return logits.astype(np.float32) - penalty + bias_row(sampling, len(logits))
+
+
+def bias_row(sampling: SamplingParams, V: int) -> np.ndarray:
+    """A row's logit bias as a dense float32 [V] (zeros where none)."""
+    row = np.zeros(V, np.float32)
+    for token, bias in sampling.logit_bias:
+        row[token] = bias
+    return row
+
+
+def sample_token(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator,
+                 counts: np.ndarray | None = None) -> int:
+    """One token from float logits [V] under the sampling rules above; counts [V]: the row's generated tokens
+    (needed when the row adjusts its logits)."""
+    if sampling.adjusts:
+        logits = adjust_logits(logits, sampling, np.zeros(len(logits), np.int32) if counts is None else counts)
     if sampling.is_greedy:
         return int(np.argmax(logits))
     x = filter_logits(logits.astype(np.float64) / sampling.temperature, sampling.top_k, sampling.top_p)

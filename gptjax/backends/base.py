@@ -142,19 +142,26 @@ class Backend(abc.ABC):
 
     def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_tokens: Any = (), greedy: bool = False) -> GenerationResult:
+                 stop_tokens: Any = (), greedy: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: Mapping[int | str, float] | None = None) -> GenerationResult:
         """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens.
 
-        Sampling rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row
-        stops at a stop token (not included) or after max_new_tokens; the result says which.
+        Sampling rules (penalties and logit bias included) are in gptjax.generate; the same seed gives the same
+        tokens on every run. Each row stops at a stop token (not included) or after max_new_tokens; the result
+        says which.
         """
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
+                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               logit_bias=logit_bias)
         return collect(self._traced(self._prepared(params), request, None), request)
 
     def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop_tokens: Any = (), greedy: bool = False) -> Iterator[StreamChunk]:
+               stop_tokens: Any = (), greedy: bool = False,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: Mapping[int | str, float] | None = None) -> Iterator[StreamChunk]:
         """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps.
 
         Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
@@ -162,7 +169,9 @@ class Backend(abc.ABC):
         """
         _check_chunk_size(chunk_size)
         request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy)
+                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                               logit_bias=logit_bias)
         return self._traced(self._prepared(params), request, chunk_size)
 
     def stream_joined(self, params: Params | Any, requests: Sequence[GenerationRequest], *, chunk_size: int = 16
@@ -261,6 +270,9 @@ class Backend(abc.ABC):
             attributes["gen_ai.request.top_p"] = sp.top_p
         if sp.top_k is not None:
             attributes["gen_ai.request.top_k"] = sp.top_k
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(sp, name):
+                attributes[f"gen_ai.request.{name}"] = getattr(sp, name)
         return attributes
 
     def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int,

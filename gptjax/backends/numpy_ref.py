@@ -294,9 +294,12 @@ class NumpyBackend(Backend):
         logits = run(tokens, positions=positions, mask=ragged_mask(pad, 0, Tp, S, self.dtype), start=0)
         rngs = [np.random.default_rng([r.sampling.seed, r.key_index]) for r in rows_settings]
         rows = _Rows(rows_settings)
+        counts = np.zeros((B, c.vocab_size), np.int32) if request.adjusts else None  # generated tokens per row
         for step in range(request.max_new_tokens):
-            next_tokens = np.array([sample_token(logits[b], r.sampling, rngs[b])
+            next_tokens = np.array([sample_token(logits[b], r.sampling, rngs[b], None if counts is None else counts[b])
                                     for b, r in enumerate(rows_settings)])  # [B]
+            if counts is not None:
+                counts[np.arange(B), next_tokens] += 1
             rows.record(next_tokens, step)
             if step == 0 or rows.all_done or (chunk_size and step % chunk_size == 0):
                 yield rows.flush("prefill" if step == 0 else "decode")

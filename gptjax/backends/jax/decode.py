@@ -1,6 +1,10 @@
 """Jitted generation for the JAX backend: prefill, a `lax.while_loop` decode over chunks of steps, and the
 sampling rules of gptjax.generate implemented on device.
 
+Penalties and logit bias cost [B, V] arrays (the bias row, and each row's counts of generated tokens): they exist
+only when some row uses them (or a session may admit such a row), as Sampling.bias and DecodeState.counts;
+otherwise those are None and the compiled loop is the one without them.
+
 Shapes are bucketed so a mixed workload compiles rarely: batch to a power of two, prompt length Tp and
 cache length S with `bucket_length`; sampling settings and max_new_tokens are traced values, so only
 (B, Tp, S, sampling mode greedy | sample | filter) select a compilation of each of the two functions.
@@ -18,7 +22,7 @@ from flax import nnx
 
 from gptjax.backends.jax.kv import KVCache, Masks
 from gptjax.config import GPTConfig
-from gptjax.generate import GenerationRequest, left_pad
+from gptjax.generate import GenerationRequest, bias_row, left_pad
 from gptjax.sharding import cache_sharding, shard_batch
 
 
@@ -39,10 +43,15 @@ class Sampling(NamedTuple):
     max_new: jax.Array | None = None  # [B] int32 tokens each row may add
     seed: jax.Array | None = None  # [B] uint32 each row's seed ...
     key_index: jax.Array | None = None  # [B] int32 ... and stream: its key is fold_in(key(seed), key_index)
+    # logit adjustments (None when no row uses them): penalties on generated tokens, and a bias
+    presence: jax.Array | None = None  # [B] float32
+    frequency: jax.Array | None = None  # [B] float32
+    bias: jax.Array | None = None  # [B, V] float32
 
     @classmethod
-    def of(cls, request: GenerationRequest, batch: int, vocab: int) -> Sampling:
-        """Arrays for a request's rows (rows beyond the request are padding, greedy and finished)."""
+    def of(cls, request: GenerationRequest, batch: int, vocab: int, adjust: bool | None = None) -> Sampling:
+        """Arrays for a request's rows (rows beyond the request are padding, greedy and finished); with the
+        logit adjustments when adjust (default: when some row uses them)."""
         rows = [request.row(b) for b in range(request.batch)]
         n = -(-max(1, *(len(r.sampling.stop_tokens) for r in rows)) // 8) * 8  # 8 per bucket: few compiles
         temperature, top_k, top_p = np.zeros(batch, np.float32), np.full(batch, vocab, np.int32), np.ones(batch)
@@ -55,8 +64,16 @@ class Sampling(NamedTuple):
             top_p[b] = 1.0 if sp.top_p is None else sp.top_p
             stop[b, : len(sp.stop_tokens)] = sp.stop_tokens
             max_new[b], seed[b], key_index[b] = r.max_new_tokens, sp.seed, r.key_index
+        adjustments = (None, None, None)
+        if request.adjusts if adjust is None else adjust:
+            presence, frequency = np.zeros(batch, np.float32), np.zeros(batch, np.float32)
+            bias = np.zeros((batch, vocab), np.float32)
+            for b, r in enumerate(rows):
+                presence[b], frequency[b] = r.sampling.presence_penalty, r.sampling.frequency_penalty
+                bias[b] = bias_row(r.sampling, vocab)
+            adjustments = (jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(bias))
         return cls(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p, jnp.float32), jnp.asarray(stop),
-                   jnp.asarray(max_new), jnp.asarray(seed), jnp.asarray(key_index))
+                   jnp.asarray(max_new), jnp.asarray(seed), jnp.asarray(key_index), *adjustments)
 
 
 class DecodeState(NamedTuple):
@@ -71,6 +88,7 @@ class DecodeState(NamedTuple):
     out: jax.Array  # [B, N] generated tokens
     keys: jax.Array  # [B] per-row PRNG keys
     start: jax.Array  # [B] step at which each row began: 0, or later for a row admitted into a running batch
+    counts: jax.Array | None = None  # [B, V] int32 tokens each row has generated (None: no row adjusts logits)
 
 
 def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -86,12 +104,24 @@ def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(x < threshold, -jnp.inf, x)
 
 
-def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling, mode: str) -> jax.Array:
-    """Next token per row [B] from logits [B, V]: argmax where temperature is 0, else a seeded draw.
+def adjust_logits(logits: jax.Array, sampling: Sampling, counts: jax.Array) -> jax.Array:
+    """Logits [B, V] less each row's penalties on the tokens it generated (counts [B, V]), plus its bias: the
+    float32 expression of gptjax.generate.adjust_logits."""
+    c = counts.astype(jnp.float32)
+    penalty = c * sampling.frequency[:, None] + (c > 0).astype(jnp.float32) * sampling.presence[:, None]
+    return logits.astype(jnp.float32) - penalty + sampling.bias
+
+
+def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampling, mode: str,
+           counts: jax.Array | None = None) -> jax.Array:
+    """Next token per row [B] from logits [B, V]: argmax where temperature is 0, else a seeded draw; first
+    adjusted by penalties (on counts [B, V]) and bias where sampling carries them.
 
     mode (static) is "greedy" (every row: skip the draw), "sample", or "filter" (top-k/top-p on). A draw is
     one uniform number per row against the cumulative distribution, not V Gumbel numbers: the threefry bits
     for 50k Gumbels cost more than a decode step's attention."""
+    if sampling.bias is not None:
+        logits = adjust_logits(logits, sampling, counts)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return greedy
@@ -115,8 +145,9 @@ def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Arra
     out = jax.lax.dynamic_update_index_in_dim(d.out, jnp.where(kept, token, 0), d.step, axis=1)
     step = d.step + 1
     own = step - d.start  # [B] tokens each row has sampled
+    counts = None if d.counts is None else d.counts.at[jnp.arange(token.shape[0]), token].add(1)
     return d._replace(last=token, step=step, out=out, lengths=jnp.where(kept, own, d.lengths),
-                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (own >= max_new))
+                      stopped=d.stopped | hit_stop, done=d.done | hit_stop | (own >= max_new), counts=counts)
 
 
 def prefill_masks(pad: jax.Array, T: int) -> Masks:
@@ -149,9 +180,10 @@ def prefill(graphdef: Any, state: Any, tokens: jax.Array, pad: jax.Array, valid:
         logits, cache = model.step(tokens, positions, prefill_masks(pad, Tp), cache, 0)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(sampling.seed, sampling.key_index)
         zeros = jnp.zeros(B, jnp.int32)
+        counts = None if sampling.bias is None else jnp.zeros(sampling.bias.shape, jnp.int32)  # [B, V]
         d = DecodeState(cache, zeros, jnp.int32(0), ~valid, jnp.zeros(B, bool), zeros,
-                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys, zeros)
-        return _record(d, sample(logits, keys, d.step, sampling, mode), sampling.stop, sampling.max_new)
+                        jnp.zeros((B, cache_length - Tp), jnp.int32), keys, zeros, counts)
+        return _record(d, sample(logits, keys, d.step, sampling, mode, counts), sampling.stop, sampling.max_new)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("d",))
@@ -167,7 +199,7 @@ def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: 
             index = Tp + d.step - 1  # cache index of d.last
             logits, cache = model.step(d.last[:, None], (index - pad)[:, None], decode_masks(pad, index, S),
                                        d.cache, index)
-            token = sample(logits, d.keys, d.step - d.start, sampling, mode)
+            token = sample(logits, d.keys, d.step - d.start, sampling, mode, d.counts)
             return _record(d._replace(cache=cache), token, sampling.stop, sampling.max_new)
 
         return jax.lax.while_loop(lambda d: (d.step < until) & ~jnp.all(d.done), body, d)
@@ -179,11 +211,12 @@ def batch_bucket(batch: int) -> int:
 
 
 def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_length: int, mesh: Any = None,
-          kv_cache: str = "fp32", rows: int | None = None, mode: str | None = None
+          kv_cache: str = "fp32", rows: int | None = None, mode: str | None = None, adjust: bool | None = None
           ) -> tuple[DecodeState, jax.Array, Sampling, str]:
     """Pad the request to its buckets and run prefill; returns the state and what decode needs besides.
     With a mesh the batch is padded to a multiple of its batch axes too, and placed over them. rows (at least
-    the request's) and mode (one covering the request's) override the batch bucket and sampling mode."""
+    the request's) and mode (one covering the request's) override the batch bucket and sampling mode; adjust
+    whether the loop carries logit adjustments (default: when some row uses them)."""
     config = weights.config
     B = batch_bucket(max(rows or 1, request.batch))
     if mesh is not None:
@@ -191,7 +224,7 @@ def start(weights: Any, request: GenerationRequest, prompt_length: int, cache_le
         B = -(-B // rows) * rows
     tokens, pad = left_pad(request.prompts, prompt_length, rows=B)
     valid = np.arange(B) < request.batch
-    sampling = Sampling.of(request, B, config.vocab_size)
+    sampling = Sampling.of(request, B, config.vocab_size, adjust)
     mode = mode or request.mode
     if mesh is not None:
         tokens = shard_batch(tokens, mesh)
@@ -219,4 +252,5 @@ def admit(d: DecodeState, new: DecodeState, row: jax.Array, index: jax.Array) ->
                       done=one(d.done, new.done), stopped=one(d.stopped, new.stopped),
                       lengths=one(d.lengths, new.lengths), keys=one(d.keys, new.keys),
                       out=jax.lax.dynamic_update_slice(d.out, new.out[:, :1], (row, first)),
-                      start=d.start.at[row].set(first))
+                      start=d.start.at[row].set(first),
+                      counts=None if d.counts is None else one(d.counts, new.counts))  # the row's own counts

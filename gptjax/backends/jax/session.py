@@ -7,7 +7,9 @@ the batch writes next; its pad, sampling settings, seed stream and start step ar
 thus reads only its own entries at its own positions and samples with its own key and step count, so it gets
 the tokens its request gets alone. A row leaves when it finishes or is cancelled, freeing its slot. A request
 fits while the cache has room for its budget after the current step (S is sized with headroom for that) and
-its sampling mode is covered by the session's (greedy ⊂ sample ⊂ filter).
+its sampling mode is covered by the session's (greedy ⊂ sample ⊂ filter). A session always carries the logit
+adjustments (penalties, bias, per-row token counts; zero for rows without them, which leaves their logits
+unchanged), so that any request may join; admitting a row installs its settings and its own counts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class DecodeSession:
         self.S = self.Tp + bucket_length(joined.max_new_tokens + headroom, 2**31)
         self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
         self.d, pad, self.sampling, _ = jax_decode.start(weights, joined, self.Tp, self.S, backend.mesh,
-                                                         backend.kv_cache, rows=slots, mode=self.mode)
+                                                         backend.kv_cache, rows=slots, mode=self.mode, adjust=True)
         B = self.d.last.shape[0]
         self.pad = np.asarray(pad).copy()
         self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
@@ -68,7 +70,7 @@ class DecodeSession:
         Tp1 = bucket_length(n, self.config.n_positions)
         tokens, pad1 = left_pad(request.prompts, Tp1)
         w = self.weights
-        one = jax_decode.Sampling.of(request, 1, self.config.vocab_size)
+        one = jax_decode.Sampling.of(request, 1, self.config.vocab_size, adjust=True)
         new = jax_decode.prefill(w.graphdef, w.state, tokens, pad1, np.ones(1, bool), one, self.config,
                                  Tp1 + 8, request.mode, self.kv_cache, cpu_kernels=w.cpu_kernels)
         index = self.Tp + self.step - 1
@@ -77,6 +79,7 @@ class DecodeSession:
         stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
         self.sampling = jax_decode.Sampling(*(a.at[row].set(b[0]) for a, b in zip(self.sampling,
                                                                                    one._replace(stop=stop))))
+        # (every field is set: a session's Sampling carries the adjustments, so none is None)
         self.pad[row], self.owners[row], self.sent[row] = index - n, owner, 0
         done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
         self.sent[row] = int(length)
