@@ -48,12 +48,13 @@ def _generate(backend, prompt, max_tokens, **kw):
 def test_prompt_lists_and_n_give_each_choice_its_solo_tokens(client, backend):
     prompts = ["Hi", "abc"]
     r = client.completions.create(model=MODEL, prompt=prompts, n=3, best_of=3, max_tokens=9, seed=2**32 - 2,
-                                  temperature=0.9, extra_body={"top_k": 40})
+                                  temperature=0.9, presence_penalty=0.5, logit_bias={"32": 2.5},
+                                  extra_body={"top_k": 40})
     assert [c.index for c in r.choices] == list(range(6))
-    for c in r.choices:  # choice p * n + j: prompt p with seed (seed + j) mod 2**32
+    for c in r.choices:  # choice p * n + j: prompt p with seed (seed + j) mod 2**32; six rows in one batch
         p, j = divmod(c.index, 3)
         expected = _generate(backend, list(prompts[p].encode()), 9, seed=(2**32 - 2 + j) % 2**32, temperature=0.9,
-                             top_k=40)
+                             top_k=40, presence_penalty=0.5, logit_bias={32: 2.5})
         assert c.token_ids == expected and c.text == TOK.decode(expected) and c.finish_reason == "length"
     assert len({tuple(c.token_ids) for c in r.choices}) == 6  # independent samples
     assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 6 * 9

@@ -12,7 +12,7 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.generate import GenerationRequest, make_request
+from gptjax.generate import MAX_LOGIT_BIAS, GenerationRequest, make_request
 from gptjax.tokenizer import Tokenizer
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
@@ -25,7 +25,6 @@ MAX_PROMPTS = 64  # prompts in one request
 MAX_N = 16  # completions per prompt
 MAX_CHOICES = 64  # prompts × n: the jobs one request may queue (also at most the queue's size)
 MAX_LOGPROBS = 5  # top alternatives per token (OpenAI's limit)
-MAX_LOGIT_BIAS = 300  # entries in logit_bias (OpenAI documents none; a bound keeps the per-row table small)
 
 
 class RequestError(Exception):
