@@ -224,10 +224,11 @@ def lm_eval_precision(results: Results) -> str:
     rows = results[LM_EVAL]
     study = [r for r in rows if r.get("kind") == "study"]
     body = [[r["precision"], f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", f"{r['acc_norm']:.3f}",
-             f"{r['exact_match']:.3f}", num(r["mc_tokens_per_s"], 0), num(r["gen_tokens_per_s"], 0)] for r in study]
+             f"{r['true_line_logprob_per_byte']:.4f}", f"{r['exact_match']:.3f}", num(r["mc_tokens_per_s"], 0),
+             num(r["gen_tokens_per_s"], 0)] for r in study]
     env = of_kind(rows, "environment")["env"]
-    return (table(["precision", "next-line acc (4 choices)", "acc_norm", "greedy exact match",
-                   "scored tok/s", "generated tok/s"], body)
+    return (table(["precision", "next-line acc (4 choices)", "acc_norm", "true line log-prob / byte",
+                   "greedy exact match", "scored tok/s", "generated tok/s"], body)
             + f"\n{study[0]['docs']} documents per task; lm-eval {study[0]['lm_eval']}; {env['cores']}-core "
               f"{env['cpu']}, git {env['git']}; 1-minute load average {env['load_avg_1m']:.1f} at the start, "
               f"{study[0]['load_avg_1m']:.1f} at the end: other work shared the CPU, so compare the modes' speeds "

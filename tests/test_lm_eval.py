@@ -70,3 +70,11 @@ def test_lm_eval_loglikelihoods_and_generations_equal_the_backends(server, monke
         cut += bool(ends)
         assert sample["filtered_resps"][0] == text[:min(ends, default=len(text))]
     assert cut >= 1  # at least one generation really ended on a multi-character stop string
+
+
+def test_the_lm_eval_study_refuses_a_missing_checkpoint(capsys, tmp_path):
+    from gptjax.cli import main
+
+    assert main(["bench", "--out", str(tmp_path / "x"), "--study", "lm-eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "give a checkpoint directory (e.g. runs/<time>/model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

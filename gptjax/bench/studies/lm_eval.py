@@ -6,7 +6,8 @@
 Builds a next-line task from held-out Python (the validation split of the training corpus: the running
 interpreter's standard library, as `gptjax train` splits it): each document is --context bytes of a file, the
 true next line and 3 other lines from held-out files as distractors; lm-eval's `multiple_choice` picks the
-line with the highest log-likelihood (acc; acc_norm divides by the line's length in bytes). Then a
+line with the highest log-likelihood (acc; acc_norm divides by the line's length in bytes; the mean
+log-likelihood of the true line per byte shows what accuracy hides until a choice flips). Then a
 `generate_until` task: the greedy continuation until "\\n" must equal the true next line (exact_match). For each
 --modes precision mode it starts `gptjax serve --precision MODE` on 127.0.0.1 (a subprocess; needs the eval
 extra), runs lm-eval's `local-completions` model with the server's remote tokenizer on both tasks (the task
@@ -214,8 +215,10 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
                 proc.terminate()
                 proc.wait(60)
             r_mc, r_gen = mc["results"]["gptjax_next_line_mc"], gen["results"]["gptjax_next_line_gen"]
+            true_ll = _true_line_logprob(mc["samples"]["gptjax_next_line_mc"])
             row = {"precision": mode, "docs": args.docs, "acc": r_mc["acc,none"], "acc_stderr": r_mc["acc_stderr,none"],
                    "acc_norm": r_mc["acc_norm,none"], "exact_match": r_gen["exact_match,none"],
+                   "true_line_logprob_per_byte": true_ll,
                    "mc_seconds": mc_s, "mc_tokens": mc_tokens, "mc_tokens_per_s": mc_tokens / mc_s,
                    "gen_seconds": gen_s, "gen_tokens": gen_tokens, "gen_tokens_per_s": gen_tokens / gen_s,
                    "lm_eval": lm_eval_version()}
@@ -224,6 +227,13 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
             rows.append(row)
     title = f"lm-eval next-line accuracy per precision mode ({args.docs} held-out lines, {args.checkpoint})"
     return Outcome(rows, title, table(rows))
+
+
+def _true_line_logprob(samples: list[dict[str, Any]]) -> float:
+    """Mean over documents of lm-eval's log-likelihood of the true line, per byte of it: the finer signal
+    (accuracy moves only when a mode flips a choice)."""
+    values = [s["filtered_resps"][s["doc"]["answer"]][0] / len(s["doc"]["target"].encode()) for s in samples]
+    return sum(values) / len(values)
 
 
 def lm_eval_version() -> str:
@@ -235,8 +245,9 @@ def lm_eval_version() -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per precision mode."""
-    head = ("| precision | next-line acc (4 choices) | acc_norm | greedy exact match | scored tok/s | "
-            "generated tok/s |\n|---|---|---|---|---|---|\n")
+    head = ("| precision | next-line acc (4 choices) | acc_norm | true line log-prob / byte | greedy exact match | "
+            "scored tok/s | generated tok/s |\n|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['precision']} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} | {r['acc_norm']:.3f} | "
-        f"{r['exact_match']:.3f} | {r['mc_tokens_per_s']:,.0f} | {r['gen_tokens_per_s']:,.0f} |\n" for r in rows)
+        f"{r['true_line_logprob_per_byte']:.4f} | {r['exact_match']:.3f} | {r['mc_tokens_per_s']:,.0f} | "
+        f"{r['gen_tokens_per_s']:,.0f} |\n" for r in rows)
