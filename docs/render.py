@@ -224,7 +224,7 @@ def lm_eval_precision(results: Results) -> str:
     rows = results[LM_EVAL]
     study = [r for r in rows if r.get("kind") == "study"]
     body = [[r["precision"], f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", f"{r['acc_norm']:.3f}",
-             f"{r['true_line_logprob_per_byte']:.4f}", f"{r['exact_match']:.3f}", num(r["mc_tokens_per_s"], 0),
+             f"{r['true_line_logprob_per_byte']:.5f}", f"{r['exact_match']:.3f}", num(r["mc_tokens_per_s"], 0),
              num(r["gen_tokens_per_s"], 0)] for r in study]
     env = of_kind(rows, "environment")["env"]
     return (table(["precision", "next-line acc (4 choices)", "acc_norm", "true line log-prob / byte",

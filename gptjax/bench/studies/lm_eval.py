@@ -249,5 +249,5 @@ def table(rows: list[dict[str, Any]]) -> str:
             "scored tok/s | generated tok/s |\n|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['precision']} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} | {r['acc_norm']:.3f} | "
-        f"{r['true_line_logprob_per_byte']:.4f} | {r['exact_match']:.3f} | {r['mc_tokens_per_s']:,.0f} | "
+        f"{r['true_line_logprob_per_byte']:.5f} | {r['exact_match']:.3f} | {r['mc_tokens_per_s']:,.0f} | "
         f"{r['gen_tokens_per_s']:,.0f} |\n" for r in rows)
