@@ -4,10 +4,10 @@ the reference (NumPy) implementation of the sampling rules every backend follows
 Sampling, per row and step: first the logits are adjusted as OpenAI documents it, where c[j] counts token j among
 the tokens this row has generated so far (not its prompt, as vLLM counts):
     logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty;  logits[j] += logit_bias[j]
-(skipped when a row sets none of them). Then greedy (argmax) when `greedy` or temperature == 0; otherwise logits / temperature,
-then top-k (keep the k largest; ties with the k-th are kept), then top-p on what remains (keep the smallest
-prefix of tokens sorted by probability whose mass reaches p; the most likely token always stays), then one
-draw from the renormalised distribution. A stop token ends its row and is not part of the output.
+(skipped when a row sets none of them). Then greedy (argmax) when `greedy` or temperature == 0; otherwise
+logits / temperature, then top-k (keep the k largest; ties with the k-th are kept), then top-p on what remains
+(keep the smallest prefix of tokens sorted by probability whose mass reaches p; the most likely token always
+stays), then one draw from the renormalised distribution. A stop token ends its row and is not part of the output.
 
 Ragged batches are left-padded to a common length Tp: row b's prompt of n_b tokens sits at cache indices
 [Tp - n_b, Tp), its positions count from 0 there, and its queries never read the padding. Decode step i

@@ -24,7 +24,7 @@ from gptjax.generate import token_rows
 
 MAX_SEQUENCES = 1024  # sequences per score call (the results hold T x (1 + 2k) numbers each)
 MAX_TOP_K = 20  # alternatives per position (vLLM's default max_logprobs; OpenAI's completions allow 5)
-TOKEN_BUDGET = 2048  # input tokens per forward pass: bounds the [B, L, V] float32 log-probabilities
+TOKEN_BUDGET = 1024  # input tokens per forward pass (before padding to buckets): bounds the [B, L, V] logits
 
 
 @dataclass(frozen=True)

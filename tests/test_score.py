@@ -154,7 +154,7 @@ def test_eval_loss_is_the_training_models_to_the_printed_digits():
     from gptjax.train import evaluate, evaluate_params
 
     tokens = np.asarray(SOURCE * 2)
-    batches = lambda: data.eval_batches(tokens, 4, 64, 3)  # noqa: E731 (windows of n_positions + 1 tokens)
+    batches = lambda: data.eval_batches(tokens, 4, 64, 3)  # windows of n_positions + 1 tokens
     loss, n = evaluate_params(CONFIG, PARAMS, batches())
     old_loss, old_n = evaluate(*nnx.split(GPT(CONFIG, PARAMS)), batches())  # the computation eval used before
     assert n == old_n == 3 * 4 * 64

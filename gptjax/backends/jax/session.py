@@ -7,9 +7,10 @@ the batch writes next; its pad, sampling settings, seed stream and start step ar
 thus reads only its own entries at its own positions and samples with its own key and step count, so it gets
 the tokens its request gets alone. A row leaves when it finishes or is cancelled, freeing its slot. A request
 fits while the cache has room for its budget after the current step (S is sized with headroom for that) and
-its sampling mode is covered by the session's (greedy ⊂ sample ⊂ filter). A session always carries the logit
-adjustments (penalties, bias, per-row token counts; zero for rows without them, which leaves their logits
-unchanged), so that any request may join; admitting a row installs its settings and its own counts.
+its sampling mode is covered by the session's (greedy ⊂ sample ⊂ filter), and so are its logit adjustments: a
+session started with a row that uses penalties or a logit bias carries them for every row (zero for rows without
+them, which leaves their logits unchanged) and per-row token counts, and admitting a row installs its settings
+and its own counts; a session without them (compiled as before they existed) does not admit such a row.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class DecodeSession:
         self.S = self.Tp + bucket_length(joined.max_new_tokens + headroom, 2**31)
         self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
         self.d, pad, self.sampling, _ = jax_decode.start(weights, joined, self.Tp, self.S, backend.mesh,
-                                                         backend.kv_cache, rows=slots, mode=self.mode, adjust=True)
+                                                         backend.kv_cache, rows=slots, mode=self.mode,
+                                                         adjust=joined.adjusts)
+        self.adjust = joined.adjusts  # the loop carries penalties, bias and token counts
         B = self.d.last.shape[0]
         self.pad = np.asarray(pad).copy()
         self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
@@ -61,7 +64,8 @@ class DecodeSession:
         return (request.batch == 1 and None in self.owners and MODES.index(request.mode) <= MODES.index(self.mode)
                 and bucket_length(n, self.config.n_positions) <= index
                 and self.step - 1 + request.max_new_tokens <= self.S - self.Tp
-                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1])
+                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1]
+                and (self.adjust or not request.adjusts))
 
     def admit(self, request: GenerationRequest, owner: Any) -> list[tuple[Any, list[int], str | None]]:
         """Prefill a fitting one-row request alone and put it in a free slot; [(owner, first tokens, finish
@@ -70,16 +74,15 @@ class DecodeSession:
         Tp1 = bucket_length(n, self.config.n_positions)
         tokens, pad1 = left_pad(request.prompts, Tp1)
         w = self.weights
-        one = jax_decode.Sampling.of(request, 1, self.config.vocab_size, adjust=True)
+        one = jax_decode.Sampling.of(request, 1, self.config.vocab_size, adjust=self.adjust)
         new = jax_decode.prefill(w.graphdef, w.state, tokens, pad1, np.ones(1, bool), one, self.config,
                                  Tp1 + 8, request.mode, self.kv_cache, cpu_kernels=w.cpu_kernels)
         index = self.Tp + self.step - 1
         self.d = jax_decode.admit(self.d, new, np.int32(row), np.int32(index))
         width = self.sampling.stop.shape[1]
         stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
-        self.sampling = jax_decode.Sampling(*(a.at[row].set(b[0]) for a, b in zip(self.sampling,
-                                                                                   one._replace(stop=stop))))
-        # (every field is set: a session's Sampling carries the adjustments, so none is None)
+        self.sampling = jax_decode.Sampling(*(a if a is None else a.at[row].set(b[0])  # None: no adjustments
+                                              for a, b in zip(self.sampling, one._replace(stop=stop))))
         self.pad[row], self.owners[row], self.sent[row] = index - n, owner, 0
         done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
         self.sent[row] = int(length)
