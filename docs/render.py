@@ -24,6 +24,7 @@ BLOCK = re.compile(r"(<!-- render:([a-z0-9-]+) -->)(.*?)(<!-- /render -->)", re.
 KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptjax's CPU kernels enabled
 XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
 MODES = ("fp32", "bf16", "int8", "w8a8")
+LM_EVAL = "lm-eval-byte-mini.jsonl"  # `gptjax bench --study lm-eval` on the quickstart model (docs/evaluation.md)
 
 Row = dict[str, Any]
 Results = dict[str, list[Row]]
@@ -315,6 +316,22 @@ def int4_suite(results: Results) -> str:
         f"{env['load_avg_1m']:.1f}; CPU kernels {env['cpu_kernels']}.\n")
 
 
+def lm_eval_precision(results: Results) -> str:
+    """lm-eval's next-line accuracy per precision mode next to the server's tokens/s, and the load average."""
+    rows = results[LM_EVAL]
+    study = [r for r in rows if r.get("kind") == "study"]
+    body = [[r["precision"], f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", f"{r['acc_norm']:.3f}",
+             f"{r['true_line_logprob_per_byte']:.5f}", f"{r['exact_match']:.3f}", num(r["mc_tokens_per_s"], 0),
+             num(r["gen_tokens_per_s"], 0)] for r in study]
+    env = of_kind(rows, "environment")["env"]
+    return (table(["precision", "next-line acc (4 choices)", "acc_norm", "true line log-prob / byte",
+                   "greedy exact match", "scored tok/s", "generated tok/s"], body)
+            + f"\n{study[0]['docs']} documents per task; lm-eval {study[0]['lm_eval']}; {env['cores']}-core "
+              f"{env['cpu']}, git {env['git']}; 1-minute load average {env['load_avg_1m']:.1f} at the start, "
+              f"{study[0]['load_avg_1m']:.1f} at the end: other work shared the CPU, so compare the modes' speeds "
+              "only loosely.\n")
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "environment": environment, "ceilings": ceilings, "fp32-vs-hf": fp32_vs_hf, "headline": headline,
     "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
@@ -324,6 +341,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "int4-environment": int4_environment,
     "int4-symmetry": int4_symmetry, "int4-quality": int4_quality, "int4-speed": int4_speed,
     "int4-suite": int4_suite,
+    "lm-eval-precision": lm_eval_precision,
 }
 
 

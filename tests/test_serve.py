@@ -200,7 +200,7 @@ BAD = [
     ({"prompt": [1, 256]}, 400, "prompt", "token id 256 is outside [0, 256)"),
     ({"prompt": [1, -1]}, 400, "prompt", "token id -1 is outside [0, 256)"),
     ({"prompt": [1, True]}, 400, "prompt", "list of integer token ids"),
-    ({"prompt": ["a", "b"]}, 400, "prompt", "one prompt per request, got a list of 2"),
+    ({"prompt": ["a"] * 65}, 400, "prompt", "a list of 65 prompts; at most 64"),
     ({"prompt": "x" * 60, "max_tokens": 10}, 400, "max_tokens", "prompt (60 tokens) + max_tokens (10) = 70 exceeds"),
     ({"prompt": "x" * 64}, 400, "prompt", "the context is 64 tokens"),
     ({"prompt": [1], "max_tokens": 0}, 400, "max_tokens", "max_tokens must be an integer in [1, 40]"),
@@ -211,9 +211,9 @@ BAD = [
     ({"prompt": [1], "top_p": 1.5}, 400, "top_p", "top_p must be a number in (0, 1]"),
     ({"prompt": [1], "top_k": 0}, 400, "top_k", "top_k must be an integer in [1, 256] or null"),
     ({"prompt": [1], "seed": -3}, 400, "seed", "seed must be an integer in [0, 2**32)"),
-    ({"prompt": [1], "n": 2}, 400, "n", "n must be 1"),
+    ({"prompt": [1], "n": 17}, 400, "n", "n must be an integer in [1, 16]"),
     ({"prompt": [1], "stream": "yes"}, 400, "stream", "stream must be true or false"),
-    ({"prompt": [1], "stop": "ab"}, 400, "stop", "not a single-token string"),
+    ({"prompt": [1], "stop": "x" * 257}, 400, "stop", "a stop string of 257 UTF-8 bytes; at most 256"),
     ({"prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed with stream"),
     ({"prompt": [1], "model": "gpt-4"}, 404, "model", "the model 'gpt-4' does not exist"),
     (b'{"prompt": "' + b"x" * 5000 + b'"}', 413, None, "larger than 4096 bytes"),
@@ -249,7 +249,7 @@ def test_metrics_count_http_requests_by_route_and_status(cli):
     for _ in range(3):
         assert cli.post({"prompt": [1], "max_tokens": 2}, AUTH).status_code == 200
     for _ in range(2):
-        assert cli.post({"prompt": [1], "n": 3}, AUTH).status_code == 400
+        assert cli.post({"prompt": [1], "n": 17}, AUTH).status_code == 400
     assert cli.post({"prompt": [1]}).status_code == 401
     assert {s: cli.metric(name % s) - before[s] for s in before} == {200: 3, 400: 2, 401: 1}
     assert cli.metric('gptjax_requests_total{outcome="ok"}') >= 3  # the backend's own metrics are there too

@@ -28,9 +28,18 @@ from starlette.requests import ClientDisconnect
 
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
+from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
 from gptjax.serve.continuous import SessionRunner
-from gptjax.serve.scheduler import Event, Job, QueueFull, Scheduler, ShuttingDown
-from gptjax.serve.validation import Completion, Limits, RequestError, parse_completion
+from gptjax.serve.scheduler import STOPPED, DeviceLock, Event, Job, QueueFull, Scheduler, ShuttingDown
+from gptjax.serve.validation import (
+    MAX_CHOICES,
+    Completion,
+    Limits,
+    RequestError,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 from gptjax.tokenizer import Tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.tracing.spans import record_error, tracer
@@ -38,7 +47,8 @@ from gptjax.tracing.spans import record_error, tracer
 log = logging.getLogger("gptjax.serve")
 access_log = logging.getLogger("gptjax.serve.access")
 ACCESS = "gptjax.access"  # ASGI scope key: what a route tells the access-log line (completion tokens)
-ROUTES = ("/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/models", "/v1/chat/completions", "/tokenize", "/detokenize", "/tokenizer_info",
+          "/health", "/metrics")
 # /metrics labels take values from fixed sets only (a client must not be able to add series): any other route
 # is "other", any other method "other"; the status is one the server itself chose (a bounded set of codes).
 METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")
@@ -82,7 +92,8 @@ class ServerState:
         self.on_failed: Callable[[], None] | None = None  # called if warm-up fails (whoever runs the app: exit)
         self.inflight = 0
         self.limits = Limits(model.backend.config, options.model_id,
-                             options.max_tokens_cap or model.backend.config.n_positions)
+                             options.max_tokens_cap or model.backend.config.n_positions,
+                             min(MAX_CHOICES, options.max_queue))
         r = model.metrics.registry
         self.http = Counter("gptjax_http_requests", "HTTP requests by route, method and status",
                             ["route", "method", "status"], registry=r)
@@ -95,14 +106,15 @@ class ServerState:
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         on_cancel = lambda reason: self.cancelled.labels(reason=reason).inc()  # noqa: E731
         self.batching = _batching(model, options)
-        session = None
+        device, session = DeviceLock(), None  # the worker's chunks and scoring calls take turns on the backend
         if self.batching == "continuous":
             session = SessionRunner(model.backend, model.weights, chunk_size=options.chunk_size,
                                     max_batch=options.max_batch,
-                                    on_cancel=on_cancel, on_chunk=self.decode_rows.observe)
+                                    on_cancel=on_cancel, on_chunk=self.decode_rows.observe, device=device)
         self.scheduler = Scheduler(self._stream, max_batch=options.max_batch, max_queue=options.max_queue,
                                    batch_wait=options.batch_wait, on_batch=self.batch_size.observe,
-                                   on_cancel=on_cancel, on_chunk=self.decode_rows.observe, session=session)
+                                   on_cancel=on_cancel, on_chunk=self.decode_rows.observe, session=session,
+                                   device=device)
         self.queue_depth.set_function(lambda: self.scheduler.depth)
 
     def _stream(self, requests: Any) -> Any:
@@ -188,7 +200,48 @@ def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await _completions(request, state)
 
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        _authorize(request, options.api_key)
+        raise RequestError(400, f"the model {options.model_id!r} has no chat template (gptjax checkpoints carry "
+                           "none), so /v1/chat/completions cannot format messages; send a prompt to /v1/completions",
+                           "messages", code="chat_template_missing")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        _authorize(request, options.api_key)
+        body = await _read_body(request, options.max_body_bytes)
+        ids, strings = parse_tokenize(body, state.limits, model.tokenizer)
+        pieces = [TokenText(model.tokenizer)(t) for t in ids] if strings else None
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.backend.config.n_positions,
+                             "token_strs": pieces})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        _authorize(request, options.api_key)
+        body = await _read_body(request, options.max_body_bytes)
+        ids = parse_detokenize(body, state.limits, model.tokenizer)
+        return JSONResponse({"prompt": model.tokenizer.decode(ids)})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> Response:
+        _authorize(request, options.api_key)
+        return JSONResponse(_tokenizer_info(model.tokenizer, model.backend.config.n_positions))
+
     return app
+
+
+EOS = "<|endoftext|>"  # GPT-2's end-of-text token, when the checkpoint's tokenizer has it
+
+
+def _tokenizer_info(tokenizer: Tokenizer | None, context: int) -> dict[str, Any]:
+    """What vLLM's /tokenizer_info tells (lm-evaluation-harness's remote tokenizer reads the special tokens)."""
+    if tokenizer is None:
+        raise RequestError(400, "this model has no tokenizer: it takes token ids only", code="no_tokenizer")
+    eos = EOS if len(tokenizer.encode(EOS)) == 1 else None
+    return {"tokenizer_class": type(tokenizer).__name__, "model_max_length": context,
+            "vocab_size": tokenizer.vocab_size, "eos_token": eos, "bos_token": None, "pad_token": None,
+            "chat_template": None}
 
 
 # ---- /v1/completions ---------------------------------------------------------------------------------------
@@ -196,25 +249,27 @@ async def _completions(request: Request, state: ServerState) -> Response:
     """Authorize, check readiness, read and validate the body, queue the job, answer (JSON or SSE)."""
     span = _server_span(request)
     state.inflight += 1
-    handed_over = False
+    handed_over, jobs = False, None
     try:
         _authorize(request, state.options.api_key)
         _check_ready(state)
         completion = parse_completion(await _read_body(request, state.options.max_body_bytes), state.limits,
                                       state.model.tokenizer)
-        job = Job(completion.request, asyncio.get_running_loop(), span)
-        _submit(state, job)
+        jobs = _Jobs(completion, asyncio.get_running_loop(), span)
+        _submit(state, jobs.jobs)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": state.options.model_id}
         if completion.stream:
             handed_over = True  # the stream ends the span and the in-flight count
             access = request.scope.setdefault(ACCESS, {})
-            return StreamingResponse(_sse(state, job, completion, head, span, access), media_type="text/event-stream",
+            return StreamingResponse(_sse(state, jobs, completion, head, span, access), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        response = await _collect(request, state, job, completion, head)
+        response = await _collect(request, state, jobs, completion, head)
         _end(span, response.status_code)
         return response
     except BaseException as e:
+        if jobs is not None:  # one choice failed, or the scoring: the other choices' work is wasted
+            jobs.cancel("error")
         status = e.status if isinstance(e, RequestError) else 500
         if status >= 500:
             record_error(span, e)
@@ -278,9 +333,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _submit(state: ServerState, job: Job) -> None:
+def _submit(state: ServerState, jobs: list[Job]) -> None:
+    if not jobs:  # echo only: nothing to generate
+        return
     try:
-        state.scheduler.submit(job)
+        state.scheduler.submit_all(jobs)
     except QueueFull as e:
         raise RequestError(429, f"{e}; retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -291,8 +348,8 @@ def _submit(state: ServerState, job: Job) -> None:
 DISCONNECT_CHECK_S = 0.5  # how often a waiting request asks whether its client is still there
 
 
-async def _next_event(request: Request | None, job: Job, deadline: float, checked: list[float] | None = None
-                      ) -> Event:
+async def _next_event(request: Request | None, job: Job | _Jobs, deadline: float,
+                      checked: list[float] | None = None) -> Event:
     """The job's next event; on the deadline cancel it (504); a vanished client cancels it too. The client is
     asked at least every DISCONNECT_CHECK_S, also while events keep coming (`checked` holds the last time)."""
     loop = asyncio.get_running_loop()
@@ -326,96 +383,161 @@ def _generation_error(error: BaseException) -> RequestError:
                         type="server_error")
 
 
-async def _collect(request: Request, state: ServerState, job: Job, completion: Completion, head: dict[str, Any]
-                   ) -> Response:
+class _Jobs:
+    """A request's jobs (one per choice) sharing one event queue; cancel() cancels them all."""
+
+    def __init__(self, completion: Completion, loop: asyncio.AbstractEventLoop, span: Any) -> None:
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.jobs = [Job(r, loop, span, index=c, events=self.events) for c, r in enumerate(completion.requests)]
+
+    def cancel(self, reason: str) -> None:
+        """Stop working for every choice still running."""
+        for job in self.jobs:
+            job.cancel(reason)
+
+
+def _choices(state: ServerState, completion: Completion, text: TokenText) -> list[Choice]:
+    """The response's choices in order (choice p * n + j is prompt p's j-th sample); with max_tokens 0 each is
+    finished already (echo only)."""
+    choices = [Choice(c, completion.prompts[c // completion.n], completion.stops, text, completion.echo)
+               for c in range(completion.choices)]
+    if not completion.requests:
+        for choice in choices:
+            choice.finish = "length"
+    return choices
+
+
+def _apply(event: Event, choices: list[Choice], jobs: _Jobs) -> str:
+    """An event's tokens into its choice; the new text. A stop string found stops that row's generation."""
+    choice = choices[event.index]
+    delta = choice.add(event.tokens, event.finish_reason)
+    if choice.finish == "stop" and event.finish_reason is None:
+        jobs.jobs[event.index].cancel(STOPPED)
+    return delta
+
+
+async def _score(state: ServerState, sequences: list[list[int]], k: int) -> list[Any]:
+    """backend.score of sequences (top-k alternatives) in a thread, between two of the worker's chunks."""
+    def run() -> list[Any]:
+        with state.scheduler.device:
+            return state.model.backend.score(state.model.weights, sequences, top_k=k)
+    try:
+        return await asyncio.to_thread(run)
+    except Exception as e:
+        raise _generation_error(e) from None
+
+
+def _block(choice: Choice, scores: Any, first: int, k: int, text: TokenText) -> dict[str, Any]:
+    """The logprobs object of the choice's tokens from sequence position `first` on (the echoed prompt's from
+    0), continuing the choice's text offsets."""
+    block = logprobs_block(scores, range(first, len(choice.sequence())), k, text, choice.offset)
+    if block["tokens"]:
+        choice.offset = block["text_offset"][-1] + len(block["tokens"][-1])
+    return block
+
+
+async def _collect(request: Request, state: ServerState, jobs: _Jobs, completion: Completion,
+                   head: dict[str, Any]) -> Response:
     """The whole completion as one JSON body."""
-    deadline = asyncio.get_running_loop().time() + state.options.request_timeout
-    tokens: list[int] = []
-    reason, checked = None, [asyncio.get_running_loop().time()]
-    while reason is None:
-        event = await _next_event(request, job, deadline, checked)
+    loop = asyncio.get_running_loop()
+    deadline, checked = loop.time() + state.options.request_timeout, [loop.time()]
+    text = TokenText(state.model.tokenizer)
+    choices = _choices(state, completion, text)
+    while any(c.finish is None for c in choices):
+        event = await _next_event(request, jobs, deadline, checked)
         if event.error is not None:
             raise _generation_error(event.error)
-        tokens += event.tokens
-        reason = event.finish_reason
-    request.scope.setdefault(ACCESS, {})["tokens"] = len(tokens)
-    choice = {"text": _decode(state, tokens), "index": 0, "logprobs": None, "finish_reason": reason,
-              "token_ids": tokens}
-    return JSONResponse(head | {"choices": [choice], "usage": _usage(completion, len(tokens))})
+        if choices[event.index].finish is None:
+            _apply(event, choices, jobs)
+    blocks: list[Any] = [None] * len(choices)
+    if completion.logprobs is not None:
+        k = completion.logprobs
+        scores = await _score(state, [c.sequence() for c in choices], k)
+        blocks = [_block(c, s, 0 if completion.echo else len(c.prompt), k, text) for c, s in zip(choices, scores)]
+    out = []
+    for c, block in zip(choices, blocks):
+        prefix = text.decode(c.prompt) if completion.echo else ""
+        out.append({"text": prefix + c.stop.text, "index": c.index, "logprobs": block, "finish_reason": c.finish,
+                    "token_ids": c.tokens})
+    used = usage(completion.prompts, choices)
+    request.scope.setdefault(ACCESS, {})["tokens"] = used["completion_tokens"]
+    return JSONResponse(head | {"choices": out, "usage": used})
 
 
-async def _sse(state: ServerState, job: Job, completion: Completion, head: dict[str, Any], span: Any,
+async def _sse(state: ServerState, jobs: _Jobs, completion: Completion, head: dict[str, Any], span: Any,
                access: dict[str, Any]) -> AsyncIterator[str]:
-    """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]` (access gets the token count)."""
+    """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]` (access gets the token count).
+    With logprobs, all events already waiting are answered together, so one scoring call covers them."""
     deadline = asyncio.get_running_loop().time() + state.options.request_timeout
-    text, n, status = _TextStream(state.model.tokenizer), 0, 200
+    text = TokenText(state.model.tokenizer)
+    choices, status = _choices(state, completion, text), 200
     try:
-        while True:
+        if not completion.requests:  # echo only
+            for chunk in await _stream_chunks(state, completion, choices, set(range(len(choices))), {}, text):
+                yield _data(head | {"choices": [chunk]})
+        while any(c.finish is None for c in choices):
             try:
-                event = await _next_event(None, job, deadline)
+                events = [await _next_event(None, jobs, deadline)]
             except RequestError as e:
                 status = e.status
                 yield _data(e.body())
                 break
-            if event.error is not None:
-                error = _generation_error(event.error)
-                status = error.status
-                yield _data(error.body())
+            while completion.logprobs is not None and not jobs.events.empty():
+                events.append(jobs.events.get_nowait())
+            error = next((e.error for e in events if e.error is not None), None)
+            if error is not None:
+                failure = _generation_error(error)
+                status = failure.status
+                yield _data(failure.body())
                 break
-            n += len(event.tokens)
-            delta = text.add(event.tokens) + (text.flush() if event.finish_reason else "")
-            choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": event.finish_reason,
-                      "token_ids": event.tokens}
-            yield _data(head | {"choices": [choice]})
-            if event.finish_reason:
-                if completion.include_usage:
-                    yield _data(head | {"choices": [], "usage": _usage(completion, n)})
-                break
+            deltas: dict[int, str] = {}
+            for event in events:
+                if choices[event.index].finish is None:  # a stopped row's last tokens are dropped
+                    deltas[event.index] = deltas.get(event.index, "") + _apply(event, choices, jobs)
+            for chunk in await _stream_chunks(state, completion, choices, set(deltas), deltas, text):
+                yield _data(head | {"choices": [chunk]})
+        else:
+            if completion.include_usage:
+                yield _data(head | {"choices": [], "usage": usage(completion.prompts, choices)})
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel("disconnect")  # a no-op unless the client left before the end
-        access["tokens"] = n
+        jobs.cancel("disconnect" if status == 200 else "error")  # a no-op unless the client left or one failed
+        access["tokens"] = sum(len(c.tokens) for c in choices)
         span.set_attribute("gptjax.stream", True)
         _end(span, status)
         state.inflight -= 1
 
 
+async def _stream_chunks(state: ServerState, completion: Completion, choices: list[Choice], changed: set[int],
+                         deltas: dict[int, str], text: TokenText) -> list[dict[str, Any]]:
+    """One chunk choice per changed choice: its new text (after the echoed prompt in its first chunk), its new
+    tokens, their log-probabilities when asked (one scoring call for all), its finish reason once known."""
+    order = sorted(changed)
+    firsts = {c: (0 if completion.echo and not choices[c].started else
+                  len(choices[c].prompt) + choices[c].sent_tokens) for c in order}
+    scores: dict[int, Any] = {}
+    if completion.logprobs is not None:
+        wanted = [c for c in order if firsts[c] < len(choices[c].sequence())]
+        if wanted:
+            scored = await _score(state, [choices[c].sequence() for c in wanted], completion.logprobs)
+            scores = dict(zip(wanted, scored))
+    out = []
+    for c in order:
+        choice = choices[c]
+        new = choice.tokens[choice.sent_tokens:]
+        prefix = text.decode(choice.prompt) if completion.echo and not choice.started else ""
+        block = None
+        if completion.logprobs is not None:
+            block = (_block(choice, scores[c], firsts[c], completion.logprobs, text) if c in scores else
+                     {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+        choice.started, choice.sent_tokens = True, len(choice.tokens)
+        out.append({"text": prefix + deltas.get(c, ""), "index": c, "logprobs": block,
+                    "finish_reason": choice.finish, "token_ids": new})
+    return out
+
+
 def _data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-def _usage(completion: Completion, generated: int) -> dict[str, int]:
-    prompt = len(completion.prompt)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
-
-
-def _decode(state: ServerState, tokens: list[int]) -> str:
-    tokenizer = state.model.tokenizer
-    return tokenizer.decode(tokens) if tokenizer is not None else ""
-
-
-class _TextStream:
-    """Text deltas of a growing token list; a partial character is held back until its last byte arrives."""
-
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def add(self, ids: list[int]) -> str:
-        """The new stable text after appending ids."""
-        if self.tokenizer is None:
-            return ""
-        self.ids += ids
-        stable = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        delta, self.shown = stable[len(self.shown):], stable
-        return delta
-
-    def flush(self) -> str:
-        """Whatever is held back (at the end of the stream)."""
-        if self.tokenizer is None:
-            return ""
-        text = self.tokenizer.decode(self.ids)
-        delta, self.shown = text[len(self.shown):], text
-        return delta
 
 
 # ---- errors and HTTP metrics ------------------------------------------------------------------------------
@@ -425,8 +547,18 @@ async def _request_error(request: Request, error: Exception) -> Response:
 
 
 async def _http_error(request: Request, error: Exception) -> Response:
+    """Routing errors as OpenAI error objects: 404 names the route and lists the served ones, 405 the method."""
     assert isinstance(error, HTTPException)
-    return JSONResponse(RequestError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+    where = f"{request.method} {request.url.path[:100]}"
+    if error.status_code == 404:
+        message, code = f"no route {where}; routes: {', '.join(ROUTES)}", "not_found"
+    elif error.status_code == 405:
+        message, code = f"method not allowed: {where} (allowed: {error.headers.get('Allow', '?')})", \
+            "method_not_allowed"
+    else:
+        message, code = str(error.detail), None
+    body = RequestError(error.status_code, message, code=code).body()
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
 async def _internal_error(request: Request, error: Exception) -> Response:

@@ -18,7 +18,7 @@ from opentelemetry import trace
 
 from gptjax.backends.base import Backend
 from gptjax.generate import GenerationRequest
-from gptjax.serve.scheduler import Event, Job
+from gptjax.serve.scheduler import STOPPED, DeviceLock, Event, Job
 from gptjax.tracing.spans import forward_span, record_error, start_parent
 
 Take = Callable[[Callable[[GenerationRequest], bool], int], list[Job]]
@@ -50,9 +50,12 @@ class SessionRunner:
     """Callable(jobs, take, spans): serve jobs, and jobs `take` hands over while room lasts, on one session."""
 
     def __init__(self, backend: Backend, weights: Any, *, chunk_size: int, max_batch: int,
-                 on_cancel: Callable[[str], None], on_chunk: Callable[[int], None]) -> None:
+                 on_cancel: Callable[[str], None], on_chunk: Callable[[int], None],
+                 device: DeviceLock | None = None) -> None:
+        """device: held around each backend call (prefill, decode chunk), so scoring calls fit in between."""
         self.backend, self.weights, self.chunk_size, self.max_batch = backend, weights, chunk_size, max_batch
         self.on_cancel, self.on_chunk = on_cancel, on_chunk
+        self.device = device or DeviceLock()
 
     def __call__(self, jobs: list[Job], take: Take, spans: list[Any]) -> None:
         b, n_pos = self.backend, self.backend.config.n_positions
@@ -63,7 +66,8 @@ class SessionRunner:
                               lambda: b.span_attributes("generate", len(jobs), longest) | attributes,
                               context=_context(spans[0]))
         try:
-            with self._phase("prefill", parent, len(jobs), longest, [len(j.request.prompts[0]) for j in jobs]):
+            with self.device, self._phase("prefill", parent, len(jobs), longest,
+                                          [len(j.request.prompts[0]) for j in jobs]):
                 session = b.open_session(self.weights, [j.request for j in jobs], jobs, slots=self.slots(len(jobs)),
                                          headroom=max(0, min(3 * budget, n_pos - budget)))
                 first = session.first_chunk()
@@ -75,7 +79,7 @@ class SessionRunner:
                     break
                 before = session.step
                 self.on_chunk(len(session.live))
-                with self._phase("decode", parent, len(session.live), session.Tp + before) as span:
+                with self.device, self._phase("decode", parent, len(session.live), session.Tp + before) as span:
                     chunk = session.run(self.chunk_size)
                     span.set({"gptjax.steps": session.step - before})
                 b.observe_decode(span.seconds, session.step - before, sum(len(t) for _, t, _ in chunk),
@@ -98,7 +102,7 @@ class SessionRunner:
         for job in take(session.fits, max(0, room)):
             n = len(job.request.prompts[0])
             try:
-                with self._phase("prefill", job.span, 1, n, [n]):
+                with self.device, self._phase("prefill", job.span, 1, n, [n]):
                     first = session.admit(job.request, job)
             except Exception as e:
                 job.post(Event(error=e))
@@ -110,7 +114,11 @@ class SessionRunner:
         for row in session.live:
             job = session.owners[row]
             if not job.live:
-                session.cancel(job)
+                with self.device:
+                    session.cancel(job)
+                if job.cancel_reason == STOPPED:  # its stop string ended it: a normal end
+                    self._observe_end(job, "ok")
+                    continue
                 self.on_cancel(job.cancel_reason or "cancelled")
                 self._observe_end(job, "cancelled")
 

@@ -36,15 +36,21 @@ class Event:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
+    index: int = 0  # the job's choice index in its request (set by Job.post)
+
+
+STOPPED = "stop"  # the cancel reason of a row whose stop string the handler found: not counted as cancelled
 
 
 class Job:
-    """One request in flight: its generation request, where its events go (an asyncio queue on the server's
-    loop), and whether it was cancelled (client gone, timeout, shutdown)."""
+    """One completion in flight: its generation request, where its events go (an asyncio queue on the server's
+    loop, shared by the choices of one HTTP request, each event tagged with the job's choice index), and whether
+    it was cancelled (client gone, timeout, shutdown, or its stop string found)."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, span: Any = None) -> None:
-        self.request, self.loop, self.span = request, loop, span
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, span: Any = None,
+                 index: int = 0, events: asyncio.Queue[Event] | None = None) -> None:
+        self.request, self.loop, self.span, self.index = request, loop, span, index
+        self.events: asyncio.Queue[Event] = events if events is not None else asyncio.Queue()
         self.sent = 0  # tokens handed over so far
         self.finished = False
         self.cancel_reason: str | None = None
@@ -64,10 +70,48 @@ class Job:
         """Queue an event for the handler (thread-safe); a finish reason or an error ends the job."""
         if event.finish_reason or event.error is not None:
             self.finished = True
+        event.index = self.index
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server is gone
             pass
+
+
+class DeviceLock:
+    """A first-come-first-served lock around backend calls: the worker holds it for one chunk at a time, so a
+    scoring call (log-probabilities, from another thread) runs between two chunks instead of waiting for the
+    whole batch, and never at the same time as one (a plain Lock lets the worker take it back at once)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiting: deque[threading.Event] = deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()  # the holder hands the lock over (still held) to the first waiter
+
+    def __exit__(self, *exc: object) -> None:
+        with self._guard:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._held = False
+
+
+def _locked(chunks: Any, lock: DeviceLock) -> Any:
+    """The chunks of a stream, each computed while holding lock."""
+    while True:
+        with lock:
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
 
 
 class QueueFull(GptjaxError):
@@ -84,11 +128,13 @@ class Scheduler:
     def __init__(self, stream: Callable[[Sequence[GenerationRequest]], Any], *, max_batch: int, max_queue: int,
                  batch_wait: float = 0.02, on_batch: Callable[[int], None] | None = None,
                  on_cancel: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None,
-                 session: Callable[[list[Job], Any, list[Any]], None] | None = None) -> None:
+                 session: Callable[[list[Job], Any, list[Any]], None] | None = None,
+                 device: DeviceLock | None = None) -> None:
         """stream runs a batch (dynamic batching); session, when given, runs a batch and takes queued jobs into
         it between chunks (continuous batching, gptjax.serve.continuous). Hooks: on_batch(rows at start),
-        on_chunk(live rows per decode chunk), on_cancel(reason)."""
+        on_chunk(live rows per decode chunk), on_cancel(reason). device: held around each chunk's backend work."""
         self._stream, self.max_batch, self.max_queue, self._session = stream, max_batch, max_queue, session
+        self.device = device or DeviceLock()
         self.on_chunk = on_chunk or (lambda n: None)
         self._on_batch, self._on_cancel = on_batch or (lambda n: None), on_cancel or (lambda reason: None)
         self._pending: deque[Job] = deque()
@@ -109,12 +155,17 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when max_queue jobs are already waiting."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue all jobs (one request's choices) or none: QueueFull when they do not all fit."""
         with self._cv:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
-            self._pending.append(job)
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._pending)} of {self.max_queue} completions waiting, "
+                                f"{len(jobs)} more asked)")
+            self._pending.extend(jobs)
             self._cv.notify()
 
     def idle(self) -> bool:
@@ -178,7 +229,8 @@ class Scheduler:
         self._target = 1
 
     def _dropped(self, job: Job) -> None:
-        self._on_cancel(job.cancel_reason or "finished")
+        if job.cancel_reason != STOPPED:
+            self._on_cancel(job.cancel_reason or "finished")
 
     def take(self, fits: Callable[[GenerationRequest], bool], limit: int) -> list[Job]:
         """Up to `limit` queued live jobs whose request fits (in queue order), now counted as running."""
@@ -235,7 +287,7 @@ class Scheduler:
             otel_context.detach(token)
         produced = [0] * len(jobs)
         try:
-            for chunk in chunks:
+            for chunk in _locked(chunks, self.device):
                 if chunk.phase == "decode":
                     self.on_chunk(sum(job.live for job in jobs))
                 for row, job in enumerate(jobs):
@@ -248,14 +300,15 @@ class Scheduler:
                 if not any(job.live for job in jobs):
                     break
             for job in jobs:
-                if job.cancel_reason:
+                if job.cancel_reason and job.cancel_reason != STOPPED:
                     self._on_cancel(job.cancel_reason)
         except BaseException as e:
             for span in slots:
                 record_error(span, e)
             raise
         finally:
-            chunks.close()
+            with self.device:
+                chunks.close()
             for span in slots:
                 span.end()
 

@@ -12,13 +12,19 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.generate import GenerationRequest, make_request
+from gptjax.generate import MAX_LOGIT_BIAS, GenerationRequest, make_request
 from gptjax.tokenizer import Tokenizer
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-          "stream_options", "n", "user")
+          "stream_options", "n", "best_of", "user", "echo", "logprobs", "presence_penalty", "frequency_penalty",
+          "logit_bias")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
-MAX_STOP = 4
+MAX_STOP = 4  # stop strings or token ids per request (OpenAI's limit)
+MAX_STOP_BYTES = 256  # UTF-8 bytes per stop string
+MAX_PROMPTS = 64  # prompts in one request
+MAX_N = 16  # completions per prompt
+MAX_CHOICES = 64  # prompts × n: the jobs one request may queue (also at most the queue's size)
+MAX_LOGPROBS = 5  # top alternatives per token (OpenAI's limit)
 
 
 class RequestError(Exception):
@@ -43,56 +49,130 @@ class Limits:
     config: GPTConfig
     model_id: str
     max_tokens_cap: int
+    max_choices: int = MAX_CHOICES  # prompts × n per request (the server's queue size when smaller)
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A validated completion request: the generation request (one row) plus how to answer."""
+    """A validated completion request: one generation request (one row) per choice, plus how to answer.
 
-    request: GenerationRequest
-    prompt: list[int]
+    Choice c = p * n + j is prompt p's j-th sample; with a seed s it samples with seed (s + j) mod 2**32 (every
+    prompt with the same seeds, as vLLM does), so each choice's tokens are `backend.generate` with that seed alone.
+    `requests` is empty when max_tokens is 0 (echo only: score the prompts)."""
+
+    prompts: list[list[int]]
+    requests: list[GenerationRequest]
+    n: int
     stream: bool
     include_usage: bool
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives per token, or None: no log-probabilities
+    stops: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
+
+    @property
+    def choices(self) -> int:
+        """Choices in the answer: prompts × n."""
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt(self) -> list[int]:
+        """The first prompt (a single-prompt request's prompt)."""
+        return self.prompts[0]
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The first choice's generation request (a single-choice request's)."""
+        return self.requests[0]
 
 
 def parse_completion(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -> Completion:
     """Parse and check a request body; a RequestError names the first bad field."""
-    data = _json_object(body)
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise _bad(f"unknown field {unknown[0]!r}; allowed fields: {', '.join(FIELDS)}", unknown[0])
+    data = _fields(body, FIELDS)
     _check_model(data.get("model"), limits.model_id)
-    _check_n(data.get("n", 1))
     _get(data, "user", str, "a string")
-    prompt = _prompt(data.get("prompt"), limits.config, tokenizer)
-    max_tokens = _max_tokens(data.get("max_tokens"), len(prompt), limits)
+    echo = bool(_get(data, "echo", bool, "true or false"))
+    logprobs = _integer(data, "logprobs", None, lambda x: 0 <= x <= MAX_LOGPROBS,
+                        f"an integer in [0, {MAX_LOGPROBS}] or null")
+    prompts = _prompts(data.get("prompt"), limits.config, tokenizer)
+    n = _n(data, len(prompts), limits.max_choices)
+    max_tokens = _max_tokens(data.get("max_tokens"), max(len(p) for p in prompts), limits, echo)
+    if max_tokens == 0 and n != 1:  # nothing is sampled: n > 1 would return copies
+        raise _bad("n must be 1 with max_tokens: 0 (nothing is sampled)", "n")
     temperature = _number(data, "temperature", 1.0, lambda x: 0 <= x <= 2, "a number in [0, 2] (0 means greedy)")
     top_p = _number(data, "top_p", 1.0, lambda x: 0 < x <= 1, "a number in (0, 1]")
     V = limits.config.vocab_size
     top_k = _integer(data, "top_k", None, lambda x: 1 <= x <= V, f"an integer in [1, {V}] or null")
     seed = _integer(data, "seed", None, lambda x: 0 <= x < 2**32, "an integer in [0, 2**32) or null")
-    stop = _stop(data.get("stop"), V, tokenizer)
-    stream = _get(data, "stream", bool, "true or false")
-    include_usage = _stream_options(data.get("stream_options"), bool(stream))
-    try:
-        request = make_request(limits.config, [prompt], max_tokens, temperature=temperature,
-                               top_k=top_k, top_p=None if top_p == 1 else top_p,
-                               seed=secrets.randbelow(2**32) if seed is None else seed, stop_tokens=stop)
-    except GptjaxError as e:  # the checks above should have caught it: still a client error, never a 500
-        raise _bad(str(e)) from None
-    return Completion(request, prompt, bool(stream), include_usage)
+    stop_tokens, stops = _stop(data.get("stop"), V, tokenizer)
+    penalties = _penalties(data, V)
+    stream = bool(_get(data, "stream", bool, "true or false"))
+    include_usage = _stream_options(data.get("stream_options"), stream)
+    seeds = [secrets.randbelow(2**32) if seed is None else (seed + j) % 2**32 for j in range(n)]
+    requests = []
+    if max_tokens > 0:
+        try:
+            requests = [make_request(limits.config, [prompt], max_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=None if top_p == 1 else top_p, seed=seeds[j], stop_tokens=stop_tokens,
+                                     **penalties)
+                        for prompt in prompts for j in range(n)]
+        except GptjaxError as e:  # the checks above should have caught it: still a client error, never a 500
+            raise _bad(str(e)) from None
+    return Completion(prompts, requests, n, stream, include_usage, echo, logprobs, stops)
+
+
+TOKENIZE_FIELDS = ("model", "prompt", "add_special_tokens", "return_token_strs")
+DETOKENIZE_FIELDS = ("model", "tokens")
+
+
+def parse_tokenize(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -> tuple[list[int], bool]:
+    """A POST /tokenize body (vLLM's: {"prompt": text}) → the prompt's token ids and whether each token's text
+    is wanted too (return_token_strs). add_special_tokens changes nothing: GPT-2 adds none."""
+    data = _fields(body, TOKENIZE_FIELDS)
+    _check_model(data.get("model"), limits.model_id)
+    _get(data, "add_special_tokens", bool, "true or false")
+    strings = bool(_get(data, "return_token_strs", bool, "true or false"))
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        raise _bad(f"prompt is required: a string, got {json.dumps(prompt)[:50]}", "prompt")
+    if tokenizer is None:
+        raise _bad("prompt: this model has no tokenizer (it takes token ids only)", "prompt")
+    return _encode(tokenizer, prompt, "prompt"), strings
+
+
+def parse_detokenize(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -> list[int]:
+    """A POST /detokenize body (vLLM's: {"tokens": [ids]}) → the checked token ids."""
+    data = _fields(body, DETOKENIZE_FIELDS)
+    _check_model(data.get("model"), limits.model_id)
+    tokens, V = data.get("tokens"), limits.config.vocab_size
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise _bad("tokens is required: a list of integer token ids", "tokens")
+    bad = [t for t in tokens if not 0 <= t < V]
+    if bad:
+        raise _bad(f"tokens: token id {bad[0]} is outside [0, {V})", "tokens")
+    if tokenizer is None:
+        raise _bad("tokens: this model has no tokenizer to decode with", "tokens")
+    return tokens
+
+
+def _fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object of a body whose keys are all allowed."""
+    data = _json_object(body)
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r}; allowed fields: {', '.join(allowed)}", unknown[0])
+    return data
 
 
 def _bad(message: str, param: str | None = None) -> RequestError:
     return RequestError(400, message, param)
 
 
-def _encode(tokenizer: Any, text: str, field: str) -> list[int]:
+def _encode(tokenizer: Any, text: str, field: str, name: str | None = None) -> list[int]:
     """Token ids of text, or a 400 for text UTF-8 cannot encode (a lone surrogate such as "\\ud800")."""
     try:
         return tokenizer.encode(text)
     except UnicodeEncodeError as e:
-        raise _bad(f"{field} is not encodable text: {e.reason} at position {e.start}", field) from None
+        raise _bad(f"{name or field} is not encodable text: {e.reason} at position {e.start}", field) from None
 
 
 class _DuplicateKey(Exception):
@@ -171,69 +251,130 @@ def _check_model(model: Any, model_id: str) -> None:
                            code="model_not_found")
 
 
-def _check_n(n: Any) -> None:
-    if not _is_int(n) or n != 1:
-        raise _bad(f"n must be 1 (one completion per request), got {json.dumps(n)[:50]}", "n")
+def _n(data: dict[str, Any], prompts: int, max_choices: int) -> int:
+    """n (completions per prompt); best_of only as n (this server returns every sample it draws)."""
+    n = data.get("n", 1)
+    if n is None:
+        n = 1
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise _bad(f"n must be an integer in [1, {MAX_N}], got {json.dumps(n)[:50]}", "n")
+    best_of = data.get("best_of")
+    if best_of is not None and (not _is_int(best_of) or best_of != n):
+        raise _bad(f"best_of must equal n ({n}) or be null (this server returns every sample), got "
+                   f"{json.dumps(best_of)[:50]}", "best_of")
+    if prompts * n > max_choices:
+        raise _bad(f"n: {prompts} prompt(s) × n={n} = {prompts * n} completions; at most {max_choices} per request",
+                   "n")
+    return n
 
 
-def _prompt(prompt: Any, config: GPTConfig, tokenizer: Tokenizer | None) -> list[int]:
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) != 1:  # OpenAI's list of prompts
-            raise _bad(f"prompt: one prompt per request, got a list of {len(prompt)}", "prompt")
-        prompt = prompt[0]
+def _prompts(prompt: Any, config: GPTConfig, tokenizer: Tokenizer | None) -> list[list[int]]:
+    """The prompts as token ids: a string, a list of token ids, or a list of strings or of token-id lists."""
     if prompt is None:
-        raise _bad("prompt is required: a non-empty string or a list of token ids", "prompt")
+        raise _bad("prompt is required: a string, a list of token ids, or a list of either", "prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise _bad(f"prompt: a list of {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt")
+        return [_one_prompt(p, config, tokenizer, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [_one_prompt(prompt, config, tokenizer, "prompt")]
+
+
+def _one_prompt(prompt: Any, config: GPTConfig, tokenizer: Tokenizer | None, name: str) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise _bad("prompt: this model has no tokenizer; give the prompt as a list of token ids", "prompt")
-        ids = _encode(tokenizer, prompt, "prompt")
+            raise _bad(f"{name}: this model has no tokenizer; give the prompt as a list of token ids", "prompt")
+        ids = _encode(tokenizer, prompt, "prompt", name)
     elif isinstance(prompt, list):
         if not all(_is_int(t) for t in prompt):
-            raise _bad("prompt must be a string or a list of integer token ids", "prompt")
+            raise _bad(f"{name} must be a string or a list of integer token ids (or a list of those)", "prompt")
         bad = [t for t in prompt if not 0 <= t < config.vocab_size]
         if bad:
-            raise _bad(f"prompt: token id {bad[0]} is outside [0, {config.vocab_size})", "prompt")
+            raise _bad(f"{name}: token id {bad[0]} is outside [0, {config.vocab_size})", "prompt")
         ids = list(prompt)
     else:
-        raise _bad(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
+        raise _bad(f"{name} must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
     if not ids:
-        raise _bad("prompt must not be empty", "prompt")
-    if len(ids) >= config.n_positions:
-        raise _bad(f"prompt is {len(ids)} tokens; the context is {config.n_positions} tokens, and at least one "
-                   "must be left to generate", "prompt")
+        raise _bad(f"{name} must not be empty", "prompt")
+    if len(ids) > config.n_positions:
+        raise _bad(f"{name} is {len(ids)} tokens; the context is {config.n_positions} tokens", "prompt")
     return ids
 
 
-def _max_tokens(value: Any, prompt_length: int, limits: Limits) -> int:
-    room = limits.config.n_positions - prompt_length
+def _max_tokens(value: Any, longest: int, limits: Limits, echo: bool) -> int:
+    """max_tokens: in [1, cap], or 0 with echo (score the prompt only); the longest prompt plus it must fit."""
+    room = limits.config.n_positions - longest
     if value is None:
+        if room < 1:
+            raise _bad(f"prompt is {longest} tokens; the context is {limits.config.n_positions} tokens, and at least "
+                       "one must be left to generate (or send max_tokens: 0 with echo: true to score it)", "prompt")
         return max(1, min(DEFAULT_MAX_TOKENS, limits.max_tokens_cap, room))
-    if not _is_int(value) or not 1 <= value <= limits.max_tokens_cap:
-        raise _bad(f"max_tokens must be an integer in [1, {limits.max_tokens_cap}], got {json.dumps(value)[:50]}",
-                   "max_tokens")
+    low = 0 if echo else 1
+    if not _is_int(value) or not low <= value <= limits.max_tokens_cap:
+        zero = "" if echo else " (0 only with echo: true)"
+        raise _bad(f"max_tokens must be an integer in [{low}, {limits.max_tokens_cap}]{zero}, got "
+                   f"{json.dumps(value)[:50]}", "max_tokens")
     if value > room:
-        raise _bad(f"prompt ({prompt_length} tokens) + max_tokens ({value}) = {prompt_length + value} exceeds the "
-                   f"context of {limits.config.n_positions} tokens; max_tokens may be at most {room}", "max_tokens")
+        raise _bad(f"prompt ({longest} tokens) + max_tokens ({value}) = {longest + value} exceeds the "
+                   f"context of {limits.config.n_positions} tokens; max_tokens may be at most {max(room, 0)}",
+                   "max_tokens")
     return value
 
 
-def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> list[int]:
-    """Stop sequences as token ids: strings of exactly one token each, or token ids."""
+def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> tuple[list[int], tuple[str, ...]]:
+    """Stop token ids and stop strings. A string is matched on the decoded completion; one that is a single
+    token is also a stop token, so the row stops on the device at once (same text either way)."""
     if stop is None:
-        return []
+        return [], ()
     items = [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_STOP:
-        raise _bad(f"stop must be a string, a token id, or a list of 1 to {MAX_STOP} of them", "stop")
-    ids = []
+    if not isinstance(items, list) or len(items) > MAX_STOP:
+        raise _bad(f"stop must be a string, a token id, or a list of at most {MAX_STOP} of them", "stop")
+    ids, strings = [], []
     for item in items:
         if _is_int(item) and 0 <= item < V:
             ids.append(item)
-        elif isinstance(item, str) and tokenizer is not None and len(_encode(tokenizer, item, "stop")) == 1:
-            ids.append(_encode(tokenizer, item, "stop")[0])
+        elif isinstance(item, str) and item:
+            size = len(item.encode("utf-8", errors="surrogatepass"))
+            if size > MAX_STOP_BYTES:
+                raise _bad(f"stop: a stop string of {size} UTF-8 bytes; at most {MAX_STOP_BYTES}", "stop")
+            if tokenizer is None:
+                raise _bad("stop: this model has no tokenizer, so stop strings cannot be matched; give token ids",
+                           "stop")
+            encoded = _encode(tokenizer, item, "stop")
+            if len(encoded) == 1:
+                ids.append(encoded[0])
+            strings.append(item)
         else:
-            raise _bad(f"stop: {json.dumps(item)[:50]} is not a single-token string or a token id in [0, {V}) "
-                       "(this server stops on single tokens)", "stop")
-    return ids
+            raise _bad(f"stop: {json.dumps(item)[:50]} is neither a non-empty string nor a token id in [0, {V})",
+                       "stop")
+    return ids, tuple(strings)
+
+
+def _penalties(data: dict[str, Any], V: int) -> dict[str, Any]:
+    """presence_penalty, frequency_penalty (in [-2, 2]) and logit_bias ({token id: bias in [-100, 100]}), only
+    those that are set (make_request's defaults otherwise)."""
+    out: dict[str, Any] = {}
+    for field in ("presence_penalty", "frequency_penalty"):
+        value = _number(data, field, 0.0, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
+        if value:
+            out[field] = value
+    bias = data.get("logit_bias")
+    if bias is None:
+        return out
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise _bad(f'logit_bias must be an object of at most {MAX_LOGIT_BIAS} "token id": bias entries',
+                   "logit_bias")
+    table = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < V):
+            raise _bad(f"logit_bias: key {json.dumps(key)[:50]} is not a token id in [0, {V})", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or \
+                not -100 <= value <= 100:
+            raise _bad(f"logit_bias: the bias of token {key} must be a number in [-100, 100], got "
+                       f"{json.dumps(value)[:50]}", "logit_bias")
+        table[int(key)] = float(value)
+    if table:
+        out["logit_bias"] = table
+    return out
 
 
 def _stream_options(options: Any, stream: bool) -> bool:
