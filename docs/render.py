@@ -24,6 +24,7 @@ BLOCK = re.compile(r"(<!-- render:([a-z0-9-]+) -->)(.*?)(<!-- /render -->)", re.
 KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptjax's CPU kernels enabled
 XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
 MODES = ("fp32", "bf16", "int8", "w8a8")
+FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: a short, contended run (docs/smaller-models.md)
 
 Row = dict[str, Any]
 Results = dict[str, list[Row]]
@@ -218,11 +219,51 @@ def skipped(results: Results) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
+# ---- the frontier study (docs/smaller-models.md) ---------------------------------------------------------------
+def _frontier(results: Results, entry: str) -> list[Row]:
+    return [r for r in results[FRONTIER] if r.get("entry") == entry]
+
+
+def _frontier_name(r: Row) -> str:
+    return f"{r['shape']} {r['role']}" + ("" if r["tokenizer"] == "byte" else f" ({r['tokenizer']})")
+
+
+def frontier_run(results: Results) -> str:
+    """How the frontier study ran: commit, budget, and how loaded the machine was."""
+    env_row = of_kind(results[FRONTIER], "environment")
+    env, rows = env_row["env"], _frontier(results, "model")
+    loads = [r["load_avg_1m_measured"] for r in rows] + [r["train_load_avg_1m"] for r in rows]
+    args = env_row["args"]
+    return (f"git {env['git']}, jax {env['jax']}, {env['cpu']} with {env['cores']} cores; {args['budget']:.0f} s of "
+            f"training per student, {args['budget'] * args['teacher_factor']:.0f} s for the teacher; the whole study "
+            f"took {rows[0]['study_wall_s'] / 60:.0f} min; 1-minute load average {min(loads):.1f} to "
+            f"{max(loads):.1f} on {env['cores']} cores")
+
+
+def frontier_table(results: Results) -> str:
+    """Every model x precision mode: size, held-out bits/byte, agreement with the teacher, decode speed."""
+    body = [[_frontier_name(r), r["precision"], num(r["weight_bytes"] / 1024, 0), f"{r['heldout_bpb']:.3f}",
+             pct(r["top1_agreement"]), num(r["decode_b1_bytes_per_s"], 0), num(r["decode_b8_bytes_per_s"], 0),
+             str(r["train_steps"])] for r in _frontier(results, "model")]
+    return table(["model (L x D x H)", "mode", "weights KiB", "held-out bits/byte", "top-1 agreement",
+                  "B=1 bytes/s", "B=8 bytes/s", "train steps"], body)
+
+
+def frontier_goal(results: Results) -> str:
+    """Per student shape (fp32): bits/byte of teacher, student alone and distilled; gap closed; B=1 speed-up."""
+    body = [[g["shape"], f"{g['teacher_bpb']:.3f}", f"{g['plain_bpb']:.3f}", f"{g['distilled_bpb']:.3f}",
+             "-" if g["gap_closed"] is None else pct(g["gap_closed"]), ratio(g["speedup_b1"]),
+             "yes" if g["meets_goal"] else "no"] for g in _frontier(results, "goal")]
+    return table(["student", "teacher bits/byte", "alone", "distilled", "gap closed", "B=1 speed-up over teacher",
+                  "goal met (>= 3x, > 50%)"], body)
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "environment": environment, "ceilings": ceilings, "fp32-vs-hf": fp32_vs_hf, "headline": headline,
     "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
     "precision-prefill": precision_prefill, "train-modes": train_modes, "int8-weight-ratio": int8_weight_ratio,
-    "suite-table": suite_table, "skipped": skipped,
+    "suite-table": suite_table, "skipped": skipped, "frontier-run": frontier_run, "frontier-table": frontier_table,
+    "frontier-goal": frontier_goal,
 }
 
 
@@ -290,6 +331,39 @@ def plot_roofline(results: Results, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_frontier(results: Results, path: Path) -> None:
+    """Held-out bits/byte against B=1 decode bytes/s for every model x mode, the Pareto frontier marked:
+    colour = how it was trained, marker = precision mode."""
+    import matplotlib.pyplot as plt
+
+    import gptjax.bench.studies.frontier as study
+
+    rows = _frontier(results, "model")
+    points = [(r["decode_b1_bytes_per_s"], r["heldout_bpb"]) for r in rows]
+    best = study.pareto(points)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = {"teacher": "k", "plain": "C0", "distilled": "C3", "distilled+init": "C1"}
+    markers = dict(zip(MODES, ("o", "s", "^", "v")))
+    for r, (x, y) in zip(rows, points):
+        face = colours[r["role"]] if r["tokenizer"] == "byte" else "none"
+        ax.scatter(x, y, color=face, edgecolors=colours[r["role"]], marker=markers[r["precision"]], s=40, zorder=3)
+        if r["precision"] == "fp32":
+            ax.annotate(_frontier_name(r).split(" ")[0] + ("" if r["tokenizer"] == "byte" else " bpe"), (x, y),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = sorted(p for p, keep in zip(points, best) if keep)
+    ax.step([p[0] for p in front], [p[1] for p in front], "k--", where="pre", lw=0.8, label="Pareto frontier")
+    ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="grey", zorder=2)
+    for role, colour in colours.items():
+        ax.scatter([], [], color=colour, label=role)
+    for mode, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=mode)
+    ax.set(xscale="log", xlabel="greedy decode bytes/s at B=1 (higher is faster)",
+           ylabel="held-out bits per byte (lower is better)",
+           title="size / accuracy / speed: a short, contended CPU run (hollow: BPE vocabulary)")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +374,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 PLOTS: dict[str, Callable[[Results, Path], None]] = {"decode_by_precision.png": plot_decode,
-                                                     "roofline.png": plot_roofline}
+                                                     "roofline.png": plot_roofline, "frontier.png": plot_frontier}
 
 
 def main(argv: list[str] | None = None) -> int:
