@@ -234,17 +234,19 @@ def frontier_run(results: Results) -> str:
     env, rows = env_row["env"], _frontier(results, "model")
     loads = [r["load_avg_1m_measured"] for r in rows] + [r["train_load_avg_1m"] for r in rows]
     args = env_row["args"]
+    loads = [x for x in loads if x is not None]
+    teacher = (f"the teacher {Path(args['teacher_checkpoint']).name} trained beforehand" if args["teacher_checkpoint"]
+               else f"{args['budget'] * args['teacher_factor']:.0f} s for the teacher")
     return (f"git {env['git']}, jax {env['jax']}, {env['cpu']} with {env['cores']} cores; {args['budget']:.0f} s of "
-            f"training per student, {args['budget'] * args['teacher_factor']:.0f} s for the teacher; the whole study "
-            f"took {rows[0]['study_wall_s'] / 60:.0f} min; 1-minute load average {min(loads):.1f} to "
-            f"{max(loads):.1f} on {env['cores']} cores")
+            f"training per student, {teacher}; the whole study took {rows[0]['study_wall_s'] / 60:.0f} min; "
+            f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on {env['cores']} cores")
 
 
 def frontier_table(results: Results) -> str:
     """Every model x precision mode: size, held-out bits/byte, agreement with the teacher, decode speed."""
     body = [[_frontier_name(r), r["precision"], num(r["weight_bytes"] / 1024, 0), f"{r['heldout_bpb']:.3f}",
              pct(r["top1_agreement"]), num(r["decode_b1_bytes_per_s"], 0), num(r["decode_b8_bytes_per_s"], 0),
-             str(r["train_steps"])] for r in _frontier(results, "model")]
+             str(r["train_steps"] or "-")] for r in _frontier(results, "model")]
     return table(["model (L x D x H)", "mode", "weights KiB", "held-out bits/byte", "top-1 agreement",
                   "B=1 bytes/s", "B=8 bytes/s", "train steps"], body)
 

@@ -3,7 +3,8 @@
     gptjax bench --study frontier --budget 60             # 60 s of training per student, 3x that for the teacher
     gptjax bench --study frontier --budget 600 --teacher 6x384x6 --ladder 3x384x6,6x192x6,3x192x3,2x128x2
 
-Trains a teacher (L x D x H, byte-level) on --data for --teacher-factor x --budget seconds, then every shape of
+Trains a teacher (L x D x H, byte-level) on --data for --teacher-factor x --budget seconds (or takes a trained
+one, --teacher-checkpoint), then every shape of
 --ladder twice for --budget seconds each: plainly (cross-entropy) and distilled from the teacher (gptjax.distill,
 --alpha, --temperature): equal training *time*, so the distilled student, whose steps also run the teacher's
 forward pass, takes fewer steps (the clock starts after the first, compiling step). The first ladder shape is also distilled starting from the teacher's layers
@@ -39,11 +40,13 @@ from gptjax.bench.results import Outcome
 from gptjax.bench.stats import interleaved_times, load_average, median, timed_value
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.weights import load_config
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--budget": (60.0, "training seconds per student run"),
          "--teacher-factor": (3.0, "the teacher trains this many times --budget"),
          "--teacher": ("4x256x4", "teacher shape, layers x width x heads (byte-level)"),
+         "--teacher-checkpoint": ("", "a trained byte-level teacher to use instead of training one"),
          "--ladder": ("2x256x4,4x128x4,2x128x2,1x64x1", "comma list of student shapes L x D x H"),
          "--vocab": ("bpe:1024", "tokenizers (comma list) the first ladder shape also trains with, plainly"),
          "--context": (128, "context and training window"),
@@ -78,6 +81,11 @@ def prepare(args: argparse.Namespace) -> None:
         parse_shape(text)
     for p in args.precisions.split(","):
         registry.mode(p)
+    if args.teacher_checkpoint:
+        teacher = load_config(args.teacher_checkpoint)
+        if teacher.vocab_size != 256 or teacher.n_positions < args.context:
+            raise GptjaxError(f"--teacher-checkpoint {args.teacher_checkpoint}: needs a byte-level model "
+                              f"(vocab_size 256) with a context of at least --context {args.context}")
     if args.budget <= 0 or args.teacher_factor <= 0 or min(args.context, args.batch, args.heldout_bytes, args.prompt,
                                                             args.new, args.runs) < 1:
         raise GptjaxError("--budget, --teacher-factor, --context, --batch, --heldout-bytes, --prompt, --new and "
@@ -149,9 +157,13 @@ def _train_all(args: argparse.Namespace, root: Path, log: Any) -> list[dict[str,
                 "train_budget_s": seconds, "train_wall_s": wall, "train_steps": result.steps,
                 "train_val_bpb": result.val_bpb, "train_load_avg_1m": load}
 
-    t_config = _config(args.teacher, args.context)
-    models = [run("teacher", "teacher", args.teacher, "byte", args.budget * args.teacher_factor, train, t_config,
-                  _train_config(args))]
+    if args.teacher_checkpoint:
+        models = [_given_teacher(args.teacher_checkpoint)]
+        t_config = load_config(args.teacher_checkpoint)
+    else:
+        t_config = _config(args.teacher, args.context)
+        models = [run("teacher", "teacher", args.teacher, "byte", args.budget * args.teacher_factor, train, t_config,
+                      _train_config(args))]
     teacher_dir = models[0]["dir"]
     for i, shape in enumerate(args.ladder.split(",")):
         config = _config(shape, args.context)
@@ -167,6 +179,14 @@ def _train_all(args: argparse.Namespace, root: Path, log: Any) -> list[dict[str,
             models.append(run(f"plain-{shape}-{tok.replace(':', '')}", "plain", shape, tok, args.budget, train,
                               config, _train_config(args, tok)))
     return models
+
+
+def _given_teacher(path: str) -> dict[str, Any]:
+    """The model entry of a teacher trained elsewhere (--teacher-checkpoint)."""
+    config = load_config(path)
+    return {"model": "teacher", "role": "teacher", "shape": f"{config.n_layer}x{config.n_embd}x{config.n_head}",
+            "tokenizer": "byte", "dir": os.path.abspath(path), "train_budget_s": None, "train_wall_s": None,
+            "train_steps": None, "train_val_bpb": None, "train_load_avg_1m": None}
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
@@ -300,7 +320,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['shape']} | {r['role']} | {r['tokenizer']} | {r['precision']} | "
                      f"{r['weight_bytes'] / 1024:,.0f} | {r['heldout_bpb']:.3f} | {agree} | "
                      f"{r['decode_b1_tokens_per_s']:,.0f} | {r['decode_b8_tokens_per_s']:,.0f} | "
-                     f"{r['decode_b1_bytes_per_s']:,.0f} | {r['train_steps']} |")
+                     f"{r['decode_b1_bytes_per_s']:,.0f} | {r['train_steps'] or '-'} |")
     lines += ["", "| student | teacher bits/byte | alone | distilled | gap closed | B=1 speed-up | goal met |",
               "|---|---|---|---|---|---|---|"]
     for g in (r for r in rows if r["entry"] == "goal"):
