@@ -25,6 +25,7 @@ KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptj
 XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
 MODES = ("fp32", "bf16", "int8", "w8a8")
 FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: a short, contended run (docs/smaller-models.md)
+FRONTIER_FIRST = "frontier-cpu-own-teacher.jsonl"  # the same study training its own teacher in the same time
 
 Row = dict[str, Any]
 Results = dict[str, list[Row]]
@@ -220,8 +221,55 @@ def skipped(results: Results) -> str:
 
 
 # ---- the frontier study (docs/smaller-models.md) ---------------------------------------------------------------
-def _frontier(results: Results, entry: str) -> list[Row]:
-    return [r for r in results[FRONTIER] if r.get("entry") == entry]
+def _frontier(results: Results, entry: str, name: str = FRONTIER) -> list[Row]:
+    return [r for r in results[name] if r.get("entry") == entry]
+
+
+def _fp32(results: Results, role: str, shape: str | None = None, tokenizer: str = "byte") -> Row:
+    return next(r for r in _frontier(results, "model") if r["precision"] == "fp32" and r["role"] == role
+                and (shape is None or r["shape"] == shape) and r["tokenizer"] == tokenizer)
+
+
+def frontier_findings(results: Results) -> str:
+    """The run's findings as sentences, every number from the results (fp32 rows)."""
+    teacher = _fp32(results, "teacher")
+    goals = _frontier(results, "goal")
+    plain = [_fp32(results, "plain", g["shape"]) for g in goals]
+    dist = [_fp32(results, "distilled", g["shape"]) for g in goals]
+    first = goals[0]["shape"]
+    init = _fp32(results, "distilled+init", first)
+    bpe = next(r for r in _frontier(results, "model") if r["precision"] == "fp32" and r["tokenizer"] != "byte")
+    byte = _fp32(results, "plain", first)
+    pairs = "; ".join(f"{p['shape']}: {p['train_steps']:,} steps alone, {d['train_steps']:,} distilled, "
+                      f"{p['heldout_bpb']:.3f} vs {d['heldout_bpb']:.3f} bits/byte, top-1 agreement "
+                      f"{pct(p['top1_agreement'])} vs {pct(d['top1_agreement'])}" for p, d in zip(plain, dist))
+    better = all(p["heldout_bpb"] < teacher["heldout_bpb"] for p in plain)
+    return "\n".join([
+        f"- The teacher scored {teacher['heldout_bpb']:.3f} bits/byte held out; the students trained alone scored "
+        f"{min(p['heldout_bpb'] for p in plain):.3f} to {max(p['heldout_bpb'] for p in plain):.3f}"
+        + (": every one of them beat the teacher." if better else "."),
+        f"- At equal time the distilled students took fewer steps and scored worse but agreed more with the teacher "
+        f"({pairs}).",
+        f"- Starting the {first} student from the teacher's layers: {init['heldout_bpb']:.3f} bits/byte "
+        f"({init['train_steps']:,} steps), against {dist[0]['heldout_bpb']:.3f} distilled from scratch.",
+        f"- The same {first} body with the {bpe['tokenizer']} vocabulary ({bpe['bytes_per_token']:.1f} bytes per "
+        f"token) scored {bpe['heldout_bpb']:.3f} bits/byte against {byte['heldout_bpb']:.3f} with bytes, and "
+        f"decoded {num(bpe['decode_b1_bytes_per_s'], 0)} bytes/s at B=1 against {num(byte['decode_b1_bytes_per_s'], 0)}.",
+        f"- The largest B=1 decode speed-up of a distilled student over the teacher (fp32) was "
+        f"{ratio(max(g['speedup_b1'] for g in goals))}."])
+
+
+def frontier_own_teacher(results: Results) -> str:
+    """What the first run, which trained its own teacher within the budget, got (fp32 rows)."""
+    rows = [r for r in _frontier(results, "model", FRONTIER_FIRST) if r["precision"] == "fp32"]
+    teacher = rows[0]
+    best = min(rows[1:], key=lambda r: r["heldout_bpb"])
+    args = of_kind(results[FRONTIER_FIRST], "environment")["args"]
+    verdict = "worse than" if teacher["heldout_bpb"] > best["heldout_bpb"] else "better than"
+    return (f"its {teacher['shape']} teacher got {teacher['train_steps']} steps in "
+            f"{args['budget'] * args['teacher_factor']:.0f} s and scored {teacher['heldout_bpb']:.2f} bits/byte held "
+            f"out, {verdict} a {best['shape']} {best['role']} student trained for {args['budget']:.0f} s "
+            f"({best['train_steps']} steps, {best['heldout_bpb']:.2f})")
 
 
 def _frontier_name(r: Row) -> str:
@@ -265,7 +313,8 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
     "precision-prefill": precision_prefill, "train-modes": train_modes, "int8-weight-ratio": int8_weight_ratio,
     "suite-table": suite_table, "skipped": skipped, "frontier-run": frontier_run, "frontier-table": frontier_table,
-    "frontier-goal": frontier_goal,
+    "frontier-goal": frontier_goal, "frontier-own-teacher": frontier_own_teacher,
+    "frontier-findings": frontier_findings,
 }
 
 

@@ -22,6 +22,7 @@ from gptjax.distill import (
     loss_terms,
     objective,
     student_from_teacher,
+    teacher_logits,
 )
 from gptjax.train import TrainConfig, TrainOptions, create_state, evaluate, loss_fn, train_step
 
@@ -87,6 +88,19 @@ def test_alpha_zero_is_exactly_train():
         b, mb = obj.step(g, TC, b, x, obj.targets(x, y))
         assert float(ma.loss) == float(mb.loss) == float(mb.aux["ce"])
     assert all(np.array_equal(p, q) for p, q in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+
+
+def test_an_int8_teacher_gives_the_backends_logits():
+    """--teacher-precision int8: the teacher's forward pass is the JAX backend's int8 model (the registry's
+    conversion, gptjax's CPU kernels where they run)."""
+    from gptjax import get_backend
+
+    config, params = load_checkpoint(TEACHER)
+    _, _, teacher = load_teacher(DistillConfig(str(TEACHER), teacher_precision="int8"))
+    x = np.arange(2 * 32, dtype=np.int32).reshape(2, 32) % 200  # [B, T]
+    got = np.asarray(teacher_logits(teacher.graphdef, teacher.state, x[None]))[0]
+    want = get_backend("jax", config, precision="int8").forward(params, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _steps(config: GPTConfig, tokens: np.ndarray, obj, steps: int, tc: TrainConfig) -> tuple:
