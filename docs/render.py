@@ -230,6 +230,12 @@ def _fp32(results: Results, role: str, shape: str | None = None, tokenizer: str 
                 and (shape is None or r["shape"] == shape) and r["tokenizer"] == tokenizer)
 
 
+def _all(plain: list[Row], dist: list[Row], key: str, lower: str, higher: str) -> str:
+    """How the distilled rows compare with the plain ones on key: 'lower', 'higher' or 'mixed'."""
+    signs = {d[key] < p[key] for p, d in zip(plain, dist)}
+    return "mixed" if len(signs) > 1 else (lower if signs.pop() else higher)
+
+
 def frontier_findings(results: Results) -> str:
     """The run's findings as sentences, every number from the results (fp32 rows)."""
     teacher = _fp32(results, "teacher")
@@ -248,8 +254,9 @@ def frontier_findings(results: Results) -> str:
         f"- The teacher scored {teacher['heldout_bpb']:.3f} bits/byte held out; the students trained alone scored "
         f"{min(p['heldout_bpb'] for p in plain):.3f} to {max(p['heldout_bpb'] for p in plain):.3f}"
         + (": every one of them beat the teacher." if better else "."),
-        f"- At equal time the distilled students took fewer steps and scored worse but agreed more with the teacher "
-        f"({pairs}).",
+        f"- At equal time the distilled students took {_all(plain, dist, 'train_steps', 'fewer', 'more')} steps, "
+        f"scored {_all(plain, dist, 'heldout_bpb', 'better', 'worse')} and agreed "
+        f"{_all(plain, dist, 'top1_agreement', 'less', 'more')} with the teacher ({pairs}).",
         f"- Starting the {first} student from the teacher's layers: {init['heldout_bpb']:.3f} bits/byte "
         f"({init['train_steps']:,} steps), against {dist[0]['heldout_bpb']:.3f} distilled from scratch.",
         f"- The same {first} body with the {bpe['tokenizer']} vocabulary ({bpe['bytes_per_token']:.1f} bytes per "

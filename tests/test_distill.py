@@ -218,3 +218,16 @@ def test_library_errors_name_the_value():
         DistillConfig(str(TEACHER), alpha=-0.1)
     with pytest.raises(GptjaxError, match="precision 'fp8'"):
         DistillConfig(str(TEACHER), teacher_precision="fp8")
+
+
+def test_the_pareto_set_and_the_frontier_studys_bad_flags(tmp_path, capsys):
+    from gptjax.bench.studies.frontier import pareto
+
+    # (speed, bits/byte): the second is dominated by the first; the last two trade speed for accuracy
+    assert pareto([(10, 3.0), (9, 3.1), (20, 3.5), (5, 2.5), (10, 3.0)]) == [True, False, True, True, True]
+    for flags, needle in ((["--ladder", "2x3"], "shape '2x3'"), (["--precisions", "fp8"], "precision 'fp8'"),
+                          (["--prompt", "100"], "must fit --context 128"),
+                          (["--teacher-checkpoint", str(TEACHER)], "context of at least --context 128")):
+        assert main(["bench", "--study", "frontier", "--out", str(tmp_path / "x"), *flags]) == 2
+        assert needle in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()

@@ -28,7 +28,6 @@ import glob
 import hashlib
 import importlib.util
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import numpy as np
 from gptjax import precision as registry
 from gptjax.bench.report import write_jsonl
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_times, load_average, median, timed_value
+from gptjax.bench.stats import clock, interleaved_times, load_average, median, timed_value
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.weights import load_config
@@ -293,7 +292,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
     files = heldout_files(args.heldout)
     text = heldout_text(files, args.heldout_bytes)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    t0 = time.monotonic()
+    t0 = clock()
     models = _train_all(args, root, log)
     reference = _teacher_reference(models[0], text, args.context)
     rows = []
@@ -304,7 +303,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
     rows.sort(key=lambda r: order.index(r["model"]))  # model by model, modes in --precisions order
     rows += goals(rows, args.ladder.split(","))
     note = {"heldout_files": [f.name for f in files], "heldout_sha256_16": digest,
-            "study_wall_s": time.monotonic() - t0}
+            "study_wall_s": clock() - t0}
     rows = [note | r for r in rows]
     return Outcome(rows, f"gptjax bench --study frontier: {args.budget:.0f} s per student, teacher "
                    f"{args.teacher} x{args.teacher_factor:g}", table(rows))
