@@ -268,21 +268,24 @@ def _teacher_reference(teacher: dict[str, Any], text: str, context: int) -> np.n
 
 
 def goals(rows: list[dict[str, Any]], ladder: list[str]) -> list[dict[str, Any]]:
-    """Per ladder shape in fp32: the distilled student's B=1 decode speed over the teacher's, and the fraction
-    of the teacher-to-plain bits/byte gap that distillation closed (the goal: >= 3x, and > 0.5 closed)."""
-    fp32 = {(r["role"], r["shape"], r["tokenizer"]): r for r in rows if r["precision"] == "fp32"}
+    """Per ladder shape and way of distilling, in fp32: the distilled student's B=1 decode speed over the
+    teacher's, and the fraction of the teacher-to-plain bits/byte gap it closed (the goal: >= 3x, > 0.5)."""
+    fp32 = {(r["role"], r["shape"], r["tokenizer"]): r for r in rows if r.get("entry") == "model"
+            and r["precision"] == "fp32"}
     teacher = next(r for (role, _, _), r in fp32.items() if role == "teacher")
     out = []
     for shape in ladder:
-        plain, dist = fp32.get(("plain", shape, "byte")), fp32.get(("distilled", shape, "byte"))
-        if plain is None or dist is None:
-            continue
-        gap = plain["heldout_bpb"] - teacher["heldout_bpb"]
-        closed = (plain["heldout_bpb"] - dist["heldout_bpb"]) / gap if gap > 0 else None
-        speed = dist["decode_b1_tokens_per_s"] / teacher["decode_b1_tokens_per_s"]
-        out.append({"entry": "goal", "shape": shape, "teacher_bpb": teacher["heldout_bpb"],
-                    "plain_bpb": plain["heldout_bpb"], "distilled_bpb": dist["heldout_bpb"], "gap_closed": closed,
-                    "speedup_b1": speed, "meets_goal": bool(speed >= 3 and closed is not None and closed > 0.5)})
+        for role in ("distilled", "distilled+init"):
+            plain, dist = fp32.get(("plain", shape, "byte")), fp32.get((role, shape, "byte"))
+            if plain is None or dist is None:
+                continue
+            gap = plain["heldout_bpb"] - teacher["heldout_bpb"]
+            closed = (plain["heldout_bpb"] - dist["heldout_bpb"]) / gap if gap > 0 else None
+            speed = dist["decode_b1_tokens_per_s"] / teacher["decode_b1_tokens_per_s"]
+            out.append({"entry": "goal", "shape": shape, "role": role, "teacher_bpb": teacher["heldout_bpb"],
+                        "plain_bpb": plain["heldout_bpb"], "distilled_bpb": dist["heldout_bpb"],
+                        "gap_closed": closed, "speedup_b1": speed,
+                        "meets_goal": bool(speed >= 3 and closed is not None and closed > 0.5)})
     return out
 
 
@@ -324,6 +327,6 @@ def table(rows: list[dict[str, Any]]) -> str:
               "|---|---|---|---|---|---|---|"]
     for g in (r for r in rows if r["entry"] == "goal"):
         closed = "-" if g["gap_closed"] is None else f"{100 * g['gap_closed']:.0f}%"
-        lines.append(f"| {g['shape']} | {g['teacher_bpb']:.3f} | {g['plain_bpb']:.3f} | {g['distilled_bpb']:.3f} | "
+        lines.append(f"| {g['shape']} {g['role']} | {g['teacher_bpb']:.3f} | {g['plain_bpb']:.3f} | {g['distilled_bpb']:.3f} | "
                      f"{closed} | {g['speedup_b1']:.2f}x | {'yes' if g['meets_goal'] else 'no'} |")
     return "\n".join(lines)
