@@ -25,6 +25,8 @@ KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptj
 XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
 MODES = ("fp32", "bf16", "int8", "w8a8")
 LM_EVAL = "lm-eval-byte-mini.jsonl"  # `gptjax bench --study lm-eval` on the quickstart model (docs/evaluation.md)
+FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: a short, contended run (docs/smaller-models.md)
+FRONTIER_FIRST = "frontier-cpu-own-teacher.jsonl"  # the same study training its own teacher in the same time
 
 Row = dict[str, Any]
 Results = dict[str, list[Row]]
@@ -332,6 +334,109 @@ def lm_eval_precision(results: Results) -> str:
               "only loosely.\n")
 
 
+# ---- the frontier study (docs/smaller-models.md) ---------------------------------------------------------------
+def _frontier(results: Results, entry: str, name: str = FRONTIER) -> list[Row]:
+    return [r for r in results[name] if r.get("entry") == entry]
+
+
+def _fp32(results: Results, role: str, shape: str | None = None, tokenizer: str = "byte") -> Row:
+    return next(r for r in _frontier(results, "model") if r["precision"] == "fp32" and r["role"] == role
+                and (shape is None or r["shape"] == shape) and r["tokenizer"] == tokenizer)
+
+
+def _all(plain: list[Row], dist: list[Row], key: str, lower: str, higher: str) -> str:
+    """How the distilled rows compare with the plain ones on key: lower, higher, or either by shape."""
+    signs = {d[key] < p[key] for p, d in zip(plain, dist)}
+    return f"{lower} or {higher} by shape" if len(signs) > 1 else (lower if signs.pop() else higher)
+
+
+def frontier_findings(results: Results) -> str:
+    """The run's findings as sentences, every number from the results (fp32 rows)."""
+    teacher = _fp32(results, "teacher")
+    goals = [g for g in _goals(results) if g["role"] == "distilled"]
+    plain = [_fp32(results, "plain", g["shape"]) for g in goals]
+    dist = [_fp32(results, "distilled", g["shape"]) for g in goals]
+    first = goals[0]["shape"]
+    init = _fp32(results, "distilled+init", first)
+    bpe = next(r for r in _frontier(results, "model") if r["precision"] == "fp32" and r["tokenizer"] != "byte")
+    byte = _fp32(results, "plain", first)
+    pairs = "; ".join(f"{p['shape']}: {p['train_steps']:,} steps alone, {d['train_steps']:,} distilled, "
+                      f"{p['heldout_bpb']:.3f} vs {d['heldout_bpb']:.3f} bits/byte, top-1 agreement "
+                      f"{pct(p['top1_agreement'])} vs {pct(d['top1_agreement'])}" for p, d in zip(plain, dist))
+    better = all(p["heldout_bpb"] < teacher["heldout_bpb"] for p in plain)
+    return "\n".join([
+        f"- The teacher scored {teacher['heldout_bpb']:.3f} bits/byte held out; the students trained alone scored "
+        f"{min(p['heldout_bpb'] for p in plain):.3f} to {max(p['heldout_bpb'] for p in plain):.3f}"
+        + (": every one of them beat the teacher." if better else "."),
+        f"- At equal time the distilled students took {_all(plain, dist, 'train_steps', 'fewer', 'more')} steps, "
+        f"scored {_all(plain, dist, 'heldout_bpb', 'better', 'worse')} and agreed "
+        f"{_all(plain, dist, 'top1_agreement', 'less', 'more')} with the teacher ({pairs}).",
+        f"- Starting the {first} student from the teacher's layers: {init['heldout_bpb']:.3f} bits/byte "
+        f"({init['train_steps']:,} steps), against {dist[0]['heldout_bpb']:.3f} distilled from scratch.",
+        f"- The same {first} body with the {bpe['tokenizer']} vocabulary ({bpe['bytes_per_token']:.1f} bytes per "
+        f"token) scored {bpe['heldout_bpb']:.3f} bits/byte against {byte['heldout_bpb']:.3f} with bytes, and "
+        f"decoded {num(bpe['decode_b1_bytes_per_s'], 0)} bytes/s at B=1 against {num(byte['decode_b1_bytes_per_s'], 0)}.",
+        f"- The largest B=1 decode speed-up of a distilled student over the teacher (fp32) was "
+        f"{ratio(max(g['speedup_b1'] for g in goals))}."])
+
+
+def frontier_own_teacher(results: Results) -> str:
+    """What the first run, which trained its own teacher within the budget, got (fp32 rows)."""
+    rows = [r for r in _frontier(results, "model", FRONTIER_FIRST) if r["precision"] == "fp32"]
+    teacher = rows[0]
+    best = min(rows[1:], key=lambda r: r["heldout_bpb"])
+    args = of_kind(results[FRONTIER_FIRST], "environment")["args"]
+    verdict = "worse than" if teacher["heldout_bpb"] > best["heldout_bpb"] else "better than"
+    return (f"its {teacher['shape']} teacher got {teacher['train_steps']} steps in "
+            f"{args['budget'] * args['teacher_factor']:.0f} s and scored {teacher['heldout_bpb']:.2f} bits/byte held "
+            f"out, {verdict} a {best['shape']} {best['role']} student trained for {args['budget']:.0f} s "
+            f"({best['train_steps']} steps, {best['heldout_bpb']:.2f})")
+
+
+def _frontier_name(r: Row) -> str:
+    return f"{r['shape']} {r['role']}" + ("" if r["tokenizer"] == "byte" else f" ({r['tokenizer']})")
+
+
+def frontier_run(results: Results) -> str:
+    """How the frontier study ran: commit, budget, and how loaded the machine was."""
+    env_row = of_kind(results[FRONTIER], "environment")
+    env, rows = env_row["env"], _frontier(results, "model")
+    loads = [r["load_avg_1m_measured"] for r in rows] + [r["train_load_avg_1m"] for r in rows]
+    args = env_row["args"]
+    loads = [x for x in loads if x is not None]
+    teacher = (f"the teacher {Path(args['teacher_checkpoint']).name} trained beforehand" if args["teacher_checkpoint"]
+               else f"{args['budget'] * args['teacher_factor']:.0f} s for the teacher")
+    return (f"git {env['git']}, jax {env['jax']}, {env['cpu']} with {env['cores']} cores; {args['budget']:.0f} s of "
+            f"training per student, {teacher}; the whole study took {rows[0]['study_wall_s'] / 60:.0f} min; "
+            f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on {env['cores']} cores")
+
+
+def frontier_table(results: Results) -> str:
+    """Every model x precision mode: size, held-out bits/byte, agreement with the teacher, decode speed."""
+    body = [[_frontier_name(r), r["precision"], num(r["weight_bytes"] / 1024, 0), f"{r['heldout_bpb']:.3f}",
+             pct(r["top1_agreement"]), num(r["decode_b1_bytes_per_s"], 0), num(r["decode_b8_bytes_per_s"], 0),
+             str(r["train_steps"] or "-")] for r in _frontier(results, "model")]
+    return table(["model (L x D x H)", "mode", "weights KiB", "held-out bits/byte", "top-1 agreement",
+                  "B=1 bytes/s", "B=8 bytes/s", "train steps"], body)
+
+
+def frontier_goal(results: Results) -> str:
+    """Per student shape (fp32): bits/byte of teacher, student alone and distilled; gap closed; B=1 speed-up."""
+    body = [[f"{g['shape']} {g['role']}", f"{g['teacher_bpb']:.3f}", f"{g['plain_bpb']:.3f}",
+             f"{g['distilled_bpb']:.3f}", "-" if g["gap_closed"] is None else pct(g["gap_closed"]),
+             ratio(g["speedup_b1"]), "yes" if g["meets_goal"] else "no"] for g in _goals(results)]
+    return table(["student", "teacher bits/byte", "alone", "distilled", "gap closed", "B=1 speed-up over teacher",
+                  "goal met (>= 3x, > 50%)"], body)
+
+
+def _goals(results: Results) -> list[Row]:
+    """The study's goal rows, recomputed from the model rows (so every way of distilling is counted)."""
+    import gptjax.bench.studies.frontier as study
+
+    args = of_kind(results[FRONTIER], "environment")["args"]
+    return study.goals(_frontier(results, "model"), args["ladder"].split(","))
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "environment": environment, "ceilings": ceilings, "fp32-vs-hf": fp32_vs_hf, "headline": headline,
     "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
@@ -342,6 +447,9 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "int4-symmetry": int4_symmetry, "int4-quality": int4_quality, "int4-speed": int4_speed,
     "int4-suite": int4_suite,
     "lm-eval-precision": lm_eval_precision,
+    "frontier-run": frontier_run, "frontier-table": frontier_table,
+    "frontier-goal": frontier_goal, "frontier-own-teacher": frontier_own_teacher,
+    "frontier-findings": frontier_findings,
 }
 
 
@@ -409,6 +517,39 @@ def plot_roofline(results: Results, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_frontier(results: Results, path: Path) -> None:
+    """Held-out bits/byte against B=1 decode bytes/s for every model x mode, the Pareto frontier marked:
+    colour = how it was trained, marker = precision mode."""
+    import matplotlib.pyplot as plt
+
+    import gptjax.bench.studies.frontier as study
+
+    rows = _frontier(results, "model")
+    points = [(r["decode_b1_bytes_per_s"], r["heldout_bpb"]) for r in rows]
+    best = study.pareto(points)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = {"teacher": "k", "plain": "C0", "distilled": "C3", "distilled+init": "C1"}
+    markers = dict(zip(MODES, ("o", "s", "^", "v")))
+    for r, (x, y) in zip(rows, points):
+        face = colours[r["role"]] if r["tokenizer"] == "byte" else "none"
+        ax.scatter(x, y, color=face, edgecolors=colours[r["role"]], marker=markers[r["precision"]], s=40, zorder=3)
+        if r["precision"] == "fp32":
+            ax.annotate(_frontier_name(r).split(" ")[0] + ("" if r["tokenizer"] == "byte" else " bpe"), (x, y),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = sorted(p for p, keep in zip(points, best) if keep)
+    ax.step([p[0] for p in front], [p[1] for p in front], "k--", where="pre", lw=0.8, label="Pareto frontier")
+    ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="grey", zorder=2)
+    for role, colour in colours.items():
+        ax.scatter([], [], color=colour, label=role)
+    for mode, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=mode)
+    ax.set(xscale="log", xlabel="greedy decode bytes/s at B=1 (higher is faster)",
+           ylabel="held-out bits per byte (lower is better)",
+           title="size / accuracy / speed: a short, contended CPU run (hollow: BPE vocabulary)")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +560,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 PLOTS: dict[str, Callable[[Results, Path], None]] = {"decode_by_precision.png": plot_decode,
-                                                     "roofline.png": plot_roofline}
+                                                     "roofline.png": plot_roofline, "frontier.png": plot_frontier}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,7 @@ class StepMetrics(NamedTuple):
     grad_norm: jax.Array
     lr: jax.Array
     finite: jax.Array
+    aux: Any = None  # an objective's extra scalars (its loss's aux dict, averaged over micro-batches)
 
 
 def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -158,32 +159,41 @@ def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = Non
     return graphdef, TrainState(weights, optimizer.init(weights), jnp.int32(0))
 
 
+def train_logits(weights: Any, graphdef: Any, inputs: jax.Array, compute_dtype: str = "fp32", dropout: float = 0.0,
+                 key: jax.Array | None = None) -> jax.Array:
+    """The training forward pass: float32 logits [B, T, V] of inputs [B, T] (bf16 compute on a bfloat16 copy)."""
+    if compute_dtype == "bf16":
+        weights = jax.tree.map(lambda w: w.astype(jnp.bfloat16), weights)
+    return nnx.merge(graphdef, weights)(inputs, dropout=dropout, key=key)
+
+
 def loss_fn(weights: Any, graphdef: Any, inputs: jax.Array, targets: jax.Array, compute_dtype: str = "fp32",
             dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy (nats) of targets [B, T] given inputs [B, T]."""
-    if compute_dtype == "bf16":
-        weights = jax.tree.map(lambda w: w.astype(jnp.bfloat16), weights)
-    logits = nnx.merge(graphdef, weights)(inputs, dropout=dropout, key=key)  # float32 [B, T, V]
+    logits = train_logits(weights, graphdef, inputs, compute_dtype, dropout, key)  # float32 [B, T, V]
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def _train_step(loss: Callable[..., jax.Array], graphdef: Any, tc: TrainConfig, state: TrainState,
-                inputs: jax.Array, targets: jax.Array) -> tuple[TrainState, StepMetrics]:
-    """One optimizer update minimising `loss` (loss_fn's signature) from grad_accum micro-batches [A, B, T].
+                inputs: jax.Array, targets: Any, has_aux: bool = False) -> tuple[TrainState, StepMetrics]:
+    """One optimizer update minimising `loss` (loss_fn's signature) from grad_accum micro-batches [A, B, T]
+    (targets: [A, B, T], or any pytree with that leading A an objective's loss takes; with has_aux the loss
+    returns (loss, dict of scalars), averaged into metrics.aux).
     A non-finite loss or gradient norm leaves the state unchanged except the step count."""
     optimizer, schedule = make_optimizer(tc)
     key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
-    grad = jax.value_and_grad(loss)
+    grad = jax.value_and_grad(loss, has_aux=has_aux)
 
     def micro(acc: tuple, xs: tuple) -> tuple:
         i, x, y = xs
         k = jax.random.fold_in(key, i) if tc.dropout else None
-        loss, g = grad(state.params, graphdef, x, y, tc.compute_dtype, tc.dropout, k)
-        return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g)), None
+        out, g = grad(state.params, graphdef, x, y, tc.compute_dtype, tc.dropout, k)
+        loss, aux = out if has_aux else (out, None)
+        return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g)), aux
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     A = inputs.shape[0]
-    (loss, grads), _ = jax.lax.scan(micro, (jnp.float32(0), zeros), (jnp.arange(A), inputs, targets))
+    (loss, grads), aux = jax.lax.scan(micro, (jnp.float32(0), zeros), (jnp.arange(A), inputs, targets))
     loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -191,13 +201,16 @@ def _train_step(loss: Callable[..., jax.Array], graphdef: Any, tc: TrainConfig, 
     params = optax.apply_updates(state.params, updates)
     keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
-    return new_state, StepMetrics(loss, grad_norm, schedule(state.step), finite)
+    aux = jax.tree.map(lambda a: a.mean(0), aux)  # [A] per micro-batch -> their mean
+    return new_state, StepMetrics(loss, grad_norm, schedule(state.step), finite, aux)
 
 
-def make_train_step(loss: Callable[..., jax.Array] = loss_fn) -> Callable[..., tuple[TrainState, StepMetrics]]:
+def make_train_step(loss: Callable[..., jax.Array] = loss_fn, has_aux: bool = False
+                    ) -> Callable[..., tuple[TrainState, StepMetrics]]:
     """The jitted step train_step(graphdef, tc, state, inputs, targets) -> (state, metrics) for an objective
     with loss_fn's signature (the state is donated: its buffers are reused for the new one)."""
-    return jax.jit(partial(_train_step, loss), static_argnames=("graphdef", "tc"), donate_argnames=("state",))
+    return jax.jit(partial(_train_step, loss, has_aux=has_aux), static_argnames=("graphdef", "tc"),
+                   donate_argnames=("state",))
 
 
 train_step = make_train_step()  # the step `gptjax train` takes: next-token cross-entropy
@@ -415,6 +428,23 @@ def _prepare_data(spec: str | None, tc: TrainConfig, out: Path, tokenizer_spec: 
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What a run minimises in place of next-token cross-entropy (gptjax.distill's seam): its jitted step
+    (make_train_step of its loss), the targets that loss takes, extra validation metrics, and the settings
+    run.json records (a resumed run must be given the same)."""
+
+    name: str
+    settings: dict[str, Any]
+    step: Callable[..., tuple[TrainState, StepMetrics]]
+    targets: Callable[[Any, Any], Any]  # (inputs [A, B, T], targets [A, B, T]) -> the loss's targets pytree
+    val_metrics: Callable[[Any, Any, Iterator], dict[str, float]] | None = None  # (graphdef, weights, batches)
+
+    def record(self) -> dict[str, Any]:
+        """What run.json keeps of it."""
+        return {"name": self.name} | self.settings
+
+
+@dataclass(frozen=True)
 class TrainOptions:
     """How train() runs (what it trains is the GPTConfig and TrainConfig): the corpus, resuming, limits,
     MFU denominator, progress bar, fine-tuning source, metrics registry and device mesh."""
@@ -431,6 +461,9 @@ class TrainOptions:
     init_from: str | os.PathLike | None = None  # fine-tune this checkpoint (its config, weights, tokenizer files)
     metrics: Any = None  # a gptjax.tracing.Metrics: step durations, tokens/s and MFU, as TensorBoard gets
     mesh: Any = None  # a gptjax.sharding.make_mesh mesh: data/FSDP/tensor parallel training
+    objective: Objective | None = None  # what to minimise (default: next-token cross-entropy)
+    start_params: Any = None  # canonical params of the config's shape to start from (not on --resume)
+    max_time_after_compile: bool = False  # max_time counts from the end of the first (compiling) step
 
 
 def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.PathLike,
@@ -450,13 +483,14 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     run_file = out / "run.json"
     if resume:
         config, tc, data_spec = _resumed_config(run_file, config, tc)
+        _check_objective(run_file, o.objective)
     elif (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise GptjaxError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     check_inputs(data_spec, None if resume else init_from)
     if data_spec not in (None, "stdlib") and os.path.exists(data_spec):
         data_spec = os.path.abspath(data_spec)  # so --resume from another directory reads the same corpus
     out.mkdir(parents=True, exist_ok=True)
-    start_params = None
+    start_params = None if resume else o.start_params
     if init_from is not None and not resume:
         config, start_params = load_checkpoint(init_from)
         if tc.tokenizer == "byte" and has_tokenizer(init_from):
@@ -480,7 +514,8 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     if len(d.val) <= T:
         raise GptjaxError(f"the validation split has {len(d.val)} tokens, fewer than one window of seq_len + 1 = "
                           f"{T + 1}: raise val_fraction or give more text")
-    save_run_config(run_file, config, tc, {"data": data_spec})
+    save_run_config(run_file, config, tc, {"data": data_spec} | ({"objective": o.objective.record()}
+                                                                 if o.objective is not None else {}))
 
     if o.mesh is not None:
         check_divisible((tc.batch_size,), logical_to_spec(("batch",), o.mesh), o.mesh, "batch_size")
@@ -541,6 +576,16 @@ def _resumed_config(run_file: Path, config: GPTConfig | None, tc: TrainConfig | 
     return saved_config, saved_tc, extra.get("data")
 
 
+def _check_objective(run_file: Path, objective: Objective | None) -> None:
+    """A resumed run minimises what it minimised before (with the same settings)."""
+    saved = load_run_config(run_file)[2].get("objective")
+    given = objective.record() if objective is not None else None
+    if saved != given:
+        raise GptjaxError(f"--resume continues the run as it was configured: {run_file} records objective "
+                          f"{saved or 'cross-entropy'}, this resume gives {given or 'cross-entropy'}"
+                          + (f" (resume it with `gptjax {saved['name']} --resume`)" if saved else ""))
+
+
 def _restore(manager: Any, state: TrainState, batcher: Any) -> TrainState:
     """The latest committed checkpoint into state's structure, and the data generator's state."""
     import orbax.checkpoint as ocp
@@ -582,6 +627,7 @@ class _Loop:
         self.peak, self.unigram, self.options = run.peak, run.unigram, options
         self.metrics = options.metrics  # a gptjax.tracing.Metrics, or None
         self.mesh = options.mesh  # a jax Mesh, or None
+        self.objective = options.objective  # an Objective, or None: cross-entropy
         self.losses: list[float] = []
         self.skipped: list[int] = []
         self.val_loss = self.val_bpb = None
@@ -628,6 +674,8 @@ class _Loop:
             metrics = self._step(step)
             loss = float(metrics.loss)  # waits for the step: honest step times
             step_time = time.perf_counter() - t0
+            if step == start and o.max_time_after_compile:
+                t_start = time.perf_counter()  # equal training time for models whose compile times differ
             if self.profiling and step == profile_at + profile_steps - 1:
                 jax.profiler.stop_trace()
                 self.profiling = False
@@ -665,13 +713,15 @@ class _Loop:
     def _step(self, step: int) -> StepMetrics:
         tc = self.tc
         xs, ys = zip(*(next(self.batcher) for _ in range(tc.grad_accum)))
-        step_fn = step_function(step + 1)
+        step_fn = step_function(step + 1) if self.objective is None else self.objective.step
         before = step_fn._cache_size()
         with forward_span("gptjax.train_step", lambda: self._attributes("train") | {"gptjax.step": step + 1},
                           parent=self.parent) as span:
             x, y = np.stack(xs), np.stack(ys)  # [A, B / processes, T]: this process's rows
             if self.mesh is not None:
                 x, y = shard_batch(x, self.mesh, leading=1), shard_batch(y, self.mesh, leading=1)
+            if self.objective is not None:
+                y = self.objective.targets(x, y)
             self.state, metrics = step_fn(self.graphdef, tc, self.state, x, y)
             span.wait_for(metrics.loss)
             span.set(lambda: {"gptjax.compiled": step_fn._cache_size() > before})
@@ -704,6 +754,8 @@ class _Loop:
         w.add_scalar("train/tokens_per_s", tok_s, step)
         w.add_scalar("train/step_time_s", step_time, step)
         w.add_scalar("train/mfu", self.flops_per_token * tok_s / self.peak, step)
+        for name, value in (metrics.aux or {}).items():
+            w.add_scalar(f"train/{name}", float(value), step)
         if self.metrics is not None:
             self.metrics.tokens_per_second.labels(phase="train").set(tok_s)
             self.metrics.mfu.labels(phase="train").set(self.flops_per_token * tok_s / self.peak)
@@ -723,6 +775,10 @@ class _Loop:
         self.val_bpb = data.bits_per_byte(loss, n_val, self.data.val_bytes)
         for name, value in (("loss", loss), ("perplexity", math.exp(min(loss, 50))), ("bits_per_byte", self.val_bpb)):
             self.writer.add_scalar(f"val/{name}", value, step)
+        if self.objective is not None and self.objective.val_metrics is not None:
+            batches = data.eval_batches(self.data.val, self.tc.batch_size, self.T, self.tc.eval_batches)
+            for name, value in self.objective.val_metrics(self.graphdef, self.state.params, batches).items():
+                self.writer.add_scalar(f"val/{name}", value, step)
         self.sample = self._sample()
         self.writer.add_text("val/sample", self.sample, step)
         self.writer.flush()

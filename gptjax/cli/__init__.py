@@ -1,4 +1,4 @@
-"""The `gptjax` command: `train`, `eval`, `generate`, `serve`, `quantize`, `info` (size calculator), `demo`,
+"""The `gptjax` command: `train`, `distill`, `eval`, `generate`, `serve`, `quantize`, `info` (size calculator), `demo`,
 `backends`, `bench`.
 
 One module per command, each with NAME, HELP, DESCRIPTION, add_arguments(parser) and run(args) -> exit status;
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from gptjax import __version__
-from gptjax.cli import backends, bench, demo, evaluate, generate, info, quantize, serve, train
+from gptjax.cli import backends, bench, demo, distill, evaluate, generate, info, quantize, serve, train
 from gptjax.cli.options import common_parser
 from gptjax.errors import GptjaxError
 from gptjax.tracing.setup import EXPORTERS, configure
 
-COMMANDS = (info, demo, generate, train, evaluate, quantize, serve, backends, bench)  # in --help's order
+COMMANDS = (info, demo, generate, train, distill, evaluate, quantize, serve, backends, bench)  # in --help's order
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from gptjax.errors import GptjaxError
 # --study name -> module in this package
 STUDIES = {"long-decode": "long_decode", "kv-cache": "kv_cache", "scaling": "scaling", "serve-load": "serve_load",
            "tracing-overhead": "tracing_overhead", "load-memory": "load_memory",
-           "speculative": "speculative", "int4": "int4", "lm-eval": "lm_eval"}
+           "speculative": "speculative", "int4": "int4", "lm-eval": "lm_eval", "frontier": "frontier"}
 
 
 def parser(name: str) -> argparse.ArgumentParser:
