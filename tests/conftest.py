@@ -5,12 +5,28 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sysconfig  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+CORPUS_FILES = ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "this.py")
+
+
+def stdlib_corpus(directory: Path, names: tuple[str, ...] = CORPUS_FILES) -> str:
+    """A few real Python files (any Python has them) copied into directory: a local training corpus."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in names:
+        (directory / name).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """The default local corpus, one per test module."""
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture

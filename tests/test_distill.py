@@ -4,7 +4,6 @@ anything is loaded, compiled or created. The teacher is tests/fixtures/trained_b
 context 64, 400 steps on the stdlib)."""
 
 import json
-import sysconfig
 from pathlib import Path
 
 import jax
@@ -31,16 +30,6 @@ STUDENT = GPTConfig(vocab_size=256, n_positions=32, n_layer=1, n_head=2, n_embd=
 TC = TrainConfig(batch_size=4, seq_len=32, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=2,
                  checkpoint_every=2, log_every=1)
 FILES = ("bisect.py", "colorsys.py", "keyword.py", "textwrap.py", "this.py")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """A few real Python files as a local corpus (as tests/test_train.py has)."""
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in FILES:
-        (d / name).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return str(d)
 
 
 def _reference(s: np.ndarray, t: np.ndarray, labels: np.ndarray, alpha: float, tau: float) -> tuple:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -23,16 +22,6 @@ from gptjax.train import (TrainConfig, TrainingStopped, TrainOptions, create_sta
 CONFIG = GPTConfig(vocab_size=256, n_positions=32, n_layer=2, n_head=2, n_embd=32)
 TC = TrainConfig(batch_size=4, seq_len=32, max_steps=6, warmup_steps=2, eval_every=3, eval_batches=2,
                  checkpoint_every=3, log_every=1, lr=3e-3, min_lr=3e-4)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """A few real Python files as a local corpus (any Python has them)."""
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "this.py"):
-        (d / name).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return str(d)
 
 
 def _run(out, corpus, tc=TC, **kwargs):

@@ -5,8 +5,6 @@ import errno
 import os
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,16 +38,6 @@ def save(self, step, *args, **kwargs):
 ocp.CheckpointManager.save = save
 sys.exit(main(sys.argv[2:]))
 """
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """A few real Python files as a local corpus (any Python has them)."""
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "this.py"):
-        (d / name).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
-    return str(d)
 
 
 @pytest.mark.slow

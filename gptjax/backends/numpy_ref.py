@@ -17,14 +17,7 @@ import numpy as np
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
 from gptjax.generate import (
-    LENGTH,
-    STOP,
-    GenerationRequest,
-    RowSettings,
-    SamplingParams,
-    StreamChunk,
-    left_pad,
-    sample_token,
+    LENGTH, STOP, GenerationRequest, RowSettings, SamplingParams, StreamChunk, left_pad, sample_token,
 )
 from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys, unpack_int4
 from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs

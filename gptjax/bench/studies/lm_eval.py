@@ -23,18 +23,16 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from gptjax.bench.results import Outcome
+from gptjax.bench.server import free_port, start_server
 from gptjax.errors import GptjaxError
 
-READY_TIMEOUT_S = 600
 FLAGS = {"--checkpoint": (None, "the checkpoint to evaluate (a byte-level or BPE checkpoint with its tokenizer)"),
          "--modes": ("fp32,bf16,int8,w8a8", "comma list of precision modes"),
          "--docs": (100, "documents per task"), "--context": (96, "context bytes before the line to predict"),
@@ -124,31 +122,10 @@ def _write_tasks(folder: Path, docs: list[dict[str, Any]], max_line: int) -> Non
     (folder / "gen.yaml").write_text(TASK_GEN.format(data=data, max_gen=max_line + 1))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(checkpoint: str, mode: str, port: int) -> subprocess.Popen:
     """`gptjax serve --precision mode` on 127.0.0.1:port, once /health answers 200."""
-    import httpx
-
-    cmd = [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", checkpoint, "--port", str(port),
-           "--precision", mode, "--request-timeout", "600", "--max-queue", "256"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise GptjaxError(f"gptjax serve --precision {mode} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)  # polling a starting server: no event to wait on across processes
-    proc.kill()
-    raise GptjaxError(f"gptjax serve --precision {mode} not ready in {READY_TIMEOUT_S} s")
+    return start_server(["--checkpoint", checkpoint, "--precision", mode, "--request-timeout", "600",
+                         "--max-queue", "256"], port, quiet=True)
 
 
 def _evaluate(url: str, model: str, task: str, folder: Path, args: argparse.Namespace,
@@ -199,7 +176,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
         os.environ["HF_DATASETS_CACHE"] = str(folder / "cache")
         _write_tasks(folder, docs, args.max_line)
         for mode in args.modes.split(","):
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}"
             proc = _serve(args.checkpoint, mode, port)
             try:

@@ -19,21 +19,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from gptjax.bench.results import Outcome
+from gptjax.bench.server import free_port, start_server
 from gptjax.bench.stats import clock, interleaved_runs, median, percentile
 from gptjax.errors import GptjaxError
 
-READY_TIMEOUT_S = 600  # a cold server compiles its first buckets before /health answers
 METRICS = ('gptjax_http_requests_total{method="POST",route="/v1/completions",status="200"}',
            'gptjax_generated_tokens_total{backend="jax"}', "gptjax_serve_decode_rows_sum",
            "gptjax_serve_decode_rows_count")
@@ -142,25 +139,9 @@ def _scrape(url: str) -> dict[str, float]:
 
 def _start_server(checkpoint: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     """`gptjax serve` in a subprocess on 127.0.0.1:port, once /health answers 200."""
-    import httpx
-
-    cmd = [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", "256", "--chunk-size",
-           str(args.chunk_size), "--request-timeout", "600", "--batching", args.batching]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = clock() + READY_TIMEOUT_S
-    while clock() < deadline:
-        if proc.poll() is not None:
-            raise GptjaxError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)  # polling a starting server: no event to wait on across processes
-    proc.kill()
-    raise GptjaxError(f"the server did not become ready in {READY_TIMEOUT_S} s")
+    return start_server(["--checkpoint", checkpoint, "--max-batch", str(args.max_batch), "--max-queue", "256",
+                         "--chunk-size", str(args.chunk_size), "--request-timeout", "600", "--batching",
+                         args.batching], port)
 
 
 def _checkpoint(args: argparse.Namespace, directory: str) -> str:
@@ -174,12 +155,6 @@ def _checkpoint(args: argparse.Namespace, directory: str) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Start the server, warm it up, run the levels' rounds interleaved, stop it; one row per level."""
     from gptjax.weights import load_config
@@ -188,7 +163,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
         checkpoint = _checkpoint(args, tmp)
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, load_config(checkpoint).vocab_size, args.prompt).tolist() for _ in range(64)]
-        port = _free_port()
+        port = free_port()
         proc = _start_server(checkpoint, port, args)
         try:
             runs = _measure(f"http://127.0.0.1:{port}", args, prompts, log)
