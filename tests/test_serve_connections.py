@@ -3,11 +3,9 @@ short --header-timeout and a cap of a few connections; every wait is bounded."""
 
 import argparse
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,28 +23,6 @@ MARGIN = 10.0  # a loaded CI machine may be slow to close; the server still must
 CAP_LINE = "connection cap hit"
 
 
-class LimitedServer(PipedServer):
-    """test_serve_hardening's piped `gptjax serve`, with the connection flags under test."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
-             "--no-warmup", "--header-timeout", str(HEADER_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._wait_healthy()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GPTJAX_"))}
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
@@ -62,19 +38,20 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = LimitedServer(checkpoint)
+    s = PipedServer(checkpoint, "--no-warmup", "--header-timeout", str(HEADER_TIMEOUT), "--max-connections",
+                    str(MAX_CONNECTIONS))
     yield s
     assert s.stop() == 0, "\n".join(s.drain())
 
 
-def _metric(server: LimitedServer, name: str) -> float:
+def _metric(server: PipedServer, name: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _connect(server: LimitedServer) -> socket.socket:
+def _connect(server: PipedServer) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=HEADER_TIMEOUT + MARGIN)
 
 

@@ -32,16 +32,17 @@ def _free_port() -> int:
 
 
 class PipedServer:
-    """`gptjax serve` in a subprocess whose stdout+stderr lines a thread puts on a queue."""
+    """`gptjax serve --checkpoint CHECKPOINT FLAGS...` in a subprocess whose stdout+stderr lines a thread puts on a
+    queue."""
 
-    def __init__(self, checkpoint: Path, log_format: str) -> None:
+    def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GPTJAX_"))}
         env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
-             "--log-format", log_format], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
@@ -114,7 +115,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def text_server(checkpoint):
-    server = PipedServer(checkpoint, "text")
+    server = PipedServer(checkpoint, "--log-format", "text")
     yield server
     assert server.stop() == 0, "\n".join(server.drain())
 
@@ -191,7 +192,7 @@ def test_text_log_has_ready_and_access_lines(text_server):
 
 @pytest.mark.integration
 def test_json_log_has_ready_and_access_lines(checkpoint):
-    server = PipedServer(checkpoint, "json")
+    server = PipedServer(checkpoint, "--log-format", "json")
     try:
         def records() -> list[dict]:
             return [json.loads(x) for x in server.seen if x.startswith("{")]

@@ -5,10 +5,7 @@ must not grow with the abuse, and its request counts must equal the client's own
 
 import http.client
 import json
-import queue
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -18,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_serve_connections import _env, _free_port
 from test_serve_hardening import PipedServer
 
 from gptjax import init_params, save_checkpoint
@@ -39,19 +35,7 @@ COMPLETIONS = "/v1/completions"
 
 
 class SoakServer(PipedServer):
-    """test_serve_hardening's piped `gptjax serve`, with a token cap, a body limit and a short header timeout."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gptjax.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
-             "--max-tokens-cap", str(CAP), "--max-body-bytes", str(BODY_LIMIT), "--header-timeout",
-             str(HEADER_TIMEOUT)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._wait_healthy()
+    """test_serve_hardening's piped `gptjax serve`, and its /metrics."""
 
     def scrape(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=WAIT_S).text
@@ -180,7 +164,8 @@ def test_soak_answers_seeded_tokens_and_metrics_stay_bounded_and_exact(checkpoin
     seeds = [(prompt_of(r), r) for r in range(2 * ROUNDS)] + [(prompt_of(r + 1000), r + 1000) for r in range(2 * ROUNDS)]
     expected = {(p, s): backend.generate(PARAMS, [list(p)], NEW_TOKENS, seed=s).tokens[0] for p, s in seeds}
     computed = time.monotonic()
-    server = SoakServer(checkpoint)
+    server = SoakServer(checkpoint, "--max-tokens-cap", str(CAP), "--max-body-bytes", str(BODY_LIMIT),
+                         "--header-timeout", str(HEADER_TIMEOUT))
     ready = time.monotonic()
     try:
         soak = Soak(server, expected)
