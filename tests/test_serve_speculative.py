@@ -75,7 +75,7 @@ def _solo(backend, params, draft, prompt, n, **kw) -> tuple[list[int], int, int]
 
 
 def _counters(server: PipedServer, kind: str) -> tuple[float, float]:
-    label = '{backend="jax",draft="%s"}' % kind
+    label = f'{{backend="jax",draft="{kind}"}}'
     return tuple(server.series(name).get(name + label, 0.0) for name in COUNTERS)
 
 
@@ -157,10 +157,10 @@ def test_stop_tokens_and_disconnects_behave_as_without_a_draft(models, backend, 
     """A stop token ends a speculative row where plain decoding's does (mid-round), and a client that leaves
     mid-stream frees its row: the cancellation is counted and the next completion is still exact."""
     target = models[1]
-    plain = backend.generate(target, [[4, 4]], 12, greedy=True).tokens[0]
+    plain = backend.generate(target, [[8, 1]], 12, greedy=True).tokens[0]
     stop = next(t for t in plain if t != plain[0])  # a token that first comes mid-completion
-    expected = backend.generate(target, [[4, 4]], 12, greedy=True, stop_tokens=[stop])
-    choice = _post(model_server, prompt=[4, 4], max_tokens=12, temperature=0, stop=[stop])
+    expected = backend.generate(target, [[8, 1]], 12, greedy=True, stop_tokens=[stop])
+    choice = _post(model_server, prompt=[8, 1], max_tokens=12, temperature=0, stop=[stop])
     assert (choice["token_ids"], choice["finish_reason"]) == (expected.tokens[0], "stop")
     assert 0 < len(choice["token_ids"]) < 11
     name = "gptjax_serve_cancelled_total"
@@ -169,17 +169,17 @@ def test_stop_tokens_and_disconnects_behave_as_without_a_draft(models, backend, 
                       json={"prompt": [1, 2], "max_tokens": 200, "temperature": 0.5, "stream": True}) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))  # then hang up
     _wait(lambda: model_server.series(name).get(name + '{reason="disconnect"}', 0.0) == cancelled + 1)
-    choice = _post(model_server, prompt=[8, 1], max_tokens=12, temperature=0)
-    assert choice["token_ids"] == backend.generate(target, [[8, 1]], 12, greedy=True).tokens[0]
+    choice = _post(model_server, prompt=[1, 2, 3], max_tokens=12, temperature=0)
+    assert choice["token_ids"] == backend.generate(target, [[1, 2, 3]], 12, greedy=True).tokens[0]
 
 
 def _wait(condition, timeout: float = 60.0) -> None:
-    """Poll a server-side condition (the server counts a disconnect when it next checks its client)."""
-    done = threading.Event()
+    """Poll /metrics until condition() (the server counts a disconnect when its next write to the client fails)."""
+    pause = threading.Event()  # never set: a wait between polls
     for _ in range(int(timeout / 0.05)):
         if condition():
             return
-        done.wait(0.05)
+        pause.wait(0.05)
     raise AssertionError("the server never counted the disconnect")
 
 
