@@ -362,11 +362,12 @@ class Backend(abc.ABC):
         return False
 
     def open_session(self, weights: Any, requests: Sequence[GenerationRequest], owners: Sequence[Any], *,
-                     slots: int, headroom: int) -> Any:
+                     slots: int, headroom: int, speculation: Speculation | None = None) -> Any:
         """A running batch that requests join and leave between decode chunks: `requests` (one opaque owner
         each) prefilled into at least `slots` rows over prepared `weights`, with cache room for `headroom` steps
-        beyond the longest budget for requests that join later. Its methods are those gptjax.serve.continuous's
-        Session protocol names. Only where supports_sessions."""
+        beyond the longest budget for requests that join later; decoded speculatively with a `speculation`
+        (a gptjax.speculative.Speculation, draft weights prepared by this kind of backend). Its methods are
+        those gptjax.serve.continuous's Session protocol names. Only where supports_sessions."""
         raise GptjaxError(f"backend {self.name!r} has no decode sessions (continuous batching)")
 
     def _speculate(self, weights: Any, request: GenerationRequest, chunk_size: int | None, spec: Speculation

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 
-from gptjax.cli.options import add_precision_flags, mesh_from
+from gptjax.cli.generate import draft_from
+from gptjax.cli.options import RUN_PRECISIONS, add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
+from gptjax.speculative import MAX_SPECULATIVE_TOKENS
 from gptjax.tracing.setup import install_text_logs
+from gptjax.weights import load_config
 
 NAME = "serve"
 HELP = "an OpenAI-style HTTP API (completions, streaming, /metrics) for a checkpoint"
 DESCRIPTION = ("Serve a checkpoint over HTTP: POST /v1/completions (JSON or Server-Sent Events), GET /v1/models, "
                "/health and /metrics, with dynamic batching, a bounded queue (429 when full), per-request timeouts "
-               "and draining on SIGTERM. Needs the serve extra.")
+               "and draining on SIGTERM; with --draft, speculative decoding inside continuous batching. Needs the "
+               "serve extra.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "once; a request on a connection beyond them gets 503 (counted in /metrics, logged): keeps "
                    "the server under its file-descriptor limit (default 1024)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
+    p.add_argument("--draft", metavar="DIR|ngram", help="decode speculatively: a draft checkpoint with the same "
+                   "vocabulary, or `ngram` for prompt lookup (no model); greedy completions are unchanged, a seeded "
+                   "sampled one gets the tokens of `generate --draft` with that seed; needs continuous batching "
+                   "(jax, no --mesh); requests with presence_penalty, frequency_penalty or logit_bias get 400")
+    p.add_argument("--spec-k", type=int, default=4, metavar="K", help=f"with --draft: draft tokens proposed per "
+                   f"target pass, 1..{MAX_SPECULATIVE_TOKENS} (default 4); --chunk-size then counts verify rounds")
+    p.add_argument("--draft-precision", choices=RUN_PRECISIONS, help="how to run the draft checkpoint's weights "
+                   "(default: as it stores them)")
+    p.add_argument("--ngram", default="3,1", metavar="MAX,MIN", help="with --draft ngram: the longest and shortest "
+                   "n-gram looked up (default 3,1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
         raise GptjaxError(f"gptjax serve needs the serve extra ({e.name} is missing): "
                           "pip install 'gptjax[serve]'") from None
     _check(args)
+    draft = None if args.draft is None else draft_from(args.draft, args.ngram, args.draft_precision)
     if args.log_format == "text":  # the server's ready and access-log lines (--log-format json installs its own)
         install_text_logs()
     model = serve.load_model(args.checkpoint, args.backend, precision=args.precision, kv_cache=args.kv_cache,
-                             mesh=mesh_from(args.mesh))
+                             mesh=mesh_from(args.mesh), draft=draft, num_speculative_tokens=args.spec_k)
     cap = args.max_tokens_cap
     if cap is not None and not 1 <= cap <= model.backend.config.n_positions:
         raise GptjaxError(f"--max-tokens-cap {cap} must be in [1, {model.backend.config.n_positions}]")
@@ -97,3 +112,25 @@ def _check(args: argparse.Namespace) -> None:
             raise GptjaxError(f"{flag} is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0")
     if not args.header_timeout > 0:  # also refuses nan
         raise GptjaxError(f"--header-timeout {args.header_timeout} must be > 0")
+    if args.draft is not None:
+        _check_draft(args)
+
+
+def _check_draft(args: argparse.Namespace) -> None:
+    """A GptjaxError for --draft flags that cannot work (before any weights load or anything compiles)."""
+    if not 1 <= args.spec_k <= MAX_SPECULATIVE_TOKENS:
+        raise GptjaxError(f"--spec-k {args.spec_k} must be in [1, {MAX_SPECULATIVE_TOKENS}]")
+    if args.mesh:
+        raise GptjaxError(f"--draft runs on one device: drop --mesh {args.mesh!r} (speculative decoding has no mesh)")
+    if args.batching != "continuous":
+        raise GptjaxError("--draft needs --batching continuous (rows join a speculative batch between chunks)")
+    if args.draft == "ngram":
+        return
+    try:
+        draft = load_config(args.draft)
+    except GptjaxError as e:
+        raise GptjaxError(f"--draft {args.draft!r} is neither `ngram` nor a checkpoint directory: {e}") from None
+    target = load_config(args.checkpoint)
+    if draft.vocab_size != target.vocab_size:
+        raise GptjaxError(f"--draft {args.draft!r} has a vocabulary of {draft.vocab_size} tokens, the checkpoint "
+                          f"{target.vocab_size}: a draft model must share the target's tokenizer")

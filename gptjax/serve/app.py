@@ -40,6 +40,7 @@ from gptjax.serve.validation import (
     parse_detokenize,
     parse_tokenize,
 )
+from gptjax.speculative import ModelDraft, Speculation
 from gptjax.tokenizer import Tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.tracing.spans import record_error, tracer
@@ -80,6 +81,7 @@ class ServedModel:
     weights: Any
     tokenizer: Tokenizer | None
     metrics: Metrics
+    speculation: Speculation | None = None  # a drafter (`--draft`): decode speculatively (continuous batching)
 
 
 class ServerState:
@@ -109,8 +111,8 @@ class ServerState:
         device, session = DeviceLock(), None  # the worker's chunks and scoring calls take turns on the backend
         if self.batching == "continuous":
             session = SessionRunner(model.backend, model.weights, chunk_size=options.chunk_size,
-                                    max_batch=options.max_batch,
-                                    on_cancel=on_cancel, on_chunk=self.decode_rows.observe, device=device)
+                                    max_batch=options.max_batch, on_cancel=on_cancel,
+                                    on_chunk=self.decode_rows.observe, device=device, speculation=model.speculation)
         self.scheduler = Scheduler(self._stream, max_batch=options.max_batch, max_queue=options.max_queue,
                                    batch_wait=options.batch_wait, on_batch=self.batch_size.observe,
                                    on_cancel=on_cancel, on_chunk=self.decode_rows.observe, session=session,
@@ -118,8 +120,17 @@ class ServerState:
         self.queue_depth.set_function(lambda: self.scheduler.depth)
 
     def _stream(self, requests: Any) -> Any:
-        m = self.model
-        return m.backend.stream_joined(m.weights, requests, chunk_size=self.options.chunk_size)
+        """A batch's chunks (dynamic batching; with a drafter only a job re-run alone after its batch failed:
+        its tokens are then its solo speculative run's)."""
+        m, spec = self.model, self.model.speculation
+        if spec is None:
+            return m.backend.stream_joined(m.weights, requests, chunk_size=self.options.chunk_size)
+        [r] = requests
+        sp = r.sampling
+        return m.backend.stream(m.weights, r.prompts, r.max_new_tokens, chunk_size=self.options.chunk_size,
+                                temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed,
+                                stop_tokens=sp.stop_tokens, greedy=sp.is_greedy, draft=spec.draft,
+                                num_speculative_tokens=spec.k)
 
     def start(self) -> None:
         """Warm up (compile) in a thread, then start the worker and turn ready."""
@@ -161,7 +172,11 @@ def _batching(model: ServedModel, options: ServeOptions) -> str:
     dynamic."""
     if options.batching not in ("continuous", "dynamic"):
         raise GptjaxError(f"batching={options.batching!r}; allowed: continuous, dynamic")
-    return options.batching if model.backend.supports_sessions else "dynamic"
+    batching = options.batching if model.backend.supports_sessions else "dynamic"
+    if model.speculation is not None and batching != "continuous":
+        raise GptjaxError("a drafter (--draft) needs continuous batching: the jax backend without --mesh and "
+                          "--batching continuous")
+    return batching
 
 
 def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
@@ -255,6 +270,7 @@ async def _completions(request: Request, state: ServerState) -> Response:
         _check_ready(state)
         completion = parse_completion(await _read_body(request, state.options.max_body_bytes), state.limits,
                                       state.model.tokenizer)
+        _check_speculative(completion, state.model.speculation)
         jobs = _Jobs(completion, asyncio.get_running_loop(), span)
         _submit(state, jobs.jobs)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
@@ -278,6 +294,26 @@ async def _completions(request: Request, state: ServerState) -> Response:
     finally:
         if not handed_over:
             state.inflight -= 1
+
+
+def _check_speculative(completion: Completion, spec: Speculation | None) -> None:
+    """A 400 for what a speculative server cannot serve exactly: penalties and logit bias (the verify step scores
+    the target's raw distribution) and, with a draft model, a prompt plus max_tokens beyond its context."""
+    if spec is None:
+        return
+    for r in completion.requests:
+        sp = r.sampling
+        for name, used in (("presence_penalty", sp.presence_penalty), ("frequency_penalty", sp.frequency_penalty),
+                           ("logit_bias", sp.logit_bias)):
+            if used:
+                raise RequestError(400, f"{name} is not supported by this server: it decodes speculatively (--draft "
+                                   f"{spec.draft.kind}), whose verify step scores the model's raw distribution, so "
+                                   f"{name} would not change the output exactly; drop {name}", name,
+                                   code="unsupported_with_draft")
+        room = spec.draft.config.n_positions if isinstance(spec.draft, ModelDraft) else None
+        if room is not None and len(r.prompts[0]) + r.max_new_tokens > room:
+            raise RequestError(400, f"prompt length {len(r.prompts[0])} + max_tokens {r.max_new_tokens} exceeds the "
+                               f"draft model's context ({room} tokens) of this speculative server", "max_tokens")
 
 
 def _server_span(request: Request) -> Any:

@@ -5,7 +5,9 @@ slots and drop rows whose client left or timed out.
 Reports what the backend's own wrapper reports for generate calls: prefill/decode spans (the session's under a
 `text_completion` span in the first job's trace, a joining job's prefill in its own trace) and, through the
 backend's observe_* methods, its Prometheus metrics (forward time, TTFT from the request's arrival, time per
-output token, requests by outcome, tokens).
+output token, requests by outcome, tokens). With a speculation (`gptjax serve --draft`) the session decodes
+speculatively: each chunk is a `gptjax.speculate` span carrying the drafter, k and the chunk's proposed and
+accepted draft tokens, which also go to the speculative token counters.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ class Session(Protocol):
     """What the runner needs of `Backend.open_session`'s result (gptjax.backends.jax.session.DecodeSession)."""
 
     owners: list[Any]  # per row: its job, or None for a free slot
-    step: int  # decode steps taken
+    step: int  # decode steps (speculative: verify rounds) taken
     Tp: int  # padded prompt length: the sequence position of step 0
+    draft: str | None  # the drafter's kind (speculative decoding), or None
+    k: int  # draft tokens proposed per round
+    proposed: int  # draft tokens proposed so far ...
+    accepted: int  # ... and accepted
 
     @property
     def live(self) -> list[int]: ...
@@ -51,9 +57,12 @@ class SessionRunner:
 
     def __init__(self, backend: Backend, weights: Any, *, chunk_size: int, max_batch: int,
                  on_cancel: Callable[[str], None], on_chunk: Callable[[int], None],
-                 device: DeviceLock | None = None) -> None:
-        """device: held around each backend call (prefill, decode chunk), so scoring calls fit in between."""
+                 device: DeviceLock | None = None, speculation: Any = None) -> None:
+        """device: held around each backend call (prefill, decode chunk), so scoring calls fit in between;
+        speculation: a gptjax.speculative.Speculation (draft weights prepared by the backend's kind) to decode
+        speculatively."""
         self.backend, self.weights, self.chunk_size, self.max_batch = backend, weights, chunk_size, max_batch
+        self.speculation = speculation
         self.on_cancel, self.on_chunk = on_cancel, on_chunk
         self.device = device or DeviceLock()
 
@@ -68,8 +77,9 @@ class SessionRunner:
         try:
             with self.device, self._phase("prefill", parent, len(jobs), longest,
                                           [len(j.request.prompts[0]) for j in jobs]):
+                spec = {} if self.speculation is None else {"speculation": self.speculation}
                 session = b.open_session(self.weights, [j.request for j in jobs], jobs, slots=self.slots(len(jobs)),
-                                         headroom=max(0, min(3 * budget, n_pos - budget)))
+                                         headroom=max(0, min(3 * budget, n_pos - budget)), **spec)
                 first = session.first_chunk()
             self._deliver(session, first, ttft=True)
             while session.live:
@@ -77,19 +87,38 @@ class SessionRunner:
                 self._admit(session, take)
                 if not session.live:
                     break
-                before = session.step
+                before, drafts = session.step, (session.proposed, session.accepted)
                 self.on_chunk(len(session.live))
-                with self.device, self._phase("decode", parent, len(session.live), session.Tp + before) as span:
+                with self.device, self._phase("decode", parent, len(session.live), session.Tp + before,
+                                              name="speculate" if session.draft else "decode") as span:
                     chunk = session.run(self.chunk_size)
-                    span.set({"gptjax.steps": session.step - before})
-                b.observe_decode(span.seconds, session.step - before, sum(len(t) for _, t, _ in chunk),
-                                 session.Tp + before)
+                    steps = self._steps(session, before, chunk)
+                    span.set({"gptjax.steps": steps} | self._speculated(session, *drafts))
+                b.observe_decode(span.seconds, steps, sum(len(t) for _, t, _ in chunk), session.Tp + before)
                 self._deliver(session, chunk)
         except BaseException as e:
             record_error(parent, e)
             raise
         finally:
             parent.end()
+
+    @staticmethod
+    def _steps(session: Session, before: int, chunk: Chunk) -> int:
+        """A chunk's steps: decode steps, or for a speculative one its most tokens in a row (as generate counts)."""
+        if session.draft is None:
+            return session.step - before
+        return max((len(tokens) for _, tokens, _ in chunk), default=0)
+
+    def _speculated(self, session: Session, proposed: int, accepted: int) -> dict[str, Any]:
+        """A speculative chunk's span attributes (drafter, k, draft tokens proposed and accepted since the counts
+        `proposed` and `accepted`); its tokens go to the speculative counters too."""
+        if session.draft is None:
+            return {}
+        proposed, accepted = session.proposed - proposed, session.accepted - accepted
+        if self.backend.metrics is not None:
+            self.backend.metrics.observe_speculation(self.backend.name, session.draft, proposed, accepted)
+        return {"gptjax.draft": session.draft, "gptjax.spec.k": session.k, "gptjax.spec.proposed": proposed,
+                "gptjax.spec.accepted": accepted}
 
     def slots(self, jobs: int) -> int:
         """Rows of a session starting with `jobs` jobs: twice as many (up to max_batch), so that others can join
@@ -137,18 +166,20 @@ class SessionRunner:
         self.backend.observe_request(time.perf_counter() - job.queued_at, len(job.request.prompts[0]), job.sent,
                                      outcome, error)
 
-    def _phase(self, phase: str, parent: Any, batch: int, position: int, prompts: list[int] | None = None) -> Any:
-        """A forward span (and, at the end of a prefill of prompts of these lengths, its metrics) around one
-        prefill or decode chunk."""
-        return _Phase(self.backend, phase, parent, batch, position, prompts or [])
+    def _phase(self, phase: str, parent: Any, batch: int, position: int, prompts: list[int] | None = None,
+               name: str | None = None) -> Any:
+        """A forward span gptjax.NAME (default: the phase; and, at the end of a prefill of prompts of these
+        lengths, its metrics) around one prefill or decode chunk."""
+        return _Phase(self.backend, phase, parent, batch, position, prompts or [], name or phase)
 
 
 class _Phase:
     """forward_span plus timing; a prefill is reported to the metrics on exit."""
 
-    def __init__(self, backend: Backend, phase: str, parent: Any, batch: int, position: int, prompts: list[int]):
+    def __init__(self, backend: Backend, phase: str, parent: Any, batch: int, position: int, prompts: list[int],
+                 name: str):
         self.backend, self.phase, self.prompts = backend, phase, prompts
-        self._cm = forward_span(f"gptjax.{phase}", lambda: backend.span_attributes(phase, batch, position),
+        self._cm = forward_span(f"gptjax.{name}", lambda: backend.span_attributes(phase, batch, position),
                                 parent=parent, synced=backend.trace_sync)
 
     def __enter__(self) -> Any:

@@ -17,8 +17,11 @@ from typing import Any
 import uvicorn
 
 from gptjax.backends import get_backend
+from gptjax.backends.base import Backend
+from gptjax.errors import GptjaxError
 from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
 from gptjax.serve.connections import ConnectionLimits
+from gptjax.speculative import Draft, ModelDraft, Speculation, check_speculation
 from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.weights import load_checkpoint, run_options
@@ -27,16 +30,32 @@ log = logging.getLogger("gptjax.serve")
 
 
 def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision: str | None = None,
-               kv_cache: str | None = None, mesh: Any = None) -> ServedModel:
+               kv_cache: str | None = None, mesh: Any = None, draft: Draft | None = None,
+               num_speculative_tokens: int = 4) -> ServedModel:
     """A checkpoint's backend, prepared weights, tokenizer (its files, or bytes for a 256-token vocabulary)
     and a fresh metrics registry. precision (default: as the checkpoint stores its weights) and kv_cache are
-    the backend options of those names."""
+    the backend options of those names; a draft (gptjax.speculative.ModelDraft or NgramDraft) makes the server
+    decode speculatively, num_speculative_tokens per round."""
     config, params = load_checkpoint(checkpoint)
     options = run_options(checkpoint, precision, kv_cache) | ({"mesh": mesh} if mesh is not None else {})
     metrics = Metrics()
     engine = get_backend(backend, config, metrics=metrics, **options)
     tokenizer = checkpoint_tokenizer(checkpoint, config.vocab_size)
-    return ServedModel(engine, engine.prepare(params), tokenizer, metrics)
+    spec = None if draft is None else speculation(engine, draft, num_speculative_tokens)
+    return ServedModel(engine, engine.prepare(params), tokenizer, metrics, spec)
+
+
+def speculation(engine: Backend, draft: Draft, k: int) -> Speculation:
+    """The checked drafter for a backend: k, and a draft model's weights prepared by a backend of the same kind
+    in the draft's precision (with its KV-cache storage)."""
+    if not engine.supports_sessions:
+        raise GptjaxError(f"speculative serving (--draft) needs continuous batching: the jax backend without a mesh "
+                          f"(backend {engine.name!r}{' with a mesh' if engine.name == 'jax' else ''} has none)")
+    k = check_speculation(draft, k, engine.config)
+    if not isinstance(draft, ModelDraft):
+        return Speculation(draft, k)
+    twin = get_backend(engine.name, draft.config, precision=draft.precision)
+    return Speculation(draft, k, twin.prepare(dict(draft.params)), twin.kv_cache)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -19,7 +19,7 @@ from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.backends.jax import decode, speculative
 from gptjax.backends.jax.convert import JaxWeights, jax_weights
 from gptjax.backends.jax.decode import bucket_length
-from gptjax.backends.jax.session import DecodeSession
+from gptjax.backends.jax.session import DecodeSession, SpecSession
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk
@@ -74,11 +74,13 @@ class JaxBackend(Backend):
         """Decode sessions are built for one device: with a mesh the server batches dynamically."""
         return self.mesh is None
 
-    def open_session(self, weights: JaxWeights, requests: Any, owners: Any, *, slots: int, headroom: int
-                     ) -> DecodeSession:
-        """A DecodeSession (continuous batching; see Backend.open_session)."""
+    def open_session(self, weights: JaxWeights, requests: Any, owners: Any, *, slots: int, headroom: int,
+                     speculation: Any = None) -> DecodeSession | SpecSession:
+        """A DecodeSession, or with a speculation a SpecSession (continuous batching; see Backend.open_session)."""
         if not self.supports_sessions:
             raise GptjaxError("decode sessions (continuous batching) need the jax backend without a mesh")
+        if speculation is not None:
+            return SpecSession(self, weights, requests, owners, slots, headroom, speculation)
         return DecodeSession(self, weights, requests, owners, slots=slots, headroom=headroom)
 
     def _place_batch(self, tokens: np.ndarray) -> Any:

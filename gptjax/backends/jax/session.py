@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.backends.jax import decode as jax_decode
+from gptjax.backends.jax import speculative
 from gptjax.backends.jax.decode import bucket_length
 from gptjax.generate import LENGTH, STOP, GenerationRequest, join_requests, left_pad
 
@@ -31,6 +32,9 @@ MODES = ("greedy", "sample", "filter")  # each covers the ones before it
 
 class DecodeSession:
     """A running batch that requests join and leave between chunks. Slots hold opaque owners (e.g. jobs)."""
+
+    draft: str | None = None  # no drafter (SpecSession's names its kind) ...
+    k = proposed = accepted = 0  # ... so no draft tokens
 
     def __init__(self, backend: Any, weights: Any, requests: Sequence[GenerationRequest], owners: Sequence[Any],
                  slots: int, headroom: int) -> None:
@@ -117,6 +121,102 @@ class DecodeSession:
         chunks = []
         for b in self.live:
             new = out[b, start[b] + self.sent[b]: start[b] + lengths[b]].tolist()
+            self.sent[b] = lengths[b]
+            reason = (STOP if stopped[b] else LENGTH) if done[b] else None
+            chunks.append((self.owners[b], new, reason))
+            if reason:
+                self.owners[b] = None
+        return chunks
+
+
+class SpecSession:
+    """A running batch decoded speculatively (speculative.py) that requests join and leave between chunks.
+
+    Every row has its own cache cursor, so a joining request is prefilled alone (target and draft model) and
+    copied into a free slot at the cache indices it has alone (prompt from index 0, cursor after it); its
+    rounds are counted from its admission, so a sampled row draws what it draws alone. Rows accept different
+    numbers of tokens per round; a chunk is chunk_size rounds. Penalties and logit bias are not supported (the
+    verify step scores the target's raw distribution): such a request never fits."""
+
+    def __init__(self, backend: Any, weights: Any, requests: Sequence[GenerationRequest], owners: Sequence[Any],
+                 slots: int, headroom: int, spec: Any) -> None:
+        """Prefill `requests` (one owner per row) into at least `slots` rows whose caches leave room for
+        `headroom` more tokens than the longest budget, for rows that join later."""
+        joined = join_requests(requests)
+        self.weights, self.config, self.kv_cache, self.spec = weights, backend.config, backend.kv_cache, spec
+        self.Tp = bucket_length(max(len(p) for p in joined.prompts), self.config.n_positions)
+        self.S = speculative.cache_length(self.Tp, joined.max_new_tokens + headroom, spec.k)
+        self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
+        self.s, pad, self.sampling, _ = speculative.start(weights, joined, spec, self.kv_cache, self.Tp, self.S,
+                                                          rows=slots, mode=self.mode)
+        self.ngram = (spec.draft.max_ngram, spec.draft.min_ngram) if spec.weights is None else None
+        B = self.s.cursor.shape[0]
+        self.pad = np.asarray(pad).copy()
+        self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
+        self.sent = np.zeros(B, int)
+        self.step = 0  # verify rounds so far
+        self.draft, self.k = spec.draft.kind, spec.k
+        self.proposed = self.accepted = 0  # draft tokens over the session's life
+
+    @property
+    def live(self) -> list[int]:
+        """Occupied slots."""
+        return [b for b, owner in enumerate(self.owners) if owner is not None]
+
+    def fits(self, request: GenerationRequest) -> bool:
+        """Whether a one-row request can join now (a free slot, cache room, a covered sampling mode, no
+        penalties or bias)."""
+        Tp1 = bucket_length(len(request.prompts[0]), self.config.n_positions)
+        return (request.batch == 1 and None in self.owners and MODES.index(request.mode) <= MODES.index(self.mode)
+                and speculative.cache_length(Tp1, request.max_new_tokens, self.k) <= self.S
+                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1] and not request.adjusts)
+
+    def admit(self, request: GenerationRequest, owner: Any) -> list[tuple[Any, list[int], str | None]]:
+        """Prefill a fitting one-row request alone and put it in a free slot; [(owner, first tokens, finish
+        reason)]."""
+        row, n = self.owners.index(None), len(request.prompts[0])
+        Tp1 = bucket_length(n, self.config.n_positions)
+        new, pad1, one, _ = speculative.start(self.weights, request, self.spec, self.kv_cache, Tp1, Tp1 + 1,
+                                              mode=request.mode)
+        self.s = speculative.admit(self.s, new, np.int32(row))
+        width = self.sampling.stop.shape[1]
+        stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
+        self.sampling = jax_decode.Sampling(*(a if a is None else a.at[row].set(b[0])
+                                              for a, b in zip(self.sampling, one._replace(stop=stop))))
+        self.pad[row], self.owners[row] = int(pad1[0]), owner
+        done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
+        self.sent[row] = int(length)
+        if done:
+            self.owners[row] = None
+        return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+
+    def first_chunk(self) -> list[tuple[Any, list[int], str | None]]:
+        """The prefill's tokens of the starting rows."""
+        return self._read()
+
+    def run(self, chunk_size: int) -> list[tuple[Any, list[int], str | None]]:
+        """chunk_size speculative rounds; (owner, new tokens, finish reason) of each occupied slot (a finished one
+        is freed). self.proposed/accepted then include the chunk's draft tokens."""
+        w, d = self.weights, self.spec.weights
+        self.s = speculative.speculate(w.graphdef, w.state, None if d is None else d.graphdef,
+                                       None if d is None else d.state, self.s, jnp.asarray(self.pad), self.sampling,
+                                       np.int32(self.step + chunk_size), self.k, self.mode, self.ngram)
+        return self._read()
+
+    def cancel(self, owner: Any) -> None:
+        """Free an owner's slot now (its row stops being decoded)."""
+        row = self.owners.index(owner)
+        self.owners[row] = None
+        self.s = self.s._replace(done=self.s.done.at[row].set(True))
+
+    def _read(self) -> list[tuple[Any, list[int], str | None]]:
+        rounds, done, stopped, lengths, proposed, accepted = jax.device_get(
+            (self.s.rounds, self.s.done, self.s.stopped, self.s.lengths, self.s.proposed, self.s.accepted))
+        self.step, self.proposed, self.accepted = int(rounds), int(proposed.sum()), int(accepted.sum())
+        out = np.asarray(self.s.out)
+        chunks = []
+        for b in self.live:
+            new = out[b, self.sent[b]: lengths[b]].tolist()
             self.sent[b] = lengths[b]
             reason = (STOP if stopped[b] else LENGTH) if done[b] else None
             chunks.append((self.owners[b], new, reason))

@@ -65,6 +65,7 @@ class SpecState(NamedTuple):
     rounds: jax.Array  # () verify rounds so far
     proposed: jax.Array  # [B] draft tokens proposed to active rows
     accepted: jax.Array  # [B] draft tokens accepted into the output
+    first_round: jax.Array  # [B] rounds before each row began: 0, or later for a row admitted into a session
 
 
 def _masks(pad: jax.Array, first: jax.Array, T: int, S: int) -> Masks:
@@ -233,8 +234,9 @@ def speculate(graphdef: Any, state: Any, draft_graphdef: Any, draft_state: Any, 
         S = s.hist.shape[1]
 
         def body(s: SpecState) -> SpecState:
-            # round r draws from fold_in(row key, r + 1): prefill drew its token from fold_in(row key, 0)
-            keys = jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(s.rounds + 1, s.keys.shape[:1]))
+            # a row's round r (its own count, from its first_round) draws from fold_in(row key, r + 1), prefill
+            # having drawn from fold_in(row key, 0): so a row admitted into a session samples as it would alone
+            keys = jax.vmap(jax.random.fold_in)(s.keys, s.rounds + 1 - s.first_round)
             split = jax.vmap(jax.random.split)(keys)  # [B, 2]
             draft_keys, accept_keys = split[:, 0], split[:, 1]
             if ngram:
@@ -251,13 +253,11 @@ def speculate(graphdef: Any, state: Any, draft_graphdef: Any, draft_state: Any, 
         return jax.lax.while_loop(lambda s: (s.rounds < until) & ~jnp.all(s.done), body, s)
 
 
-def _start(weights: Any, request: GenerationRequest, spec: Speculation, kv_cache: str
-           ) -> tuple[SpecState, jax.Array, Sampling, str]:
-    """Prefill the target (its first token) and the draft model (its cache only) into caches with room for the
-    budget plus a round's k + 1 entries."""
-    Tp = bucket_length(max(len(p) for p in request.prompts), weights.config.n_positions)
-    S = Tp + bucket_length(request.max_new_tokens + spec.k + 1, 2**31)
-    d, pad, sampling, mode = decode.start(weights, request, Tp, S, None, kv_cache)
+def start(weights: Any, request: GenerationRequest, spec: Speculation, kv_cache: str, Tp: int, S: int,
+          rows: int | None = None, mode: str | None = None) -> tuple[SpecState, jax.Array, Sampling, str]:
+    """Prefill the target (its first token) and the draft model (its cache only) into caches of S entries,
+    prompts padded to Tp; rows and mode as decode.start's (a session's batch bucket and covering mode)."""
+    d, pad, sampling, mode = decode.start(weights, request, Tp, S, None, kv_cache, rows=rows, mode=mode)
     B = d.last.shape[0]
     tokens, _ = left_pad(request.prompts, Tp, rows=B)
     draft = None
@@ -267,16 +267,49 @@ def _start(weights: Any, request: GenerationRequest, spec: Speculation, kv_cache
         draft = row_cache(decode.prefill(w.graphdef, w.state, tokens, pad, valid, sampling, w.config, S, "greedy",
                                          spec.kv_cache, None, w.cpu_kernels).cache)
     hist = jnp.zeros((B, S), jnp.int32).at[:, :Tp].set(tokens).at[:, Tp].set(d.last)
+    zeros = [jnp.zeros(B, jnp.int32) for _ in range(3)]  # three buffers: the loop donates each
     s = SpecState(row_cache(d.cache), draft, hist, jnp.full(B, Tp, jnp.int32), jnp.ones(B, jnp.int32), d.done,
-                  d.stopped, d.lengths, d.out, d.keys, jnp.int32(0), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32))
+                  d.stopped, d.lengths, d.out, d.keys, jnp.int32(0), *zeros)
     return s, pad, sampling, mode
+
+
+def cache_length(Tp: int, max_new_tokens: int, k: int) -> int:
+    """Cache entries for prompts padded to Tp and a budget of max_new_tokens: room for a round's k + 1 entries
+    past the last kept token (a row's last round starts at most at Tp + max_new_tokens - 2)."""
+    return Tp + bucket_length(max_new_tokens + k + 1, 2**31)
+
+
+@partial(jax.jit, donate_argnames=("s",))
+def admit(s: SpecState, new: SpecState, row: jax.Array) -> SpecState:
+    """Put a one-row start `new` (prompt bucket Tp1, first token at cache index Tp1) into slot `row` of a running
+    session: its cache entries, token history and cursor at the same indices as alone (the slot's older entries
+    past them are never read: masks stop at the cursor), its key, and first_round = now, so its rounds draw
+    as they would alone. The draft counters are kept (their sums only grow)."""
+    Tp1 = new.hist.shape[1] - new.out.shape[1]  # the new row's prompt bucket (static)
+
+    def put(big: jax.Array, small: jax.Array) -> jax.Array:  # [B, H, S, ...] <- [1, H, Tp1, ...] (values, scales)
+        at = (row, 0, 0) + (0,) * (big.ndim - 3)
+        return jax.lax.dynamic_update_slice(big, small[:, :, :Tp1].astype(big.dtype), at)
+
+    def one(a: jax.Array, b: jax.Array) -> jax.Array:
+        return a.at[row].set(b[0])
+
+    hist = one(s.hist, jnp.zeros_like(s.hist[:1]).at[:, :Tp1 + 1].set(new.hist[:, :Tp1 + 1]))
+    return s._replace(cache=jax.tree.map(put, s.cache, new.cache),
+                      draft=None if s.draft is None else jax.tree.map(put, s.draft, new.draft), hist=hist,
+                      cursor=one(s.cursor, new.cursor), count=one(s.count, new.count), done=one(s.done, new.done),
+                      stopped=one(s.stopped, new.stopped), lengths=one(s.lengths, new.lengths),
+                      out=jax.lax.dynamic_update_slice(s.out, new.out[:, :1], (row, 0)), keys=one(s.keys, new.keys),
+                      first_round=s.first_round.at[row].set(s.rounds))
 
 
 def stream(weights: Any, request: GenerationRequest, chunk_size: int | None, spec: Speculation, kv_cache: str
            ) -> Iterator[StreamChunk]:
     """Prefill (its token is the first chunk), then the speculative loop: to the end, or chunk_size rounds per
     chunk. Chunks carry the proposed and accepted draft tokens of their rounds."""
-    s, pad, sampling, mode = _start(weights, request, spec, kv_cache)
+    Tp = bucket_length(max(len(p) for p in request.prompts), weights.config.n_positions)
+    s, pad, sampling, mode = start(weights, request, spec, kv_cache, Tp, cache_length(Tp, request.max_new_tokens,
+                                                                                     spec.k))
     ngram = (spec.draft.max_ngram, spec.draft.min_ngram) if isinstance(spec.draft, NgramDraft) else None
     w = spec.weights
     sent, seen, phase = np.zeros(request.batch, int), (0, 0), "prefill"
