@@ -9,6 +9,7 @@ which is what tests/test_docs.py asserts, so a figure cannot drift from its meas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -437,6 +438,33 @@ def _goals(results: Results) -> list[Row]:
     return study.goals(_frontier(results, "model"), args["ladder"].split(","))
 
 
+BF16_CURVES = "bf16-train-curves.jsonl"  # benchmarks/bf16_loss_curves.py: the quickstart run, fp32 and bf16 compute
+
+
+def bf16_train_curves(results: Results) -> str:
+    """The quickstart's training loss per step in fp32 and bf16 compute (every 10th step), the gap against the
+    loss's own step-to-step noise, and each mode's held-out loss."""
+    rows = results[BF16_CURVES]
+    run = of_kind(rows, "run")
+    loss = {m: [r["loss"] for r in rows if r.get("kind") == "step" and r["mode"] == m] for m in ("fp32", "bf16")}
+    final = {r["mode"]: r for r in rows if r.get("kind") == "final"}
+    n = len(loss["fp32"])
+    lines = ["| step | fp32 loss | bf16 loss | bf16 - fp32 |", "|---|---|---|---|"]
+    for i in sorted({0, *range(9, n, 10), n - 1}):
+        lines.append(f"| {i + 1} | {loss['fp32'][i]:.4f} | {loss['bf16'][i]:.4f} | {loss['bf16'][i] - loss['fp32'][i]:+.4f} |")
+    tail = loss["fp32"][n // 2:]
+    noise = (sum((b - a) ** 2 for a, b in itertools.pairwise(tail)) / max(len(tail) - 1, 1)) ** 0.5
+    gap = max(abs(a - b) for a, b in zip(loss["fp32"][n // 2:], loss["bf16"][n // 2:]))
+    return ("\n".join(lines) + f"\n\nOver the second half of the run the curves differ by at most {gap:.4f} nats, "
+            f"against a step-to-step change of the fp32 loss itself of {noise:.4f} (rms). Held-out loss after {n} "
+            f"steps: fp32 {final['fp32']['val_loss']:.4f}, bf16 {final['bf16']['val_loss']:.4f} nats/byte; each run "
+            f"took {final['fp32']['seconds']:.0f} s (fp32) and {final['bf16']['seconds']:.0f} s (bf16), compiling "
+            "included "
+            f"(git {run['git']}, jax {run['jax']}, {run['cores']} cores, CPU kernels {run['cpu_kernels']}; "
+            f"1-minute load average {run['load_avg_1m_start']:.1f} at the start, "
+            f"{final['bf16']['load_avg_1m_end']:.1f} at the end).")
+
+
 BLOCKS: dict[str, Callable[[Results], str]] = {
     "environment": environment, "ceilings": ceilings, "fp32-vs-hf": fp32_vs_hf, "headline": headline,
     "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
@@ -450,6 +478,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "frontier-run": frontier_run, "frontier-table": frontier_table,
     "frontier-goal": frontier_goal, "frontier-own-teacher": frontier_own_teacher,
     "frontier-findings": frontier_findings,
+    "bf16-train-curves": bf16_train_curves,
 }
 
 

@@ -5,7 +5,8 @@ The model is the JAX backend's Flax NNX GPT (layers unrolled by default: 2,367 v
 the 6L/384 benchmark shape here; `scan_layers=True` keeps compile time flat for deep models); `nnx.split`
 gives the graph (static) and the parameters (a pytree the optimizer and orbax handle).
 Weights stay float32 (the master copy, as does the AdamW state); with compute_dtype="bf16" the forward and
-backward passes run on a bfloat16 copy of them, with LayerNorm statistics, softmax and logits in float32.
+backward passes run on a bfloat16 copy of them, with LayerNorm statistics, softmax and logits in float32, their
+matmuls on gptjax's CPU bf16 kernel where it runs (backends/jax/bf16_train.py), else in XLA's dots.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from gptjax import data
 from gptjax import precision as registry
 from gptjax.backends import get_backend
 from gptjax.backends.jax import GPT, to_params
+from gptjax.backends.jax.bf16_train import training_layers
 from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError, os_cause
@@ -149,7 +151,8 @@ def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = Non
     if stored is not None and registry.STORAGES[stored].scaled:
         raise GptjaxError(f"params are {stored} (a quantised checkpoint): training needs float weights; start from "
                           "the float checkpoint it was quantised from")
-    model = GPT(config, params if params is not None else init_params(config, tc.seed), scan_layers=tc.scan_layers)
+    model = GPT(config, params if params is not None else init_params(config, tc.seed), scan_layers=tc.scan_layers,
+                layers=training_layers(tc.compute_dtype, mesh))  # bf16 compute: on gptjax's CPU kernels where they run
     graphdef, weights = nnx.split(model)
     weights = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), weights)
     if mesh is not None:

@@ -8,7 +8,8 @@
 //                       (the same integers as XLA's int8 dot; the scales are applied in JAX).
 //   gptjax_int8_grouped_matmul: x int8 [M, K], w int8 [N, K], ws float32 [N, G], xs float32 [M, G] -> float32
 //                       [M, N] = sum over groups g of K / G inputs of ws[n, g] * xs[m, g] * (exact int32 sum).
-//   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation.
+//   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation (GEMM-shaped from
+//                       kBf16GemmMinRows rows of x: gemm_bf16.cc).
 //   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)).
 //   gptjax_kv_{scores,mix}_{int8,bf16}: attention of few queries over a KV cache stored as int8 or bfloat16 bits.
 //   gptjax_int4_matmul: packed int4 weights, in cpu_int4.cc (linked into this module; listed by targets()).
@@ -23,6 +24,7 @@
 #include <memory>
 #include <vector>
 
+#include "gemm_bf16.h"
 #include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -257,6 +259,7 @@ GPTJAX_TARGET void Bf16Rows(const uint16_t* x, int64_t M, int64_t kp, const uint
 
 GPTJAX_TARGET void Bf16Matmul(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
                               ffi::ThreadPool& pool) {
+  if (M >= gptjax::kBf16GemmMinRows) return gptjax::Bf16Gemm(x, w, out, M, K, N, pool);  // prefill, training
   const int64_t kp = (K + 31) / 32 * 32;  // x rows padded with zeros for full 64-byte loads
   std::vector<uint16_t> xp(M * kp, 0);
   for (int64_t m = 0; m < M; ++m) std::memcpy(&xp[m * kp], x + m * K, K * sizeof(uint16_t));

@@ -62,6 +62,30 @@ def matmul_flops(dtype: str, n: int, runs: int = 5) -> float:
     return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
 
 
+def bf16_kernel_flops(n: int, runs: int = 5) -> float:
+    """FLOP/s (2n³ per call) of gptjax's CPU bf16 kernel (gptjax_bf16_matmul, GEMM-shaped at these sizes) on an
+    n x n x n product, best of runs: the peak the bf16 mode's matmuls run at where the kernels do, beside XLA's."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax.backends import cpu_kernels
+
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(cpu_kernels.bf16_matmul)
+    return 2 * n**3 / best_time(lambda: f(a, a).block_until_ready(), runs)
+
+
+# compute dtype -> the FLOP/s of gptjax's own CPU kernel for it (measured only where the kernels run)
+KERNEL_PEAKS = {"bf16": bf16_kernel_flops}
+
+
+def kernel_ceilings(n: int, runs: int = 5) -> dict[str, float]:
+    """{compute dtype: FLOP/s of gptjax's CPU kernel} where the kernels run (cpu_kernels.available()), else {}."""
+    from gptjax.backends import cpu_kernels
+
+    return {dtype: peak(n, runs) for dtype, peak in KERNEL_PEAKS.items()} if cpu_kernels.available() else {}
+
+
 def memory_bandwidth(n_bytes: int, runs: int = 5) -> dict[str, float]:
     """Bytes/s through JAX now, best of runs: "read" (a sum over n_bytes), "copy" (device to device: read n_bytes,
     write them into a donated buffer, 2·n_bytes of traffic, no fresh pages), "host_to_device" and
@@ -113,5 +137,5 @@ def measure_ceilings(matmul_n: int, bandwidth_bytes: int, dtypes: tuple[str, ...
             flops[dtype] = matmul_flops(dtype, matmul_n, runs)
         except Exception as e:  # a dtype the platform cannot multiply is recorded, not fatal
             flops[dtype] = f"unsupported: {type(e).__name__}: {str(e)[:200]}"
-    return {"matmul_n": matmul_n, "matmul_flops": flops, "bandwidth_bytes": bandwidth_bytes,
-            "bandwidth": memory_bandwidth(bandwidth_bytes, runs)}
+    return {"matmul_n": matmul_n, "matmul_flops": flops, "kernel_matmul_flops": kernel_ceilings(matmul_n, runs),
+            "bandwidth_bytes": bandwidth_bytes, "bandwidth": memory_bandwidth(bandwidth_bytes, runs)}

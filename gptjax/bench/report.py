@@ -111,6 +111,8 @@ def ceilings_table(ceiling: dict[str, Any]) -> str:
         shown = f"{value / 1e12:.3f} TFLOP/s" if isinstance(value, (int, float)) else value
         lines.append(f"| matmul {dtype} ({ceiling['matmul_n']}³) | {shown} | "
                      f"{_num(peak and peak / 1e12, ',.0f') + (' TFLOP/s' if peak else '')} |")
+    for dtype, value in (ceiling.get("kernel_matmul_flops") or {}).items():  # gptjax's CPU kernels, where they run
+        lines.append(f"| gptjax {dtype} kernel ({ceiling['matmul_n']}³) | {value / 1e12:.3f} TFLOP/s | |")
     for name, value in ceiling["bandwidth"].items():
         hbm = sheet.get("hbm_bytes_per_s") if name == "read" else None
         lines.append(f"| memory {name.replace('_', ' ')} ({ceiling['bandwidth_bytes'] / 2**20:.0f} MiB) "

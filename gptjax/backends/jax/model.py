@@ -42,14 +42,15 @@ class Dense(nnx.Module):
     """A float kernel: x [..., in] -> float32 [..., out]. The input is cast to the kernel's dtype, so a
     bfloat16 kernel multiplies bfloat16 activations, accumulating in float32."""
 
-    def __init__(self, kernel: Any, axes: tuple[str | None, ...], n_out: int = 1) -> None:
+    def __init__(self, kernel: Any, axes: tuple[str | None, ...], n_out: int = 1, dot: Any = lowp.dot) -> None:
         self.kernel = param(kernel, axes)
         self.n_out = n_out
+        self.dot = dot  # x [..., in] @ w [in, out] -> float32: XLA's, or a formulation the conversion step passes
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel[...]
         w = w.reshape(-1, math.prod(w.shape[-self.n_out:]))  # [in, out]: a 2-D dot (fastest on XLA:CPU)
-        return lowp.dot(x.astype(w.dtype), w)
+        return self.dot(x.astype(w.dtype), w)
 
 
 class Linear(nnx.Module):
@@ -66,15 +67,21 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """A float [V, D] table: rows for token ids, and the (tied) LM head x @ table.T with float32 logits."""
 
-    def __init__(self, table: Any, axes: tuple[str | None, ...]) -> None:
+    def __init__(self, table: Any, axes: tuple[str | None, ...], head_dot: Any = None) -> None:
         self.embedding = param(table, axes)
+        self.head_dot = head_dot or table_dot  # x [..., D] @ table [V, D].T -> float32 (as Dense.dot)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.embedding[...][tokens].astype(jnp.float32)  # [...] -> [..., D]
 
     def attend(self, x: jax.Array) -> jax.Array:
         w = self.embedding[...]  # [V, D]
-        return jnp.einsum("...d,vd->...v", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        return self.head_dot(x.astype(w.dtype), w)
+
+
+def table_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] @ w [V, D].T in w's dtype, float32 out (the tied head, in XLA's dot)."""
+    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
 
 class Positions(nnx.Module):

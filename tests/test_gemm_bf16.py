@@ -1,0 +1,127 @@
+"""The GEMM-shaped bf16 kernel (gptjax/_kernels/gemm_bf16.cc, gptjax_bf16_matmul from 256 rows of x) against a
+float64 reference of the bfloat16-rounded inputs, and bf16 training on it (backends/jax/bf16_train.py): gradients
+against jax.grad of the float32 model, one step against XLA's bf16 path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gptjax.backends import cpu_kernels
+from gptjax.backends.jax import bf16_train
+from gptjax.backends.jax.model import FloatLayers
+from gptjax.config import GPTConfig
+from gptjax.train import TrainConfig, create_state, export_params, loss_fn, train_step
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
+GEMM_ROWS = 256  # gemm_bf16.h: kBf16GemmMinRows
+CONFIG = GPTConfig(vocab_size=256, n_positions=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def _check(x: np.ndarray, w: np.ndarray) -> None:
+    """The kernel's x [..., K] @ w [N, K].T within float32 rounding of the exact sums of the bf16 inputs."""
+    got = np.asarray(jax.jit(cpu_kernels.bf16_matmul)(x, w))
+    xb = x.astype(ml_dtypes.bfloat16).astype(np.float64)
+    wb = w.astype(np.float64)
+    ref = xb @ wb.T
+    bound = 1e-6 * (np.abs(xb) @ np.abs(wb).T) * 8 + 1e-30  # float32 sums of K terms, in another order
+    assert got.dtype == np.float32 and got.shape == (*x.shape[:-1], w.shape[0])
+    finite = np.isfinite(ref)
+    assert np.all(np.abs(got[finite] - ref[finite]) <= bound[finite])
+    np.testing.assert_array_equal(got[~finite], ref[~finite])  # inf and NaN where the exact sums are
+
+
+def _case(shape: tuple[int, ...], N: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape).astype(np.float32),
+            rng.standard_normal((N, shape[-1])).astype(ml_dtypes.bfloat16))
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,K,N", [
+    (GEMM_ROWS - 1, 768, 33), (GEMM_ROWS, 768, 33), (GEMM_ROWS + 1, 77, 65),  # GEMV | GEMM, the threshold
+    (GEMM_ROWS + 11, 1, 17), (300, 3, 1), (GEMM_ROWS, 1025, 31),  # K = 1, odd K, odd K past a 512-input block
+    (GEMM_ROWS + 13, 512, 96), (1, 5, 3), (8, 64, 40),  # a tile tail of rows; decode's rows (the GEMV)
+    (GEMM_ROWS, 2048, 64),  # rows of 4096 bytes: x [256, 2048] and w [64, 2048] end on a page boundary
+])
+def test_bf16_matmul_within_float32_rounding(M, K, N):
+    _check(*_case((M, K), N, seed=M * K + N))
+
+
+@needs_kernels
+def test_gemm_takes_leading_dims_and_extremes():
+    x, w = _case((2, 150, 70), 45, seed=3)  # 300 rows in two leading dims
+    x[0, 0] = 2.0 ** 60
+    w[0] = 2.0 ** 60  # a product of 2^120: finite in float32
+    x[0, 1, :] = 0.0
+    x[1, 2, 69] = np.inf  # the odd K's last input: inf times w's last column, the padding half stays 0
+    w[1, 69] = -1.0
+    x[1, 3, 5] = np.nan
+    _check(x, w)
+
+
+def _tiny_state(compute_dtype: str, mesh: object = None):
+    tc = TrainConfig(batch_size=4, seq_len=64, compute_dtype=compute_dtype, warmup_steps=0, lr=1e-3)
+    return tc, *create_state(CONFIG, tc, mesh=mesh)
+
+
+def _batch(seed: int) -> tuple[jax.Array, jax.Array]:
+    tokens = jax.random.randint(jax.random.key(seed), (4, 65), 0, CONFIG.vocab_size)  # B T = 256 rows: the GEMM
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+@needs_kernels
+def test_training_layers_choose_the_kernels_only_for_bf16_without_a_mesh():
+    assert type(bf16_train.training_layers("bf16")) is bf16_train.KernelTrainingLayers
+    assert type(bf16_train.training_layers("fp32")) is FloatLayers
+    assert type(bf16_train.training_layers("bf16", mesh=object())) is FloatLayers
+
+
+@needs_kernels
+def test_kernel_gradients_match_jax_grad_of_the_float32_model():
+    _, graphdef, state = _tiny_state("bf16")
+    _, graphdef32, _ = _tiny_state("fp32")
+    assert "kernel_matmul" in str(jax.make_jaxpr(lambda w: loss_fn(w, graphdef, *_batch(0), "bf16"))(state.params))
+    x, y = _batch(0)
+    loss16, g16 = jax.value_and_grad(loss_fn)(state.params, graphdef, x, y, "bf16")
+    loss32, g32 = jax.value_and_grad(loss_fn)(state.params, graphdef32, x, y, "fp32")
+    assert abs(float(loss16) - float(loss32)) < 1e-2 * float(loss32)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g16), jax.tree.leaves(g32)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        # bf16 operands (8 significant bits) in every matmul of the forward and backward pass
+        assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-7, jax.tree_util.keystr(path)
+
+
+@needs_kernels
+def test_a_bf16_step_on_the_kernels_matches_xlas_bf16_path(monkeypatch):
+    tc, graphdef, state = _tiny_state("bf16")
+    with monkeypatch.context() as m:
+        m.setattr(bf16_train.cpu_kernels, "available", lambda: False)  # XLA's bf16 dots: the path without kernels
+        _, graphdef_xla, state_xla = _tiny_state("bf16")
+    assert graphdef != graphdef_xla
+    x, y = _batch(1)
+    new, metrics = train_step(graphdef, tc, state, x[None], y[None])
+    new_xla, metrics_xla = train_step(graphdef_xla, tc, state_xla, x[None], y[None])
+    assert abs(float(metrics.loss) - float(metrics_xla.loss)) < 2e-3 * float(metrics_xla.loss)
+    assert abs(float(metrics.grad_norm) - float(metrics_xla.grad_norm)) < 2e-2 * float(metrics_xla.grad_norm)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(new.params))  # master weights stay float32
+    d = np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).ravel()
+                        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(new_xla.params))])
+    # AdamW's first update is about lr * sign(g): a gradient near 0 may take the other sign (2 lr apart)
+    assert d.max() <= 2.1 * tc.lr and np.mean(d > 1e-4) < 0.01
+    exported = export_params(graphdef, new.params)  # the kernel-trained model exports as any float model
+    np.testing.assert_array_equal(exported["wte.weight"], np.asarray(new.params["wte"]["embedding"][...]))
+
+
+@needs_kernels
+def test_the_suite_measures_the_kernels_peak_only_where_they_run(monkeypatch):
+    from gptjax.bench.ceilings import kernel_ceilings
+
+    peaks = kernel_ceilings(64, runs=1)
+    assert set(peaks) == {"bf16"} and peaks["bf16"] > 0
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert kernel_ceilings(64, runs=1) == {}
