@@ -61,7 +61,10 @@ class PipedServer:
                     return
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "server not ready"
+            if time.monotonic() >= deadline:
+                self.proc.kill()  # a server that never became ready must not outlive the test
+                self.proc.wait()
+                raise AssertionError("server not ready in %.0f s:\n%s" % (WAIT_S, "\n".join(self.drain())))
             time.sleep(0.05)
 
     def drain(self) -> list[str]:
