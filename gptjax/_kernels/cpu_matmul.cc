@@ -23,6 +23,7 @@
 #include <memory>
 #include <vector>
 
+#include "gemm_int8.h"
 #include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -117,6 +118,7 @@ std::vector<uint8_t> OffsetRows(const int8_t* x, int64_t M, int64_t K, int64_t k
 
 GPTJAX_TARGET void Int8Matmul(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N,
                               ffi::ThreadPool& pool) {
+  if (M >= gptjax::kInt8GemmMinRows) return gptjax::Int8Gemm(x, w, out, M, K, N, pool);  // prefill: gemm_int8.cc
   const int64_t kp = (K + 63) / 64 * 64;  // x rows padded for full 64-byte loads (w's tail is masked to 0)
   const std::vector<uint8_t> xu = OffsetRows(x, M, K, kp);
   const uint8_t* xp = xu.data();
