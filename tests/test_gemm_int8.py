@@ -100,3 +100,21 @@ def test_prefill_on_the_gemm_matches_the_xla_formulation(precision, monkeypatch)
         logits[kernels] = b.forward(w, PROMPTS)
     np.testing.assert_allclose(logits["1"], logits["0"], atol=1e-4)
     assert np.abs(logits["1"]).max() > 0.1  # real logits, not zeros
+
+
+@needs_kernels
+def test_the_int8_kernel_peak_is_a_ceiling_and_rows_report_mfu_against_it():
+    from gptjax.bench.ceilings import kernel_peaks
+    from gptjax.bench.report import ceilings_table
+    from gptjax.bench.suite import _row
+    from gptjax.bench.workloads import Job, Shape
+
+    peaks = kernel_peaks(64, runs=1)
+    assert set(peaks) == {"int8"} and peaks["int8"] > 0
+    ceiling = {"matmul_n": 64, "matmul_flops": {"int8": 4e9, "fp32": 2e9}, "kernel_flops": {"int8": 8e9},
+               "bandwidth_bytes": 2**20, "bandwidth": {"read": 8e9}}
+    job = Job(call=lambda i: None, flops=10**9, bytes_moved=2e9, memory={"params_bytes": 4})
+    row = _row({"precision": "w8a8"}, Shape("prefill", 1, seq=128), job, [1.0], ceiling, None)
+    assert row["mfu_kernel"] == 0.125 and row["mfu_measured"] == 0.25
+    assert _row({"precision": "fp32"}, Shape("prefill", 1, seq=128), job, [1.0], ceiling, None)["mfu_kernel"] is None
+    assert "| gptjax int8 kernel (64³) | 0.008 TOP/s | – |" in ceilings_table(ceiling)

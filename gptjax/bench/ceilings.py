@@ -62,6 +62,30 @@ def matmul_flops(dtype: str, n: int, runs: int = 5) -> float:
     return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
 
 
+def int8_kernel_ops(n: int, runs: int = 5) -> float:
+    """OP/s (2n³ per call) of gptjax's own int8 GEMM kernel (gptjax/_kernels/gemm_int8.cc, through
+    cpu_kernels.int8_matmul: x int8 [n, n] . w int8 [n, n]^T -> int32) under jax.jit, best of runs: the peak its
+    int8 modes can reach on this CPU, which XLA's int8 dot (at about its float32 rate here) does not show."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptjax.backends import cpu_kernels
+
+    a = jnp.ones((n, n), jnp.int8)
+    f = jax.jit(lambda x: cpu_kernels.int8_matmul(x, x))
+    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
+
+
+def kernel_peaks(n: int, runs: int = 5) -> dict[str, float | str]:
+    """{dtype: OP/s} of gptjax's own CPU GEMM kernels where they run ({} elsewhere), the MFU denominators of
+    the modes that use them (suite rows: mfu_kernel)."""
+    from gptjax.backends import cpu_kernels
+
+    if not cpu_kernels.available():
+        return {}
+    return {"int8": int8_kernel_ops(n, runs)}
+
+
 def memory_bandwidth(n_bytes: int, runs: int = 5) -> dict[str, float]:
     """Bytes/s through JAX now, best of runs: "read" (a sum over n_bytes), "copy" (device to device: read n_bytes,
     write them into a donated buffer, 2·n_bytes of traffic, no fresh pages), "host_to_device" and
@@ -106,12 +130,13 @@ def _fetch_time(x: Any, runs: int) -> float:
 
 def measure_ceilings(matmul_n: int, bandwidth_bytes: int, dtypes: tuple[str, ...] = COMPUTE_DTYPES,
                      runs: int = 5) -> dict[str, Any]:
-    """Measured matmul FLOP/s per dtype ({dtype: value or an error string where unsupported}) and bandwidths."""
+    """Measured matmul FLOP/s per dtype ({dtype: value or an error string where unsupported}), gptjax's own CPU
+    kernels' peaks (kernel_flops) and bandwidths."""
     flops: dict[str, float | str] = {}
     for dtype in dtypes:
         try:
             flops[dtype] = matmul_flops(dtype, matmul_n, runs)
         except Exception as e:  # a dtype the platform cannot multiply is recorded, not fatal
             flops[dtype] = f"unsupported: {type(e).__name__}: {str(e)[:200]}"
-    return {"matmul_n": matmul_n, "matmul_flops": flops, "bandwidth_bytes": bandwidth_bytes,
-            "bandwidth": memory_bandwidth(bandwidth_bytes, runs)}
+    return {"matmul_n": matmul_n, "matmul_flops": flops, "kernel_flops": kernel_peaks(matmul_n, runs),
+            "bandwidth_bytes": bandwidth_bytes, "bandwidth": memory_bandwidth(bandwidth_bytes, runs)}

@@ -233,6 +233,7 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
             "flops": job.flops, "flops_per_s": flops_per_s, "compute_dtype": dtype,
             "mfu_measured": metrics.utilisation(flops_per_s, ceiling["matmul_flops"].get(dtype)),
             "mfu_datasheet": metrics.utilisation(flops_per_s, (sheet.get("flops") or {}).get(dtype)),
+            "mfu_kernel": metrics.utilisation(flops_per_s, ceiling.get("kernel_flops", {}).get(dtype)),
             "bytes_moved": job.bytes_moved, "bytes_per_s": bytes_per_s,
             "bw_use_measured": metrics.utilisation(bytes_per_s, ceiling["bandwidth"]["read"]),
             "bw_use_datasheet": metrics.utilisation(bytes_per_s, sheet.get("hbm_bytes_per_s")),
