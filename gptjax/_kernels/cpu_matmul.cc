@@ -5,7 +5,8 @@
 // read the int8 / bfloat16 bytes once and multiply them with AVX512-VNNI (vpdpbusd) / AVX512_BF16
 // (vdpbf16ps), so a decode step moves a quarter / half of float32's bytes. Results:
 //   gptjax_int8_matmul: x int8 [M, K], w int8 [N, K] -> int32 [M, N], exactly sum_k x[m, k] * w[n, k]
-//                       (the same integers as XLA's int8 dot; the scales are applied in JAX).
+//                       (the same integers as XLA's int8 dot; the scales are applied in JAX). From
+//                       kInt8GemmMinRows rows of x on (prefill), the GEMM in gemm_int8.cc computes them.
 //   gptjax_int8_grouped_matmul: x int8 [M, K], w int8 [N, K], ws float32 [N, G], xs float32 [M, G] -> float32
 //                       [M, N] = sum over groups g of K / G inputs of ws[n, g] * xs[m, g] * (exact int32 sum).
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation.
