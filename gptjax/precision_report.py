@@ -1,6 +1,9 @@
 """The precision trade-off, measured: for each mode on the same weights and the same validation windows, the
 bytes it stores, the quality it keeps (loss, perplexity, top-1 agreement and logit error against fp32) and
 the speed it gives (prefill and decode tokens/s, timed after warm-up, modes interleaved, median of runs).
+The logit errors are measured on full forward passes, which run each mode's prefill formulation (per-channel
+int8: two int8 activation terms; w8a8: one term per token, the alternative int8 prefill would take): they are
+what prefill in each mode costs. Decode runs the same formulation per row (greedy agreement sees the KV cache).
 
 Used by `gptjax quantize --report`; timed by the bench harness (gptjax.bench.stats), as `gptjax bench` is.
 """
@@ -194,7 +197,7 @@ def table(rows: Sequence[ModeReport]) -> str:
     base = rows[0]
     batches = sorted({b for r in rows for b in r.decode_tokens_per_s})
     head = ["mode", "weights MB", "x fp32", "KV B/token", "loss", "ppl", "Δppl", "top-1 =", "greedy =",
-            "max |Δlogit|", "mean |Δlogit|", "prefill tok/s"] + [f"decode B={b} tok/s (x fp32)" for b in batches]
+            "prefill max |Δlogit|", "prefill mean |Δlogit|", "prefill tok/s"] + [f"decode B={b} tok/s (x fp32)" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.mode, f"{r.weight_bytes / 1e6:.2f}", f"{r.weight_bytes / base.weight_bytes:.3f}",

@@ -119,9 +119,9 @@ def test_a_bf16_step_on_the_kernels_matches_xlas_bf16_path(monkeypatch):
 
 @needs_kernels
 def test_the_suite_measures_the_kernels_peak_only_where_they_run(monkeypatch):
-    from gptjax.bench.ceilings import kernel_ceilings
+    from gptjax.bench.ceilings import kernel_peaks
 
-    peaks = kernel_ceilings(64, runs=1)
-    assert set(peaks) == {"bf16"} and peaks["bf16"] > 0
+    peaks = kernel_peaks(64, runs=1)
+    assert set(peaks) == {"bf16", "int8"} and peaks["bf16"] > 0
     monkeypatch.setenv(cpu_kernels.ENV, "0")
-    assert kernel_ceilings(64, runs=1) == {}
+    assert kernel_peaks(64, runs=1) == {}

@@ -5,7 +5,8 @@
 // read the int8 / bfloat16 bytes once and multiply them with AVX512-VNNI (vpdpbusd) / AVX512_BF16
 // (vdpbf16ps), so a decode step moves a quarter / half of float32's bytes. Results:
 //   gptjax_int8_matmul: x int8 [M, K], w int8 [N, K] -> int32 [M, N], exactly sum_k x[m, k] * w[n, k]
-//                       (the same integers as XLA's int8 dot; the scales are applied in JAX).
+//                       (the same integers as XLA's int8 dot; the scales are applied in JAX). From
+//                       kInt8GemmMinRows rows of x on (prefill), the GEMM in gemm_int8.cc computes them.
 //   gptjax_int8_grouped_matmul: x int8 [M, K], w int8 [N, K], ws float32 [N, G], xs float32 [M, G] -> float32
 //                       [M, N] = sum over groups g of K / G inputs of ws[n, g] * xs[m, g] * (exact int32 sum).
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation (GEMM-shaped from
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "gemm_bf16.h"
+#include "gemm_int8.h"
 #include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -119,6 +121,7 @@ std::vector<uint8_t> OffsetRows(const int8_t* x, int64_t M, int64_t K, int64_t k
 
 GPTJAX_TARGET void Int8Matmul(const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t K, int64_t N,
                               ffi::ThreadPool& pool) {
+  if (M >= gptjax::kInt8GemmMinRows) return gptjax::Int8Gemm(x, w, out, M, K, N, pool);  // prefill: gemm_int8.cc
   const int64_t kp = (K + 63) / 64 * 64;  // x rows padded for full 64-byte loads (w's tail is masked to 0)
   const std::vector<uint8_t> xu = OffsetRows(x, M, K, kp);
   const uint8_t* xp = xu.data();

@@ -75,15 +75,32 @@ def bf16_kernel_flops(n: int, runs: int = 5) -> float:
     return 2 * n**3 / best_time(lambda: f(a, a).block_until_ready(), runs)
 
 
-# compute dtype -> the FLOP/s of gptjax's own CPU kernel for it (measured only where the kernels run)
-KERNEL_PEAKS = {"bf16": bf16_kernel_flops}
+def int8_kernel_ops(n: int, runs: int = 5) -> float:
+    """OP/s (2n³ per call) of gptjax's own int8 GEMM kernel (gptjax/_kernels/gemm_int8.cc, through
+    cpu_kernels.int8_matmul: x int8 [n, n] . w int8 [n, n]^T -> int32) under jax.jit, best of runs: the peak its
+    int8 modes can reach on this CPU, which XLA's int8 dot (at about its float32 rate here) does not show."""
+    import jax
+    import jax.numpy as jnp
 
-
-def kernel_ceilings(n: int, runs: int = 5) -> dict[str, float]:
-    """{compute dtype: FLOP/s of gptjax's CPU kernel} where the kernels run (cpu_kernels.available()), else {}."""
     from gptjax.backends import cpu_kernels
 
-    return {dtype: peak(n, runs) for dtype, peak in KERNEL_PEAKS.items()} if cpu_kernels.available() else {}
+    a = jnp.ones((n, n), jnp.int8)
+    f = jax.jit(lambda x: cpu_kernels.int8_matmul(x, x))
+    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
+
+
+def kernel_peaks(n: int, runs: int = 5) -> dict[str, float | str]:
+    """{dtype: OP/s} of gptjax's own CPU GEMM kernels where they run ({} elsewhere), the MFU denominators of
+    the modes that use them (suite rows: mfu_kernel)."""
+    from gptjax.backends import cpu_kernels
+
+    if not cpu_kernels.available():
+        return {}
+    return {dtype: peak(n, runs) for dtype, peak in KERNEL_PEAKS.items()}
+
+
+# compute dtype -> the OP/s of gptjax's own CPU kernel for it (measured only where the kernels run)
+KERNEL_PEAKS = {"bf16": bf16_kernel_flops, "int8": int8_kernel_ops}
 
 
 def memory_bandwidth(n_bytes: int, runs: int = 5) -> dict[str, float]:
@@ -130,12 +147,13 @@ def _fetch_time(x: Any, runs: int) -> float:
 
 def measure_ceilings(matmul_n: int, bandwidth_bytes: int, dtypes: tuple[str, ...] = COMPUTE_DTYPES,
                      runs: int = 5) -> dict[str, Any]:
-    """Measured matmul FLOP/s per dtype ({dtype: value or an error string where unsupported}) and bandwidths."""
+    """Measured matmul FLOP/s per dtype ({dtype: value or an error string where unsupported}), gptjax's own CPU
+    kernels' peaks (kernel_flops) and bandwidths."""
     flops: dict[str, float | str] = {}
     for dtype in dtypes:
         try:
             flops[dtype] = matmul_flops(dtype, matmul_n, runs)
         except Exception as e:  # a dtype the platform cannot multiply is recorded, not fatal
             flops[dtype] = f"unsupported: {type(e).__name__}: {str(e)[:200]}"
-    return {"matmul_n": matmul_n, "matmul_flops": flops, "kernel_matmul_flops": kernel_ceilings(matmul_n, runs),
+    return {"matmul_n": matmul_n, "matmul_flops": flops, "kernel_flops": kernel_peaks(matmul_n, runs),
             "bandwidth_bytes": bandwidth_bytes, "bandwidth": memory_bandwidth(bandwidth_bytes, runs)}

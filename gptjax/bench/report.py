@@ -71,7 +71,7 @@ def _latency(row: dict[str, Any]) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The workload rows as a markdown table (skipped variants listed under it with their reason)."""
     head = ("| workload | shape | backend | precision | tokens/s | vs peer | latency p50 / p90 / p99 ms | TTFT ms "
-            "| compile s | GFLOP/s | MFU measured | MFU datasheet | BW use measured | BW use datasheet "
+            "| compile s | GFLOP/s | MFU measured | MFU datasheet | MFU kernel | BW use measured | BW use datasheet "
             "| params / cache MiB |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     work = [r for r in rows if r.get("kind") == "workload"]
@@ -83,7 +83,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {_num(r.get('vs_peer'), '.2f') + ('x' if r.get('vs_peer') else '')} | {_latency(r)} "
             f"| {_num(r.get('ttft_s') and 1e3 * r['ttft_s'], '.1f')} | {_num(r.get('compile_s'), '.2f')} "
             f"| {r['flops_per_s'] / 1e9:,.1f} | {_pct(r.get('mfu_measured'))} | {_pct(r.get('mfu_datasheet'))} "
-            f"| {_pct(r.get('bw_use_measured'))} | {_pct(r.get('bw_use_datasheet'))} "
+            f"| {_pct(r.get('mfu_kernel'))} | {_pct(r.get('bw_use_measured'))} | {_pct(r.get('bw_use_datasheet'))} "
             f"| {mem.get('params_bytes', 0) / 2**20:,.1f} / {_num(cache and cache / 2**20, ',.1f')} |")
     skipped = [r for r in work if r["status"] != "ok"]
     notes = [f"- skipped: {r['workload']} {_shape(r)} {r['backend']} {r['precision']}: {r.get('message')}"
@@ -102,6 +102,9 @@ def environment_line(env: dict[str, Any]) -> str:
             f"load average at start {env.get('load_avg_1m')}")
 
 
+_OPS = {"int8": "OP", "bf16": "FLOP", "fp32": "FLOP"}  # int8 multiplies count as operations, not FLOPs
+
+
 def ceilings_table(ceiling: dict[str, Any]) -> str:
     """The measured ceilings (and datasheet peaks, labelled) as a markdown table."""
     sheet = ceiling.get("datasheet") or {}
@@ -111,8 +114,8 @@ def ceilings_table(ceiling: dict[str, Any]) -> str:
         shown = f"{value / 1e12:.3f} TFLOP/s" if isinstance(value, (int, float)) else value
         lines.append(f"| matmul {dtype} ({ceiling['matmul_n']}³) | {shown} | "
                      f"{_num(peak and peak / 1e12, ',.0f') + (' TFLOP/s' if peak else '')} |")
-    for dtype, value in (ceiling.get("kernel_matmul_flops") or {}).items():  # gptjax's CPU kernels, where they run
-        lines.append(f"| gptjax {dtype} kernel ({ceiling['matmul_n']}³) | {value / 1e12:.3f} TFLOP/s | |")
+    for dtype, value in ceiling.get("kernel_flops", {}).items():
+        lines.append(f"| gptjax {dtype} kernel ({ceiling['matmul_n']}³) | {value / 1e12:.3f} T{_OPS[dtype]}/s | – |")
     for name, value in ceiling["bandwidth"].items():
         hbm = sheet.get("hbm_bytes_per_s") if name == "read" else None
         lines.append(f"| memory {name.replace('_', ' ')} ({ceiling['bandwidth_bytes'] / 2**20:.0f} MiB) "
