@@ -16,7 +16,7 @@ from gptjax.config import GPTConfig
 from gptjax.weights import init_params
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
-GEMM_MIN_ROWS = 16  # kInt8GemmMinRows in gemm_int8.h
+GEMM_MIN_ROWS = 64  # kInt8GemmMinRows in gemm_int8.h
 
 
 def _exact(lead: tuple[int, ...], K: int, N: int, seed: int) -> None:

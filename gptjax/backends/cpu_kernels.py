@@ -3,7 +3,7 @@
 XLA:CPU has no fast path for int8 or bfloat16 weights (it converts them to float32, materialised or hoisted
 out of the decode loop), so reduced precision ran slower than float32 there. These kernels read the int8 /
 bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with AVX512-VNNI / AVX512_BF16:
-  int8_matmul(x int8 [..., K], w int8 [N, K]) -> int32 [..., N]: exactly XLA's int8 dot (integer sums); from 16
+  int8_matmul(x int8 [..., K], w int8 [N, K]) -> int32 [..., N]: exactly XLA's int8 dot (integer sums); from 64
   rows of x on (prefill) a GEMM over weight panels packed per call (gptjax/_kernels/gemm_int8.cc), same integers.
   int8_grouped_matmul(x, w, ws [N, G], xs [..., G]) -> float32 [..., N]: per group of K/G inputs, the exact int32
   sum times both scales, summed over groups in float32.
