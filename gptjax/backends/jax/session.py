@@ -30,6 +30,23 @@ from gptjax.generate import LENGTH, STOP, GenerationRequest, join_requests, left
 MODES = ("greedy", "sample", "filter")  # each covers the ones before it
 
 
+def with_row(sampling: jax_decode.Sampling, row: int, one: jax_decode.Sampling) -> jax_decode.Sampling:
+    """sampling with row set to a one-row request's settings (its stop tokens padded to the batch's width)."""
+    width = sampling.stop.shape[1]
+    stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
+    return jax_decode.Sampling(*(a if a is None else a.at[row].set(b[0])  # None: no adjustments
+                                 for a, b in zip(sampling, one._replace(stop=stop))))
+
+
+def first_tokens(session: Any, new: Any, row: int, owner: Any) -> list[tuple[Any, list[int], str | None]]:
+    """[(owner, the admitted row's prefill token, finish reason)] of a one-row prefill new placed in row (a row
+    that finished there is freed)."""
+    done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
+    session.sent[row] = int(length)
+    if done:
+        session.owners[row] = None
+    return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+
 class DecodeSession:
     """A running batch that requests join and leave between chunks. Slots hold opaque owners (e.g. jobs)."""
 
@@ -83,16 +100,9 @@ class DecodeSession:
                                  Tp1 + 8, request.mode, self.kv_cache, cpu_kernels=w.cpu_kernels)
         index = self.Tp + self.step - 1
         self.d = jax_decode.admit(self.d, new, np.int32(row), np.int32(index))
-        width = self.sampling.stop.shape[1]
-        stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
-        self.sampling = jax_decode.Sampling(*(a if a is None else a.at[row].set(b[0])  # None: no adjustments
-                                              for a, b in zip(self.sampling, one._replace(stop=stop))))
-        self.pad[row], self.owners[row], self.sent[row] = index - n, owner, 0
-        done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
-        self.sent[row] = int(length)
-        if done:
-            self.owners[row] = None
-        return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+        self.sampling = with_row(self.sampling, row, one)
+        self.pad[row], self.owners[row] = index - n, owner
+        return first_tokens(self, new, row, owner)
 
     def first_chunk(self) -> list[tuple[Any, list[int], str | None]]:
         """The prefill's tokens of the starting rows."""
@@ -179,16 +189,9 @@ class SpecSession:
         new, pad1, one, _ = speculative.start(self.weights, request, self.spec, self.kv_cache, Tp1, Tp1 + 1,
                                               mode=request.mode)
         self.s = speculative.admit(self.s, new, np.int32(row))
-        width = self.sampling.stop.shape[1]
-        stop = jnp.full((1, width), -1, jnp.int32).at[:, : one.stop.shape[1]].set(one.stop[:, :width])
-        self.sampling = jax_decode.Sampling(*(a if a is None else a.at[row].set(b[0])
-                                              for a, b in zip(self.sampling, one._replace(stop=stop))))
+        self.sampling = with_row(self.sampling, row, one)
         self.pad[row], self.owners[row] = int(pad1[0]), owner
-        done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
-        self.sent[row] = int(length)
-        if done:
-            self.owners[row] = None
-        return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+        return first_tokens(self, new, row, owner)
 
     def first_chunk(self) -> list[tuple[Any, list[int], str | None]]:
         """The prefill's tokens of the starting rows."""
