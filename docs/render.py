@@ -24,6 +24,7 @@ BLOCK = re.compile(r"(<!-- render:([a-z0-9-]+) -->)(.*?)(<!-- /render -->)", re.
 
 KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptjax's CPU kernels enabled
 XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
+GEMM = "gemm-gpt2-cpu.jsonl"  # the suite after the GEMM kernels: prefill T128/T512 and the train step against HF
 MODES = ("fp32", "bf16", "int8", "w8a8")
 LM_EVAL = "lm-eval-byte-mini.jsonl"  # `gptjax bench --study lm-eval` on the quickstart model (docs/evaluation.md)
 FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: the committed run (docs/smaller-models.md)
@@ -185,6 +186,22 @@ def precision_prefill(results: Results) -> str:
         body.append([mode, num(fast["tokens_per_s"]), num(slow["tokens_per_s"]), num(peer["tokens_per_s"]),
                      ratio(fast["vs_peer"])])
     return table(["mode", "kernels tok/s", "XLA only tok/s", "HF tok/s", "kernels vs HF"], body)
+
+
+def gemm_vs_peer(results: Results) -> str:
+    """Prefill (B=1, T=128 and 512) and the train step per mode after the GEMM kernels, against HF in the same run."""
+    rows = results[GEMM]
+    body = []
+    for mode in MODES:
+        r = [r for r in rows if r.get("kind") == "workload" and r["backend"] == "jax" and r["precision"] == mode
+             and r["workload"] in ("prefill", "train") and r.get("status") == "ok"]
+        body += [[f"{x['workload']} B{x['batch']} T{x['seq']}", mode, num(x["tokens_per_s"]), ratio(x["vs_peer"])]
+                 for x in r]
+    env = of_kind(rows, "environment")["env"]
+    loads = [r["load_avg_1m"] for r in rows if r.get("kind") == "workload" and r.get("load_avg_1m") is not None]
+    return (table(["workload", "mode", "gptjax tok/s", "gptjax / HF"], body)
+            + f"\ngit {env['git']}, {env['cores']}-core {env['cpu']}, median of 5 runs interleaved with the peer; "
+              f"1-minute load average {min(loads):.1f} to {max(loads):.1f} (the benchmark itself).\n")
 
 
 def train_modes(results: Results) -> str:
@@ -482,7 +499,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "int4-suite": int4_suite,
     "lm-eval-precision": lm_eval_precision,
     "frontier-run": frontier_run, "frontier-table": frontier_table,
-    "frontier-goal": frontier_goal, "frontier-big-teacher": frontier_big_teacher,
+    "frontier-goal": frontier_goal, "frontier-big-teacher": frontier_big_teacher, "gemm-vs-peer": gemm_vs_peer,
     "frontier-findings": frontier_findings,
     "bf16-train-curves": bf16_train_curves,
 }
