@@ -3,7 +3,7 @@ fixed number of steps, each step's training loss written as JSONL (docs/precisio
 
     python benchmarks/bf16_loss_curves.py --steps 300 --out benchmarks/results/bf16-train-curves.jsonl
 
-(the committed file: --steps 30, on 2 cores shared with other work; the quickstart is 300 steps)
+(the committed file: --steps 300 on the quiet machine, the quickstart's whole run)
 """
 
 from __future__ import annotations
