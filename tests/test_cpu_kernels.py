@@ -29,7 +29,8 @@ def test_the_kernels_are_built_by_the_install():
 
     assert set(_cpu_kernels.targets()) == {"gptjax_int8_matmul", "gptjax_int8_grouped_matmul", "gptjax_bf16_matmul",
                                            "gptjax_bf16_rows", "gptjax_kv_scores_int8", "gptjax_kv_mix_int8",
-                                           "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16", "gptjax_int4_matmul"}
+                                           "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16", "gptjax_int4_matmul",
+                                           "gptjax_causal_attention"}
 
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
@@ -149,7 +150,8 @@ def _backend(precision: str, kernels: bool, monkeypatch, **options):
 
 @pytest.mark.slow
 @needs_kernels
-@pytest.mark.parametrize("precision,options,atol", [("bf16", {}, 2e-3), ("int8", {}, 1e-3), ("w8a8", {}, 1e-3),
+@pytest.mark.parametrize("precision,options,atol", [("fp32", {}, 1e-5), ("bf16", {}, 2e-3), ("int8", {}, 1e-3),
+                                                    ("w8a8", {}, 1e-3),
                                                     ("int8", {"group_size": 16}, 1e-3),
                                                     ("w8a8", {"group_size": 32}, 1e-3),
                                                     ("int8", {"kv_cache": "int8"}, 1e-3),

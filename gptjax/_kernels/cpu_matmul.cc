@@ -456,8 +456,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, (PlainImpl<ffi::BF16, ffi::F32, uint16_t, float, Bf16Matmul>),
                               (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
-// The packed-int4 handler, defined in cpu_int4.cc (compiled into the same module).
+// The packed-int4 and causal-attention handlers, defined in cpu_int4.cc and attention.cc (the same module).
 extern "C" XLA_FFI_Error* GptjaxInt4Matmul(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* GptjaxCausalAttention(XLA_FFI_CallFrame* call_frame);
 
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
 static PyObject* Supported(PyObject*, PyObject*) {
@@ -479,7 +480,8 @@ static PyObject* Targets(PyObject*, PyObject*) {
                                                     {"gptjax_kv_mix_int8", (void*)GptjaxKvMixInt8},
                                                     {"gptjax_kv_scores_bf16", (void*)GptjaxKvScoresBf16},
                                                     {"gptjax_kv_mix_bf16", (void*)GptjaxKvMixBf16},
-                                                    {"gptjax_int4_matmul", (void*)GptjaxInt4Matmul}};
+                                                    {"gptjax_int4_matmul", (void*)GptjaxInt4Matmul},
+                                                    {"gptjax_causal_attention", (void*)GptjaxCausalAttention}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
     if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {

@@ -17,6 +17,9 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   kv_scores(q [B, H, T, K], cache [B, H, S, K]) -> float32 [B, H, T, S] and kv_mix(p [B, H, T, S], cache) ->
   float32 [B, H, T, K] over a cache of int8 or of bfloat16 bits (uint16), read as stored: XLA converts the
   whole cache to float32 before its dots on every decode step.
+  causal_attention(qkv [B, T, 3, H, K]) -> float32 [B, T, H, K]: the model's attention without a cache (prefill,
+  scoring) fused per head (gptjax/_kernels/attention.cc): the masked half of the scores is never computed, where
+  XLA runs the full [T, T] scores, mask, softmax and both dots as separate passes.
 They are used when `status()` is "enabled": built at install (a C++ compiler), a CPU with AVX512 VNNI and BF16,
 JAX on CPU, and GPTJAX_CPU_KERNELS not set to 0 (set it to 0 to measure the pure-XLA formulations).
 """
@@ -147,3 +150,15 @@ def _kv(kind: str, a: jax.Array, cache: jax.Array, out: tuple[int, ...]) -> jax.
     _require()
     return jax.ffi.ffi_call(f"gptjax_kv_{kind}_{suffix}", jax.ShapeDtypeStruct(out, jnp.float32))(
         a.astype(jnp.float32), cache)
+
+
+def causal_attention(qkv: jax.Array) -> jax.Array:
+    """Causal self-attention of qkv float32 [B, T, 3, H, K] (each token's query, key and value) -> float32
+    [B, T, H, K]: softmax over keys s <= t of q[t] . k[s] / sqrt(K), times the values (gptjax/_kernels/attention.cc;
+    the masked half of the scores is never computed)."""
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"gptjax_causal_attention: qkv [B, T, 3, H, K] expected, got {qkv.shape}")
+    _require()
+    B, T, _, H, K = qkv.shape
+    return jax.ffi.ffi_call("gptjax_causal_attention", jax.ShapeDtypeStruct((B, T, H, K), jnp.float32))(
+        qkv.astype(jnp.float32))

@@ -2,8 +2,9 @@
 the NNX model built with that mode's weight modules, split into a graph definition and device arrays.
 
 Whether gptjax's CPU kernels run is decided here, once (`cpu_kernels_for`): they read out-major bfloat16, int8
-and packed int4 weights and, during decode, bfloat16 and int8 KV caches (kv.KV_LAYERS); everything else, and every
-platform or mesh where they cannot run, keeps XLA's dots. The model itself never asks.
+and packed int4 weights, run the causal self-attention of a pass without a cache (every mode, float32 included)
+and, during decode, read bfloat16 and int8 KV caches (kv.KV_LAYERS); everything else, and every platform or mesh
+where they cannot run, keeps XLA's dots. The model itself never asks.
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ from gptjax.weights import Params
 
 
 @dataclass(frozen=True)
-class Bf16Layers(FloatLayers):
-    """bfloat16 kernels and tables: XLA's dots, or out-major on gptjax's CPU kernels (unstacked layers)."""
+class Fp32Layers(FloatLayers):
+    """float32 kernels and tables under XLA's dots; on gptjax's CPU kernels, the causal self-attention without a
+    cache (prefill, scoring) is the kernel's (cpu_kernels.causal_attention). Every mode's layers derive from it."""
 
     cpu_kernels: bool = False
+
+    def attention(self) -> Any:
+        return cpu_kernels.causal_attention if self.cpu_kernels else super().attention()
+
+
+@dataclass(frozen=True)
+class Bf16Layers(Fp32Layers):
+    """bfloat16 kernels and tables: XLA's dots, or out-major on gptjax's CPU kernels (unstacked layers)."""
 
     def dense(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int
               ) -> nnx.Module:
@@ -47,11 +57,10 @@ class Bf16Layers(FloatLayers):
 
 
 @dataclass(frozen=True)
-class Int8Layers(FloatLayers):
+class Int8Layers(Fp32Layers):
     """int8 kernels with float32 scales [*lead, G, *out], weight-only: XLA's formulations (lowp.py), or
     out-major on gptjax's CPU kernels (unstacked layers). A table without scales (keep_head) stays float."""
 
-    cpu_kernels: bool = False
     xla = Int8Dense
     out_major = OutMajorInt8Dense
 
@@ -98,12 +107,8 @@ class Int4Layers(Int8Layers):
         return (KernelInt4Embedding if self.cpu_kernels else Int4Embedding)(p[key], p[key + SCALE_SUFFIX], axes)
 
 
-def _float(cpu_kernels: bool) -> FloatLayers:
-    return FloatLayers()  # float32 weights keep XLA's dots either way
-
-
 # The weight modules of each run mode of gptjax.precision, given the CPU-kernel choice.
-LAYERS: dict[str, Any] = {"fp32": _float, "bf16": Bf16Layers, "int8": Int8Layers, "w8a8": W8A8Layers,
+LAYERS: dict[str, Any] = {"fp32": Fp32Layers, "bf16": Bf16Layers, "int8": Int8Layers, "w8a8": W8A8Layers,
                           "int4": Int4Layers}
 
 

@@ -110,6 +110,10 @@ class FloatLayers:
         """The position lookup."""
         return Positions()
 
+    def attention(self) -> Any:
+        """The causal self-attention without a cache: qkv [B, T, 3, H, K] -> [B, T, H, K] (XLA's dots)."""
+        return causal_attention
+
 
 class LayerNorm(nnx.Module):
     """LayerNorm whose statistics are computed in float32 whatever the activation dtype."""
@@ -143,31 +147,23 @@ class Attention(nnx.Module):
         self.qkv_bias = param(b.reshape(*b.shape[:-1], 3, H, K), layer_axes + (None, "heads", "kv"))
         self.c_proj = layers.dense(p, "attn.c_proj.weight", layer_axes + ("heads", "kv", "embed"), (H, K, D), 1)
         self.out_bias = param(p["attn.c_proj.bias"], layer_axes + ("embed",))
+        self.causal = layers.attention()  # qkv [B, T, 3, H, K] -> [B, T, H, K]: XLA's dots or a kernel
+
+    def fused_qkv(self, x: jax.Array) -> jax.Array:
+        """Queries, keys and values of x [B, T, D] as the projection leaves them: [B, T, 3, H, K]."""
+        b = self.qkv_bias[...]  # [3, H, K]
+        return (self.c_attn(x) + b.reshape(-1).astype(jnp.float32)).reshape(*x.shape[:2], *b.shape)
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys, values [B, H, T, K] of x [B, T, D]."""
-        B, T, D = x.shape
-        b = self.qkv_bias[...]  # [3, H, K]
-        qkv = self.c_attn(x) + b.reshape(-1).astype(jnp.float32)  # [B, T, 3D]
-        qkv = qkv.reshape(B, T, *b.shape).transpose(2, 0, 3, 1, 4)  # [B, T, 3D] -> [3, B, H, T, K]
-        return qkv[0], qkv[1], qkv[2]
+        return split_heads(self.fused_qkv(x))
 
-    def attend(self, q: jax.Array, parts: list[tuple[Any, jax.Array]]) -> jax.Array:
-        """Attention of q [B, H, T, K] over one softmax spanning every (keys/values, mask [B or 1, T, S_i])
-        part, projected out to [B, T, D]. Keys/values (FloatKV or Int8KV, [B, H, S_i, K]) compute their own
-        scores and weighted sums, reading the cache's layout without a transpose."""
-        scale = 1 / np.sqrt(q.shape[-1])
-        scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
-                  for kv, m in parts]  # [B, H, T, S_i] each
-        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S_i]
-        splits = np.cumsum([kv.k.shape[2] for kv, _ in parts])[:-1]  # S_i of each part's keys [B, H, S_i, K]
-        out = sum(kv.mix(p) for p, (kv, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # [B,T,H,K]
-        return self.c_proj(out.reshape(*out.shape[:2], -1)) + self.out_bias[...]  # -> [B, T, D]
+    def project(self, out: jax.Array) -> jax.Array:
+        """Heads' outputs [B, T, H, K] -> [B, T, D]."""
+        return self.c_proj(out.reshape(*out.shape[:2], -1)) + self.out_bias[...]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        T = x.shape[1]
-        q, k, v = self.qkv(x)
-        return self.attend(q, [(FloatKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
+        return self.project(self.causal(self.fused_qkv(x)))
 
     def cached(self, x: jax.Array, masks: Masks, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
         """Attention of new tokens x [B, T, D] over one layer's cache (FloatKV or Int8KV, [B, H, S, K]) before
@@ -177,8 +173,33 @@ class Attention(nnx.Module):
         q, k, v = self.qkv(x)
         new = cache.stored(k, v)  # quantised (or rounded) once: attended to now, written below
         parts = [(new, masks.new)] if masks.cache is None else [(cache, masks.cache), (new, masks.new)]
-        out = self.attend(q, parts)
+        out = self.project(attend(q, parts))
         return out, cache.write(new, start + zero_after(out))
+
+
+def split_heads(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv [B, T, 3, H, K] -> queries, keys, values [B, H, T, K]."""
+    qkv = qkv.transpose(2, 0, 3, 1, 4)  # [3, B, H, T, K]
+    return qkv[0], qkv[1], qkv[2]
+
+
+def attend(q: jax.Array, parts: list[tuple[Any, jax.Array]]) -> jax.Array:
+    """Attention of q [B, H, T, K] over one softmax spanning every (keys/values, mask [B or 1, T, S_i]) part:
+    [B, T, H, K]. Keys/values (FloatKV or Int8KV, [B, H, S_i, K]) compute their own scores and weighted sums,
+    reading the cache's layout without a transpose."""
+    scale = 1 / np.sqrt(q.shape[-1])
+    scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
+              for kv, m in parts]  # [B, H, T, S_i] each
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # [B, H, T, sum S_i]
+    splits = np.cumsum([kv.k.shape[2] for kv, _ in parts])[:-1]  # S_i of each part's keys [B, H, S_i, K]
+    return sum(kv.mix(p) for p, (kv, _) in zip(jnp.split(probs, splits, axis=-1), parts))  # [B, T, H, K]
+
+
+def causal_attention(qkv: jax.Array) -> jax.Array:
+    """Causal self-attention of qkv [B, T, 3, H, K] (no cache) with XLA's dots: [B, T, H, K]."""
+    q, k, v = split_heads(qkv)
+    T = q.shape[2]
+    return attend(q, [(FloatKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
