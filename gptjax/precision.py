@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from gptjax.config import GPTConfig
 
 SCALE_BYTES = 4  # a float32 scale per output channel (and group) of a scaled weight, per head of a KV entry
-INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes int4 takes (inputs per scale); its default is the Storage's
+INT4_GROUP_SIZES = (32, 64, 128)
+# Weight-only int8 runs a pass of more than this many tokens per sequence (prefill, scoring) as w8a8 does, with each
+# token's activations quantised to int8 (one int8 x int8 dot where 16-bit activations take two; docs/precision.md
+# measures what it costs in logit error); decode and speculative verification (k + 1 <= 17 tokens) keep 16-bit
+# activations. Both backends apply it to the tokens they are given, the JAX backend to a batch padded to its length
+# bucket, which is more than 64 exactly when the longest sequence is (decode.bucket_length), so they agree.
+INT8_PER_TOKEN_ABOVE = 64  # the group sizes int4 takes (inputs per scale); its default is the Storage's
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("bf16", "bf16", "bf16", trains=True, compute_dtype="bf16", tolerance=5e-2,
          description="bfloat16 weights, bfloat16 x bfloat16 matmuls accumulated in float32"),
     Mode("int8", "int8", "fp32", trains=False, compute_dtype="fp32", tolerance=1e-1,
-         description="int8 weights with float32 scales, float activations (weight-only)"),
+         description="int8 weights with float32 scales, float activations (weight-only; a prefill of more than 64 "
+                     "tokens quantises them per token, as w8a8)"),
     Mode("w8a8", "int8", "fp32", trains=False, compute_dtype="int8", tolerance=1e-1,
          description="int8 weights and per-token int8 activations, int8 x int8 -> int32 matmuls"),
     Mode("int4", "int4", "fp32", trains=False, compute_dtype="fp32", tolerance=3e-1,

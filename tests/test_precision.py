@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -19,6 +20,7 @@ from gptjax import get_backend
 from gptjax.backends.jax import KVCache
 from gptjax.cli import main
 from gptjax.errors import GptjaxError
+from gptjax.precision import INT8_PER_TOKEN_ABOVE
 from gptjax.precision_report import DEFAULT_MODES, Mode, report
 from gptjax.quantize import convert, for_precision, precision_of, weight_bytes
 from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
@@ -48,7 +50,8 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
                                                          ("w8a8", 0.3, 0.015)])
 def test_reduced_precision_logits_stay_close_to_fp32_on_a_trained_model(precision, max_err, max_dloss):
     # thresholds: logits of this model span ~ +-15; bf16 rounds weights to 8 mantissa bits (2^-9 relative),
-    # int8 to 1/254 of each channel's max: errors of a few tenths at worst, and the loss barely moves
+    # int8 to 1/254 of each channel's max: errors of a few tenths at worst, and the loss barely moves (64-token
+    # windows: int8 stays weight-only up to INT8_PER_TOKEN_ABOVE tokens)
     inputs, targets = WINDOWS[:, :-1], WINDOWS[:, 1:]
     ref = get_backend("jax", CONFIG).forward(PARAMS, inputs)
     out = get_backend("jax", CONFIG, precision=precision).forward(PARAMS, inputs)
@@ -391,3 +394,20 @@ def test_the_registry_declares_what_the_modes_were():
     assert CONFIG.weight_bytes("w8a8") == CONFIG.weight_bytes("int8")
     with pytest.raises(GptjaxError, match="precision 'int3'; allowed: fp32, bf16, int8, w8a8, int4"):
         precision.mode("int3")
+
+
+@pytest.mark.parametrize("backend", ["jax", "numpy"])
+def test_int8_prefill_computes_as_w8a8_above_its_token_threshold(backend):
+    # a pass of more than INT8_PER_TOKEN_ABOVE tokens runs weight-only int8 as w8a8 (one int8 term per token:
+    # half the int8 dot of two 16-bit terms); shorter passes (decode, speculative verification) stay weight-only.
+    # The JAX backend pads 64 tokens to 64 and 65 to 128: the threshold holds on the tokens given, in both backends
+    tokens = _text_tokens(2, INT8_PER_TOKEN_ABOVE + 1)
+    config = dataclasses.replace(CONFIG, n_positions=2 * CONFIG.n_positions)  # the trained model, positions twice
+    params = {**PARAMS, "wpe.weight": np.concatenate([PARAMS["wpe.weight"]] * 2)}
+
+    def logits(precision, T):
+        return get_backend(backend, config, precision=precision).forward(params, tokens[:, :T])
+
+    above, at = INT8_PER_TOKEN_ABOVE + 1, INT8_PER_TOKEN_ABOVE
+    np.testing.assert_array_equal(logits("int8", above), logits("w8a8", above))
+    assert np.abs(logits("int8", at) - logits("w8a8", at)).max() > 1e-3

@@ -19,6 +19,7 @@ from gptjax.config import GPTConfig
 from gptjax.generate import (
     LENGTH, STOP, GenerationRequest, RowSettings, SamplingParams, StreamChunk, left_pad, sample_token,
 )
+from gptjax.precision import INT8_PER_TOKEN_ABOVE
 from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys, unpack_int4
 from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs
 from gptjax.weights import Params
@@ -139,7 +140,7 @@ class BF16Matrix:
 class Int8Matrix:
     """An int8 matrix with float32 scales (gptjax.quantize layout: per output channel, per input group when
     grouped), used like the float one. `x @ w` applies the scales after each group's dot, as the JAX backend
-    does."""
+    does; weight-only, but a pass of more than INT8_PER_TOKEN_ABOVE tokens quantises x per token (as W8A8Matrix)."""
 
     __array_ufunc__ = None
 
@@ -151,11 +152,14 @@ class Int8Matrix:
         """The stand-in for params[key] and its scales."""
         return cls(params[key], params[key + SCALE_SUFFIX])
 
+    per_token_above = INT8_PER_TOKEN_ABOVE  # tokens per sequence above which x is quantised per token (w8a8's dots)
+
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:  # Conv1D [in, out]
         s = self.scale.reshape(-1, self.q.shape[1])  # [G, out]
         xg = x.reshape(*x.shape[:-1], s.shape[0], -1)  # [..., G, in/G]
         qg = self.q.reshape(s.shape[0], -1, self.q.shape[1])  # [G, in/G, out]
-        return (self.group_dots(xg, qg) * s).sum(-2)
+        prefill = x.ndim >= 3 and x.shape[-2] > self.per_token_above  # x [B, T, in]: gptjax.precision
+        return ((W8A8Matrix.group_dots if prefill else self.group_dots)(xg, qg) * s).sum(-2)
 
     @staticmethod
     def group_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
@@ -192,6 +196,8 @@ class Int4Matrix(Int8Matrix):
     """A packed int4 matrix (gptjax.quantize.pack_int4: Conv1D [in/2, out], or a [V, D/2] table) with float32
     scales per output channel and group, used like the float one: the packed bytes are kept and unpacked on
     each use, then computed as Int8Matrix computes its int8 values (as the JAX backend's int4 formulation)."""
+
+    per_token_above = math.inf  # int4 keeps 16-bit activations in every pass
 
     def __init__(self, packed: np.ndarray, scale: np.ndarray, axis: int) -> None:
         self.packed, self.scale, self.axis = packed, scale, axis

@@ -23,7 +23,8 @@ from gptjax.backends.jax.model import Embedding, Positions, param
 
 class Int8Dense(nnx.Module):
     """An int8 kernel with float32 scales [G, *out] (one per output channel and group of in/G inputs),
-    weight-only: the int8 values travel from memory and are dequantised inside the jitted matmul."""
+    weight-only: the int8 values travel from memory and are dequantised inside the jitted matmul; a pass of
+    more than INT8_PER_TOKEN_ABOVE tokens (gptjax.precision) quantises x per token, as W8A8Dense."""
 
     def __init__(self, q: Any, scale: Any, axes: tuple[str | None, ...], n_out: int = 1) -> None:
         lead = np.ndim(scale) - 1 - n_out  # stacked layers
@@ -34,7 +35,8 @@ class Int8Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         q, s = self.kernel[...], self.scale[...]
         G, out = s.shape[0], math.prod(s.shape[1:])
-        return self.matmul(x.astype(jnp.float32), q.reshape(G, -1, out), s.reshape(G, out))
+        matmul = lowp.w8a8_matmul if lowp.per_token(x) else self.matmul  # a prefill: gptjax.precision
+        return matmul(x.astype(jnp.float32), q.reshape(G, -1, out), s.reshape(G, out))
 
     matmul = staticmethod(lowp.int8_matmul)
 
@@ -84,14 +86,16 @@ class OutMajorDense(nnx.Module):
 
 class OutMajorInt8Dense(nnx.Module):
     """An int8 kernel stored out-major [out, in] with scales [out, G], for gptjax's CPU kernels; weight-only
-    (float activations as two int8 terms, as int8_matmul on CPU: per channel, the same numbers)."""
+    (float activations as two int8 terms, as int8_matmul on CPU: per channel, the same numbers; above
+    INT8_PER_TOKEN_ABOVE tokens per sequence, one per-token term, as OutMajorW8A8Dense)."""
 
     def __init__(self, q: Any, scale: Any, n_out: int = 1) -> None:
         self.kernel = param(_out_major(q, n_out), (None, None))
         self.scale = param(_out_major(scale, n_out), (None, None))  # [G, *out] -> [out, G]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.matmul(x.astype(jnp.float32), self.kernel[...], self.scale[...])
+        matmul = lowp.w8a8_matmul_nk if lowp.per_token(x) else self.matmul  # a prefill: gptjax.precision
+        return matmul(x.astype(jnp.float32), self.kernel[...], self.scale[...])
 
     matmul = staticmethod(lowp.int8_matmul_nk)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.backends import cpu_kernels
+from gptjax.precision import INT8_PER_TOKEN_ABOVE
 
 
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -49,6 +50,12 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     amax = jnp.abs(x).max(-1, keepdims=True)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
     return jnp.clip(jnp.rint(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def per_token(x: jax.Array) -> bool:
+    """Whether weight-only int8 multiplies x [..., T, I] as w8a8 does: T > INT8_PER_TOKEN_ABOVE tokens per sequence
+    (gptjax.precision; a [B, I] input is one token per sequence)."""
+    return x.ndim >= 3 and x.shape[-2] > INT8_PER_TOKEN_ABOVE
 
 
 def int8_matmul(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
