@@ -1,4 +1,4 @@
-"""The GEMM-shaped bf16 kernel (gptjax/_kernels/gemm_bf16.cc, gptjax_bf16_matmul from 256 rows of x) against a
+"""The GEMM-shaped bf16 kernel (gptjax/_kernels/gemm_bf16.cc, gptjax_bf16_matmul from 128 rows of x) against a
 float64 reference of the bfloat16-rounded inputs, and bf16 training on it (backends/jax/bf16_train.py): gradients
 against jax.grad of the float32 model, one step against XLA's bf16 path."""
 
@@ -17,7 +17,7 @@ from gptjax.config import GPTConfig
 from gptjax.train import TrainConfig, create_state, export_params, loss_fn, train_step
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
-GEMM_ROWS = 256  # gemm_bf16.h: kBf16GemmMinRows
+GEMM_ROWS = 128  # gemm_bf16.h: kBf16GemmMinRows
 CONFIG = GPTConfig(vocab_size=256, n_positions=64, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -45,7 +45,7 @@ def _case(shape: tuple[int, ...], N: int, seed: int) -> tuple[np.ndarray, np.nda
     (GEMM_ROWS - 1, 768, 33), (GEMM_ROWS, 768, 33), (GEMM_ROWS + 1, 77, 65),  # GEMV | GEMM, the threshold
     (GEMM_ROWS + 11, 1, 17), (300, 3, 1), (GEMM_ROWS, 1025, 31),  # K = 1, odd K, odd K past a 512-input block
     (GEMM_ROWS + 13, 512, 96), (1, 5, 3), (8, 64, 40),  # a tile tail of rows; decode's rows (the GEMV)
-    (GEMM_ROWS, 2048, 64),  # rows of 4096 bytes: x [256, 2048] and w [64, 2048] end on a page boundary
+    (GEMM_ROWS, 2048, 64),  # rows of 4096 bytes: x [128, 2048] and w [64, 2048] end on a page boundary
 ])
 def test_bf16_matmul_within_float32_rounding(M, K, N):
     _check(*_case((M, K), N, seed=M * K + N))

@@ -8,11 +8,12 @@
 
 namespace gptjax {
 
-// Rows of x from which the GEMM takes over from the GEMV blocks. Measured on gpt2's shapes (CPU time of one thread on
-// 2 busy Zen 4 cores, GFLOP/s GEMV -> GEMM): M = 32: 166 -> 81 (K = 768), 137 -> 82 (K = 3072), packing the
-// weights costs more than it saves; M = 128: 153 -> 126 (K = 768), 133 -> 167 (K = 3072); M = 512: 139 -> 173,
-// 135 -> 192. Level at 256 on K = 768, ahead from there.
-constexpr int64_t kBf16GemmMinRows = 256;
+// Rows of x from which the GEMM takes over from the GEMV blocks. Measured on gpt2's shapes (GFLOP/s of 2 Zen 4
+// cores, weights in cache, GEMV -> GEMM, after the panels were packed by 16 x 16 transposes instead of gathers):
+// M = 128: 263-352 -> 342-377 (K = 768, N = 2304), 147-270 -> 357-386 (K = 3072, N = 768); M = 32 and 64 level
+// within the noise (200-340 both). A decode batch streams the weights from memory, where packing is one more
+// pass over them (the int8 GEMM at 16 rows lost 10% at B = 8), so the GEMM starts at 128.
+constexpr int64_t kBf16GemmMinRows = 128;
 
 // out float32 [M, N] = x bf16 [M, K] . w bf16 [N, K]^T (bfloat16 as uint16 bits), float32 accumulation.
 void Bf16Gemm(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "parallel_rows.h"
+#include "transpose16.h"
 
 namespace gptjax {
 namespace {
@@ -34,37 +35,14 @@ inline __mmask16 Lanes(int64_t left) {  // the first `left` of 16 lanes (none fo
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-// dst[q * kNR + j] = the q-th int32 (4 k's) of row j, for 16 rows of 64 bytes each (row j at src + j * K): a
-// 16 x 16 int32 transpose in registers (64 shuffles; the 16 gathers it replaces took 4 times as long on Zen 4).
+// dst[q * kNR + j] = the q-th int32 (4 k's) of row j, for 16 rows of 64 bytes each (row j at src + j * K), and
+// sum + the column sums (a vpdpbusd against ones).
 GPTJAX_TARGET inline __m512i Transpose16(const int8_t* src, int64_t K, int32_t* dst, __m512i sum) {
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i r[16], t[16];
+  __m512i r[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * K);
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
+  Transpose16x16(r);
 #pragma GCC unroll 16
   for (int q = 0; q < 16; ++q) {
     _mm512_storeu_si512(dst + q * kNR, r[q]);

@@ -11,7 +11,7 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   [..., N]: per group of K/G inputs the exact int32 sum, times its scale, summed in float32; the nibbles are
   unpacked in registers (gptjax/_kernels/cpu_int4.cc), never into an int8 or float copy of w.
   bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order);
-  GEMM-shaped (packed weight panels, gemm_bf16.cc) from 256 rows of x, GEMV-shaped below (decode).
+  GEMM-shaped (packed weight panels, gemm_bf16.cc) from 128 rows of x, GEMV-shaped below (decode).
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
   kv_scores(q [B, H, T, K], cache [B, H, S, K]) -> float32 [B, H, T, S] and kv_mix(p [B, H, T, S], cache) ->

@@ -1,5 +1,5 @@
 """bf16 training on gptjax's CPU kernels: the matmuls of the forward and backward pass (x·W, dy·Wᵀ, xᵀ·dy) as
-bfloat16 x bfloat16 -> float32 kernel calls (gptjax_bf16_matmul, GEMM-shaped from 256 rows) through
+bfloat16 x bfloat16 -> float32 kernel calls (gptjax_bf16_matmul, GEMM-shaped from 128 rows) through
 `jax.custom_vjp`. XLA:CPU runs a bfloat16 dot by converting both operands to float32 (jax 0.10.2), so the
 training step's `compute_dtype="bf16"` ran at float32's rate plus the converts.
 
