@@ -28,6 +28,7 @@ def test_the_kernels_are_built_by_the_install():
     from gptjax import _cpu_kernels
 
     assert set(_cpu_kernels.targets()) == {"gptjax_int8_matmul", "gptjax_int8_grouped_matmul", "gptjax_bf16_matmul",
+                                           "gptjax_bf16_matmul_kn",
                                            "gptjax_bf16_rows", "gptjax_kv_scores_int8", "gptjax_kv_mix_int8",
                                            "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16", "gptjax_int4_matmul",
                                            "gptjax_causal_attention"}
@@ -134,6 +135,8 @@ def test_kernels_run_inside_jitted_loops():
 def test_bad_shapes_name_both_shapes():
     with pytest.raises(ValueError, match=r"\(2, 5\) and \(3, 4\)"):
         cpu_kernels.int8_matmul(jnp.zeros((2, 5), jnp.int8), jnp.zeros((3, 4), jnp.int8))
+    with pytest.raises(ValueError, match=r"w \[K, N\] expected, got \(2, 5\) and \(4, 5\)"):
+        cpu_kernels.bf16_matmul_kn(jnp.zeros((2, 5)), jnp.zeros((4, 5)))
 
 
 # ---- the JAX backend on the kernels
@@ -262,6 +265,9 @@ def test_handlers_refuse_an_output_shape_they_would_overrun():
     with pytest.raises(Exception, match="kv kernel"):
         jax.ffi.ffi_call("gptjax_kv_scores_int8", jax.ShapeDtypeStruct((1, 1, 2, 64), jnp.float32))(
             q, cache).block_until_ready()
+    with pytest.raises(Exception, match="out must be"):  # an in-major w [K, N] checked as the [N, K] it stands for
+        jax.ffi.ffi_call("gptjax_bf16_matmul_kn", jax.ShapeDtypeStruct((16, 99), jnp.float32))(
+            jnp.ones((16, 64), jnp.bfloat16), jnp.ones((64, 256), jnp.bfloat16)).block_until_ready()
     with pytest.raises(Exception, match="non-empty table"):
         cpu_kernels.bf16_rows(jnp.zeros((0, 8), jnp.bfloat16), jnp.array([0, 3])).block_until_ready()
 

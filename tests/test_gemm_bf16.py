@@ -21,9 +21,13 @@ GEMM_ROWS = 128  # gemm_bf16.h: kBf16GemmMinRows
 CONFIG = GPTConfig(vocab_size=256, n_positions=64, n_layer=2, n_head=2, n_embd=32)
 
 
-def _check(x: np.ndarray, w: np.ndarray) -> None:
-    """The kernel's x [..., K] @ w [N, K].T within float32 rounding of the exact sums of the bf16 inputs."""
-    got = np.asarray(jax.jit(cpu_kernels.bf16_matmul)(x, w))
+def _check(x: np.ndarray, w: np.ndarray, in_major: bool = False) -> None:
+    """The kernel's x [..., K] @ w [N, K].T within float32 rounding of the exact sums of the bf16 inputs; with
+    in_major, gptjax_bf16_matmul_kn's x @ w stored [K, N] (the same w, transposed in memory)."""
+    if in_major:
+        got = np.asarray(jax.jit(cpu_kernels.bf16_matmul_kn)(x, np.ascontiguousarray(w.T)))
+    else:
+        got = np.asarray(jax.jit(cpu_kernels.bf16_matmul)(x, w))
     xb = x.astype(ml_dtypes.bfloat16).astype(np.float64)
     wb = w.astype(np.float64)
     ref = xb @ wb.T
@@ -52,7 +56,18 @@ def test_bf16_matmul_within_float32_rounding(M, K, N):
 
 
 @needs_kernels
-def test_gemm_takes_leading_dims_and_extremes():
+@pytest.mark.parametrize("M,K,N", [
+    (1, 1, 1), (3, 5, 7), (16, 33, 17),  # any rows: the in-major matmul is always the GEMM
+    (GEMM_ROWS + 1, 77, 65), (GEMM_ROWS, 1025, 31),  # odd K (a half pair), past a 512-input block; N tails
+    (GEMM_ROWS + 13, 512, 96), (40, 2048, 64),  # w [2048, 64]: rows of 128 bytes, 256 KB, ends on a page boundary
+])
+def test_bf16_matmul_over_in_major_weights_within_float32_rounding(M, K, N):
+    _check(*_case((M, K), N, seed=M * K + N + 1), in_major=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_major", [False, True])
+def test_gemm_takes_leading_dims_and_extremes(in_major):
     x, w = _case((2, 150, 70), 45, seed=3)  # 300 rows in two leading dims
     x[0, 0] = 2.0 ** 60
     w[0] = 2.0 ** 60  # a product of 2^120: finite in float32
@@ -60,7 +75,7 @@ def test_gemm_takes_leading_dims_and_extremes():
     x[1, 2, 69] = np.inf  # the odd K's last input: inf times w's last column, the padding half stays 0
     w[1, 69] = -1.0
     x[1, 3, 5] = np.nan
-    _check(x, w)
+    _check(x, w, in_major)
 
 
 def _tiny_state(compute_dtype: str, mesh: object = None):

@@ -366,6 +366,22 @@ ffi::Error PlainImpl(ffi::ThreadPool pool, ffi::Buffer<kIn> x, ffi::Buffer<kIn> 
   return ffi::Error::Success();
 }
 
+// x bf16 [..., K] . w bf16 stored in-major [K, N] -> float32 [..., N] on the GEMM (gemm_bf16.cc), any M.
+ffi::Error Bf16MatmulKNImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("gptjax_bf16_matmul_kn: w [K, N] expected");
+  const int64_t swapped[2] = {wd[1], wd[0]};  // checked as the [N, K] it stands for
+  int64_t M, K, N;
+  if (auto e = CheckShapes(x.dimensions(), ffi::Span<const int64_t>(swapped, 2), out->dimensions(), &M, &K, &N);
+      e.failure())
+    return e;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  gptjax::Bf16GemmKN(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
+                     out->typed_data(), M, K, N, pool);
+  return ffi::Error::Success();
+}
+
 ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> xs, ffi::ResultBuffer<ffi::F32> out) {
   int64_t M, K, N;
@@ -456,6 +472,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, (PlainImpl<ffi::BF16, ffi::F32, uint16_t, float, Bf16Matmul>),
                               (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16MatmulKN, Bf16MatmulKNImpl, (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
+
 // The packed-int4 and causal-attention handlers, defined in cpu_int4.cc and attention.cc (the same module).
 extern "C" XLA_FFI_Error* GptjaxInt4Matmul(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* GptjaxCausalAttention(XLA_FFI_CallFrame* call_frame);
@@ -474,6 +492,7 @@ static PyObject* Targets(PyObject*, PyObject*) {
   if (!d) return nullptr;
   const std::pair<const char*, void*> handlers[] = {{"gptjax_int8_matmul", (void*)GptjaxInt8Matmul},
                                                     {"gptjax_bf16_matmul", (void*)GptjaxBf16Matmul},
+                                                    {"gptjax_bf16_matmul_kn", (void*)GptjaxBf16MatmulKN},
                                                     {"gptjax_int8_grouped_matmul", (void*)GptjaxInt8GroupedMatmul},
                                                     {"gptjax_bf16_rows", (void*)GptjaxBf16Rows},
                                                     {"gptjax_kv_scores_int8", (void*)GptjaxKvScoresInt8},

@@ -73,6 +73,29 @@ GPTJAX_GEMM_TARGET void PackPanels(const uint16_t* w, int64_t K, int64_t n0, int
     }
 }
 
+// The same panels from w stored in-major [K, N] (Conv1D layout; a training step's weights and output gradients):
+// pair p of 16 outputs is two 32-byte row loads, interleaved by one permute, zero past n0 + nc or K.
+GPTJAX_GEMM_TARGET void PackPanelsKN(const uint16_t* w, int64_t N, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                                     uint32_t* out) {
+  const int64_t pairs = (kc + 1) / 2, blocks = (nc + kNR - 1) / kNR;
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // lane j: (row0[j], row1[j])
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int q = 0; q < kNP; ++q) {
+      uint32_t* panel = out + b * pairs * kNR + 16 * q;
+      const int64_t n = b * kNR + 16 * q, live = std::clamp<int64_t>(nc - n, 0, 16);
+      const __mmask16 m = live == 16 ? __mmask16(0xFFFF) : __mmask16((1u << live) - 1);
+      for (int64_t p = 0; p < pairs; ++p) {
+        const uint16_t* row0 = w + (k0 + 2 * p) * N + n0 + n;
+        const bool second = 2 * p + 1 < kc;  // an odd block's last pair is half
+        const __m256i lo = _mm256_maskz_loadu_epi16(m, row0);
+        const __m256i hi = second ? _mm256_maskz_loadu_epi16(m, row0 + N) : _mm256_setzero_si256();
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        _mm512_storeu_si512(panel + p * kNR, _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+}
+
 // One pair of inputs of a register tile: kNP panel loads, then per row of x one broadcast pair and kNP vdpbf16ps.
 // kHalf: the K block's odd last input alone (x's second value taken as 0, never read past x's row).
 template <int MR, bool kHalf>
@@ -128,13 +151,15 @@ inline __mmask16 LaneMask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-// Outputs [n0, n1) for all M rows: per K block, pack the weights once, then sweep every row of x past each panel.
-void Range(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+// Outputs [n0, n1) for all M rows: per K block, pack the weights once (pack(nc, k0, kc, packed)), then sweep every
+// row of x past each panel.
+template <typename Pack>
+void Range(const uint16_t* x, const Pack& pack, float* out, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
            uint32_t* packed) {
   const int64_t nc = n1 - n0, blocks = (nc + kNR - 1) / kNR;
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0), pairs = (kc + 1) / 2;
-    PackPanels(w, K, n0, nc, k0, kc, packed);
+    pack(nc, k0, kc, packed);
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t left = n1 - (n0 + b * kNR);
       __mmask16 mask[kNP];
@@ -148,10 +173,11 @@ void Range(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t 
   }
 }
 
-}  // namespace
-
-void Bf16Gemm(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
-              xla::ffi::ThreadPool& pool) {
+// out [M, N] = x [M, K] . (w viewed as [N, K]), on the pool: each work item packs its outputs' panels with
+// pack_for(n0) and reuses them over all M rows and K blocks.
+template <typename PackFor>
+void Gemm(const uint16_t* x, const PackFor& pack_for, float* out, int64_t M, int64_t K, int64_t N,
+          xla::ffi::ThreadPool& pool) {
   if (K == 0) {  // empty sums
     std::fill(out, out + M * N, 0.0f);
     return;
@@ -159,8 +185,24 @@ void Bf16Gemm(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64
   ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
     // per work item (64 KB, reused over all M rows and K blocks): allocation is noise beside M x 128 x K MACs
     const auto packed = std::make_unique<uint32_t[]>(size_t((kNC + kNR - 1) / kNR) * ((kKC + 1) / 2) * kNR);
-    Range(x, w, out, M, K, N, n0, n1, packed.get());
+    Range(x, pack_for(n0), out, M, K, N, n0, n1, packed.get());
   }, kNC);
+}
+
+}  // namespace
+
+void Bf16Gemm(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
+              xla::ffi::ThreadPool& pool) {
+  Gemm(x, [=](int64_t n0) {
+    return [=](int64_t nc, int64_t k0, int64_t kc, uint32_t* packed) { PackPanels(w, K, n0, nc, k0, kc, packed); };
+  }, out, M, K, N, pool);
+}
+
+void Bf16GemmKN(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
+                xla::ffi::ThreadPool& pool) {
+  Gemm(x, [=](int64_t n0) {
+    return [=](int64_t nc, int64_t k0, int64_t kc, uint32_t* packed) { PackPanelsKN(w, N, n0, nc, k0, kc, packed); };
+  }, out, M, K, N, pool);
 }
 
 }  // namespace gptjax

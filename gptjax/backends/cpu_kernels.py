@@ -12,6 +12,7 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   unpacked in registers (gptjax/_kernels/cpu_int4.cc), never into an int8 or float copy of w.
   bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order);
   GEMM-shaped (packed weight panels, gemm_bf16.cc) from 128 rows of x, GEMV-shaped below (decode).
+  bf16_matmul_kn(x bf16 [..., K], w bf16 [K, N]) -> float32 [..., N]: the GEMM over in-major (Conv1D) weights.
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
   kv_scores(q [B, H, T, K], cache [B, H, S, K]) -> float32 [B, H, T, S] and kv_mix(p [B, H, T, S], cache) ->
@@ -117,6 +118,16 @@ def int4_matmul(x: jax.Array, w: jax.Array, ws: jax.Array) -> jax.Array:
 def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., K] rounded to bfloat16 @ w bfloat16 [N, K].T -> float32 [..., N], float32 accumulation."""
     return _call("gptjax_bf16_matmul", jnp.float32, x.astype(jnp.bfloat16), w)
+
+
+def bf16_matmul_kn(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] rounded to bfloat16 @ w bfloat16 stored in-major [K, N] -> float32 [..., N] (the GEMM for any
+    rows of x: a training step's x.W and x^T.dy without transposing w or dy)."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"gptjax_bf16_matmul_kn: x [..., K] and w [K, N] expected, got {x.shape} and {w.shape}")
+    _require()
+    return jax.ffi.ffi_call("gptjax_bf16_matmul_kn", jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32))(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
 
 def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:

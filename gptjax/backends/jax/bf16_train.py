@@ -30,8 +30,9 @@ from gptjax.backends.jax.model import Dense, Embedding, FloatLayers, table_dot
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def kernel_matmul(x: jax.Array, w: jax.Array, out_major: bool) -> jax.Array:
-    """x [..., K] @ w (bfloat16, [K, N], or [N, K] when out_major) -> float32 [..., N] on the bf16 kernel."""
-    return cpu_kernels.bf16_matmul(x, w if out_major else w.T)
+    """x [..., K] @ w (bfloat16, [K, N], or [N, K] when out_major) -> float32 [..., N] on the bf16 kernel, which
+    reads either layout as stored (no transposed copy of w per step)."""
+    return cpu_kernels.bf16_matmul(x, w) if out_major else cpu_kernels.bf16_matmul_kn(x, w)
 
 
 def _forward(x: jax.Array, w: jax.Array, out_major: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -39,13 +40,14 @@ def _forward(x: jax.Array, w: jax.Array, out_major: bool) -> tuple[jax.Array, tu
 
 
 def _backward(out_major: bool, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """dx = dy·Wᵀ and dW = xᵀ·dy, each one kernel call (the kernel contracts the last axis of both operands)."""
+    """dx = dy·Wᵀ and dW = xᵀ·dy, each one kernel call reading W and dy in their stored layouts (only the
+    activations x, and the head's dy, are transposed: dW's rows must be the kernel's rows of x)."""
     x, w = res
     dy = dy.astype(jnp.bfloat16)  # [..., N]
-    dx = cpu_kernels.bf16_matmul(dy, w.T if out_major else w)  # [..., N] . [K, N] -> [..., K]
-    x2, dy2 = x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]).T  # [K, M], [N, M]
-    dw = cpu_kernels.bf16_matmul(dy2, x2) if out_major else cpu_kernels.bf16_matmul(x2, dy2)  # [N, K] or [K, N]
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dx = cpu_kernels.bf16_matmul_kn(dy, w) if out_major else cpu_kernels.bf16_matmul(dy, w)  # -> [..., K]
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M, K], [M, N]
+    dw = cpu_kernels.bf16_matmul_kn(dy2.T, x2) if out_major else cpu_kernels.bf16_matmul_kn(x2.T, dy2)
+    return dx.astype(x.dtype), dw.astype(w.dtype)  # dw: [N, K] or [K, N], as w
 
 
 kernel_matmul.defvjp(_forward, _backward)
