@@ -29,6 +29,7 @@ MODES = ("fp32", "bf16", "int8", "w8a8")
 LM_EVAL = "lm-eval-byte-mini.jsonl"  # `gptjax bench --study lm-eval` on the quickstart model (docs/evaluation.md)
 FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: the committed run (docs/smaller-models.md)
 FRONTIER_BIG = "frontier-cpu-big-teacher.jsonl"  # an hour-long run whose large teacher got too few steps
+INT8_PREFILL = "int8-prefill-quality.jsonl"  # `gptjax quantize --report` in 64- and 128-token windows
 
 Row = dict[str, Any]
 Results = dict[str, list[Row]]
@@ -202,6 +203,20 @@ def gemm_vs_peer(results: Results) -> str:
     return (table(["workload", "mode", "gptjax tok/s", "gptjax / HF"], body)
             + f"\ngit {env['git']}, {env['cores']}-core {env['cpu']}, median of 5 runs interleaved with the peer; "
               f"1-minute load average {min(loads):.1f} to {max(loads):.1f} (the benchmark itself).\n")
+
+
+def int8_prefill_quality(results: Results) -> str:
+    """fp32, int8 and w8a8 against fp32 in windows of 64 tokens (int8 weight-only) and of 128 (int8 per token)."""
+    rows = [r for r in results[INT8_PREFILL] if r.get("kind") == "study" and r["mode"] in ("int8", "w8a8")]
+    def activations(r: Row) -> str:
+        return "two 16-bit terms" if r["mode"] == "int8" and r["window_tokens"] <= r.get("per_token_above", 64) \
+            else "per token"
+
+    body = [[f"{r['window_tokens']} ({activations(r)})", r["mode"], f"{r['max_logit_error']:.4f}",
+             f"{r['mean_logit_error']:.5f}", f"{100 * r['perplexity_change']:+.2f}%", f"{100 * r['top1_agreement']:.2f}%"]
+            for r in rows]
+    return table(["window tokens (activations)", "mode", "max abs Δlogit", "mean abs Δlogit", "Δ perplexity",
+                  "top-1 = fp32"], body)
 
 
 def train_modes(results: Results) -> str:
@@ -500,6 +515,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "lm-eval-precision": lm_eval_precision,
     "frontier-run": frontier_run, "frontier-table": frontier_table,
     "frontier-goal": frontier_goal, "frontier-big-teacher": frontier_big_teacher, "gemm-vs-peer": gemm_vs_peer,
+    "int8-prefill-quality": int8_prefill_quality,
     "frontier-findings": frontier_findings,
     "bf16-train-curves": bf16_train_curves,
 }
