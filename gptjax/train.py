@@ -40,7 +40,7 @@ from tqdm import tqdm
 from gptjax import data
 from gptjax import precision as registry
 from gptjax.backends import get_backend
-from gptjax.backends.jax import GPT, to_params
+from gptjax.backends.jax import GPT, adamw, to_params
 from gptjax.backends.jax.bf16_train import training_layers
 from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
@@ -131,10 +131,14 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
     """Global-norm clipping, then AdamW (decay on matrices only) on a warm-up + cosine schedule."""
     warmup = min(tc.warmup_steps, tc.max_steps - 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.max_steps, warmup + 1), tc.min_lr)
-    decay_mask = partial(jax.tree_util.tree_map_with_path, lambda path, _: _leaf_name(path) in _DECAYED)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip else optax.identity(),
                        optax.adamw(schedule, tc.beta1, tc.beta2, weight_decay=tc.weight_decay,
-                                   mask=decay_mask)), schedule
+                                   mask=decayed)), schedule
+
+
+def decayed(params: Any) -> Any:
+    """The tree of bools saying which parameters take weight decay (the matrices, by leaf name)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in _DECAYED, params)
 
 
 def _leaf_name(path: tuple) -> str:
@@ -200,10 +204,15 @@ def _train_step(loss: Callable[..., jax.Array], graphdef: Any, tc: TrainConfig, 
     loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
+    if adamw.runs_on_kernels(state.params):  # optax's update in one kernel call per parameter (CPU, no mesh)
+        params, opt_state = adamw.fused_update(tc, schedule, grads, grad_norm, finite, state.params, state.opt_state,
+                                               decayed(state.params))
+        new_state = TrainState(params, opt_state, state.step + 1)
+    else:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), state.step + 1)
     aux = jax.tree.map(lambda a: a.mean(0), aux)  # [A] per micro-batch -> their mean
     return new_state, StepMetrics(loss, grad_norm, schedule(state.step), finite, aux)
 

@@ -474,9 +474,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, (PlainImpl<ffi::BF16, ffi::F32, 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16MatmulKN, Bf16MatmulKNImpl, (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
-// The packed-int4 and causal-attention handlers, defined in cpu_int4.cc and attention.cc (the same module).
+// The packed-int4, causal-attention and AdamW handlers, defined in cpu_int4.cc, attention.cc and adamw.cc (the
+// same module).
 extern "C" XLA_FFI_Error* GptjaxInt4Matmul(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* GptjaxCausalAttention(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* GptjaxAdamW(XLA_FFI_CallFrame* call_frame);
 
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
 static PyObject* Supported(PyObject*, PyObject*) {
@@ -500,7 +502,8 @@ static PyObject* Targets(PyObject*, PyObject*) {
                                                     {"gptjax_kv_scores_bf16", (void*)GptjaxKvScoresBf16},
                                                     {"gptjax_kv_mix_bf16", (void*)GptjaxKvMixBf16},
                                                     {"gptjax_int4_matmul", (void*)GptjaxInt4Matmul},
-                                                    {"gptjax_causal_attention", (void*)GptjaxCausalAttention}};
+                                                    {"gptjax_causal_attention", (void*)GptjaxCausalAttention},
+                                                    {"gptjax_adamw", (void*)GptjaxAdamW}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
     if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {

@@ -173,3 +173,17 @@ def causal_attention(qkv: jax.Array) -> jax.Array:
     B, T, _, H, K = qkv.shape
     return jax.ffi.ffi_call("gptjax_causal_attention", jax.ShapeDtypeStruct((B, T, H, K), jnp.float32))(
         qkv.astype(jnp.float32))
+
+
+def adamw(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, h: jax.Array
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One parameter's clipped AdamW update (gptjax/_kernels/adamw.cc): float32 p, g, m, v of one shape and the
+    step's 12 scalars h -> p', m', v', written over p, m and v (aliased: donate them to the jitted step)."""
+    if not (p.shape == g.shape == m.shape == v.shape) or h.shape != (12,):
+        raise ValueError(f"gptjax_adamw: p, g, m, v of one shape and h [12] expected, got {p.shape}, {g.shape}, "
+                         f"{m.shape}, {v.shape} and {h.shape}")
+    _require()
+    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    return jax.ffi.ffi_call("gptjax_adamw", (out, out, out), input_output_aliases={0: 0, 2: 1, 3: 2})(
+        p.astype(jnp.float32), g.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32),
+        h.astype(jnp.float32))
