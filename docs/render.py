@@ -29,7 +29,8 @@ MODES = ("fp32", "bf16", "int8", "w8a8")
 LM_EVAL = "lm-eval-byte-mini.jsonl"  # `gptjax bench --study lm-eval` on the quickstart model (docs/evaluation.md)
 FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: the committed run (docs/smaller-models.md)
 FRONTIER_BIG = "frontier-cpu-big-teacher.jsonl"  # an hour-long run whose large teacher got too few steps
-INT8_PREFILL = "int8-prefill-quality.jsonl"  # `gptjax quantize --report` in 64- and 128-token windows
+INT8_PREFILL = "int8-prefill-quality.jsonl"
+TRAIN_RERUNS = "train-gpt2-cpu-reruns.jsonl"  # two more train-step runs against HF at the same commit  # `gptjax quantize --report` in 64- and 128-token windows
 
 Row = dict[str, Any]
 Results = dict[str, list[Row]]
@@ -203,6 +204,18 @@ def gemm_vs_peer(results: Results) -> str:
     return (table(["workload", "mode", "gptjax tok/s", "gptjax / HF"], body)
             + f"\ngit {env['git']}, {env['cores']}-core {env['cpu']}, median of 5 runs interleaved with the peer; "
               f"1-minute load average {min(loads):.1f} to {max(loads):.1f} (the benchmark itself).\n")
+
+
+def train_runs(results: Results) -> str:
+    """The train step against HF in the committed suite run and the reruns: median step times and ratios."""
+    body = []
+    for rows in [results[GEMM]] + [list(g) for _, g in itertools.groupby(results[TRAIN_RERUNS], lambda r: r["run"])]:
+        env = of_kind(rows, "environment")["env"]
+        for mode in ("fp32", "bf16"):
+            ours, peer = find(rows, "train", "jax", mode), find(rows, "train", "hf", mode)
+            body.append([f"git {env['git']}", mode, num(1e3 * ours["median_s"], 0), num(1e3 * peer["median_s"], 0),
+                         ratio(ours["vs_peer"])])
+    return table(["run", "compute", "gptjax step ms", "HF step ms", "gptjax / HF"], body)
 
 
 def int8_prefill_quality(results: Results) -> str:
@@ -515,7 +528,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "lm-eval-precision": lm_eval_precision,
     "frontier-run": frontier_run, "frontier-table": frontier_table,
     "frontier-goal": frontier_goal, "frontier-big-teacher": frontier_big_teacher, "gemm-vs-peer": gemm_vs_peer,
-    "int8-prefill-quality": int8_prefill_quality,
+    "int8-prefill-quality": int8_prefill_quality, "train-runs": train_runs,
     "frontier-findings": frontier_findings,
     "bf16-train-curves": bf16_train_curves,
 }

@@ -14,7 +14,8 @@
 //     A step whose loss or gradient norm is not finite (finite = 0) changes nothing.
 //
 // XLA:CPU ran optax's update as a few loops per parameter at about 6 GB/s (gpt2: 124M parameters, 0.4-0.6 s of a
-// 1.3 s bf16 train step); this reads p, g, m, v and writes p, m, v once, on XLA's intra-op pool.
+// 1.3 s bf16 train step); this reads p, g, m, v and writes p, m, v once, on XLA's intra-op pool: 94 ms for gpt2's
+// update (2 Zen 4 cores).
 #include <immintrin.h>
 
 #include <cstdint>

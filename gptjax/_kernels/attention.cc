@@ -7,13 +7,14 @@
 //
 // XLA's formulation runs the whole [T, T] score matrix (half of it masked), the mask, the softmax and both dots as
 // separate passes over [H, T, T] float32 buffers (gpt2, T = 512: about 10 ms per layer, 40% of a w8a8 prefill).
-// Here one work item is a block of kQB queries of one (batch row, head): its keys transposed once into a [K, n]
-// panel, scores for keys up to the block's last query only (the masked half is never computed), the softmax of
-// each row in place, then the weighted sum of values, all in a scratch buffer that stays in L2. Register tiles
+// Measured on 2 Zen 4 cores, one layer's 12 heads of 64: T = 512 3-6 ms here against XLA's 15-17; T = 1024 17-27 ms
+// against 96-117; a w8a8 prefill of 512 tokens went from 284 to 244 ms, fp32's from 628 to 537.
+// Here one work item is one (batch row, head): its keys transposed once into a [K, T] panel and its values copied
+// into a [T, K] one (both L2-resident), then per tile of kMR queries: scores for keys up to the tile's last query only
+// (the masked half is never computed), the softmax of each row in place, the weighted sum of values. Register tiles
 // are kMR queries by 32 keys (scores) and kMR queries by 32 lanes of K (weighted sum): broadcasts against two
-// vectors, no horizontal sums. Rows past the block's end read the block's last query (valid memory) and are never
-// stored; keys past a row's query get probability 0; K's tail lanes are masked, so nothing reads or writes past
-// qkv or out.
+// vectors, no horizontal sums. Rows past T repeat the last query (valid memory) and are never stored; keys past a
+// row's query get probability 0; K's tail lanes are masked, so nothing reads or writes past qkv or out.
 #include <immintrin.h>
 
 #include <algorithm>
