@@ -21,6 +21,8 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   causal_attention(qkv [B, T, 3, H, K]) -> float32 [B, T, H, K]: the model's attention without a cache (prefill,
   scoring) fused per head (gptjax/_kernels/attention.cc): the masked half of the scores is never computed, where
   XLA runs the full [T, T] scores, mask, softmax and both dots as separate passes.
+  adamw(p, g, m, v, h) -> p', m', v': one parameter's clipped AdamW update, written over p, m and v (the train
+  step's optimizer, gptjax/backends/jax/adamw.py).
 They are used when `status()` is "enabled": built at install (a C++ compiler), a CPU with AVX512 VNNI and BF16,
 JAX on CPU, and GPTJAX_CPU_KERNELS not set to 0 (set it to 0 to measure the pure-XLA formulations).
 """
