@@ -6,7 +6,8 @@ the 6L/384 benchmark shape here; `scan_layers=True` keeps compile time flat for 
 gives the graph (static) and the parameters (a pytree the optimizer and orbax handle).
 Weights stay float32 (the master copy, as does the AdamW state); with compute_dtype="bf16" the forward and
 backward passes run on a bfloat16 copy of them, with LayerNorm statistics, softmax and logits in float32, their
-matmuls on gptjax's CPU bf16 kernel where it runs (backends/jax/bf16_train.py), else in XLA's dots.
+matmuls on gptjax's CPU bf16 kernel where it runs (backends/jax/bf16_train.py), else in XLA's dots. The gradients
+are the copy's, bfloat16, until the update reads them (summed in float32 over micro-batches when there are several).
 """
 
 from __future__ import annotations
@@ -169,9 +170,13 @@ def create_state(config: GPTConfig, tc: TrainConfig, params: Params | None = Non
 def train_logits(weights: Any, graphdef: Any, inputs: jax.Array, compute_dtype: str = "fp32", dropout: float = 0.0,
                  key: jax.Array | None = None) -> jax.Array:
     """The training forward pass: float32 logits [B, T, V] of inputs [B, T] (bf16 compute on a bfloat16 copy)."""
-    if compute_dtype == "bf16":
-        weights = jax.tree.map(lambda w: w.astype(jnp.bfloat16), weights)
-    return nnx.merge(graphdef, weights)(inputs, dropout=dropout, key=key)
+    return nnx.merge(graphdef, compute_copy(weights, compute_dtype))(inputs, dropout=dropout, key=key)
+
+
+def compute_copy(weights: Any, compute_dtype: str) -> Any:
+    """The weights a training pass computes with: the float32 weights themselves, or their bfloat16 copy (bf16
+    compute; a copy already bfloat16 is returned as is)."""
+    return jax.tree.map(lambda w: w.astype(jnp.bfloat16), weights) if compute_dtype == "bf16" else weights
 
 
 def loss_fn(weights: Any, graphdef: Any, inputs: jax.Array, targets: jax.Array, compute_dtype: str = "fp32",
@@ -190,25 +195,34 @@ def _train_step(loss: Callable[..., jax.Array], graphdef: Any, tc: TrainConfig, 
     optimizer, schedule = make_optimizer(tc)
     key = jax.random.fold_in(jax.random.key(tc.seed), state.step)
     grad = jax.value_and_grad(loss, has_aux=has_aux)
+    weights = compute_copy(state.params, tc.compute_dtype)  # differentiated as is: bf16 compute, bf16 gradients
 
-    def micro(acc: tuple, xs: tuple) -> tuple:
-        i, x, y = xs
+    def micro(i: jax.Array, x: jax.Array, y: Any) -> tuple:
         k = jax.random.fold_in(key, i) if tc.dropout else None
-        out, g = grad(state.params, graphdef, x, y, tc.compute_dtype, tc.dropout, k)
+        out, g = grad(weights, graphdef, x, y, tc.compute_dtype, tc.dropout, k)
         loss, aux = out if has_aux else (out, None)
-        return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g)), aux
+        return loss, g, aux
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
     A = inputs.shape[0]
-    (loss, grads), aux = jax.lax.scan(micro, (jnp.float32(0), zeros), (jnp.arange(A), inputs, targets))
-    loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-    grad_norm = optax.tree.norm(grads)
+    if A == 1:  # no accumulator: the gradients stay in the pass's dtype up to the update
+        loss, grads, aux = micro(jnp.int32(0), inputs[0], jax.tree.map(lambda t: t[0], targets))
+        aux = jax.tree.map(lambda a: a[None], aux)
+    else:  # summed in float32 over the micro-batches
+        def body(acc: tuple, xs: tuple) -> tuple:
+            loss, g, aux = micro(*xs)
+            return (acc[0] + loss, jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc[1], g)), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), aux = jax.lax.scan(body, (jnp.float32(0), zeros), (jnp.arange(A), inputs, targets))
+        loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
+    grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if adamw.runs_on_kernels(state.params):  # optax's update in one kernel call per parameter (CPU, no mesh)
         params, opt_state = adamw.fused_update(tc, schedule, grads, grad_norm, finite, state.params, state.opt_state,
                                                decayed(state.params))
         new_state = TrainState(params, opt_state, state.step + 1)
     else:
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)  # optax updates float32 weights by float32
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))

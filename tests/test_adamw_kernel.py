@@ -59,6 +59,30 @@ def test_the_kernel_update_is_optaxs_to_float32_rounding(grad_clip, grad_scale):
 
 
 @needs_kernels
+def test_bfloat16_gradients_update_as_their_float32_values():
+    tc = TrainConfig(warmup_steps=0, lr=1e-2, max_steps=10)
+    _, state = create_state(CONFIG, tc, init_params(CONFIG, 0))
+    rng = np.random.default_rng(2)
+    g16 = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.05, jnp.bfloat16), state.params)
+    _, schedule = make_optimizer(tc)
+
+    g32 = jax.tree.map(lambda a: a.astype(jnp.float32), g16)
+    norm = optax.tree.norm(g32)  # one norm for both (clipped: the norm is above grad_clip)
+    assert float(norm) > tc.grad_clip
+
+    def step(g):
+        return adamw.fused_update(tc, schedule, g, norm, jnp.isfinite(norm), state.params, state.opt_state,
+                                  decayed(state.params))
+
+    got = jax.jit(step)(g16)
+    calls = [line for line in jax.jit(step).lower(g16).as_text().splitlines() if "@gptjax_adamw" in line]
+    assert calls and all("bf16>" in line for line in calls)  # the kernel reads the bfloat16 gradients as they are
+    want = jax.jit(step)(g32)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_kernels
 def test_a_non_finite_step_changes_nothing():
     tc = TrainConfig(warmup_steps=0, lr=1e-2, max_steps=10)
     (p1, o1), _, (p, o) = _updates(tc, 0.05, finite=False)

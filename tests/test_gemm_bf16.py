@@ -50,6 +50,7 @@ def _case(shape: tuple[int, ...], N: int, seed: int) -> tuple[np.ndarray, np.nda
     (GEMM_ROWS + 11, 1, 17), (300, 3, 1), (GEMM_ROWS, 1025, 31),  # K = 1, odd K, odd K past a 512-input block
     (GEMM_ROWS + 13, 512, 96), (1, 5, 3), (8, 64, 40),  # a tile tail of rows; decode's rows (the GEMV)
     (GEMM_ROWS, 2048, 64),  # rows of 4096 bytes: x [128, 2048] and w [64, 2048] end on a page boundary
+    (GEMM_ROWS + 1, 2048, 31),  # the same rows split over x (M > 2N, w packed once), ending on a page boundary
 ])
 def test_bf16_matmul_within_float32_rounding(M, K, N):
     _check(*_case((M, K), N, seed=M * K + N))
@@ -60,6 +61,7 @@ def test_bf16_matmul_within_float32_rounding(M, K, N):
     (1, 1, 1), (3, 5, 7), (16, 33, 17),  # any rows: the in-major matmul is always the GEMM
     (GEMM_ROWS + 1, 77, 65), (GEMM_ROWS, 1025, 31),  # odd K (a half pair), past a 512-input block; N tails
     (GEMM_ROWS + 13, 512, 96), (40, 2048, 64),  # w [2048, 64]: rows of 128 bytes, 256 KB, ends on a page boundary
+    (301, 77, 33),  # M > 2N and a small w: packed once, the work split over rows of x (a weight gradient's shape)
 ])
 def test_bf16_matmul_over_in_major_weights_within_float32_rounding(M, K, N):
     _check(*_case((M, K), N, seed=M * K + N + 1), in_major=True)
@@ -76,6 +78,48 @@ def test_gemm_takes_leading_dims_and_extremes(in_major):
     w[1, 69] = -1.0
     x[1, 3, 5] = np.nan
     _check(x, w, in_major)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,K,N", [
+    (1, 1, 1), (13, 5, 17),  # one K block: each tile rounds as it stores
+    (97, 1025, 33),  # w packed once (M > 2N): every K summed in registers, rounded as stored
+    (200, 600, 130),  # K past a 512-input block: float32 scratch per 96 rows, M and N tails
+    (40, 2048, 64),  # the scratch path over rows that end on a page boundary
+])
+def test_bfloat16_sums_are_the_float32_sums_rounded_as_astype_rounds(M, K, N):
+    x, w = _case((M, K), N, seed=M + K + N)
+    w = np.ascontiguousarray(w.T)  # [K, N]: the in-major weights (a weight gradient's dy)
+    x[0, 0] = np.nan
+    f = jax.jit(cpu_kernels.bf16_matmul_kn, static_argnums=2)
+    want = np.asarray(f(x, w, jnp.float32).astype(jnp.bfloat16))  # XLA's convert of the kernel's float32 sums
+    got = np.asarray(f(x, w, jnp.bfloat16))
+    assert got.dtype == ml_dtypes.bfloat16 and got.shape == (M, N)
+    np.testing.assert_array_equal(got.view(np.uint16)[1:], want.view(np.uint16)[1:])  # bit for bit
+    assert np.isnan(got[0].astype(np.float32)).all()  # a NaN input row stays NaN
+    with pytest.raises(ValueError, match="out_dtype float32 or bfloat16 expected, got int32"):
+        cpu_kernels.bf16_matmul_kn(x, w, jnp.int32)
+
+
+@needs_kernels
+def test_the_lookup_gradient_sums_each_ids_rows_in_float32_and_rounds_once():
+    rng = np.random.default_rng(7)
+    V, D = 50, 37  # D: two 16-lane blocks and a tail
+    ids = np.array([[3, 7, 3, -1], [49, 3, 0, 60]], np.int32)  # repeats, a negative id (49), one past V (-> 49)
+    g = rng.standard_normal((2, 4, D)).astype(np.float32) * np.float32(1 + 2 ** -9)  # sums that need rounding
+    g[0, 1, :2] = [np.inf, np.nan]  # id 7 alone: inf and NaN written as such
+    got = np.asarray(jax.jit(cpu_kernels.bf16_rows_grad, static_argnums=2)(ids, g, V))
+    rows = np.clip(np.where(ids < 0, ids + V, ids), 0, V - 1).ravel()
+    want = np.zeros((V, D), np.float32)
+    for r, row in zip(rows, g.reshape(-1, D)):
+        want[r] += row  # float32 sums (in the ids' order, as the kernel adds them)
+    np.testing.assert_array_equal(got.view(np.uint16), want.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert set(np.nonzero(got.astype(np.float32).any(1))[0]) == {0, 3, 7, 49}
+    table = jnp.asarray(rng.standard_normal((V, D)), jnp.bfloat16)  # the custom_vjp: the same gradient
+    grad = jax.grad(lambda t: jnp.sum(bf16_train.kernel_lookup(t, ids) * g))(table)
+    np.testing.assert_array_equal(np.asarray(grad).view(np.uint16), got.view(np.uint16))
+    with pytest.raises(ValueError, match=r"ids \[...\], g \[..., D\] and vocab >= 1 expected"):
+        cpu_kernels.bf16_rows_grad(ids, g[:, :3], V)
 
 
 def _tiny_state(compute_dtype: str, mesh: object = None):

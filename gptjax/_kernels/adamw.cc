@@ -1,7 +1,8 @@
 // The AdamW update of one parameter for XLA:CPU (gptjax.backends.jax.adamw.fused_update), called from the jitted
 // train step through the XLA FFI; compiled into gptjax._cpu_kernels beside cpu_matmul.cc.
 //
-//   gptjax_adamw: p, g, m, v float32 [...] (one shape), h float32 [13] -> p', m', v' (written over p, m, v)
+//   gptjax_adamw: p, m, v float32 [...] and g float32 or bfloat16 (a bf16 pass's gradients, widened exactly as
+//     they are read) of one shape, h float32 [12] -> p', m', v' (written over p, m, v)
 //     h: finite, |grads| (global norm), max_norm (0: no clipping), b1, b2, 1 - b1, 1 - b2 (each rounded from the
 //     Python float, as optax's constants are), 1 - b1^t, 1 - b2^t, eps, lr, wd (0: not
 //     decayed). The operations of optax.chain(clip_by_global_norm, adamw) in optax's order, each rounded to float32:
@@ -37,15 +38,26 @@ struct Hyper {
   bool clip, decay;
 };
 
-__attribute__((target("avx512f"))) void Update(const Hyper& h, float* p, const float* g, float* m, float* v,
-                                               int64_t n) {
+// The gradient's 16 lanes from i as float32 (a bfloat16 is the high half of its float32).
+__attribute__((target("avx512f"))) inline __m512 LoadGrad(const float* g, int64_t i, __mmask16 k) {
+  return _mm512_maskz_loadu_ps(k, g + i);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 LoadGrad(const uint16_t* g, int64_t i,
+                                                                              __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, g + i)), 16));
+}
+
+template <typename G>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void Update(const Hyper& h, float* p, const G* g, float* m,
+                                                                 float* v, int64_t n) {
   const __m512 norm = _mm512_set1_ps(h.norm), max_norm = _mm512_set1_ps(h.max_norm), b1 = _mm512_set1_ps(h.b1),
                b2 = _mm512_set1_ps(h.b2), omb1 = _mm512_set1_ps(h.omb1), omb2 = _mm512_set1_ps(h.omb2),
                bc1 = _mm512_set1_ps(h.bc1), bc2 = _mm512_set1_ps(h.bc2), eps = _mm512_set1_ps(h.eps),
                neg_lr = _mm512_set1_ps(h.neg_lr), wd = _mm512_set1_ps(h.wd);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    __m512 gi = _mm512_maskz_loadu_ps(k, g + i);
+    __m512 gi = LoadGrad(g, i, k);
     if (h.clip) gi = _mm512_mul_ps(_mm512_div_ps(gi, norm), max_norm);
     const __m512 pi = _mm512_maskz_loadu_ps(k, p + i);
     const __m512 mi = _mm512_add_ps(_mm512_mul_ps(omb1, gi), _mm512_mul_ps(b1, _mm512_maskz_loadu_ps(k, m + i)));
@@ -59,13 +71,15 @@ __attribute__((target("avx512f"))) void Update(const Hyper& h, float* p, const f
   }
 }
 
-ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m,
+ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::AnyBuffer g, ffi::Buffer<ffi::F32> m,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
                      ffi::ResultBuffer<ffi::F32> m_out, ffi::ResultBuffer<ffi::F32> v_out) {
   const int64_t n = p.element_count();
   if (g.element_count() != n || m.element_count() != n || v.element_count() != n || p_out->element_count() != n ||
       m_out->element_count() != n || v_out->element_count() != n || hyper.element_count() != kHyper)
     return ffi::Error::InvalidArgument("gptjax_adamw: p, g, m, v and the outputs of one size, and h [12], expected");
+  if (g.element_type() != ffi::DataType::F32 && g.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("gptjax_adamw: float32 or bfloat16 gradients expected");
   if (p_out->typed_data() != p.typed_data() || m_out->typed_data() != m.typed_data() ||
       v_out->typed_data() != v.typed_data())
     return ffi::Error::InvalidArgument("gptjax_adamw: p, m and v must be aliased to the outputs");
@@ -74,9 +88,14 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<
   const Hyper hp{h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9], -h[10], h[11], h[2] > 0.0f && !(h[1] < h[2]),
                  h[11] != 0.0f};
   float *pd = p_out->typed_data(), *md = m_out->typed_data(), *vd = v_out->typed_data();
-  const float* gd = g.typed_data();
-  ParallelRows(pool, n, [=](int64_t i0, int64_t i1) { Update(hp, pd + i0, gd + i0, md + i0, vd + i0, i1 - i0); },
-               kChunk);
+  const auto run = [&](const auto* gd) {
+    ParallelRows(pool, n, [=](int64_t i0, int64_t i1) { Update(hp, pd + i0, gd + i0, md + i0, vd + i0, i1 - i0); },
+                 kChunk);
+  };
+  if (g.element_type() == ffi::DataType::F32)
+    run(static_cast<const float*>(g.untyped_data()));
+  else
+    run(static_cast<const uint16_t*>(g.untyped_data()));
   return ffi::Error::Success();
 }
 
@@ -86,7 +105,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxAdamW, AdamWImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -11,7 +11,8 @@
 //                       [M, N] = sum over groups g of K / G inputs of ws[n, g] * xs[m, g] * (exact int32 sum).
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation (GEMM-shaped from
 //                       kBf16GemmMinRows rows of x: gemm_bf16.cc).
-//   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)).
+//   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)); its
+//                       gradient for training, gptjax_bf16_rows_grad, is in rows_grad.cc.
 //   gptjax_kv_{scores,mix}_{int8,bf16}: attention of few queries over a KV cache stored as int8 or bfloat16 bits.
 //   gptjax_int4_matmul: packed int4 weights, in cpu_int4.cc (linked into this module; listed by targets()).
 // Leading dims of x are flattened into M. Work is split over rows of w on the XLA intra-op thread pool.
@@ -366,19 +367,26 @@ ffi::Error PlainImpl(ffi::ThreadPool pool, ffi::Buffer<kIn> x, ffi::Buffer<kIn> 
   return ffi::Error::Success();
 }
 
-// x bf16 [..., K] . w bf16 stored in-major [K, N] -> float32 [..., N] on the GEMM (gemm_bf16.cc), any M.
+// x bf16 [..., K] . w bf16 stored in-major [K, N] -> float32 or bfloat16 [..., N] on the GEMM (gemm_bf16.cc), any M.
 ffi::Error Bf16MatmulKNImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                            ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::Result<ffi::AnyBuffer> out) {
   const auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("gptjax_bf16_matmul_kn: w [K, N] expected");
+  const auto type = out->element_type();
+  if (type != ffi::DataType::F32 && type != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("gptjax_bf16_matmul_kn: a float32 or bfloat16 output expected");
   const int64_t swapped[2] = {wd[1], wd[0]};  // checked as the [N, K] it stands for
   int64_t M, K, N;
   if (auto e = CheckShapes(x.dimensions(), ffi::Span<const int64_t>(swapped, 2), out->dimensions(), &M, &K, &N);
       e.failure())
     return e;
   if (M == 0 || N == 0) return ffi::Error::Success();
-  gptjax::Bf16GemmKN(reinterpret_cast<const uint16_t*>(x.typed_data()), reinterpret_cast<const uint16_t*>(w.typed_data()),
-                     out->typed_data(), M, K, N, pool);
+  const auto* xd = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  if (type == ffi::DataType::F32)
+    gptjax::Bf16GemmKN(xd, wp, static_cast<float*>(out->untyped_data()), M, K, N, pool);
+  else
+    gptjax::Bf16GemmKN(xd, wp, static_cast<uint16_t*>(out->untyped_data()), M, K, N, pool);
   return ffi::Error::Success();
 }
 
@@ -472,13 +480,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxInt8GroupedMatmul, GroupedImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16Matmul, (PlainImpl<ffi::BF16, ffi::F32, uint16_t, float, Bf16Matmul>),
                               (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16MatmulKN, Bf16MatmulKNImpl, (PooledBinding<ffi::BF16, ffi::BF16, ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16MatmulKN, Bf16MatmulKNImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::AnyBuffer>());
 
-// The packed-int4, causal-attention and AdamW handlers, defined in cpu_int4.cc, attention.cc and adamw.cc (the
-// same module).
+// The packed-int4, causal-attention, AdamW and embedding-gradient handlers, defined in cpu_int4.cc, attention.cc,
+// adamw.cc and rows_grad.cc (the same module).
 extern "C" XLA_FFI_Error* GptjaxInt4Matmul(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* GptjaxCausalAttention(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* GptjaxAdamW(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* GptjaxBf16RowsGrad(XLA_FFI_CallFrame* call_frame);
 
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
 static PyObject* Supported(PyObject*, PyObject*) {
@@ -503,7 +517,8 @@ static PyObject* Targets(PyObject*, PyObject*) {
                                                     {"gptjax_kv_mix_bf16", (void*)GptjaxKvMixBf16},
                                                     {"gptjax_int4_matmul", (void*)GptjaxInt4Matmul},
                                                     {"gptjax_causal_attention", (void*)GptjaxCausalAttention},
-                                                    {"gptjax_adamw", (void*)GptjaxAdamW}};
+                                                    {"gptjax_adamw", (void*)GptjaxAdamW},
+                                                    {"gptjax_bf16_rows_grad", (void*)GptjaxBf16RowsGrad}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
     if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {

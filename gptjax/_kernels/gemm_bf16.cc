@@ -10,6 +10,9 @@
 //     x's bf16 values is broadcast against a panel of 16 outputs x 2 inputs, no horizontal sums;
 //   - K is blocked by kKC so that one 32-output panel (kKC / 2 x 128 bytes = 32 KB) stays near L1 while every row
 //     of x streams past it, and a thread's packed block (kNC x kKC x 2 bytes = 128 KB) in L2.
+// A small w under many more rows of x (a weight gradient xᵀ.dy: the tied head's is [50257, 768] from K = 256 tokens)
+// is packed whole once and the work split over rows of x instead (RowSplit). Outputs are float32, or bfloat16
+// rounded as XLA's convert rounds (Bf16GemmKN<uint16_t>: a bf16 weight's gradient written once, at half the bytes).
 // Tails: a K block of odd length ends with a half pair (x's second value read as 0, w's packed as 0), outputs
 // past N are packed as zero rows and masked at the store, so no load or store leaves x, w or out.
 #include "gemm_bf16.h"
@@ -20,8 +23,10 @@
 #include <array>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <utility>
 
+#include "bf16.h"
 #include "parallel_rows.h"
 #include "transpose16.h"
 
@@ -115,10 +120,11 @@ GPTJAX_GEMM_TARGET inline __attribute__((always_inline)) void Step(const uint16_
 }
 
 // One register tile: MR rows of x (row stride K, starting at the block's first input) against one packed panel
-// of `pairs` pairs (the last one a half pair when odd). Stores (or adds, after the first K block) into out.
-template <int MR>
+// of `pairs` pairs (the last one a half pair when odd). Stores (or adds, after the first K block) into out, row
+// stride ldo; a bfloat16 out (Out = uint16_t) is only stored, rounded, after a K that is one block.
+template <int MR, typename Out>
 GPTJAX_GEMM_TARGET void Tile(const uint16_t* x, int64_t K, const uint32_t* panel, int64_t pairs, bool odd,
-                             float* out, int64_t N, const __mmask16* mask, bool add) {
+                             Out* out, int64_t ldo, const __mmask16* mask, bool add) {
   __m512 acc[kNP * MR];
 #pragma GCC unroll 32
   for (int t = 0; t < kNP * MR; ++t) acc[t] = _mm512_setzero_ps();
@@ -129,32 +135,38 @@ GPTJAX_GEMM_TARGET void Tile(const uint16_t* x, int64_t K, const uint32_t* panel
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < kNP; ++j) {
-      float* o = out + i * N + 16 * j;
+      Out* o = out + i * ldo + 16 * j;
       __m512 r = acc[kNP * i + j];
-      if (add) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask[j], o));
-      _mm512_mask_storeu_ps(o, mask[j], r);
+      if constexpr (std::is_same_v<Out, float>) {
+        if (add) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask[j], o));
+        _mm512_mask_storeu_ps(o, mask[j], r);
+      } else {
+        _mm256_mask_storeu_epi16(o, mask[j], RoundToBf16(r));
+      }
     }
 }
 
-using TileFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, bool, float*, int64_t,
-                        const __mmask16*, bool);
+template <typename Out>
+using TileFn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, bool, Out*, int64_t, const __mmask16*,
+                        bool);
 
-template <int... MR>
+template <typename Out, int... MR>
 constexpr auto MakeTiles(std::integer_sequence<int, MR...>) {
-  return std::array<TileFn, sizeof...(MR)>{&Tile<MR + 1>...};
+  return std::array<TileFn<Out>, sizeof...(MR)>{&Tile<MR + 1, Out>...};
 }
 
 // Tile<1> .. Tile<kMR>, for the M tail.
-constexpr auto kTiles = MakeTiles(std::make_integer_sequence<int, kMR>());
+template <typename Out>
+constexpr auto kTiles = MakeTiles<Out>(std::make_integer_sequence<int, kMR>());
 
 inline __mmask16 LaneMask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-// Outputs [n0, n1) for all M rows: per K block, pack the weights once (pack(nc, k0, kc, packed)), then sweep every
-// row of x past each panel.
-template <typename Pack>
-void Range(const uint16_t* x, const Pack& pack, float* out, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+// Outputs [n0, n1) for all M rows into out (at column n0 of row 0, row stride ldo): per K block, pack the weights
+// once (pack(nc, k0, kc, packed)), then sweep every row of x past each panel.
+template <typename Out, typename Pack>
+void Range(const uint16_t* x, const Pack& pack, Out* out, int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1,
            uint32_t* packed) {
   const int64_t nc = n1 - n0, blocks = (nc + kNR - 1) / kNR;
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
@@ -167,25 +179,79 @@ void Range(const uint16_t* x, const Pack& pack, float* out, int64_t M, int64_t K
       const uint32_t* panel = packed + b * pairs * kNR;
       for (int64_t m = 0; m < M; m += kMR) {
         const int64_t mr = std::min<int64_t>(kMR, M - m);
-        kTiles[mr - 1](x + m * K + k0, K, panel, pairs, kc % 2 != 0, out + m * N + n0 + b * kNR, N, mask, k0 > 0);
+        kTiles<Out>[mr - 1](x + m * K + k0, K, panel, pairs, kc % 2 != 0, out + m * ldo + b * kNR, ldo, mask, k0 > 0);
       }
     }
   }
 }
 
+// bfloat16 outputs [n0, n1) for all M rows. One K block: its tiles round as they store. More: per kMC rows of x,
+// the float32 sums of every K block in a work item's scratch [kMC, nc] (L2-resident), rounded once at the end
+// (the weights' panels are then packed once per kMC rows).
+constexpr int64_t kMC = 8 * kMR;
+
+template <typename Pack>
+GPTJAX_GEMM_TARGET void RangeBf16(const uint16_t* x, const Pack& pack, uint16_t* out, int64_t M, int64_t K, int64_t N,
+                                  int64_t n0, int64_t n1, uint32_t* packed) {
+  if (K <= kKC) return Range(x, pack, out + n0, N, M, K, n0, n1, packed);
+  const int64_t nc = n1 - n0;
+  const auto scratch = std::make_unique<float[]>(size_t(kMC * nc));
+  for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+    const int64_t mc = std::min(kMC, M - m0);
+    Range(x + m0 * K, pack, scratch.get(), nc, mc, K, n0, n1, packed);
+    for (int64_t i = 0; i < mc; ++i)
+      for (int64_t j = 0; j < nc; j += 16)
+        _mm256_mask_storeu_epi16(out + (m0 + i) * N + n0 + j, LaneMask(nc - j),
+                                 RoundToBf16(_mm512_maskz_loadu_ps(LaneMask(nc - j), scratch.get() + i * nc + j)));
+  }
+}
+
+// A w whose panels take at most this many bytes, under many more rows of x than outputs, is packed whole, once,
+// and the work split over rows of x instead (RowSplit).
+constexpr int64_t kPackOnceBytes = 512 * 1024;
+
+// out [M, N] = x [M, K] . (w viewed as [N, K]) with all of w packed once into panels of every K (pack(N, 0, K)),
+// the work split over kMC rows of x: x is streamed once (an output-split reads all of x once per 128 outputs: the
+// tied head's weight gradient [50257, 768] = dy^T [50257, 256] . x [256, 768] read 26 MB of dy 6 times), each
+// panel stays near L1 while a work item's rows pass it, and each tile sums all of K in registers before it stores.
+template <typename Out, typename Pack>
+void RowSplit(const uint16_t* x, const Pack& pack, Out* out, int64_t M, int64_t K, int64_t N,
+              xla::ffi::ThreadPool& pool) {
+  const int64_t pairs = (K + 1) / 2, blocks = (N + kNR - 1) / kNR;
+  const auto packed = std::make_unique<uint32_t[]>(size_t(blocks * pairs * kNR));
+  pack(N, 0, K, packed.get());
+  const uint32_t* panels = packed.get();
+  ParallelRows(pool, M, [=](int64_t m0, int64_t m1) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      __mmask16 mask[kNP];
+      for (int j = 0; j < kNP; ++j) mask[j] = LaneMask(N - b * kNR - 16 * j);
+      for (int64_t m = m0; m < m1; m += kMR) {
+        const int64_t mr = std::min<int64_t>(kMR, m1 - m);
+        kTiles<Out>[mr - 1](x + m * K, K, panels + b * pairs * kNR, pairs, K % 2 != 0, out + m * N + b * kNR, N,
+                            mask, false);
+      }
+    }
+  }, kMC);
+}
+
 // out [M, N] = x [M, K] . (w viewed as [N, K]), on the pool: each work item packs its outputs' panels with
-// pack_for(n0) and reuses them over all M rows and K blocks.
-template <typename PackFor>
-void Gemm(const uint16_t* x, const PackFor& pack_for, float* out, int64_t M, int64_t K, int64_t N,
+// pack_for(n0) and reuses them over all M rows and K blocks (or RowSplit, for a small w under many rows).
+template <typename Out, typename PackFor>
+void Gemm(const uint16_t* x, const PackFor& pack_for, Out* out, int64_t M, int64_t K, int64_t N,
           xla::ffi::ThreadPool& pool) {
   if (K == 0) {  // empty sums
-    std::fill(out, out + M * N, 0.0f);
+    std::fill(out, out + M * N, Out(0));
     return;
   }
+  if (M > 2 * N && ((K + 1) / 2) * ((N + kNR - 1) / kNR) * kNR * 4 <= kPackOnceBytes)
+    return RowSplit(x, pack_for(0), out, M, K, N, pool);
   ParallelRows(pool, N, [=](int64_t n0, int64_t n1) {
     // per work item (64 KB, reused over all M rows and K blocks): allocation is noise beside M x 128 x K MACs
     const auto packed = std::make_unique<uint32_t[]>(size_t((kNC + kNR - 1) / kNR) * ((kKC + 1) / 2) * kNR);
-    Range(x, pack_for(n0), out, M, K, N, n0, n1, packed.get());
+    if constexpr (std::is_same_v<Out, float>)
+      Range(x, pack_for(n0), out + n0, N, M, K, n0, n1, packed.get());
+    else
+      RangeBf16(x, pack_for(n0), out, M, K, N, n0, n1, packed.get());
   }, kNC);
 }
 
@@ -198,11 +264,16 @@ void Bf16Gemm(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64
   }, out, M, K, N, pool);
 }
 
-void Bf16GemmKN(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
+template <typename Out>
+void Bf16GemmKN(const uint16_t* x, const uint16_t* w, Out* out, int64_t M, int64_t K, int64_t N,
                 xla::ffi::ThreadPool& pool) {
   Gemm(x, [=](int64_t n0) {
     return [=](int64_t nc, int64_t k0, int64_t kc, uint32_t* packed) { PackPanelsKN(w, N, n0, nc, k0, kc, packed); };
   }, out, M, K, N, pool);
 }
+
+template void Bf16GemmKN(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, xla::ffi::ThreadPool&);
+template void Bf16GemmKN(const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t,
+                         xla::ffi::ThreadPool&);
 
 }  // namespace gptjax

@@ -20,8 +20,10 @@ void Bf16Gemm(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64
               xla::ffi::ThreadPool& pool);
 
 // The same with w stored in-major, bf16 [K, N] (Conv1D layout): out [M, N] = x [M, K] . w, for any M (training's
-// x.W and x^T.dy without transposing w or dy; gptjax_bf16_matmul_kn).
-void Bf16GemmKN(const uint16_t* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N,
+// x.W and x^T.dy without transposing w or dy; gptjax_bf16_matmul_kn). Out: float, or uint16_t for bfloat16 sums
+// rounded to nearest even as XLA's convert rounds (a bf16 weight's gradient, written once at half the bytes).
+template <typename Out>
+void Bf16GemmKN(const uint16_t* x, const uint16_t* w, Out* out, int64_t M, int64_t K, int64_t N,
                 xla::ffi::ThreadPool& pool);
 
 }  // namespace gptjax

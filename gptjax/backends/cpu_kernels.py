@@ -12,9 +12,12 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   unpacked in registers (gptjax/_kernels/cpu_int4.cc), never into an int8 or float copy of w.
   bf16_matmul(x bf16 [..., K], w bf16 [N, K]) -> float32 [..., N]: float32 accumulation (in another order);
   GEMM-shaped (packed weight panels, gemm_bf16.cc) from 128 rows of x, GEMV-shaped below (decode).
-  bf16_matmul_kn(x bf16 [..., K], w bf16 [K, N]) -> float32 [..., N]: the GEMM over in-major (Conv1D) weights.
+  bf16_matmul_kn(x bf16 [..., K], w bf16 [K, N]) -> float32 or bfloat16 [..., N]: the GEMM over in-major
+  (Conv1D) weights (a bf16 train step's x.W, and its weight gradients x^T.dy written as bfloat16).
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
+  bf16_rows_grad(ids [...], g float32 [..., D], V) -> bfloat16 [V, D]: that lookup's gradient, each id's rows
+  summed in float32 and rounded once, written as bfloat16 (XLA:CPU scatters into a float32 zero table).
   kv_scores(q [B, H, T, K], cache [B, H, S, K]) -> float32 [B, H, T, S] and kv_mix(p [B, H, T, S], cache) ->
   float32 [B, H, T, K] over a cache of int8 or of bfloat16 bits (uint16), read as stored: XLA converts the
   whole cache to float32 before its dots on every decode step.
@@ -122,13 +125,16 @@ def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return _call("gptjax_bf16_matmul", jnp.float32, x.astype(jnp.bfloat16), w)
 
 
-def bf16_matmul_kn(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] rounded to bfloat16 @ w bfloat16 stored in-major [K, N] -> float32 [..., N] (the GEMM for any
-    rows of x: a training step's x.W and x^T.dy without transposing w or dy)."""
+def bf16_matmul_kn(x: jax.Array, w: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
+    """x [..., K] rounded to bfloat16 @ w bfloat16 stored in-major [K, N] -> [..., N] float32, or bfloat16 (the
+    float32 sums rounded to nearest even, as astype rounds) (the GEMM for any rows of x: a training step's x.W
+    and x^T.dy without transposing w or dy; a bf16 weight's gradient written once in its dtype)."""
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"gptjax_bf16_matmul_kn: x [..., K] and w [K, N] expected, got {x.shape} and {w.shape}")
+    if jnp.dtype(out_dtype) not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"gptjax_bf16_matmul_kn: out_dtype float32 or bfloat16 expected, got {jnp.dtype(out_dtype)}")
     _require()
-    return jax.ffi.ffi_call("gptjax_bf16_matmul_kn", jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32))(
+    return jax.ffi.ffi_call("gptjax_bf16_matmul_kn", jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), out_dtype))(
         x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
 
@@ -140,6 +146,18 @@ def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     _require()
     return jax.ffi.ffi_call("gptjax_bf16_rows", jax.ShapeDtypeStruct((*ids.shape, table.shape[1]), jnp.float32))(
         table, ids)
+
+
+def bf16_rows_grad(ids: jax.Array, g: jax.Array, vocab: int) -> jax.Array:
+    """The bfloat16 [vocab, D] gradient of a bfloat16 table's row lookup table[ids] (bf16_rows) whose rows got the
+    cotangent g [..., D]: row v the float32 sum of g's rows with id v (ids as the lookup took them), rounded once to
+    bfloat16; the other rows zero."""
+    if g.shape[:-1] != jnp.shape(ids) or vocab < 1:
+        raise ValueError(f"gptjax_bf16_rows_grad: ids [...], g [..., D] and vocab >= 1 expected, got "
+                         f"{jnp.shape(ids)}, {g.shape} and {vocab}")
+    _require()
+    return jax.ffi.ffi_call("gptjax_bf16_rows_grad", jax.ShapeDtypeStruct((vocab, g.shape[-1]), jnp.bfloat16))(
+        jnp.asarray(ids, jnp.int32), g.astype(jnp.float32))
 
 
 _KV_SUFFIX = {"int8": "int8", "uint16": "bf16"}
@@ -179,13 +197,15 @@ def causal_attention(qkv: jax.Array) -> jax.Array:
 
 def adamw(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, h: jax.Array
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One parameter's clipped AdamW update (gptjax/_kernels/adamw.cc): float32 p, g, m, v of one shape and the
-    step's 12 scalars h -> p', m', v', written over p, m and v (aliased: donate them to the jitted step)."""
+    """One parameter's clipped AdamW update (gptjax/_kernels/adamw.cc): float32 p, m, v and float32 or bfloat16
+    g (read as is: a bf16 pass's gradients are not widened first) of one shape and the step's 12 scalars h -> p',
+    m', v', written over p, m and v (aliased: donate them to the jitted step)."""
     if not (p.shape == g.shape == m.shape == v.shape) or h.shape != (12,):
         raise ValueError(f"gptjax_adamw: p, g, m, v of one shape and h [12] expected, got {p.shape}, {g.shape}, "
                          f"{m.shape}, {v.shape} and {h.shape}")
     _require()
     out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
     return jax.ffi.ffi_call("gptjax_adamw", (out, out, out), input_output_aliases={0: 0, 2: 1, 3: 2})(
-        p.astype(jnp.float32), g.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32),
+        p.astype(jnp.float32), g if g.dtype == jnp.bfloat16 else g.astype(jnp.float32), m.astype(jnp.float32),
+        v.astype(jnp.float32),
         h.astype(jnp.float32))

@@ -4,15 +4,17 @@ bfloat16 x bfloat16 -> float32 kernel calls (gptjax_bf16_matmul, GEMM-shaped fro
 training step's `compute_dtype="bf16"` ran at float32's rate plus the converts.
 
 The conversion step is `training_layers`: create_state builds the training model with the weight modules it
-returns, whose matmuls take a formulation chosen by the weights' dtype: the bfloat16 copy train_logits makes
-(compute_dtype="bf16") runs the kernels, float32 weights (evaluation, export) XLA's dots, as before. Master
+returns, whose matmuls take a formulation chosen by the weights' dtype: the bfloat16 copy the train step makes
+(compute_dtype="bf16", train.compute_copy) runs the kernels, float32 weights (evaluation, export) XLA's dots, as before. Master
 weights and the AdamW state stay float32 (train.py). Without the kernels (another backend, a CPU without
 AVX512_BF16, GPTJAX_CPU_KERNELS=0) or with a mesh (the kernels are not partitioned: XLA would gather every
 operand), the float layers and XLA's path stay.
 
 Numerics match XLA's bf16 path (and PyTorch's autocast): operands rounded to bfloat16, products summed in
 float32; the cotangents dy are rounded to bfloat16 for the two backward matmuls, and the weight gradient
-arrives in the weight copy's dtype (bfloat16), as jax.grad of the bf16 copy gives it.
+arrives in the weight copy's dtype (bfloat16), as jax.grad of the bf16 copy gives it, written so by the kernel
+(no float32 [K, N] per weight). The token table's lookup has its gradient written by a kernel too (kernel_lookup:
+XLA:CPU scattered it through float32 copies of the whole [V, D] table).
 Legend: x [..., K] activations, w [K, N] (Conv1D layout, Dense) or [N, K] (out-major: the tied head's [V, D]).
 """
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax import lowp
-from gptjax.backends.jax.model import Dense, Embedding, FloatLayers, table_dot
+from gptjax.backends.jax.model import Dense, Embedding, FloatLayers, table_dot, table_rows
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -46,16 +48,42 @@ def _backward(out_major: bool, res: tuple[jax.Array, jax.Array], dy: jax.Array) 
     dy = dy.astype(jnp.bfloat16)  # [..., N]
     dx = cpu_kernels.bf16_matmul_kn(dy, w) if out_major else cpu_kernels.bf16_matmul(dy, w)  # -> [..., K]
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [M, K], [M, N]
-    dw = cpu_kernels.bf16_matmul_kn(dy2.T, x2) if out_major else cpu_kernels.bf16_matmul_kn(x2.T, dy2)
-    return dx.astype(x.dtype), dw.astype(w.dtype)  # dw: [N, K] or [K, N], as w
+    a, b = (dy2.T, x2) if out_major else (x2.T, dy2)
+    dw = cpu_kernels.bf16_matmul_kn(a, b, w.dtype)  # [N, K] or [K, N], as w, rounded by the kernel as it writes
+    return dx.astype(x.dtype), dw
 
 
 kernel_matmul.defvjp(_forward, _backward)
 
 
+@jax.custom_vjp
+def kernel_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of a bfloat16 table [V, D] at ids [...] -> float32 [..., D], as the float model takes them, whose
+    table gradient gptjax_bf16_rows_grad writes as bfloat16 in one pass (XLA:CPU scatters it into a float32 zero
+    table, rounds it, and sums it with the tied head's gradient in float32: four float32 [V, D] buffers)."""
+    return table[ids].astype(jnp.float32)
+
+
+def _lookup_forward(table: jax.Array, ids: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return kernel_lookup(table, ids), (table, ids)  # the table: alive anyway for the head; gives V
+
+
+def _lookup_backward(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, None]:
+    table, ids = res
+    return cpu_kernels.bf16_rows_grad(ids, g, table.shape[0]), None
+
+
+kernel_lookup.defvjp(_lookup_forward, _lookup_backward)
+
+
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """Dense's matmul x [..., K] @ w [K, N] -> float32: a bfloat16 w on the kernel, else XLA's (lowp.dot)."""
     return kernel_matmul(x, w, False) if w.dtype == jnp.bfloat16 else lowp.dot(x, w)
+
+
+def rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The lookup table[tokens] -> float32: a bfloat16 table's gradient from the kernel, else XLA's gather."""
+    return kernel_lookup(table, tokens) if table.dtype == jnp.bfloat16 else table_rows(table, tokens)
 
 
 def head_dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -72,8 +100,8 @@ class KernelTrainingLayers(FloatLayers):
         return Dense(w.reshape(*w.shape[:-2], *shape), axes, n_out, dot=dot)
 
     def embedding(self, p: dict, key: str, axes: tuple[str | None, ...]) -> Embedding:
-        """The [V, D] table of p[key] with head_dot as its head."""
-        return Embedding(p[key], axes, head_dot=head_dot)
+        """The [V, D] table of p[key] with rows as its lookup and head_dot as its head."""
+        return Embedding(p[key], axes, head_dot=head_dot, rows=rows)
 
 
 def training_layers(compute_dtype: str, mesh: object = None) -> FloatLayers:

@@ -67,16 +67,22 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """A float [V, D] table: rows for token ids, and the (tied) LM head x @ table.T with float32 logits."""
 
-    def __init__(self, table: Any, axes: tuple[str | None, ...], head_dot: Any = None) -> None:
+    def __init__(self, table: Any, axes: tuple[str | None, ...], head_dot: Any = None, rows: Any = None) -> None:
         self.embedding = param(table, axes)
         self.head_dot = head_dot or table_dot  # x [..., D] @ table [V, D].T -> float32 (as Dense.dot)
+        self.rows = rows or table_rows  # table [V, D], tokens [...] -> float32 [..., D]
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.embedding[...][tokens].astype(jnp.float32)  # [...] -> [..., D]
+        return self.rows(self.embedding[...], tokens)  # [...] -> [..., D]
 
     def attend(self, x: jax.Array) -> jax.Array:
         w = self.embedding[...]  # [V, D]
         return self.head_dot(x.astype(w.dtype), w)
+
+
+def table_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The rows table[tokens] as float32 (the lookup, in XLA's gather)."""
+    return table[tokens].astype(jnp.float32)
 
 
 def table_dot(x: jax.Array, w: jax.Array) -> jax.Array:
