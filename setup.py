@@ -38,7 +38,7 @@ setup(
             "gptjax._cpu_kernels",
             sources=["gptjax/_kernels/cpu_matmul.cc", "gptjax/_kernels/cpu_int4.cc", "gptjax/_kernels/gemm_bf16.cc",
                      "gptjax/_kernels/gemm_int8.cc", "gptjax/_kernels/attention.cc",
-                     "gptjax/_kernels/adamw.cc", "gptjax/_kernels/rows_grad.cc"],
+                     "gptjax/_kernels/adamw.cc", "gptjax/_kernels/rows_add.cc"],
             depends=["gptjax/_kernels/parallel_rows.h", "gptjax/_kernels/gemm_bf16.h", "gptjax/_kernels/gemm_int8.h",
                      "gptjax/_kernels/transpose16.h", "gptjax/_kernels/bf16.h"],
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],

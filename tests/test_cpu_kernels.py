@@ -31,7 +31,7 @@ def test_the_kernels_are_built_by_the_install():
                                            "gptjax_bf16_matmul_kn",
                                            "gptjax_bf16_rows", "gptjax_kv_scores_int8", "gptjax_kv_mix_int8",
                                            "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16", "gptjax_int4_matmul",
-                                           "gptjax_causal_attention", "gptjax_adamw", "gptjax_bf16_rows_grad"}
+                                           "gptjax_causal_attention", "gptjax_adamw", "gptjax_bf16_rows_add"}
 
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")

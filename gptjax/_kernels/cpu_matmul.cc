@@ -12,7 +12,7 @@
 //   gptjax_bf16_matmul: x bf16 [M, K], w bf16 [N, K] -> float32 [M, N], float32 accumulation (GEMM-shaped from
 //                       kBf16GemmMinRows rows of x: gemm_bf16.cc).
 //   gptjax_bf16_rows:   table bf16 [V, D], ids int32 [...] -> float32 [..., D] (ids clamped to [0, V)); its
-//                       gradient for training, gptjax_bf16_rows_grad, is in rows_grad.cc.
+//                       gradient for training, gptjax_bf16_rows_add, is in rows_add.cc.
 //   gptjax_kv_{scores,mix}_{int8,bf16}: attention of few queries over a KV cache stored as int8 or bfloat16 bits.
 //   gptjax_int4_matmul: packed int4 weights, in cpu_int4.cc (linked into this module; listed by targets()).
 // Leading dims of x are flattened into M. Work is split over rows of w on the XLA intra-op thread pool.
@@ -488,11 +488,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxBf16MatmulKN, Bf16MatmulKNImpl,
                                   .Ret<ffi::AnyBuffer>());
 
 // The packed-int4, causal-attention, AdamW and embedding-gradient handlers, defined in cpu_int4.cc, attention.cc,
-// adamw.cc and rows_grad.cc (the same module).
+// adamw.cc and rows_add.cc (the same module).
 extern "C" XLA_FFI_Error* GptjaxInt4Matmul(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* GptjaxCausalAttention(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* GptjaxAdamW(XLA_FFI_CallFrame* call_frame);
-extern "C" XLA_FFI_Error* GptjaxBf16RowsGrad(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* GptjaxBf16RowsAdd(XLA_FFI_CallFrame* call_frame);
 
 // ---- Python module gptjax._cpu_kernels: supported() and targets() -> {name: PyCapsule}.
 static PyObject* Supported(PyObject*, PyObject*) {
@@ -518,7 +518,7 @@ static PyObject* Targets(PyObject*, PyObject*) {
                                                     {"gptjax_int4_matmul", (void*)GptjaxInt4Matmul},
                                                     {"gptjax_causal_attention", (void*)GptjaxCausalAttention},
                                                     {"gptjax_adamw", (void*)GptjaxAdamW},
-                                                    {"gptjax_bf16_rows_grad", (void*)GptjaxBf16RowsGrad}};
+                                                    {"gptjax_bf16_rows_add", (void*)GptjaxBf16RowsAdd}};
   for (const auto& [name, fn] : handlers) {
     PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
     if (!capsule || PyDict_SetItemString(d, name, capsule) < 0) {

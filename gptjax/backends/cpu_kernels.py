@@ -16,8 +16,9 @@ bfloat16 weight bytes once per call, stored out-major [N, K], and multiply with 
   (Conv1D) weights (a bf16 train step's x.W, and its weight gradients x^T.dy written as bfloat16).
   bf16_rows(table bf16 [V, D], ids [...]) -> float32 [..., D]: XLA:CPU gathers bfloat16 from a float32 copy of
   the whole table (hoisted out of the decode loop: a 150 MB copy per decode call for gpt2's wte).
-  bf16_rows_grad(ids [...], g float32 [..., D], V) -> bfloat16 [V, D]: that lookup's gradient, each id's rows
-  summed in float32 and rounded once, written as bfloat16 (XLA:CPU scatters into a float32 zero table).
+  bf16_rows_add(base bf16 [V, D], ids [...], g float32 [..., D]) -> bfloat16 [V, D]: that lookup's gradient added
+  into base in place (the tied head's gradient), each id's rows summed in float32 and rounded once (XLA:CPU
+  scatters into a float32 zero table and sums the two [V, D] gradients in float32).
   kv_scores(q [B, H, T, K], cache [B, H, S, K]) -> float32 [B, H, T, S] and kv_mix(p [B, H, T, S], cache) ->
   float32 [B, H, T, K] over a cache of int8 or of bfloat16 bits (uint16), read as stored: XLA converts the
   whole cache to float32 before its dots on every decode step.
@@ -148,16 +149,17 @@ def bf16_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
         table, ids)
 
 
-def bf16_rows_grad(ids: jax.Array, g: jax.Array, vocab: int) -> jax.Array:
-    """The bfloat16 [vocab, D] gradient of a bfloat16 table's row lookup table[ids] (bf16_rows) whose rows got the
-    cotangent g [..., D]: row v the float32 sum of g's rows with id v (ids as the lookup took them), rounded once to
-    bfloat16; the other rows zero."""
-    if g.shape[:-1] != jnp.shape(ids) or vocab < 1:
-        raise ValueError(f"gptjax_bf16_rows_grad: ids [...], g [..., D] and vocab >= 1 expected, got "
-                         f"{jnp.shape(ids)}, {g.shape} and {vocab}")
+def bf16_rows_add(base: jax.Array, ids: jax.Array, g: jax.Array) -> jax.Array:
+    """base bfloat16 [V, D] plus the gradient of a bfloat16 table's row lookup table[ids] (bf16_rows) whose rows got
+    the cotangent g [..., D]: row v is base[v] plus the float32 sum of g's rows with id v (ids as the lookup took
+    them), rounded once to bfloat16; written over base (aliased: donate it, or XLA copies it first)."""
+    if base.ndim != 2 or g.shape != (*jnp.shape(ids), base.shape[1]) or base.shape[0] < 1:
+        raise ValueError(f"gptjax_bf16_rows_add: base [V, D] (V >= 1), ids [...] and g [..., D] expected, got "
+                         f"{base.shape}, {jnp.shape(ids)} and {g.shape}")
     _require()
-    return jax.ffi.ffi_call("gptjax_bf16_rows_grad", jax.ShapeDtypeStruct((vocab, g.shape[-1]), jnp.bfloat16))(
-        jnp.asarray(ids, jnp.int32), g.astype(jnp.float32))
+    return jax.ffi.ffi_call("gptjax_bf16_rows_add", jax.ShapeDtypeStruct(base.shape, jnp.bfloat16),
+                            input_output_aliases={0: 0})(
+        base.astype(jnp.bfloat16), jnp.asarray(ids, jnp.int32), g.astype(jnp.float32))
 
 
 _KV_SUFFIX = {"int8": "int8", "uint16": "bf16"}

@@ -13,8 +13,8 @@ operand), the float layers and XLA's path stay.
 Numerics match XLA's bf16 path (and PyTorch's autocast): operands rounded to bfloat16, products summed in
 float32; the cotangents dy are rounded to bfloat16 for the two backward matmuls, and the weight gradient
 arrives in the weight copy's dtype (bfloat16), as jax.grad of the bf16 copy gives it, written so by the kernel
-(no float32 [K, N] per weight). The token table's lookup has its gradient written by a kernel too (kernel_lookup:
-XLA:CPU scattered it through float32 copies of the whole [V, D] table).
+(no float32 [K, N] per weight). The token table's lookup adds its gradient into the tied head's in place
+(kernel_lookup: XLA:CPU scattered it through float32 copies of the whole [V, D] table).
 Legend: x [..., K] activations, w [K, N] (Conv1D layout, Dense) or [N, K] (out-major: the tied head's [V, D]).
 """
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax import lowp
-from gptjax.backends.jax.model import Dense, Embedding, FloatLayers, table_dot, table_rows
+from gptjax.backends.jax.model import Dense, Embedding, FloatLayers, table_dot, table_lookup
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -57,20 +57,21 @@ kernel_matmul.defvjp(_forward, _backward)
 
 
 @jax.custom_vjp
-def kernel_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """Rows of a bfloat16 table [V, D] at ids [...] -> float32 [..., D], as the float model takes them, whose
-    table gradient gptjax_bf16_rows_grad writes as bfloat16 in one pass (XLA:CPU scatters it into a float32 zero
-    table, rounds it, and sums it with the tied head's gradient in float32: four float32 [V, D] buffers)."""
-    return table[ids].astype(jnp.float32)
+def kernel_lookup(table: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(rows of a bfloat16 table [V, D] at ids [...] as float32 [..., D], the table itself for the tied head
+    (Embedding.tied)). The head's table gradient thus comes back here with the rows', and gptjax_bf16_rows_add adds
+    the rows' into it in place: JAX would sum a scatter into a zero table with it, which XLA:CPU runs through
+    float32 [V, D] copies (four on gpt2: 440 MB of the step's 720 MB of temporaries)."""
+    return table[ids].astype(jnp.float32), table
 
 
-def _lookup_forward(table: jax.Array, ids: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return kernel_lookup(table, ids), (table, ids)  # the table: alive anyway for the head; gives V
+def _lookup_forward(table: jax.Array, ids: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    return kernel_lookup(table, ids), ids
 
 
-def _lookup_backward(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, None]:
-    table, ids = res
-    return cpu_kernels.bf16_rows_grad(ids, g, table.shape[0]), None
+def _lookup_backward(ids: jax.Array, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    g_rows, g_table = cotangents  # [..., D] float32; [V, D] bfloat16: the head's gradient (zeros if untied)
+    return cpu_kernels.bf16_rows_add(g_table, ids, g_rows), None
 
 
 kernel_lookup.defvjp(_lookup_forward, _lookup_backward)
@@ -81,9 +82,9 @@ def dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return kernel_matmul(x, w, False) if w.dtype == jnp.bfloat16 else lowp.dot(x, w)
 
 
-def rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """The lookup table[tokens] -> float32: a bfloat16 table's gradient from the kernel, else XLA's gather."""
-    return kernel_lookup(table, tokens) if table.dtype == jnp.bfloat16 else table_rows(table, tokens)
+def lookup(table: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The lookup (float32 rows, the table for the head): a bfloat16 table's on the kernel, else XLA's gather."""
+    return kernel_lookup(table, tokens) if table.dtype == jnp.bfloat16 else table_lookup(table, tokens)
 
 
 def head_dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -100,8 +101,8 @@ class KernelTrainingLayers(FloatLayers):
         return Dense(w.reshape(*w.shape[:-2], *shape), axes, n_out, dot=dot)
 
     def embedding(self, p: dict, key: str, axes: tuple[str | None, ...]) -> Embedding:
-        """The [V, D] table of p[key] with rows as its lookup and head_dot as its head."""
-        return Embedding(p[key], axes, head_dot=head_dot, rows=rows)
+        """The [V, D] table of p[key] with lookup as its lookup and head_dot as its head."""
+        return Embedding(p[key], axes, head_dot=head_dot, lookup=lookup)
 
 
 def training_layers(compute_dtype: str, mesh: object = None) -> FloatLayers:

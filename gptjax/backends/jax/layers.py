@@ -18,7 +18,7 @@ from flax import nnx
 
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax import lowp
-from gptjax.backends.jax.model import Embedding, Positions, param
+from gptjax.backends.jax.model import Embedding, Positions, Table, param
 
 
 class Int8Dense(nnx.Module):
@@ -135,8 +135,10 @@ class KernelEmbedding(Embedding):
     def attend(self, x: jax.Array) -> jax.Array:
         return cpu_kernels.bf16_matmul(x, self.embedding[...])
 
+    tied = Table.tied  # its own lookup and head, not the float table's hooks
 
-class Int8Embedding(nnx.Module):
+
+class Int8Embedding(Table):
     """An int8 [V, D] table with float32 scales [V, G] (per row and group of D/G columns)."""
 
     def __init__(self, q: Any, scale: Any, axes: tuple[str | None, ...]) -> None:
@@ -153,7 +155,7 @@ class Int8Embedding(nnx.Module):
         return lowp.int8_matmul_t(x.astype(jnp.float32), q, s)  # [..., D] -> [..., V]
 
 
-class Int4Embedding(nnx.Module):
+class Int4Embedding(Table):
     """A packed int4 [V, D/2] table with float32 scales [V, G] (per row and group of D/G columns): token rows
     are gathered packed and unpacked after the gather."""
 

@@ -18,6 +18,7 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -64,25 +65,39 @@ class Linear(nnx.Module):
         return self.kernel(x) + self.bias[...]
 
 
-class Embedding(nnx.Module):
+class Table(nnx.Module):
+    """A token table: rows for tokens (__call__), the head x -> float32 logits (attend), and both for a tied model."""
+
+    def tied(self, tokens: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        """The rows of tokens and the tied head: this module's lookup and attend."""
+        return self(tokens), self.attend
+
+
+class Embedding(Table):
     """A float [V, D] table: rows for token ids, and the (tied) LM head x @ table.T with float32 logits."""
 
-    def __init__(self, table: Any, axes: tuple[str | None, ...], head_dot: Any = None, rows: Any = None) -> None:
+    def __init__(self, table: Any, axes: tuple[str | None, ...], head_dot: Any = None, lookup: Any = None) -> None:
         self.embedding = param(table, axes)
         self.head_dot = head_dot or table_dot  # x [..., D] @ table [V, D].T -> float32 (as Dense.dot)
-        self.rows = rows or table_rows  # table [V, D], tokens [...] -> float32 [..., D]
+        self.lookup = lookup or table_lookup  # (table, tokens [...]) -> (float32 rows [..., D], the table for the head)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return self.rows(self.embedding[...], tokens)  # [...] -> [..., D]
+        return self.lookup(self.embedding[...], tokens)[0]  # [...] -> [..., D]
 
     def attend(self, x: jax.Array) -> jax.Array:
         w = self.embedding[...]  # [V, D]
         return self.head_dot(x.astype(w.dtype), w)
 
+    def tied(self, tokens: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        """The rows of tokens and the tied head x -> float32 logits, reading the table once: the head reads the
+        table the lookup returns (a training lookup returns it so that the head's gradient reaches its own)."""
+        rows, w = self.lookup(self.embedding[...], tokens)
+        return rows, lambda x: self.head_dot(x.astype(w.dtype), w)
 
-def table_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """The rows table[tokens] as float32 (the lookup, in XLA's gather)."""
-    return table[tokens].astype(jnp.float32)
+
+def table_lookup(table: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rows table[tokens] as float32 (XLA's gather), and the table itself for the head."""
+    return table[tokens].astype(jnp.float32), table
 
 
 def table_dot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -300,7 +315,8 @@ class GPT(nnx.Module):
         With a PRNG key, dropout of rate `dropout` on the embeddings and every residual branch."""
         T, L = tokens.shape[1], self.n_layer()
         keys = [None] * (L + 1) if key is None else list(jax.random.split(key, L + 1))
-        x = self.wte(tokens) + self.positions(self.wpe[...], slice(0, T))  # [B, T] -> [B, T, D] float32
+        rows, head = self.wte.tied(tokens) if self.lm_head is None else (self.wte(tokens), self.lm_head.attend)
+        x = rows + self.positions(self.wpe[...], slice(0, T))  # [B, T] -> [B, T, D] float32
         x = _dropout(x, dropout, keys[0])
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
@@ -316,7 +332,7 @@ class GPT(nnx.Module):
                 x = block(x, dropout, k)  # [B, T, D]
         if last_index is not None:
             x = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, T, D] -> [B, D]
-        return self.logits(x)
+        return head(self.ln_f(x))  # as self.logits(x)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final LayerNorm and the (tied) head: [..., D] -> float32 [..., V]."""
