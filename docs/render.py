@@ -214,8 +214,8 @@ def train_runs(results: Results) -> str:
         for mode in ("fp32", "bf16"):
             ours, peer = find(rows, "train", "jax", mode), find(rows, "train", "hf", mode)
             body.append([f"git {env['git']}", mode, num(1e3 * ours["median_s"], 0), num(1e3 * peer["median_s"], 0),
-                         ratio(ours["vs_peer"])])
-    return table(["run", "compute", "gptjax step ms", "HF step ms", "gptjax / HF"], body)
+                         ratio(ours["vs_peer"]), f"{env['load_avg_1m']:.1f}"])
+    return table(["run", "compute", "gptjax step ms", "HF step ms", "gptjax / HF", "load (1 min, at start)"], body)
 
 
 def int8_prefill_quality(results: Results) -> str:
