@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "bf16.h"
 #include "parallel_rows.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -45,7 +46,7 @@ __attribute__((target("avx512f"))) inline __m512 LoadGrad(const float* g, int64_
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 LoadGrad(const uint16_t* g, int64_t i,
                                                                               __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, g + i)), 16));
+  return gptjax::LoadBf16(g + i, k);
 }
 
 template <typename G>

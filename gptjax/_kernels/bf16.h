@@ -1,10 +1,18 @@
-// RoundToBf16: float32 lanes to bfloat16 bits, rounded to nearest even as XLA's convert rounds (shared by the bf16
-// GEMM's bfloat16 outputs and the embedding gradient).
+// bfloat16 <-> float32 for 16 lanes, shared by the kernels: LoadBf16 widens exactly (a bfloat16 is the high half
+// of its float32); RoundToBf16 rounds to nearest even as XLA's convert rounds (the bf16 GEMM's bfloat16 outputs, the
+// embedding gradient).
 #pragma once
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace gptjax {
+
+// The float32 values of the bfloat16 bits p[0..16) (lanes outside k read as 0).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 LoadBf16(const uint16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
 
 // 16 float32 lanes -> 16 bfloat16 bits, to nearest even, a NaN kept a (quiet) NaN: XLA's convert bit for bit on
 // any input (vcvtneps2bf16 reads float32 subnormals as zero, whatever MXCSR says).

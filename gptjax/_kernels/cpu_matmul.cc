@@ -26,6 +26,7 @@
 #include <memory>
 #include <vector>
 
+#include "bf16.h"
 #include "gemm_bf16.h"
 #include "gemm_int8.h"
 #include "parallel_rows.h"
@@ -296,7 +297,7 @@ struct Int8Elems {
 struct Bf16Elems {
   using T = uint16_t;
   GPTJAX_TARGET static __m512 Load(const uint16_t* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    return gptjax::LoadBf16(p, m);
   }
 };
 

@@ -30,8 +30,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void AddRow(const float* g,
                                                                  int64_t D, uint16_t* out) {
   for (int64_t d = 0; d < D; d += 16) {
     const __mmask16 k = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
-    const __m256i base = _mm256_maskz_loadu_epi16(k, out + d);
-    __m512 acc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(base), 16));
+    __m512 acc = gptjax::LoadBf16(out + d, k);
     for (int64_t i = 0; i < n; ++i) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(k, g + run[i] * D + d));
     _mm256_mask_storeu_epi16(out + d, k, gptjax::RoundToBf16(acc));
   }
