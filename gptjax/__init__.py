@@ -4,12 +4,13 @@ measurable."""
 from gptjax.backends import Backend, available_backends, get_backend
 from gptjax.config import PRESETS, GPTConfig, get_preset
 from gptjax.errors import GptjaxError
+from gptjax.sampling import SamplingParams
 from gptjax.tokenizer import ByteTokenizer, load_tokenizer
 from gptjax.version import __version__
 from gptjax.weights import init_params, load_checkpoint, param_shapes, save_checkpoint, validate_params
 
 __all__ = [
-    "PRESETS", "Backend", "ByteTokenizer", "GPTConfig", "GptjaxError", "available_backends", "get_backend",
-    "get_preset", "init_params", "load_checkpoint", "load_tokenizer", "param_shapes", "save_checkpoint",
+    "PRESETS", "Backend", "ByteTokenizer", "GPTConfig", "GptjaxError", "SamplingParams", "available_backends",
+    "get_backend", "get_preset", "init_params", "load_checkpoint", "load_tokenizer", "param_shapes", "save_checkpoint",
     "validate_params", "__version__",
 ]

@@ -16,49 +16,17 @@ writes every row at cache index Tp + i, so one cache write serves the whole batc
 
 from __future__ import annotations
 
-import math
-import numbers
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gptjax.config import GPTConfig
+from gptjax.checks import is_int
 from gptjax.errors import GptjaxError
+from gptjax.sampling import SamplingParams
 
 STOP, LENGTH = "stop", "length"
-MAX_LOGIT_BIAS = 300  # entries in a logit_bias (OpenAI's limit)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token; validated against the vocabulary by `make_request`."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    stop_tokens: tuple[int, ...] = ()
-    greedy: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
-
-    @property
-    def adjusts(self) -> bool:
-        """Whether penalties or a logit bias change this row's logits before sampling."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
-
-    @property
-    def is_greedy(self) -> bool:
-        """Argmax decoding: asked for, or implied by temperature 0."""
-        return self.greedy or self.temperature == 0
-
-    @property
-    def filters(self) -> bool:
-        """Whether top-k or top-p restrict the support (backends may skip sorting otherwise)."""
-        return not self.is_greedy and (self.top_k is not None or self.top_p is not None)
 
 
 @dataclass(frozen=True)
@@ -137,77 +105,23 @@ class GenerationResult:
     accepted: int = 0
 
 
-def make_request(config: GPTConfig, prompts: object, max_new_tokens: object, *, temperature: object = 1.0,
-                 top_k: object = None, top_p: object = None, seed: object = 0, stop_tokens: object = (),
-                 greedy: object = False, presence_penalty: object = 0.0, frequency_penalty: object = 0.0,
-                 logit_bias: object = None) -> GenerationRequest:
-    """Check every argument of a generate call and name the first bad one with its allowed range."""
+def make_request(config: GPTConfig, prompts: object, max_new_tokens: object,
+                 sampling: SamplingParams | None = None) -> GenerationRequest:
+    """Check a generate call's prompts and token budget, and its sampling settings against the vocabulary; name
+    the first bad value with its allowed range. `sampling` None is SamplingParams()."""
+    sampling = SamplingParams() if sampling is None else sampling
+    if not isinstance(sampling, SamplingParams):
+        raise GptjaxError(f"sampling must be a gptjax.SamplingParams, got {type(sampling).__name__}")
     V = config.vocab_size
-    rows = _prompts(prompts, V)
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    rows = token_rows(prompts, V, "prompt")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise GptjaxError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > config.n_positions:
         raise GptjaxError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
                           f"{longest + max_new_tokens} exceeds the context n_positions={config.n_positions}")
-    if not _is_real(temperature) or not temperature >= 0:
-        raise GptjaxError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
-    if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= V):
-        raise GptjaxError(f"top_k={top_k!r} must be an integer in [1, {V}] (the vocabulary size) or None")
-    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
-        raise GptjaxError(f"top_p={top_p!r} must be a number in (0, 1] or None")
-    if not _is_int(seed) or not 0 <= seed < 2**32:
-        raise GptjaxError(f"seed={seed!r} must be an integer in [0, 2**32)")
-    if not isinstance(greedy, bool):
-        raise GptjaxError(f"greedy={greedy!r} must be True or False")
-    stops = _token_list(stop_tokens, V, "stop_tokens")
-    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not _is_real(value) or not -2 <= value <= 2:
-            raise GptjaxError(f"{name}={value!r} must be a finite number in [-2, 2]")
-    sampling = SamplingParams(float(temperature), None if top_k is None else int(top_k),
-                              None if top_p is None else float(top_p), int(seed),
-                              tuple(stops), greedy, float(presence_penalty), float(frequency_penalty),
-                              check_logit_bias(logit_bias, V))
+    sampling.check_vocab(V)
     return GenerationRequest(tuple(rows), int(max_new_tokens), sampling)
-
-
-def check_logit_bias(logit_bias: object, V: int) -> tuple[tuple[int, float], ...]:
-    """A logit_bias mapping (token id as an int or a decimal string -> a finite bias in [-100, 100], at most
-    MAX_LOGIT_BIAS entries; None for none) as sorted (id, bias) pairs, or a GptjaxError naming the bad entry."""
-    if logit_bias is None:
-        return ()
-    if not isinstance(logit_bias, Mapping):
-        raise GptjaxError(f"logit_bias must be a mapping of token id to bias, got {type(logit_bias).__name__}")
-    if len(logit_bias) > MAX_LOGIT_BIAS:
-        raise GptjaxError(f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
-    pairs: dict[int, float] = {}
-    for key, bias in logit_bias.items():
-        if isinstance(key, str) and re.fullmatch(r"[0-9]{1,10}", key):
-            token = int(key)
-        elif _is_int(key):
-            token = int(key)
-        else:
-            raise GptjaxError(f"logit_bias: key {key!r} is not a token id (an integer or a decimal string)")
-        if not 0 <= token < V:
-            raise GptjaxError(f"logit_bias: token id {token} is outside [0, {V})")
-        if not _is_real(bias) or not -100 <= bias <= 100:
-            raise GptjaxError(f"logit_bias: bias {bias!r} of token {token} must be a finite number in [-100, 100]")
-        if token in pairs:
-            raise GptjaxError(f"logit_bias: token id {token} is given twice")
-        pairs[token] = float(bias)
-    return tuple(sorted(pairs.items()))
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
-
-
-def _prompts(prompts: object, V: int) -> list[tuple[int, ...]]:
-    return token_rows(prompts, V, "prompt")
 
 
 def token_rows(rows: object, V: int, what: str, max_rows: int | None = None) -> list[tuple[int, ...]]:
@@ -235,7 +149,7 @@ def _token_list(ids: object, V: int, what: str) -> list[int]:
         raise GptjaxError(f"{what} must be a list of token ids, got {type(ids).__name__}")
     out = list(ids)
     for t in out:
-        if not _is_int(t):
+        if not is_int(t):
             raise GptjaxError(f"{what}: token {t!r} is not an integer")
         if not 0 <= t < V:
             raise GptjaxError(f"{what}: token id {t} is outside [0, {V})")

@@ -23,6 +23,7 @@ from gptjax.bench.stats import interleaved_runs, median, stamps, timed
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import for_precision, weight_bytes
+from gptjax.sampling import GREEDY
 from gptjax.weights import Params
 
 
@@ -127,7 +128,7 @@ def _greedy_agreement(built: list[tuple[Mode, Any, Any, int]], windows: np.ndarr
     T = windows.shape[1] - 1
     prompts = [list(w[: T // 2]) for w in windows[:rows]]
     new = min(32, T - T // 2)
-    outs = [b.generate(w, prompts, new, greedy=True).tokens for _, b, w, _ in built]
+    outs = [b.generate(w, prompts, new, sampling=GREEDY).tokens for _, b, w, _ in built]
     total = sum(len(t) for t in outs[0])
     return [sum(a == b for r, o in zip(outs[0], out) for a, b in zip(r, o)) / total for out in outs]
 
@@ -168,7 +169,7 @@ def speed(built: list[tuple[Mode, Any, Any, int]], config: GPTConfig, *, prompt:
 def _decode_rate(backend: Any, weights: Any, prompts: list[list[int]], new_tokens: int) -> float:
     """Tokens/s of a greedy stream's decode phase: the tokens after the prefill's, over the time from the
     prefill's chunk to the last chunk."""
-    chunks = stamps(backend.stream(weights, prompts, new_tokens, chunk_size=new_tokens, greedy=True))
+    chunks = stamps(backend.stream(weights, prompts, new_tokens, chunk_size=new_tokens, sampling=GREEDY))
     n = sum(len(t) for _, chunk in chunks[1:] for t in chunk.tokens)
     return n / (chunks[-1][0] - chunks[0][0])
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.generate import SamplingParams, filter_logits
+from gptjax.generate import filter_logits
+from gptjax.sampling import SamplingParams
 from gptjax.precision import MODES
 
 MAX_SPECULATIVE_TOKENS = 16  # k beyond this only wastes target work: acceptance decays geometrically with k

@@ -47,6 +47,7 @@ from gptjax.bench.ceilings import matmul_flops
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError, os_cause
 from gptjax.quantize import precision_of
+from gptjax.sampling import SamplingParams
 from gptjax.sharding import check_config, check_divisible, logical_to_spec, mesh_description, shard_batch, shard_state
 from gptjax.tokenizer import has_tokenizer
 from gptjax.tracing import forward_span, record_error, start_parent
@@ -817,7 +818,8 @@ class _Loop:
         prompt = self.data.tokenizer.encode(self.options.sample_prompt)[: self.config.n_positions // 2] or [0]
         n = min(160, self.config.n_positions - len(prompt))
         params = export_params(self.graphdef, self.state.params)
-        out = get_backend("jax", self.config).generate(params, [prompt], n, temperature=0.8, top_k=40, seed=0)
+        out = get_backend("jax", self.config).generate(params, [prompt], n,
+                                                       sampling=SamplingParams(temperature=0.8, top_k=40, seed=0))
         return self.data.tokenizer.decode(prompt + out.tokens[0])
 
     def _save(self, step: int) -> None:

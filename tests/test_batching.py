@@ -8,6 +8,7 @@ from gptjax.backends import get_backend
 from gptjax.config import get_preset
 from gptjax.errors import GptjaxError
 from gptjax.generate import collect, join_requests, make_request
+from gptjax.sampling import SamplingParams
 
 CONFIG = get_preset("tiny")
 PARAMS = {k: v + np.random.default_rng(1).normal(0, 0.3, v.shape).astype(np.float32)
@@ -26,10 +27,10 @@ CASES = [  # (prompt, max_new_tokens, sampling settings): every row differs in e
 @pytest.mark.parametrize("chunk_size", [1, 4])
 def test_joined_rows_equal_their_requests_alone(name, chunk_size):
     backend = get_backend(name, CONFIG)
-    requests = [make_request(CONFIG, [p], n, **kw) for p, n, kw in CASES]
+    requests = [make_request(CONFIG, [p], n, SamplingParams(**kw)) for p, n, kw in CASES]
     joined = collect(backend.stream_joined(PARAMS, requests, chunk_size=chunk_size), join_requests(requests))
     for row, (prompt, n, kw) in enumerate(CASES):
-        alone = backend.generate(PARAMS, [prompt], n, **kw)
+        alone = backend.generate(PARAMS, [prompt], n, sampling=SamplingParams(**kw))
         assert joined.tokens[row] == alone.tokens[0], row
         assert joined.finish_reasons[row] == alone.finish_reasons[0]
         assert len(joined.tokens[row]) <= n
@@ -38,10 +39,10 @@ def test_joined_rows_equal_their_requests_alone(name, chunk_size):
 
 def test_joining_a_multi_row_request_keeps_its_streams():
     backend = get_backend("jax", CONFIG)
-    two = make_request(CONFIG, [[1, 2], [3]], 7, seed=4)
-    one = make_request(CONFIG, [[9, 9, 9]], 5, temperature=0)
+    two = make_request(CONFIG, [[1, 2], [3]], 7, sampling=SamplingParams(seed=4))
+    one = make_request(CONFIG, [[9, 9, 9]], 5, sampling=SamplingParams(temperature=0))
     joined = collect(backend.stream_joined(PARAMS, [one, two]), join_requests([one, two]))
-    assert joined.tokens[1:] == backend.generate(PARAMS, [[1, 2], [3]], 7, seed=4).tokens
+    assert joined.tokens[1:] == backend.generate(PARAMS, [[1, 2], [3]], 7, sampling=SamplingParams(seed=4)).tokens
 
 
 def test_join_requests_rejects_what_is_not_a_request():
@@ -58,7 +59,7 @@ def test_rows_joining_a_running_session_get_their_solo_tokens(options):
 
     backend = get_backend("jax", CONFIG, **options)
     weights = backend.prepare(PARAMS)
-    requests = [make_request(CONFIG, [p], n, **kw) for p, n, kw in CASES]
+    requests = [make_request(CONFIG, [p], n, SamplingParams(**kw)) for p, n, kw in CASES]
     session = DecodeSession(backend, weights, [requests[0], requests[2]], ["a", "c"], slots=4, headroom=16)
     got, reasons, joined_while_busy = {name: [] for name in "abcde"}, {}, 0  # c filters (top-k): the session's
     # mode covers every row that joins
@@ -80,6 +81,6 @@ def test_rows_joining_a_running_session_get_their_solo_tokens(options):
         assert session.live or not pending, "a request could never join"
     assert joined_while_busy == 3
     for name, (prompt, n, kw) in zip("abcde", CASES):
-        alone = backend.generate(PARAMS, [prompt], n, **kw)
+        alone = backend.generate(PARAMS, [prompt], n, sampling=SamplingParams(**kw))
         assert got[name] == alone.tokens[0], name
         assert reasons[name] == alone.finish_reasons[0], name

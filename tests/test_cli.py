@@ -8,6 +8,7 @@ import pytest
 from gptjax import init_params, save_checkpoint
 from gptjax.cli import main
 from gptjax.config import get_preset
+from gptjax.sampling import SamplingParams
 
 
 def test_help_lists_commands(capsys):
@@ -83,8 +84,10 @@ def test_generate_streams_text_and_ids_matching_the_backend(tmp_path, capsys):
     params = init_params(config, seed=1)
     save_checkpoint(config, params, tmp_path / "ck")
     prompt = ByteTokenizer().encode("def f")
-    expected = get_backend("numpy", config).generate(params, [prompt], 12, seed=4, temperature=0.8).tokens[0]
-    expected_jax = get_backend("jax", config).generate(params, [prompt], 12, seed=4, temperature=0.8).tokens[0]
+    expected = get_backend("numpy", config).generate(params, [prompt], 12,
+                                                     sampling=SamplingParams(seed=4, temperature=0.8)).tokens[0]
+    expected_jax = get_backend("jax", config).generate(params, [prompt], 12,
+                                                       sampling=SamplingParams(seed=4, temperature=0.8)).tokens[0]
     assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--tokens", ",".join(map(str, prompt)),
                  "--max-new-tokens", "12", "--seed", "4", "--temperature", "0.8", "--chunk-size", "5",
                  "--backend", "numpy"]) == 0

@@ -16,6 +16,7 @@ import pytest
 from gptjax import get_backend
 from gptjax.backends import cpu_kernels
 from gptjax.config import GPTConfig
+from gptjax.sampling import GREEDY
 from gptjax.weights import init_params
 
 CPU_OK = platform.machine() in ("x86_64", "AMD64")
@@ -172,7 +173,7 @@ def test_backend_on_the_kernels_matches_the_xla_formulation(precision, options, 
     # rounding step (2^-9 relative) downstream
     np.testing.assert_allclose(b.forward(w, TOKENS), b0.forward(w0, TOKENS), atol=atol)
     prompts = [TOKENS[0, :10].tolist(), TOKENS[1, :3].tolist()]
-    assert b.generate(w, prompts, 16, greedy=True).tokens == b0.generate(w0, prompts, 16, greedy=True).tokens
+    assert b.generate(w, prompts, 16, sampling=GREEDY).tokens == b0.generate(w0, prompts, 16, sampling=GREEDY).tokens
 
 
 @needs_kernels
@@ -203,7 +204,7 @@ def test_decode_converts_no_table_per_call(precision, decode_hlo, monkeypatch):
     # regression: XLA:CPU gathered the bfloat16 wte from a float32 copy of the whole table and hoisted that out
     # of the decode loop, so every decode call wrote V x D float32 (gpt2: 150 MB, ~40 ms per one-token chunk)
     b, w = _backend(precision, True, monkeypatch)
-    hlo = decode_hlo(lambda: b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True))
+    hlo = decode_hlo(lambda: b.generate(w, [TOKENS[0, :5].tolist()], 4, sampling=GREEDY))
     assert f"f32[{CONFIG.vocab_size},{CONFIG.n_embd}]" not in hlo  # the (tied) table
     if precision == "bf16":  # int8 mode keeps the position table in float32
         assert f"f32[{CONFIG.n_positions},{CONFIG.n_embd}]" not in hlo
@@ -235,7 +236,7 @@ def test_decode_reads_a_reduced_precision_cache_without_a_float32_copy(precision
     # XLA's dots convert the whole [B, H, S, K] cache to float32 first, every decode step (gpt2, B=8, 480 cached
     # tokens: 50-56 ms per step against 29 ms for a float32 cache); the kernels read the stored bytes
     b, w = _backend(precision, True, monkeypatch, kv_cache=kv_cache)
-    hlo = decode_hlo(lambda: b.generate(w, [TOKENS[0, :5].tolist()], 4, greedy=True))
+    hlo = decode_hlo(lambda: b.generate(w, [TOKENS[0, :5].tolist()], 4, sampling=GREEDY))
     cache_f32 = rf"f32\[\d+,{CONFIG.n_head},\d{{2,}},{CONFIG.head_dim}\]"  # S = 16 entries (the new token's: 1)
     assert not re.search(cache_f32, hlo) and "gptjax_kv_scores" in hlo
 

@@ -10,6 +10,7 @@ from gptjax.backends.jax import GPT, KVCache
 from gptjax.backends.jax import decode as jax_decode
 from gptjax.backends.numpy_ref import FloatCache, gpt2, ragged_mask
 from gptjax.generate import SamplingParams, filter_logits, sample_token
+from gptjax.sampling import GREEDY, SamplingParams
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)
 BACKENDS = ["numpy", "jax"]
@@ -91,11 +92,11 @@ def _greedy_reference(prompt, n):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_greedy_equals_recomputation_and_rows_are_independent(name):
     backend = get_backend(name, CONFIG)
-    batched = backend.generate(PARAMS, PROMPTS, 12, greedy=True)
+    batched = backend.generate(PARAMS, PROMPTS, 12, sampling=GREEDY)
     for row, prompt in enumerate(PROMPTS):
         expected = _greedy_reference(prompt, 12)
         assert batched.tokens[row] == expected
-        assert backend.generate(PARAMS, [prompt], 12, greedy=True).tokens[0] == expected
+        assert backend.generate(PARAMS, [prompt], 12, sampling=GREEDY).tokens[0] == expected
     assert batched.finish_reasons == ["length"] * 4 and batched.prompt_lengths == [3, 11, 1, 5]
     assert len({tuple(t) for t in batched.tokens}) == 4  # the rows really differ
 
@@ -105,16 +106,16 @@ def test_greedy_tokens_identical_across_backends():
                                                  tie_word_embeddings=False), 4)]:
         params = _params(config, seed)
         prompts = [[1, 2, 3, 4], [9], list(range(30, 50))]
-        a = get_backend("numpy", config).generate(params, prompts, 20, greedy=True)
-        b = get_backend("jax", config).generate(params, prompts, 20, greedy=True)
+        a = get_backend("numpy", config).generate(params, prompts, 20, sampling=GREEDY)
+        b = get_backend("jax", config).generate(params, prompts, 20, sampling=GREEDY)
         assert a.tokens == b.tokens
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_temperature_zero_is_greedy(name):
     backend = get_backend(name, CONFIG)
-    assert backend.generate(PARAMS, PROMPTS, 6, temperature=0).tokens == \
-        backend.generate(PARAMS, PROMPTS, 6, greedy=True).tokens
+    assert backend.generate(PARAMS, PROMPTS, 6, sampling=SamplingParams(temperature=0)).tokens == \
+        backend.generate(PARAMS, PROMPTS, 6, sampling=GREEDY).tokens
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------
@@ -123,10 +124,11 @@ def test_temperature_zero_is_greedy(name):
                                     dict(temperature=1.3, top_p=0.8), dict(top_k=10, top_p=0.5)])
 def test_same_seed_same_tokens_other_seed_other_tokens(name, kwargs):
     backend = get_backend(name, CONFIG)
-    a = backend.generate(PARAMS, PROMPTS, 10, seed=11, **kwargs)
-    assert a.tokens == backend.generate(PARAMS, PROMPTS, 10, seed=11, **kwargs).tokens
-    assert a.tokens == get_backend(name, CONFIG).generate(PARAMS, PROMPTS, 10, seed=11, **kwargs).tokens
-    assert a.tokens != backend.generate(PARAMS, PROMPTS, 10, seed=12, **kwargs).tokens
+    seeded = SamplingParams(seed=11, **kwargs)
+    a = backend.generate(PARAMS, PROMPTS, 10, sampling=seeded)
+    assert a.tokens == backend.generate(PARAMS, PROMPTS, 10, sampling=seeded).tokens
+    assert a.tokens == get_backend(name, CONFIG).generate(PARAMS, PROMPTS, 10, sampling=seeded).tokens
+    assert a.tokens != backend.generate(PARAMS, PROMPTS, 10, sampling=SamplingParams(seed=12, **kwargs)).tokens
 
 
 LOGITS = np.log(np.array([0.30, 0.25, 0.15, 0.10, 0.08, 0.05, 0.04, 0.02, 0.01], np.float32))
@@ -183,9 +185,9 @@ def test_temperature_sharpens_and_flattens():
 @pytest.mark.parametrize("name", BACKENDS)
 def test_stop_tokens_end_rows_independently(name):
     backend = get_backend(name, CONFIG)
-    free = backend.generate(PARAMS, PROMPTS, 12, greedy=True).tokens
+    free = backend.generate(PARAMS, PROMPTS, 12, sampling=GREEDY).tokens
     stop = next(t for t in free[0] if any(t not in other for other in free[1:]))  # ends row 0, not all rows
-    result = backend.generate(PARAMS, PROMPTS, 12, greedy=True, stop_tokens=[stop])
+    result = backend.generate(PARAMS, PROMPTS, 12, sampling=SamplingParams(greedy=True, stop_tokens=[stop]))
     for row, tokens in enumerate(free):
         cut = tokens.index(stop) if stop in tokens else len(tokens)
         assert result.tokens[row] == tokens[:cut]
@@ -197,9 +199,9 @@ def test_stop_tokens_end_rows_independently(name):
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 def test_stream_concatenates_to_generate(name, chunk_size):
     backend = get_backend(name, CONFIG)
-    kwargs = dict(temperature=0.9, top_p=0.9, seed=5, stop_tokens=[7, 8])
-    whole = backend.generate(PARAMS, PROMPTS, 10, **kwargs)
-    chunks = list(backend.stream(PARAMS, PROMPTS, 10, chunk_size=chunk_size, **kwargs))
+    sampling = SamplingParams(temperature=0.9, top_p=0.9, seed=5, stop_tokens=[7, 8])
+    whole = backend.generate(PARAMS, PROMPTS, 10, sampling=sampling)
+    chunks = list(backend.stream(PARAMS, PROMPTS, 10, chunk_size=chunk_size, sampling=sampling))
     joined = [sum((c.tokens[row] for c in chunks), []) for row in range(len(PROMPTS))]
     assert joined == whole.tokens
     assert [r or "length" for r in chunks[-1].finish_reasons] == whole.finish_reasons
@@ -211,9 +213,10 @@ def test_stream_concatenates_to_generate(name, chunk_size):
 
 def test_jax_loop_ends_when_every_row_has_stopped():
     backend = get_backend("jax", CONFIG)
-    free = backend.generate(PARAMS, [[5, 17, 3]], 30, greedy=True).tokens[0]
+    free = backend.generate(PARAMS, [[5, 17, 3]], 30, sampling=GREEDY).tokens[0]
     stop = free[2]
-    chunks = list(backend.stream(PARAMS, [[5, 17, 3]], 30, chunk_size=1, greedy=True, stop_tokens=[stop]))
+    chunks = list(backend.stream(PARAMS, [[5, 17, 3]], 30, chunk_size=1,
+                                 sampling=SamplingParams(greedy=True, stop_tokens=[stop])))
     assert len(chunks) == free.index(stop) + 1  # one sampled token per chunk, none after the stop
 
 
@@ -228,14 +231,15 @@ def test_a_mixed_workload_compiles_once_per_bucket():
     # prompt lengths 2..8 (bucket 8), 3 rows (batch bucket 4), 3..8 new tokens (bucket 8), any sampling
     for i, (n_prompt, n_new) in enumerate([(2, 3), (5, 8), (8, 4), (3, 7)]):
         prompts = [[1] * n_prompt, [2] * (n_prompt // 2 + 1), [3]]
-        backend.generate(weights, prompts, n_new, temperature=0.5 + i / 4, seed=i)
-        backend.generate(weights, prompts[:1], n_new, temperature=1.5, seed=i)  # batch 1: its own bucket
+        backend.generate(weights, prompts, n_new, sampling=SamplingParams(temperature=0.5 + i / 4, seed=i))
+        backend.generate(weights, prompts[:1], n_new,
+                         sampling=SamplingParams(temperature=1.5, seed=i))  # batch 1: its own bucket
     assert np.subtract(sizes(), before).tolist() == [2, 2]  # (B=4 and B=1) x one (Tp=8, S=16) bucket
-    backend.generate(weights, [[1] * 9], 8, top_k=5)  # new prompt bucket and top-k filtering
+    backend.generate(weights, [[1] * 9], 8, sampling=SamplingParams(top_k=5))  # new prompt bucket and top-k filtering
     assert np.subtract(sizes(), before).tolist() == [3, 3]
-    backend.generate(weights, [[1] * 12], 8, top_k=9, top_p=0.3)  # same buckets, same sampling mode
+    backend.generate(weights, [[1] * 12], 8, sampling=SamplingParams(top_k=9, top_p=0.3))  # same buckets and mode
     assert np.subtract(sizes(), before).tolist() == [3, 3]
-    backend.generate(weights, [[1] * 12], 8, greedy=True)  # greedy skips the draw: its own mode
+    backend.generate(weights, [[1] * 12], 8, sampling=GREEDY)  # greedy skips the draw: its own mode
     assert np.subtract(sizes(), before).tolist() == [4, 4]
 
 
@@ -251,13 +255,26 @@ BAD = [
     (dict(prompts=[[1, 97]], max_new_tokens=2), r"prompt 0: token id 97 is outside \[0, 97\)"),
     (dict(prompts=[[1, -1]], max_new_tokens=2), r"token id -1 is outside"),
     (dict(prompts=[[1, 2.0]], max_new_tokens=2), r"token 2.0 is not an integer"),
-    (dict(prompts=[[1]], max_new_tokens=2, temperature=-0.1), r"temperature=-0.1 must be a finite number >= 0"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_p=0.0), r"top_p=0.0 must be a number in \(0, 1\]"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_p=1.5), r"top_p=1.5"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_k=0), r"top_k=0 must be an integer in \[1, 97\]"),
-    (dict(prompts=[[1]], max_new_tokens=2, top_k=98), r"top_k=98"),
-    (dict(prompts=[[1]], max_new_tokens=2, stop_tokens=[100]), r"stop_tokens: token id 100 is outside"),
-    (dict(prompts=[[1]], max_new_tokens=2, seed=-1), r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=SamplingParams(top_k=98)),
+     r"top_k=98 must be an integer in \[1, 97\] \(the vocabulary size\)"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=SamplingParams(stop_tokens=[100])),
+     r"stop_tokens: token id 100 is outside \[0, 97\)"),
+    (dict(prompts=[[1]], max_new_tokens=2, sampling=SamplingParams(logit_bias={97: 1})),
+     r"logit_bias: token id 97 is outside \[0, 97\)"),
+    (dict(prompts=[[1]], max_new_tokens=2,
+          sampling=dict(top_k=5)), r"sampling must be a gptjax.SamplingParams, got dict"),
+]
+BAD_SAMPLING = [  # refused when the SamplingParams is built, before any backend sees it
+    (dict(temperature=-0.1), r"temperature=-0.1 must be a finite number >= 0"),
+    (dict(temperature=float("inf")), r"temperature=inf must be a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p=0.0 must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5"),
+    (dict(top_k=0), r"top_k=0 must be an integer >= 1"),
+    (dict(top_k=2.0), r"top_k=2.0 must be an integer >= 1"),
+    (dict(stop_tokens=[-1]), r"stop_tokens: -1 is not a token id"),
+    (dict(stop_tokens="ab"), r"stop_tokens must be a list of token ids, got str"),
+    (dict(seed=-1), r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
+    (dict(greedy=1), r"greedy=1 must be True or False"),
 ]
 
 
@@ -273,6 +290,27 @@ def test_bad_generate_input_fails_before_compiling(name, kwargs, pattern):
     assert (jax_decode.prefill._cache_size(), jax_decode.decode._cache_size()) == before
 
 
+@pytest.mark.parametrize("kwargs,pattern", BAD_SAMPLING)
+def test_bad_sampling_params_are_refused_when_built(kwargs, pattern):
+    with pytest.raises(GptjaxError, match=pattern):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_old_sampling_keywords_warn_and_still_work_for_one_release(name):
+    backend = get_backend(name, CONFIG)
+    with pytest.warns(DeprecationWarning, match=r"write generate\(\.\.\., sampling=gptjax.SamplingParams\("
+                                                r"temperature=0.7, seed=3\)\)"):
+        old = backend.generate(PARAMS, PROMPTS, 6, temperature=0.7, seed=3)
+    assert old.tokens == backend.generate(PARAMS, PROMPTS, 6, sampling=SamplingParams(temperature=0.7, seed=3)).tokens
+    with pytest.warns(DeprecationWarning, match=r"stream\(greedy=True\) is deprecated"):
+        backend.stream(PARAMS, PROMPTS, 6, greedy=True)
+    with pytest.raises(GptjaxError, match=r"give sampling=SamplingParams\(\.\.\.\) or the keywords seed=1, not both"):
+        backend.generate(PARAMS, PROMPTS, 6, sampling=GREEDY, seed=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        backend.generate(PARAMS, PROMPTS, 6, temprature=0.5)
+
+
 def test_bad_chunk_size():
     with pytest.raises(GptjaxError, match="chunk_size=0 must be an integer >= 1"):
         get_backend("jax", CONFIG).stream(PARAMS, [[1]], 3, chunk_size=0)
@@ -282,25 +320,26 @@ def test_bad_chunk_size():
 @pytest.mark.parametrize("name", BACKENDS)
 def test_a_tiny_temperature_is_nearly_greedy_not_nan(name):
     backend = get_backend(name, CONFIG)
-    assert backend.generate(PARAMS, PROMPTS, 6, temperature=1e-12).tokens == \
-        backend.generate(PARAMS, PROMPTS, 6, greedy=True).tokens
+    assert backend.generate(PARAMS, PROMPTS, 6, sampling=SamplingParams(temperature=1e-12)).tokens == \
+        backend.generate(PARAMS, PROMPTS, 6, sampling=GREEDY).tokens
 
 
 def test_numpy_scalar_arguments_and_non_finite_ones():
     backend = get_backend("jax", CONFIG)
-    a = backend.generate(PARAMS, PROMPTS, 4, temperature=np.float32(0.5), top_p=np.float64(0.9),
-                         top_k=np.int64(20), seed=np.int64(3))
-    assert a.tokens == backend.generate(PARAMS, PROMPTS, 4, temperature=0.5, top_p=0.9, top_k=20, seed=3).tokens
+    a = backend.generate(PARAMS, PROMPTS, 4, sampling=SamplingParams(
+        temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(20), seed=np.int64(3)))
+    assert a.tokens == backend.generate(PARAMS, PROMPTS, 4,
+                                        sampling=SamplingParams(temperature=0.5, top_p=0.9, top_k=20, seed=3)).tokens
     assert len(list(backend.stream(PARAMS, PROMPTS, 4, chunk_size=np.int64(2)))) == 3
     with pytest.raises(GptjaxError, match="temperature=inf must be a finite number"):
-        backend.generate(PARAMS, PROMPTS, 4, temperature=float("inf"))
+        backend.generate(PARAMS, PROMPTS, 4, sampling=SamplingParams(temperature=float("inf")))
 
 
 def test_stop_token_counts_share_a_compilation():
     config = GPTConfig(vocab_size=64, n_positions=128, n_layer=1, n_head=2, n_embd=16)
     backend, weights = get_backend("jax", config), get_backend("jax", config).prepare(_params(config, 8))
-    backend.generate(weights, [[1] * 3], 5, stop_tokens=[1])
+    backend.generate(weights, [[1] * 3], 5, sampling=SamplingParams(stop_tokens=[1]))
     before = (jax_decode.prefill._cache_size(), jax_decode.decode._cache_size())
     for stops in ([1, 2], [1, 2, 3], list(range(8))):
-        backend.generate(weights, [[1] * 3], 5, stop_tokens=stops)
+        backend.generate(weights, [[1] * 3], 5, sampling=SamplingParams(stop_tokens=stops))
     assert (jax_decode.prefill._cache_size(), jax_decode.decode._cache_size()) == before

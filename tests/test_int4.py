@@ -19,6 +19,7 @@ from gptjax.cli import main
 from gptjax.errors import GptjaxError
 from gptjax.quantize import convert, pack_int4, quantize_int4, unpack_int4, weight_bytes
 from gptjax.safetensors_io import read_header
+from gptjax.sampling import GREEDY
 from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trained_byte_tiny"
@@ -107,7 +108,7 @@ def test_both_backends_give_the_same_greedy_tokens(options, kernels, monkeypatch
     logits = [b.forward(w, TEXT[None, :48]) for b, w in ((jax_b, weights), (np_b, PARAMS))]
     # the kernels feed x as 16-bit fixed point (lowp.split_rows); XLA's formulation computes as NumPy does
     np.testing.assert_allclose(logits[0], logits[1], atol=2e-3 if weights.cpu_kernels else 1e-4)
-    tokens = [b.generate(w, PROMPTS, 20, greedy=True).tokens for b, w in ((jax_b, weights), (np_b, PARAMS))]
+    tokens = [b.generate(w, PROMPTS, 20, sampling=GREEDY).tokens for b, w in ((jax_b, weights), (np_b, PARAMS))]
     assert tokens[0] == tokens[1] and all(len(t) == 20 for t in tokens[0])
 
 
@@ -142,7 +143,7 @@ def test_decode_reads_the_packed_bytes_through_the_kernel(decode_hlo, monkeypatc
     b = get_backend("jax", CONFIG, precision="int4")
     w = b.prepare(PARAMS)
     assert w.cpu_kernels and w.state["blocks"][0]["mlp"]["c_fc"]["kernel"]["kernel"][...].shape == (256, 32)
-    hlo = decode_hlo(lambda: b.generate(w, PROMPTS[:1], 4, greedy=True))
+    hlo = decode_hlo(lambda: b.generate(w, PROMPTS[:1], 4, sampling=GREEDY))
     assert "gptjax_int4_matmul" in hlo
     D, F, V = CONFIG.n_embd, CONFIG.mlp_width, CONFIG.vocab_size
     for out, width in ((3 * D, D), (F, D), (D, F), (V, D)):  # no unpacked copy of a weight, int8 or float

@@ -11,6 +11,7 @@ from test_serve import CONFIG, PARAMS, Server, _env
 
 from gptjax import save_checkpoint
 from gptjax.backends import get_backend
+from gptjax.sampling import GREEDY
 from gptjax.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
@@ -65,7 +66,7 @@ def test_lm_eval_loglikelihoods_and_generations_equal_the_backends(server, monke
     cut = 0
     for sample in generations:
         prompt = TOK.encode(sample["arguments"][0][0])
-        text = TOK.decode(backend.generate(PARAMS, [prompt], 12, greedy=True).tokens[0])
+        text = TOK.decode(backend.generate(PARAMS, [prompt], 12, sampling=GREEDY).tokens[0])
         ends = [text.find(s) for s in stops if s in text]
         cut += bool(ends)
         assert sample["filtered_resps"][0] == text[:min(ends, default=len(text))]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gptjax import GPTConfig, GptjaxError, get_backend, init_params
+from gptjax.sampling import GREEDY, SamplingParams
 from gptjax.tracing import Metrics, serve_metrics
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)
@@ -29,8 +30,8 @@ def _value(metrics: Metrics, name: str, **labels) -> float:
 def test_generate_and_forward_counts(name):
     m = Metrics()
     backend = get_backend(name, CONFIG, metrics=m)
-    backend.generate(PARAMS, [[1, 2, 3], [4]], 5, greedy=True)
-    list(backend.stream(PARAMS, [[5, 6]], 7, chunk_size=2, stop_tokens=[]))
+    backend.generate(PARAMS, [[1, 2, 3], [4]], 5, sampling=GREEDY)
+    list(backend.stream(PARAMS, [[5, 6]], 7, chunk_size=2, sampling=SamplingParams(stop_tokens=[])))
     backend.forward(PARAMS, [[1, 2, 3, 4]])
     assert _value(m, "gptjax_prompt_tokens_total", backend=name) == 6
     assert _value(m, "gptjax_generated_tokens_total", backend=name) == 2 * 5 + 7
@@ -44,7 +45,7 @@ def test_generate_and_forward_counts(name):
 
 def test_mfu_and_bandwidth_gauges_against_given_peaks():
     m = Metrics(peak_flops=1e12, peak_bandwidth=1e10)
-    get_backend("jax", CONFIG, metrics=m).generate(PARAMS, [[1, 2, 3]], 8, greedy=True)
+    get_backend("jax", CONFIG, metrics=m).generate(PARAMS, [[1, 2, 3]], 8, sampling=GREEDY)
     for phase in ("prefill", "decode"):
         assert 0 < _value(m, "gptjax_mfu_ratio", phase=phase) < 1
         assert 0 < _value(m, "gptjax_bandwidth_utilization_ratio", phase=phase) < 1

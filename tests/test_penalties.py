@@ -11,7 +11,8 @@ from gptjax import init_params
 from gptjax.backends import get_backend
 from gptjax.config import get_preset
 from gptjax.errors import GptjaxError
-from gptjax.generate import MAX_LOGIT_BIAS, collect, join_requests, make_request
+from gptjax.generate import collect, join_requests, make_request
+from gptjax.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 CONFIG = get_preset("tiny")  # V 256, context 64
 PARAMS = {k: v + np.random.default_rng(1).normal(0, 0.3, v.shape).astype(np.float32)
@@ -40,8 +41,9 @@ def test_frequency_penalty_follows_the_rule_exactly_and_breaks_repetition():
     penalised = [_loop(p, 12, frequency=1.5) for p in PROMPTS]
     for name in ("numpy", "jax"):
         backend = get_backend(name, CONFIG)
-        assert backend.generate(PARAMS, PROMPTS, 12, greedy=True).tokens == plain
-        assert backend.generate(PARAMS, PROMPTS, 12, greedy=True, frequency_penalty=1.5).tokens == penalised
+        assert backend.generate(PARAMS, PROMPTS, 12, sampling=SamplingParams(greedy=True)).tokens == plain
+        assert backend.generate(PARAMS, PROMPTS, 12,
+                                sampling=SamplingParams(greedy=True, frequency_penalty=1.5)).tokens == penalised
     assert [max(r.count(t) for t in r) for r in plain] == [10, 9]  # token 107 over and over
     assert [max(r.count(t) for t in r) for r in penalised] == [3, 2]
 
@@ -51,7 +53,8 @@ def test_both_backends_decode_the_loops_greedy_tokens(settings):
     expected = [_loop(p, 10, settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
                       settings.get("logit_bias")) for p in PROMPTS]
     for name in ("numpy", "jax"):
-        got = get_backend(name, CONFIG).generate(PARAMS, PROMPTS, 10, greedy=True, **settings).tokens
+        got = get_backend(name, CONFIG).generate(PARAMS, PROMPTS, 10,
+                                                  sampling=SamplingParams(greedy=True, **settings)).tokens
         assert got == expected, name
     assert expected != [_loop(p, 10) for p in PROMPTS]  # each setting changes the tokens
 
@@ -59,12 +62,16 @@ def test_both_backends_decode_the_loops_greedy_tokens(settings):
 def test_a_bias_of_100_forces_a_token_and_minus_100_bans_one():
     for name in ("numpy", "jax"):
         backend = get_backend(name, CONFIG)
-        forced = backend.generate(PARAMS, PROMPTS, 8, temperature=1.5, top_k=3, seed=7, logit_bias={"42": 100})
+        forced = backend.generate(PARAMS, PROMPTS, 8,
+                                  sampling=SamplingParams(temperature=1.5, top_k=3, seed=7, logit_bias={"42": 100}))
         assert forced.tokens == [[42] * 8, [42] * 8]
-        banned = backend.generate(PARAMS, PROMPTS, 8, temperature=1.0, top_k=3, seed=2, logit_bias={107: -100})
+        banned = backend.generate(PARAMS, PROMPTS, 8,
+                                  sampling=SamplingParams(temperature=1.0, top_k=3, seed=2, logit_bias={107: -100}))
         assert all(107 not in row for row in banned.tokens) and sum(map(len, banned.tokens)) == 16
-        assert any(107 in row for row in backend.generate(PARAMS, PROMPTS, 8, temperature=1.0, top_k=3, seed=2).tokens)
-        stopped = backend.generate(PARAMS, PROMPTS, 8, top_k=3, logit_bias={42: 100}, stop_tokens=[42])
+        free = backend.generate(PARAMS, PROMPTS, 8, sampling=SamplingParams(temperature=1.0, top_k=3, seed=2))
+        assert any(107 in row for row in free.tokens)
+        stopped = backend.generate(PARAMS, PROMPTS, 8,
+                                   sampling=SamplingParams(top_k=3, logit_bias={42: 100}, stop_tokens=[42]))
         assert stopped.tokens == [[], []] and stopped.finish_reasons == ["stop", "stop"]
 
 
@@ -81,11 +88,12 @@ SEEDED = [  # (prompt, max_new_tokens, settings): sampled rows with penalties an
 @pytest.mark.parametrize("name", ["numpy", "jax"])
 def test_seeded_rows_with_penalties_get_their_solo_tokens_when_joined(name):
     backend = get_backend(name, CONFIG)
-    requests = [make_request(CONFIG, [p], n, **kw) for p, n, kw in SEEDED]
+    requests = [make_request(CONFIG, [p], n, SamplingParams(**kw)) for p, n, kw in SEEDED]
     joined = collect(backend.stream_joined(PARAMS, requests, chunk_size=3), join_requests(requests))
     for row, (prompt, n, kw) in enumerate(SEEDED):
-        assert joined.tokens[row] == backend.generate(PARAMS, [prompt], n, **kw).tokens[0], row
-    assert joined.tokens[0] != backend.generate(PARAMS, [[5, 17, 3]], 7, temperature=0.8, top_k=50, seed=3).tokens[0]
+        assert joined.tokens[row] == backend.generate(PARAMS, [prompt], n, sampling=SamplingParams(**kw)).tokens[0], row
+    assert joined.tokens[0] != backend.generate(PARAMS, [[5, 17, 3]], 7,
+                                                sampling=SamplingParams(temperature=0.8, top_k=50, seed=3)).tokens[0]
 
 
 def test_seeded_rows_with_penalties_get_their_solo_tokens_in_a_session():
@@ -93,7 +101,7 @@ def test_seeded_rows_with_penalties_get_their_solo_tokens_in_a_session():
 
     backend = get_backend("jax", CONFIG)
     weights = backend.prepare(PARAMS)
-    requests = [make_request(CONFIG, [p], n, **kw) for p, n, kw in SEEDED]
+    requests = [make_request(CONFIG, [p], n, SamplingParams(**kw)) for p, n, kw in SEEDED]
     session = DecodeSession(backend, weights, [requests[3], requests[2]], ["d", "c"], slots=4, headroom=16)
     got = {name: [] for name in "abcde"}
 
@@ -111,7 +119,7 @@ def test_seeded_rows_with_penalties_get_their_solo_tokens_in_a_session():
             take(session.admit(request, name))  # its settings installed, its counts reset
     assert joined_while_busy == 3
     for name, (prompt, n, kw) in zip("abcde", SEEDED):
-        assert got[name] == backend.generate(PARAMS, [prompt], n, **kw).tokens[0], name
+        assert got[name] == backend.generate(PARAMS, [prompt], n, sampling=SamplingParams(**kw)).tokens[0], name
     plain = DecodeSession(backend, weights, [requests[3]], ["d"], slots=2, headroom=16)  # compiled as before
     assert plain.d.counts is None and not plain.fits(requests[0]) and plain.fits(requests[3])
 
@@ -127,7 +135,6 @@ def test_seeded_rows_with_penalties_get_their_solo_tokens_in_a_session():
     (dict(logit_bias={"abc": 1}), "logit_bias: key 'abc' is not a token id"),
     (dict(logit_bias={"-1": 1}), "logit_bias: key '-1' is not a token id"),
     (dict(logit_bias={1.5: 1}), "logit_bias: key 1.5 is not a token id"),
-    (dict(logit_bias={"256": 1}), r"logit_bias: token id 256 is outside \[0, 256\)"),
     (dict(logit_bias={3: 100.5}), r"logit_bias: bias 100.5 of token 3 must be a finite number in \[-100, 100\]"),
     (dict(logit_bias={3: float("inf")}), "logit_bias: bias inf of token 3 must be a finite number"),
     (dict(logit_bias={3: None}), "logit_bias: bias None of token 3 must be a finite number"),
@@ -135,12 +142,19 @@ def test_seeded_rows_with_penalties_get_their_solo_tokens_in_a_session():
 ])
 def test_bad_values_are_named(settings, message):
     with pytest.raises(GptjaxError, match=message):
-        make_request(CONFIG, [[1]], 2, **settings)
-    with pytest.raises(GptjaxError, match=message):
-        get_backend("numpy", CONFIG).generate(PARAMS, [[1]], 2, **settings)
+        SamplingParams(**settings)
+
+
+def test_a_bias_outside_the_vocabulary_is_named_by_the_request():
+    sampling = SamplingParams(logit_bias={"256": 1})
+    for check in (lambda: make_request(CONFIG, [[1]], 2, sampling),
+                  lambda: get_backend("numpy", CONFIG).generate(PARAMS, [[1]], 2, sampling=sampling)):
+        with pytest.raises(GptjaxError, match=r"logit_bias: token id 256 is outside \[0, 256\)"):
+            check()
 
 
 def test_settings_are_kept_normalised():
-    sampling = make_request(CONFIG, [[1]], 2, presence_penalty=1, logit_bias={"9": 1, 3: -2.5}).sampling
+    sampling = make_request(CONFIG, [[1]], 2,
+                            sampling=SamplingParams(presence_penalty=1, logit_bias={"9": 1, 3: -2.5})).sampling
     assert sampling.logit_bias == ((3, -2.5), (9, 1.0)) and sampling.presence_penalty == 1.0 and sampling.adjusts
     assert not make_request(CONFIG, [[1]], 2).sampling.adjusts

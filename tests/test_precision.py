@@ -23,6 +23,7 @@ from gptjax.errors import GptjaxError
 from gptjax.precision import INT8_PER_TOKEN_ABOVE
 from gptjax.precision_report import DEFAULT_MODES, Mode, report
 from gptjax.quantize import convert, for_precision, precision_of, weight_bytes
+from gptjax.sampling import GREEDY
 from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trained_byte_tiny"
@@ -72,7 +73,7 @@ def test_both_backends_agree_in_every_mode(precision, options):
     # summation order (gptjax's CPU kernels, NumPy's BLAS) can move a value across a rounding boundary
     atol = {"int8": 2e-3, "w8a8": 2e-2, "bf16": 1e-3}.get(precision, 2e-4)
     np.testing.assert_allclose(logits[0], logits[1], atol=atol)
-    results = [b.generate(PARAMS, prompts, 24, greedy=True) for b in (jax_b, np_b)]
+    results = [b.generate(PARAMS, prompts, 24, sampling=GREEDY) for b in (jax_b, np_b)]
     assert results[0].tokens == results[1].tokens
     assert all(len(t) == 24 for t in results[0].tokens)
 
@@ -83,10 +84,10 @@ def test_quantised_checkpoint_gives_the_same_greedy_tokens_on_both_backends(tmp_
     config, params = load_checkpoint(out)
     assert precision_of(params) == "int8" and stored_precision(out) == "int8"
     prompts = [list(WINDOWS[3, :16]), list(WINDOWS[4, :5])]
-    tokens = [get_backend(name, config, precision="int8").generate(params, prompts, 20, greedy=True).tokens
+    tokens = [get_backend(name, config, precision="int8").generate(params, prompts, 20, sampling=GREEDY).tokens
               for name in ("jax", "numpy")]
     assert tokens[0] == tokens[1]
-    direct = get_backend("jax", CONFIG, precision="int8").generate(PARAMS, prompts, 20, greedy=True).tokens
+    direct = get_backend("jax", CONFIG, precision="int8").generate(PARAMS, prompts, 20, sampling=GREEDY).tokens
     assert direct == tokens[0]  # quantising at load time or ahead of time: the same model
 
 
@@ -219,7 +220,7 @@ def test_reduced_precision_caches_are_written_in_place(kv_cache, decode_hlo, mon
     # decode step (gpt2, B=8, 480 cached tokens, XLA's dots: 56.2 vs 48.5 ms per step); it now holds uint16 bits
     monkeypatch.setenv("GPTJAX_CPU_KERNELS", "0")  # the write, whichever way the cache is read
     backend = get_backend("jax", CONFIG, kv_cache=kv_cache)
-    hlo = decode_hlo(lambda: backend.generate(PARAMS, [list(WINDOWS[0, :9])], 6, greedy=True))
+    hlo = decode_hlo(lambda: backend.generate(PARAMS, [list(WINDOWS[0, :9])], 6, sampling=GREEDY))
     shape = rf"\d+,{CONFIG.n_head},\d+,{CONFIG.head_dim}"  # [B, H, S, K]
     assert not re.search(rf"= f32\[{shape}\]\{{[0-9,]*\}} dynamic-update-slice", hlo)
     assert re.search(rf"= (u16|s8)\[{shape}\]\{{[0-9,]*\}} (dynamic-update-slice|fusion)", hlo)
@@ -227,8 +228,8 @@ def test_reduced_precision_caches_are_written_in_place(kv_cache, decode_hlo, mon
 
 def test_int8_kv_cache_decodes_like_the_float_cache():
     prompts = [list(WINDOWS[5, :24]), list(WINDOWS[6, :12])]
-    ref = get_backend("jax", CONFIG).generate(PARAMS, prompts, 32, greedy=True).tokens
-    out = get_backend("jax", CONFIG, kv_cache="int8").generate(PARAMS, prompts, 32, greedy=True).tokens
+    ref = get_backend("jax", CONFIG).generate(PARAMS, prompts, 32, sampling=GREEDY).tokens
+    out = get_backend("jax", CONFIG, kv_cache="int8").generate(PARAMS, prompts, 32, sampling=GREEDY).tokens
     agree = np.mean([a == b for r, o in zip(ref, out) for a, b in zip(r, o)])
     assert agree > 0.9  # greedy decoding may diverge after a near-tie; most tokens agree
 
@@ -274,7 +275,7 @@ def test_generate_cli_runs_a_quantised_checkpoint_as_stored(tmp_path, capsys):
                  "--max-new-tokens", "6", "--kv-cache", "int8"]) == 0
     printed = capsys.readouterr().out.split("\n")[0]
     expected = get_backend("jax", CONFIG, precision="int8", kv_cache="int8").generate(
-        PARAMS, [[100, 101, 102]], 6, greedy=True).tokens[0]
+        PARAMS, [[100, 101, 102]], 6, sampling=GREEDY).tokens[0]
     assert printed == ",".join(map(str, expected))
     assert main(["generate", "--checkpoint", str(tmp_path / "q"), "--tokens", "1", "--precision", "bf16",
                  "--max-new-tokens", "4"]) == 2
@@ -305,7 +306,7 @@ def test_generate_passes_no_precision_option_to_a_plugin_for_a_float_checkpoint(
         name = "plugin"
         options = {"dtype": ("float32",)}  # no precision options, as a third-party backend may have
 
-    expected = get_backend("numpy", CONFIG).generate(PARAMS, [[100, 101]], 3, greedy=True).tokens[0]
+    expected = get_backend("numpy", CONFIG).generate(PARAMS, [[100, 101]], 3, sampling=GREEDY).tokens[0]
     monkeypatch.setattr("gptjax.backends.base._registry", lambda: {"plugin": ["x:Plugin"]})
     monkeypatch.setattr("gptjax.backends.base._load", lambda name, value: Plugin)
     assert main(["generate", "--checkpoint", str(FIXTURE), "--tokens", "100,101", "--greedy",

@@ -14,6 +14,7 @@ import pytest
 from gptjax import get_backend
 from gptjax.errors import GptjaxError
 from gptjax.precision import MODES
+from gptjax.sampling import GREEDY
 from gptjax.scoring import MAX_SEQUENCES, Scores, log_probs
 from gptjax.weights import load_checkpoint
 
@@ -97,7 +98,7 @@ def test_ties_rank_the_lower_id_first_on_both_backends():
 def test_greedy_continuations_score_as_greedy():
     backend = get_backend("jax", CONFIG)
     prompt = SOURCE[300:320]
-    continuation = backend.generate(PARAMS, [prompt], 12, greedy=True).tokens[0]
+    continuation = backend.generate(PARAMS, [prompt], 12, sampling=GREEDY).tokens[0]
     scores = backend.score(PARAMS, [prompt + continuation], top_k=1)[0]
     assert scores.greedy(len(prompt)) is True
     assert scores.greedy(1) is False  # the prompt (real source) is not all argmax

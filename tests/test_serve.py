@@ -21,6 +21,7 @@ import pytest
 from gptjax import init_params, save_checkpoint
 from gptjax.backends import get_backend
 from gptjax.config import get_preset
+from gptjax.sampling import SamplingParams
 from gptjax.tokenizer import ByteTokenizer
 
 CONFIG = get_preset("tiny")  # 256 tokens (bytes), context 64
@@ -121,7 +122,7 @@ def backend():
 
 
 def _expected(backend, prompt, max_tokens, seed, **kw):
-    return backend.generate(PARAMS, [prompt], max_tokens, seed=seed, **kw)
+    return backend.generate(PARAMS, [prompt], max_tokens, sampling=SamplingParams(seed=seed, **kw))
 
 
 # ---- completions and streaming equal backend.generate -----------------------------------------------------

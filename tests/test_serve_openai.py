@@ -13,6 +13,7 @@ from test_serve import CONFIG, PARAMS, Server, _env
 
 from gptjax import save_checkpoint
 from gptjax.backends import get_backend
+from gptjax.sampling import SamplingParams
 from gptjax.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def backend():
 
 
 def _generate(backend, prompt, max_tokens, **kw):
-    return backend.generate(PARAMS, [prompt], max_tokens, **kw).tokens[0]
+    return backend.generate(PARAMS, [prompt], max_tokens, sampling=SamplingParams(**kw)).tokens[0]
 
 
 def test_prompt_lists_and_n_give_each_choice_its_solo_tokens(client, backend):

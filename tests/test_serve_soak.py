@@ -20,6 +20,7 @@ from test_serve_hardening import PipedServer
 from gptjax import init_params, save_checkpoint
 from gptjax.backends import get_backend
 from gptjax.config import get_preset
+from gptjax.sampling import SamplingParams
 
 CONFIG = get_preset("tiny")  # 256 tokens (bytes), context 64
 PARAMS = {k: v + np.random.default_rng(5).normal(0, 0.3, v.shape).astype(np.float32)
@@ -162,7 +163,8 @@ def test_soak_answers_seeded_tokens_and_metrics_stay_bounded_and_exact(checkpoin
     start = time.monotonic()
     backend = get_backend("jax", CONFIG)
     seeds = [(prompt_of(r), r) for r in range(2 * ROUNDS)] + [(prompt_of(r + 1000), r + 1000) for r in range(2 * ROUNDS)]
-    expected = {(p, s): backend.generate(PARAMS, [list(p)], NEW_TOKENS, seed=s).tokens[0] for p, s in seeds}
+    expected = {(p, s): backend.generate(PARAMS, [list(p)], NEW_TOKENS,
+                                         sampling=SamplingParams(seed=s)).tokens[0] for p, s in seeds}
     computed = time.monotonic()
     server = SoakServer(checkpoint, "--max-tokens-cap", str(CAP), "--max-body-bytes", str(BODY_LIMIT),
                          "--header-timeout", str(HEADER_TIMEOUT))

@@ -17,6 +17,7 @@ from gptjax import init_params, save_checkpoint
 from gptjax.backends import get_backend
 from gptjax.cli import main
 from gptjax.config import get_preset
+from gptjax.sampling import GREEDY, SamplingParams
 from gptjax.speculative import ModelDraft, NgramDraft
 
 CONFIG = replace(get_preset("tiny"), n_positions=256)  # a long context: one request can outlast the others' joins
@@ -68,7 +69,8 @@ def _stream(server: PipedServer, body: dict, on_first=lambda: None) -> tuple[lis
 def _solo(backend, params, draft, prompt, n, **kw) -> tuple[list[int], int, int]:
     """A solo speculative run's tokens and its proposed and accepted draft tokens."""
     tokens, proposed, accepted = [], 0, 0
-    for chunk in backend.stream(params, [prompt], n, draft=draft, num_speculative_tokens=K, **kw):
+    for chunk in backend.stream(params, [prompt], n, sampling=SamplingParams(**kw), draft=draft,
+                                num_speculative_tokens=K):
         tokens += chunk.tokens[0]
         proposed, accepted = proposed + chunk.proposed, accepted + chunk.accepted
     return tokens, proposed, accepted
@@ -101,7 +103,7 @@ def ngram_server(models):
 
 
 # prompts of 1..8 tokens and budgets of 9..12 tokens: different pads and lengths, few compiled shapes
-GREEDY = [([1, 2, 3], 9), ([7, 7, 8, 9, 7, 7, 8, 9], 12), ([200] * 5, 11), ([5], 10)]
+GREEDY_CASES = [([1, 2, 3], 9), ([7, 7, 8, 9, 7, 7, 8, 9], 12), ([200] * 5, 11), ([5], 10)]
 STREAMED = ([3, 1, 4, 1, 5], 12)
 
 
@@ -114,15 +116,15 @@ def test_concurrent_greedy_equals_plain_and_counters_match_solo(models, backend,
     server = request.getfixturevalue(f"{kind}_server")
     draft = model_draft if kind == "model" else NgramDraft()
     before = _counters(server, kind)
-    with ThreadPoolExecutor(len(GREEDY)) as pool:
-        futures = [pool.submit(_post, server, prompt=p, max_tokens=n, temperature=0) for p, n in GREEDY]
+    with ThreadPoolExecutor(len(GREEDY_CASES)) as pool:
+        futures = [pool.submit(_post, server, prompt=p, max_tokens=n, temperature=0) for p, n in GREEDY_CASES]
         streamed = _stream(server, {"prompt": STREAMED[0], "max_tokens": STREAMED[1], "temperature": 0})
         answers = [f.result() for f in futures]
-    for (prompt, n), choice in zip(GREEDY, answers):
-        plain = backend.generate(target, [prompt], n, greedy=True)
+    for (prompt, n), choice in zip(GREEDY_CASES, answers):
+        plain = backend.generate(target, [prompt], n, sampling=GREEDY)
         assert (choice["token_ids"], choice["finish_reason"]) == (plain.tokens[0], "length")
-    assert streamed == (backend.generate(target, [STREAMED[0]], STREAMED[1], greedy=True).tokens[0], "length")
-    solos = [_solo(backend, target, draft, p, n, greedy=True) for p, n in [*GREEDY, STREAMED]]
+    assert streamed == (backend.generate(target, [STREAMED[0]], STREAMED[1], sampling=GREEDY).tokens[0], "length")
+    solos = [_solo(backend, target, draft, p, n, greedy=True) for p, n in [*GREEDY_CASES, STREAMED]]
     after = _counters(server, kind)
     proposed, accepted = sum(s[1] for s in solos), sum(s[2] for s in solos)
     assert (after[0] - before[0], after[1] - before[1]) == (proposed, accepted)
@@ -149,7 +151,7 @@ def test_sampled_request_equals_its_solo_run_while_others_join_and_leave(models,
                                 "length")
     assert joined[0]["token_ids"] == _solo(backend, target, draft, joiners[0]["prompt"], 12, temperature=1.0,
                                            seed=3)[0]
-    assert joined[1]["token_ids"] == backend.generate(target, [[42, 43]], 10, greedy=True).tokens[0]
+    assert joined[1]["token_ids"] == backend.generate(target, [[42, 43]], 10, sampling=GREEDY).tokens[0]
 
 
 @pytest.mark.integration
@@ -157,9 +159,9 @@ def test_stop_tokens_and_disconnects_behave_as_without_a_draft(models, backend, 
     """A stop token ends a speculative row where plain decoding's does (mid-round), and a client that leaves
     mid-stream frees its row: the cancellation is counted and the next completion is still exact."""
     target = models[1]
-    plain = backend.generate(target, [[8, 1]], 12, greedy=True).tokens[0]
+    plain = backend.generate(target, [[8, 1]], 12, sampling=GREEDY).tokens[0]
     stop = next(t for t in plain if t != plain[0])  # a token that first comes mid-completion
-    expected = backend.generate(target, [[8, 1]], 12, greedy=True, stop_tokens=[stop])
+    expected = backend.generate(target, [[8, 1]], 12, sampling=SamplingParams(greedy=True, stop_tokens=[stop]))
     choice = _post(model_server, prompt=[8, 1], max_tokens=12, temperature=0, stop=[stop])
     assert (choice["token_ids"], choice["finish_reason"]) == (expected.tokens[0], "stop")
     assert 0 < len(choice["token_ids"]) < 11
@@ -170,7 +172,7 @@ def test_stop_tokens_and_disconnects_behave_as_without_a_draft(models, backend, 
         next(line for line in r.iter_lines() if line.startswith("data: "))  # then hang up
     _wait(lambda: model_server.series(name).get(name + '{reason="disconnect"}', 0.0) == cancelled + 1)
     choice = _post(model_server, prompt=[1, 2, 3], max_tokens=12, temperature=0)
-    assert choice["token_ids"] == backend.generate(target, [[1, 2, 3]], 12, greedy=True).tokens[0]
+    assert choice["token_ids"] == backend.generate(target, [[1, 2, 3]], 12, sampling=GREEDY).tokens[0]
 
 
 def _wait(condition, timeout: float = 60.0) -> None:

@@ -16,6 +16,7 @@ from gptjax import GPTConfig, GptjaxError, get_backend, init_params
 from gptjax.backends.jax import decode as jax_decode
 from gptjax.cli import main
 from gptjax.generate import make_request
+from gptjax.sampling import GREEDY
 from gptjax.sharding import make_mesh, parse_mesh, shard_batch
 from gptjax.train import TrainConfig, create_state, train_step
 
@@ -55,8 +56,8 @@ def test_forward_and_generate_equal_one_device(shape):
     sharded = get_backend("jax", CONFIG, mesh=make_mesh(*shape))
     np.testing.assert_allclose(sharded.forward(params, tokens), single.forward(params, tokens), atol=1e-5)
     prompts = [t[: 3 + i].tolist() for i, t in enumerate(tokens)]
-    assert sharded.generate(params, prompts, 6, greedy=True).tokens == single.generate(params, prompts, 6,
-                                                                                       greedy=True).tokens
+    assert sharded.generate(params, prompts, 6, sampling=GREEDY).tokens == single.generate(params, prompts, 6,
+                                                                                       sampling=GREEDY).tokens
 
 
 @pytest.mark.slow
@@ -81,8 +82,8 @@ def test_reduced_precision_on_a_mesh_equals_one_device(shape, precision, kv_cach
     np.testing.assert_allclose(sharded.forward(weights, tokens), single.forward(params, tokens),
                                atol={"int8": 1e-3, "w8a8": 5e-3}.get(precision, 1e-4))
     prompts = [list(t[: 3 + i]) for i, t in enumerate(tokens[:6])]
-    assert (sharded.generate(weights, prompts, 8, greedy=True).tokens
-            == single.generate(params, prompts, 8, greedy=True).tokens)
+    assert (sharded.generate(weights, prompts, 8, sampling=GREEDY).tokens
+            == single.generate(params, prompts, 8, sampling=GREEDY).tokens)
 
 
 @pytest.mark.parametrize("shape,expected", [

@@ -11,6 +11,7 @@ from scipy import stats
 from gptjax import GPTConfig, GptjaxError, get_backend, init_params
 from gptjax.backends import numpy_ref
 from gptjax.backends.jax import speculative as jax_spec
+from gptjax.sampling import GREEDY, SamplingParams
 from gptjax.speculative import ModelDraft, NgramDraft, ngram_proposal
 
 CONFIG = GPTConfig(vocab_size=64, n_positions=64, n_layer=1, n_head=2, n_embd=16)
@@ -33,9 +34,9 @@ DRAFT = ModelDraft(_perturbed(DRAFT_CONFIG, 2), DRAFT_CONFIG)
 
 def _reference(backend):
     """Plain greedy decoding with a stop token that ends one row early (chosen from its own continuation)."""
-    free = backend.generate(PARAMS, PROMPTS, 12, greedy=True)
+    free = backend.generate(PARAMS, PROMPTS, 12, sampling=GREEDY)
     stop = [free.tokens[0][4]]
-    ref = backend.generate(PARAMS, PROMPTS, 12, greedy=True, stop_tokens=stop)
+    ref = backend.generate(PARAMS, PROMPTS, 12, sampling=SamplingParams(greedy=True, stop_tokens=stop))
     assert "stop" in ref.finish_reasons and ref.tokens != free.tokens  # the stop token matters
     return ref, stop
 
@@ -48,7 +49,7 @@ def test_greedy_tokens_equal_plain_decoding(name, cases):
     backend = get_backend(name, CONFIG)
     ref, stop = _reference(backend)
     for draft, k in cases:
-        got = backend.generate(PARAMS, PROMPTS, 12, greedy=True, stop_tokens=stop, draft=draft,
+        got = backend.generate(PARAMS, PROMPTS, 12, sampling=SamplingParams(greedy=True, stop_tokens=stop), draft=draft,
                                num_speculative_tokens=k)
         assert (got.tokens, got.finish_reasons) == (ref.tokens, ref.finish_reasons), (draft, k)
         assert 0 <= got.accepted <= got.proposed and got.proposed % k == 0
@@ -57,8 +58,8 @@ def test_greedy_tokens_equal_plain_decoding(name, cases):
 def test_greedy_draft_equal_to_the_target_accepts_everything_and_streams_the_same():
     """The target as its own draft agrees with itself: every proposal accepted until the budget ends."""
     backend = get_backend("jax", CONFIG)
-    ref = backend.generate(PARAMS, PROMPTS, 12, greedy=True)
-    chunks = list(backend.stream(PARAMS, PROMPTS, 12, chunk_size=1, greedy=True,
+    ref = backend.generate(PARAMS, PROMPTS, 12, sampling=GREEDY)
+    chunks = list(backend.stream(PARAMS, PROMPTS, 12, chunk_size=1, sampling=GREEDY,
                                  draft=ModelDraft(PARAMS, CONFIG), num_speculative_tokens=4))
     assert [sum((c.tokens[b] for c in chunks), []) for b in range(3)] == ref.tokens
     assert chunks[0].phase == "prefill" and [len(t) for t in chunks[1].tokens] == [5, 5, 5]  # k + 1 per round
@@ -94,7 +95,8 @@ def _p_value(tokens: list[list[int]], joint: np.ndarray) -> float:
 
 
 def _sampled(name, n=1500, seed=7, draft=SMALL_DRAFT):
-    return get_backend(name, SMALL).generate(SMALL_PARAMS, [SMALL_PROMPT] * n, 3, seed=seed, draft=draft,
+    return get_backend(name, SMALL).generate(SMALL_PARAMS, [SMALL_PROMPT] * n, 3,
+                                             sampling=SamplingParams(seed=seed), draft=draft,
                                              num_speculative_tokens=2)
 
 
@@ -157,7 +159,7 @@ def test_bad_drafters_are_refused():
     with pytest.raises(GptjaxError, match="exceeds the draft's context n_positions=8"):
         backend.generate(PARAMS, PROMPTS, 4, draft=ModelDraft(init_params(short), short))
     with pytest.raises(GptjaxError, match="does not support presence_penalty, frequency_penalty or logit_bias"):
-        backend.generate(PARAMS, PROMPTS, 4, draft=NgramDraft(), logit_bias={3: 5.0})
+        backend.generate(PARAMS, PROMPTS, 4, draft=NgramDraft(), sampling=SamplingParams(logit_bias={3: 5.0}))
 
 
 # ---- CLI, metrics, spans ---------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_cli_generate_with_a_draft_prints_the_plain_greedy_tokens(tmp_path, caps
 
     save_checkpoint(CONFIG, PARAMS, tmp_path / "target")
     save_checkpoint(DRAFT_CONFIG, DRAFT.params, tmp_path / "draft")
-    expected = get_backend("numpy", CONFIG).generate(PARAMS, PROMPTS[1:2], 10, greedy=True).tokens[0]
+    expected = get_backend("numpy", CONFIG).generate(PARAMS, PROMPTS[1:2], 10, sampling=GREEDY).tokens[0]
     base = ["generate", "--checkpoint", str(tmp_path / "target"), "--tokens", ",".join(map(str, PROMPTS[1])),
             "--max-new-tokens", "10", "--greedy", "--backend", "numpy"]
     for draft in ([str(tmp_path / "draft"), "--spec-k", "3"], ["ngram", "--ngram", "2,1"]):
@@ -184,7 +186,7 @@ def test_metrics_count_proposed_and_accepted_draft_tokens():
     from gptjax.tracing import Metrics
 
     m = Metrics()
-    result = get_backend("numpy", CONFIG, metrics=m).generate(PARAMS, PROMPTS, 12, greedy=True, draft=NgramDraft(),
+    result = get_backend("numpy", CONFIG, metrics=m).generate(PARAMS, PROMPTS, 12, sampling=GREEDY, draft=NgramDraft(),
                                                               num_speculative_tokens=3)
     labels = {"backend": "numpy", "draft": "ngram"}
     assert m.registry.get_sample_value("gptjax_speculative_proposed_tokens_total", labels) == result.proposed > 0
@@ -202,7 +204,7 @@ def test_spans_record_speculative_rounds():
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    chunks = list(get_backend("numpy", CONFIG).stream(PARAMS, PROMPTS, 12, chunk_size=2, greedy=True,
+    chunks = list(get_backend("numpy", CONFIG).stream(PARAMS, PROMPTS, 12, chunk_size=2, sampling=GREEDY,
                                                       draft=NgramDraft(), num_speculative_tokens=3))
     rounds = [s for s in exporter.get_finished_spans() if s.name == "gptjax.speculate"]
     assert len(rounds) == len(chunks) - 1 and {s.attributes["gptjax.draft"] for s in rounds} == {"ngram"}

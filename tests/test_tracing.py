@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gptjax import GPTConfig, get_backend, init_params, save_checkpoint
+from gptjax.sampling import SamplingParams
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=32, n_layer=2, n_head=2, n_embd=16)
 PARAMS = init_params(CONFIG, 1)
@@ -42,7 +43,8 @@ def _by_name(finished):
 def test_generate_span_tree(spans, name):
     spans.clear()
     backend = get_backend(name, CONFIG)
-    chunks = list(backend.stream(PARAMS, [[1, 2, 3], [4]], 9, chunk_size=3, temperature=0.7, top_p=0.9, seed=1))
+    chunks = list(backend.stream(PARAMS, [[1, 2, 3], [4]], 9, chunk_size=3,
+                                 sampling=SamplingParams(temperature=0.7, top_p=0.9, seed=1)))
     got = _by_name(spans.get_finished_spans())
     parent, = got["text_completion gpt-2L-16d-97v"]
     prefill, = got["gptjax.prefill"]

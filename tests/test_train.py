@@ -16,6 +16,7 @@ import pytest
 
 from gptjax import GPTConfig, GptjaxError, get_backend, load_checkpoint
 from gptjax.cli import main
+from gptjax.sampling import GREEDY
 from gptjax.train import (TrainConfig, TrainingStopped, TrainOptions, create_state, loss_fn, make_train_step, train,
                           train_step)
 
@@ -256,7 +257,7 @@ def test_cli_train_runs_and_profiles(tmp_path, corpus, capsys, caplog):
 
     tokenizer = load_tokenizer(out / "model")
     config, params = load_checkpoint(out / "model")
-    expected = get_backend("jax", config).generate(params, [tokenizer.encode("def f(")], 5, greedy=True).tokens[0]
+    expected = get_backend("jax", config).generate(params, [tokenizer.encode("def f(")], 5, sampling=GREEDY).tokens[0]
     assert capsys.readouterr().out == "def f(" + tokenizer.decode(expected).rstrip("\ufffd")
 
 

@@ -18,6 +18,7 @@ from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
 from gptjax.precision import KV_CACHES, MODES, default_kv_cache, storage
 from gptjax.quantize import for_precision
+from gptjax.sampling import SamplingParams, legacy_sampling
 from gptjax.scoring import Scores, assemble, batches, check_sequences, log_probs, right_pad
 from gptjax.speculative import ModelDraft, Speculation, check_room, check_speculation
 from gptjax.tracing.spans import forward_span, record_error, start_parent
@@ -142,33 +143,24 @@ class Backend(abc.ABC):
         if weights.config != self.config:
             raise GptjaxError(f"prepared weights are for {weights.config}, but this backend is for {self.config}")
 
-    def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop_tokens: Any = (), greedy: bool = False,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logit_bias: Mapping[int | str, float] | None = None, draft: Any = None,
-                 num_speculative_tokens: int = 4) -> GenerationResult:
-        """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens.
+    def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *,
+                 sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
+                 **legacy: Any) -> GenerationResult:
+        """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens, sampled as
+        `sampling` says (a gptjax.SamplingParams; None: SamplingParams(), temperature 1).
 
-        Sampling rules (penalties and logit bias included) are in gptjax.generate; the same seed gives the same
-        tokens on every run. Each row stops at a stop token (not included) or after max_new_tokens; the result
-        says which. With a draft (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative,
-        num_speculative_tokens proposals per target pass: greedy tokens are those without a draft, sampled ones
-        follow the same distribution.
+        The rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row stops at a
+        stop token (not included) or after max_new_tokens; the result says which. With a draft
+        (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative, num_speculative_tokens proposals
+        per target pass: greedy tokens are those without a draft, sampled ones follow the same distribution.
         """
-        request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy,
-                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                               logit_bias=logit_bias)
+        request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "generate"))
         spec = self._speculation(draft, num_speculative_tokens, request)
         return collect(self._traced(self._prepared(params), request, None, spec), request)
 
     def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop_tokens: Any = (), greedy: bool = False,
-               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               logit_bias: Mapping[int | str, float] | None = None, draft: Any = None,
-               num_speculative_tokens: int = 4) -> Iterator[StreamChunk]:
+               sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
+               **legacy: Any) -> Iterator[StreamChunk]:
         """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps
         (with a draft: chunk_size verify rounds, each adding 1..num_speculative_tokens + 1 tokens per row).
 
@@ -176,10 +168,7 @@ class Backend(abc.ABC):
         generate()'s result.
         """
         _check_chunk_size(chunk_size)
-        request = make_request(self.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_tokens=stop_tokens, greedy=greedy,
-                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                               logit_bias=logit_bias)
+        request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "stream"))
         spec = self._speculation(draft, num_speculative_tokens, request)
         return self._traced(self._prepared(params), request, chunk_size, spec)
 

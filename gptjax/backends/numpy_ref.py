@@ -17,10 +17,11 @@ import numpy as np
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
 from gptjax.config import GPTConfig
 from gptjax.generate import (
-    LENGTH, STOP, GenerationRequest, RowSettings, SamplingParams, StreamChunk, left_pad, sample_token,
+    LENGTH, STOP, GenerationRequest, RowSettings, StreamChunk, left_pad, sample_token,
 )
 from gptjax.precision import INT8_PER_TOKEN_ABOVE
 from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys, unpack_int4
+from gptjax.sampling import SamplingParams
 from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs
 from gptjax.weights import Params
 

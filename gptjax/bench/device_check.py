@@ -16,6 +16,7 @@ from gptjax import precision as registry
 from gptjax.bench.workloads import backend_options
 from gptjax.config import get_preset
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 
 # max |logits - oracle| / max(1, max |oracle|) allowed (the registry's tolerance); only fp32 decides the exit status
 TOLERANCE = {name: m.tolerance for name, m in registry.MODES.items()}
@@ -44,8 +45,8 @@ def correctness(preset: str, backend: str = "jax", precision: str = "fp32", batc
     ref, got = oracle.forward(params, tokens), ours.forward(params, tokens)
     err = float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
     prompts = tokens[:, :8].tolist()
-    a = oracle.generate(params, prompts, 8, greedy=True).tokens
-    b = ours.generate(params, prompts, 8, greedy=True).tokens
+    a = oracle.generate(params, prompts, 8, sampling=GREEDY).tokens
+    b = ours.generate(params, prompts, 8, sampling=GREEDY).tokens
     return row | {"status": "ok", "max_rel_logit_error": err, "tolerance": TOLERANCE[precision],
                   "passed": err <= TOLERANCE[precision],
                   "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),

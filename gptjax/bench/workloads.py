@@ -14,6 +14,7 @@ from gptjax.bench import metrics
 from gptjax.bench.stats import stamps
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 
 N_INPUTS = 4  # distinct input batches, rotated run by run so no cache (ours, XLA's, the CPU's) sees a repeat
 
@@ -102,7 +103,7 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
              "flops_formula": f"forward_flops(B={B}, T={P}, last_only=True) + {B}·(forward_flops(1, {P + n - 1}) "
                               f"- forward_flops(1, {P}))",
              "bytes_formula": f"{n}·(weight_bytes({precision}) + {B}·kv_cache_bytes_per_token({kv})·{context:g})"}
-    return Job(call=lambda i: backend.generate(weights, prompts[i % N_INPUTS], n, greedy=True),
+    return Job(call=lambda i: backend.generate(weights, prompts[i % N_INPUTS], n, sampling=GREEDY),
                flops=metrics.decode_flops(config, B, P, n),
                bytes_moved=n * metrics.decode_step_bytes(config, precision, kv, B, context),
                memory={"params_bytes": metrics.weight_bytes(config, precision),
@@ -112,7 +113,7 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
 
 def stream_latencies(backend: Any, weights: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:
     """TTFT and the per-token gaps of a stream yielding after every decode step (each synced to the host)."""
-    times = [t for t, _ in stamps(backend.stream(weights, prompts, new, chunk_size=1, greedy=True))]
+    times = [t for t, _ in stamps(backend.stream(weights, prompts, new, chunk_size=1, sampling=GREEDY))]
     return {"ttft_s": times[0], "per_token_s": np.diff(times).tolist()}
 
 

@@ -9,6 +9,7 @@ import time
 from gptjax.backends import get_backend
 from gptjax.cli.options import RUN_PRECISIONS, add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
+from gptjax.sampling import SamplingParams
 from gptjax.speculative import ModelDraft, NgramDraft
 from gptjax.tokenizer import Tokenizer, checkpoint_tokenizer
 from gptjax.weights import load_checkpoint, load_config, run_options, stored_precision
@@ -62,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     spec = {} if args.draft is None else {"draft": draft_from(args.draft, args.ngram, args.draft_precision),
                                           "num_speculative_tokens": args.spec_k}
     stream = backend.stream(load_checkpoint(args.checkpoint)[1], [prompt], args.max_new_tokens,
-                            chunk_size=args.chunk_size, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_tokens=args.stop_token, greedy=args.greedy,
-                            **spec)
+                            chunk_size=args.chunk_size, sampling=sampling_from(args), **spec)
     printer = _TextPrinter(tokenizer) if args.tokens is None else _IdPrinter()
     t0, reason, n, proposed, accepted = time.perf_counter(), "length", 0, 0, 0
     if args.tokens is None:
@@ -78,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     spec_note = f", {accepted}/{proposed} draft tokens accepted" if args.draft else ""
     print(f"\n[{n} tokens, finish_reason={reason}, {seconds:.2f} s incl. compile{spec_note}]", file=sys.stderr)
     return 0
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of the sampling flags (their ranges are SamplingParams' own checks)."""
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          stop_tokens=args.stop_token, greedy=args.greedy)
 
 
 def draft_from(draft: str, ngram: str, precision: str | None) -> ModelDraft | NgramDraft:

@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
+from gptjax.sampling import SamplingParams
 from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
 from gptjax.serve.continuous import SessionRunner
 from gptjax.serve.scheduler import STOPPED, DeviceLock, Event, Job, QueueFull, Scheduler, ShuttingDown
@@ -126,11 +127,8 @@ class ServerState:
         if spec is None:
             return m.backend.stream_joined(m.weights, requests, chunk_size=self.options.chunk_size)
         [r] = requests
-        sp = r.sampling
         return m.backend.stream(m.weights, r.prompts, r.max_new_tokens, chunk_size=self.options.chunk_size,
-                                temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed,
-                                stop_tokens=sp.stop_tokens, greedy=sp.is_greedy, draft=spec.draft,
-                                num_speculative_tokens=spec.k)
+                                sampling=r.sampling, draft=spec.draft, num_speculative_tokens=spec.k)
 
     def start(self) -> None:
         """Warm up (compile) in a thread, then start the worker and turn ready."""
@@ -138,7 +136,7 @@ class ServerState:
             try:
                 if self.options.warmup:
                     m = self.model
-                    m.backend.generate(m.weights, [[0]], 2, seed=0)
+                    m.backend.generate(m.weights, [[0]], 2, sampling=SamplingParams(seed=0))
             except Exception:
                 log.exception("warm-up failed: the server cannot serve this model")
                 self.phase = "failed"

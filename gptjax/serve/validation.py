@@ -12,7 +12,8 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.generate import MAX_LOGIT_BIAS, GenerationRequest, make_request
+from gptjax.generate import GenerationRequest, make_request
+from gptjax.sampling import MAX_LOGIT_BIAS, SamplingParams
 from gptjax.tokenizer import Tokenizer
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
@@ -111,10 +112,9 @@ def parse_completion(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -
     requests = []
     if max_tokens > 0:
         try:
-            requests = [make_request(limits.config, [prompt], max_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=None if top_p == 1 else top_p, seed=seeds[j], stop_tokens=stop_tokens,
-                                     **penalties)
-                        for prompt in prompts for j in range(n)]
+            requests = [make_request(limits.config, [prompt], max_tokens, SamplingParams(
+                temperature=temperature, top_k=top_k, top_p=None if top_p == 1 else top_p, seed=seeds[j],
+                stop_tokens=stop_tokens, **penalties)) for prompt in prompts for j in range(n)]
         except GptjaxError as e:  # the checks above should have caught it: still a client error, never a 500
             raise _bad(str(e)) from None
     return Completion(prompts, requests, n, stream, include_usage, echo, logprobs, stops)

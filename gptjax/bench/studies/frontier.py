@@ -39,6 +39,7 @@ from gptjax.bench.results import Outcome
 from gptjax.bench.stats import clock, interleaved_times, load_average, median, timed_value
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 from gptjax.weights import load_config
 
 # flag -> (default, help); the runner adds them (the type is the default's)
@@ -208,7 +209,7 @@ def _scores(backend: Any, weights: Any, tokens: np.ndarray, context: int) -> tup
 
 def _generate(backend: Any, weights: Any, prompts: list[list[int]], new: int) -> Any:
     """A timed call: greedy generation of `new` tokens for each prompt (fresh closure per model and batch)."""
-    return lambda i: backend.generate(weights, prompts, new, greedy=True)
+    return lambda i: backend.generate(weights, prompts, new, sampling=GREEDY)
 
 
 def _load(model: dict[str, Any], text: str) -> tuple[Any, Any, np.ndarray, dict[str, Any]]:

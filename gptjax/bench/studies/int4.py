@@ -24,6 +24,7 @@ import numpy as np
 from gptjax.bench.results import Outcome
 from gptjax.errors import GptjaxError
 from gptjax.precision import INT4_GROUP_SIZES
+from gptjax.sampling import GREEDY
 
 PARTS = ("symmetry", "quality", "speed")
 SCHEMES = ("symmetric", "symmetric [-7, 7]", "asymmetric")
@@ -188,7 +189,7 @@ def decode_rate(backend: Any, weights: Any, prompt: list[int], new_tokens: int) 
     prefill's chunk to the last chunk (as gptjax.precision_report.speed times it)."""
     from gptjax.bench.stats import stamps
 
-    chunks = stamps(backend.stream(weights, [prompt], new_tokens, chunk_size=new_tokens, greedy=True))
+    chunks = stamps(backend.stream(weights, [prompt], new_tokens, chunk_size=new_tokens, sampling=GREEDY))
     return sum(len(t) for _, c in chunks[1:] for t in c.tokens) / (chunks[-1][0] - chunks[0][0])
 
 

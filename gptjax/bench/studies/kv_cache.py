@@ -18,6 +18,7 @@ import numpy as np
 from gptjax.bench.results import Outcome
 from gptjax.bench.stats import interleaved_times, median
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--prompt": (32, "prompt tokens"),
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, args.prompt).tolist()
 
     def cached(i: int) -> list[int]:
-        return list(backend.generate(weights, [prompt], args.new, greedy=True).tokens[0])
+        return list(backend.generate(weights, [prompt], args.new, sampling=GREEDY).tokens[0])
 
     def recompute(i: int) -> list[int]:
         seq = list(prompt)

@@ -19,6 +19,7 @@ import numpy as np
 from gptjax.bench.results import Outcome
 from gptjax.bench.stats import interleaved_runs, median, stamps
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 
 DEFAULT_MODES = "fp32/fp32,bf16/bf16,bf16/fp32,int8/int8,int8/fp32,int8/bf16"
 CHUNK = 8  # decode steps per stream chunk
@@ -33,7 +34,7 @@ FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--batch": (8, "ro
 
 def step_time(backend: Any, weights: Any, prompts: list[list[int]], new: int, chunk: int = CHUNK) -> float:
     """Median seconds per decode step over the decode chunks of one greedy stream."""
-    arrivals = stamps(backend.stream(weights, prompts, new, chunk_size=chunk, greedy=True))
+    arrivals = stamps(backend.stream(weights, prompts, new, chunk_size=chunk, sampling=GREEDY))
     per = [(t - before) / chunk for (before, _), (t, part) in zip(arrivals, arrivals[1:]) if part.phase == "decode"]
     return float(np.median(per))
 

@@ -18,6 +18,7 @@ from typing import Any
 from gptjax.bench.results import Outcome
 from gptjax.bench.stats import interleaved_runs, median, timed_value
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 
 FLAGS = {"--target": ("gpt2", "a checkpoint directory, or a preset name (random weights)"),
          "--drafts": ("ngram", "comma list: ngram and/or draft checkpoint directories"),
@@ -82,11 +83,11 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
     for B in _ints(args.batches, "--batches"):
         prompts = _prompts(B, args.prompt)
         fns = {("plain", 0): lambda i, p=prompts: timed_value(lambda: backend.generate(weights, p, args.new,
-                                                                                      greedy=True))}
+                                                                                      sampling=GREEDY))}
         for name, draft in drafts.items():
             for k in _ints(args.ks, "--ks"):
                 fns[(name, k)] = lambda i, p=prompts, d=draft, k=k: timed_value(lambda: backend.generate(
-                    weights, p, args.new, greedy=True, draft=d, num_speculative_tokens=k))
+                    weights, p, args.new, sampling=GREEDY, draft=d, num_speculative_tokens=k))
         log(f"speculative: {target}, B={B}, {len(fns)} configurations x {args.runs} rounds ...")
         results = interleaved_runs(fns, args.runs, warmup=1)
         plain = median([s for _, s in results[("plain", 0)]])

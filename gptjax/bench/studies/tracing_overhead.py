@@ -20,6 +20,7 @@ from typing import Any
 from gptjax.bench.results import Outcome, child_result
 from gptjax.bench.stats import interleaved_runs, interleaved_times, median
 from gptjax.errors import GptjaxError
+from gptjax.sampling import GREEDY
 
 VARIANTS = ("off", "on", "unsynced")
 LABELS = {"off": "off (API no-op)", "on": "on (SDK + batch exporter, synced)", "unsynced": "on, unsynced"}
@@ -85,7 +86,7 @@ def _child(task: dict[str, Any]) -> dict[str, Any]:
                for i in range(3)]
 
     def call(i: int) -> None:
-        list(backend.stream(weights, prompts[i % 3], args.new, chunk_size=args.chunk_size, greedy=True))
+        list(backend.stream(weights, prompts[i % 3], args.new, chunk_size=args.chunk_size, sampling=GREEDY))
 
     times = interleaved_times({variant: call}, args.runs, warmup=2)[variant]
     if provider is not None:
