@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptjax import get_preset
-from gptjax.bench import metrics, stats
+from gptjax import get_preset, timing
+from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for
 from gptjax.bench.report import SCHEMA, compare_table, markdown_table, read_jsonl
 from gptjax.bench.workloads import Job, Shape
@@ -24,20 +24,20 @@ SMALL = ["--preset", "tiny", "--runs", "1", "--matmul-n", "64", "--bandwidth-mib
 # ---- statistics -------------------------------------------------------------------------------------
 def test_median_and_percentiles_on_known_data():
     xs = [float(v) for v in range(10, 0, -1)]  # 10 .. 1, unsorted on purpose
-    assert stats.median(xs) == 5.5
-    assert stats.median([3.0, 1.0, 2.0]) == 2.0
-    assert stats.percentile(xs, 50) == pytest.approx(5.5)
-    assert stats.percentile(xs, 90) == pytest.approx(9.1)  # linear: 1 + 0.9 * 9
-    assert stats.percentile(xs, 99) == pytest.approx(9.91)
-    assert stats.percentile(xs, 0) == 1.0 and stats.percentile(xs, 100) == 10.0
-    assert stats.latency_summary(xs) == pytest.approx({"p50": 5.5, "p90": 9.1, "p99": 9.91})
-    assert stats.latency_summary([]) == {}
+    assert timing.median(xs) == 5.5
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0
+    assert timing.percentile(xs, 50) == pytest.approx(5.5)
+    assert timing.percentile(xs, 90) == pytest.approx(9.1)  # linear: 1 + 0.9 * 9
+    assert timing.percentile(xs, 99) == pytest.approx(9.91)
+    assert timing.percentile(xs, 0) == 1.0 and timing.percentile(xs, 100) == 10.0
+    assert timing.latency_summary(xs) == pytest.approx({"p50": 5.5, "p90": 9.1, "p99": 9.91})
+    assert timing.latency_summary([]) == {}
 
 
 def test_interleaved_times_alternates_and_rotates_inputs():
     calls = []
-    times = stats.interleaved_times({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
-                                    runs=2, warmup=1)
+    times = timing.interleaved_times({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+                                     runs=2, warmup=1)
     assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
     assert all(t >= 0 for v in times.values() for t in v)
@@ -262,7 +262,7 @@ def test_long_decode_study(tmp_path):
                            "runs": 2}
     assert [(r["precision"], r["kv_cache"]) for r in rows] == [("fp32", "fp32"), ("int8", "int8")]
     for r in rows:
-        assert len(r["times_s"]) == 2 and r["step_s"] == stats.median(r["times_s"]) > 0
+        assert len(r["times_s"]) == 2 and r["step_s"] == timing.median(r["times_s"]) > 0
         assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"])
     assert rows[0]["vs_fp32"] == 1.0 and "| int8 | int8 |" in table and "long-decode: tiny, B=2" in table
 
@@ -270,7 +270,7 @@ def test_long_decode_study(tmp_path):
 def test_kv_cache_study(tmp_path):
     _, [row], table = _study("kv-cache", tmp_path, "--preset", "tiny", "--prompt", "4", "--new", "6", "--runs", "2")
     assert row["same_tokens"] and len(row["cache_times_s"]) == len(row["recompute_times_s"]) == 2
-    assert row["cache_tokens_per_s"] == pytest.approx(6 / stats.median(row["cache_times_s"]))
+    assert row["cache_tokens_per_s"] == pytest.approx(6 / timing.median(row["cache_times_s"]))
     assert row["speedup"] == pytest.approx(row["cache_tokens_per_s"] / row["recompute_tokens_per_s"])
     assert "(same tokens)" in table
 
@@ -382,7 +382,7 @@ def test_int4_study_symmetric_rounding_is_the_int4_format():
 # ---- the harness under the other timed code: precision_report.speed --------------------------------------
 def test_interleaved_runs_returns_what_each_run_measured():
     calls = []
-    found = stats.interleaved_runs({"a": lambda i: calls.append(("a", i)) or 10 * i,
+    found = timing.interleaved_runs({"a": lambda i: calls.append(("a", i)) or 10 * i,
                                     "b": lambda i: calls.append(("b", i)) or -i}, runs=2, warmup=1)
     assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert found == {"a": [0, 10], "b": [0, -1]}
@@ -391,8 +391,8 @@ def test_interleaved_runs_returns_what_each_run_measured():
 def test_stamps_and_timed_read_the_harness_clock(monkeypatch):
     ticks = iter(range(100))
     monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))
-    assert stats.stamps("xyz") == [(1.0, "x"), (2.0, "y"), (3.0, "z")]  # clock 0 at the start
-    assert stats.timed_value(lambda: "v") == ("v", 1.0) and stats.timed(lambda: None) == 1.0
+    assert timing.stamps("xyz") == [(1.0, "x"), (2.0, "y"), (3.0, "z")]  # clock 0 at the start
+    assert timing.timed_value(lambda: "v") == ("v", 1.0) and timing.timed(lambda: None) == 1.0
 
 
 class _Chunk:

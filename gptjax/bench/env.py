@@ -9,7 +9,7 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-from gptjax.bench.stats import load_average
+from gptjax.timing import load_average
 
 _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers")
 

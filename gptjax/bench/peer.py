@@ -13,10 +13,10 @@ import numpy as np
 
 from gptjax import precision as registry
 from gptjax.bench.env import torch_threads
-from gptjax.bench.stats import clock
 from gptjax.bench.workloads import N_INPUTS, Shape, token_batches
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.timing import clock
 
 PEER_NOTES = {"fp32": "HF GPT2LMHeadModel, float32", "bf16": "HF GPT2LMHeadModel cast to bfloat16",
               "int8": "HF + torch quantize_dynamic (W8A8 dynamic, not weight-only)",

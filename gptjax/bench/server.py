@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from gptjax.bench.stats import clock
 from gptjax.errors import GptjaxError
+from gptjax.timing import clock
 
 READY_TIMEOUT_S = 600  # a cold server compiles its first buckets before /health answers
 

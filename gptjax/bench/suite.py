@@ -15,10 +15,10 @@ from gptjax.bench.ceilings import datasheet_for, measure_ceilings
 from gptjax.bench.env import device_memory
 from gptjax.bench.report import ceilings_table, markdown_table
 from gptjax.bench.results import Results, open_results
-from gptjax.bench.stats import interleaved_times, latency_summary, load_average, median, timed
 from gptjax.bench.workloads import Job, Shape, ours
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
+from gptjax.timing import interleaved_times, latency_summary, load_average, median, timed
 
 WORKLOADS = ("prefill", "decode", "train")
 PRECISION_MODES = tuple(registry.MODES)  # every run mode the registry declares

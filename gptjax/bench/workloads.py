@@ -11,10 +11,10 @@ import numpy as np
 
 from gptjax import precision as registry
 from gptjax.bench import metrics
-from gptjax.bench.stats import stamps
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import stamps
 
 N_INPUTS = 4  # distinct input batches, rotated run by run so no cache (ours, XLA's, the CPU's) sees a repeat
 

@@ -36,10 +36,10 @@ import numpy as np
 from gptjax import precision as registry
 from gptjax.bench.report import write_jsonl
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import clock, interleaved_times, load_average, median, timed_value
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import clock, interleaved_times, load_average, median, timed_value
 from gptjax.weights import load_config
 
 # flag -> (default, help); the runner adds them (the type is the default's)

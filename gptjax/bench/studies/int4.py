@@ -187,7 +187,7 @@ def quality_rows(config: Any, params: Any, windows: np.ndarray, sizes: list[int]
 def decode_rate(backend: Any, weights: Any, prompt: list[int], new_tokens: int) -> float:
     """Tokens/s of a greedy B=1 stream's decode phase: the tokens after the prefill's, over the time from the
     prefill's chunk to the last chunk (as gptjax.precision_report.speed times it)."""
-    from gptjax.bench.stats import stamps
+    from gptjax.timing import stamps
 
     chunks = stamps(backend.stream(weights, [prompt], new_tokens, chunk_size=new_tokens, sampling=GREEDY))
     return sum(len(t) for _, c in chunks[1:] for t in c.tokens) / (chunks[-1][0] - chunks[0][0])
@@ -200,7 +200,7 @@ def speed_rows(preset: str, sizes: list[int], runs: int, log: Any) -> list[dict[
     from gptjax import get_backend, get_preset, init_params
     from gptjax.backends import cpu_kernels
     from gptjax.bench.ceilings import memory_bandwidth
-    from gptjax.bench.stats import interleaved_runs, load_average, median
+    from gptjax.timing import interleaved_runs, load_average, median
     from gptjax.quantize import for_precision, weight_bytes
 
     config = get_preset(preset)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_times, median
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_times, median
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--prompt": (32, "prompt tokens"),

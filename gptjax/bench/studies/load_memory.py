@@ -17,7 +17,7 @@ from typing import Any
 
 from gptjax.bench.env import peak_rss
 from gptjax.bench.results import Outcome, child_result
-from gptjax.bench.stats import timed, timed_value
+from gptjax.timing import timed, timed_value
 
 # flag -> (default, help); the runner adds them (the type is the default's, str for None)
 FLAGS = {"--preset": ("gpt2-xl", "model shape, random weights"),

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_runs, median, stamps
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, median, stamps
 
 DEFAULT_MODES = "fp32/fp32,bf16/bf16,bf16/fp32,int8/int8,int8/fp32,int8/bf16"
 CHUNK = 8  # decode steps per stream chunk

@@ -21,9 +21,9 @@ import os
 from typing import Any
 
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_times, median
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.timing import interleaved_times, median
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--preset": ("byte-mini", "model shape, random weights"), "--batch": (16, "global batch"),

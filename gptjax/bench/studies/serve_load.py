@@ -28,8 +28,8 @@ import numpy as np
 
 from gptjax.bench.results import Outcome
 from gptjax.bench.server import free_port, start_server
-from gptjax.bench.stats import clock, interleaved_runs, median, percentile
 from gptjax.errors import GptjaxError
+from gptjax.timing import clock, interleaved_runs, median, percentile
 
 METRICS = ('gptjax_http_requests_total{method="POST",route="/v1/completions",status="200"}',
            'gptjax_generated_tokens_total{backend="jax"}', "gptjax_serve_decode_rows_sum",

@@ -16,9 +16,9 @@ import inspect
 from typing import Any
 
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_runs, median, timed_value
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, median, timed_value
 
 FLAGS = {"--target": ("gpt2", "a checkpoint directory, or a preset name (random weights)"),
          "--drafts": ("ngram", "comma list: ngram and/or draft checkpoint directories"),

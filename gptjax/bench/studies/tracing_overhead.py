@@ -18,9 +18,9 @@ import sys
 from typing import Any
 
 from gptjax.bench.results import Outcome, child_result
-from gptjax.bench.stats import interleaved_runs, interleaved_times, median
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, interleaved_times, median
 
 VARIANTS = ("off", "on", "unsynced")
 LABELS = {"off": "off (API no-op)", "on": "on (SDK + batch exporter, synced)", "unsynced": "on, unsynced"}
