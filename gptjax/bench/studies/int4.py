@@ -23,6 +23,7 @@ import numpy as np
 
 from gptjax.bench.results import Outcome
 from gptjax.errors import GptjaxError
+from gptjax.heldout import validation_windows
 from gptjax.precision import INT4_GROUP_SIZES
 from gptjax.sampling import GREEDY
 
@@ -98,13 +99,10 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
 
 def _model(checkpoint: str, count: int) -> tuple[Any, Any, np.ndarray]:
     """(config, params, validation windows [N, T+1]) of a trained checkpoint, on the split `gptjax train` held out."""
-    from gptjax import data
-    from gptjax.cli.evaluate import validation_tokens
     from gptjax.weights import load_checkpoint
 
     config, params = load_checkpoint(checkpoint)
-    ns = argparse.Namespace(checkpoint=checkpoint, data=None, val_fraction=0.05)
-    return config, params, data.eval_windows(validation_tokens(ns, config)[0], config.n_positions, count)
+    return config, params, validation_windows(checkpoint, config, count)
 
 
 def rounded(w: np.ndarray, group_size: int, scheme: str) -> np.ndarray:
