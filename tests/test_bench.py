@@ -383,14 +383,14 @@ def test_int4_study_symmetric_rounding_is_the_int4_format():
 def test_interleaved_runs_returns_what_each_run_measured():
     calls = []
     found = timing.interleaved_runs({"a": lambda i: calls.append(("a", i)) or 10 * i,
-                                    "b": lambda i: calls.append(("b", i)) or -i}, runs=2, warmup=1)
+                                     "b": lambda i: calls.append(("b", i)) or -i}, runs=2, warmup=1)
     assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert found == {"a": [0, 10], "b": [0, -1]}
 
 
 def test_stamps_and_timed_read_the_harness_clock(monkeypatch):
     ticks = iter(range(100))
-    monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(timing, "clock", lambda: float(next(ticks)))
     assert timing.stamps("xyz") == [(1.0, "x"), (2.0, "y"), (3.0, "z")]  # clock 0 at the start
     assert timing.timed_value(lambda: "v") == ("v", 1.0) and timing.timed(lambda: None) == 1.0
 
@@ -409,7 +409,7 @@ class _FakeBackend:
     def forward(self, weights, tokens, last_only):
         self.log.append((self.name, "forward", tokens.shape))
 
-    def stream(self, weights, prompts, new, chunk_size, greedy):
+    def stream(self, weights, prompts, new, chunk_size, sampling):
         self.log.append((self.name, "stream", len(prompts)))
         yield _Chunk([[0] for _ in prompts])  # the prefill's token
         yield _Chunk([[0] * (new - 1) for _ in prompts])
@@ -419,7 +419,7 @@ def test_precision_report_speed_times_on_the_harness(monkeypatch):
     from gptjax.precision_report import Mode, speed
 
     ticks = iter(range(10_000))
-    monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))  # every reading 1 s after the last
+    monkeypatch.setattr(timing, "clock", lambda: float(next(ticks)))  # every reading 1 s after the last
     log, progress = [], []
     built = [(Mode("fp32"), _FakeBackend("a", log), None, 0), (Mode("int8"), _FakeBackend("b", log), None, 0)]
     out = speed(built, get_preset("tiny"), prompt=4, new_tokens=5, batches=(1, 3), prefill_len=16, runs=2,

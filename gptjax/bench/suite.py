@@ -13,12 +13,15 @@ from gptjax import precision as registry
 from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for, measure_ceilings
 from gptjax.bench.env import device_memory
+from gptjax.bench.peer import describe, peer_job, require_peer
+from gptjax.bench.plots import make_plots
 from gptjax.bench.report import ceilings_table, markdown_table
 from gptjax.bench.results import Results, open_results
 from gptjax.bench.workloads import Job, Shape, ours
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
 from gptjax.timing import interleaved_times, latency_summary, load_average, median, timed
+from gptjax.weights import init_params
 
 WORKLOADS = ("prefill", "decode", "train")
 PRECISION_MODES = tuple(registry.MODES)  # every run mode the registry declares
@@ -140,16 +143,12 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     DIR/results.md and plots; return every row."""
     spec, config = validate(options)
     if options.peer == "hf":
-        from gptjax.bench.peer import require_peer
-
         require_peer()
     deadline = time.monotonic() + options.time_budget if options.time_budget else None
     results = open_results(options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"), log, options.peer_threads)
     ceiling = _ceilings(spec, options, results.env, log)
     rows = [results.environment_row] + results.write([{"kind": "ceiling"} | ceiling])
     base = results.base
-    from gptjax.weights import init_params
-
     params = init_params(config, seed=0)
     for shape, precision in plan(options, spec):
         if deadline is not None and time.monotonic() > deadline:
@@ -197,8 +196,6 @@ def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape:
     first = timed(lambda: job.call(-1))  # compiles (jit) and converts: excluded from the timed runs
     fns, peer_latencies, peer_error = {options.backend: job.call}, None, None
     if options.peer == "hf":
-        from gptjax.bench.peer import peer_job
-
         try:
             fns["hf"], peer_latencies = peer_job(params, config, shape, precision, options.peer_threads)
         except GptjaxError as e:
@@ -211,8 +208,6 @@ def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape:
     if "hf" in times:
         peer_row = _row(base | _identity(spec, shape, precision, options, "hf"), shape, job, times["hf"], ceiling,
                         peer_latencies)
-        from gptjax.bench.peer import describe
-
         peer_row["peer"] = describe(precision)
         ours_row["vs_peer"] = median(times["hf"]) / median(times[options.backend])
         rows.append(peer_row)
@@ -254,8 +249,6 @@ def _finish(rows: list[dict[str, Any]], results: Results, options: Options, ceil
             f"{os.cpu_count()} cores{' (above the core count: other work competed for the CPU)' if busy else ''}\n"
             if loads else "")
     if options.plots:
-        from gptjax.bench.plots import make_plots
-
         log(make_plots(rows, results.out))
     results.finish(f"gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs",
                    f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}", log)

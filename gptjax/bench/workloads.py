@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from gptjax import precision as registry
+from gptjax.backends import get_backend
 from gptjax.bench import metrics
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
@@ -74,8 +75,6 @@ def ours(backend_name: str, config: GPTConfig, params: dict, shape: Shape, preci
     """gptjax's job for this shape and precision; GptjaxError when the backend refuses the variant."""
     if shape.workload == "train":
         return _train(backend_name, config, params, shape, precision)
-    from gptjax.backends import get_backend
-
     backend = get_backend(backend_name, config, **backend_options(precision, kv_cache))
     weights = backend.prepare(params)
     if shape.workload == "prefill":
@@ -122,6 +121,7 @@ def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, pre
         raise GptjaxError(f"the train step runs on the jax backend only, not {backend_name!r}")
     if precision not in registry.training_modes():
         raise GptjaxError(f"training runs in {' or '.join(registry.training_modes())} compute, not {precision!r}")
+    # jax, flax and optax (seconds) not at the top: `gptjax bench --help` imports this module
     from gptjax.train import TrainConfig, create_state, train_step
 
     tc = TrainConfig(batch_size=shape.batch, seq_len=shape.seq, compute_dtype=precision, warmup_steps=0)
