@@ -39,6 +39,23 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
                    "bf16, else fp32)")
 
 
+def add_mesh_flag(p: argparse.ArgumentParser, what: str = "jax backend over a device mesh",
+                  example: str = "tensor=2") -> None:
+    """--mesh SPEC, which mesh_from reads: `what` the command does on the mesh, with an example SPEC."""
+    p.add_argument("--mesh", metavar="SPEC", help=f"{what}, e.g. {example}")
+
+
+def add_draft_flags(p: argparse.ArgumentParser, draft: str, spec_k: str) -> None:
+    """--draft, --spec-k, --draft-precision and --ngram of the commands that decode speculatively (generate,
+    serve), which draft_from reads; `draft` and `spec_k` say what they do in this command."""
+    p.add_argument("--draft", metavar="DIR|ngram", help=draft)
+    p.add_argument("--spec-k", type=int, default=4, metavar="K", help=spec_k)
+    p.add_argument("--draft-precision", choices=RUN_PRECISIONS, help="how to run the draft checkpoint's weights "
+                   "(default: as it stores them)")
+    p.add_argument("--ngram", default="3,1", metavar="MAX,MIN", help="with --draft ngram: the longest and shortest "
+                   "n-gram looked up (default 3,1)")
+
+
 def mesh_from(spec: str | None) -> Any:
     """The device mesh a --mesh SPEC names (e.g. "data=2,tensor=2"), or None without one."""
     if not spec:

@@ -24,6 +24,7 @@ import numpy as np
 from gptjax import get_backend, get_preset, init_params
 from gptjax import precision as registry
 from gptjax.bench.ceilings import memory_bandwidth
+from gptjax.bench.report import grid
 from gptjax.bench.results import Outcome
 from gptjax.errors import GptjaxError
 from gptjax.heldout import validation_windows
@@ -222,20 +223,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     def label(r: dict[str, Any]) -> str:
         return r["precision"] + (f" g{r['group_size']}" if r["group_size"] else "")
 
-    out = []
-    if sym := [r for r in rows if r["part"] == "symmetry"]:
-        out += ["| G | rounding | relative RMS error | bits/byte | vs fp32 |", "|---|---|---|---|---|"] + [
-            f"| {r['group_size']} | {r['scheme']} | {r['relative_rms_error']:.4f} | {r['bits_per_byte']:.4f} "
-            f"| {100 * r['bits_per_byte_change']:+.2f}% |" for r in sym] + [""]
-    if qual := [r for r in rows if r["part"] == "quality"]:
-        out += ["| mode | head | weight bytes | bits/byte | Δ perplexity | top-1 = fp32 | greedy = fp32 |",
-                "|---|---|---|---|---|---|---|"] + [
-            f"| {label(r)} | {r['head']} | {r['weight_bytes']:,} | {r['bits_per_byte']:.4f} "
-            f"| {100 * r['perplexity_change']:+.2f}% | {100 * r['top1_agreement']:.1f}% "
-            f"| {100 * r['greedy_agreement']:.1f}% |" for r in qual] + [""]
-    if speed := [r for r in rows if r["part"] == "speed"]:
-        out += ["| mode | weight bytes | decode B=1 tok/s (median) | best | % of roofline (median) |",
-                "|---|---|---|---|---|"] + [
-            f"| {label(r)} | {r['weight_bytes']:,} | {r['decode_tokens_per_s']:,.1f} "
-            f"| {r['decode_tokens_per_s_best']:,.1f} | {100 * r['roofline_fraction']:.1f}% |" for r in speed]
-    return "\n".join(out).strip()
+    def part(name: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["part"] == name]
+
+    symmetry = grid(("G", "rounding", "relative RMS error", "bits/byte", "vs fp32"), [
+        (str(r["group_size"]), r["scheme"], f"{r['relative_rms_error']:.4f}", f"{r['bits_per_byte']:.4f}",
+         f"{100 * r['bits_per_byte_change']:+.2f}%") for r in part("symmetry")])
+    quality = grid(("mode", "head", "weight bytes", "bits/byte", "Δ perplexity", "top-1 = fp32", "greedy = fp32"), [
+        (label(r), r["head"], f"{r['weight_bytes']:,}", f"{r['bits_per_byte']:.4f}",
+         f"{100 * r['perplexity_change']:+.2f}%", f"{100 * r['top1_agreement']:.1f}%",
+         f"{100 * r['greedy_agreement']:.1f}%") for r in part("quality")])
+    speed = grid(("mode", "weight bytes", "decode B=1 tok/s (median)", "best", "% of roofline (median)"), [
+        (label(r), f"{r['weight_bytes']:,}", f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_tokens_per_s_best']:,.1f}",
+         f"{100 * r['roofline_fraction']:.1f}%") for r in part("speed")])
+    return "\n\n".join("\n".join(t) for t in (symmetry, quality, speed) if len(t) > 2)
