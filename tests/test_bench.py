@@ -62,7 +62,7 @@ def test_bytes_and_utilisation_by_hand():
     kv = 2 * 2 * 32 * 4  # K and V, 2 layers, width 32, fp32
     assert tiny.kv_cache_bytes_per_token("fp32") == kv
     assert metrics.decode_step_bytes(tiny, "fp32", "fp32", 2, 10) == tiny.weight_bytes("fp32") + 2 * kv * 10
-    assert metrics.weight_bytes(tiny, "w8a8") == tiny.weight_bytes("int8")
+    assert tiny.weight_bytes("w8a8") == tiny.weight_bytes("int8")  # w8a8 stores int8 weights
     assert metrics.train_step_bytes(tiny) == 36 * tiny.num_params()
     assert metrics.utilisation(1e9, 4e9) == 0.25
     assert metrics.utilisation(1e9, None) is None and metrics.utilisation(1e9, "unsupported: ...") is None

@@ -24,7 +24,6 @@ from gptjax.timing import interleaved_times, latency_summary, load_average, medi
 from gptjax.weights import init_params
 
 WORKLOADS = ("prefill", "decode", "train")
-PRECISION_MODES = tuple(registry.MODES)  # every run mode the registry declares
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Options:
     suite: str = "quick"
     preset: str | None = None
     backend: str = "jax"
-    precisions: tuple[str, ...] = PRECISION_MODES
+    precisions: tuple[str, ...] = tuple(registry.MODES)  # every run mode the registry declares
     kv_cache: str | None = None
     seqs: tuple[int, ...] | None = None
     batches: tuple[int, ...] | None = None
@@ -87,8 +86,8 @@ def validate(options: Options) -> tuple[SuiteSpec, GPTConfig]:
     config = get_preset(spec.preset)
     spec = _fit_defaults(spec, options, config.n_positions)
     for p in options.precisions:
-        if p not in PRECISION_MODES:
-            raise GptjaxError(f"--precision {p!r}; allowed: {', '.join(PRECISION_MODES)}")
+        if p not in registry.MODES:
+            raise GptjaxError(f"--precision {p!r}; allowed: {', '.join(registry.MODES)}")
     for w in options.workloads:
         if w not in WORKLOADS:
             raise GptjaxError(f"--workloads {w!r}; allowed: {', '.join(WORKLOADS)}")

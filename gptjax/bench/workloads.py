@@ -86,8 +86,8 @@ def _prefill(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precis
     batches = token_batches(config, shape.batch, shape.seq)
     return Job(call=lambda i: backend.forward(weights, batches[i % N_INPUTS], last_only=True),
                flops=metrics.prefill_flops(config, shape.batch, shape.seq),
-               bytes_moved=metrics.weight_bytes(config, precision),
-               memory={"params_bytes": metrics.weight_bytes(config, precision)},
+               bytes_moved=config.weight_bytes(precision),
+               memory={"params_bytes": config.weight_bytes(precision)},
                notes={"flops_formula": f"forward_flops(B={shape.batch}, T={shape.seq}, last_only=True)",
                       "bytes_formula": f"weight_bytes({precision})"})
 
@@ -105,7 +105,7 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
     return Job(call=lambda i: backend.generate(weights, prompts[i % N_INPUTS], n, sampling=GREEDY),
                flops=metrics.decode_flops(config, B, P, n),
                bytes_moved=n * metrics.decode_step_bytes(config, precision, kv, B, context),
-               memory={"params_bytes": metrics.weight_bytes(config, precision),
+               memory={"params_bytes": config.weight_bytes(precision),
                        "cache_bytes": B * (P + n) * config.kv_cache_bytes_per_token(kv)},
                latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes=notes)
 

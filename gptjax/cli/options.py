@@ -11,7 +11,6 @@ from gptjax.errors import GptjaxError
 
 # The precision modes as the CLI offers them, from the registry (gptjax.precision)
 RUN_PRECISIONS = list(precision.MODES)  # how a backend runs the weights (--precision)
-KV_CACHES = list(precision.KV_CACHES)  # KV-cache storage (--kv-cache)
 QUANTIZED_CHECKPOINTS = [s for s in precision.STORAGES if s != "fp32"]  # what `gptjax quantize --to` writes
 
 MODEL_OVERRIDES = {  # flag → GPTConfig field
@@ -35,7 +34,7 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
     """--precision and --kv-cache of the commands that run a checkpoint (generate, serve)."""
     p.add_argument("--precision", choices=RUN_PRECISIONS, help="how to run the weights "
                    "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
-    p.add_argument("--kv-cache", choices=KV_CACHES, help="KV-cache storage (default: bf16 for "
+    p.add_argument("--kv-cache", choices=list(precision.KV_CACHES), help="KV-cache storage (default: bf16 for "
                    "bf16, else fp32)")
 
 
