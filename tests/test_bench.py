@@ -193,7 +193,7 @@ def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
 
 
 def test_peer_runs_interleaved_with_a_ratio(tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers")  # the peer extra: not in the test extra (CI has no torch)
     out = tmp_path / "peer"
     assert main(["bench", *SMALL, "--out", str(out), "--precision", "fp32", "--workloads", "prefill,decode",
                  "--batch", "1", "--new", "3", "--seq", "8", "--peer", "hf"]) == 0
@@ -209,7 +209,6 @@ def test_peer_runs_interleaved_with_a_ratio(tmp_path):
 
 
 def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "plots"
     argv = [a for a in SMALL if a != "--no-plots"]
     assert main(["bench", *argv, "--out", str(out), "--precision", "fp32", "--workloads", "prefill,decode",
@@ -299,7 +298,6 @@ def test_scaling_communication_estimates_by_hand():
 
 @pytest.mark.slow  # three child processes, each starting JAX and compiling: about 40 s on 2 cores under load
 def test_tracing_overhead_study(tmp_path):
-    pytest.importorskip("opentelemetry.sdk")
     _, rows, table = _study("tracing-overhead", tmp_path, "--preset", "tiny", "--new", "4", "--chunk-size", "2",
                             "--runs", "1", "--rounds", "1")
     assert [r["variant"] for r in rows] == ["off", "on", "unsynced"]
@@ -319,8 +317,6 @@ def test_load_memory_study(tmp_path):
 
 @pytest.mark.slow  # starts `gptjax serve` in a subprocess and compiles its buckets: about 35 s on 2 cores
 def test_serve_load_study(tmp_path):
-    pytest.importorskip("httpx")
-    pytest.importorskip("uvicorn")
     _, rows, table = _study("serve-load", tmp_path, "--preset", "tiny", "--concurrency", "1,2", "--requests", "2",
                             "--rounds", "1", "--prompt", "4", "--max-tokens", "4", "--max-batch", "2")
     assert [r["clients"] for r in rows] == [1, 2]
