@@ -69,12 +69,13 @@ def int_list(flag: str, text: str | None) -> tuple[int, ...] | None:
 def options_from_args(args: argparse.Namespace) -> suite.Options:
     """suite.Options from the parsed flags."""
     return suite.Options(suite=args.suite, preset=args.preset, backend=args.backend,
-                   precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
-                   kv_cache=args.kv_cache, seqs=int_list("--seq", args.seq), batches=int_list("--batch", args.batch),
-                   new=args.new, runs=args.runs, workloads=tuple(w.strip() for w in args.workloads.split(",")),
-                   peer=None if args.peer == "none" else args.peer, out=args.out, plots=not args.no_plots,
-                   time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib,
-                   peer_threads=args.peer_threads)
+                         precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
+                         kv_cache=args.kv_cache, seqs=int_list("--seq", args.seq),
+                         batches=int_list("--batch", args.batch), new=args.new, runs=args.runs,
+                         workloads=tuple(w.strip() for w in args.workloads.split(",")),
+                         peer=None if args.peer == "none" else args.peer, out=args.out, plots=not args.no_plots,
+                         time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib,
+                         peer_threads=args.peer_threads)
 
 
 def main(args: argparse.Namespace) -> int:
