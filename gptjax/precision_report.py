@@ -5,7 +5,7 @@ The logit errors are measured on full forward passes, which run each mode's pref
 int8: two int8 activation terms; w8a8: one term per token, the alternative int8 prefill would take): they are
 what prefill in each mode costs. Decode runs the same formulation per row (greedy agreement sees the KV cache).
 
-Used by `gptjax quantize --report`; timed by the bench harness (gptjax.bench.stats), as `gptjax bench` is.
+Used by `gptjax quantize --report`; timed through gptjax.timing, as `gptjax bench` is.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 
 from gptjax import precision as registry
 from gptjax.backends.base import get_backend
-from gptjax.bench.stats import interleaved_runs, median, stamps, timed
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import for_precision, weight_bytes
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, median, stamps, timed
 from gptjax.weights import Params
 
 
@@ -138,8 +138,8 @@ def speed(built: list[tuple[Mode, Any, Any, int]], config: GPTConfig, *, prompt:
           progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Prefill tokens/s (B=1, prefill_len tokens, last-position logits) and greedy decode tokens/s per batch
     size (prompt tokens, then new_tokens; the decode phase alone, timed from the prefill's token to the last),
-    every mode warmed up first, then run in turn (A B C A B C ...), median of `runs`; timed by the bench
-    harness (gptjax.bench.stats)."""
+    every mode warmed up first, then run in turn (A B C A B C ...), median of `runs`; timed through
+    gptjax.timing (as the bench harness times)."""
     rng = np.random.default_rng(seed)
     T = min(prefill_len, config.n_positions)
     prompt = min(prompt, config.n_positions - new_tokens)

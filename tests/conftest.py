@@ -1,11 +1,15 @@
-"""Test setup: 8 host devices for JAX (set before jax is imported anywhere) and shared fixtures."""
+"""Test setup: 8 host devices for JAX (set before jax is imported anywhere), the needs_kernels marker, and shared
+fixtures and helpers (test modules import the helpers: `from conftest import needs_kernels, wait_until`)."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
 import sysconfig  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -13,6 +17,51 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CORPUS_FILES = ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "this.py")
+
+# 1: the CPU kernels must run here (.ci/run sets it where /proc/cpuinfo has AVX512 VNNI and BF16), so a broken
+# kernel build fails the run instead of skipping the kernel tests
+REQUIRE_KERNELS = "GPTJAX_REQUIRE_KERNELS"
+needs_kernels = pytest.mark.needs_kernels  # @needs_kernels: the test runs gptjax's CPU kernels
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register needs_kernels (pyproject's --strict-markers refuses unknown markers)."""
+    config.addinivalue_line("markers", f"needs_kernels: runs gptjax's CPU kernels; skipped where they cannot run, "
+                            f"a failure where {REQUIRE_KERNELS}=1")
+
+
+def _kernels_missing() -> str | None:
+    """Why the CPU kernels cannot run in this process, or None when they can."""
+    from gptjax.backends import cpu_kernels  # imports jax: only once a test session asks
+
+    return None if cpu_kernels.available() else f"gptjax's CPU kernels cannot run: {cpu_kernels.status()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With GPTJAX_REQUIRE_KERNELS=1, stop before the first test when the kernels cannot run."""
+    if os.environ.get(REQUIRE_KERNELS) == "1" and (reason := _kernels_missing()):
+        pytest.exit(f"{reason}; {REQUIRE_KERNELS}=1 says they must run on this machine (unset it to skip the "
+                    "kernel tests instead)", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a needs_kernels test where the kernels cannot run; fail it instead with GPTJAX_REQUIRE_KERNELS=1."""
+    if item.get_closest_marker("needs_kernels") and (reason := _kernels_missing()):
+        if os.environ.get(REQUIRE_KERNELS) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_KERNELS}=1)", pytrace=False)
+        pytest.skip(reason)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0, *,
+               process: subprocess.Popen | None = None, poll: float = 0.02) -> None:
+    """Poll condition() every `poll` seconds until it holds, failing with `what` after `timeout` seconds (or as
+    soon as `process` exits): tests wait for a state, never for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None:
+            assert process.poll() is None, f"the process exited (status {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(poll)
 
 
 def stdlib_corpus(directory: Path, names: tuple[str, ...] = CORPUS_FILES) -> str:
@@ -81,7 +130,6 @@ def failing_generate(monkeypatch):
             backend.generate(params, [[1]], 3)
 
     return fail
-
 
 
 @pytest.fixture(autouse=True, scope="module")

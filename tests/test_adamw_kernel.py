@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import needs_kernels
 
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax import adamw
@@ -17,7 +18,6 @@ from gptjax.sharding import make_mesh
 from gptjax.train import TrainConfig, create_state, decayed, make_optimizer, make_train_step
 from gptjax.weights import init_params
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
 CONFIG = GPTConfig(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)
 
 

@@ -1,15 +1,48 @@
-"""Rules of the code's shape: no import cycles in gptjax/ (function-local imports included), and every entry of
-the precision registry has its code in each place that implements modes."""
+"""Rules of the code's shape: no import cycles in gptjax/ and no import that runs up the layers (function-local
+imports included in both), and every entry of the precision registry has its code in each place that implements
+modes."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import gptjax
 from gptjax import precision
 
 ROOT = Path(gptjax.__file__).parent
+
+# The layers, lowest first: a module imports modules of its own layer and the layers below, never one above
+# (DESIGN.md: cli -> {serve, bench} -> {train, distill, backends} -> {config, precision, weights, sampling, ...}).
+# An entry names a module or a package: "gptjax.backends" places gptjax/backends/ and every module under it, so a
+# new module of a package listed here has its layer already; a new top-level module must be added (the root
+# package "gptjax" places itself only).
+LAYERS = {
+    # nothing of gptjax below them: the error type, the version, shared predicates, the clock and statistics
+    "base": ("gptjax.errors", "gptjax.version", "gptjax.checks", "gptjax.timing"),
+    # the model-agnostic library: config, the precision registry, weights and their conversion, tokenizers and
+    # corpora, the sampling settings and rules, scoring, speculative decoding's rules, the mesh
+    "core": ("gptjax.precision", "gptjax.config", "gptjax.sizes", "gptjax.sampling", "gptjax.tokenizer",
+             "gptjax.safetensors_io", "gptjax.quantize", "gptjax.weights", "gptjax.sharding", "gptjax.data",
+             "gptjax.heldout", "gptjax.generate", "gptjax.scoring", "gptjax.speculative"),
+    # the backends, their compiled kernels, the observability that wraps them, and the public API re-exporting them
+    "backends": ("gptjax.backends", "gptjax._cpu_kernels", "gptjax.tracing", "gptjax"),
+    # what runs a backend or a model for a result: training, distillation, the precision report
+    "workflows": ("gptjax.train", "gptjax.distill", "gptjax.precision_report"),
+    # the applications: the HTTP server and the benchmark harness
+    "apps": ("gptjax.serve", "gptjax.bench"),
+    "cli": ("gptjax.cli",),
+}
+RANK = {layer: rank for rank, layer in enumerate(LAYERS)}
+
+# Upward imports tolerated for now, each with the change that removes it; the test fails once one is gone
+ALLOWED_UPWARD = {
+    ("gptjax.train", "gptjax.bench.ceilings"): "the MFU peak; issue 27's train package stops importing the harness",
+}
+
+# compiled extension modules (no .py file): `from gptjax import _cpu_kernels` imports one of these, not the package
+EXTENSIONS = set(re.findall(r'Extension\(\s*"([\w.]+)"', (ROOT.parent / "setup.py").read_text(encoding="utf-8")))
 
 
 def _module_name(path: Path) -> str:
@@ -37,7 +70,7 @@ def import_graph() -> dict[str, set[str]]:
     """module -> the gptjax modules it imports, at top level or inside functions (from ... import of a
     submodule counts as importing that submodule)."""
     files = {_module_name(p): p for p in ROOT.rglob("*.py")}
-    modules = set(files)
+    modules = set(files) | EXTENSIONS
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -103,6 +136,49 @@ def test_the_graph_sees_function_local_and_relative_imports():
 
 def test_no_import_cycles_in_gptjax():
     assert cycles(import_graph()) == []
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of the LAYERS entry naming the module or its closest package (None when none does)."""
+    name = module
+    while name:
+        for layer, entries in LAYERS.items():
+            if name in entries:
+                return layer
+        name = name.rpartition(".")[0]
+        if name == ROOT.name:  # the root package's entry places the root package only
+            return None
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) for every import of a module in a higher layer than the importer's."""
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if layer_of(m) and layer_of(t) and RANK[layer_of(t)] > RANK[layer_of(m)])
+
+
+def test_the_layering_check_finds_upward_imports():
+    graph = {"gptjax.timing": {"gptjax.bench.report"}, "gptjax.train.loop": {"gptjax.backends.jax.model"},
+             "gptjax.serve.app": {"gptjax.bench"}, "gptjax.precision": {"gptjax"}, "gptjax.cli.new": {"gptjax.cli"}}
+    assert upward_imports(graph) == [("gptjax.precision", "gptjax"), ("gptjax.timing", "gptjax.bench.report")]
+    assert layer_of("gptjax.train.loop") == "workflows" and layer_of("gptjax") == "backends"
+    assert layer_of("gptjax.brand_new") is None and layer_of("gptjax.tracing.wrapper") == "backends"
+
+
+def test_every_gptjax_module_has_a_layer():
+    missing = sorted(m for m in set(import_graph()) | EXTENSIONS if layer_of(m) is None)
+    assert not missing, (f"{', '.join(missing)}: place each in LAYERS (tests/test_architecture.py), in the lowest "
+                         "layer whose modules may import it: at or above the layers of what it imports")
+
+
+def test_no_import_runs_up_the_layers():
+    found = upward_imports(import_graph())
+    upward = [f"{m} ({layer_of(m)}) imports {t} ({layer_of(t)})" for m, t in found if (m, t) not in ALLOWED_UPWARD]
+    assert not upward, ("imports that run up the layers (a layer imports itself and those before it: "
+                        f"{', '.join(LAYERS)}); move the imported code down to a layer both may import:\n"
+                        + "\n".join(upward))
+    gone = set(ALLOWED_UPWARD) - set(found)
+    assert not gone, f"no longer imported: delete {sorted(gone)} from ALLOWED_UPWARD"
 
 
 def test_every_precision_mode_has_its_code_everywhere():

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import needs_kernels
 from flax import nnx
 
 from gptjax.backends import cpu_kernels
@@ -16,7 +17,6 @@ from gptjax.backends.jax.convert import build
 from gptjax.config import GPTConfig
 from gptjax.weights import init_params
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
 kernel = jax.jit(cpu_kernels.causal_attention)
 xla = jax.jit(model.causal_attention)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptjax import get_preset
-from gptjax.bench import metrics, stats
+from gptjax import get_preset, timing
+from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for
 from gptjax.bench.report import SCHEMA, compare_table, markdown_table, read_jsonl
 from gptjax.bench.workloads import Job, Shape
@@ -24,20 +24,20 @@ SMALL = ["--preset", "tiny", "--runs", "1", "--matmul-n", "64", "--bandwidth-mib
 # ---- statistics -------------------------------------------------------------------------------------
 def test_median_and_percentiles_on_known_data():
     xs = [float(v) for v in range(10, 0, -1)]  # 10 .. 1, unsorted on purpose
-    assert stats.median(xs) == 5.5
-    assert stats.median([3.0, 1.0, 2.0]) == 2.0
-    assert stats.percentile(xs, 50) == pytest.approx(5.5)
-    assert stats.percentile(xs, 90) == pytest.approx(9.1)  # linear: 1 + 0.9 * 9
-    assert stats.percentile(xs, 99) == pytest.approx(9.91)
-    assert stats.percentile(xs, 0) == 1.0 and stats.percentile(xs, 100) == 10.0
-    assert stats.latency_summary(xs) == pytest.approx({"p50": 5.5, "p90": 9.1, "p99": 9.91})
-    assert stats.latency_summary([]) == {}
+    assert timing.median(xs) == 5.5
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0
+    assert timing.percentile(xs, 50) == pytest.approx(5.5)
+    assert timing.percentile(xs, 90) == pytest.approx(9.1)  # linear: 1 + 0.9 * 9
+    assert timing.percentile(xs, 99) == pytest.approx(9.91)
+    assert timing.percentile(xs, 0) == 1.0 and timing.percentile(xs, 100) == 10.0
+    assert timing.latency_summary(xs) == pytest.approx({"p50": 5.5, "p90": 9.1, "p99": 9.91})
+    assert timing.latency_summary([]) == {}
 
 
 def test_interleaved_times_alternates_and_rotates_inputs():
     calls = []
-    times = stats.interleaved_times({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
-                                    runs=2, warmup=1)
+    times = timing.interleaved_times({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+                                     runs=2, warmup=1)
     assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
     assert all(t >= 0 for v in times.values() for t in v)
@@ -62,7 +62,7 @@ def test_bytes_and_utilisation_by_hand():
     kv = 2 * 2 * 32 * 4  # K and V, 2 layers, width 32, fp32
     assert tiny.kv_cache_bytes_per_token("fp32") == kv
     assert metrics.decode_step_bytes(tiny, "fp32", "fp32", 2, 10) == tiny.weight_bytes("fp32") + 2 * kv * 10
-    assert metrics.weight_bytes(tiny, "w8a8") == tiny.weight_bytes("int8")
+    assert tiny.weight_bytes("w8a8") == tiny.weight_bytes("int8")  # w8a8 stores int8 weights
     assert metrics.train_step_bytes(tiny) == 36 * tiny.num_params()
     assert metrics.utilisation(1e9, 4e9) == 0.25
     assert metrics.utilisation(1e9, None) is None and metrics.utilisation(1e9, "unsupported: ...") is None
@@ -193,7 +193,7 @@ def test_quick_suite_smoke_writes_schema_rows_table(tmp_path, capsys):
 
 
 def test_peer_runs_interleaved_with_a_ratio(tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers")  # the peer extra: not in the test extra (CI has no torch)
     out = tmp_path / "peer"
     assert main(["bench", *SMALL, "--out", str(out), "--precision", "fp32", "--workloads", "prefill,decode",
                  "--batch", "1", "--new", "3", "--seq", "8", "--peer", "hf"]) == 0
@@ -209,7 +209,6 @@ def test_peer_runs_interleaved_with_a_ratio(tmp_path):
 
 
 def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "plots"
     argv = [a for a in SMALL if a != "--no-plots"]
     assert main(["bench", *argv, "--out", str(out), "--precision", "fp32", "--workloads", "prefill,decode",
@@ -262,7 +261,7 @@ def test_long_decode_study(tmp_path):
                            "runs": 2}
     assert [(r["precision"], r["kv_cache"]) for r in rows] == [("fp32", "fp32"), ("int8", "int8")]
     for r in rows:
-        assert len(r["times_s"]) == 2 and r["step_s"] == stats.median(r["times_s"]) > 0
+        assert len(r["times_s"]) == 2 and r["step_s"] == timing.median(r["times_s"]) > 0
         assert r["tokens_per_s"] == pytest.approx(2 / r["step_s"])
     assert rows[0]["vs_fp32"] == 1.0 and "| int8 | int8 |" in table and "long-decode: tiny, B=2" in table
 
@@ -270,7 +269,7 @@ def test_long_decode_study(tmp_path):
 def test_kv_cache_study(tmp_path):
     _, [row], table = _study("kv-cache", tmp_path, "--preset", "tiny", "--prompt", "4", "--new", "6", "--runs", "2")
     assert row["same_tokens"] and len(row["cache_times_s"]) == len(row["recompute_times_s"]) == 2
-    assert row["cache_tokens_per_s"] == pytest.approx(6 / stats.median(row["cache_times_s"]))
+    assert row["cache_tokens_per_s"] == pytest.approx(6 / timing.median(row["cache_times_s"]))
     assert row["speedup"] == pytest.approx(row["cache_tokens_per_s"] / row["recompute_tokens_per_s"])
     assert "(same tokens)" in table
 
@@ -299,7 +298,6 @@ def test_scaling_communication_estimates_by_hand():
 
 @pytest.mark.slow  # three child processes, each starting JAX and compiling: about 40 s on 2 cores under load
 def test_tracing_overhead_study(tmp_path):
-    pytest.importorskip("opentelemetry.sdk")
     _, rows, table = _study("tracing-overhead", tmp_path, "--preset", "tiny", "--new", "4", "--chunk-size", "2",
                             "--runs", "1", "--rounds", "1")
     assert [r["variant"] for r in rows] == ["off", "on", "unsynced"]
@@ -319,8 +317,6 @@ def test_load_memory_study(tmp_path):
 
 @pytest.mark.slow  # starts `gptjax serve` in a subprocess and compiles its buckets: about 35 s on 2 cores
 def test_serve_load_study(tmp_path):
-    pytest.importorskip("httpx")
-    pytest.importorskip("uvicorn")
     _, rows, table = _study("serve-load", tmp_path, "--preset", "tiny", "--concurrency", "1,2", "--requests", "2",
                             "--rounds", "1", "--prompt", "4", "--max-tokens", "4", "--max-batch", "2")
     assert [r["clients"] for r in rows] == [1, 2]
@@ -382,17 +378,17 @@ def test_int4_study_symmetric_rounding_is_the_int4_format():
 # ---- the harness under the other timed code: precision_report.speed --------------------------------------
 def test_interleaved_runs_returns_what_each_run_measured():
     calls = []
-    found = stats.interleaved_runs({"a": lambda i: calls.append(("a", i)) or 10 * i,
-                                    "b": lambda i: calls.append(("b", i)) or -i}, runs=2, warmup=1)
+    found = timing.interleaved_runs({"a": lambda i: calls.append(("a", i)) or 10 * i,
+                                     "b": lambda i: calls.append(("b", i)) or -i}, runs=2, warmup=1)
     assert calls == [("a", -1), ("b", -1), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert found == {"a": [0, 10], "b": [0, -1]}
 
 
 def test_stamps_and_timed_read_the_harness_clock(monkeypatch):
     ticks = iter(range(100))
-    monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))
-    assert stats.stamps("xyz") == [(1.0, "x"), (2.0, "y"), (3.0, "z")]  # clock 0 at the start
-    assert stats.timed_value(lambda: "v") == ("v", 1.0) and stats.timed(lambda: None) == 1.0
+    monkeypatch.setattr(timing, "clock", lambda: float(next(ticks)))
+    assert timing.stamps("xyz") == [(1.0, "x"), (2.0, "y"), (3.0, "z")]  # clock 0 at the start
+    assert timing.timed_value(lambda: "v") == ("v", 1.0) and timing.timed(lambda: None) == 1.0
 
 
 class _Chunk:
@@ -409,7 +405,7 @@ class _FakeBackend:
     def forward(self, weights, tokens, last_only):
         self.log.append((self.name, "forward", tokens.shape))
 
-    def stream(self, weights, prompts, new, chunk_size, greedy):
+    def stream(self, weights, prompts, new, chunk_size, sampling):
         self.log.append((self.name, "stream", len(prompts)))
         yield _Chunk([[0] for _ in prompts])  # the prefill's token
         yield _Chunk([[0] * (new - 1) for _ in prompts])
@@ -419,7 +415,7 @@ def test_precision_report_speed_times_on_the_harness(monkeypatch):
     from gptjax.precision_report import Mode, speed
 
     ticks = iter(range(10_000))
-    monkeypatch.setattr(stats, "clock", lambda: float(next(ticks)))  # every reading 1 s after the last
+    monkeypatch.setattr(timing, "clock", lambda: float(next(ticks)))  # every reading 1 s after the last
     log, progress = [], []
     built = [(Mode("fp32"), _FakeBackend("a", log), None, 0), (Mode("int8"), _FakeBackend("b", log), None, 0)]
     out = speed(built, get_preset("tiny"), prompt=4, new_tokens=5, batches=(1, 3), prefill_len=16, runs=2,

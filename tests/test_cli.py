@@ -3,12 +3,16 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from conftest import FIXTURES, stdlib_corpus
 
-from gptjax import init_params, save_checkpoint
+from gptjax import ByteTokenizer, data, init_params, save_checkpoint
 from gptjax.cli import main
 from gptjax.config import get_preset
+from gptjax.heldout import checkpoint_validation_tokens, validation_windows
 from gptjax.sampling import SamplingParams
+from gptjax.weights import load_config
 
 
 def test_help_lists_commands(capsys):
@@ -149,3 +153,25 @@ def test_generate_refuses_a_nan_weight_in_one_line(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "h.0.mlp.c_fc.weight' has 1 non-finite value(s)" in lines[0], out.stderr[-2000:]
+
+
+def test_a_checkpoints_held_out_tokens_are_the_training_split_in_its_tokenizer(tmp_path):
+    corpus = stdlib_corpus(tmp_path)
+    checkpoint = FIXTURES / "trained_byte_tiny"  # byte-level: no tokenizer files, 256 tokens
+    config = load_config(checkpoint)
+    tokens, docs = checkpoint_validation_tokens(checkpoint, config, corpus, 0.4)
+    want, want_docs = data.validation_tokens(corpus, ByteTokenizer(), 0.4, 256)
+    assert np.array_equal(tokens, want) and docs == want_docs
+    windows = validation_windows(checkpoint, config, 3, corpus, 0.4)
+    assert windows.shape == (3, config.n_positions + 1)
+    assert np.array_equal(windows, data.eval_windows(want, config.n_positions, 3))
+
+
+def test_eval_refuses_what_the_held_out_split_cannot_be_made_of(tmp_path, capsys):
+    checkpoint = str(FIXTURES / "trained_byte_tiny")
+    assert main(["eval", "--checkpoint", checkpoint, "--val-fraction", "1.0"]) == 2
+    assert "val_fraction 1.0 must be in (0, 1)" in capsys.readouterr().err
+    config = get_preset("tiny").replace(vocab_size=300)
+    save_checkpoint(config, init_params(config), tmp_path / "ck")
+    assert main(["eval", "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert "has no tokenizer files and a 300-token vocabulary" in capsys.readouterr().err

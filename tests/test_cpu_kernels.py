@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import needs_kernels
 
 from gptjax import get_backend
 from gptjax.backends import cpu_kernels
@@ -33,9 +34,6 @@ def test_the_kernels_are_built_by_the_install():
                                            "gptjax_bf16_rows", "gptjax_kv_scores_int8", "gptjax_kv_mix_int8",
                                            "gptjax_kv_scores_bf16", "gptjax_kv_mix_bf16", "gptjax_int4_matmul",
                                            "gptjax_causal_attention", "gptjax_adamw", "gptjax_bf16_rows_add"}
-
-
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
 
 
 @needs_kernels

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import needs_kernels
 
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax import bf16_train
@@ -16,7 +17,6 @@ from gptjax.backends.jax.model import FloatLayers
 from gptjax.config import GPTConfig
 from gptjax.train import TrainConfig, create_state, export_params, loss_fn, train_step
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
 GEMM_ROWS = 128  # gemm_bf16.h: kBf16GemmMinRows
 CONFIG = GPTConfig(vocab_size=256, n_positions=64, n_layer=2, n_head=2, n_embd=32)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import needs_kernels
 
 from gptjax import get_backend
 from gptjax.backends import cpu_kernels
@@ -15,7 +16,6 @@ from gptjax.backends.jax import lowp
 from gptjax.config import GPTConfig
 from gptjax.weights import init_params
 
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
 GEMM_MIN_ROWS = 64  # kInt8GemmMinRows in gemm_int8.h
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import needs_kernels
 
 from gptjax import get_backend
 from gptjax import precision as registry
@@ -27,7 +28,6 @@ CONFIG, PARAMS = load_checkpoint(FIXTURE)
 TEXT = np.frombuffer(b"def main(argv):\n    for name in sorted(argv):\n        print(name, len(name))\n",
                      np.uint8).astype(np.int64)
 PROMPTS = [list(TEXT[:20]), list(TEXT[30:39]), list(TEXT[5:36])]
-needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.status()}")
 
 
 # ---- packing and the quantiser

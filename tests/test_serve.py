@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from gptjax import init_params, save_checkpoint
 from gptjax.backends import get_backend
@@ -265,7 +266,7 @@ def test_traceparent_continues_the_clients_trace(cli):
         lines = cli.trace.read_text().splitlines() if cli.trace.exists() else []
         return [s for s in map(json.loads, lines) if s["trace_id"] == trace_id]
 
-    _wait_until(lambda: {"gptjax.prefill", "gptjax.serve.batch"} <= {s["name"] for s in read()}, "the request's spans")
+    wait_until(lambda: {"gptjax.prefill", "gptjax.serve.batch"} <= {s["name"] for s in read()}, "the request's spans")
     spans = read()
     by_id = {s["span_id"]: s for s in spans}
     chain, span = [], next(s for s in spans if s["name"] == "gptjax.prefill")
@@ -281,18 +282,10 @@ def test_traceparent_continues_the_clients_trace(cli):
 SLOW, VERY_SLOW = 254, 253  # a prompt starting with one makes its batch slow (tests/_serve_faulty.py); 255 fails
 
 
-def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll condition() until it holds: tests wait for the server's state, never for a guessed time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(0.02)
-
-
 def _slow_leader(server, pool, max_tokens=8):
     """Start a slow request and wait until it runs, so what follows queues behind it."""
     future = pool.submit(server.post, {"prompt": [SLOW, 1], "max_tokens": max_tokens, "seed": 1})
-    _wait_until(lambda: server.metric("gptjax_serve_batch_size_count") >= server.batches + 1, "the slow batch")
+    wait_until(lambda: server.metric("gptjax_serve_batch_size_count") >= server.batches + 1, "the slow batch")
     server.batches += 1
     return future
 
@@ -326,7 +319,7 @@ def test_continuous_batching_lets_requests_join_a_running_batch(faulty, backend)
     pool = ThreadPoolExecutor(4)
     leader = pool.submit(faulty.post, {"prompt": [VERY_SLOW, 1], "max_tokens": 24, "seed": 1, "stream": True})
     # the leader's session runs (its batch started): 6 chunks of 1 s; it has one spare row (rows = 2 x jobs)
-    _wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") > batches, "the leader's session")
+    wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") > batches, "the leader's session")
     joiners = [pool.submit(faulty.post, {"prompt": [i, 7], "max_tokens": 4, "seed": i}) for i in (1, 2)]
     for i, future in zip((1, 2), joiners):
         assert future.result().json()["choices"][0]["token_ids"] == _expected(backend, [i, 7], 4, i).tokens[0]
@@ -377,7 +370,7 @@ def test_a_timeout_is_504_and_cancels_the_work(faulty):  # mode's cancelling is 
     r = faulty.post({"prompt": [VERY_SLOW], "max_tokens": 60})  # 15 chunks x 1 s > the 8 s timeout
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert 7.9 < time.monotonic() - t0 < 9.5
-    _wait_until(lambda: faulty.metric('gptjax_requests_total{outcome="cancelled"}') != cancelled,
+    wait_until(lambda: faulty.metric('gptjax_requests_total{outcome="cancelled"}') != cancelled,
                 "the generation to be cancelled")
     assert faulty.metric('gptjax_serve_cancelled_total{reason="timeout"}') == timeouts + 1
 
@@ -389,7 +382,7 @@ def test_a_client_leaving_mid_stream_cancels_the_work(faulty):
                       json={"prompt": [SLOW], "max_tokens": 60, "stream": True}) as r:
         first = next(r.iter_lines())
         assert json.loads(first[6:])["choices"][0]["token_ids"]
-    _wait_until(lambda: faulty.metric('gptjax_requests_total{outcome="cancelled"}') != cancelled,
+    wait_until(lambda: faulty.metric('gptjax_requests_total{outcome="cancelled"}') != cancelled,
                 "the generation to be cancelled")
     assert faulty.metric('gptjax_serve_cancelled_total{reason="disconnect"}') >= 1
     assert faulty.metric('gptjax_generated_tokens_total{backend="jax"}') - generated < 60  # stopped early
@@ -402,16 +395,16 @@ def test_a_client_leaving_a_json_request_cancels_the_work(faulty):
     generated = faulty.metric('gptjax_generated_tokens_total{backend="jax"}')
     with pytest.raises(httpx.TimeoutException):
         httpx.post(faulty.url + "/v1/completions", json={"prompt": [SLOW], "max_tokens": 60}, timeout=1.5)
-    _wait_until(lambda: faulty.metric('gptjax_serve_cancelled_total{reason="disconnect"}') != cancelled,
+    wait_until(lambda: faulty.metric('gptjax_serve_cancelled_total{reason="disconnect"}') != cancelled,
                 "the generation to be cancelled")
     assert faulty.metric('gptjax_generated_tokens_total{backend="jax"}') - generated < 60  # stopped early
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(faulty, pool):
     stream = pool.submit(faulty.post, {"prompt": [SLOW, 3], "max_tokens": 12, "seed": 5, "stream": True})
-    _wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") >= faulty.batches + 1, "the stream's batch")
+    wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") >= faulty.batches + 1, "the stream's batch")
     faulty.proc.send_signal(signal.SIGTERM)
-    _wait_until(lambda: httpx.get(faulty.url + "/health").status_code != 200, "/health to leave 'ready'")
+    wait_until(lambda: httpx.get(faulty.url + "/health").status_code != 200, "/health to leave 'ready'")
     health = httpx.get(faulty.url + "/health")
     assert health.status_code == 503 and health.json() == {"status": "draining"}
     late = faulty.post({"prompt": [1], "max_tokens": 2})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_until
 
 from gptjax import init_params, save_checkpoint
 from gptjax.config import get_preset
@@ -123,13 +124,6 @@ def text_server(checkpoint):
     assert server.stop() == 0, "\n".join(server.drain())
 
 
-def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(0.02)
-
-
 # ---- 4: every /metrics label value comes from a fixed set ---------------------------------------------------
 @pytest.mark.integration
 def test_made_up_methods_do_not_grow_metrics(text_server):
@@ -158,7 +152,7 @@ def test_a_client_hanging_up_mid_upload_counts_499_without_traceback(text_server
     with socket.create_connection(("127.0.0.1", text_server.port), timeout=30) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n" + b'{"prompt":')
-    _wait_until(lambda: text_server.series().get(name % "499", 0) + text_server.series().get(name % "500", 0)
+    wait_until(lambda: text_server.series().get(name % "499", 0) + text_server.series().get(name % "500", 0)
                 > before.get(name % "499", 0) + before.get(name % "500", 0), "the request to be counted")
     after = text_server.series()
     assert after.get(name % "499", 0) - before.get(name % "499", 0) == 1

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from gptjax import GPTConfig, GptjaxError, get_backend, load_checkpoint
 from gptjax.cli import main
@@ -159,15 +159,6 @@ train(config, tc, sys.argv[1], TrainOptions(data_spec=sys.argv[2], progress=Fals
 """
 
 
-def _wait_until(condition, what: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Poll condition() while proc lives; fail naming what it waited for."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the training process exited (status {proc.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(0.005)
-
-
 def _save_in_flight(ckpts: Path, written: bool) -> bool:
     """Whether a save orbax started is not committed yet (its step directory still has a temporary name) and,
     with `written`, has written files already."""
@@ -192,8 +183,10 @@ def test_sigkill_during_saves_leaves_a_restorable_checkpoint(tmp_path, corpus):
     for attempt, phase in enumerate(phases):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(out), corpus, "1" if attempt else "0"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_until(lambda: max(committed(), default=0) >= previous + 2, f"step {previous + 2}'s checkpoint", proc)
-        _wait_until(phase, "a save in flight", proc)
+        # polled every 5 ms: a save is in flight for only milliseconds
+        wait_until(lambda: max(committed(), default=0) >= previous + 2, f"step {previous + 2}'s checkpoint", 120.0,
+                   process=proc, poll=0.005)
+        wait_until(phase, "a save in flight", 120.0, process=proc, poll=0.005)
         proc.send_signal(signal.SIGKILL)  # a save runs every step: this lands in one
         proc.wait()
         manager = ocp.CheckpointManager(ckpts.absolute())

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from gptjax import precision as registry
-from gptjax.bench.studies import STUDIES
+from gptjax.bench import studies, suite
+from gptjax.bench.device_check import device_check
+from gptjax.bench.report import compare_table, read_jsonl
 from gptjax.errors import GptjaxError
 
 
@@ -48,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-check", action="store_true", help="for a short accelerator lease: logits vs the "
                    "NumPy oracle on the device, then the quick suite (default preset gpt2) in under 5 minutes")
     p.add_argument("--study", nargs=argparse.REMAINDER, help="NAME [FLAGS]: a focused study instead of the suite, "
-                   f"on the same harness: {', '.join(STUDIES)}; the flags after NAME are the study's own (`gptjax "
-                   "bench --study NAME --help` lists them); results in --out DIR (results.jsonl, results.md)")
+                   f"on the same harness: {', '.join(studies.STUDIES)}; the flags after NAME are the study's own "
+                   "(`gptjax bench --study NAME --help` lists them); results in --out DIR (results.jsonl, results.md)")
 
 
 def int_list(flag: str, text: str | None) -> tuple[int, ...] | None:
@@ -65,36 +66,27 @@ def int_list(flag: str, text: str | None) -> tuple[int, ...] | None:
     return values
 
 
-def options_from_args(args: argparse.Namespace) -> Any:
+def options_from_args(args: argparse.Namespace) -> suite.Options:
     """suite.Options from the parsed flags."""
-    from gptjax.bench.suite import Options
-
-    return Options(suite=args.suite, preset=args.preset, backend=args.backend,
-                   precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
-                   kv_cache=args.kv_cache, seqs=int_list("--seq", args.seq), batches=int_list("--batch", args.batch),
-                   new=args.new, runs=args.runs, workloads=tuple(w.strip() for w in args.workloads.split(",")),
-                   peer=None if args.peer == "none" else args.peer, out=args.out, plots=not args.no_plots,
-                   time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib,
-                   peer_threads=args.peer_threads)
+    return suite.Options(suite=args.suite, preset=args.preset, backend=args.backend,
+                         precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
+                         kv_cache=args.kv_cache, seqs=int_list("--seq", args.seq),
+                         batches=int_list("--batch", args.batch), new=args.new, runs=args.runs,
+                         workloads=tuple(w.strip() for w in args.workloads.split(",")),
+                         peer=None if args.peer == "none" else args.peer, out=args.out, plots=not args.no_plots,
+                         time_budget=args.time_budget, matmul_n=args.matmul_n, bandwidth_mib=args.bandwidth_mib,
+                         peer_threads=args.peer_threads)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `gptjax bench` with parsed flags: --compare, --device-check, --study, or the suite."""
     if args.study is not None:
-        from gptjax.bench.studies import main as study
-
-        return study(args.study, out=args.out)
+        return studies.main(args.study, out=args.out)
     if args.compare:
-        from gptjax.bench.report import compare_table, read_jsonl
-
         print(compare_table(read_jsonl(args.compare[0]), read_jsonl(args.compare[1])))
         return 0
     options = options_from_args(args)
     if args.device_check:
-        from gptjax.bench.device_check import device_check
-
         return device_check(options)
-    from gptjax.bench.suite import run
-
-    run(options)
+    suite.run(options)
     return 0

@@ -11,12 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.bench.report import SCHEMA, write_jsonl
 from gptjax import precision as registry
+from gptjax.backends import get_backend
+from gptjax.bench import suite
+from gptjax.bench.report import SCHEMA, write_jsonl
 from gptjax.bench.workloads import backend_options
 from gptjax.config import get_preset
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.weights import init_params
 
 # max |logits - oracle| / max(1, max |oracle|) allowed (the registry's tolerance); only fp32 decides the exit status
 TOLERANCE = {name: m.tolerance for name, m in registry.MODES.items()}
@@ -26,10 +29,7 @@ def correctness(preset: str, backend: str = "jax", precision: str = "fp32", batc
                 ) -> dict[str, Any]:
     """Max |backend logits - NumPy fp32 logits| over [batch, seq] random tokens on random weights, relative to
     the logits' scale, against TOLERANCE; argmax and greedy-decode agreement as information (near-ties flip)."""
-    import jax
-
-    from gptjax.backends import get_backend
-    from gptjax.weights import init_params
+    import jax  # not at the top: `gptjax bench --help` imports this module, and jax takes half a second
 
     config = get_preset(preset)
     seq = min(seq, config.n_positions)
@@ -55,8 +55,6 @@ def correctness(preset: str, backend: str = "jax", precision: str = "fp32", batc
 
 def device_check(options: Any, log: Any = print) -> int:
     """Correctness first, then the quick suite within options.time_budget (default 240 s); 0 if fp32 passed."""
-    from gptjax.bench import suite
-
     t0 = time.monotonic()
     opts = dataclasses.replace(options, suite="quick", preset=options.preset or "gpt2",
                                out=options.out or time.strftime("runs/device-check-%Y%m%d-%H%M%S"),

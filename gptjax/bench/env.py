@@ -9,7 +9,7 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-from gptjax.bench.stats import load_average
+from gptjax.timing import load_average
 
 _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers")
 
@@ -17,6 +17,8 @@ _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers"
 def environment(peer_thread_count: int | None = None) -> dict[str, Any]:
     """Versions (gptjax, jax, jaxlib, flax, numpy, torch, transformers), git commit, device kind and count,
     CPU model and cores, XLA flags, whether gptjax's CPU kernels ran, and the thread counts both sides use."""
+    # jax and the kernels (which import jax) not at the top: results.py imports this module for every study's
+    # `--help` and `gptjax bench --help`, and jax takes half a second
     import jax
 
     from gptjax.backends import cpu_kernels
@@ -78,19 +80,19 @@ class torch_threads:
         self.n = n or peer_threads()
 
     def __enter__(self) -> None:
-        import torch
+        import torch  # the peer extra, optional
 
         torch.set_num_threads(self.n)
 
     def __exit__(self, *exc: object) -> None:
-        import torch
+        import torch  # the peer extra, optional
 
         torch.set_num_threads(1)
 
 
 def device_memory() -> dict[str, int | None]:
     """Peak device memory the platform reports (GPU/TPU; None on CPU) and this process's peak RSS so far."""
-    import jax
+    import jax  # half a second: see environment()
 
     stats = jax.devices()[0].memory_stats() or {}
     return {"peak_device_bytes": stats.get("peak_bytes_in_use"), "host_peak_rss_bytes": peak_rss()}

@@ -48,14 +48,9 @@ def train_flops(config: GPTConfig, batch: int, seq: int) -> int:
     return 3 * config.forward_flops(batch, seq)
 
 
-def weight_bytes(config: GPTConfig, precision: str) -> int:
-    """Bytes of the weights in this precision mode (the registry's storage, gptjax.config's calculator)."""
-    return config.weight_bytes(precision)
-
-
 def decode_step_bytes(config: GPTConfig, precision: str, kv_cache: str, batch: int, context: float) -> float:
     """Bytes one decode step reads at least: every weight once, and each row's KV cache over `context` tokens."""
-    return weight_bytes(config, precision) + batch * config.kv_cache_bytes_per_token(kv_cache) * context
+    return config.weight_bytes(precision) + batch * config.kv_cache_bytes_per_token(kv_cache) * context
 
 
 def train_step_bytes(config: GPTConfig) -> int:

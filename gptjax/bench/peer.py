@@ -1,7 +1,8 @@
 """The peer: Hugging Face GPT-2 on PyTorch doing the same work on the same weights (gptjax's checkpoint of
 them), with as many CPU threads as XLA uses, on CUDA when this torch build sees a GPU (else the CPU).
 Precisions: fp32, bf16 (the model cast to bfloat16; training under bf16 autocast), int8/w8a8 (torch dynamic
-quantisation, W8A8, after HF's Conv1D layers become Linear; CPU only)."""
+quantisation, W8A8, after HF's Conv1D layers become Linear; CPU only). torch and transformers (the peer extra) are
+imported in the functions that use them: gptjax runs without them, and `gptjax bench --help` imports this module."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import numpy as np
 
 from gptjax import precision as registry
 from gptjax.bench.env import torch_threads
-from gptjax.bench.stats import clock
 from gptjax.bench.workloads import N_INPUTS, Shape, token_batches
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.timing import clock
+from gptjax.weights import save_checkpoint
 
 PEER_NOTES = {"fp32": "HF GPT2LMHeadModel, float32", "bf16": "HF GPT2LMHeadModel cast to bfloat16",
               "int8": "HF + torch quantize_dynamic (W8A8 dynamic, not weight-only)",
@@ -25,7 +27,7 @@ PEER_NOTES = {"fp32": "HF GPT2LMHeadModel, float32", "bf16": "HF GPT2LMHeadModel
 
 def require_peer() -> None:
     """Raise a GptjaxError naming the extra to install when torch or transformers is missing."""
-    try:
+    try:  # the peer extra is optional: is it installed?
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
@@ -35,10 +37,8 @@ def require_peer() -> None:
 def hf_model(params: dict, config: GPTConfig, precision: str = "fp32") -> Any:
     """transformers' GPT2LMHeadModel loaded from gptjax's own checkpoint of these params (eval mode), in the
     peer's counterpart of this precision."""
-    from transformers import GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-
-    from gptjax.weights import save_checkpoint
+    from transformers import GPT2LMHeadModel  # the peer extra (optional)
+    from transformers.utils import logging as hf_logging  # the peer extra (optional)
 
     hf_logging.disable_progress_bar()
     if precision not in PEER_NOTES:
@@ -48,14 +48,14 @@ def hf_model(params: dict, config: GPTConfig, precision: str = "fp32") -> Any:
         model = GPT2LMHeadModel.from_pretrained(d + "/ck").eval()
     if registry.storage(precision) == "int8":
         return _quantized(model)
-    import torch
+    import torch  # the peer extra (optional)
 
     return model.to(device=peer_device(), dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def peer_device() -> str:
     """"cuda" when this torch build sees a GPU, else "cpu"."""
-    import torch
+    import torch  # the peer extra (optional)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,7 +72,7 @@ def describe(precision: str) -> str:
 
 
 def _sync() -> None:
-    import torch
+    import torch  # the peer extra (optional)
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -80,8 +80,8 @@ def _sync() -> None:
 
 def _quantized(model: Any) -> Any:
     """torch dynamic int8 quantisation of every Linear (HF GPT-2's Conv1D layers converted to Linear first)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
+    import torch  # the peer extra (optional)
+    from transformers.pytorch_utils import Conv1D  # the peer extra (optional)
 
     def to_linear(module: Any) -> None:
         for name, child in module.named_children():
@@ -109,7 +109,7 @@ def peer_job(params: dict, config: GPTConfig, shape: Shape, precision: str, thre
 
 
 def _prefill(model: Any, config: GPTConfig, shape: Shape, threads: int | None) -> Callable[[int], object]:
-    import torch
+    import torch  # the peer extra (optional)
 
     batches = [_on(model, torch.from_numpy(b.astype(np.int64))) for b in token_batches(config, shape.batch, shape.seq)]
 
@@ -123,7 +123,7 @@ def _prefill(model: Any, config: GPTConfig, shape: Shape, threads: int | None) -
 def hf_generate(model: Any, prompt: Any, new: int, stopping: Any = None, threads: int | None = None) -> Any:
     """Exactly `new` greedy tokens after each row of prompt (a [B, P] int64 tensor): HF generate with the
     cache, all rows the same length; returns [B, P + new]."""
-    import torch
+    import torch  # the peer extra (optional)
 
     with torch.inference_mode(), torch_threads(threads):
         out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
@@ -133,7 +133,7 @@ def hf_generate(model: Any, prompt: Any, new: int, stopping: Any = None, threads
 
 def _decode(model: Any, config: GPTConfig, shape: Shape, threads: int | None
             ) -> tuple[Callable[[int], object], Callable[[], dict]]:
-    import torch
+    import torch  # the peer extra (optional)
 
     prompts = [_on(model, torch.from_numpy(b.astype(np.int64)))
                for b in token_batches(config, shape.batch, shape.prompt)]
@@ -155,7 +155,7 @@ class _Stamps:
         self.times: list[float] = []
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
+        import torch  # the peer extra (optional)
 
         _sync()
         self.times.append(clock())
@@ -165,7 +165,7 @@ class _Stamps:
 def _train(params: dict, config: GPTConfig, shape: Shape, precision: str, threads: int | None
            ) -> Callable[[int], object]:
     """One AdamW step (forward, backward, update) of HF GPT-2 in train mode (no dropout), bf16 by autocast."""
-    import torch
+    import torch  # the peer extra (optional)
 
     if precision not in registry.training_modes():
         raise GptjaxError(f"the peer trains in {' or '.join(registry.training_modes())}, not {precision!r}")

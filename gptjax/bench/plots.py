@@ -11,7 +11,7 @@ import numpy as np
 
 def make_plots(rows: list[dict[str, Any]], out: str) -> str:
     """Write DIR/plots/*.png; a message saying what was written, or why plots were skipped."""
-    try:
+    try:  # matplotlib (the bench extra) is optional, and pyplot must come after the Agg backend is chosen
         import matplotlib
 
         matplotlib.use("Agg")

@@ -8,7 +8,7 @@ workload). Every line has "schema" (SCHEMA) and "run" (the run id); see README f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gptjax.errors import GptjaxError
@@ -66,6 +66,11 @@ def _pct(v: float | None) -> str:
 def _latency(row: dict[str, Any]) -> str:
     lat = row.get("latency_s") or {}
     return " / ".join(_num(1e3 * lat[q], ".1f") for q in ("p50", "p90", "p99")) if lat else "-"
+
+
+def grid(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: the header, the separator, then one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from gptjax.bench.stats import clock
 from gptjax.errors import GptjaxError
+from gptjax.timing import clock
 
 READY_TIMEOUT_S = 600  # a cold server compiles its first buckets before /health answers
 
@@ -24,7 +24,7 @@ def free_port() -> int:
 def start_server(flags: list[str], port: int, *, quiet: bool = False) -> subprocess.Popen:
     """`gptjax serve FLAGS --host 127.0.0.1 --port PORT` in a subprocess, returned once /health answers 200;
     a GptjaxError (the server killed) if it exits first or is not ready in READY_TIMEOUT_S."""
-    import httpx
+    import httpx  # optional (the serve-load and lm-eval studies check it is installed)
 
     cmd = [sys.executable, "-m", "gptjax.cli", "serve", *flags, "--host", "127.0.0.1", "--port", str(port)]
     out = subprocess.DEVNULL if quiet else None

@@ -13,15 +13,17 @@ from gptjax import precision as registry
 from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for, measure_ceilings
 from gptjax.bench.env import device_memory
+from gptjax.bench.peer import describe, peer_job, require_peer
+from gptjax.bench.plots import make_plots
 from gptjax.bench.report import ceilings_table, markdown_table
 from gptjax.bench.results import Results, open_results
-from gptjax.bench.stats import interleaved_times, latency_summary, load_average, median, timed
 from gptjax.bench.workloads import Job, Shape, ours
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
+from gptjax.timing import interleaved_times, latency_summary, load_average, median, timed
+from gptjax.weights import init_params
 
 WORKLOADS = ("prefill", "decode", "train")
-PRECISION_MODES = tuple(registry.MODES)  # every run mode the registry declares
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Options:
     suite: str = "quick"
     preset: str | None = None
     backend: str = "jax"
-    precisions: tuple[str, ...] = PRECISION_MODES
+    precisions: tuple[str, ...] = tuple(registry.MODES)  # every run mode the registry declares
     kv_cache: str | None = None
     seqs: tuple[int, ...] | None = None
     batches: tuple[int, ...] | None = None
@@ -84,8 +86,8 @@ def validate(options: Options) -> tuple[SuiteSpec, GPTConfig]:
     config = get_preset(spec.preset)
     spec = _fit_defaults(spec, options, config.n_positions)
     for p in options.precisions:
-        if p not in PRECISION_MODES:
-            raise GptjaxError(f"--precision {p!r}; allowed: {', '.join(PRECISION_MODES)}")
+        if p not in registry.MODES:
+            raise GptjaxError(f"--precision {p!r}; allowed: {', '.join(registry.MODES)}")
     for w in options.workloads:
         if w not in WORKLOADS:
             raise GptjaxError(f"--workloads {w!r}; allowed: {', '.join(WORKLOADS)}")
@@ -140,16 +142,12 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     DIR/results.md and plots; return every row."""
     spec, config = validate(options)
     if options.peer == "hf":
-        from gptjax.bench.peer import require_peer
-
         require_peer()
     deadline = time.monotonic() + options.time_budget if options.time_budget else None
     results = open_results(options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"), log, options.peer_threads)
     ceiling = _ceilings(spec, options, results.env, log)
     rows = [results.environment_row] + results.write([{"kind": "ceiling"} | ceiling])
     base = results.base
-    from gptjax.weights import init_params
-
     params = init_params(config, seed=0)
     for shape, precision in plan(options, spec):
         if deadline is not None and time.monotonic() > deadline:
@@ -197,8 +195,6 @@ def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape:
     first = timed(lambda: job.call(-1))  # compiles (jit) and converts: excluded from the timed runs
     fns, peer_latencies, peer_error = {options.backend: job.call}, None, None
     if options.peer == "hf":
-        from gptjax.bench.peer import peer_job
-
         try:
             fns["hf"], peer_latencies = peer_job(params, config, shape, precision, options.peer_threads)
         except GptjaxError as e:
@@ -211,8 +207,6 @@ def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape:
     if "hf" in times:
         peer_row = _row(base | _identity(spec, shape, precision, options, "hf"), shape, job, times["hf"], ceiling,
                         peer_latencies)
-        from gptjax.bench.peer import describe
-
         peer_row["peer"] = describe(precision)
         ours_row["vs_peer"] = median(times["hf"]) / median(times[options.backend])
         rows.append(peer_row)
@@ -254,8 +248,6 @@ def _finish(rows: list[dict[str, Any]], results: Results, options: Options, ceil
             f"{os.cpu_count()} cores{' (above the core count: other work competed for the CPU)' if busy else ''}\n"
             if loads else "")
     if options.plots:
-        from gptjax.bench.plots import make_plots
-
         log(make_plots(rows, results.out))
     results.finish(f"gptjax bench --suite {options.suite}, {spec.preset}, median of {spec.runs} runs",
                    f"{ceilings_table(ceiling)}\n\n{markdown_table(rows)}\n{load}\n{metrics.FORMULAS}", log)

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 
 from gptjax import precision as registry
+from gptjax.backends import get_backend
 from gptjax.bench import metrics
-from gptjax.bench.stats import stamps
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import stamps
 
 N_INPUTS = 4  # distinct input batches, rotated run by run so no cache (ours, XLA's, the CPU's) sees a repeat
 
@@ -74,8 +75,6 @@ def ours(backend_name: str, config: GPTConfig, params: dict, shape: Shape, preci
     """gptjax's job for this shape and precision; GptjaxError when the backend refuses the variant."""
     if shape.workload == "train":
         return _train(backend_name, config, params, shape, precision)
-    from gptjax.backends import get_backend
-
     backend = get_backend(backend_name, config, **backend_options(precision, kv_cache))
     weights = backend.prepare(params)
     if shape.workload == "prefill":
@@ -87,8 +86,8 @@ def _prefill(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precis
     batches = token_batches(config, shape.batch, shape.seq)
     return Job(call=lambda i: backend.forward(weights, batches[i % N_INPUTS], last_only=True),
                flops=metrics.prefill_flops(config, shape.batch, shape.seq),
-               bytes_moved=metrics.weight_bytes(config, precision),
-               memory={"params_bytes": metrics.weight_bytes(config, precision)},
+               bytes_moved=config.weight_bytes(precision),
+               memory={"params_bytes": config.weight_bytes(precision)},
                notes={"flops_formula": f"forward_flops(B={shape.batch}, T={shape.seq}, last_only=True)",
                       "bytes_formula": f"weight_bytes({precision})"})
 
@@ -106,7 +105,7 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
     return Job(call=lambda i: backend.generate(weights, prompts[i % N_INPUTS], n, sampling=GREEDY),
                flops=metrics.decode_flops(config, B, P, n),
                bytes_moved=n * metrics.decode_step_bytes(config, precision, kv, B, context),
-               memory={"params_bytes": metrics.weight_bytes(config, precision),
+               memory={"params_bytes": config.weight_bytes(precision),
                        "cache_bytes": B * (P + n) * config.kv_cache_bytes_per_token(kv)},
                latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes=notes)
 
@@ -122,6 +121,7 @@ def _train(backend_name: str, config: GPTConfig, params: dict, shape: Shape, pre
         raise GptjaxError(f"the train step runs on the jax backend only, not {backend_name!r}")
     if precision not in registry.training_modes():
         raise GptjaxError(f"training runs in {' or '.join(registry.training_modes())} compute, not {precision!r}")
+    # jax, flax and optax (seconds) not at the top: `gptjax bench --help` imports this module
     from gptjax.train import TrainConfig, create_state, train_step
 
     tc = TrainConfig(batch_size=shape.batch, seq_len=shape.seq, compute_dtype=precision, warmup_steps=0)

@@ -10,7 +10,7 @@ from gptjax import data
 from gptjax.cli.options import seq_len
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
-from gptjax.tokenizer import checkpoint_tokenizer
+from gptjax.heldout import checkpoint_validation_tokens
 from gptjax.weights import load_checkpoint
 
 NAME = "eval"
@@ -68,10 +68,5 @@ def with_run_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def validation_tokens(args: argparse.Namespace, config: GPTConfig) -> tuple:
-    """data.validation_tokens for --checkpoint's tokenizer, --data and --val-fraction (shared with quantize)."""
-    tokenizer = checkpoint_tokenizer(args.checkpoint, config.vocab_size)
-    if tokenizer is None:
-        raise GptjaxError(f"{args.checkpoint} has no tokenizer files and a {config.vocab_size}-token vocabulary")
-    if not 0 < args.val_fraction < 1:
-        raise GptjaxError(f"--val-fraction {args.val_fraction} must be in (0, 1)")
-    return data.validation_tokens(args.data, tokenizer, args.val_fraction, config.vocab_size)
+    """The held-out tokens and documents of --checkpoint, --data and --val-fraction (shared with quantize)."""
+    return checkpoint_validation_tokens(args.checkpoint, config, args.data, args.val_fraction)

@@ -6,7 +6,7 @@ import argparse
 import os
 from collections import Counter
 
-from gptjax.cli.options import MODEL_OVERRIDES
+from gptjax.cli.options import MODEL_OVERRIDES, add_mesh_flag
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
 from gptjax.sizes import size_table
@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag, field in MODEL_OVERRIDES.items():
         p.add_argument(flag, type=int, dest=field, metavar="N", help=f"override {field}")
     p.add_argument("--seq-len", type=int, metavar="T", help="sequence length for FLOPs (default: the context)")
-    p.add_argument("--mesh", metavar="SPEC", help="per-device memory of training on a mesh, e.g. "
-                   "data=2,fsdp=2,tensor=2 (sizes need not match this machine's devices)")
+    add_mesh_flag(p, "per-device memory of training on a mesh", "data=2,fsdp=2,tensor=2 (sizes need not match "
+                  "this machine's devices)")
     p.add_argument("--batch", type=int, default=8, metavar="B", help="global batch for --mesh (default 8)")
 
 

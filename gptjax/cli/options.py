@@ -11,7 +11,6 @@ from gptjax.errors import GptjaxError
 
 # The precision modes as the CLI offers them, from the registry (gptjax.precision)
 RUN_PRECISIONS = list(precision.MODES)  # how a backend runs the weights (--precision)
-KV_CACHES = list(precision.KV_CACHES)  # KV-cache storage (--kv-cache)
 QUANTIZED_CHECKPOINTS = [s for s in precision.STORAGES if s != "fp32"]  # what `gptjax quantize --to` writes
 
 MODEL_OVERRIDES = {  # flag → GPTConfig field
@@ -35,8 +34,25 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
     """--precision and --kv-cache of the commands that run a checkpoint (generate, serve)."""
     p.add_argument("--precision", choices=RUN_PRECISIONS, help="how to run the weights "
                    "(default: as the checkpoint stores them; a float checkpoint is converted on load)")
-    p.add_argument("--kv-cache", choices=KV_CACHES, help="KV-cache storage (default: bf16 for "
+    p.add_argument("--kv-cache", choices=list(precision.KV_CACHES), help="KV-cache storage (default: bf16 for "
                    "bf16, else fp32)")
+
+
+def add_mesh_flag(p: argparse.ArgumentParser, what: str = "jax backend over a device mesh",
+                  example: str = "tensor=2") -> None:
+    """--mesh SPEC, which mesh_from reads: `what` the command does on the mesh, with an example SPEC."""
+    p.add_argument("--mesh", metavar="SPEC", help=f"{what}, e.g. {example}")
+
+
+def add_draft_flags(p: argparse.ArgumentParser, draft: str, spec_k: str) -> None:
+    """--draft, --spec-k, --draft-precision and --ngram of the commands that decode speculatively (generate,
+    serve), which draft_from reads; `draft` and `spec_k` say what they do in this command."""
+    p.add_argument("--draft", metavar="DIR|ngram", help=draft)
+    p.add_argument("--spec-k", type=int, default=4, metavar="K", help=spec_k)
+    p.add_argument("--draft-precision", choices=RUN_PRECISIONS, help="how to run the draft checkpoint's weights "
+                   "(default: as it stores them)")
+    p.add_argument("--ngram", default="3,1", metavar="MAX,MIN", help="with --draft ngram: the longest and shortest "
+                   "n-gram looked up (default 3,1)")
 
 
 def mesh_from(spec: str | None) -> Any:

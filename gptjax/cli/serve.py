@@ -6,7 +6,7 @@ import argparse
 import os
 
 from gptjax.cli.generate import draft_from
-from gptjax.cli.options import RUN_PRECISIONS, add_precision_flags, mesh_from
+from gptjax.cli.options import add_draft_flags, add_mesh_flag, add_precision_flags, mesh_from
 from gptjax.errors import GptjaxError
 from gptjax.speculative import MAX_SPECULATIVE_TOKENS
 from gptjax.tracing.setup import install_text_logs
@@ -15,9 +15,8 @@ from gptjax.weights import load_config
 NAME = "serve"
 HELP = "an OpenAI-style HTTP API (completions, streaming, /metrics) for a checkpoint"
 DESCRIPTION = ("Serve a checkpoint over HTTP: POST /v1/completions (JSON or Server-Sent Events), GET /v1/models, "
-               "/health and /metrics, with dynamic batching, a bounded queue (429 when full), per-request timeouts "
-               "and draining on SIGTERM; with --draft, speculative decoding inside continuous batching. Needs the "
-               "serve extra.")
+               "/health and /metrics, with continuous or dynamic batching (speculative with --draft), a bounded "
+               "queue (429 when full), per-request timeouts and draining on SIGTERM. Needs the serve extra.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model.safetensors, tokenizer files optional)")
     p.add_argument("--backend", default="jax", help="backend name (default jax)")
     add_precision_flags(p)
-    p.add_argument("--mesh", metavar="SPEC", help="jax backend over a device mesh, e.g. tensor=2")
+    add_mesh_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), metavar="KEY", help="require "
@@ -60,16 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "once; a request on a connection beyond them gets 503 (counted in /metrics, logged): keeps "
                    "the server under its file-descriptor limit (default 1024)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
-    p.add_argument("--draft", metavar="DIR|ngram", help="decode speculatively: a draft checkpoint with the same "
-                   "vocabulary, or `ngram` for prompt lookup (no model); greedy completions are unchanged, a seeded "
-                   "sampled one gets the tokens of `generate --draft` with that seed; needs continuous batching "
-                   "(jax, no --mesh); requests with presence_penalty, frequency_penalty or logit_bias get 400")
-    p.add_argument("--spec-k", type=int, default=4, metavar="K", help=f"with --draft: draft tokens proposed per "
-                   f"target pass, 1..{MAX_SPECULATIVE_TOKENS} (default 4); --chunk-size then counts verify rounds")
-    p.add_argument("--draft-precision", choices=RUN_PRECISIONS, help="how to run the draft checkpoint's weights "
-                   "(default: as it stores them)")
-    p.add_argument("--ngram", default="3,1", metavar="MAX,MIN", help="with --draft ngram: the longest and shortest "
-                   "n-gram looked up (default 3,1)")
+    add_draft_flags(p, draft="decode speculatively: a draft checkpoint with the same vocabulary, or `ngram` for "
+                    "prompt lookup (no model); greedy completions are unchanged, a seeded sampled one gets the tokens "
+                    "of `generate --draft` with that seed; needs continuous batching (jax, no --mesh); requests with "
+                    "presence_penalty, frequency_penalty or logit_bias get 400",
+                    spec_k=f"with --draft: draft tokens proposed per target pass, 1..{MAX_SPECULATIVE_TOKENS} "
+                    "(default 4); --chunk-size then counts verify rounds")
 
 
 def run(args: argparse.Namespace) -> int:

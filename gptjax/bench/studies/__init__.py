@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from gptjax.bench.results import open_results
-from gptjax.bench.stats import load_average
 from gptjax.errors import GptjaxError
+from gptjax.timing import load_average
 
 # --study name -> module in this package
 STUDIES = {"long-decode": "long_decode", "kv-cache": "kv_cache", "scaling": "scaling", "serve-load": "serve_load",

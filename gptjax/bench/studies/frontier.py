@@ -34,13 +34,17 @@ from typing import Any
 import numpy as np
 
 from gptjax import precision as registry
+from gptjax.backends import get_backend
+from gptjax.bench.ceilings import matmul_flops
 from gptjax.bench.report import write_jsonl
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import clock, interleaved_times, load_average, median, timed_value
 from gptjax.config import GPTConfig
+from gptjax.data import bits_per_byte, eval_batches
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
-from gptjax.weights import load_config
+from gptjax.timing import clock, interleaved_times, load_average, median, timed_value
+from gptjax.tokenizer import checkpoint_tokenizer
+from gptjax.weights import load_checkpoint, load_config
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--budget": (60.0, "training seconds per student run"),
@@ -127,7 +131,7 @@ def _config(shape: str, context: int) -> GPTConfig:
 
 
 def _train_config(args: argparse.Namespace, tokenizer: str = "byte") -> Any:
-    from gptjax.train import TrainConfig
+    from gptjax.train import TrainConfig  # jax, flax, optax (seconds): not for the study's --help and flag checks
 
     # stopped by time: max_steps only bounds the run; the schedule is warm-up then constant (min_lr = lr)
     return TrainConfig(batch_size=args.batch, seq_len=args.context, max_steps=10**6, warmup_steps=20, lr=args.lr,
@@ -137,7 +141,7 @@ def _train_config(args: argparse.Namespace, tokenizer: str = "byte") -> Any:
 
 def _train_all(args: argparse.Namespace, root: Path, log: Any) -> list[dict[str, Any]]:
     """Train the teacher and every student; one dict per model (name, role, shape, tokenizer, where, how long)."""
-    from gptjax.bench.ceilings import matmul_flops
+    # jax, flax, optax (seconds): not for the study's --help and flag checks
     from gptjax.distill import DistillConfig, distill
     from gptjax.train import TrainOptions, train
 
@@ -197,8 +201,6 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def _scores(backend: Any, weights: Any, tokens: np.ndarray, context: int) -> tuple[float, np.ndarray]:
     """(mean next-token loss in nats, argmax ids [N]) over tokens tiled in windows of context (eval_batches)."""
-    from gptjax.data import eval_batches
-
     losses, top = [], []
     for x, y in eval_batches(tokens, 8, context):
         logp = _log_softmax(backend.forward(weights, x).astype(np.float64))  # [B, T, V]
@@ -214,9 +216,6 @@ def _generate(backend: Any, weights: Any, prompts: list[list[int]], new: int) ->
 
 def _load(model: dict[str, Any], text: str) -> tuple[Any, Any, np.ndarray, dict[str, Any]]:
     """(config, params, held-out tokens in the model's tokenizer, the model's row fields)."""
-    from gptjax.tokenizer import checkpoint_tokenizer
-    from gptjax.weights import load_checkpoint
-
     config, params = load_checkpoint(model["dir"])
     tokens = np.asarray(checkpoint_tokenizer(model["dir"], config.vocab_size).encode(text), np.int64)
     n_bytes = len(text.encode("utf-8"))
@@ -229,9 +228,6 @@ def _measure(models: list[dict[str, Any]], text: str, reference: np.ndarray, mod
              log: Any) -> list[dict[str, Any]]:
     """One row per model in one precision mode: held-out scores, then every model's decode timed in turn
     (A B C ... A B C: the machine's drift hits all models alike)."""
-    from gptjax.backends import get_backend
-    from gptjax.data import bits_per_byte
-
     rows, calls = [], {}
     for model in models:
         log(f"frontier: measuring {model['model']} {mode} ...")
@@ -259,9 +255,6 @@ def _measure(models: list[dict[str, Any]], text: str, reference: np.ndarray, mod
 
 def _teacher_reference(teacher: dict[str, Any], text: str, context: int) -> np.ndarray:
     """The fp32 teacher's argmax on the held-out windows (what agreement is measured against)."""
-    from gptjax.backends import get_backend
-    from gptjax.weights import load_checkpoint
-
     config, params = load_checkpoint(teacher["dir"])
     backend = get_backend("jax", config)
     tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)

@@ -21,10 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import get_backend, get_preset, init_params
+from gptjax import precision as registry
+from gptjax.bench.ceilings import memory_bandwidth
+from gptjax.bench.report import grid
 from gptjax.bench.results import Outcome
 from gptjax.errors import GptjaxError
+from gptjax.heldout import validation_windows
 from gptjax.precision import INT4_GROUP_SIZES
+from gptjax.precision_report import Mode, quality
+from gptjax.quantize import convert, for_precision, quantized_keys, weight_bytes
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, load_average, median, stamps
+from gptjax.weights import load_checkpoint, load_config
 
 PARTS = ("symmetry", "quality", "speed")
 SCHEMES = ("symmetric", "symmetric [-7, 7]", "asymmetric")
@@ -65,9 +74,6 @@ def _fits(config: Any, sizes: list[int], what: str) -> None:
 
 def prepare(args: argparse.Namespace) -> None:
     """A GptjaxError for values the study cannot run with."""
-    from gptjax.config import get_preset
-    from gptjax.weights import load_config
-
     parts, sizes = _parts(args.parts), _group_sizes(args.group_sizes)
     if args.windows < 1 or args.runs < 1:
         raise GptjaxError(f"--windows {args.windows} and --runs {args.runs} must be >= 1")
@@ -98,13 +104,8 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
 
 def _model(checkpoint: str, count: int) -> tuple[Any, Any, np.ndarray]:
     """(config, params, validation windows [N, T+1]) of a trained checkpoint, on the split `gptjax train` held out."""
-    from gptjax import data
-    from gptjax.cli.evaluate import validation_tokens
-    from gptjax.weights import load_checkpoint
-
     config, params = load_checkpoint(checkpoint)
-    ns = argparse.Namespace(checkpoint=checkpoint, data=None, val_fraction=0.05)
-    return config, params, data.eval_windows(validation_tokens(ns, config)[0], config.n_positions, count)
+    return config, params, validation_windows(checkpoint, config, count)
 
 
 def rounded(w: np.ndarray, group_size: int, scheme: str) -> np.ndarray:
@@ -126,8 +127,6 @@ def rounded(w: np.ndarray, group_size: int, scheme: str) -> np.ndarray:
 
 def bits_per_byte(config: Any, params: Any, windows: np.ndarray) -> float:
     """Mean next-byte loss in bits of params on the fp32 JAX backend."""
-    from gptjax import get_backend
-
     backend, nll, count = get_backend("jax", config), 0.0, 0
     for start in range(0, len(windows), 8):
         batch = windows[start: start + 8]
@@ -140,8 +139,6 @@ def bits_per_byte(config: Any, params: Any, windows: np.ndarray) -> float:
 
 def symmetry_rows(config: Any, params: Any, windows: np.ndarray, sizes: list[int], log: Any) -> list[dict[str, Any]]:
     """Reconstruction error and bits/byte per group size and rounding scheme (every quantised weight rounded)."""
-    from gptjax.quantize import quantized_keys
-
     base = bits_per_byte(config, params, windows)
     rows = []
     for G in sizes:
@@ -162,11 +159,6 @@ def symmetry_rows(config: Any, params: Any, windows: np.ndarray, sizes: list[int
 
 def quality_rows(config: Any, params: Any, windows: np.ndarray, sizes: list[int], log: Any) -> list[dict[str, Any]]:
     """The int4 mode per group size and head storage (and int8 for reference) against fp32 on the same windows."""
-    from gptjax import get_backend
-    from gptjax import precision as registry
-    from gptjax.precision_report import Mode, quality
-    from gptjax.quantize import convert, weight_bytes
-
     variants = [("fp32", None, False), ("int8", None, False)] + [("int4", G, keep) for G in sizes
                                                                    for keep in (False, True)]
     built = []
@@ -187,8 +179,6 @@ def quality_rows(config: Any, params: Any, windows: np.ndarray, sizes: list[int]
 def decode_rate(backend: Any, weights: Any, prompt: list[int], new_tokens: int) -> float:
     """Tokens/s of a greedy B=1 stream's decode phase: the tokens after the prefill's, over the time from the
     prefill's chunk to the last chunk (as gptjax.precision_report.speed times it)."""
-    from gptjax.bench.stats import stamps
-
     chunks = stamps(backend.stream(weights, [prompt], new_tokens, chunk_size=new_tokens, sampling=GREEDY))
     return sum(len(t) for _, c in chunks[1:] for t in c.tokens) / (chunks[-1][0] - chunks[0][0])
 
@@ -197,11 +187,7 @@ def speed_rows(preset: str, sizes: list[int], runs: int, log: Any) -> list[dict[
     """Decode B=1 tokens/s on the preset's shape, int8 and int4 per group size interleaved (A B C A B C, fresh
     prompts each round; median and best of runs: the machine may be shared), and the read ceiling before and
     after."""
-    from gptjax import get_backend, get_preset, init_params
-    from gptjax.backends import cpu_kernels
-    from gptjax.bench.ceilings import memory_bandwidth
-    from gptjax.bench.stats import interleaved_runs, load_average, median
-    from gptjax.quantize import for_precision, weight_bytes
+    from gptjax.backends import cpu_kernels  # imports jax: not for the study's --help and flag checks
 
     config = get_preset(preset)
     params = init_params(config, seed=0)
@@ -237,20 +223,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     def label(r: dict[str, Any]) -> str:
         return r["precision"] + (f" g{r['group_size']}" if r["group_size"] else "")
 
-    out = []
-    if sym := [r for r in rows if r["part"] == "symmetry"]:
-        out += ["| G | rounding | relative RMS error | bits/byte | vs fp32 |", "|---|---|---|---|---|"] + [
-            f"| {r['group_size']} | {r['scheme']} | {r['relative_rms_error']:.4f} | {r['bits_per_byte']:.4f} "
-            f"| {100 * r['bits_per_byte_change']:+.2f}% |" for r in sym] + [""]
-    if qual := [r for r in rows if r["part"] == "quality"]:
-        out += ["| mode | head | weight bytes | bits/byte | Δ perplexity | top-1 = fp32 | greedy = fp32 |",
-                "|---|---|---|---|---|---|---|"] + [
-            f"| {label(r)} | {r['head']} | {r['weight_bytes']:,} | {r['bits_per_byte']:.4f} "
-            f"| {100 * r['perplexity_change']:+.2f}% | {100 * r['top1_agreement']:.1f}% "
-            f"| {100 * r['greedy_agreement']:.1f}% |" for r in qual] + [""]
-    if speed := [r for r in rows if r["part"] == "speed"]:
-        out += ["| mode | weight bytes | decode B=1 tok/s (median) | best | % of roofline (median) |",
-                "|---|---|---|---|---|"] + [
-            f"| {label(r)} | {r['weight_bytes']:,} | {r['decode_tokens_per_s']:,.1f} "
-            f"| {r['decode_tokens_per_s_best']:,.1f} | {100 * r['roofline_fraction']:.1f}% |" for r in speed]
-    return "\n".join(out).strip()
+    def part(name: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["part"] == name]
+
+    symmetry = grid(("G", "rounding", "relative RMS error", "bits/byte", "vs fp32"), [
+        (str(r["group_size"]), r["scheme"], f"{r['relative_rms_error']:.4f}", f"{r['bits_per_byte']:.4f}",
+         f"{100 * r['bits_per_byte_change']:+.2f}%") for r in part("symmetry")])
+    quality = grid(("mode", "head", "weight bytes", "bits/byte", "Δ perplexity", "top-1 = fp32", "greedy = fp32"), [
+        (label(r), r["head"], f"{r['weight_bytes']:,}", f"{r['bits_per_byte']:.4f}",
+         f"{100 * r['perplexity_change']:+.2f}%", f"{100 * r['top1_agreement']:.1f}%",
+         f"{100 * r['greedy_agreement']:.1f}%") for r in part("quality")])
+    speed = grid(("mode", "weight bytes", "decode B=1 tok/s (median)", "best", "% of roofline (median)"), [
+        (label(r), f"{r['weight_bytes']:,}", f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_tokens_per_s_best']:,.1f}",
+         f"{100 * r['roofline_fraction']:.1f}%") for r in part("speed")])
+    return "\n\n".join("\n".join(t) for t in (symmetry, quality, speed) if len(t) > 2)

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import get_backend, get_preset, init_params
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_times, median
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_times, median
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--prompt": (32, "prompt tokens"),
@@ -27,8 +28,6 @@ FLAGS = {"--preset": ("gpt2", "model shape, random weights"), "--prompt": (32, "
 
 def prepare(args: argparse.Namespace) -> None:
     """Check that the prompt and the new tokens fit the context."""
-    from gptjax import get_preset
-
     context = get_preset(args.preset).n_positions
     if min(args.prompt, args.new, args.runs) < 1 or args.prompt + args.new > context:
         raise GptjaxError(f"--prompt {args.prompt} + --new {args.new} must fit n_positions={context} "
@@ -37,8 +36,6 @@ def prepare(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Tokens/s of the cached decode and of the recompute, and their ratio."""
-    from gptjax import get_backend, get_preset, init_params
-
     config = get_preset(args.preset)
     backend = get_backend("numpy", config)
     weights = backend.prepare(init_params(config, seed=0))

@@ -26,9 +26,11 @@ import random
 import subprocess
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from gptjax import data
 from gptjax.bench.results import Outcome
 from gptjax.bench.server import free_port, start_server
 from gptjax.errors import GptjaxError
@@ -47,7 +49,7 @@ def prepare(args: argparse.Namespace) -> None:
                           "from `gptjax train`)")
     if min(args.docs, args.context, args.max_line, args.batch_size) < 1:
         raise GptjaxError("--docs, --context, --max-line and --batch-size must be >= 1")
-    try:
+    try:  # the eval extra is optional: is it installed?
         import lm_eval  # noqa: F401
     except ImportError:
         raise GptjaxError("--study lm-eval needs lm-evaluation-harness: pip install 'gptjax[eval]'") from None
@@ -55,8 +57,6 @@ def prepare(args: argparse.Namespace) -> None:
 
 def _held_out_lines(seed: int, context: int, max_line: int, docs: int) -> list[dict[str, Any]]:
     """Next-line documents from the validation split of the stdlib corpus: context, line, 3 distractors."""
-    from gptjax import data
-
     _, val = data.split_docs(data.stdlib_corpus())
     rng = random.Random(seed)
     pool: list[tuple[str, str]] = []  # (context, next line), the line non-blank and short
@@ -131,9 +131,9 @@ def _serve(checkpoint: str, mode: str, port: int) -> subprocess.Popen:
 def _evaluate(url: str, model: str, task: str, folder: Path, args: argparse.Namespace,
               limit: int | None = None) -> tuple[dict, float]:
     """lm-eval's results for one task (its first `limit` documents) and its wall-clock seconds."""
-    import httpx
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    import httpx  # optional, checked by prepare()
+    import lm_eval  # the eval extra, checked by prepare()
+    from lm_eval.tasks import TaskManager  # the eval extra
 
     context = httpx.get(url + "/tokenizer_info").json()["model_max_length"]
     model_args = {"model": model, "base_url": url + "/v1/completions", "tokenizer_backend": "remote",
@@ -147,7 +147,7 @@ def _evaluate(url: str, model: str, task: str, folder: Path, args: argparse.Name
 
 def _scored_tokens(samples: list[dict[str, Any]], url: str) -> int:
     """Tokens the server scored: every context + choice (plus the one token each such request generates)."""
-    import httpx
+    import httpx  # optional, checked by prepare()
 
     def count(text: str) -> int:
         return httpx.post(url + "/tokenize", json={"prompt": text}).json()["count"]
@@ -157,7 +157,7 @@ def _scored_tokens(samples: list[dict[str, Any]], url: str) -> int:
 
 def _generated_tokens(url: str) -> float:
     """The server's generated-token counter (/metrics)."""
-    import httpx
+    import httpx  # optional, checked by prepare()
 
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith("gptjax_generated_tokens_total"):
@@ -215,8 +215,6 @@ def _true_line_logprob(samples: list[dict[str, Any]]) -> float:
 
 def lm_eval_version() -> str:
     """The installed lm-evaluation-harness version."""
-    from importlib.metadata import version
-
     return version("lm_eval")
 
 

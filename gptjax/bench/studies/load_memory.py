@@ -15,9 +15,10 @@ import sys
 import tempfile
 from typing import Any
 
+from gptjax import get_preset, init_params, load_checkpoint, save_checkpoint
 from gptjax.bench.env import peak_rss
 from gptjax.bench.results import Outcome, child_result
-from gptjax.bench.stats import timed, timed_value
+from gptjax.timing import timed, timed_value
 
 # flag -> (default, help); the runner adds them (the type is the default's, str for None)
 FLAGS = {"--preset": ("gpt2-xl", "model shape, random weights"),
@@ -26,8 +27,6 @@ FLAGS = {"--preset": ("gpt2-xl", "model shape, random weights"),
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Write the checkpoint, load it in a child process, and report the child's peak RSS."""
-    from gptjax import get_preset, init_params, save_checkpoint
-
     config = get_preset(args.preset)
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         path = os.path.join(d, "ck")
@@ -50,8 +49,6 @@ def table(r: dict[str, Any]) -> str:
 
 def _child(path: str) -> dict[str, Any]:
     """In a fresh process: peak RSS before and after load_checkpoint, the seconds it took, the bytes loaded."""
-    from gptjax import load_checkpoint
-
     before = peak_rss()
     (_, params), seconds = timed_value(lambda: load_checkpoint(path))
     return {"rss_before_bytes": before, "rss_after_bytes": peak_rss(), "load_s": seconds,

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import get_backend, get_preset, init_params
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_runs, median, stamps
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, median, stamps
 
 DEFAULT_MODES = "fp32/fp32,bf16/bf16,bf16/fp32,int8/int8,int8/fp32,int8/bf16"
 CHUNK = 8  # decode steps per stream chunk
@@ -56,8 +57,6 @@ def prepare(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Every mode's median decode step, modes interleaved round by round."""
-    from gptjax import get_backend, get_preset, init_params
-
     modes = parse_modes(args.modes)
     config = get_preset(args.preset)
     params = init_params(config, seed=0)

@@ -20,10 +20,13 @@ import argparse
 import os
 from typing import Any
 
+import numpy as np
+
+from gptjax import get_preset
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_times, median
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
+from gptjax.timing import interleaved_times, median
 
 # flag -> (default, help); the runner adds them (the type is the default's)
 FLAGS = {"--preset": ("byte-mini", "model shape, random weights"), "--batch": (16, "global batch"),
@@ -63,10 +66,7 @@ def comm_bytes(config: GPTConfig, batch: int, seq_len: int, d: int, f: int, t: i
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """The median train-step time of every mesh, one mesh after another."""
-    import jax
-    import numpy as np
-
-    from gptjax import get_preset
+    import jax  # here, after prepare() set XLA_FLAGS: JAX reads the host device count when it starts
 
     config = get_preset(args.preset)
     batch = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.batch, args.seq_len + 1)).astype(np.int32)
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
 
 def _step_times(config: GPTConfig, args: argparse.Namespace, batch: Any, sizes: tuple[int, int, int]) -> list[float]:
     """Seconds per train step on this mesh, after two warm-up steps."""
+    # jax and what imports it (flax, optax) here, after prepare() set XLA_FLAGS (read when JAX starts)
     import jax
 
     from gptjax.sharding import make_mesh, shard_batch

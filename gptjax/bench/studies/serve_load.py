@@ -26,10 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import get_preset, init_params, save_checkpoint
 from gptjax.bench.results import Outcome
 from gptjax.bench.server import free_port, start_server
-from gptjax.bench.stats import clock, interleaved_runs, median, percentile
 from gptjax.errors import GptjaxError
+from gptjax.timing import clock, interleaved_runs, median, percentile
+from gptjax.weights import load_config
 
 METRICS = ('gptjax_http_requests_total{method="POST",route="/v1/completions",status="200"}',
            'gptjax_generated_tokens_total{backend="jax"}', "gptjax_serve_decode_rows_sum",
@@ -62,7 +64,7 @@ def prepare(args: argparse.Namespace) -> None:
     levels(args)
     if min(args.requests, args.rounds, args.prompt, args.max_tokens) < 1 or args.duration <= 0:
         raise GptjaxError("--requests, --rounds, --prompt and --max-tokens must be >= 1, --duration > 0")
-    try:
+    try:  # the client and the serve extra are optional: are they installed?
         import fastapi  # noqa: F401
         import httpx  # noqa: F401
         import uvicorn  # noqa: F401
@@ -108,7 +110,7 @@ async def _one(client: Any, prompt: list[int], max_tokens: int, seed: int) -> Sa
 async def _level(url: str, clients: int, requests: int, cap_s: float, prompts: list[list[int]], max_tokens: int
                  ) -> tuple[list[Sample], float]:
     """`clients` workers sending back to back until `requests` were sent or cap_s passed; samples and wall time."""
-    import httpx
+    import httpx  # optional, checked by prepare()
 
     sent, samples = [0], []
     t0 = clock()
@@ -127,7 +129,7 @@ async def _level(url: str, clients: int, requests: int, cap_s: float, prompts: l
 
 def _scrape(url: str) -> dict[str, float]:
     """The samples of /metrics this study checks."""
-    import httpx
+    import httpx  # optional, checked by prepare()
 
     values = dict.fromkeys(METRICS, 0.0)
     for line in httpx.get(url + "/metrics").text.splitlines():
@@ -147,7 +149,6 @@ def _start_server(checkpoint: str, port: int, args: argparse.Namespace) -> subpr
 def _checkpoint(args: argparse.Namespace, directory: str) -> str:
     if args.checkpoint:
         return args.checkpoint
-    from gptjax import get_preset, init_params, save_checkpoint
 
     config = get_preset(args.preset)
     path = os.path.join(directory, args.preset)
@@ -157,8 +158,6 @@ def _checkpoint(args: argparse.Namespace, directory: str) -> str:
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Start the server, warm it up, run the levels' rounds interleaved, stop it; one row per level."""
-    from gptjax.weights import load_config
-
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _checkpoint(args, tmp)
         rng = np.random.default_rng(0)

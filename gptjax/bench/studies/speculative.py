@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from pathlib import Path
 from typing import Any
 
+from gptjax import get_backend, get_preset, init_params, load_checkpoint
 from gptjax.bench.results import Outcome
-from gptjax.bench.stats import interleaved_runs, median, timed_value
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.speculative import ModelDraft, NgramDraft
+from gptjax.timing import interleaved_runs, median, timed_value
 
 FLAGS = {"--target": ("gpt2", "a checkpoint directory, or a preset name (random weights)"),
          "--drafts": ("ngram", "comma list: ngram and/or draft checkpoint directories"),
@@ -47,10 +50,6 @@ def prepare(args: argparse.Namespace) -> None:
 
 def _model(spec: str) -> tuple[Any, Any, str]:
     """(config, params, name) of a checkpoint directory or a preset with random weights."""
-    from pathlib import Path
-
-    from gptjax import get_preset, init_params, load_checkpoint
-
     if Path(spec).exists():
         config, params = load_checkpoint(spec)
         path = Path(spec).resolve()
@@ -66,9 +65,6 @@ def _prompts(n: int, length: int) -> list[list[int]]:
 
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Plain and speculative greedy decoding per batch size, interleaved round by round."""
-    from gptjax import get_backend
-    from gptjax.speculative import ModelDraft, NgramDraft
-
     config, params, target = _model(args.target)
     drafts = {}
     for spec in args.drafts.split(","):

@@ -17,10 +17,14 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
+from opentelemetry import trace
+
+from gptjax import get_backend, get_preset, init_params
 from gptjax.bench.results import Outcome, child_result
-from gptjax.bench.stats import interleaved_runs, interleaved_times, median
 from gptjax.errors import GptjaxError
 from gptjax.sampling import GREEDY
+from gptjax.timing import interleaved_runs, interleaved_times, median
 
 VARIANTS = ("off", "on", "unsynced")
 LABELS = {"off": "off (API no-op)", "on": "on (SDK + batch exporter, synced)", "unsynced": "on, unsynced"}
@@ -36,7 +40,7 @@ def prepare(args: argparse.Namespace) -> None:
     """Check the flags and that the OpenTelemetry SDK is installed."""
     if min(args.batch, args.new, args.chunk_size, args.runs, args.rounds) < 1:
         raise GptjaxError("--batch, --new, --chunk-size, --runs and --rounds must be >= 1")
-    try:
+    try:  # the otel extra is optional: is it installed?
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError:
         raise GptjaxError("--study tracing-overhead needs the otel extra (pip install 'gptjax[otel]')") from None
@@ -72,10 +76,6 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def _child(task: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: install the variant's tracer provider, then time streamed decode calls."""
-    import numpy as np
-
-    from gptjax import get_backend, get_preset, init_params
-
     args, variant = argparse.Namespace(**task), task["variant"]
     spans = [0]
     provider = _discarding_provider(spans) if variant != "off" else None
@@ -96,9 +96,8 @@ def _child(task: dict[str, Any]) -> dict[str, Any]:
 
 def _discarding_provider(spans: list[int]) -> Any:
     """The global tracer provider, exporting through a batch processor into an exporter that counts and drops."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace import TracerProvider  # the otel extra, checked by prepare()
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # the otel extra
 
     class Discard(SpanExporter):
         def export(self, batch: Any) -> SpanExportResult:

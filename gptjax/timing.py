@@ -1,0 +1,87 @@
+"""The clock and timing statistics every measurement in gptjax uses: warm-up then interleaved timed runs, arrival
+stamps of a stream, medians and percentiles. It imports nothing of gptjax, so that the library (the precision
+report), the benchmark harness (gptjax.bench) and training can all time through the same functions."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+clock = time.perf_counter  # the harness's clock: seconds, monotonic, the finest the platform has
+
+
+def interleaved_runs(fns: dict[str, Callable[[int], T]], runs: int, warmup: int) -> dict[str, list[T]]:
+    """What each fn returns per timed run, run A B A B ... after `warmup` rounds whose results are dropped;
+    fn(i) gets the run index (to rotate inputs; negative during warm-up) and measures itself (timed, stamps)."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(-1 - i)
+    results: dict[str, list[T]] = {name: [] for name in fns}
+    for i in range(runs):
+        for name, fn in fns.items():
+            results[name].append(fn(i))
+    return results
+
+
+def interleaved_times(fns: dict[str, Callable[[int], object]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, run A B A B ... so machine drift hits all alike; fn(i) gets the run index
+    (to rotate inputs; negative during warm-up) and must block until its result is ready."""
+    return interleaved_runs({name: (lambda i, fn=fn: timed(lambda: fn(i))) for name, fn in fns.items()}, runs,
+                            warmup)
+
+
+def timed_value(fn: Callable[[], T]) -> tuple[T, float]:
+    """fn's result and the seconds the call took (fn must block until its result is ready)."""
+    t0 = clock()
+    value = fn()
+    return value, clock() - t0
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of fn takes (fn must block until its result is ready)."""
+    return timed_value(fn)[1]
+
+
+def stamps(items: Iterable[T]) -> list[tuple[float, T]]:
+    """(seconds since the call, item) as each item of an iterable arrives, e.g. the chunks of a stream."""
+    t0, out = clock(), []
+    for item in items:
+        out.append((clock() - t0, item))
+    return out
+
+
+def best_time(fn: Callable[[], object], runs: int) -> float:
+    """The fastest of `runs` calls after one warm-up call (for ceilings: the best the machine can do)."""
+    fn()
+    return min(timed(fn) for _ in range(runs))
+
+
+def median(xs: list[float]) -> float:
+    """The median (the mean of the middle two for an even count)."""
+    return statistics.median(xs)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation, as numpy computes it."""
+    return float(np.percentile(np.asarray(xs, dtype=float), q))
+
+
+def latency_summary(xs: list[float]) -> dict[str, float]:
+    """p50, p90 and p99 of latencies in seconds (an empty dict for no samples)."""
+    return {f"p{q}": percentile(xs, q) for q in (50, 90, 99)} if xs else {}
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (others' work competes for the cores), None where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
