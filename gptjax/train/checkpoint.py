@@ -4,8 +4,9 @@ checkpoints of the train state and the batch generator, and what a write the OS 
 Orbax saves in the background and commits a save by renaming its temporary directory, so the checkpoints before a
 failed save stay intact and --resume uses them. A failed save surfaces at the next save or at the end of the run as
 WriteFailed naming the step's directory and the OS's cause (a full disk, a read-only or unwritable directory); its
-temporary directory is removed once orbax has finished with it (wait_until_finished joins orbax's save threads), and
-orbax removes any left by a killed process when the run is resumed (cleanup_tmp_directories).
+temporary directory is removed once orbax has raised the failure (wait_until_finished joins orbax's save thread, and
+a save's array writes share one tensorstore transaction, which fails as a whole: no write of it is left running),
+and orbax removes any a killed process left when the run is resumed (cleanup_tmp_directories).
 """
 
 from __future__ import annotations
@@ -188,8 +189,7 @@ class Checkpoints:
     @contextmanager
     def _writes(self, step: int) -> Iterator[None]:
         """A failed save of `step`: its temporary directory removed, WriteFailed naming it if the OS refused a
-        write (orbax raises the failure from wait_until_finished once its save thread has ended; the array writes
-        of a save share one tensorstore transaction, which fails as a whole)."""
+        write."""
         try:
             with writing(f"checkpoint to {self.directory / str(step)}"):
                 yield
