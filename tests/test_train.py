@@ -37,8 +37,8 @@ NAN_STEP = make_train_step(_nan_loss)
 
 
 def _nan_at(monkeypatch, steps):
-    """Make the loop's 1-based `steps` non-finite, through the seam gptjax.train.step_function."""
-    monkeypatch.setattr("gptjax.train.step_function", lambda step: NAN_STEP if step in steps else train_step)
+    """Make the loop's 1-based `steps` non-finite, through the seam gptjax.train.loop.step_function."""
+    monkeypatch.setattr("gptjax.train.loop.step_function", lambda step: NAN_STEP if step in steps else train_step)
 
 
 @pytest.mark.slow

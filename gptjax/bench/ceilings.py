@@ -1,5 +1,6 @@
 """Ceilings: matmul FLOP/s per dtype and memory bandwidth measured through JAX now, on this device, plus the
-datasheet peaks of known accelerators (clearly labelled "datasheet": vendor figures, not measurements)."""
+datasheet peaks of known accelerators (clearly labelled "datasheet": vendor figures, not measurements). The matmul
+is gptjax.peaks.matmul_flops, the function whose cached result is training's MFU denominator."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from gptjax import precision as registry
 from gptjax.bench.stats import best_time
+from gptjax.peaks import matmul_flops
 
 
 @dataclass(frozen=True)
@@ -47,19 +49,6 @@ def datasheet_for(device_kind: str) -> Datasheet | None:
     """The datasheet entry whose key occurs in this device kind (e.g. "NVIDIA H100 80GB HBM3"), or None."""
     kind = device_kind.lower()
     return next((sheet for key, sheet in DATASHEETS if key in kind), None)
-
-
-def matmul_flops(dtype: str, n: int, runs: int = 5) -> float:
-    """FLOP/s (2n³ per call) of an n x n x n matmul in dtype (fp32 | bf16 | int8 with int32 accumulation) through
-    jax.jit on the default device, best of runs; fp32 at "float32" precision (no TF32/bf16 passes)."""
-    import jax
-    import jax.numpy as jnp
-
-    dt = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8}[dtype]
-    a = jnp.ones((n, n), dt)
-    out_dtype = jnp.int32 if dtype == "int8" else None
-    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=out_dtype, precision="highest"))
-    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
 
 
 def bf16_kernel_flops(n: int, runs: int = 5) -> float:

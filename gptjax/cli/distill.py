@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop (evaluate, checkpoint, export) after this")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip updates whose loss/gradients are not finite")
-    p.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: measured now)")
+    p.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: $GPTJAX_PEAK_FLOPS, "
+                   "else this machine's matmul ceiling, measured once and cached)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mesh", metavar="SPEC", help="train over a device mesh, e.g. data=2,fsdp=2,tensor=2")
 

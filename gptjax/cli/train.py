@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: stop, keeping the last good checkpoint)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="capture a jax.profiler trace of this "
                    "many steps (after compilation) into DIR/profile")
-    p.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: measured now)")
+    p.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: $GPTJAX_PEAK_FLOPS, "
+                   "else this machine's matmul ceiling, measured once and cached)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mesh", metavar="SPEC", help="train over a device mesh, e.g. data=2,fsdp=2,tensor=2 "
                    "(sizes may be -1: the rest of the devices)")
@@ -102,10 +103,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _quiet_failed_writes() -> None:
-    """Keep a checkpoint save the OS refused (a full disk) to the one line run() prints: orbax logs the error's
-    traceback from several threads, asyncio logs each sibling write as "never retrieved", and tensorstore reports
-    the writes that end after orbax closed its event loop as unraisable errors (hundreds of lines in all), while
-    train() raises the failure itself as WriteFailed. Process-wide, as the logging set-up is; installed once."""
+    """Keep a checkpoint save the OS refused (a full disk) to the one line run() prints, while train() raises the
+    failure itself as WriteFailed: orbax logs the error's traceback from several threads and asyncio may log the
+    sibling writes as "never retrieved" (both filtered here like any logging set-up), and tensorstore reports the
+    sibling writes that end after orbax closed its event loop as unraisable errors. Those come from orbax 0.12.8
+    itself: its asyncio.gather of a save's array writes (one tensorstore transaction, which fails as a whole)
+    returns at the first failure and closes the loop the others still call back into; 76 to 98 such reports per
+    failed save here, and none of orbax's options, futures or close() prevents them. Process-wide, as the logging
+    set-up is; installed once."""
     logging.getLogger("absl").addFilter(_not_a_failed_write)
     logging.getLogger("asyncio").addFilter(_not_a_failed_write)
     if not getattr(sys.unraisablehook, "gptjax_quiet", False):
