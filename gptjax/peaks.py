@@ -14,12 +14,12 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from gptjax.data import default_cache_dir, write_atomic
 from gptjax.errors import GptjaxError, os_cause
+from gptjax.timing import best_time
 
 PEAK_ENV = "GPTJAX_PEAK_FLOPS"  # FLOP/s: MFU's denominator, instead of the cached ceiling
 CACHE_FILE = "ceilings.json"
@@ -37,18 +37,7 @@ def matmul_flops(dtype: str, n: int, runs: int = 5) -> float:
     a = jnp.ones((n, n), dt)
     out_dtype = jnp.int32 if dtype == "int8" else None
     f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=out_dtype, precision="highest"))
-    return 2 * n**3 / _best_seconds(lambda: f(a).block_until_ready(), runs)
-
-
-def _best_seconds(fn: Callable[[], object], runs: int) -> float:
-    """The fastest of `runs` calls after one warm-up call (a ceiling: the best the machine can do)."""
-    fn()
-    best = math.inf
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
 
 
 class Peak(NamedTuple):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptjax import precision as registry
-from gptjax.bench.stats import best_time
+from gptjax.timing import best_time
 from gptjax.peaks import matmul_flops
 
 
