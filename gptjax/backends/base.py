@@ -258,10 +258,13 @@ def check_options(name: str, allowed: Mapping[str, tuple], options: dict[str, An
             raise GptjaxError(f"backend {name!r} has no option {key!r}; options: {sorted(allowed)}")
         if allowed[key] and value not in allowed[key]:
             raise GptjaxError(f"backend {name!r}: {key}={value!r}; allowed: {list(allowed[key])}")
-    group_size = options.get("group_size")
+    _check_group_size(name, options.get("group_size"))
+    return options
+
+
+def _check_group_size(name: str, group_size: Any) -> None:
     if group_size is not None and (not is_int(group_size) or group_size < 1):
         raise GptjaxError(f"backend {name!r}: group_size={group_size!r} must be a positive integer or None")
-    return options
 
 
 def _check_chunk_size(chunk_size: Any) -> None:

@@ -186,17 +186,27 @@ class _Call:
             chunk = next(chunks)
             steps = max((len(t) for t in chunk.tokens), default=0)
             span.set({"gptjax.steps": steps} | speculation_attributes(self.spec, chunk))
-            if phase == "decode" and span.recording:
-                for i in range(steps):
-                    span.event("gptjax.token", {"gptjax.position": self.position + i})
+            if phase == "decode":
+                self._token_events(span, steps)
         self._report(phase, span.seconds, steps, chunk)
         self.generated += sum(len(t) for t in chunk.tokens)
         self.position += max(1, steps)
         self.reasons = chunk.finish_reasons
-        if all(self.reasons) and self.parent.is_recording():  # before the last yield: a consumer may stop there
+        if all(self.reasons):  # said before the last yield: a consumer may stop reading right after it
+            self._finished()
+        return chunk
+
+    def _token_events(self, span: SpanHandle, steps: int) -> None:
+        """A `gptjax.token` event per decode step of a recording chunk span."""
+        if span.recording:
+            for i in range(steps):
+                span.event("gptjax.token", {"gptjax.position": self.position + i})
+
+    def _finished(self) -> None:
+        """The call's output tokens and finish reasons on its span."""
+        if self.parent.is_recording():
             self.parent.set_attributes({"gen_ai.usage.output_tokens": self.generated,
                                         "gen_ai.response.finish_reasons": [str(r) for r in self.reasons]})
-        return chunk
 
     def _report(self, phase: str, seconds: float, steps: int, chunk: StreamChunk) -> None:
         """A chunk's metrics: a prefill's (and the time to first token), or a decode chunk's (and its drafts)."""
