@@ -19,8 +19,9 @@ import uvicorn
 from gptjax.backends import get_backend
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
-from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
+from gptjax.serve.app import create_app
 from gptjax.serve.connections import ConnectionLimits
+from gptjax.serve.state import ServedModel, ServeOptions, ServerState
 from gptjax.speculative import Draft, ModelDraft, Speculation, check_speculation
 from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
@@ -91,7 +92,7 @@ def run(model: ServedModel, options: ServeOptions, *, host: str = "127.0.0.1", p
     complete a request's headers within header_timeout seconds; one opened while max_connections are open gets
     503 (serve/connections.py)."""
     app = create_app(model, options)
-    limits = ConnectionLimits(model.metrics.registry, header_timeout=header_timeout, max_connections=max_connections)
+    limits = ConnectionLimits(model.metrics.server, header_timeout=header_timeout, max_connections=max_connections)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on", http=limits.protocol())
     app.state.gptjax.address = f"http://{host}:{port}"  # for the "ready" log line
