@@ -30,11 +30,11 @@ from gptjax.speculative import ModelDraft, Speculation, check_room, check_specul
 from gptjax.tracing.observe import Observer
 from gptjax.weights import Params, validate_params
 
-ENTRY_POINT_GROUP = "gptjax.backends"
 # The options every built-in backend takes (merged into its `options`): the precision mode, the KV cache's
 # storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
 PRECISION_OPTIONS: dict[str, tuple] = {"precision": tuple(MODES), "kv_cache": tuple(KV_CACHES), "group_size": (),
                                        "keep_head": (False, True)}
+ENTRY_POINT_GROUP = "gptjax.backends"  # where plug-ins register (name = "module:BackendSubclass")
 _BUILTIN = {
     "numpy": "gptjax.backends.numpy_ref:NumpyBackend",
     "jax": "gptjax.backends.jax:JaxBackend",
@@ -118,7 +118,7 @@ class Backend(abc.ABC):
         per target pass: greedy tokens are those without a draft, sampled ones follow the same distribution.
         """
         request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "generate"))
-        spec = self._speculation(draft, num_speculative_tokens, request)
+        spec = None if draft is None else self.speculation(draft, num_speculative_tokens, request)
         return collect(self._observed(params, request, None, spec), request)
 
     def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
@@ -132,7 +132,7 @@ class Backend(abc.ABC):
         """
         _check_chunk_size(chunk_size)
         request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "stream"))
-        spec = self._speculation(draft, num_speculative_tokens, request)
+        spec = None if draft is None else self.speculation(draft, num_speculative_tokens, request)
         return self._observed(params, request, chunk_size, spec)
 
     def stream_joined(self, params: Params | Any, requests: Sequence[GenerationRequest], *, chunk_size: int = 16
@@ -150,18 +150,19 @@ class Backend(abc.ABC):
             weights, request, chunk_size, spec)
         return self.observer.stream(chunks, request, spec)
 
-    def _speculation(self, draft: Any, k: Any, request: GenerationRequest) -> Speculation | None:
-        """The checked drafter of a call (None without one), a draft model's weights prepared by a backend of
-        this kind in the draft's precision (reused while the same ModelDraft object is passed)."""
-        if draft is None:
-            return None
+    def speculation(self, draft: Any, k: Any, request: GenerationRequest | None = None) -> Speculation:
+        """A checked drafter (gptjax.speculative.ModelDraft or NgramDraft) proposing k tokens per round, a draft
+        model's weights prepared by a backend of this kind in the draft's precision (reused while the same
+        ModelDraft object is passed); with a request, also checked to fit its rows (no penalties or bias, room
+        in the draft model's context)."""
         if type(self)._speculate is Backend._speculate:
             raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
-        if request.adjusts:  # the verify step scores the target's raw distribution
+        if request is not None and request.adjusts:  # the verify step scores the target's raw distribution
             raise GptjaxError("speculative decoding (draft=...) does not support presence_penalty, "
                               "frequency_penalty or logit_bias yet; drop them or the draft")
         k = check_speculation(draft, k, self.config)
-        check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
+        if request is not None:
+            check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
         if not isinstance(draft, ModelDraft):
             return Speculation(draft, k)
         if self._draft_cache is None or self._draft_cache[0] is not draft:

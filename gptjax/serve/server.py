@@ -22,7 +22,7 @@ from gptjax.errors import GptjaxError
 from gptjax.serve.app import create_app
 from gptjax.serve.connections import ConnectionLimits
 from gptjax.serve.state import ServedModel, ServeOptions, ServerState
-from gptjax.speculative import Draft, ModelDraft, Speculation, check_speculation
+from gptjax.speculative import Draft, Speculation
 from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.weights import load_checkpoint, run_options
@@ -47,16 +47,11 @@ def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision
 
 
 def speculation(engine: Backend, draft: Draft, k: int) -> Speculation:
-    """The checked drafter for a backend: k, and a draft model's weights prepared by a backend of the same kind
-    in the draft's precision (with its KV-cache storage)."""
+    """The checked drafter for a backend (Backend.speculation), which must have decode sessions."""
     if not engine.supports_sessions:
         raise GptjaxError(f"speculative serving (--draft) needs continuous batching: the jax backend without a mesh "
                           f"(backend {engine.name!r}{' with a mesh' if engine.name == 'jax' else ''} has none)")
-    k = check_speculation(draft, k, engine.config)
-    if not isinstance(draft, ModelDraft):
-        return Speculation(draft, k)
-    twin = get_backend(engine.name, draft.config, precision=draft.precision)
-    return Speculation(draft, k, twin.prepare(dict(draft.params)), twin.kv_cache)
+    return engine.speculation(draft, k)
 
 
 class _DrainingServer(uvicorn.Server):
