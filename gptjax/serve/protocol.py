@@ -93,8 +93,7 @@ def parse_completion(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -
     _check_model(data.get("model"), limits.model_id)
     _get(data, "user", str, "a string")
     echo = bool(_get(data, "echo", bool, "true or false"))
-    logprobs = _integer(data, "logprobs", None, lambda x: 0 <= x <= MAX_LOGPROBS,
-                        f"an integer in [0, {MAX_LOGPROBS}] or null")
+    logprobs = _logprobs(data.get("logprobs"))
     prompts = _prompts(data.get("prompt"), limits.config, tokenizer)
     n = _n(data, len(prompts), limits.max_choices)
     max_tokens = _max_tokens(data.get("max_tokens"), max(len(p) for p in prompts), limits, echo)
@@ -200,12 +199,10 @@ def _get(data: dict[str, Any], field: str, kind: type, allowed: str) -> Any:
     return value
 
 
-def _integer(data: dict[str, Any], field: str, default: int | None, ok: Any, allowed: str) -> int | None:
-    value = data.get(field)
-    if value is None:
-        return default
-    if not is_int(value) or not ok(value):
-        raise _bad(f"{field} must be {allowed}, got {json.dumps(value)[:50]}", field)
+def _logprobs(value: Any) -> int | None:
+    if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+        raise _bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {json.dumps(value)[:50]}",
+                   "logprobs")
     return value
 
 
@@ -301,15 +298,7 @@ def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> tuple[list[int], tu
         if is_int(item) and 0 <= item < V:
             ids.append(item)
         elif isinstance(item, str) and item:
-            size = len(item.encode("utf-8", errors="surrogatepass"))
-            if size > MAX_STOP_BYTES:
-                raise _bad(f"stop: a stop string of {size} UTF-8 bytes; at most {MAX_STOP_BYTES}", "stop")
-            if tokenizer is None:
-                raise _bad("stop: this model has no tokenizer, so stop strings cannot be matched; give token ids",
-                           "stop")
-            encoded = _encode(tokenizer, item, "stop")
-            if len(encoded) == 1:
-                ids.append(encoded[0])
+            ids += _stop_string(item, tokenizer)
             strings.append(item)
         else:
             raise _bad(f"stop: {json.dumps(item)[:50]} is neither a non-empty string nor a token id in [0, {V})",
@@ -317,10 +306,35 @@ def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> tuple[list[int], tu
     return ids, tuple(strings)
 
 
+def _stop_string(item: str, tokenizer: Tokenizer | None) -> list[int]:
+    """A stop string's token id when it is one token, else none; a 400 for one too long or without a tokenizer."""
+    size = len(item.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_STOP_BYTES:
+        raise _bad(f"stop: a stop string of {size} UTF-8 bytes; at most {MAX_STOP_BYTES}", "stop")
+    if tokenizer is None:
+        raise _bad("stop: this model has no tokenizer, so stop strings cannot be matched; give token ids", "stop")
+    encoded = _encode(tokenizer, item, "stop")
+    return encoded if len(encoded) == 1 else []
+
+
 def _sampling(data: dict[str, Any], stop_tokens: list[int], n: int, V: int) -> list[SamplingParams]:
     """The SamplingParams of each prompt's samples 0..n-1, built once each: sample j draws with seed
     (seed + j) mod 2**32, or with a seed of its own when none is given. SamplingParams checks the ranges (its
-    SamplingError becomes a 400 naming the field); only the HTTP limit on temperature is checked here."""
+    SamplingError becomes a 400 naming the field)."""
+    seed = data.get("seed")
+    try:
+        first = SamplingParams(**_settings(data, V), stop_tokens=stop_tokens,
+                               seed=secrets.randbelow(2**32) if seed is None else seed)
+        first.check_vocab(V)
+    except SamplingError as e:
+        raise _sampling_error(e, data, V) from None
+    return [first] + [replace(first, seed=secrets.randbelow(2**32) if seed is None else (seed + j) % 2**32)
+                      for j in range(1, n)]
+
+
+def _settings(data: dict[str, Any], V: int) -> dict[str, Any]:
+    """The body's sampling fields as SamplingParams keywords (JSON numbers of float fields as floats; null: the
+    default); a 400 over the one HTTP limit, temperature <= 2."""
     settings = {name: _as_float(data[name]) for name in ("temperature", "top_p", "presence_penalty",
                                                          "frequency_penalty") if data.get(name) is not None}
     if settings.get("top_p") == 1:  # the default: no nucleus, so no filtering pass to compile
@@ -328,17 +342,9 @@ def _sampling(data: dict[str, Any], stop_tokens: list[int], n: int, V: int) -> l
     temperature = settings.get("temperature")
     if is_real(temperature) and temperature > MAX_TEMPERATURE:
         raise _not_allowed("temperature", data, V)
-    bias, seed = data.get("logit_bias"), data.get("seed")
-    if isinstance(bias, dict):
-        bias = {key: _as_float(value) for key, value in bias.items()}
-    try:
-        first = SamplingParams(**settings, top_k=data.get("top_k"), stop_tokens=stop_tokens, logit_bias=bias,
-                               seed=secrets.randbelow(2**32) if seed is None else seed)
-        first.check_vocab(V)
-    except SamplingError as e:
-        raise _sampling_error(e, data, V) from None
-    return [first] + [replace(first, seed=secrets.randbelow(2**32) if seed is None else (seed + j) % 2**32)
-                      for j in range(1, n)]
+    bias = data.get("logit_bias")
+    return settings | {"top_k": data.get("top_k"),
+                       "logit_bias": {k: _as_float(v) for k, v in bias.items()} if isinstance(bias, dict) else bias}
 
 
 def _as_float(value: Any) -> Any:
