@@ -51,7 +51,7 @@ def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
     app = FastAPI(title="gptjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gptjax = state
     app.include_router(router)
-    app.add_middleware(_CountRequests, counter=state.metrics.http)
+    app.add_middleware(_CountRequests, counter=state.server_metrics.http)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -65,7 +65,7 @@ class ServerState:
         self.limits = Limits(model.backend.config, options.model_id,
                              options.max_tokens_cap or model.backend.config.n_positions,
                              min(MAX_CHOICES, options.max_queue))
-        self.metrics = m = model.metrics.server  # gptjax.tracing.metrics.ServeMetrics, in the model's registry
+        self.server_metrics = m = model.metrics.server  # gptjax.tracing.metrics.ServeMetrics, in the model's registry
         on_cancel = lambda reason: m.cancelled.labels(reason=reason).inc()  # noqa: E731
         self.batching = batching_mode(model, options)
         device, session = DeviceLock(), None  # the worker's chunks and scoring calls take turns on the backend
