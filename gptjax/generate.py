@@ -27,6 +27,7 @@ from gptjax.errors import GptjaxError
 from gptjax.sampling import SamplingParams
 
 STOP, LENGTH = "stop", "length"
+SAMPLING_MODES = ("greedy", "sample", "filter")  # GenerationRequest.mode's values; each covers the ones before it
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class GenerationRequest:
 
     @property
     def mode(self) -> str:
-        """"greedy" (every row argmax), "filter" (some row uses top-k/top-p) or "sample"."""
+        """The sampling mode a batch needs (one of SAMPLING_MODES): "greedy" (every row argmax), "filter" (some
+        row uses top-k/top-p) or "sample"."""
         rows = [self.row(b).sampling for b in range(self.batch)]
         return "greedy" if all(r.is_greedy for r in rows) else "filter" if any(r.filters for r in rows) else "sample"
 

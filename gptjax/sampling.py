@@ -22,11 +22,21 @@ MAX_LOGIT_BIAS = 300  # entries in a logit_bias (OpenAI's limit)
 MAX_STOP_TOKENS = 1024  # stop token ids per request
 
 
+class SamplingError(GptjaxError):
+    """A bad sampling setting. `field` names the SamplingParams field; for one logit_bias entry, `key` is its key
+    (as given; a token id for the vocabulary check) and `part` says what is wrong: "key" (not a token id of the
+    vocabulary), "bias" (its bias) or "twice" (one token id given twice). A server maps it to its own wording."""
+
+    def __init__(self, message: str, field: str, key: Any = None, part: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.key, self.part = field, key, part
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token of a generation (the same for every row of a call).
 
-    Construct it with keywords; a bad value raises GptjaxError naming it and what is allowed.
+    Construct it with keywords; a bad value raises SamplingError (a GptjaxError) naming it and what is allowed.
     `SamplingParams(greedy=True)` (or `temperature=0`) is argmax decoding.
     """
 
@@ -52,19 +62,21 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not is_real(self.temperature) or not self.temperature >= 0:
-            raise GptjaxError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 means greedy)")
+            raise SamplingError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 means greedy)",
+                                "temperature")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
-            raise GptjaxError(f"top_k={self.top_k!r} must be an integer >= 1 (at most the vocabulary size) or None")
+            raise SamplingError(f"top_k={self.top_k!r} must be an integer >= 1 (at most the vocabulary size) or None",
+                                "top_k")
         if self.top_p is not None and (not is_real(self.top_p) or not 0 < self.top_p <= 1):
-            raise GptjaxError(f"top_p={self.top_p!r} must be a number in (0, 1] or None")
+            raise SamplingError(f"top_p={self.top_p!r} must be a number in (0, 1] or None", "top_p")
         if not is_int(self.seed) or not 0 <= self.seed < 2**32:
-            raise GptjaxError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
+            raise SamplingError(f"seed={self.seed!r} must be an integer in [0, 2**32)", "seed")
         if not isinstance(self.greedy, (bool, np.bool_)):
-            raise GptjaxError(f"greedy={self.greedy!r} must be True or False")
+            raise SamplingError(f"greedy={self.greedy!r} must be True or False", "greedy")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not is_real(value) or not -2 <= value <= 2:
-                raise GptjaxError(f"{name}={value!r} must be a finite number in [-2, 2]")
+                raise SamplingError(f"{name}={value!r} must be a finite number in [-2, 2]", name)
         self._set(temperature=float(self.temperature), top_k=None if self.top_k is None else int(self.top_k),
                   top_p=None if self.top_p is None else float(self.top_p), seed=int(self.seed),
                   greedy=bool(self.greedy), presence_penalty=float(self.presence_penalty),
@@ -76,16 +88,17 @@ class SamplingParams:
             object.__setattr__(self, name, value)  # normalising a frozen instance, once, while it is built
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise GptjaxError unless every token id and top_k fit a vocabulary of vocab_size tokens."""
+        """Raise SamplingError unless every token id and top_k fit a vocabulary of vocab_size tokens."""
         V = vocab_size
         if self.top_k is not None and self.top_k > V:
-            raise GptjaxError(f"top_k={self.top_k} must be an integer in [1, {V}] (the vocabulary size) or None")
+            raise SamplingError(f"top_k={self.top_k} must be an integer in [1, {V}] (the vocabulary size) or None",
+                                "top_k")
         for t in self.stop_tokens:
             if t >= V:
-                raise GptjaxError(f"stop_tokens: token id {t} is outside [0, {V})")
+                raise SamplingError(f"stop_tokens: token id {t} is outside [0, {V})", "stop_tokens", t, "key")
         for t, _ in self.logit_bias:
             if t >= V:
-                raise GptjaxError(f"logit_bias: token id {t} is outside [0, {V})")
+                raise SamplingError(f"logit_bias: token id {t} is outside [0, {V})", "logit_bias", t, "key")
 
     @property
     def adjusts(self) -> bool:
@@ -103,19 +116,18 @@ class SamplingParams:
         return not self.is_greedy and (self.top_k is not None or self.top_p is not None)
 
 
-
 def _stop_tokens(ids: Any) -> tuple[int, ...]:
     """Stop token ids as a tuple of ints >= 0, or a GptjaxError naming the bad one."""
     if isinstance(ids, np.ndarray):
         ids = ids.tolist()
     if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
-        raise GptjaxError(f"stop_tokens must be a list of token ids, got {type(ids).__name__}")
+        raise SamplingError(f"stop_tokens must be a list of token ids, got {type(ids).__name__}", "stop_tokens")
     out = []
     for t in ids:
         if len(out) == MAX_STOP_TOKENS:
-            raise GptjaxError(f"stop_tokens: more than {MAX_STOP_TOKENS} token ids")
+            raise SamplingError(f"stop_tokens: more than {MAX_STOP_TOKENS} token ids", "stop_tokens")
         if not is_int(t) or t < 0:
-            raise GptjaxError(f"stop_tokens: {t!r} is not a token id (an integer >= 0)")
+            raise SamplingError(f"stop_tokens: {t!r} is not a token id (an integer >= 0)", "stop_tokens", t, "key")
         out.append(int(t))
     return tuple(out)
 
@@ -130,16 +142,18 @@ def _logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
     elif isinstance(bias, Mapping):
         items = tuple(bias.items())
     else:
-        raise GptjaxError(f"logit_bias must be a mapping of token id to bias, got {type(bias).__name__}")
+        raise SamplingError(f"logit_bias must be a mapping of token id to bias, got {type(bias).__name__}",
+                            "logit_bias")
     if len(items) > MAX_LOGIT_BIAS:
-        raise GptjaxError(f"logit_bias has {len(items)} entries; at most {MAX_LOGIT_BIAS}")
+        raise SamplingError(f"logit_bias has {len(items)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias")
     pairs: dict[int, float] = {}
     for key, value in items:
         token = _bias_token(key)
         if not is_real(value) or not -100 <= value <= 100:
-            raise GptjaxError(f"logit_bias: bias {value!r} of token {token} must be a finite number in [-100, 100]")
+            raise SamplingError(f"logit_bias: bias {value!r} of token {token} must be a finite number in [-100, 100]",
+                                "logit_bias", key, "bias")
         if token in pairs:
-            raise GptjaxError(f"logit_bias: token id {token} is given twice")
+            raise SamplingError(f"logit_bias: token id {token} is given twice", "logit_bias", key, "twice")
         pairs[token] = float(value)
     return tuple(sorted(pairs.items()))
 
@@ -149,7 +163,8 @@ def _bias_token(key: Any) -> int:
         return int(key)
     if is_int(key) and key >= 0:
         return int(key)
-    raise GptjaxError(f"logit_bias: key {key!r} is not a token id (an integer >= 0 or a decimal string)")
+    raise SamplingError(f"logit_bias: key {key!r} is not a token id (an integer >= 0 or a decimal string)",
+                        "logit_bias", key, "key")
 
 
 GREEDY = SamplingParams(greedy=True)  # argmax decoding

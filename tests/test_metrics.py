@@ -10,9 +10,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gptjax import GPTConfig, GptjaxError, get_backend, init_params
+from gptjax.backends import Backend
+from gptjax.generate import StreamChunk
 from gptjax.sampling import GREEDY, SamplingParams
 from gptjax.tracing import Metrics, serve_metrics
 
@@ -70,6 +73,48 @@ def test_two_models_in_one_process_keep_separate_registries():
     assert _value(a, "gptjax_generated_tokens_total", backend="numpy") == 2
     assert _value(b, "gptjax_generated_tokens_total", backend="numpy") == 0
 
+
+class EchoBackend(Backend):
+    """A plug-in that knows nothing of telemetry: it repeats each prompt's last token."""
+
+    name = "echo"
+
+    def _convert(self, params):
+        return params
+
+    def _forward(self, weights, tokens, last_only):
+        return np.zeros((*tokens.shape, self.config.vocab_size), np.float32)
+
+    def _generate(self, weights, request, chunk_size):
+        yield StreamChunk([[p[-1]] for p in request.prompts], [None] * request.batch, "prefill")
+        yield StreamChunk([[p[-1]] * (request.max_new_tokens - 1) for p in request.prompts], ["length"] * request.batch)
+
+
+def test_a_plugin_backend_gets_the_metrics_without_code_of_its_own():
+    assert not [n for n in vars(Backend) if n.startswith("observe") or n in ("span_attributes", "model_name")]
+    m = Metrics()
+    backend = EchoBackend(CONFIG, metrics=m)
+    assert backend.generate(PARAMS, [[1, 2], [3]], 4).tokens == [[2] * 4, [3] * 4]
+    backend.forward(PARAMS, [[1, 2, 3]])
+    assert _value(m, "gptjax_prompt_tokens_total", backend="echo") == 3
+    assert _value(m, "gptjax_generated_tokens_total", backend="echo") == 8
+    assert _value(m, "gptjax_requests_total", outcome="ok") == 1
+    assert _value(m, "gptjax_time_to_first_token_seconds_count", backend="echo") == 1
+    assert _value(m, "gptjax_forward_seconds_count", phase="prefill", backend="echo") == 2  # generate's + forward
+    assert _value(m, "gptjax_forward_seconds_count", phase="decode", backend="echo") == 1
+
+
+def test_the_moved_observability_names_warn_and_work_for_one_release():
+    m = Metrics()
+    backend = get_backend("numpy", CONFIG, metrics=m)
+    with pytest.warns(DeprecationWarning, match=r"backend.observe_request moved in 0.2: use "
+                                                r"backend.observer.report_request"):
+        backend.observe_request(0.5, 2, 3, "ok")
+    assert _value(m, "gptjax_requests_total", outcome="ok") == 1
+    with pytest.warns(DeprecationWarning, match="backend.observer.metrics"):
+        assert backend.metrics is m
+    with pytest.raises(AttributeError, match="'NumpyBackend' object has no attribute 'observe_nothing'"):
+        backend.observe_nothing
 
 def _free_port() -> int:
     with socket.socket() as s:

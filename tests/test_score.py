@@ -114,10 +114,10 @@ def test_jax_scoring_compiles_once_per_bucket():
     backend = get_backend("jax", CONFIG)
     weights = backend.prepare(PARAMS)
     backend.score(weights, [SOURCE[:10]], top_k=1)
-    before = backend._compile_count()
+    before = backend.compile_count()
     backend.score(weights, [SOURCE[:12], SOURCE[40:44]], top_k=1)  # lengths 11 and 3: bucket 16, batch 2
     backend.score(weights, [SOURCE[:15]], top_k=1)
-    assert backend._compile_count() - before == 1  # the second call's batch of 2 rows; the third reuses 1 row
+    assert backend.compile_count() - before == 1  # the second call's batch of 2 rows; the third reuses 1 row
 
 
 @pytest.mark.parametrize("sequences,top_k,message", [

@@ -19,7 +19,8 @@ from conftest import wait_until
 
 from gptjax import init_params, save_checkpoint
 from gptjax.config import get_preset
-from gptjax.serve.validation import Limits, RequestError, parse_completion
+from gptjax.sampling import SamplingParams
+from gptjax.serve.protocol import Limits, RequestError, parse_completion
 
 CONFIG = get_preset("tiny")  # 256 tokens (bytes), context 64
 HERE = Path(__file__).parent
@@ -173,8 +174,35 @@ def test_duplicate_json_keys_are_a_400_naming_the_key():
         parse_completion(b'{"prompt": [1], "stream": true, "stream_options": {"include_usage": true, '
                          b'"include_usage": false}}', limits, None)
     assert e.value.status == 400 and "include_usage" in e.value.message
-    assert parse_completion(b'{"prompt": [1], "max_tokens": 2}', limits, None).request.max_new_tokens == 2
+    assert parse_completion(b'{"prompt": [1], "max_tokens": 2}', limits, None).requests[0].max_new_tokens == 2
 
+
+
+# ---- the sampling fields: SamplingParams' own checks, plus only the HTTP limits --------------------------------
+@pytest.mark.parametrize("fields, param, message", [
+    ({"temperature": 2.5}, "temperature", "temperature must be a number in [0, 2] (0 means greedy), got 2.5"),
+    ({"temperature": -1}, "temperature", "temperature must be a number in [0, 2] (0 means greedy), got -1"),
+    ({"top_k": 257}, "top_k", "top_k must be an integer in [1, 256] or null, got 257"),  # the vocabulary check
+    ({"seed": 2**32}, "seed", "seed must be an integer in [0, 2**32) or null, got 4294967296"),
+    ({"presence_penalty": 10**400}, "presence_penalty", "presence_penalty must be a number in [-2, 2], got 1000"),
+    ({"logit_bias": {"5": 10**400}}, "logit_bias", "the bias of token 5 must be a number in [-100, 100], got 1000"),
+    ({"logit_bias": {"5": 1, "05": 2}}, "logit_bias", "logit_bias: token id 5 is given twice"),  # SamplingParams' words
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "logit_bias must be an object of at most 300"),
+])
+def test_bad_sampling_fields_are_400s_naming_the_field(fields, param, message):
+    limits = Limits(CONFIG, "tiny", CONFIG.n_positions)
+    with pytest.raises(RequestError) as e:
+        parse_completion(json.dumps({"prompt": [1], "max_tokens": 2} | fields).encode(), limits, None)
+    assert e.value.status == 400 and e.value.param == param and message in e.value.message, e.value.message
+
+
+def test_one_sampling_params_per_sample_each_with_its_seed():
+    limits = Limits(CONFIG, "tiny", CONFIG.n_positions)
+    body = {"prompt": [[1], [2, 3]], "n": 3, "seed": 2**32 - 2, "max_tokens": 2, "temperature": 0.5, "top_p": 1}
+    requests = parse_completion(json.dumps(body).encode(), limits, None).requests
+    assert [r.sampling.seed for r in requests] == [2**32 - 2, 2**32 - 1, 0] * 2  # choice p * n + j: seed + j
+    assert [r.sampling for r in requests[:3]] == [r.sampling for r in requests[3:]]
+    assert requests[0].sampling == SamplingParams(temperature=0.5, seed=2**32 - 2)  # top_p 1: no nucleus filter
 
 # ---- 14: a ready line and one access-log line per request, in the chosen format --------------------------
 @pytest.mark.integration

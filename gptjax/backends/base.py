@@ -1,74 +1,78 @@
-"""The backend interface, the input checks every backend shares, and the registry (with entry points)."""
+"""The backend interface and the input checks every backend shares.
+
+A backend implements `_convert` (canonical params -> its own layout, once), `_forward` and `_generate` (a stream
+of chunks), and where it can `_score`, `_speculate` and decode sessions. This class checks every input at the
+boundary and runs the work through `self.observer` (gptjax.tracing.observe), which puts spans and metrics around
+it: a backend, plug-ins included, gets them without any code of its own. Last, the registry: backends by name,
+the built-ins and plug-ins registered under the `gptjax.backends` entry points.
+"""
 
 from __future__ import annotations
 
 import abc
-import numbers
-import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
-from opentelemetry import context as otel_context
 
+from gptjax.checks import is_int
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, collect, join_requests, make_request
-from gptjax.precision import KV_CACHES, MODES, default_kv_cache, storage
+from gptjax.precision import KV_CACHES, MODES, default_kv_cache
 from gptjax.quantize import for_precision
 from gptjax.sampling import SamplingParams, legacy_sampling
 from gptjax.scoring import Scores, assemble, batches, check_sequences, log_probs, right_pad
 from gptjax.speculative import ModelDraft, Speculation, check_room, check_speculation
-from gptjax.tracing.spans import forward_span, record_error, start_parent
+from gptjax.tracing.observe import Observer
 from gptjax.weights import Params, validate_params
 
-ENTRY_POINT_GROUP = "gptjax.backends"
 # The options every built-in backend takes (merged into its `options`): the precision mode, the KV cache's
 # storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
 PRECISION_OPTIONS: dict[str, tuple] = {"precision": tuple(MODES), "kv_cache": tuple(KV_CACHES), "group_size": (),
                                        "keep_head": (False, True)}
+ENTRY_POINT_GROUP = "gptjax.backends"  # where plug-ins register (name = "module:BackendSubclass")
 _BUILTIN = {
     "numpy": "gptjax.backends.numpy_ref:NumpyBackend",
     "jax": "gptjax.backends.jax:JaxBackend",
 }
+# Attributes that moved to the backend's observer in 0.2: backend.NAME is backend.observer.VALUE for one release.
+MOVED = {"metrics": "metrics", "trace_sync": "synced", "model_name": "model_name", "span_attributes": "span_attributes",
+         "observe_prefill": "report_prefill", "observe_decode": "report_decode",
+         "observe_first_token": "report_first_token", "observe_request": "report_request"}
 
 
 class Backend(abc.ABC):
     """One way to run a GPT-2: bound to a config, fed canonical params, returning float32 NumPy logits.
 
-    Subclasses implement `_convert` (canonical dict → their own layout, done once), `_forward` and
-    `_generate` (a stream of chunks); this class checks inputs at the boundary and wraps every call in
-    OpenTelemetry spans and, when given a gptjax.tracing.Metrics, Prometheus metrics.
+    metrics (a gptjax.tracing.Metrics) and trace_sync (False: spans do not wait for device results) go to
+    `self.observer`; the other keyword options are those `options` names (option name -> allowed values).
     """
 
     name: ClassVar[str]
     options: ClassVar[dict[str, tuple]] = {}  # option name → allowed values (empty tuple: any)
 
     def __init__(self, config: GPTConfig, *, metrics: Any = None, trace_sync: bool = True, **options: Any) -> None:
-        options = {k: v for k, v in options.items() if v is not None or k not in PRECISION_OPTIONS}  # None: default
         if not isinstance(config, GPTConfig):
             raise GptjaxError(f"config must be a GPTConfig, got {type(config).__name__}")
-        for key, value in options.items():
-            if key not in self.options:
-                raise GptjaxError(f"backend {self.name!r} has no option {key!r}; options: {sorted(self.options)}")
-            allowed = self.options[key]
-            if allowed and value not in allowed:
-                raise GptjaxError(f"backend {self.name!r}: {key}={value!r}; allowed: {list(allowed)}")
-        group_size = options.get("group_size")
-        if group_size is not None and (not isinstance(group_size, numbers.Integral) or isinstance(group_size, bool)
-                                       or group_size < 1):
-            raise GptjaxError(f"backend {self.name!r}: group_size={group_size!r} must be a positive integer or None")
+        options = check_options(self.name, self.options, options)
         self.config = config
         self._precision = options.get("precision", "fp32")
         self.kv_cache = options.get("kv_cache") or default_kv_cache(self._precision)
+        group_size = options.get("group_size")
         self.quantization = {"group_size": None if group_size is None else int(group_size),
                              "keep_head": bool(options.get("keep_head", False))}
-        self.metrics = metrics  # a gptjax.tracing.Metrics, or None
-        self.trace_sync = trace_sync  # False: spans do not wait for device results (marked gptjax.synced=false)
+        self.observer = Observer(self, metrics, trace_sync)
         self._cache: tuple[Params, tuple[Any, ...], Any] | None = None
         self._draft_cache: tuple[ModelDraft, Backend, Any] | None = None  # the last draft model, prepared
+
+    @property
+    def precision(self) -> str:
+        """How this backend runs the weights: any mode of gptjax.precision (the `precision` option; default fp32)."""
+        return self._precision
 
     def prepare(self, params: Params) -> Any:
         """Validate canonical params, bring them to this backend's precision (gptjax.quantize.for_precision:
@@ -85,14 +89,8 @@ class Backend(abc.ABC):
         """
         tokens = validate_tokens(tokens, self.config)
         weights = self._prepared(params)
-        before, t0 = self._compile_count(), time.perf_counter()
-        with forward_span("gptjax.forward", lambda: self.span_attributes("prefill", *tokens.shape),
-                          synced=self.trace_sync) as span:
-            logits = self._forward(weights, tokens, last_only)
-            span.set({"gptjax.compiled": self._compile_count() > before})
-        if self.metrics is not None:
-            self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, tokens.size)
-        return logits
+        with self.observer.batch_pass("forward", "prefill", *tokens.shape):
+            return self._forward(weights, tokens, last_only)
 
     def score(self, params: Params | Any, sequences: Any, *, top_k: int = 0) -> list[Scores]:
         """Each token's log-probability given its prefix, and the top_k most likely tokens at each position,
@@ -103,22 +101,75 @@ class Backend(abc.ABC):
         out: list[Scores] = []
         for group in batches([len(r) for r in rows]):
             inputs, targets = right_pad([rows[i] for i in group])  # [B, L] each
-            before, t0 = self._compile_count(), time.perf_counter()
-            with forward_span("gptjax.score", lambda: self.span_attributes("score", *inputs.shape),
-                              synced=self.trace_sync) as span:
+            with self.observer.batch_pass("score", "score", *inputs.shape):
                 chosen, values, ids = self._score(weights, inputs, targets, int(top_k))
-                span.set({"gptjax.compiled": self._compile_count() > before})
-            if self.metrics is not None:
-                self.metrics.observe_forward("prefill", self.name, time.perf_counter() - t0, inputs.size)
             out += [assemble(rows[i], chosen[b], values[b], ids[b]) for b, i in enumerate(group)]
         return out
 
-    def _score(self, weights: Any, inputs: np.ndarray, targets: np.ndarray, top_k: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Log-probabilities of targets [B, L] after inputs [B, L] (right-padded), and the top_k alternatives:
-        float32 [B, L], float32 [B, L, k], int32 [B, L, k]. This default runs _forward and gptjax.scoring's
-        NumPy log-softmax; a backend may do it on its device."""
-        return log_probs(self._forward(weights, inputs, False), targets, top_k)
+    def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *,
+                 sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
+                 **legacy: Any) -> GenerationResult:
+        """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens, sampled as
+        `sampling` says (a gptjax.SamplingParams; None: SamplingParams(), temperature 1).
+
+        The rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row stops at a
+        stop token (not included) or after max_new_tokens; the result says which. With a draft
+        (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative, num_speculative_tokens proposals
+        per target pass: greedy tokens are those without a draft, sampled ones follow the same distribution.
+        """
+        request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "generate"))
+        spec = None if draft is None else self.speculation(draft, num_speculative_tokens, request)
+        return collect(self._observed(params, request, None, spec), request)
+
+    def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
+               sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
+               **legacy: Any) -> Iterator[StreamChunk]:
+        """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps
+        (with a draft: chunk_size verify rounds, each adding 1..num_speculative_tokens + 1 tokens per row).
+
+        Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
+        generate()'s result.
+        """
+        _check_chunk_size(chunk_size)
+        request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "stream"))
+        spec = None if draft is None else self.speculation(draft, num_speculative_tokens, request)
+        return self._observed(params, request, chunk_size, spec)
+
+    def stream_joined(self, params: Params | Any, requests: Sequence[GenerationRequest], *, chunk_size: int = 16
+                      ) -> Iterator[StreamChunk]:
+        """stream() of several requests (from make_request) as one batch, their rows in order, each keeping its
+        request's settings and random stream: every row gets the tokens its request would get alone."""
+        _check_chunk_size(chunk_size)
+        return self._observed(params, join_requests(requests), chunk_size)
+
+    def _observed(self, params: Params | Any, request: GenerationRequest, chunk_size: int | None,
+                  spec: Speculation | None = None) -> Iterator[StreamChunk]:
+        """A checked request's chunks (_generate's, or _speculate's with a drafter) through the observer."""
+        weights = self._prepared(params)
+        chunks = self._generate(weights, request, chunk_size) if spec is None else self._speculate(
+            weights, request, chunk_size, spec)
+        return self.observer.stream(chunks, request, spec)
+
+    def speculation(self, draft: Any, k: Any, request: GenerationRequest | None = None) -> Speculation:
+        """A checked drafter (gptjax.speculative.ModelDraft or NgramDraft) proposing k tokens per round, a draft
+        model's weights prepared by a backend of this kind in the draft's precision (reused while the same
+        ModelDraft object is passed); with a request, also checked to fit its rows (no penalties or bias, room
+        in the draft model's context)."""
+        if type(self)._speculate is Backend._speculate:
+            raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
+        if request is not None and request.adjusts:  # the verify step scores the target's raw distribution
+            raise GptjaxError("speculative decoding (draft=...) does not support presence_penalty, "
+                              "frequency_penalty or logit_bias yet; drop them or the draft")
+        k = check_speculation(draft, k, self.config)
+        if request is not None:
+            check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
+        if not isinstance(draft, ModelDraft):
+            return Speculation(draft, k)
+        if self._draft_cache is None or self._draft_cache[0] is not draft:
+            backend = type(self)(draft.config, precision=draft.precision)
+            self._draft_cache = (draft, backend, backend.prepare(dict(draft.params)))
+        _, backend, weights = self._draft_cache
+        return Speculation(draft, k, weights, backend.kv_cache)
 
     def _prepared(self, params: Params | Any) -> Any:
         """Converted weights for params: reused while the same dict holds the same array objects
@@ -143,208 +194,23 @@ class Backend(abc.ABC):
         if weights.config != self.config:
             raise GptjaxError(f"prepared weights are for {weights.config}, but this backend is for {self.config}")
 
-    def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *,
-                 sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
-                 **legacy: Any) -> GenerationResult:
-        """Continue each prompt (a ragged list of token-id lists) by up to max_new_tokens tokens, sampled as
-        `sampling` says (a gptjax.SamplingParams; None: SamplingParams(), temperature 1).
+    def __getattr__(self, name: str) -> Any:
+        """For one release: what moved to self.observer (MOVED), with a DeprecationWarning saying where."""
+        if name not in MOVED:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        warnings.warn(f"backend.{name} moved in 0.2: use backend.observer.{MOVED[name]}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(self.observer, MOVED[name])
 
-        The rules are in gptjax.generate; the same seed gives the same tokens on every run. Each row stops at a
-        stop token (not included) or after max_new_tokens; the result says which. With a draft
-        (gptjax.speculative.ModelDraft or NgramDraft) decoding is speculative, num_speculative_tokens proposals
-        per target pass: greedy tokens are those without a draft, sampled ones follow the same distribution.
-        """
-        request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "generate"))
-        spec = self._speculation(draft, num_speculative_tokens, request)
-        return collect(self._traced(self._prepared(params), request, None, spec), request)
-
-    def stream(self, params: Params | Any, prompts: Any, max_new_tokens: int, *, chunk_size: int = 16,
-               sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
-               **legacy: Any) -> Iterator[StreamChunk]:
-        """generate(), yielding the new tokens of every row after each chunk of chunk_size decode steps
-        (with a draft: chunk_size verify rounds, each adding 1..num_speculative_tokens + 1 tokens per row).
-
-        Arguments are checked here, before the first chunk is asked for; the concatenated chunks equal
-        generate()'s result.
-        """
-        _check_chunk_size(chunk_size)
-        request = make_request(self.config, prompts, max_new_tokens, legacy_sampling(sampling, legacy, "stream"))
-        spec = self._speculation(draft, num_speculative_tokens, request)
-        return self._traced(self._prepared(params), request, chunk_size, spec)
-
-    def _speculation(self, draft: Any, k: Any, request: GenerationRequest) -> Speculation | None:
-        """The checked drafter of a call (None without one), a draft model's weights prepared by a backend of
-        this kind in the draft's precision (reused while the same ModelDraft object is passed)."""
-        if draft is None:
-            return None
-        if type(self)._speculate is Backend._speculate:
-            raise GptjaxError(f"backend {self.name!r} has no speculative decoding (draft=...)")
-        if request.adjusts:  # the verify step scores the target's raw distribution
-            raise GptjaxError("speculative decoding (draft=...) does not support presence_penalty, "
-                              "frequency_penalty or logit_bias yet; drop them or the draft")
-        k = check_speculation(draft, k, self.config)
-        check_room(draft, max(len(p) for p in request.prompts), request.max_new_tokens)
-        if not isinstance(draft, ModelDraft):
-            return Speculation(draft, k)
-        if self._draft_cache is None or self._draft_cache[0] is not draft:
-            backend = type(self)(draft.config, precision=draft.precision)
-            self._draft_cache = (draft, backend, backend.prepare(dict(draft.params)))
-        _, backend, weights = self._draft_cache
-        return Speculation(draft, k, weights, backend.kv_cache)
-
-    def stream_joined(self, params: Params | Any, requests: Sequence[GenerationRequest], *, chunk_size: int = 16
-                      ) -> Iterator[StreamChunk]:
-        """stream() of several requests (from make_request) as one batch, their rows in order, each keeping its
-        request's settings and random stream: every row gets the tokens its request would get alone."""
-        _check_chunk_size(chunk_size)
-        return self._traced(self._prepared(params), join_requests(requests), chunk_size)
-
-    # ---- observability: spans around every forward pass (no-ops without an OpenTelemetry SDK) ------------
-    @property
-    def model_name(self) -> str:
-        """A name for gen_ai.request.model: the shape of the model."""
-        c = self.config
-        return f"gpt-{c.n_layer}L-{c.n_embd}d-{c.vocab_size}v"
-
-    @property
-    def precision(self) -> str:
-        """How this backend runs the weights: fp32, bf16, int8 (weight-only) or w8a8 (int8 activations too)."""
-        return self._precision
-
-    def _compile_count(self) -> int:
-        """Compilations so far of this backend's jitted functions (0 for backends that do not compile)."""
+    # ---- what a backend may tell or add; the defaults fit a backend that neither compiles nor shards ----------
+    def compile_count(self) -> int:
+        """Compilations so far of this backend's jitted functions (spans say whether a call compiled)."""
         return 0
 
-    def _devices(self) -> int:
-        return 1
+    def placement(self) -> tuple[int, str]:
+        """The devices this backend runs on and its mesh's description ("" without one), for span attributes."""
+        return 1, ""
 
-    def span_attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
-        """The attributes of a span around one forward pass (phase prefill/decode/generate) of `batch` rows at
-        sequence length `seq_len`: model, backend, precision, devices, mesh (OpenTelemetry GenAI names)."""
-        return {"gen_ai.provider.name": "gptjax", "gen_ai.request.model": self.model_name,
-                "gptjax.backend": self.name, "gptjax.precision": self.precision, "gptjax.batch_size": batch,
-                "gptjax.seq_len": seq_len, "gptjax.devices": self._devices(), "gptjax.mesh": "",
-                "gptjax.phase": phase}
-
-    def _traced(self, weights: Any, request: GenerationRequest, chunk_size: int | None,
-                spec: Speculation | None = None) -> Iterator[StreamChunk]:
-        """_generate's chunks (_speculate's with a drafter), each inside a prefill/decode span under one
-        text_completion span, which belongs to the trace current at this call and starts now (not at the first
-        read of the stream)."""
-        return self._traced_chunks(weights, request, chunk_size, otel_context.get_current(), time.time_ns(),
-                                   time.perf_counter(), spec)
-
-    def _traced_chunks(self, weights: Any, request: GenerationRequest, chunk_size: int | None, ctx: Any,
-                       start_ns: int, t_start: float, spec: Speculation | None = None) -> Iterator[StreamChunk]:
-        longest = max(len(p) for p in request.prompts)
-        parent = start_parent(f"text_completion {self.model_name}", lambda: self._request_attributes(request),
-                              context=ctx, start_time=start_ns)
-        chunks = self._generate(weights, request, chunk_size) if spec is None else self._speculate(
-            weights, request, chunk_size, spec)
-        generated, position, reasons = 0, longest, [None]
-        outcome, error, complete = "ok", None, False
-        try:
-            while not all(reasons):
-                phase = "prefill" if generated == 0 and position == longest else "decode"
-                name = "speculate" if spec is not None and phase == "decode" else phase
-                before, t0 = self._compile_count(), time.perf_counter()
-                with forward_span(f"gptjax.{name}", lambda: self.span_attributes(phase, request.batch, position),
-                                  parent=parent, synced=self.trace_sync) as span:
-                    chunk = next(chunks)
-                    steps = max((len(t) for t in chunk.tokens), default=0)
-                    span.set({"gptjax.compiled": self._compile_count() > before, "gptjax.steps": steps}
-                             | _spec_attributes(spec, chunk))
-                    if phase == "decode" and span.recording:
-                        for i in range(steps):
-                            span.event("gptjax.token", {"gptjax.position": position + i})
-                new_tokens = sum(len(t) for t in chunk.tokens)
-                self._observe_chunk(phase, time.perf_counter() - t0, t0 - t_start, steps, new_tokens, request,
-                                    position)
-                if spec is not None and self.metrics is not None and phase == "decode":
-                    self.metrics.observe_speculation(self.name, spec.draft.kind, chunk.proposed, chunk.accepted)
-                generated += new_tokens
-                position += max(1, steps)
-                reasons = chunk.finish_reasons
-                if all(reasons):  # complete before the last yield: a consumer may stop reading right after it
-                    complete = True
-                    if parent.is_recording():
-                        parent.set_attributes({"gen_ai.usage.output_tokens": generated,
-                                               "gen_ai.response.finish_reasons": [str(r) for r in reasons]})
-                yield chunk
-        except GeneratorExit:  # the consumer stopped reading
-            if not complete:
-                outcome = "cancelled"
-                parent.set_attribute("gptjax.cancelled", True)
-            raise
-        except BaseException as e:
-            outcome, error = "error", e
-            record_error(parent, e)
-            raise
-        finally:
-            chunks.close()
-            parent.end()
-            self.observe_request(time.perf_counter() - t_start, sum(len(p) for p in request.prompts), generated,
-                                 outcome, error)
-
-    def _request_attributes(self, request: GenerationRequest) -> dict[str, Any]:
-        sp, longest = request.sampling, max(len(p) for p in request.prompts)
-        attributes = self.span_attributes("generate", request.batch, longest) | {
-            "gen_ai.operation.name": "text_completion", "gen_ai.request.max_tokens": request.max_new_tokens,
-            "gen_ai.request.temperature": 0.0 if sp.is_greedy else sp.temperature, "gen_ai.request.seed": sp.seed,
-            "gen_ai.usage.input_tokens": sum(len(p) for p in request.prompts)}
-        if sp.top_p is not None:
-            attributes["gen_ai.request.top_p"] = sp.top_p
-        if sp.top_k is not None:
-            attributes["gen_ai.request.top_k"] = sp.top_k
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(sp, name):
-                attributes[f"gen_ai.request.{name}"] = getattr(sp, name)
-        return attributes
-
-    def _observe_chunk(self, phase: str, seconds: float, since_start: float, steps: int, tokens: int,
-                       request: GenerationRequest, position: int) -> None:
-        if phase == "prefill":
-            self.observe_prefill(seconds, [len(p) for p in request.prompts])
-            self.observe_first_token(since_start + seconds)
-        else:
-            self.observe_decode(seconds, steps, tokens, position)
-
-    # ---- metrics: recorded here for generate() and for the server's decode sessions alike ---------------
-    def observe_prefill(self, seconds: float, prompt_lengths: Sequence[int]) -> None:
-        """Report a prefill of prompts of these lengths that took `seconds`: forward time, tokens/s, MFU and
-        bandwidth use (nothing without metrics)."""
-        m, c = self.metrics, self.config
-        if m is None:
-            return
-        m.observe_forward("prefill", self.name, seconds, sum(prompt_lengths))
-        flops = sum(c.forward_flops(1, n, last_only=True) for n in prompt_lengths)
-        m.observe_utilization("prefill", seconds, flops, c.weight_bytes(storage(self.precision)))
-
-    def observe_decode(self, seconds: float, steps: int, tokens: int, position: int) -> None:
-        """Report `steps` decode steps from sequence position `position` that gave `tokens` tokens (all rows) in
-        `seconds`: forward time, tokens/s, time per output token, MFU and bandwidth use."""
-        m, c = self.metrics, self.config
-        if m is None:
-            return
-        m.observe_forward("decode", self.name, seconds, tokens)
-        if steps:
-            m.tpot.labels(backend=self.name).observe(seconds / steps)
-            per_token = c.forward_flops(1, position + steps) - c.forward_flops(1, position + steps - 1)
-            m.observe_utilization("decode", seconds, per_token * tokens,
-                                  c.weight_bytes(storage(self.precision)) * steps)
-
-    def observe_first_token(self, seconds: float) -> None:
-        """Report a request's time to first token, `seconds` after it arrived."""
-        if self.metrics is not None:
-            self.metrics.ttft.labels(backend=self.name).observe(seconds)
-
-    def observe_request(self, seconds: float, prompt_tokens: int, generated: int, outcome: str,
-                        error: BaseException | None = None) -> None:
-        """Report a finished request: latency, token counts, outcome (ok, error, cancelled) and error type."""
-        if self.metrics is not None:
-            self.metrics.observe_request(self.name, seconds, prompt_tokens, generated, outcome, error)
-
-    # ---- decode sessions: continuous batching, where a backend supports it -------------------------------
     @property
     def supports_sessions(self) -> bool:
         """Whether open_session works here (the server batches continuously where it does, else dynamically)."""
@@ -358,6 +224,13 @@ class Backend(abc.ABC):
         (a gptjax.speculative.Speculation, draft weights prepared by this kind of backend). Its methods are
         those gptjax.serve.continuous's Session protocol names. Only where supports_sessions."""
         raise GptjaxError(f"backend {self.name!r} has no decode sessions (continuous batching)")
+
+    def _score(self, weights: Any, inputs: np.ndarray, targets: np.ndarray, top_k: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-probabilities of targets [B, L] after inputs [B, L] (right-padded), and the top_k alternatives:
+        float32 [B, L], float32 [B, L, k], int32 [B, L, k]. This default runs _forward and gptjax.scoring's
+        NumPy log-softmax; a backend may do it on its device."""
+        return log_probs(self._forward(weights, inputs, False), targets, top_k)
 
     def _speculate(self, weights: Any, request: GenerationRequest, chunk_size: int | None, spec: Speculation
                    ) -> Iterator[StreamChunk]:
@@ -377,17 +250,26 @@ class Backend(abc.ABC):
         """Yield StreamChunks for a validated request (one at the end when chunk_size is None)."""
 
 
-def _spec_attributes(spec: Speculation | None, chunk: StreamChunk) -> dict[str, Any]:
-    """A speculative chunk's span attributes: the drafter, k, and its draft tokens proposed and accepted (the
-    draft and verify passes of a round run inside one jitted loop, so they are counted, not timed apart)."""
-    if spec is None or chunk.phase != "decode":
-        return {}
-    return {"gptjax.draft": spec.draft.kind, "gptjax.spec.k": spec.k, "gptjax.spec.proposed": chunk.proposed,
-            "gptjax.spec.accepted": chunk.accepted}
+def check_options(name: str, allowed: Mapping[str, tuple], options: dict[str, Any]) -> dict[str, Any]:
+    """A backend's options, None meaning a precision option's default; a GptjaxError for an unknown option, a
+    value outside its allowed ones, or a group_size that is not a positive integer."""
+    options = {k: v for k, v in options.items() if v is not None or k not in PRECISION_OPTIONS}
+    for key, value in options.items():
+        if key not in allowed:
+            raise GptjaxError(f"backend {name!r} has no option {key!r}; options: {sorted(allowed)}")
+        if allowed[key] and value not in allowed[key]:
+            raise GptjaxError(f"backend {name!r}: {key}={value!r}; allowed: {list(allowed[key])}")
+    _check_group_size(name, options.get("group_size"))
+    return options
+
+
+def _check_group_size(name: str, group_size: Any) -> None:
+    if group_size is not None and (not is_int(group_size) or group_size < 1):
+        raise GptjaxError(f"backend {name!r}: group_size={group_size!r} must be a positive integer or None")
 
 
 def _check_chunk_size(chunk_size: Any) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise GptjaxError(f"chunk_size={chunk_size!r} must be an integer >= 1")
 
 

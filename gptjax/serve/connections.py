@@ -23,10 +23,10 @@ import math
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gptjax.serve.validation import RequestError
+from gptjax.serve.protocol import RequestError
+from gptjax.tracing.metrics import ServeMetrics
 
 log = logging.getLogger("gptjax.serve")
 
@@ -34,16 +34,13 @@ log = logging.getLogger("gptjax.serve")
 class ConnectionLimits:
     """The policy every connection shares, with its instruments: header timeout, cap, refusal log and metrics."""
 
-    def __init__(self, registry: CollectorRegistry, *, header_timeout: float, max_connections: int,
+    def __init__(self, metrics: ServeMetrics, *, header_timeout: float, max_connections: int,
                  log_every: float = 10.0) -> None:
+        """metrics: the server's instruments (gptjax.tracing.metrics: connections open, refused, timed out)."""
         self.header_timeout, self.max_connections, self.log_every = header_timeout, max_connections, log_every
-        self.refused = Counter("gptjax_http_connections_refused", "Connections answered 503 because "
-                               "--max-connections were already open", registry=registry)
-        self.timed_out = Counter("gptjax_http_header_timeouts", "Connections closed for not completing a "
-                                 "request's headers within --header-timeout", registry=registry)
+        self.refused, self.timed_out = metrics.connections_refused, metrics.header_timeouts
         self.open = 0  # connections open now (refused ones until they close)
-        Gauge("gptjax_http_connections_open", "Open HTTP connections", registry=registry).set_function(
-            lambda: self.open)
+        metrics.connections_open.set_function(lambda: self.open)
         self._last_log, self._unlogged = -math.inf, 0
         body = RequestError(503, "too many connections: retry later", type="server_error", code="overloaded")
         self._refusal = json.dumps(body.body()).encode()

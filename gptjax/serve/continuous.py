@@ -2,12 +2,12 @@
 (`Backend.open_session`, where `supports_sessions`) and, between decode chunks, admit queued jobs into free
 slots and drop rows whose client left or timed out.
 
-Reports what the backend's own wrapper reports for generate calls: prefill/decode spans (the session's under a
-`text_completion` span in the first job's trace, a joining job's prefill in its own trace) and, through the
-backend's observe_* methods, its Prometheus metrics (forward time, TTFT from the request's arrival, time per
-output token, requests by outcome, tokens). With a speculation (`gptjax serve --draft`) the session decodes
-speculatively: each chunk is a `gptjax.speculate` span carrying the drafter, k and the chunk's proposed and
-accepted draft tokens, which also go to the speculative token counters.
+Reports through the backend's observer (gptjax.tracing.observe), as its generate calls do: prefill/decode spans
+(the session's under a `text_completion` span in the first job's trace, a joining job's prefill in its own trace)
+and Prometheus metrics (forward time, TTFT from the request's arrival, time per output token, requests by
+outcome, tokens). With a speculation (`gptjax serve --draft`) the session decodes speculatively: each chunk is a
+`gptjax.speculate` span carrying the drafter, k and the chunk's proposed and accepted draft tokens, which also go
+to the speculative token counters.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from opentelemetry import trace
 from gptjax.backends.base import Backend
 from gptjax.generate import GenerationRequest
 from gptjax.serve.scheduler import STOPPED, DeviceLock, Event, Job
-from gptjax.tracing.spans import forward_span, record_error, start_parent
+from gptjax.tracing.spans import record_error
 
 Take = Callable[[Callable[[GenerationRequest], bool], int], list[Job]]
 Chunk = list[tuple[Job, list[int], "str | None"]]  # (owner, new tokens, finish reason) per occupied row
+CONTINUOUS = {"gen_ai.operation.name": "text_completion", "gptjax.continuous": True}  # a session's span says so
 
 
 class Session(Protocol):
@@ -62,45 +63,55 @@ class SessionRunner:
         speculation: a gptjax.speculative.Speculation (draft weights prepared by the backend's kind) to decode
         speculatively."""
         self.backend, self.weights, self.chunk_size, self.max_batch = backend, weights, chunk_size, max_batch
+        self.observer = backend.observer
         self.speculation = speculation
         self.on_cancel, self.on_chunk = on_cancel, on_chunk
         self.device = device or DeviceLock()
 
     def __call__(self, jobs: list[Job], take: Take, spans: list[Any]) -> None:
-        b, n_pos = self.backend, self.backend.config.n_positions
-        budget = max(j.request.max_new_tokens for j in jobs)
         longest = max(len(j.request.prompts[0]) for j in jobs)
-        attributes = {"gen_ai.operation.name": "text_completion", "gptjax.continuous": True}
-        parent = start_parent(f"text_completion {b.model_name}",
-                              lambda: b.span_attributes("generate", len(jobs), longest) | attributes,
-                              context=_context(spans[0]))
+        parent = self.observer.request_span(len(jobs), longest, lambda: CONTINUOUS,
+                                            context=trace.set_span_in_context(spans[0]))
         try:
-            with self.device, self._phase("prefill", parent, len(jobs), longest,
-                                          [len(j.request.prompts[0]) for j in jobs]):
-                spec = {} if self.speculation is None else {"speculation": self.speculation}
-                session = b.open_session(self.weights, [j.request for j in jobs], jobs, slots=self.slots(len(jobs)),
-                                         headroom=max(0, min(3 * budget, n_pos - budget)), **spec)
-                first = session.first_chunk()
-            self._deliver(session, first, ttft=True)
+            session = self._open(jobs, parent)
             while session.live:
                 self._drop_cancelled(session)
                 self._admit(session, take)
                 if not session.live:
                     break
-                before, drafts = session.step, (session.proposed, session.accepted)
-                self.on_chunk(len(session.live))
-                with self.device, self._phase("decode", parent, len(session.live), session.Tp + before,
-                                              name="speculate" if session.draft else "decode") as span:
-                    chunk = session.run(self.chunk_size)
-                    steps = self._steps(session, before, chunk)
-                    span.set({"gptjax.steps": steps} | self._speculated(session, *drafts))
-                b.observe_decode(span.seconds, steps, sum(len(t) for _, t, _ in chunk), session.Tp + before)
-                self._deliver(session, chunk)
+                self._decode(session, parent)
         except BaseException as e:
             record_error(parent, e)
             raise
         finally:
             parent.end()
+
+    def _open(self, jobs: list[Job], parent: Any) -> Session:
+        """The session of the starting jobs, prefilled together; their first tokens delivered."""
+        budget, n_pos = max(j.request.max_new_tokens for j in jobs), self.backend.config.n_positions
+        lengths = [len(j.request.prompts[0]) for j in jobs]
+        spec = {} if self.speculation is None else {"speculation": self.speculation}
+        with self.device, self.observer.forward_pass("prefill", "prefill", len(jobs), max(lengths), parent) as span:
+            session = self.backend.open_session(self.weights, [j.request for j in jobs], jobs,
+                                                slots=self.slots(len(jobs)),
+                                                headroom=max(0, min(3 * budget, n_pos - budget)), **spec)
+            first = session.first_chunk()
+        self.observer.report_prefill(span.seconds, lengths)
+        self._deliver(session, first, ttft=True)
+        return session
+
+    def _decode(self, session: Session, parent: Any) -> None:
+        """One decode chunk of the live rows in its span, reported; its tokens delivered."""
+        before, drafts = session.step, (session.proposed, session.accepted)
+        self.on_chunk(len(session.live))
+        name = "speculate" if session.draft else "decode"
+        with self.device, self.observer.forward_pass(name, "decode", len(session.live), session.Tp + before,
+                                                     parent) as span:
+            chunk = session.run(self.chunk_size)
+            steps = self._steps(session, before, chunk)
+            span.set({"gptjax.steps": steps} | self._speculated(session, *drafts))
+        self.observer.report_decode(span.seconds, steps, sum(len(t) for _, t, _ in chunk), session.Tp + before)
+        self._deliver(session, chunk)
 
     @staticmethod
     def _steps(session: Session, before: int, chunk: Chunk) -> int:
@@ -115,8 +126,7 @@ class SessionRunner:
         if session.draft is None:
             return {}
         proposed, accepted = session.proposed - proposed, session.accepted - accepted
-        if self.backend.metrics is not None:
-            self.backend.metrics.observe_speculation(self.backend.name, session.draft, proposed, accepted)
+        self.observer.report_speculation(session.draft, proposed, accepted)
         return {"gptjax.draft": session.draft, "gptjax.spec.k": session.k, "gptjax.spec.proposed": proposed,
                 "gptjax.spec.accepted": accepted}
 
@@ -131,12 +141,13 @@ class SessionRunner:
         for job in take(session.fits, max(0, room)):
             n = len(job.request.prompts[0])
             try:
-                with self.device, self._phase("prefill", job.span, 1, n, [n]):
+                with self.device, self.observer.forward_pass("prefill", "prefill", 1, n, job.span) as span:
                     first = session.admit(job.request, job)
             except Exception as e:
                 job.post(Event(error=e))
                 self._observe_end(job, "error", e)
                 continue
+            self.observer.report_prefill(span.seconds, [n])
             self._deliver(session, first, ttft=True)
 
     def _drop_cancelled(self, session: Session) -> None:
@@ -156,45 +167,12 @@ class SessionRunner:
             if not job.live:
                 continue
             if ttft:
-                self.backend.observe_first_token(time.perf_counter() - job.queued_at)
+                self.observer.report_first_token(time.perf_counter() - job.queued_at)
             job.sent += len(tokens)
             job.post(Event(list(tokens), reason))
             if reason:
                 self._observe_end(job, "ok")
 
     def _observe_end(self, job: Job, outcome: str, error: BaseException | None = None) -> None:
-        self.backend.observe_request(time.perf_counter() - job.queued_at, len(job.request.prompts[0]), job.sent,
+        self.observer.report_request(time.perf_counter() - job.queued_at, len(job.request.prompts[0]), job.sent,
                                      outcome, error)
-
-    def _phase(self, phase: str, parent: Any, batch: int, position: int, prompts: list[int] | None = None,
-               name: str | None = None) -> Any:
-        """A forward span gptjax.NAME (default: the phase; and, at the end of a prefill of prompts of these
-        lengths, its metrics) around one prefill or decode chunk."""
-        return _Phase(self.backend, phase, parent, batch, position, prompts or [], name or phase)
-
-
-class _Phase:
-    """forward_span plus timing; a prefill is reported to the metrics on exit."""
-
-    def __init__(self, backend: Backend, phase: str, parent: Any, batch: int, position: int, prompts: list[int],
-                 name: str):
-        self.backend, self.phase, self.prompts = backend, phase, prompts
-        self._cm = forward_span(f"gptjax.{name}", lambda: backend.span_attributes(phase, batch, position),
-                                parent=parent, synced=backend.trace_sync)
-
-    def __enter__(self) -> Any:
-        self.t0 = time.perf_counter()
-        self.handle = self._cm.__enter__()
-        self.handle.seconds = 0.0
-        return self.handle
-
-    def __exit__(self, *exc: Any) -> Any:
-        self.handle.seconds = time.perf_counter() - self.t0
-        result = self._cm.__exit__(*exc)
-        if self.phase == "prefill" and exc[0] is None:
-            self.backend.observe_prefill(self.handle.seconds, self.prompts)
-        return result
-
-
-def _context(span: Any) -> Any:
-    return trace.set_span_in_context(span)

@@ -19,9 +19,10 @@ import uvicorn
 from gptjax.backends import get_backend
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
-from gptjax.serve.app import ServedModel, ServeOptions, ServerState, create_app
+from gptjax.serve.app import create_app
 from gptjax.serve.connections import ConnectionLimits
-from gptjax.speculative import Draft, ModelDraft, Speculation, check_speculation
+from gptjax.serve.state import ServedModel, ServeOptions, ServerState
+from gptjax.speculative import Draft, Speculation
 from gptjax.tokenizer import checkpoint_tokenizer
 from gptjax.tracing.metrics import Metrics
 from gptjax.weights import load_checkpoint, run_options
@@ -46,16 +47,11 @@ def load_model(checkpoint: str | os.PathLike, backend: str = "jax", *, precision
 
 
 def speculation(engine: Backend, draft: Draft, k: int) -> Speculation:
-    """The checked drafter for a backend: k, and a draft model's weights prepared by a backend of the same kind
-    in the draft's precision (with its KV-cache storage)."""
+    """The checked drafter for a backend (Backend.speculation), which must have decode sessions."""
     if not engine.supports_sessions:
         raise GptjaxError(f"speculative serving (--draft) needs continuous batching: the jax backend without a mesh "
                           f"(backend {engine.name!r}{' with a mesh' if engine.name == 'jax' else ''} has none)")
-    k = check_speculation(draft, k, engine.config)
-    if not isinstance(draft, ModelDraft):
-        return Speculation(draft, k)
-    twin = get_backend(engine.name, draft.config, precision=draft.precision)
-    return Speculation(draft, k, twin.prepare(dict(draft.params)), twin.kv_cache)
+    return engine.speculation(draft, k)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -91,7 +87,7 @@ def run(model: ServedModel, options: ServeOptions, *, host: str = "127.0.0.1", p
     complete a request's headers within header_timeout seconds; one opened while max_connections are open gets
     503 (serve/connections.py)."""
     app = create_app(model, options)
-    limits = ConnectionLimits(model.metrics.registry, header_timeout=header_timeout, max_connections=max_connections)
+    limits = ConnectionLimits(model.metrics.server, header_timeout=header_timeout, max_connections=max_connections)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on", http=limits.protocol())
     app.state.gptjax.address = f"http://{host}:{port}"  # for the "ready" log line

@@ -1,10 +1,12 @@
-"""Observability: OpenTelemetry spans around every forward pass (API only; no-ops without an SDK), and
-`configure()` to export them (console, OTLP, JSONL) with JSON logs carrying trace ids. The model code never
-imports this package; the backends' public methods and the training loop wrap their work in these spans."""
+"""Observability: OpenTelemetry spans around every forward pass (API only; no-ops without an SDK), Prometheus
+metrics, the `Observer` that puts both around any backend's calls, and `configure()` to export spans (console,
+OTLP, JSONL) with JSON logs carrying trace ids. The model code never imports this package; the backends' public
+methods (through their observer) and the training loop wrap their work in these spans."""
 
-from gptjax.tracing.metrics import Metrics, serve_metrics
+from gptjax.tracing.metrics import Metrics, ServeMetrics, serve_metrics
+from gptjax.tracing.observe import Observer
 from gptjax.tracing.setup import EXPORTERS, JsonlSpanExporter, configure, install_json_logs
 from gptjax.tracing.spans import forward_span, record_error, start_parent, tracer
 
-__all__ = ["EXPORTERS", "JsonlSpanExporter", "Metrics", "configure", "forward_span", "install_json_logs",
-           "record_error", "serve_metrics", "start_parent", "tracer"]
+__all__ = ["EXPORTERS", "JsonlSpanExporter", "Metrics", "Observer", "ServeMetrics", "configure", "forward_span",
+           "install_json_logs", "record_error", "serve_metrics", "start_parent", "tracer"]

@@ -1,6 +1,7 @@
 """Prometheus metrics for throughput, latency and errors, in a registry of gptjax's own (no collisions with
-other libraries, several models per process). Pass a `Metrics` to a backend (`get_backend(...,
-metrics=m)`) or to `train(..., metrics=m)`; expose it with `serve_metrics(port)` or `m.render()`.
+other libraries, several models per process): every gptjax metric is declared here. Pass a `Metrics` to a backend
+(`get_backend(..., metrics=m)`) or to `train(..., metrics=m)`; expose it with `serve_metrics(port)` or
+`m.render()`. `gptjax serve` adds its HTTP metrics (`m.server`) to the same registry.
 
 | metric | type | labels | GenAI semantic-convention equivalent |
 |---|---|---|---|
@@ -19,11 +20,23 @@ metrics=m)`) or to `train(..., metrics=m)`; expose it with `serve_metrics(port)`
 | gptjax_speculative_proposed_tokens_total | counter | backend, draft | — (draft tokens proposed to the target) |
 | gptjax_speculative_accepted_tokens_total | counter | backend, draft | — (of those, accepted into the output) |
 
-Speculative decoding's acceptance rate is rate(accepted) / rate(proposed).
+Speculative decoding's acceptance rate is rate(accepted) / rate(proposed). The server's own (`ServeMetrics`):
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| gptjax_http_requests_total | counter | route, method, status | HTTP requests (each label from a fixed set) |
+| gptjax_serve_queue_depth | gauge | — | requests waiting for a batch |
+| gptjax_serve_batch_size | histogram | — | requests a batch starts with |
+| gptjax_serve_decode_rows | histogram | — | rows decoding per decode chunk (batch occupancy) |
+| gptjax_serve_cancelled_total | counter | reason | requests whose work was cancelled (timeout, disconnect, ...) |
+| gptjax_http_connections_open | gauge | — | open HTTP connections |
+| gptjax_http_connections_refused_total | counter | — | connections answered 503 over --max-connections |
+| gptjax_http_header_timeouts_total | counter | — | connections closed for slow headers (--header-timeout) |
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,6 +45,7 @@ _FORWARD = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
 _E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
@@ -97,6 +111,11 @@ class Metrics:
         if self.peak_bandwidth:
             self.bandwidth.labels(phase=phase).set(weight_bytes / seconds / self.peak_bandwidth)
 
+    @cached_property
+    def server(self) -> ServeMetrics:
+        """The HTTP server's instruments, registered in this registry on first use (by `gptjax serve`)."""
+        return ServeMetrics(self.registry)
+
     def names(self) -> set[str]:
         """Every sample name this registry exposes (e.g. gptjax_requests_total, *_bucket, *_sum, *_count)."""
         families = list(self.registry.collect())
@@ -116,6 +135,26 @@ class Metrics:
             stats = device.memory_stats() or {}
             if "bytes_in_use" in stats:
                 self.device_memory.labels(device=str(device.id)).set(stats["bytes_in_use"])
+
+
+class ServeMetrics:
+    """The HTTP server's instruments (the table above); its gauges read their values through set_function."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.http = Counter("gptjax_http_requests", "HTTP requests by route, method and status",
+                            ["route", "method", "status"], registry=r)
+        self.queue_depth = Gauge("gptjax_serve_queue_depth", "Requests waiting for a batch", registry=r)
+        self.batch_size = Histogram("gptjax_serve_batch_size", "Requests per batch", buckets=_ROWS, registry=r)
+        self.cancelled = Counter("gptjax_serve_cancelled", "Requests whose work was cancelled, by reason",
+                                 ["reason"], registry=r)
+        self.decode_rows = Histogram("gptjax_serve_decode_rows", "Rows decoding per decode chunk (batch occupancy)",
+                                     buckets=_ROWS, registry=r)
+        self.connections_open = Gauge("gptjax_http_connections_open", "Open HTTP connections", registry=r)
+        self.connections_refused = Counter("gptjax_http_connections_refused", "Connections answered 503 because "
+                                           "--max-connections were already open", registry=r)
+        self.header_timeouts = Counter("gptjax_http_header_timeouts", "Connections closed for not completing a "
+                                       "request's headers within --header-timeout", registry=r)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1", metrics: Metrics | None = None) -> Any:

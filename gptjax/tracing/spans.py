@@ -11,6 +11,7 @@ Time is honest by default: a span that produced device arrays ends only after `b
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
@@ -30,11 +31,13 @@ def tracer() -> trace.Tracer:
 
 
 class SpanHandle:
-    """The span of a forward pass, plus what it must wait for before it may end."""
+    """The span of a forward pass, plus what it must wait for before it may end, and (once the block ended) how
+    long it took, device sync included."""
 
     def __init__(self, span: trace.Span, synced: bool) -> None:
         self.span, self.synced = span, synced
         self._pending: list[Any] = []
+        self.seconds = 0.0
 
     @property
     def recording(self) -> bool:
@@ -69,12 +72,13 @@ class SpanHandle:
 def forward_span(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]], *, synced: bool = True,
                  parent: trace.Span | None = None) -> Iterator[SpanHandle]:
     """A span (current while the block runs) around one forward pass or step; errors are recorded on it with
-    status ERROR and `error.type`; the same name is pushed as a jax.profiler.TraceAnnotation."""
+    status ERROR and `error.type`; the same name is pushed as a jax.profiler.TraceAnnotation. The handle's
+    `seconds` is the block's duration once it ended."""
     import jax
 
     ctx = trace.set_span_in_context(parent) if parent is not None else None
     span = tracer().start_span(name, context=ctx)
-    handle = SpanHandle(span, synced)
+    handle, t0 = SpanHandle(span, synced), time.perf_counter()
     handle.set(attributes)
     token = otel_context.attach(trace.set_span_in_context(span))
     try:
@@ -85,6 +89,7 @@ def forward_span(name: str, attributes: dict[str, Any] | Callable[[], dict[str, 
         record_error(span, e)
         raise
     finally:
+        handle.seconds = time.perf_counter() - t0
         otel_context.detach(token)
         span.end()
 

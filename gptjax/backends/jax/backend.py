@@ -65,10 +65,6 @@ class JaxBackend(Backend):
         if self.mesh is not None:
             check_config(config, self.mesh)
 
-    def span_attributes(self, phase: str, batch: int, seq_len: int) -> dict[str, Any]:
-        """Backend.span_attributes plus the mesh's description."""
-        return super().span_attributes(phase, batch, seq_len) | {"gptjax.mesh": mesh_description(self.mesh)}
-
     @property
     def supports_sessions(self) -> bool:
         """Decode sessions are built for one device: with a mesh the server batches dynamically."""
@@ -88,12 +84,14 @@ class JaxBackend(Backend):
             return tokens
         return shard_batch(tokens, self.mesh)
 
-    def _compile_count(self) -> int:
+    def compile_count(self) -> int:
+        """Compilations so far of the jitted forward, scoring, prefill, decode and speculative functions."""
         return (_apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
                 + speculative.compile_count() + _log_probs._cache_size())
 
-    def _devices(self) -> int:
-        return jax.device_count()
+    def placement(self) -> tuple[int, str]:
+        """Every JAX device, and the mesh's description ("" without one)."""
+        return jax.device_count(), mesh_description(self.mesh)
 
     def _convert(self, params: Params) -> JaxWeights:
         return jax_weights(self.config, params, self.precision, self.mesh)

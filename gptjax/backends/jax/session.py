@@ -15,6 +15,7 @@ and its own counts; a session without them (compiled as before they existed) doe
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +26,9 @@ import numpy as np
 from gptjax.backends.jax import decode as jax_decode
 from gptjax.backends.jax import speculative
 from gptjax.backends.jax.decode import bucket_length
-from gptjax.generate import LENGTH, STOP, GenerationRequest, join_requests, left_pad
+from gptjax.generate import LENGTH, SAMPLING_MODES, STOP, GenerationRequest, join_requests, left_pad
 
-MODES = ("greedy", "sample", "filter")  # each covers the ones before it
+Chunk = list[tuple[Any, list[int], "str | None"]]  # (owner, new tokens, finish reason) per occupied slot
 
 
 def with_row(sampling: jax_decode.Sampling, row: int, one: jax_decode.Sampling) -> jax_decode.Sampling:
@@ -38,16 +39,78 @@ def with_row(sampling: jax_decode.Sampling, row: int, one: jax_decode.Sampling) 
                                  for a, b in zip(sampling, one._replace(stop=stop))))
 
 
-def first_tokens(session: Any, new: Any, row: int, owner: Any) -> list[tuple[Any, list[int], str | None]]:
-    """[(owner, the admitted row's prefill token, finish reason)] of a one-row prefill new placed in row (a row
-    that finished there is freed)."""
-    done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
-    session.sent[row] = int(length)
-    if done:
-        session.owners[row] = None
-    return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+def session_mode(joined: GenerationRequest) -> str:
+    """The sampling mode a session compiles for: its starting rows', at least "sample", so sampled rows may join."""
+    return SAMPLING_MODES[max(1, SAMPLING_MODES.index(joined.mode))]
 
-class DecodeSession:
+
+class _Slots(abc.ABC):
+    """What both sessions share: slots holding opaque owners (None: free), the tokens each row has handed out,
+    and reading a chunk's new tokens. A session sets mode, sampling and the loop state _stop_row ends a row of."""
+
+    mode: str
+    sampling: jax_decode.Sampling
+
+    def _seat(self, owners: Sequence[Any], rows: int) -> None:
+        """`rows` slots, the first held by owners."""
+        self.owners: list[Any] = list(owners) + [None] * (rows - len(owners))
+        self.sent = np.zeros(rows, int)
+
+    @property
+    def live(self) -> list[int]:
+        """Occupied slots."""
+        return [b for b, owner in enumerate(self.owners) if owner is not None]
+
+    def first_chunk(self) -> Chunk:
+        """The prefill's tokens of the starting rows."""
+        return self._read()
+
+    def cancel(self, owner: Any) -> None:
+        """Free an owner's slot now (its row stops being decoded)."""
+        row = self.owners.index(owner)
+        self.owners[row] = None
+        self._stop_row(row)
+
+    @abc.abstractmethod
+    def _stop_row(self, row: int) -> None:
+        """Mark row done in the session's loop state."""
+
+    @abc.abstractmethod
+    def _read(self) -> Chunk:
+        """The new tokens since the last read (via _chunk)."""
+
+    def _may_join(self, request: GenerationRequest) -> bool:
+        """What every session asks of a joining request: one row, a free slot, a sampling mode the session covers
+        and no more stop tokens than it has room for."""
+        return (request.batch == 1 and None in self.owners
+                and SAMPLING_MODES.index(request.mode) <= SAMPLING_MODES.index(self.mode)
+                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1])
+
+    def _admitted(self, new: Any, row: int, owner: Any) -> Chunk:
+        """[(owner, the admitted row's prefill token, finish reason)] of a one-row prefill new placed in row (a row
+        that finished there is freed)."""
+        done, stopped, length, first = jax.device_get((new.done[0], new.stopped[0], new.lengths[0], new.out[0, 0]))
+        self.sent[row] = int(length)
+        if done:
+            self.owners[row] = None
+        return [(owner, [int(first)] if length else [], (STOP if stopped else LENGTH) if done else None)]
+
+    def _chunk(self, out: np.ndarray, start: np.ndarray, lengths: np.ndarray, stopped: np.ndarray,
+               done: np.ndarray) -> Chunk:
+        """(owner, new tokens, finish reason) of each occupied slot, row b's tokens being out[b, start[b]:
+        start[b] + lengths[b]]; a finished row's slot is freed."""
+        chunks = []
+        for b in self.live:
+            new = out[b, start[b] + self.sent[b]: start[b] + lengths[b]].tolist()
+            self.sent[b] = lengths[b]
+            reason = (STOP if stopped[b] else LENGTH) if done[b] else None
+            chunks.append((self.owners[b], new, reason))
+            if reason:
+                self.owners[b] = None
+        return chunks
+
+
+class DecodeSession(_Slots):
     """A running batch that requests join and leave between chunks. Slots hold opaque owners (e.g. jobs)."""
 
     draft: str | None = None  # no drafter (SpecSession's names its kind) ...
@@ -62,33 +125,24 @@ class DecodeSession:
         self.weights, self.config, self.kv_cache = weights, config, backend.kv_cache
         self.Tp = bucket_length(max(len(p) for p in joined.prompts), config.n_positions)
         self.S = self.Tp + bucket_length(joined.max_new_tokens + headroom, 2**31)
-        self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
+        self.mode = session_mode(joined)
         self.d, pad, self.sampling, _ = jax_decode.start(weights, joined, self.Tp, self.S, backend.mesh,
                                                          backend.kv_cache, rows=slots, mode=self.mode,
                                                          adjust=joined.adjusts)
         self.adjust = joined.adjusts  # the loop carries penalties, bias and token counts
-        B = self.d.last.shape[0]
         self.pad = np.asarray(pad).copy()
-        self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
-        self.sent = np.zeros(B, int)
+        self._seat(owners, self.d.last.shape[0])
         self.step = 1
-
-    @property
-    def live(self) -> list[int]:
-        """Occupied slots."""
-        return [b for b, owner in enumerate(self.owners) if owner is not None]
 
     def fits(self, request: GenerationRequest) -> bool:
         """Whether a one-row request can join now (a free slot, cache room, a covered sampling mode)."""
         index = self.Tp + self.step - 1  # where the batch writes next
         n = len(request.prompts[0])
-        return (request.batch == 1 and None in self.owners and MODES.index(request.mode) <= MODES.index(self.mode)
-                and bucket_length(n, self.config.n_positions) <= index
+        return (self._may_join(request) and bucket_length(n, self.config.n_positions) <= index
                 and self.step - 1 + request.max_new_tokens <= self.S - self.Tp
-                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1]
                 and (self.adjust or not request.adjusts))
 
-    def admit(self, request: GenerationRequest, owner: Any) -> list[tuple[Any, list[int], str | None]]:
+    def admit(self, request: GenerationRequest, owner: Any) -> Chunk:
         """Prefill a fitting one-row request alone and put it in a free slot; [(owner, first tokens, finish
         reason)]."""
         row, n = self.owners.index(None), len(request.prompts[0])
@@ -102,13 +156,9 @@ class DecodeSession:
         self.d = jax_decode.admit(self.d, new, np.int32(row), np.int32(index))
         self.sampling = with_row(self.sampling, row, one)
         self.pad[row], self.owners[row] = index - n, owner
-        return first_tokens(self, new, row, owner)
+        return self._admitted(new, row, owner)
 
-    def first_chunk(self) -> list[tuple[Any, list[int], str | None]]:
-        """The prefill's tokens of the starting rows."""
-        return self._read()
-
-    def run(self, chunk_size: int) -> list[tuple[Any, list[int], str | None]]:
+    def run(self, chunk_size: int) -> Chunk:
         """Decode up to chunk_size steps; (owner, new tokens, finish reason) of each occupied slot (a finished
         one is freed)."""
         until = min(self.step + chunk_size, self.S - self.Tp)
@@ -117,29 +167,17 @@ class DecodeSession:
                                    np.int32(until), self.mode)
         return self._read()
 
-    def cancel(self, owner: Any) -> None:
-        """Free an owner's slot now (its row stops being decoded)."""
-        row = self.owners.index(owner)
-        self.owners[row] = None
+    def _stop_row(self, row: int) -> None:
         self.d = self.d._replace(done=self.d.done.at[row].set(True))
 
-    def _read(self) -> list[tuple[Any, list[int], str | None]]:
+    def _read(self) -> Chunk:
         step, done, stopped, lengths, start = jax.device_get((self.d.step, self.d.done, self.d.stopped,
                                                                self.d.lengths, self.d.start))
         self.step = int(step)
-        out = np.asarray(self.d.out)
-        chunks = []
-        for b in self.live:
-            new = out[b, start[b] + self.sent[b]: start[b] + lengths[b]].tolist()
-            self.sent[b] = lengths[b]
-            reason = (STOP if stopped[b] else LENGTH) if done[b] else None
-            chunks.append((self.owners[b], new, reason))
-            if reason:
-                self.owners[b] = None
-        return chunks
+        return self._chunk(np.asarray(self.d.out), start, lengths, stopped, done)
 
 
-class SpecSession:
+class SpecSession(_Slots):
     """A running batch decoded speculatively (speculative.py) that requests join and leave between chunks.
 
     Every row has its own cache cursor, so a joining request is prefilled alone (target and draft model) and
@@ -156,32 +194,24 @@ class SpecSession:
         self.weights, self.config, self.kv_cache, self.spec = weights, backend.config, backend.kv_cache, spec
         self.Tp = bucket_length(max(len(p) for p in joined.prompts), self.config.n_positions)
         self.S = speculative.cache_length(self.Tp, joined.max_new_tokens + headroom, spec.k)
-        self.mode = MODES[max(1, MODES.index(joined.mode))]  # at least "sample", so sampled rows may join
+        self.mode = session_mode(joined)
         self.s, pad, self.sampling, _ = speculative.start(weights, joined, spec, self.kv_cache, self.Tp, self.S,
                                                           rows=slots, mode=self.mode)
         self.ngram = (spec.draft.max_ngram, spec.draft.min_ngram) if spec.weights is None else None
-        B = self.s.cursor.shape[0]
         self.pad = np.asarray(pad).copy()
-        self.owners: list[Any] = list(owners) + [None] * (B - len(owners))
-        self.sent = np.zeros(B, int)
+        self._seat(owners, self.s.cursor.shape[0])
         self.step = 0  # verify rounds so far
         self.draft, self.k = spec.draft.kind, spec.k
         self.proposed = self.accepted = 0  # draft tokens over the session's life
-
-    @property
-    def live(self) -> list[int]:
-        """Occupied slots."""
-        return [b for b, owner in enumerate(self.owners) if owner is not None]
 
     def fits(self, request: GenerationRequest) -> bool:
         """Whether a one-row request can join now (a free slot, cache room, a covered sampling mode, no
         penalties or bias)."""
         Tp1 = bucket_length(len(request.prompts[0]), self.config.n_positions)
-        return (request.batch == 1 and None in self.owners and MODES.index(request.mode) <= MODES.index(self.mode)
-                and speculative.cache_length(Tp1, request.max_new_tokens, self.k) <= self.S
-                and len(request.sampling.stop_tokens) <= self.sampling.stop.shape[1] and not request.adjusts)
+        return (self._may_join(request) and speculative.cache_length(Tp1, request.max_new_tokens, self.k) <= self.S
+                and not request.adjusts)
 
-    def admit(self, request: GenerationRequest, owner: Any) -> list[tuple[Any, list[int], str | None]]:
+    def admit(self, request: GenerationRequest, owner: Any) -> Chunk:
         """Prefill a fitting one-row request alone and put it in a free slot; [(owner, first tokens, finish
         reason)]."""
         row, n = self.owners.index(None), len(request.prompts[0])
@@ -191,13 +221,9 @@ class SpecSession:
         self.s = speculative.admit(self.s, new, np.int32(row))
         self.sampling = with_row(self.sampling, row, one)
         self.pad[row], self.owners[row] = int(pad1[0]), owner
-        return first_tokens(self, new, row, owner)
+        return self._admitted(new, row, owner)
 
-    def first_chunk(self) -> list[tuple[Any, list[int], str | None]]:
-        """The prefill's tokens of the starting rows."""
-        return self._read()
-
-    def run(self, chunk_size: int) -> list[tuple[Any, list[int], str | None]]:
+    def run(self, chunk_size: int) -> Chunk:
         """chunk_size speculative rounds; (owner, new tokens, finish reason) of each occupied slot (a finished one
         is freed). self.proposed/accepted then include the chunk's draft tokens."""
         w, d = self.weights, self.spec.weights
@@ -206,23 +232,11 @@ class SpecSession:
                                        np.int32(self.step + chunk_size), self.k, self.mode, self.ngram)
         return self._read()
 
-    def cancel(self, owner: Any) -> None:
-        """Free an owner's slot now (its row stops being decoded)."""
-        row = self.owners.index(owner)
-        self.owners[row] = None
+    def _stop_row(self, row: int) -> None:
         self.s = self.s._replace(done=self.s.done.at[row].set(True))
 
-    def _read(self) -> list[tuple[Any, list[int], str | None]]:
+    def _read(self) -> Chunk:
         rounds, done, stopped, lengths, proposed, accepted = jax.device_get(
             (self.s.rounds, self.s.done, self.s.stopped, self.s.lengths, self.s.proposed, self.s.accepted))
         self.step, self.proposed, self.accepted = int(rounds), int(proposed.sum()), int(accepted.sum())
-        out = np.asarray(self.s.out)
-        chunks = []
-        for b in self.live:
-            new = out[b, self.sent[b]: lengths[b]].tolist()
-            self.sent[b] = lengths[b]
-            reason = (STOP if stopped[b] else LENGTH) if done[b] else None
-            chunks.append((self.owners[b], new, reason))
-            if reason:
-                self.owners[b] = None
-        return chunks
+        return self._chunk(np.asarray(self.s.out), np.zeros_like(lengths), lengths, stopped, done)

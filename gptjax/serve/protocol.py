@@ -1,19 +1,24 @@
-"""Strict checks of a POST /v1/completions body: every bad field becomes a 400 with an OpenAI-style error body
-naming the field and what it allows, before any work is queued."""
+"""The OpenAI-style request side: parsing a POST /v1/completions (/tokenize, /detokenize) body into a
+`Completion` (one gptjax GenerationRequest per choice, each with its SamplingParams), and the error object.
+
+Every bad field becomes a 400 with an OpenAI error body naming the field and what it allows, before any work is
+queued. The ranges of sampling settings are SamplingParams' own (its SamplingError is mapped to that 400); this
+module adds only what the HTTP API limits further: temperature <= 2, max_tokens up to a cap, n, prompt and stop
+sizes, the JSON shapes.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import numbers
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from gptjax.checks import is_int, is_real
 from gptjax.config import GPTConfig
-from gptjax.errors import GptjaxError
 from gptjax.generate import GenerationRequest, make_request
-from gptjax.sampling import MAX_LOGIT_BIAS, SamplingParams
+from gptjax.sampling import MAX_LOGIT_BIAS, SamplingError, SamplingParams
 from gptjax.tokenizer import Tokenizer
 
 FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
@@ -26,6 +31,12 @@ MAX_PROMPTS = 64  # prompts in one request
 MAX_N = 16  # completions per prompt
 MAX_CHOICES = 64  # prompts × n: the jobs one request may queue (also at most the queue's size)
 MAX_LOGPROBS = 5  # top alternatives per token (OpenAI's limit)
+MAX_TEMPERATURE = 2.0  # OpenAI's limit (SamplingParams takes any finite temperature >= 0)
+# What the API accepts in each number field of SamplingParams (its own range, within the limits above): the 400
+# for a bad value says this.
+ALLOWED = {"temperature": "a number in [0, 2] (0 means greedy)", "top_p": "a number in (0, 1]",
+           "top_k": "an integer in [1, {V}] or null", "seed": "an integer in [0, 2**32) or null",
+           "presence_penalty": "a number in [-2, 2]", "frequency_penalty": "a number in [-2, 2]"}
 
 
 class RequestError(Exception):
@@ -75,16 +86,6 @@ class Completion:
         """Choices in the answer: prompts × n."""
         return len(self.prompts) * self.n
 
-    @property
-    def prompt(self) -> list[int]:
-        """The first prompt (a single-prompt request's prompt)."""
-        return self.prompts[0]
-
-    @property
-    def request(self) -> GenerationRequest:
-        """The first choice's generation request (a single-choice request's)."""
-        return self.requests[0]
-
 
 def parse_completion(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -> Completion:
     """Parse and check a request body; a RequestError names the first bad field."""
@@ -92,31 +93,18 @@ def parse_completion(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -
     _check_model(data.get("model"), limits.model_id)
     _get(data, "user", str, "a string")
     echo = bool(_get(data, "echo", bool, "true or false"))
-    logprobs = _integer(data, "logprobs", None, lambda x: 0 <= x <= MAX_LOGPROBS,
-                        f"an integer in [0, {MAX_LOGPROBS}] or null")
+    logprobs = _logprobs(data.get("logprobs"))
     prompts = _prompts(data.get("prompt"), limits.config, tokenizer)
     n = _n(data, len(prompts), limits.max_choices)
     max_tokens = _max_tokens(data.get("max_tokens"), max(len(p) for p in prompts), limits, echo)
     if max_tokens == 0 and n != 1:  # nothing is sampled: n > 1 would return copies
         raise _bad("n must be 1 with max_tokens: 0 (nothing is sampled)", "n")
-    temperature = _number(data, "temperature", 1.0, lambda x: 0 <= x <= 2, "a number in [0, 2] (0 means greedy)")
-    top_p = _number(data, "top_p", 1.0, lambda x: 0 < x <= 1, "a number in (0, 1]")
-    V = limits.config.vocab_size
-    top_k = _integer(data, "top_k", None, lambda x: 1 <= x <= V, f"an integer in [1, {V}] or null")
-    seed = _integer(data, "seed", None, lambda x: 0 <= x < 2**32, "an integer in [0, 2**32) or null")
-    stop_tokens, stops = _stop(data.get("stop"), V, tokenizer)
-    penalties = _penalties(data, V)
+    stop_tokens, stops = _stop(data.get("stop"), limits.config.vocab_size, tokenizer)
+    samplings = _sampling(data, stop_tokens, n, limits.config.vocab_size)
     stream = bool(_get(data, "stream", bool, "true or false"))
     include_usage = _stream_options(data.get("stream_options"), stream)
-    seeds = [secrets.randbelow(2**32) if seed is None else (seed + j) % 2**32 for j in range(n)]
-    requests = []
-    if max_tokens > 0:
-        try:
-            requests = [make_request(limits.config, [prompt], max_tokens, SamplingParams(
-                temperature=temperature, top_k=top_k, top_p=None if top_p == 1 else top_p, seed=seeds[j],
-                stop_tokens=stop_tokens, **penalties)) for prompt in prompts for j in range(n)]
-        except GptjaxError as e:  # the checks above should have caught it: still a client error, never a 500
-            raise _bad(str(e)) from None
+    requests = [make_request(limits.config, [prompt], max_tokens, samplings[j]) for prompt in prompts
+                for j in range(n)] if max_tokens > 0 else []
     return Completion(prompts, requests, n, stream, include_usage, echo, logprobs, stops)
 
 
@@ -144,7 +132,7 @@ def parse_detokenize(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -
     data = _fields(body, DETOKENIZE_FIELDS)
     _check_model(data.get("model"), limits.model_id)
     tokens, V = data.get("tokens"), limits.config.vocab_size
-    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+    if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
         raise _bad("tokens is required: a list of integer token ids", "tokens")
     bad = [t for t in tokens if not 0 <= t < V]
     if bad:
@@ -204,18 +192,6 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _finite(x: numbers.Real) -> bool:
-    """A finite number a float can hold (a JSON integer may have hundreds of digits)."""
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _get(data: dict[str, Any], field: str, kind: type, allowed: str) -> Any:
     value = data.get(field)
     if value is not None and not isinstance(value, kind):
@@ -223,21 +199,10 @@ def _get(data: dict[str, Any], field: str, kind: type, allowed: str) -> Any:
     return value
 
 
-def _number(data: dict[str, Any], field: str, default: float, ok: Any, allowed: str) -> float:
-    value = data.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or not ok(value):
-        raise _bad(f"{field} must be {allowed}, got {json.dumps(value)[:50]}", field)
-    return float(value)
-
-
-def _integer(data: dict[str, Any], field: str, default: int | None, ok: Any, allowed: str) -> int | None:
-    value = data.get(field)
-    if value is None:
-        return default
-    if not _is_int(value) or not ok(value):
-        raise _bad(f"{field} must be {allowed}, got {json.dumps(value)[:50]}", field)
+def _logprobs(value: Any) -> int | None:
+    if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+        raise _bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {json.dumps(value)[:50]}",
+                   "logprobs")
     return value
 
 
@@ -256,10 +221,10 @@ def _n(data: dict[str, Any], prompts: int, max_choices: int) -> int:
     n = data.get("n", 1)
     if n is None:
         n = 1
-    if not _is_int(n) or not 1 <= n <= MAX_N:
+    if not is_int(n) or not 1 <= n <= MAX_N:
         raise _bad(f"n must be an integer in [1, {MAX_N}], got {json.dumps(n)[:50]}", "n")
     best_of = data.get("best_of")
-    if best_of is not None and (not _is_int(best_of) or best_of != n):
+    if best_of is not None and (not is_int(best_of) or best_of != n):
         raise _bad(f"best_of must equal n ({n}) or be null (this server returns every sample), got "
                    f"{json.dumps(best_of)[:50]}", "best_of")
     if prompts * n > max_choices:
@@ -285,7 +250,7 @@ def _one_prompt(prompt: Any, config: GPTConfig, tokenizer: Tokenizer | None, nam
             raise _bad(f"{name}: this model has no tokenizer; give the prompt as a list of token ids", "prompt")
         ids = _encode(tokenizer, prompt, "prompt", name)
     elif isinstance(prompt, list):
-        if not all(_is_int(t) for t in prompt):
+        if not all(is_int(t) for t in prompt):
             raise _bad(f"{name} must be a string or a list of integer token ids (or a list of those)", "prompt")
         bad = [t for t in prompt if not 0 <= t < config.vocab_size]
         if bad:
@@ -309,7 +274,7 @@ def _max_tokens(value: Any, longest: int, limits: Limits, echo: bool) -> int:
                        "one must be left to generate (or send max_tokens: 0 with echo: true to score it)", "prompt")
         return max(1, min(DEFAULT_MAX_TOKENS, limits.max_tokens_cap, room))
     low = 0 if echo else 1
-    if not _is_int(value) or not low <= value <= limits.max_tokens_cap:
+    if not is_int(value) or not low <= value <= limits.max_tokens_cap:
         zero = "" if echo else " (0 only with echo: true)"
         raise _bad(f"max_tokens must be an integer in [{low}, {limits.max_tokens_cap}]{zero}, got "
                    f"{json.dumps(value)[:50]}", "max_tokens")
@@ -330,18 +295,10 @@ def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> tuple[list[int], tu
         raise _bad(f"stop must be a string, a token id, or a list of at most {MAX_STOP} of them", "stop")
     ids, strings = [], []
     for item in items:
-        if _is_int(item) and 0 <= item < V:
+        if is_int(item) and 0 <= item < V:
             ids.append(item)
         elif isinstance(item, str) and item:
-            size = len(item.encode("utf-8", errors="surrogatepass"))
-            if size > MAX_STOP_BYTES:
-                raise _bad(f"stop: a stop string of {size} UTF-8 bytes; at most {MAX_STOP_BYTES}", "stop")
-            if tokenizer is None:
-                raise _bad("stop: this model has no tokenizer, so stop strings cannot be matched; give token ids",
-                           "stop")
-            encoded = _encode(tokenizer, item, "stop")
-            if len(encoded) == 1:
-                ids.append(encoded[0])
+            ids += _stop_string(item, tokenizer)
             strings.append(item)
         else:
             raise _bad(f"stop: {json.dumps(item)[:50]} is neither a non-empty string nor a token id in [0, {V})",
@@ -349,32 +306,82 @@ def _stop(stop: Any, V: int, tokenizer: Tokenizer | None) -> tuple[list[int], tu
     return ids, tuple(strings)
 
 
-def _penalties(data: dict[str, Any], V: int) -> dict[str, Any]:
-    """presence_penalty, frequency_penalty (in [-2, 2]) and logit_bias ({token id: bias in [-100, 100]}), only
-    those that are set (make_request's defaults otherwise)."""
-    out: dict[str, Any] = {}
-    for field in ("presence_penalty", "frequency_penalty"):
-        value = _number(data, field, 0.0, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
-        if value:
-            out[field] = value
+def _stop_string(item: str, tokenizer: Tokenizer | None) -> list[int]:
+    """A stop string's token id when it is one token, else none; a 400 for one too long or without a tokenizer."""
+    size = len(item.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_STOP_BYTES:
+        raise _bad(f"stop: a stop string of {size} UTF-8 bytes; at most {MAX_STOP_BYTES}", "stop")
+    if tokenizer is None:
+        raise _bad("stop: this model has no tokenizer, so stop strings cannot be matched; give token ids", "stop")
+    encoded = _encode(tokenizer, item, "stop")
+    return encoded if len(encoded) == 1 else []
+
+
+def _sampling(data: dict[str, Any], stop_tokens: list[int], n: int, V: int) -> list[SamplingParams]:
+    """The SamplingParams of each prompt's samples 0..n-1, built once each: sample j draws with seed
+    (seed + j) mod 2**32, or with a seed of its own when none is given. SamplingParams checks the ranges (its
+    SamplingError becomes a 400 naming the field)."""
+    seed = data.get("seed")
+    try:
+        first = SamplingParams(**_settings(data, V), stop_tokens=stop_tokens,
+                               seed=secrets.randbelow(2**32) if seed is None else seed)
+        first.check_vocab(V)
+    except SamplingError as e:
+        raise _sampling_error(e, data, V) from None
+    return [first] + [replace(first, seed=secrets.randbelow(2**32) if seed is None else (seed + j) % 2**32)
+                      for j in range(1, n)]
+
+
+def _settings(data: dict[str, Any], V: int) -> dict[str, Any]:
+    """The body's sampling fields as SamplingParams keywords (JSON numbers of float fields as floats; null: the
+    default); a 400 over the one HTTP limit, temperature <= 2."""
+    settings = {name: _as_float(data[name]) for name in ("temperature", "top_p", "presence_penalty",
+                                                         "frequency_penalty") if data.get(name) is not None}
+    if settings.get("top_p") == 1:  # the default: no nucleus, so no filtering pass to compile
+        del settings["top_p"]
+    temperature = settings.get("temperature")
+    if is_real(temperature) and temperature > MAX_TEMPERATURE:
+        raise _not_allowed("temperature", data, V)
     bias = data.get("logit_bias")
-    if bias is None:
-        return out
-    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
-        raise _bad(f'logit_bias must be an object of at most {MAX_LOGIT_BIAS} "token id": bias entries',
-                   "logit_bias")
-    table = {}
-    for key, value in bias.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < V):
-            raise _bad(f"logit_bias: key {json.dumps(key)[:50]} is not a token id in [0, {V})", "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or \
-                not -100 <= value <= 100:
-            raise _bad(f"logit_bias: the bias of token {key} must be a number in [-100, 100], got "
-                       f"{json.dumps(value)[:50]}", "logit_bias")
-        table[int(key)] = float(value)
-    if table:
-        out["logit_bias"] = table
-    return out
+    return settings | {"top_k": data.get("top_k"),
+                       "logit_bias": {k: _as_float(v) for k, v in bias.items()} if isinstance(bias, dict) else bias}
+
+
+def _as_float(value: Any) -> Any:
+    """A JSON integer as the float a float field reads (±inf beyond float64's range, as json reads 1e400: a JSON
+    integer may have hundreds of digits); anything else as it is, for SamplingParams to check."""
+    if not is_int(value):
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _sampling_error(e: SamplingError, data: dict[str, Any], V: int) -> RequestError:
+    """A failed SamplingParams check as the 400 naming the request's field and what the API accepts there."""
+    if e.field in ALLOWED:
+        return _not_allowed(e.field, data, V)
+    if e.field == "logit_bias":
+        return _bad(_bias_message(e, data.get("logit_bias"), V), "logit_bias")
+    return _bad(str(e), "stop" if e.field == "stop_tokens" else e.field)
+
+
+def _not_allowed(field: str, data: dict[str, Any], V: int) -> RequestError:
+    """The 400 for a number field of SamplingParams: what the API accepts there, and what it got."""
+    return _bad(f"{field} must be {ALLOWED[field].format(V=V)}, got {json.dumps(data.get(field))[:50]}", field)
+
+
+def _bias_message(e: SamplingError, bias: Any, V: int) -> str:
+    """What is wrong with a logit_bias (an object of "token id": bias entries), in the API's words."""
+    if e.part is None:
+        return f'logit_bias must be an object of at most {MAX_LOGIT_BIAS} "token id": bias entries'
+    if e.part == "key":
+        return f"logit_bias: key {json.dumps(str(e.key))[:50]} is not a token id in [0, {V})"
+    if e.part == "bias":
+        return (f"logit_bias: the bias of token {e.key} must be a number in [-100, 100], got "
+                f"{json.dumps(bias[e.key])[:50]}")
+    return str(e)  # a token id given twice ("5" and "05")
 
 
 def _stream_options(options: Any, stream: bool) -> bool:
