@@ -14,5 +14,10 @@ def is_int(x: object) -> bool:
 
 
 def is_real(x: object) -> bool:
-    """A finite real number (int or float, Python or NumPy), not a bool."""
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+    """A finite real number (int or float, Python or NumPy), not a bool; an int too large for a float is not."""
+    if not isinstance(x, numbers.Real) or isinstance(x, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # math.isfinite(10**400) converts to float first
+        return False

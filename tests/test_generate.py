@@ -267,6 +267,8 @@ BAD = [
 BAD_SAMPLING = [  # refused when the SamplingParams is built, before any backend sees it
     (dict(temperature=-0.1), r"temperature=-0.1 must be a finite number >= 0"),
     (dict(temperature=float("inf")), r"temperature=inf must be a finite number >= 0"),
+    (dict(temperature=10**400), r"temperature=1000000.* must be a finite number >= 0"),  # was an OverflowError
+    (dict(presence_penalty=-10**400), r"presence_penalty=-1000000.* must be a finite number in \[-2, 2\]"),
     (dict(top_p=0.0), r"top_p=0.0 must be a number in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p=1.5"),
     (dict(top_k=0), r"top_k=0 must be an integer >= 1"),
