@@ -21,6 +21,7 @@ from gptjax.tracing import Metrics, serve_metrics
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=16)
 PARAMS = init_params(CONFIG, 2)
+PARAMS_24 = init_params(GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=24), 2)  # its own programs
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
 
@@ -44,6 +45,25 @@ def test_generate_and_forward_counts(name):
     assert _value(m, "gptjax_forward_seconds_count", phase="decode", backend=name) == 1 + 3  # 1 loop + 3 chunks
     assert _value(m, "gptjax_time_per_output_token_seconds_count", backend=name) == 4
     assert _value(m, "gptjax_tokens_per_second", phase="prefill") > 0
+
+
+def test_compilations_are_counted_by_purpose_and_warmup_is_not_a_request():
+    m = Metrics()
+    backend = get_backend("jax", GPTConfig(vocab_size=97, n_positions=32, n_layer=1, n_head=2, n_embd=24), metrics=m)
+    with backend.observer.warmup():
+        backend.generate(PARAMS_24, [[1, 2, 3]], 4, sampling=GREEDY)  # compiles the prefill and the decode loop
+    assert _value(m, "gptjax_requests_total", outcome="ok") == 0  # warm-up is no request
+    assert _value(m, "gptjax_generated_tokens_total", backend="jax") == 0
+    assert _value(m, "gptjax_compiles_total", phase="prefill", purpose="warmup") == 1
+    assert _value(m, "gptjax_compiles_total", phase="decode", purpose="warmup") == 1
+    held = _value(m, "gptjax_compiled_programs", backend="jax")
+    assert held == backend.compile_count() >= 2
+    backend.generate(PARAMS_24, [[1, 2, 3]], 4, sampling=GREEDY)  # the warmed-up shape: nothing compiles
+    assert _value(m, "gptjax_compiles_total", phase="prefill", purpose="request") == 0
+    backend.generate(PARAMS_24, [[1] * 20], 4, sampling=GREEDY)  # a new prompt bucket compiles on the request
+    assert _value(m, "gptjax_compiles_total", phase="prefill", purpose="request") == 1
+    assert _value(m, "gptjax_requests_total", outcome="ok") == 2
+    assert _value(m, "gptjax_compiled_programs", backend="jax") > held
 
 
 def test_mfu_and_bandwidth_gauges_against_given_peaks():

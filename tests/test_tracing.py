@@ -39,6 +39,20 @@ def _by_name(finished):
     return out
 
 
+def test_warmup_calls_are_traced_as_warmup_and_requests_as_requests(spans):
+    spans.clear()
+    backend = get_backend("numpy", CONFIG)
+    with backend.observer.warmup():
+        backend.generate(PARAMS, [[1, 2]], 2, sampling=SamplingParams(greedy=True))
+    backend.generate(PARAMS, [[1, 2]], 2, sampling=SamplingParams(greedy=True))
+    finished = spans.get_finished_spans()
+    roots = [s for s in finished if s.parent is None]
+    assert [r.attributes["gptjax.purpose"] for r in roots] == ["warmup", "request"]
+    for root in roots:  # every span of a call says the call's purpose
+        assert {s.attributes["gptjax.purpose"] for s in finished if s.context.trace_id == root.context.trace_id} == {
+            root.attributes["gptjax.purpose"]}
+
+
 @pytest.mark.parametrize("name", ["numpy", "jax"])
 def test_generate_span_tree(spans, name):
     spans.clear()

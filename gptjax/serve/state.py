@@ -95,7 +95,8 @@ class ServerState:
             try:
                 if self.options.warmup:
                     m = self.model
-                    m.backend.generate(m.weights, [[0]], 2, sampling=SamplingParams(seed=0))
+                    with m.backend.observer.warmup():  # not a request: its own spans, counted as compilations
+                        m.backend.generate(m.weights, [[0]], 2, sampling=SamplingParams(seed=0))
             except Exception:
                 log.exception("warm-up failed: the server cannot serve this model")
                 self.phase = "failed"

@@ -80,6 +80,11 @@ class Metrics:
                                      ["backend", "draft"], registry=r)
         self.spec_accepted = Counter("gptjax_speculative_accepted_tokens", "Draft tokens accepted by the target",
                                      ["backend", "draft"], registry=r)
+        self.compiles = Counter("gptjax_compiles", "Compilations, by the pass that compiled (prefill, decode, "
+                                "speculate, score, forward) and purpose (warmup, or request: a user waited)",
+                                ["phase", "purpose"], registry=r)
+        self.compiled_programs = Gauge("gptjax_compiled_programs", "Compiled programs the backend holds",
+                                       ["backend"], registry=r)
 
     def observe_forward(self, phase: str, backend: str, seconds: float, tokens: int = 0) -> None:
         """One forward pass (or chunk of decode steps) took `seconds` and produced/consumed `tokens`."""

@@ -12,6 +12,7 @@ no-op; without a gptjax.tracing.Metrics every report returns at once.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,12 +44,35 @@ class Observed(Protocol):
     def placement(self) -> tuple[int, str]: ...
 
 
+# Why the calls in this context run: "request" (a user's, the default) or "warmup" (compiling before serving).
+# Warm-up calls get their own spans (gptjax.purpose=warmup) and count only as compilations, not as requests.
+PURPOSE: contextvars.ContextVar[str] = contextvars.ContextVar("gptjax_purpose", default="request")
+
+
 class Observer:
     """Spans and metrics around one backend's calls. metrics: a gptjax.tracing.Metrics, or None for none;
     synced=False: spans do not wait for device results (and say so: gptjax.synced=false)."""
 
     def __init__(self, backend: Observed, metrics: Metrics | None = None, synced: bool = True) -> None:
         self.backend, self.metrics, self.synced = backend, metrics, synced
+        if metrics is not None:
+            metrics.compiled_programs.labels(backend=backend.name).set_function(backend.compile_count)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def warmup() -> Iterator[None]:
+        """Calls made inside are warm-up, not requests: traced with gptjax.purpose=warmup, their compilations
+        counted as purpose="warmup", and none of the request metrics (latency, tokens, outcomes) recorded."""
+        token = PURPOSE.set("warmup")
+        try:
+            yield
+        finally:
+            PURPOSE.reset(token)
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether calls in the current context are warm-up."""
+        return PURPOSE.get() == "warmup"
 
     # ---- spans ---------------------------------------------------------------------------------------------
     @property
@@ -64,7 +88,8 @@ class Observer:
         devices, mesh = b.placement()
         return {"gen_ai.provider.name": "gptjax", "gen_ai.request.model": self.model_name, "gptjax.backend": b.name,
                 "gptjax.precision": b.precision, "gptjax.batch_size": batch, "gptjax.seq_len": seq_len,
-                "gptjax.devices": devices, "gptjax.mesh": mesh, "gptjax.phase": phase}
+                "gptjax.devices": devices, "gptjax.mesh": mesh, "gptjax.phase": phase,
+                "gptjax.purpose": PURPOSE.get()}
 
     def request_span(self, batch: int, longest: int, attributes: Callable[[], dict[str, Any]], *,
                      context: otel_context.Context | None = None, start_time: int | None = None) -> trace.Span:
@@ -83,7 +108,10 @@ class Observer:
         with forward_span(f"gptjax.{name}", lambda: self.span_attributes(phase, batch, seq_len), parent=parent,
                           synced=self.synced) as span:
             yield span
-            span.set(lambda: {"gptjax.compiled": self.backend.compile_count() > before})
+            compiled = self.backend.compile_count() - before
+            span.set({"gptjax.compiled": compiled > 0})
+        if compiled > 0 and self.metrics is not None:
+            self.metrics.compiles.labels(phase=name, purpose=PURPOSE.get()).inc(compiled)
 
     @contextlib.contextmanager
     def batch_pass(self, name: str, phase: str, batch: int, seq_len: int) -> Iterator[SpanHandle]:
@@ -99,14 +127,18 @@ class Observer:
         return _Call(self, request, spec).run(chunks)
 
     # ---- metrics: generate() and the server's decode sessions alike --------------------------------------------
+    def _reported(self) -> Metrics | None:
+        """The metrics a request's reports go to: none during warm-up (it counts only as compilations)."""
+        return None if self.warming_up else self.metrics
+
     def report_forward(self, phase: str, seconds: float, tokens: int) -> None:
         """A forward pass (phase prefill/decode) over `tokens` tokens took `seconds`."""
-        if self.metrics is not None:
-            self.metrics.observe_forward(phase, self.backend.name, seconds, tokens)
+        if (m := self._reported()) is not None:
+            m.observe_forward(phase, self.backend.name, seconds, tokens)
 
     def report_prefill(self, seconds: float, prompt_lengths: Sequence[int]) -> None:
         """A prefill of prompts of these lengths took `seconds`: forward time, tokens/s, MFU, bandwidth use."""
-        m, c = self.metrics, self.backend.config
+        m, c = self._reported(), self.backend.config
         if m is None:
             return
         m.observe_forward("prefill", self.backend.name, seconds, sum(prompt_lengths))
@@ -116,7 +148,7 @@ class Observer:
     def report_decode(self, seconds: float, steps: int, tokens: int, position: int) -> None:
         """`steps` decode steps from sequence position `position` gave `tokens` tokens (all rows) in `seconds`:
         forward time, tokens/s, time per output token, MFU and bandwidth use."""
-        m, c = self.metrics, self.backend.config
+        m, c = self._reported(), self.backend.config
         if m is None:
             return
         m.observe_forward("decode", self.backend.name, seconds, tokens)
@@ -128,19 +160,19 @@ class Observer:
 
     def report_first_token(self, seconds: float) -> None:
         """A request's first token came `seconds` after it arrived."""
-        if self.metrics is not None:
-            self.metrics.ttft.labels(backend=self.backend.name).observe(seconds)
+        if (m := self._reported()) is not None:
+            m.ttft.labels(backend=self.backend.name).observe(seconds)
 
     def report_request(self, seconds: float, prompt_tokens: int, generated: int, outcome: str,
                        error: BaseException | None = None) -> None:
         """A request finished: latency, token counts, outcome (ok, error, cancelled) and error type."""
-        if self.metrics is not None:
-            self.metrics.observe_request(self.backend.name, seconds, prompt_tokens, generated, outcome, error)
+        if (m := self._reported()) is not None:
+            m.observe_request(self.backend.name, seconds, prompt_tokens, generated, outcome, error)
 
     def report_speculation(self, draft: str, proposed: int, accepted: int) -> None:
         """Speculative rounds (drafter kind `draft`) proposed `proposed` draft tokens, of which `accepted` were kept."""
-        if self.metrics is not None:
-            self.metrics.observe_speculation(self.backend.name, draft, proposed, accepted)
+        if (m := self._reported()) is not None:
+            m.observe_speculation(self.backend.name, draft, proposed, accepted)
 
 
 class _Call:
