@@ -25,13 +25,13 @@ if TYPE_CHECKING:
     from gptjax.config import GPTConfig
 
 SCALE_BYTES = 4  # a float32 scale per output channel (and group) of a scaled weight, per head of a KV entry
-INT4_GROUP_SIZES = (32, 64, 128)
+INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes int4 takes (inputs per scale); its default is the Storage's
 # Weight-only int8 runs a pass of more than this many tokens per sequence (prefill, scoring) as w8a8 does, with each
 # token's activations quantised to int8 (one int8 x int8 dot where 16-bit activations take two; docs/precision.md
 # measures what it costs in logit error); decode and speculative verification (k + 1 <= 17 tokens) keep 16-bit
 # activations. Both backends apply it to the tokens they are given, the JAX backend to a batch padded to its length
 # bucket, which is more than 64 exactly when the longest sequence is (decode.bucket_length), so they agree.
-INT8_PER_TOKEN_ABOVE = 64  # the group sizes int4 takes (inputs per scale); its default is the Storage's
+INT8_PER_TOKEN_ABOVE = 64
 
 
 @dataclass(frozen=True)

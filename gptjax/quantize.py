@@ -30,9 +30,6 @@ from gptjax.precision import default_kv_cache, storage  # noqa: F401 (re-exporte
 Params = dict[str, np.ndarray]  # canonical params (gptjax.weights re-exports it; weights builds on this module)
 SCALE_SUFFIX = "_scale"  # int8 weights' scales: `<key>_scale`
 
-MODES = tuple(registry.STORAGES)  # how weights are stored
-PRECISIONS = tuple(registry.MODES)  # how a backend runs them: w8a8 = int8 weights + int8 activations
-KV_CACHE_MODES = tuple(registry.KV_CACHES)
 _SCALED = "/".join(s.name for s in registry.STORAGES.values() if s.scaled)  # "int8/int4"
 _QUANTISED = (np.dtype(np.int8), np.dtype(np.uint8))  # int8 values, packed int4 nibbles
 
