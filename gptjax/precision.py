@@ -32,6 +32,7 @@ INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes int4 takes (inputs per scale
 # activations. Both backends apply it to the tokens they are given, the JAX backend to a batch padded to its length
 # bucket, which is more than 64 exactly when the longest sequence is (decode.bucket_length), so they agree.
 INT8_PER_TOKEN_ABOVE = 64
+PER_TOKEN = "int8"  # the compute_dtype a pass longer than a Mode's per_token_above runs in: per-token int8 activations
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,13 @@ class Storage:
 @dataclass(frozen=True)
 class Mode:
     """A run mode: the storage its weights are in, its default KV cache, whether `gptjax train` runs it, the
-    dtype its matmuls compute in (what benchmarks report), and a line for --help."""
+    dtype its matmuls compute in (what benchmarks report), and a line for --help.
+
+    compute_dtype names the activations' formulation both backends implement for any storage: "fp32" (float32
+    activations: weight-only for a scaled storage), "bf16" (activations rounded to bfloat16, as the weights) or
+    "int8" (each token's activations quantised to int8, an int8 x int8 -> int32 dot). Token tables (the tied head)
+    of a scaled storage always multiply weight-only. per_token_above: a pass of more than this many tokens per
+    sequence computes as PER_TOKEN ("int8") instead (None: never)."""
 
     name: str
     storage: str
@@ -85,6 +92,7 @@ class Mode:
     compute_dtype: str
     description: str
     tolerance: float  # max |logits - float32 oracle| / max(1, max |oracle|) a correct implementation stays within
+    per_token_above: int | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -125,6 +133,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("bf16", "bf16", "bf16", trains=True, compute_dtype="bf16", tolerance=5e-2,
          description="bfloat16 weights, bfloat16 x bfloat16 matmuls accumulated in float32"),
     Mode("int8", "int8", "fp32", trains=False, compute_dtype="fp32", tolerance=1e-1,
+         per_token_above=INT8_PER_TOKEN_ABOVE,
          description="int8 weights with float32 scales, float activations (weight-only; a prefill of more than 64 "
                      "tokens quantises them per token, as w8a8)"),
     Mode("w8a8", "int8", "fp32", trains=False, compute_dtype="int8", tolerance=1e-1,
