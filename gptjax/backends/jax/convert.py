@@ -8,7 +8,7 @@ modules, scaled ones a ScaledDense / ScaledTable (layers.py). A new weight-only 
 
 Whether gptjax's CPU kernels run is decided here, once (`cpu_kernels_for`): they read out-major bfloat16, int8
 and packed int4 weights, run the causal self-attention of a pass without a cache (every mode, float32 included)
-and, during decode, read bfloat16 and int8 KV caches (kv.KV_LAYERS); everything else, and every platform or mesh
+and, during decode, read bfloat16 and int8 KV caches (kv.KV_FORMATS); everything else, and every platform or mesh
 where they cannot run, keeps XLA's dots. The model itself never asks.
 """
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.backends.jax import lowp
-from gptjax.backends.jax.kv import FloatKV, KVCache, Masks
+from gptjax.backends.jax.kv import KVCache, LayerKV, Masks
 from gptjax.backends.jax.lowp import table_dot, table_lookup
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
@@ -181,7 +181,7 @@ class Attention(nnx.Module):
         return self.project(self.causal(self.fused_qkv(x)))
 
     def cached(self, x: jax.Array, masks: Masks, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
-        """Attention of new tokens x [B, T, D] over one layer's cache (FloatKV or Int8KV, [B, H, S, K]) before
+        """Attention of new tokens x [B, T, D] over one layer's cache (a LayerKV, [B, H, S, K]) before
         they are added (masks.cache, or nothing for a fresh cache) and over themselves (masks.new), seen as the
         cache will store them; their keys/values are then written at cache index start. Reading the cache
         from before the write keeps the write in place in the loop."""
@@ -200,7 +200,7 @@ def split_heads(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def attend(q: jax.Array, parts: list[tuple[Any, jax.Array]]) -> jax.Array:
     """Attention of q [B, H, T, K] over one softmax spanning every (keys/values, mask [B or 1, T, S_i]) part:
-    [B, T, H, K]. Keys/values (FloatKV or Int8KV, [B, H, S_i, K]) compute their own scores and weighted sums,
+    [B, T, H, K]. Keys/values (LayerKV, [B, H, S_i, K]) compute their own scores and weighted sums,
     reading the cache's layout without a transpose."""
     scale = 1 / np.sqrt(q.shape[-1])
     scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
@@ -214,7 +214,7 @@ def causal_attention(qkv: jax.Array) -> jax.Array:
     """Causal self-attention of qkv [B, T, 3, H, K] (no cache) with XLA's dots: [B, T, H, K]."""
     q, k, v = split_heads(qkv)
     T = q.shape[2]
-    return attend(q, [(FloatKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
+    return attend(q, [(LayerKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
