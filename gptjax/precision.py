@@ -4,14 +4,18 @@ A run mode (what `--precision` takes) runs weights kept in one storage, with a d
 else derives its lists from these three tables: the backends' `precision`/`kv_cache` options, the size
 calculator (`GPTConfig.weight_bytes`), the checkpoint loader, the CLI choices and the benchmark lists.
 
-The code of a mode lives beside the code it extends, in a dict keyed by the names declared here (a test
-fails when an entry is missing one): `gptjax.quantize.CONVERTERS` (storage -> conversion of float32 params),
-`gptjax.backends.jax.convert.LAYERS` and `gptjax.backends.numpy_ref.MATRICES` (mode -> weight modules), and
-`gptjax.backends.jax.kv.KV_LAYERS` and `gptjax.backends.numpy_ref.CACHES` (KV storage -> cache class). This
-module imports nothing of gptjax but its error type, so anything may read it.
+The code of a mode lives beside the code it extends, in tables keyed by the names declared here (a test fails
+when an entry has no code): `gptjax.quantize.QUANTISERS` (scaled storage -> quantiser; CONVERTERS: storage ->
+conversion of float32 params), `gptjax.backends.jax.lowp.FORMULATIONS` ((storage, compute_dtype, CPU kernels) ->
+matmul formulation, with generic entries for any float storage and any scaled storage of 8-bit values),
+`gptjax.backends.numpy_ref.GROUP_DOTS` (compute_dtype -> the oracle's activations), and
+`gptjax.backends.jax.kv.KV_FORMATS` and `gptjax.backends.numpy_ref.CACHES` (KV storage -> how a cache holds
+values). Both backends build a mode's weight modules from its entry (convert.ModeLayers, numpy_ref.stand_in), with
+no class per mode. This module imports nothing of gptjax but its error type, so anything may read it.
 
-Adding a mode (say fp8) is: a Storage (if new) and a Mode here, its conversion, its layers in each backend,
-and its tests.
+Adding a weight-only mode is: a Storage and a Mode here, its quantiser in gptjax.quantize, its safetensors dtype
+code (gptjax.safetensors_io) if the file format needs a new one, and its tests; a formulation of its own in
+lowp.FORMULATIONS only where the generic one is not good enough.
 """
 
 from __future__ import annotations

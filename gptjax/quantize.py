@@ -89,6 +89,12 @@ def unpack_int4(packed: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(pairs.astype(np.int8) - 8, -1, axis).astype(np.int8)
 
 
+def unpacked(a: np.ndarray, axis: int) -> np.ndarray:
+    """The values of stored weights: packed sub-byte ones (int4's uint8) unpacked along axis, others as stored."""
+    storage = _scaled_storage(np.asarray(a).dtype)
+    return unpack_int4(a, axis) if storage is not None and storage.bits < 8 else a
+
+
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray, axis: int, group_size: int) -> np.ndarray:
     """float32 values of packed int4 weights with the scales quantize_int4 returned."""
     return dequantize_int8(unpack_int4(packed, axis), scale, axis, group_size)
