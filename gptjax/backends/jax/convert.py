@@ -31,7 +31,7 @@ from gptjax.sharding import shard_state
 from gptjax.weights import Params
 
 Axes = tuple[str | None, ...]
-WEIGHT_ONLY = "fp32"  # a scaled token table's activations, whatever the mode's (w8a8's head stays weight-only)
+WEIGHT_ONLY = "fp32"  # a scaled token table's activations, whatever the mode's (Mode: the head stays weight-only)
 
 
 @dataclass(frozen=True)

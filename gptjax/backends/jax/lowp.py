@@ -132,7 +132,7 @@ def _join(acc: jax.Array, sx: jax.Array) -> jax.Array:
     return (acc[0] + acc[1] / 254.0) * sx
 
 
-def w8a8_matmul(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
+def per_token_matmul(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     """Dynamic W8A8: each token's activations (per group) quantised to int8 with their own scale, an
     int8 x int8 -> int32 dot, then both scales: sum over g of (xq_g @ q_g) * sx_g * s_g."""
     q = w.reshape(s.shape[0], -1, s.shape[1])  # [G, I/G, O]
@@ -209,7 +209,7 @@ def int4_matmul_nk(x: jax.Array, p: jax.Array, s: jax.Array) -> jax.Array:
     return _join(cpu_kernels.int4_matmul(terms, p, s), sx)
 
 
-def w8a8_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
+def per_token_matmul_nk(x: jax.Array, q: jax.Array, s: jax.Array) -> jax.Array:
     """Dynamic W8A8 over q [O, I] with scales s [O, G]: x quantised per token (and group), then the kernel."""
     if s.shape[1] == 1:
         xq, sx = quantize_rows(x)
@@ -246,8 +246,8 @@ FORMULATIONS: dict[tuple[str, str, bool], Formulation] = {
     (SCALED, "fp32", False): Formulation(dequantized_matmul, dequantized_matmul_t, scaled_rows),
     ("int8", "fp32", False): Formulation(int8_matmul, dequantized_matmul_t, scaled_rows),
     ("int8", "fp32", True): _INT8_NK,
-    ("int8", "int8", False): Formulation(w8a8_matmul),  # per-token int8 activations (the head stays weight-only)
-    ("int8", "int8", True): Formulation(w8a8_matmul_nk, out_major=True),
+    ("int8", "int8", False): Formulation(per_token_matmul),  # per-token int8 activations (the head stays weight-only)
+    ("int8", "int8", True): Formulation(per_token_matmul_nk, out_major=True),
     ("int4", "fp32", False): Formulation(int4_matmul, int4_matmul_t, int4_rows),
     ("int4", "fp32", True): _INT4_NK,
 }
