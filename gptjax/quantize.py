@@ -50,13 +50,19 @@ def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]
 
 def quantize_int8(w: np.ndarray, axis: int, group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, float32 scales) of w, symmetric, one scale per output channel (and input group)."""
+    a, scale = _symmetric(w, axis, group_size, 127.0)
+    return np.clip(np.rint(a), -127, 127).astype(np.int8), scale
+
+
+def _symmetric(w: np.ndarray, axis: int, group_size: int | None, top: float) -> tuple[np.ndarray, np.ndarray]:
+    """w / scale (float32, w's shape) and the float32 scales max|w| / top per output channel (and group of
+    group_size inputs along axis); an all-zero channel gets scale 1."""
     w = np.asarray(w, np.float32)
     grouped = _group(w, axis, group_size)  # [..., groups, G, ...] with G at axis + 1
     reduce_axis = axis + 1 if group_size else axis
     amax = np.abs(grouped).max(axis=reduce_axis, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(grouped / scale), -127, 127).astype(np.int8)
-    return q.reshape(w.shape), np.squeeze(scale, axis=reduce_axis)
+    scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+    return (grouped / scale).reshape(w.shape), np.squeeze(scale, axis=reduce_axis)
 
 
 def quantize_int4(w: np.ndarray, axis: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,11 +103,16 @@ def unpacked(a: np.ndarray, axis: int) -> np.ndarray:
 
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray, axis: int, group_size: int) -> np.ndarray:
     """float32 values of packed int4 weights with the scales quantize_int4 returned."""
-    return dequantize_int8(unpack_int4(packed, axis), scale, axis, group_size)
+    return dequantize(unpack_int4(packed, axis), scale, axis, group_size)
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, axis: int, group_size: int | None = None) -> np.ndarray:
     """float32 values of int8 q with the scales quantize_int8 returned."""
+    return dequantize(q, scale, axis, group_size)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int, group_size: int | None = None) -> np.ndarray:
+    """float32 values of (unpacked) scaled values q with their scales, per output channel (and input group)."""
     grouped = _group(q.astype(np.float32), axis, group_size)
     reduce_axis = axis + 1 if group_size else axis
     return (grouped * np.expand_dims(scale, reduce_axis)).reshape(q.shape).astype(np.float32)

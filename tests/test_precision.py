@@ -412,3 +412,25 @@ def test_int8_prefill_computes_as_w8a8_above_its_token_threshold(backend):
     above, at = INT8_PER_TOKEN_ABOVE + 1, INT8_PER_TOKEN_ABOVE
     np.testing.assert_array_equal(logits("int8", above), logits("w8a8", above))
     assert np.abs(logits("int8", at) - logits("w8a8", at)).max() > 1e-3
+
+
+def test_every_mode_has_its_code_in_both_backends():
+    # the registry declares a mode; both backends build it from tables keyed by the registry's names, with generic
+    # entries for a new weight-only storage: every mode resolves a formulation (with and without the CPU kernels)
+    from gptjax import precision, quantize
+    from gptjax.backends import numpy_ref
+    from gptjax.backends.jax import kv, lowp
+
+    assert set(quantize.CONVERTERS) == set(precision.STORAGES)
+    assert set(quantize.QUANTISERS) == {s.name for s in precision.STORAGES.values() if s.scaled}
+    for m in precision.MODES.values():
+        storage = precision.STORAGES[m.storage]
+        computes = [m.compute_dtype] + ([precision.PER_TOKEN] if m.per_token_above is not None else [])
+        for compute in computes:
+            assert all(lowp.formulation(storage, compute, kernels).dense for kernels in (False, True)), m
+            assert compute in numpy_ref.GROUP_DOTS if storage.scaled else compute == storage.name, m
+        if storage.scaled:  # its tables multiply weight-only
+            assert all(lowp.formulation(storage, "fp32", kernels).head for kernels in (False, True)), m
+    assert set(kv.KV_FORMATS) == set(numpy_ref.CACHES) == set(precision.KV_CACHES)
+    with pytest.raises(GptjaxError, match="no matmul formulation for int4 weights with int8 activations"):
+        lowp.formulation(precision.STORAGES["int4"], "int8")
