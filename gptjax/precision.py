@@ -129,6 +129,8 @@ STORAGES: dict[str, Storage] = {s.name: s for s in (
     # symmetric per group of G inputs (default chosen by measurement: docs/precision.md), two values per byte;
     # keep_head stores the tied embedding/LM head int8 per row instead
     Storage("int4", "uint8", 1, scaled=True, bits=4, group_size=64, head_storage="int8"),
+    # float8 e4m3 (1 sign, 4 exponent, 3 mantissa bits, finite to +-448), symmetric per output channel (or group)
+    Storage("fp8", "float8_e4m3fn", 1, scaled=True),
 )}
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -144,6 +146,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          description="int8 weights and per-token int8 activations, int8 x int8 -> int32 matmuls"),
     Mode("int4", "int4", "fp32", trains=False, compute_dtype="fp32", tolerance=3e-1,
          description="int4 weights (two per byte) with a float32 scale per group of G inputs (weight-only)"),
+    Mode("fp8", "fp8", "fp32", trains=False, compute_dtype="fp32", tolerance=1e-1,
+         description="float8 e4m3 weights with a float32 scale per output channel, float activations (weight-only)"),
 )}
 
 KV_CACHES: dict[str, KVStorage] = {k.name: k for k in (

@@ -1,4 +1,4 @@
-"""Reduced precision as a conversion step: bfloat16 casts and symmetric int8 quantisation of canonical params.
+"""Reduced precision as a conversion step: bfloat16 casts and symmetric int8/int4/fp8 quantisation of canonical params.
 
 int8 weights: each output channel (a column of a Conv1D [in, out] kernel; a row of the [V, D] embedding used
 as the LM head) gets one float32 scale = max|w| / 127, values round(w / scale) in [-127, 127]; with a group
@@ -10,6 +10,10 @@ llama.cpp's q4_0: the value of largest magnitude m in a group maps to -8 exactly
 others to round(w / scale) in [-8, 7]. The values are stored as nibbles q + 8, two per byte along the contracted
 axis (the even index in the low nibble, the odd one in the high), so a Conv1D [in, out] kernel is stored
 uint8 [in / 2, out] and the [V, D] table uint8 [V, D / 2]; with keep_head the table is int8 per row instead.
+
+fp8 weights: float8_e4m3fn values (1 sign, 4 exponent and 3 mantissa bits, finite up to 448, no infinity) with one
+float32 scale = max|w| / 448 per output channel (or group), values w / scale rounded to the nearest e4m3 number:
+within 1/16 of each value (2^-4, half a step of 3 mantissa bits), and within scale / 2^10 near zero (subnormals).
 
 Quantised params keep the canonical key of each quantised weight for its int8 values and add
 `<key>_scale`; `precision_of` tells the storage of a param dict, and `for_precision` is the conversion step
@@ -31,8 +35,9 @@ from gptjax.precision import default_kv_cache, storage  # noqa: F401 (re-exporte
 
 Params = dict[str, np.ndarray]  # canonical params (gptjax.weights re-exports it; weights builds on this module)
 SCALE_SUFFIX = "_scale"  # int8 weights' scales: `<key>_scale`
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448: float8_e4m3fn has no infinity
 
-_SCALED = "/".join(s.name for s in registry.STORAGES.values() if s.scaled)  # "int8/int4"
+_SCALED = "/".join(s.name for s in registry.STORAGES.values() if s.scaled)  # "int8/int4/fp8"
 
 
 def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]:
@@ -63,6 +68,14 @@ def _symmetric(w: np.ndarray, axis: int, group_size: int | None, top: float) -> 
     amax = np.abs(grouped).max(axis=reduce_axis, keepdims=True)
     scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
     return (grouped / scale).reshape(w.shape), np.squeeze(scale, axis=reduce_axis)
+
+
+def quantize_fp8(w: np.ndarray, axis: int, group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float8_e4m3fn values, float32 scales) of w, symmetric, one scale per output channel (and input group):
+    scale = max|w| / 448, values w / scale rounded to the nearest e4m3 number (3 mantissa bits: within 1/16 of
+    each value, and within scale / 2^10 near zero)."""
+    a, scale = _symmetric(w, axis, group_size, FP8_MAX)
+    return np.clip(a, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn), scale  # past 448 the cast gives NaN
 
 
 def quantize_int4(w: np.ndarray, axis: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +210,7 @@ def stored_shape(config: GPTConfig, key: str, shape: tuple[int, ...], dtype: np.
 
 
 # each scaled storage of gptjax.precision: w, the axis its matmul contracts, group size -> (values, float32 scales)
-QUANTISERS = {"int8": quantize_int8, "int4": quantize_int4}
+QUANTISERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
 # float32 params -> each storage of gptjax.precision: f(params, config, group_size, keep_head)
 CONVERTERS = {"fp32": lambda params, *_: dict(params), "bf16": _to_bf16,
               **{name: partial(_to_scaled, name) for name in QUANTISERS}}
