@@ -14,8 +14,6 @@ from typing import Any
 from gptjax import precision as registry
 from gptjax.errors import GptjaxError
 
-PRECISIONS = tuple(registry.STORAGES)  # how weights can be stored (the run modes: gptjax.precision.MODES)
-
 
 @dataclass(frozen=True)
 class GPTConfig:

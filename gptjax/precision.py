@@ -4,14 +4,18 @@ A run mode (what `--precision` takes) runs weights kept in one storage, with a d
 else derives its lists from these three tables: the backends' `precision`/`kv_cache` options, the size
 calculator (`GPTConfig.weight_bytes`), the checkpoint loader, the CLI choices and the benchmark lists.
 
-The code of a mode lives beside the code it extends, in a dict keyed by the names declared here (a test
-fails when an entry is missing one): `gptjax.quantize.CONVERTERS` (storage -> conversion of float32 params),
-`gptjax.backends.jax.convert.LAYERS` and `gptjax.backends.numpy_ref.MATRICES` (mode -> weight modules), and
-`gptjax.backends.jax.kv.KV_LAYERS` and `gptjax.backends.numpy_ref.CACHES` (KV storage -> cache class). This
-module imports nothing of gptjax but its error type, so anything may read it.
+The code of a mode lives beside the code it extends, in tables keyed by the names declared here (a test fails
+when an entry has no code): `gptjax.quantize.QUANTISERS` (scaled storage -> quantiser; CONVERTERS: storage ->
+conversion of float32 params), `gptjax.backends.jax.lowp.FORMULATIONS` ((storage, compute_dtype, CPU kernels) ->
+matmul formulation, with generic entries for any float storage and any scaled storage of 8-bit values),
+`gptjax.backends.numpy_ref.GROUP_DOTS` (compute_dtype -> the oracle's activations), and
+`gptjax.backends.jax.kv.KV_FORMATS` and `gptjax.backends.numpy_ref.CACHES` (KV storage -> how a cache holds
+values). Both backends build a mode's weight modules from its entry (convert.ModeLayers, numpy_ref.stand_in), with
+no class per mode. This module imports nothing of gptjax but its error type, so anything may read it.
 
-Adding a mode (say fp8) is: a Storage (if new) and a Mode here, its conversion, its layers in each backend,
-and its tests.
+Adding a weight-only mode is: a Storage and a Mode here, its quantiser in gptjax.quantize, its safetensors dtype
+code (gptjax.safetensors_io) if the file format needs a new one, and its tests; a formulation of its own in
+lowp.FORMULATIONS only where the generic one is not good enough.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ if TYPE_CHECKING:
     from gptjax.config import GPTConfig
 
 SCALE_BYTES = 4  # a float32 scale per output channel (and group) of a scaled weight, per head of a KV entry
-INT4_GROUP_SIZES = (32, 64, 128)
+INT4_GROUP_SIZES = (32, 64, 128)  # the group sizes int4 takes (inputs per scale); its default is the Storage's
 # Weight-only int8 runs a pass of more than this many tokens per sequence (prefill, scoring) as w8a8 does, with each
 # token's activations quantised to int8 (one int8 x int8 dot where 16-bit activations take two; docs/precision.md
 # measures what it costs in logit error); decode and speculative verification (k + 1 <= 17 tokens) keep 16-bit
 # activations. Both backends apply it to the tokens they are given, the JAX backend to a batch padded to its length
 # bucket, which is more than 64 exactly when the longest sequence is (decode.bucket_length), so they agree.
-INT8_PER_TOKEN_ABOVE = 64  # the group sizes int4 takes (inputs per scale); its default is the Storage's
+INT8_PER_TOKEN_ABOVE = 64
+PER_TOKEN = "int8"  # the compute_dtype a pass longer than a Mode's per_token_above runs in: per-token int8 activations
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,13 @@ class Storage:
 @dataclass(frozen=True)
 class Mode:
     """A run mode: the storage its weights are in, its default KV cache, whether `gptjax train` runs it, the
-    dtype its matmuls compute in (what benchmarks report), and a line for --help."""
+    dtype its matmuls compute in (what benchmarks report), and a line for --help.
+
+    compute_dtype names the activations' formulation both backends implement for any storage: "fp32" (float32
+    activations: weight-only for a scaled storage), "bf16" (activations rounded to bfloat16, as the weights) or
+    "int8" (each token's activations quantised to int8, an int8 x int8 -> int32 dot). Token tables (the tied head)
+    of a scaled storage always multiply weight-only. per_token_above: a pass of more than this many tokens per
+    sequence computes as PER_TOKEN ("int8") instead (None: never)."""
 
     name: str
     storage: str
@@ -85,6 +96,7 @@ class Mode:
     compute_dtype: str
     description: str
     tolerance: float  # max |logits - float32 oracle| / max(1, max |oracle|) a correct implementation stays within
+    per_token_above: int | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -117,6 +129,8 @@ STORAGES: dict[str, Storage] = {s.name: s for s in (
     # symmetric per group of G inputs (default chosen by measurement: docs/precision.md), two values per byte;
     # keep_head stores the tied embedding/LM head int8 per row instead
     Storage("int4", "uint8", 1, scaled=True, bits=4, group_size=64, head_storage="int8"),
+    # float8 e4m3 (1 sign, 4 exponent, 3 mantissa bits, finite to +-448), symmetric per output channel (or group)
+    Storage("fp8", "float8_e4m3fn", 1, scaled=True),
 )}
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -125,12 +139,15 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("bf16", "bf16", "bf16", trains=True, compute_dtype="bf16", tolerance=5e-2,
          description="bfloat16 weights, bfloat16 x bfloat16 matmuls accumulated in float32"),
     Mode("int8", "int8", "fp32", trains=False, compute_dtype="fp32", tolerance=1e-1,
+         per_token_above=INT8_PER_TOKEN_ABOVE,
          description="int8 weights with float32 scales, float activations (weight-only; a prefill of more than 64 "
                      "tokens quantises them per token, as w8a8)"),
     Mode("w8a8", "int8", "fp32", trains=False, compute_dtype="int8", tolerance=1e-1,
          description="int8 weights and per-token int8 activations, int8 x int8 -> int32 matmuls"),
     Mode("int4", "int4", "fp32", trains=False, compute_dtype="fp32", tolerance=3e-1,
          description="int4 weights (two per byte) with a float32 scale per group of G inputs (weight-only)"),
+    Mode("fp8", "fp8", "fp32", trains=False, compute_dtype="fp32", tolerance=1e-1,
+         description="float8 e4m3 weights with a float32 scale per output channel, float activations (weight-only)"),
 )}
 
 KV_CACHES: dict[str, KVStorage] = {k.name: k for k in (

@@ -1,4 +1,4 @@
-"""Reduced precision as a conversion step: bfloat16 casts and symmetric int8 quantisation of canonical params.
+"""Reduced precision as a conversion step: bfloat16 casts and symmetric int8/int4/fp8 quantisation of canonical params.
 
 int8 weights: each output channel (a column of a Conv1D [in, out] kernel; a row of the [V, D] embedding used
 as the LM head) gets one float32 scale = max|w| / 127, values round(w / scale) in [-127, 127]; with a group
@@ -11,6 +11,10 @@ others to round(w / scale) in [-8, 7]. The values are stored as nibbles q + 8, t
 axis (the even index in the low nibble, the odd one in the high), so a Conv1D [in, out] kernel is stored
 uint8 [in / 2, out] and the [V, D] table uint8 [V, D / 2]; with keep_head the table is int8 per row instead.
 
+fp8 weights: float8_e4m3fn values (1 sign, 4 exponent and 3 mantissa bits, finite up to 448, no infinity) with one
+float32 scale = max|w| / 448 per output channel (or group), values w / scale rounded to the nearest e4m3 number:
+within 1/16 of each value (2^-4, half a step of 3 mantissa bits), and within scale / 2^10 near zero (subnormals).
+
 Quantised params keep the canonical key of each quantised weight for its int8 values and add
 `<key>_scale`; `precision_of` tells the storage of a param dict, and `for_precision` is the conversion step
 every backend runs on the params it is given (a run mode of gptjax.precision). CONVERTERS holds the conversion
@@ -18,6 +22,8 @@ of float32 params into each storage the registry declares.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import ml_dtypes
 import numpy as np
@@ -29,12 +35,9 @@ from gptjax.precision import default_kv_cache, storage  # noqa: F401 (re-exporte
 
 Params = dict[str, np.ndarray]  # canonical params (gptjax.weights re-exports it; weights builds on this module)
 SCALE_SUFFIX = "_scale"  # int8 weights' scales: `<key>_scale`
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448: float8_e4m3fn has no infinity
 
-MODES = tuple(registry.STORAGES)  # how weights are stored
-PRECISIONS = tuple(registry.MODES)  # how a backend runs them: w8a8 = int8 weights + int8 activations
-KV_CACHE_MODES = tuple(registry.KV_CACHES)
-_SCALED = "/".join(s.name for s in registry.STORAGES.values() if s.scaled)  # "int8/int4"
-_QUANTISED = (np.dtype(np.int8), np.dtype(np.uint8))  # int8 values, packed int4 nibbles
+_SCALED = "/".join(s.name for s in registry.STORAGES.values() if s.scaled)  # "int8/int4/fp8"
 
 
 def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]:
@@ -52,13 +55,27 @@ def quantized_keys(config: GPTConfig, keep_head: bool = False) -> dict[str, int]
 
 def quantize_int8(w: np.ndarray, axis: int, group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, float32 scales) of w, symmetric, one scale per output channel (and input group)."""
+    a, scale = _symmetric(w, axis, group_size, 127.0)
+    return np.clip(np.rint(a), -127, 127).astype(np.int8), scale
+
+
+def _symmetric(w: np.ndarray, axis: int, group_size: int | None, top: float) -> tuple[np.ndarray, np.ndarray]:
+    """w / scale (float32, w's shape) and the float32 scales max|w| / top per output channel (and group of
+    group_size inputs along axis); an all-zero channel gets scale 1."""
     w = np.asarray(w, np.float32)
     grouped = _group(w, axis, group_size)  # [..., groups, G, ...] with G at axis + 1
     reduce_axis = axis + 1 if group_size else axis
     amax = np.abs(grouped).max(axis=reduce_axis, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(grouped / scale), -127, 127).astype(np.int8)
-    return q.reshape(w.shape), np.squeeze(scale, axis=reduce_axis)
+    scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+    return (grouped / scale).reshape(w.shape), np.squeeze(scale, axis=reduce_axis)
+
+
+def quantize_fp8(w: np.ndarray, axis: int, group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float8_e4m3fn values, float32 scales) of w, symmetric, one scale per output channel (and input group):
+    scale = max|w| / 448, values w / scale rounded to the nearest e4m3 number (3 mantissa bits: within 1/16 of
+    each value, and within scale / 2^10 near zero)."""
+    a, scale = _symmetric(w, axis, group_size, FP8_MAX)
+    return np.clip(a, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn), scale  # past 448 the cast gives NaN
 
 
 def quantize_int4(w: np.ndarray, axis: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,13 +108,24 @@ def unpack_int4(packed: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(pairs.astype(np.int8) - 8, -1, axis).astype(np.int8)
 
 
+def unpacked(a: np.ndarray, axis: int) -> np.ndarray:
+    """The values of stored weights: packed sub-byte ones (int4's uint8) unpacked along axis, others as stored."""
+    storage = _scaled_storage(np.asarray(a).dtype)
+    return unpack_int4(a, axis) if storage is not None and storage.bits < 8 else a
+
+
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray, axis: int, group_size: int) -> np.ndarray:
     """float32 values of packed int4 weights with the scales quantize_int4 returned."""
-    return dequantize_int8(unpack_int4(packed, axis), scale, axis, group_size)
+    return dequantize(unpack_int4(packed, axis), scale, axis, group_size)
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, axis: int, group_size: int | None = None) -> np.ndarray:
     """float32 values of int8 q with the scales quantize_int8 returned."""
+    return dequantize(q, scale, axis, group_size)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int, group_size: int | None = None) -> np.ndarray:
+    """float32 values of (unpacked) scaled values q with their scales, per output channel (and input group)."""
     grouped = _group(q.astype(np.float32), axis, group_size)
     reduce_axis = axis + 1 if group_size else axis
     return (grouped * np.expand_dims(scale, reduce_axis)).reshape(q.shape).astype(np.float32)
@@ -120,6 +148,21 @@ def precision_of(params: Params) -> str:
     return next((s.name for s in reversed(reduced) if s.dtype in dtypes), "fp32")
 
 
+def storage_of(a: np.ndarray) -> registry.Storage:
+    """The storage whose values have a's dtype (float32 -> fp32, int8 -> int8, packed int4's uint8 -> int4, ...)."""
+    dtype = np.asarray(a).dtype
+    found = next((s for s in registry.STORAGES.values() if np.dtype(s.dtype) == dtype), None)
+    if found is None:
+        raise GptjaxError(f"dtype {dtype} is no storage of gptjax.precision; allowed: "
+                          f"{', '.join(s.dtype for s in registry.STORAGES.values())}")
+    return found
+
+
+def _scaled_storage(dtype: np.dtype) -> registry.Storage | None:
+    """The scaled storage whose values have this dtype, or None (a float dtype)."""
+    return next((s for s in registry.STORAGES.values() if s.scaled and np.dtype(s.dtype) == dtype), None)
+
+
 def convert(params: Params, config: GPTConfig, mode: str, *, group_size: int | None = None,
             keep_head: bool = False) -> Params:
     """Canonical float params in storage `mode`: bf16 casts every array; int8 quantises the matmul weights (and
@@ -139,45 +182,38 @@ def _to_bf16(params: Params, config: GPTConfig, group_size: None, keep_head: boo
     return {k: np.asarray(v, ml_dtypes.bfloat16) for k, v in params.items()}
 
 
-def _to_int8(params: Params, config: GPTConfig, group_size: int | None, keep_head: bool) -> Params:
-    """The matmul weights quantised (int8 values + `<key>_scale`), the rest float32."""
-    out: Params = {}
-    targets = quantized_keys(config, keep_head)
-    for key, value in params.items():
-        if key in targets:
-            out[key], out[key + SCALE_SUFFIX] = quantize_int8(value, targets[key], group_size)
-        else:
-            out[key] = np.asarray(value, np.float32)
-    return out
-
-
-def _to_int4(params: Params, config: GPTConfig, group_size: int | None, keep_head: bool) -> Params:
-    """The matmul weights as packed int4 (+ `<key>_scale` per group), the head int8 per row with keep_head, the
-    rest float32."""
-    G = registry.group_size("int4", group_size, (config.n_embd, config.mlp_width))
+def _to_scaled(storage: str, params: Params, config: GPTConfig, group_size: int | None, keep_head: bool) -> Params:
+    """The matmul weights quantised by the storage's quantiser (values + `<key>_scale`, per output channel and group
+    of G inputs), the tied embedding/head in the storage's head_storage under keep_head (float32 or another scaled
+    storage, per row), the rest float32."""
+    G = registry.group_size(storage, group_size, (config.n_embd, config.mlp_width))  # int4: its default if None
+    head = registry.STORAGES[storage].head_storage
     out: Params = {}
     targets = quantized_keys(config)
     for key, value in params.items():
         axis = targets.get(key)
-        if axis is None:
+        into, groups = (head, None) if keep_head and axis == 1 else (storage, G)  # axis 1: the [V, D] table
+        if axis is None or into not in QUANTISERS:
             out[key] = np.asarray(value, np.float32)
-        elif keep_head and axis == 1:  # the [V, D] table
-            out[key], out[key + SCALE_SUFFIX] = quantize_int8(value, axis)
         else:
-            out[key], out[key + SCALE_SUFFIX] = quantize_int4(value, axis, G)
+            out[key], out[key + SCALE_SUFFIX] = QUANTISERS[into](value, axis, groups)
     return out
 
 
 def stored_shape(config: GPTConfig, key: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
-    """The shape params[key] has in its storage: a packed int4 (uint8) matmul weight halves its contracted axis."""
-    axis = quantized_keys(config).get(key)
-    if axis is None or np.dtype(dtype) != np.uint8:
+    """The shape params[key] has in its storage: a packed (sub-byte: int4's uint8) matmul weight shrinks its
+    contracted axis (int4: halves it)."""
+    axis, storage = quantized_keys(config).get(key), _scaled_storage(np.dtype(dtype))
+    if axis is None or storage is None or storage.bits >= 8:
         return tuple(shape)
-    return tuple(n // 2 if i == axis else n for i, n in enumerate(shape))
+    return tuple(n * storage.bits // 8 if i == axis else n for i, n in enumerate(shape))
 
 
+# each scaled storage of gptjax.precision: w, the axis its matmul contracts, group size -> (values, float32 scales)
+QUANTISERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
 # float32 params -> each storage of gptjax.precision: f(params, config, group_size, keep_head)
-CONVERTERS = {"fp32": lambda params, *_: dict(params), "bf16": _to_bf16, "int8": _to_int8, "int4": _to_int4}
+CONVERTERS = {"fp32": lambda params, *_: dict(params), "bf16": _to_bf16,
+              **{name: partial(_to_scaled, name) for name in QUANTISERS}}
 
 
 def for_precision(params: Params, config: GPTConfig, precision: str, *, group_size: int | None = None,
@@ -201,37 +237,42 @@ def for_precision(params: Params, config: GPTConfig, precision: str, *, group_si
 
 
 def check_quantized(config: GPTConfig, params: Params, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise naming the first int8/int4 weight without a valid scale (or stray scale) in quantised params."""
+    """Raise naming the first scaled (int8/int4...) weight without a valid scale (or stray scale) in quantised
+    params."""
     for key, value in params.items():
-        dtype = np.asarray(value).dtype
-        if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in shapes:
+        storage = _scaled_storage(np.asarray(value).dtype)
+        if storage is None or (key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in shapes):
             continue
-        if dtype in _QUANTISED:
-            if key not in quantized_keys(config):
-                raise GptjaxError(f"param {key!r} is {dtype}, but only matmul weights may be quantised")
-            if key + SCALE_SUFFIX not in params:
-                raise GptjaxError(f"param {key!r} is {_kind(dtype)} but {key + SCALE_SUFFIX!r} (its scales) is missing")
+        if key not in quantized_keys(config):
+            raise GptjaxError(f"param {key!r} is {storage.dtype}, but only matmul weights may be quantised")
+        if key + SCALE_SUFFIX not in params:
+            raise GptjaxError(f"param {key!r} is {_kind(storage)} but {key + SCALE_SUFFIX!r} (its scales) is missing")
     for key in params:
-        if not key.endswith(SCALE_SUFFIX) or key[: -len(SCALE_SUFFIX)] not in shapes:
-            continue
-        weight = key[: -len(SCALE_SUFFIX)]
-        axis = quantized_keys(config).get(weight)
-        scale, dtype = np.asarray(params[key]), np.asarray(params[weight]).dtype
-        if axis is None or dtype not in _QUANTISED:
-            raise GptjaxError(f"param {key!r} is a scale, but {weight!r} is not an int8/int4 matmul weight")
-        out, width = shapes[weight][1 - axis], shapes[weight][axis]
-        groups = scale.size // out if scale.size % out == 0 else 0
-        allowed = [(groups, out) if axis == 0 else (out, groups)] + ([(out,)] if groups == 1 else [])
-        if scale.dtype != np.float32 or not groups or width % groups or scale.shape not in allowed:
-            raise GptjaxError(f"param {key!r} has shape {scale.shape} and dtype {scale.dtype}; expected float32 "
-                              f"[{out}] (per channel) or groups dividing {width}")
-        if dtype == np.uint8 and width // groups not in registry.INT4_GROUP_SIZES:
-            raise GptjaxError(f"param {key!r}: int4 groups of {width // groups} inputs; allowed: "
-                              f"{', '.join(map(str, registry.INT4_GROUP_SIZES))}")
+        if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in shapes:
+            _check_scale(config, params, key, shapes)
 
 
-def _kind(dtype: np.dtype) -> str:
-    return "int4 (packed uint8)" if dtype == np.uint8 else "int8"
+def _check_scale(config: GPTConfig, params: Params, key: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A `<weight>_scale`: float32 [out] or [groups, out] ([out, groups] for a table), groups dividing the input
+    width (a packed storage's among INT4_GROUP_SIZES), for a scaled matmul weight."""
+    weight = key[: -len(SCALE_SUFFIX)]
+    axis = quantized_keys(config).get(weight)
+    scale, storage = np.asarray(params[key]), _scaled_storage(np.asarray(params[weight]).dtype)
+    if axis is None or storage is None:
+        raise GptjaxError(f"param {key!r} is a scale, but {weight!r} is not an {_SCALED} matmul weight")
+    out, width = shapes[weight][1 - axis], shapes[weight][axis]
+    groups = scale.size // out if scale.size % out == 0 else 0
+    allowed = [(groups, out) if axis == 0 else (out, groups)] + ([(out,)] if groups == 1 else [])
+    if scale.dtype != np.float32 or not groups or width % groups or scale.shape not in allowed:
+        raise GptjaxError(f"param {key!r} has shape {scale.shape} and dtype {scale.dtype}; expected float32 "
+                          f"[{out}] (per channel) or groups dividing {width}")
+    if storage.bits < 8 and width // groups not in registry.INT4_GROUP_SIZES:
+        raise GptjaxError(f"param {key!r}: {storage.name} groups of {width // groups} inputs; allowed: "
+                          f"{', '.join(map(str, registry.INT4_GROUP_SIZES))}")
+
+
+def _kind(storage: registry.Storage) -> str:
+    return storage.name if storage.bits == 8 else f"{storage.name} (packed {storage.dtype})"
 
 
 def weight_bytes(params: Params) -> int:

@@ -26,6 +26,7 @@ DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),
     "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
 # What any GPT-2 needs, with room to spare: gpt2-xl has 48 layers x 12 tensors + 4 = 580 tensors (+ 48 mask

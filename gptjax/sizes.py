@@ -38,9 +38,17 @@ def size_table(columns: list[tuple[str, GPTConfig]], seq_len: int | None = None)
         ratio = [f"{values[1] / values[0]:.3f}x" if known else ""] if len(columns) == 2 else []
         lines.append("| " + " | ".join([name, *cells, *ratio]) + " |")
     lines.append("\nFLOPs = 2·N_mm + 2·D·V + 2·L·D·(T+1) per token (causal attention counted exactly); "
-                 "training = 3 × forward. int8 = int8 matmul weights + fp32 per-channel scales; int4 = two matmul "
-                 f"weights per byte + an fp32 scale per group of {registry.STORAGES['int4'].group_size} inputs.")
+                 f"training = 3 × forward. {'; '.join(map(_scaled_note, registry.STORAGES.values()))}.")
     return "\n".join(lines)
+
+
+def _scaled_note(storage: registry.Storage) -> str:
+    """What a storage's weights are: its values, and a scaled one's fp32 scales."""
+    if not storage.scaled:
+        return f"{storage.name} = {storage.dtype}"
+    values = f"{storage.dtype} matmul weights" if storage.bits == 8 else f"{8 // storage.bits} matmul weights per byte"
+    group = f" and group of {storage.group_size} inputs" if storage.group_size else ""
+    return f"{storage.name} = {values} + an fp32 scale per output channel{group}"
 
 
 def _weight_bytes(config: GPTConfig, storage: str) -> float:

@@ -28,6 +28,7 @@ CONFIG_NAME = "config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved
 PRECISION_KEY = "gptjax.precision"  # safetensors metadata of a reduced-precision checkpoint
+_SCALED_VALUES = " / ".join(f"{s.name} {s.dtype}" for s in STORAGES.values() if s.scaled)  # "int8 int8 / int4 uint8"
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -85,8 +86,8 @@ def validate_params(config: GPTConfig, params: Params) -> None:
         if tuple(np.shape(params[key])) != shape:
             raise GptjaxError(f"param {key!r} has shape {tuple(np.shape(params[key]))}, expected {shape}")
         if dtype.kind != "f" and dtype.name not in {s.dtype for s in STORAGES.values()}:
-            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point (or int8 / packed "
-                              "int4 matmul weights with scales)")
+            raise GptjaxError(f"param {key!r} has dtype {dtype}; params must be floating point (or the values of a "
+                              f"scaled storage, {_SCALED_VALUES}, for matmul weights with scales)")
     check_quantized(config, params, shapes)
 
 
@@ -95,8 +96,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, Params]:
     """Read a GPT-2 checkpoint directory (transformers layout, safetensors only) into (config, params).
 
     Params are float32, except in a checkpoint `gptjax quantize` wrote (its safetensors metadata records
-    gptjax.precision): those load as stored, bfloat16 or int8 weights with `<key>_scale` float32 scales, and
-    are never quantised again. Tensors are copied one by one out of a memory map, so peak memory stays near
+    gptjax.precision): those load as stored, bfloat16 or scaled (int8, ...) weights with `<key>_scale` float32
+    scales, and are never quantised again. Tensors are copied one by one out of a memory map, so peak memory stays near
     the checkpoint's size.
     """
     directory = _checkpoint_dir(Path(path))
@@ -162,7 +163,7 @@ def _check_size(directory: Path, config: GPTConfig, headers: dict[Path, Header])
 
 def stored_precision(path: str | os.PathLike) -> str:
     """The precision a checkpoint's weights are stored in: what `gptjax quantize` recorded in the safetensors
-    metadata (bf16 or int8), else fp32 (a float checkpoint, loaded as float32 whatever its dtypes)."""
+    metadata (a storage of gptjax.precision), else fp32 (a float checkpoint, loaded as float32 whatever its dtypes)."""
     directory = _checkpoint_dir(Path(path))
     return _precision(directory, read_header(str(_weight_files(directory)[0]))[1])
 

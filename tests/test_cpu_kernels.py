@@ -101,7 +101,7 @@ def test_kv_kernels_read_the_stored_cache(kind, B, H, T, S, K):
         values = cache.astype(np.float64)
     else:
         as_bf16 = rng.standard_normal((B, H, S, K)).astype(ml_dtypes.bfloat16)
-        cache, values = as_bf16.view(np.uint16), as_bf16.astype(np.float64)  # bfloat16 bits, as Bf16KV holds them
+        cache, values = as_bf16.view(np.uint16), as_bf16.astype(np.float64)  # bf16 bits, as a KV cache holds them
     q = rng.standard_normal((B, H, T, K)).astype(np.float32)
     p = rng.uniform(0, 1, (B, H, T, S)).astype(np.float32)
     scores = np.asarray(jax.jit(cpu_kernels.kv_scores)(q, cache))

@@ -205,8 +205,8 @@ def test_bad_input_is_refused_before_anything_is_loaded_or_created(tmp_path, arg
 def test_library_errors_name_the_value():
     with pytest.raises(GptjaxError, match="alpha=-0.1"):
         DistillConfig(str(TEACHER), alpha=-0.1)
-    with pytest.raises(GptjaxError, match="precision 'fp8'"):
-        DistillConfig(str(TEACHER), teacher_precision="fp8")
+    with pytest.raises(GptjaxError, match="precision 'fp6'"):
+        DistillConfig(str(TEACHER), teacher_precision="fp6")
 
 
 def test_the_pareto_set_and_the_frontier_studys_bad_flags(tmp_path, capsys):
@@ -214,7 +214,7 @@ def test_the_pareto_set_and_the_frontier_studys_bad_flags(tmp_path, capsys):
 
     # (speed, bits/byte): the second is dominated by the first; the last two trade speed for accuracy
     assert pareto([(10, 3.0), (9, 3.1), (20, 3.5), (5, 2.5), (10, 3.0)]) == [True, False, True, True, True]
-    for flags, needle in ((["--ladder", "2x3"], "shape '2x3'"), (["--precisions", "fp8"], "precision 'fp8'"),
+    for flags, needle in ((["--ladder", "2x3"], "shape '2x3'"), (["--precisions", "fp6"], "precision 'fp6'"),
                           (["--prompt", "100"], "must fit --context 128"),
                           (["--teacher-checkpoint", str(TEACHER)], "context of at least --context 128")):
         assert main(["bench", "--study", "frontier", "--out", str(tmp_path / "x"), *flags]) == 2

@@ -165,7 +165,7 @@ def test_quantising_a_quantised_checkpoint_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"precision": "int3"}, "precision='int3'; allowed: ['fp32', 'bf16', 'int8', 'w8a8', 'int4']"),
+    ({"precision": "int3"}, "precision='int3'; allowed: ['fp32', 'bf16', 'int8', 'w8a8', 'int4', 'fp8']"),
     ({"kv_cache": "fp8"}, "kv_cache='fp8'; allowed: ['fp32', 'bf16', 'int8']"),
     ({"precision": "int8", "group_size": 0}, "group_size=0 must be a positive integer or None"),
 ])
@@ -348,9 +348,10 @@ def test_option_values_none_and_numpy_ints():
 
 def test_group_size_and_keep_head_are_int8_only():
     for mode in ("fp32", "bf16"):
-        with pytest.raises(GptjaxError, match=f"group_size/keep_head apply to int8/int4 quantisation, not to {mode}"):
+        message = f"group_size/keep_head apply to int8/int4/fp8 quantisation, not to {mode}"
+        with pytest.raises(GptjaxError, match=message):
             get_backend("numpy", CONFIG, precision=mode, group_size=16).forward(PARAMS, WINDOWS[:1, :8])
-        with pytest.raises(GptjaxError, match="apply to int8/int4 quantisation"):
+        with pytest.raises(GptjaxError, match="apply to int8/int4/fp8 quantisation"):
             convert(PARAMS, CONFIG, mode, keep_head=True)
 
 
@@ -381,16 +382,17 @@ def test_the_registry_declares_what_the_modes_were():
     from gptjax import precision
     from gptjax.backends.base import PRECISION_OPTIONS
 
-    assert PRECISION_OPTIONS["precision"] == ("fp32", "bf16", "int8", "w8a8", "int4")
+    assert PRECISION_OPTIONS["precision"] == ("fp32", "bf16", "int8", "w8a8", "int4", "fp8")
     assert PRECISION_OPTIONS["kv_cache"] == ("fp32", "bf16", "int8")
-    assert [precision.storage(m) for m in precision.MODES] == ["fp32", "bf16", "int8", "int8", "int4"]
-    assert [precision.default_kv_cache(m) for m in precision.MODES] == ["fp32", "bf16", "fp32", "fp32", "fp32"]
-    assert [m.compute_dtype for m in precision.MODES.values()] == ["fp32", "bf16", "fp32", "int8", "fp32"]
+    assert [precision.storage(m) for m in precision.MODES] == ["fp32", "bf16", "int8", "int8", "int4", "fp8"]
+    assert [precision.default_kv_cache(m) for m in precision.MODES] == ["fp32", "bf16", "fp32", "fp32", "fp32", "fp32"]
+    assert [m.compute_dtype for m in precision.MODES.values()] == ["fp32", "bf16", "fp32", "int8", "fp32", "fp32"]
+    assert [m.per_token_above for m in precision.MODES.values()] == [None, None, INT8_PER_TOKEN_ABOVE, None, None, None]
     assert precision.training_modes() == ("fp32", "bf16")
-    assert [m.options for m in precision.MODES.values()] == [(), (), *[("group_size", "keep_head")] * 3]
+    assert [m.options for m in precision.MODES.values()] == [(), (), *[("group_size", "keep_head")] * 4]
     assert [(s.dtype, s.bits, s.group_size, s.head_storage) for s in precision.STORAGES.values()] == [
         ("float32", 8, None, "fp32"), ("bfloat16", 8, None, "fp32"), ("int8", 8, None, "fp32"),
-        ("uint8", 4, 64, "int8")]
+        ("uint8", 4, 64, "int8"), ("float8_e4m3fn", 8, None, "fp32")]
     assert precision.INT4_GROUP_SIZES == (32, 64, 128)
     assert CONFIG.weight_bytes("w8a8") == CONFIG.weight_bytes("int8")
     with pytest.raises(GptjaxError, match="precision 'int3'; allowed: fp32, bf16, int8, w8a8, int4"):
@@ -412,3 +414,125 @@ def test_int8_prefill_computes_as_w8a8_above_its_token_threshold(backend):
     above, at = INT8_PER_TOKEN_ABOVE + 1, INT8_PER_TOKEN_ABOVE
     np.testing.assert_array_equal(logits("int8", above), logits("w8a8", above))
     assert np.abs(logits("int8", at) - logits("w8a8", at)).max() > 1e-3
+
+
+def test_every_mode_has_its_code_in_both_backends():
+    # the registry declares a mode; both backends build it from tables keyed by the registry's names, with generic
+    # entries for a new weight-only storage: every mode resolves a formulation (with and without the CPU kernels)
+    from gptjax import precision, quantize
+    from gptjax.backends import numpy_ref
+    from gptjax.backends.jax import kv, lowp
+
+    assert set(quantize.CONVERTERS) == set(precision.STORAGES)
+    assert set(quantize.QUANTISERS) == {s.name for s in precision.STORAGES.values() if s.scaled}
+    for m in precision.MODES.values():
+        storage = precision.STORAGES[m.storage]
+        computes = [m.compute_dtype] + ([precision.PER_TOKEN] if m.per_token_above is not None else [])
+        for compute in computes:
+            assert all(lowp.formulation(storage, compute, kernels).dense for kernels in (False, True)), m
+            assert compute in numpy_ref.GROUP_DOTS if storage.scaled else compute == storage.name, m
+        if storage.scaled:  # its tables multiply weight-only
+            assert all(lowp.formulation(storage, "fp32", kernels).head for kernels in (False, True)), m
+    assert set(kv.KV_FORMATS) == set(numpy_ref.CACHES) == set(precision.KV_CACHES)
+    with pytest.raises(GptjaxError, match="no matmul formulation for int4 weights with int8 activations"):
+        lowp.formulation(precision.STORAGES["int4"], "int8")
+
+
+# ---- fp8: a weight-only mode added as a registry entry, a quantiser and a safetensors dtype code -----------------
+def test_fp8_quantiser_rounds_to_the_nearest_e4m3_number_and_never_overflows():
+    from gptjax.quantize import FP8_MAX, dequantize, quantize_fp8
+
+    w = np.random.default_rng(0).normal(0, 0.05, (64, 48)).astype(np.float32)
+    w[:, 3] = 0  # an all-zero channel: scale 1, values 0
+    w[5, 7] = 1000.0  # an outlier owns its channel's scale and maps to 448 exactly, never past it (NaN)
+    q, scale = quantize_fp8(w, 0)
+    assert q.dtype == ml_dtypes.float8_e4m3fn and scale.dtype == np.float32 and scale.shape == (48,)
+    values = q.astype(np.float32)
+    assert FP8_MAX == 448 and np.isfinite(values).all() and values[5, 7] == 448 and np.abs(values).max() == 448
+    assert scale[3] == 1 and not values[:, 3].any()
+    back, a = dequantize(q, scale, 0), np.abs(w / scale)
+    err = np.abs(back - w) / scale  # in units of each channel's scale
+    assert np.all(err[a >= 2**-6] <= a[a >= 2**-6] / 16)  # normals: 3 mantissa bits, within 1/16 of the value
+    assert np.all(err[a < 2**-6] <= 2**-10)  # subnormals: steps of 2^-9
+    grouped, gscale = quantize_fp8(w, 0, 16)
+    assert gscale.shape == (4, 48) and np.abs(dequantize(grouped, gscale, 0, 16) - w).max() < np.abs(back - w).max()
+
+
+def test_fp8_logits_stay_within_the_registrys_tolerance_of_the_float64_oracle():
+    from gptjax.precision import mode
+
+    tokens = WINDOWS[:4, :48]
+    oracle = get_backend("numpy", CONFIG, dtype="float64").forward(PARAMS, tokens)
+    bound = mode("fp8").tolerance * max(1.0, float(np.abs(oracle).max()))
+    for name in ("jax", "numpy"):
+        logits = get_backend(name, CONFIG, precision="fp8").forward(PARAMS, tokens)
+        err = np.abs(logits - oracle).max()
+        assert 1e-3 < err < bound / 2, name  # measured 0.034 of max |logit| (int8: 0.005, int4: 0.077)
+    inputs, targets = WINDOWS[:, :-1], WINDOWS[:, 1:]
+    ref, out = (get_backend("jax", CONFIG, precision=p).forward(PARAMS, inputs) for p in ("fp32", "fp8"))
+    assert abs(_nll(out, targets) - _nll(ref, targets)) < 0.01 * _nll(ref, targets)  # bits/byte within 1%
+
+
+@pytest.mark.parametrize("options", [{}, {"group_size": 16}, {"keep_head": True}])
+def test_fp8_jax_and_numpy_give_the_same_tokens(options):
+    from gptjax import precision as registry
+
+    prompts = [list(WINDOWS[0, :20]), list(WINDOWS[1, :9]), list(WINDOWS[2, :31])]
+    backends = [get_backend(name, CONFIG, precision="fp8", **options) for name in ("jax", "numpy")]
+    logits = [b.forward(PARAMS, WINDOWS[:2, :40]) for b in backends]
+    np.testing.assert_allclose(logits[0], logits[1], atol=2e-4)  # the same fp8 values, dequantised in float32
+    results = [b.generate(PARAMS, prompts, 24, sampling=GREEDY) for b in backends]
+    assert results[0].tokens == results[1].tokens and all(len(t) == 24 for t in results[0].tokens)
+    converted = convert(PARAMS, CONFIG, "fp8", **options)
+    assert weight_bytes(converted) == registry.weight_bytes(CONFIG, "fp8", **options)  # the size calculator's
+    on_device = sum(a.nbytes for a in jax.tree.leaves(backends[0].prepare(PARAMS).state))
+    assert on_device == weight_bytes(converted)  # what the JAX backend holds: the fp8 bytes and their scales
+
+
+def test_fp8_checkpoint_round_trips_through_safetensors_f8_e4m3_bit_exactly(tmp_path, capsys):
+    from gptjax.safetensors_io import read_header
+
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--checkpoint", str(FIXTURE), "--to", "fp8", "--out", str(out)]) == 0
+    assert "(fp8)" in capsys.readouterr().out
+    header, metadata, _ = read_header(str(out / "model.safetensors"))
+    assert header["transformer.h.0.mlp.c_fc.weight"]["dtype"] == "F8_E4M3" and metadata["gptjax.precision"] == "fp8"
+    assert header["transformer.h.0.mlp.c_fc.weight_scale"]["dtype"] == "F32"
+    config, loaded = load_checkpoint(out)
+    assert stored_precision(out) == "fp8" and precision_of(loaded) == "fp8"
+    expected = convert(PARAMS, CONFIG, "fp8")
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].tobytes() == value.tobytes(), key  # bit-exact
+    assert get_backend("numpy", config, precision="fp8").prepare(loaded)["wte.weight"].q is loaded["wte.weight"]
+    prompts = [list(WINDOWS[3, :16]), list(WINDOWS[4, :5])]
+    stored = get_backend("jax", config, precision="fp8").generate(loaded, prompts, 16, sampling=GREEDY).tokens
+    assert stored == get_backend("jax", CONFIG, precision="fp8").generate(PARAMS, prompts, 16, sampling=GREEDY).tokens
+    assert main(["generate", "--checkpoint", str(out), "--tokens", "100,101,102", "--greedy",
+                 "--max-new-tokens", "4"]) == 0  # runs as stored: the checkpoint says fp8
+    expected_tokens = get_backend("jax", CONFIG, precision="fp8").generate(PARAMS, [[100, 101, 102]], 4,
+                                                                            sampling=GREEDY).tokens[0]
+    assert capsys.readouterr().out.split("\n")[0] == ",".join(map(str, expected_tokens))
+    assert main(["info", str(out)]) == 0
+    assert "x F8_E4M3" in capsys.readouterr().out
+
+
+def test_fp8_bad_input_is_named(tmp_path, capsys):
+    q = convert(PARAMS, CONFIG, "fp8")
+    with pytest.raises(GptjaxError, match=r"'h.1.attn.c_proj.weight' is fp8 but 'h.1.attn.c_proj.weight_scale'"):
+        get_backend("numpy", CONFIG, precision="fp8").prepare({k: v for k, v in q.items()
+                                                                if k != "h.1.attn.c_proj.weight_scale"})
+    bad = dict(q, **{"h.0.ln_1.weight": q["h.0.ln_1.weight"].astype(ml_dtypes.float8_e4m3fn)})
+    with pytest.raises(GptjaxError, match="'h.0.ln_1.weight' is float8_e4m3fn, but only matmul weights may be"):
+        get_backend("jax", CONFIG, precision="fp8").prepare(bad)
+    with pytest.raises(GptjaxError, match=r"params are fp8; run them with precision='fp8' \(precision='int8' needs"):
+        get_backend("jax", CONFIG, precision="int8").prepare(q)
+    with pytest.raises(GptjaxError, match="params are already fp8; convert from float32 weights"):
+        convert(q, CONFIG, "fp8")
+    with pytest.raises(GptjaxError, match="group_size=48 must be a positive integer dividing the input width 64"):
+        convert(PARAMS, CONFIG, "fp8", group_size=48)
+    save_checkpoint(CONFIG, q, tmp_path / "q")
+    assert main(["quantize", "--checkpoint", str(tmp_path / "q"), "--to", "fp8", "--out", str(tmp_path / "qq")]) == 2
+    assert "already a fp8 checkpoint; quantise from float weights" in capsys.readouterr().err
+    kept = convert(PARAMS, CONFIG, "fp8", keep_head=True)
+    assert kept["wte.weight"].dtype == np.float32 and "wte.weight_scale" not in kept

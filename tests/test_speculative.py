@@ -153,8 +153,8 @@ def test_bad_drafters_are_refused():
         backend.stream(PARAMS, PROMPTS, 4, draft="ngram")
     with pytest.raises(GptjaxError, match="min_ngram=3 exceeds max_ngram=2"):
         NgramDraft(2, 3)
-    with pytest.raises(GptjaxError, match="precision='fp8'"):
-        ModelDraft({}, CONFIG, precision="fp8")
+    with pytest.raises(GptjaxError, match="precision='fp6'"):
+        ModelDraft({}, CONFIG, precision="fp6")
     short = GPTConfig(vocab_size=64, n_positions=8, n_layer=1, n_head=1, n_embd=8)
     with pytest.raises(GptjaxError, match="exceeds the draft's context n_positions=8"):
         backend.generate(PARAMS, PROMPTS, 4, draft=ModelDraft(init_params(short), short))

@@ -272,7 +272,7 @@ def _header_file(tmp_path, header: bytes, data: bytes = b"") -> Path:
     (b'{"a": {"dtype": "F32", "shape": [' + b"1," * 99 + b'1], "data_offsets": [0, 4]}}', b"\0" * 4, "malformed"),
     (b"[" * 200_000 + b"]" * 200_000, b"", "not valid JSON"),
     (b'{"a": 1' + b"0" * 5000 + b"}", b"", "not valid JSON"),
-    (b'{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}', b"\0", "dtype 'F8_E4M3'"),
+    (b'{"a": {"dtype": "F8_E5M2", "shape": [1], "data_offsets": [0, 1]}}', b"\0", "dtype 'F8_E5M2'"),
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
      b'"b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "must not overlap"),
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8, "starts at byte 4, expected 0"),

@@ -19,8 +19,9 @@ from gptjax.config import GPTConfig
 from gptjax.generate import (
     LENGTH, STOP, GenerationRequest, RowSettings, StreamChunk, left_pad, sample_token,
 )
-from gptjax.precision import INT8_PER_TOKEN_ABOVE
-from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys, unpack_int4
+from gptjax import precision as registry
+from gptjax.precision import PER_TOKEN, STORAGES, Mode
+from gptjax.quantize import SCALE_SUFFIX, quantize_int8, quantized_keys, unpacked
 from gptjax.sampling import SamplingParams
 from gptjax.speculative import NgramDraft, Speculation, accept_greedy, accept_sampled, ngram_proposal, token_probs
 from gptjax.weights import Params
@@ -98,7 +99,7 @@ def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, l
 
     Without a cache this is the plain causal forward pass. With one (a LayerCache of [B, H, S, K] keys and
     values per layer), tokens sit at cache index start.. with their own positions [B, T] and additive mask
-    [B, 1, T, S]. Matrices may be reduced-precision stand-ins (BF16Matrix, Int8Matrix) for float arrays.
+    [B, 1, T, S]. Matrices may be reduced-precision stand-ins (FloatMatrix, ScaledMatrix) for float arrays.
     """
     T = tokens.shape[1]
     pos = np.arange(T) if positions is None else positions  # [T] or [B, T]
@@ -112,108 +113,98 @@ def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, l
     return x @ p.get("lm_head.weight", p["wte.weight"]).T  # [..., D] x [D, V] -> [..., V]
 
 
-# ---- reduced precision: stand-ins for the float matrices and the KV cache -------------------------------
-class BF16Matrix:
-    """A bfloat16 matrix (Conv1D [in, out], or a [V, D] table) used like the float one: `x @ w` rounds x to
-    bfloat16 and accumulates in float32, `w[ids]` gives float32 rows, `x @ w.T` is the tied head."""
+# ---- reduced precision: stand-ins for the float matrices (built from the registry) and the KV cache ----------
+class FloatMatrix:
+    """A matrix in a float storage narrower than float32 (bfloat16; Conv1D [in, out], or a [V, D] table) used like the
+    float one: `x @ w` rounds x to its dtype (the mode's compute dtype) and accumulates in float32, `w[ids]` gives
+    float32 rows, `x @ w.T` is the tied head."""
 
     __array_ufunc__ = None  # ndarray @ w defers to __rmatmul__
 
     def __init__(self, w: np.ndarray) -> None:
         self.w = w
 
-    @classmethod
-    def stored(cls, params: Params, key: str) -> BF16Matrix:
-        """The stand-in for params[key]."""
-        return cls(params[key])
-
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
-        return _bf16(x) @ self.w.astype(np.float32)  # [..., in] x [in, out] -> [..., out]
+        return _rounded(x, self.w.dtype) @ self.w.astype(np.float32)  # [..., in] x [in, out] -> [..., out]
 
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:
         return self.w[ids].astype(np.float32)
 
     @property
     def T(self) -> _Transposed:
-        return _Transposed(lambda x: _bf16(x) @ self.w.astype(np.float32).T)
+        return _Transposed(lambda x: _rounded(x, self.w.dtype) @ self.w.astype(np.float32).T)
 
 
-class Int8Matrix:
-    """An int8 matrix with float32 scales (gptjax.quantize layout: per output channel, per input group when
-    grouped), used like the float one. `x @ w` applies the scales after each group's dot, as the JAX backend
-    does; weight-only, but a pass of more than INT8_PER_TOKEN_ABOVE tokens quantises x per token (as W8A8Matrix)."""
+def float_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
+    """Per group g: xg[..., g, :] @ qg[g] -> float32 [..., G, out] (weight-only: float activations)."""
+    return np.einsum("...gi,gio->...go", xg.astype(np.float32), qg.astype(np.float32))
+
+
+def per_token_int8_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
+    """Per group g: (int8 xg_g @ qg[g]) * xg_g's scale -> float32 [..., G, out]: x quantised per token and group
+    first (dynamic), an exact int32 dot."""
+    xq, sx = quantize_int8(xg, axis=xg.ndim - 1)  # [..., G, in/G] int8, [..., G]
+    acc = np.einsum("...gi,gio->...go", xq.astype(np.int32), qg.astype(np.int32))  # exact
+    return acc.astype(np.float32) * sx[..., None]
+
+
+# The activations each compute_dtype of gptjax.precision names, for scaled matrices (as the JAX backend computes)
+GROUP_DOTS = {"fp32": float_dots, "int8": per_token_int8_dots}
+
+
+class ScaledMatrix:
+    """A matrix of scaled values (gptjax.quantize: int8, packed int4, ... with float32 scales per output channel and
+    input group), used like the float one. `x @ w` multiplies each group with the mode's activations (GROUP_DOTS of
+    its compute_dtype; a pass of more than per_token_above tokens per sequence with PER_TOKEN's) and applies the
+    scales after each group's dot, as the JAX backend does; rows and the tied head are weight-only. `packed` is the
+    array as stored (kept, never quantised again), `q` its values, unpacked on each use (int4)."""
 
     __array_ufunc__ = None
 
-    def __init__(self, q: np.ndarray, scale: np.ndarray) -> None:
-        self.q, self.scale = q, scale
+    def __init__(self, packed: np.ndarray, scale: np.ndarray, axis: int, mode: Mode) -> None:
+        self.packed, self.scale, self.axis = packed, scale, axis
+        self.dots, self.per_token_above = GROUP_DOTS[mode.compute_dtype], mode.per_token_above
 
-    @classmethod
-    def stored(cls, params: Params, key: str) -> Int8Matrix:
-        """The stand-in for params[key] and its scales."""
-        return cls(params[key], params[key + SCALE_SUFFIX])
-
-    per_token_above = INT8_PER_TOKEN_ABOVE  # tokens per sequence above which x is quantised per token (w8a8's dots)
+    @property
+    def q(self) -> np.ndarray:
+        """The values (the stored array itself unless packed: int4's in [-8, 7])."""
+        return unpacked(self.packed, self.axis)
 
     def __rmatmul__(self, x: np.ndarray) -> np.ndarray:  # Conv1D [in, out]
-        s = self.scale.reshape(-1, self.q.shape[1])  # [G, out]
+        q = self.q
+        s = self.scale.reshape(-1, q.shape[1])  # [G, out]
         xg = x.reshape(*x.shape[:-1], s.shape[0], -1)  # [..., G, in/G]
-        qg = self.q.reshape(s.shape[0], -1, self.q.shape[1])  # [G, in/G, out]
-        prefill = x.ndim >= 3 and x.shape[-2] > self.per_token_above  # x [B, T, in]: gptjax.precision
-        return ((W8A8Matrix.group_dots if prefill else self.group_dots)(xg, qg) * s).sum(-2)
-
-    @staticmethod
-    def group_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
-        """Per group g: xg[..., g, :] @ qg[g] -> float32 [..., G, out] (weight-only: float activations)."""
-        return np.einsum("...gi,gio->...go", xg.astype(np.float32), qg.astype(np.float32))
+        qg = q.reshape(s.shape[0], -1, q.shape[1])  # [G, in/G, out]
+        long = self.per_token_above is not None and x.ndim >= 3 and x.shape[-2] > self.per_token_above  # x [B, T, in]
+        return ((GROUP_DOTS[PER_TOKEN] if long else self.dots)(xg, qg) * s).sum(-2)
 
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:  # [V, D] table rows
-        s = self.scale.reshape(self.q.shape[0], -1)  # [V, G]
-        rows = self.q[ids].astype(np.float32)  # [..., D]
+        q = self.q
+        s = self.scale.reshape(q.shape[0], -1)  # [V, G]
+        rows = q[ids].astype(np.float32)  # [..., D]
         return (rows.reshape(*rows.shape[:-1], s.shape[1], -1) * s[ids][..., None]).reshape(rows.shape)
 
     @property
     def T(self) -> _Transposed:
         def head(x: np.ndarray) -> np.ndarray:  # x [..., D] @ table.T -> [..., V], weight-only
-            s = self.scale.reshape(self.q.shape[0], -1)  # [V, G]
+            q = self.q
+            s = self.scale.reshape(q.shape[0], -1)  # [V, G]
             V, G = s.shape
             xg = x.reshape(*x.shape[:-1], G, -1).astype(np.float32)
-            return (np.einsum("...gi,vgi->...vg", xg, self.q.reshape(V, G, -1).astype(np.float32)) * s).sum(-1)
+            return (np.einsum("...gi,vgi->...vg", xg, q.reshape(V, G, -1).astype(np.float32)) * s).sum(-1)
         return _Transposed(head)
 
 
-class W8A8Matrix(Int8Matrix):
-    """The same int8 matrix with x quantised per token and group first (dynamic w8a8): an exact int32 dot."""
-
-    @staticmethod
-    def group_dots(xg: np.ndarray, qg: np.ndarray) -> np.ndarray:
-        """Per group g: (int8 xg_g @ qg[g]) * xg_g's scale -> float32 [..., G, out]."""
-        xq, sx = quantize_int8(xg, axis=xg.ndim - 1)  # [..., G, in/G] int8, [..., G]
-        acc = np.einsum("...gi,gio->...go", xq.astype(np.int32), qg.astype(np.int32))  # exact
-        return acc.astype(np.float32) * sx[..., None]
+def stand_in(params: Params, key: str, axis: int, mode: Mode) -> FloatMatrix | ScaledMatrix | None:
+    """The stand-in for matmul weight params[key] (contracted along axis) in a run mode: scaled values (with
+    `<key>_scale`), a narrower float, or None (a float32 array, as keep_head leaves the head)."""
+    value = params[key]
+    if key + SCALE_SUFFIX in params:
+        return ScaledMatrix(value, params[key + SCALE_SUFFIX], axis, mode)
+    return FloatMatrix(value) if np.asarray(value).dtype.name in _NARROW_FLOATS else None
 
 
-class Int4Matrix(Int8Matrix):
-    """A packed int4 matrix (gptjax.quantize.pack_int4: Conv1D [in/2, out], or a [V, D/2] table) with float32
-    scales per output channel and group, used like the float one: the packed bytes are kept and unpacked on
-    each use, then computed as Int8Matrix computes its int8 values (as the JAX backend's int4 formulation)."""
-
-    per_token_above = math.inf  # int4 keeps 16-bit activations in every pass
-
-    def __init__(self, packed: np.ndarray, scale: np.ndarray, axis: int) -> None:
-        self.packed, self.scale, self.axis = packed, scale, axis
-
-    @classmethod
-    def stored(cls, params: Params, key: str) -> Int8Matrix:
-        """The stand-in for params[key] and its scales (an int8 head under keep_head: Int8Matrix)."""
-        if params[key].dtype == np.int8:
-            return Int8Matrix.stored(params, key)
-        return cls(params[key], params[key + SCALE_SUFFIX], 1 if key.endswith(("wte.weight", "lm_head.weight")) else 0)
-
-    @property
-    def q(self) -> np.ndarray:
-        """The int8 values in [-8, 7], unpacked from the stored bytes."""
-        return unpack_int4(self.packed, self.axis)
+_NARROW_FLOATS = {s.dtype for s in STORAGES.values() if not s.scaled} - {"float32"}
 
 
 class _Transposed:
@@ -228,9 +219,9 @@ class _Transposed:
         return self.matmul(x)
 
 
-def _bf16(x: np.ndarray) -> np.ndarray:
-    """x rounded to bfloat16 (as the JAX backend feeds a bf16 matmul), back in float32."""
-    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+def _rounded(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x rounded to dtype (as the JAX backend feeds a bf16 matmul), back in float32."""
+    return x.astype(dtype).astype(np.float32)
 
 
 class FloatCache:
@@ -280,8 +271,9 @@ def ragged_mask(pad: np.ndarray, first: int, T: int, S: int, dtype: np.dtype) ->
 
 
 class NumpyBackend(Backend):
-    """Pure NumPy, float32 (or float64 with dtype="float64" for reference checks); bf16, int8 and w8a8
-    through stand-in matrices (ml_dtypes bfloat16, int8 arrays) that compute as the JAX backend does."""
+    """Pure NumPy, float32 (or float64 with dtype="float64" for reference checks); every reduced-precision mode
+    of gptjax.precision through stand-in matrices built from its registry entry (stored values, the activations
+    its compute_dtype names) that compute as the JAX backend does."""
 
     name = "numpy"
     options = {"dtype": ("float32", "float64"), **PRECISION_OPTIONS}
@@ -291,16 +283,14 @@ class NumpyBackend(Backend):
         self.dtype = np.dtype(options.get("dtype", "float32"))
 
     def _convert(self, params: Params) -> Params:
-        matrices = quantized_keys(self.config)
-        stand_in = MATRICES[self.precision]
+        matrices, mode = quantized_keys(self.config), registry.mode(self.precision)
         out: Params = {}
         for key, value in params.items():
             if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in matrices:
                 continue
-            if stand_in is not None and key in matrices and np.asarray(value).dtype.name != "float32":
-                out[key] = stand_in.stored(params, key)  # (keep_head leaves the head float32: an array)
-            else:
-                out[key] = np.asarray(value, dtype=self.dtype)  # biases, LayerNorm, wpe (bf16 converts exactly)
+            matrix = stand_in(params, key, matrices[key], mode) if key in matrices else None
+            # biases, LayerNorm, wpe (bf16 converts exactly), and float32 matrices are arrays
+            out[key] = np.asarray(value, dtype=self.dtype) if matrix is None else matrix
         return out
 
     def _forward(self, weights: Params, tokens: np.ndarray, last_only: bool) -> np.ndarray:
@@ -393,10 +383,7 @@ class NumpyBackend(Backend):
         return drafts, (np.array(q) if q else np.zeros((0, V)))
 
 
-# The stand-in of a matmul weight per run mode of gptjax.precision (None: a float array), and the layer cache
-# (with its storage dtype; None: the backend's) per KV-cache storage.
-MATRICES: dict[str, type | None] = {"fp32": None, "bf16": BF16Matrix, "int8": Int8Matrix, "w8a8": W8A8Matrix,
-                                     "int4": Int4Matrix}
+# The layer cache (with its storage dtype; None: the backend's) per KV-cache storage of gptjax.precision.
 CACHES = {"fp32": (FloatCache, None), "bf16": (FloatCache, ml_dtypes.bfloat16), "int8": (Int8Cache, None)}
 
 

@@ -1,4 +1,4 @@
-"""`gptjax quantize`: write a bf16/int8 checkpoint, or report every precision mode's trade-off."""
+"""`gptjax quantize`: write a checkpoint in a storage of gptjax.precision, or report every mode's trade-off."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from gptjax.quantize import convert
 from gptjax.weights import load_checkpoint, save_checkpoint, stored_precision
 
 NAME = "quantize"
-HELP = "write a bf16/int8/int4 checkpoint, or report every precision mode's trade-off"
-DESCRIPTION = ("--to int8|int4|bf16 --out DIR writes a quantised checkpoint (int8: symmetric per output channel, or "
-               "per group of --group-size inputs, + float32 scales; int4: two per byte, a float32 scale per group of "
-               "32, 64 or 128 inputs; the mode and group size are recorded in the safetensors metadata and "
-               "loading never quantises again). --report measures fp32, bf16, int8, int8 grouped, w8a8, int4 at each "
-               "group size and the int8 KV cache on the same validation windows: bytes, loss/perplexity change, "
-               "top-1 agreement, logit error, prefill and decode tokens/s.")
+_SCALED = [s for s in registry.STORAGES.values() if s.scaled]
+HELP = f"write a {'/'.join(QUANTIZED_CHECKPOINTS)} checkpoint, or report every precision mode's trade-off"
+DESCRIPTION = (f"--to {'|'.join(QUANTIZED_CHECKPOINTS)} --out DIR writes a quantised checkpoint (" + "; ".join(
+    f"{name}: {next(m for m in registry.MODES.values() if m.storage == name).description}"
+    for name in QUANTIZED_CHECKPOINTS) + "); the mode and group size are recorded in the safetensors metadata and "
+    f"loading never quantises again. --report measures {', '.join(m.label for m in DEFAULT_MODES)} on the same "
+    "validation windows: bytes, loss/perplexity change, top-1 agreement, logit error, prefill and decode tokens/s.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a float checkpoint")
     p.add_argument("--to", choices=QUANTIZED_CHECKPOINTS, help="write the checkpoint in this precision")
     p.add_argument("--out", metavar="DIR", help="where --to writes (never the source)")
-    p.add_argument("--group-size", type=int, metavar="G", help="int8: one scale per G inputs of each output channel "
-                   "(default: one per channel); int4: G in "
-                   f"{', '.join(map(str, registry.INT4_GROUP_SIZES))} (default {registry.STORAGES['int4'].group_size})")
-    p.add_argument("--keep-head", action="store_true", help="int8: keep the (tied) embedding/LM head float32; int4: "
-                   "store it int8 per row")
+    p.add_argument("--group-size", type=int, metavar="G", help=_group_size_help())
+    p.add_argument("--keep-head", action="store_true", help=_keep_head_help())
     p.add_argument("--report", action="store_true", help="print the precision report instead of writing")
     p.add_argument("--data", metavar="SPEC", help="report: validation text, as for train (default stdlib)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="report: as the run used (default 0.05)")
@@ -46,6 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=5, metavar="N", help="report: timed runs per mode (default 5)")
     p.add_argument("--no-speed", action="store_true", help="report: quality and bytes only")
     p.add_argument("--json", metavar="FILE", help="report: also write one JSON line per mode")
+
+
+def _group_size_help() -> str:
+    """--group-size's help, per scaled storage of the registry."""
+    allowed = ", ".join(map(str, registry.INT4_GROUP_SIZES))
+    return "one scale per G inputs of each output channel; " + "; ".join(
+        f"{s.name}: G in {allowed} (default {s.group_size})" if s.bits < 8
+        else f"{s.name}: any G dividing the input widths (default: one per channel)" for s in _SCALED)
+
+
+def _keep_head_help() -> str:
+    """--keep-head's help: the storage each scaled storage keeps the head in."""
+    return "store the (tied) embedding/LM head in another storage: " + ", ".join(
+        f"{s.name}: {s.head_storage}{' per row' if registry.STORAGES[s.head_storage].scaled else ''}" for s in _SCALED)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,14 @@
 """The conversion step of the JAX backend: params in a run mode's storage (gptjax.quantize.for_precision) ->
 the NNX model built with that mode's weight modules, split into a graph definition and device arrays.
 
+The weight modules come from one factory, ModeLayers, driven by the mode's registry entry (gptjax.precision.Mode):
+each weight's storage (read off its dtype), the mode's activations (compute_dtype, and per_token_above for long
+passes) and the CPU-kernel choice select a formulation in lowp.FORMULATIONS; float weights become model.py's
+modules, scaled ones a ScaledDense / ScaledTable (layers.py). A new weight-only storage needs no code here.
+
 Whether gptjax's CPU kernels run is decided here, once (`cpu_kernels_for`): they read out-major bfloat16, int8
 and packed int4 weights, run the causal self-attention of a pass without a cache (every mode, float32 included)
-and, during decode, read bfloat16 and int8 KV caches (kv.KV_LAYERS); everything else, and every platform or mesh
+and, during decode, read bfloat16 and int8 KV caches (kv.KV_FORMATS); everything else, and every platform or mesh
 where they cannot run, keeps XLA's dots. The model itself never asks.
 """
 
@@ -16,100 +21,74 @@ import numpy as np
 from flax import nnx
 
 from gptjax.backends import cpu_kernels
-from gptjax.backends.jax.layers import (
-    Int4Dense, Int4Embedding, Int8Dense, Int8Embedding, KernelEmbedding, KernelInt4Embedding, KernelInt8Embedding,
-    KernelPositions, OutMajorDense, OutMajorInt4Dense, OutMajorInt8Dense, OutMajorW8A8Dense, W8A8Dense,
-)
-from gptjax.backends.jax.model import GPT, Embedding, FloatLayers
+from gptjax.backends.jax import lowp
+from gptjax.backends.jax.layers import OutMajorDense, ScaledDense, ScaledTable, out_major
+from gptjax.backends.jax.model import GPT, Dense, Embedding, FloatLayers, Positions
 from gptjax.config import GPTConfig
-from gptjax.precision import STORAGES
-from gptjax.quantize import SCALE_SUFFIX
+from gptjax.precision import MODES, PER_TOKEN, STORAGES, Mode, mode
+from gptjax.quantize import SCALE_SUFFIX, storage_of
 from gptjax.sharding import shard_state
 from gptjax.weights import Params
 
+Axes = tuple[str | None, ...]
+WEIGHT_ONLY = "fp32"  # a scaled token table's activations, whatever the mode's (Mode: the head stays weight-only)
+
 
 @dataclass(frozen=True)
-class Fp32Layers(FloatLayers):
-    """float32 kernels and tables under XLA's dots; on gptjax's CPU kernels, the causal self-attention without a
-    cache (prefill, scoring) is the kernel's (cpu_kernels.causal_attention). Every mode's layers derive from it."""
+class ModeLayers(FloatLayers):
+    """The weight modules of a run mode, from its registry entry: each weight's stored values (+ scales) and the
+    formulation lowp.formulation gives for (its storage, the mode's activations, the CPU-kernel choice). On gptjax's
+    CPU kernels, the causal self-attention without a cache (prefill, scoring) is the kernel's too."""
 
+    mode: Mode = MODES["fp32"]
     cpu_kernels: bool = False
 
     def attention(self) -> Any:
         return cpu_kernels.causal_attention if self.cpu_kernels else super().attention()
 
+    def dense(self, p: dict[str, Any], key: str, axes: Axes, shape: tuple[int, ...], n_out: int) -> nnx.Module:
+        w, scale = p[key], p.get(key + SCALE_SUFFIX)
+        kernels = self.cpu_kernels and w.ndim == 2  # out-major weights only on unstacked layers
+        if scale is None:
+            f = self._float(w, kernels)
+            if f.out_major:
+                return OutMajorDense(out_major(w.reshape(shape), n_out), f.dense)
+            return Dense(w.reshape(*w.shape[:-2], *shape), axes, n_out, dot=f.dense)
+        return self._scaled_dense(w, scale, axes, shape, n_out, kernels)
 
-@dataclass(frozen=True)
-class Bf16Layers(Fp32Layers):
-    """bfloat16 kernels and tables: XLA's dots, or out-major on gptjax's CPU kernels (unstacked layers)."""
+    def _scaled_dense(self, w: Any, scale: Any, axes: Axes, shape: tuple[int, ...], n_out: int, kernels: bool
+                      ) -> ScaledDense:
+        """Values [*lead, *shape] (packed: [*lead, I/2, O], unsplit) with scales [*lead, G, *out]."""
+        storage, lead = storage_of(w), w.shape[:-2]
+        if storage.bits < 8:  # a packed pair of inputs cannot be split by head
+            shape, n_out, axes = w.shape[-2:], 1, (*axes[:len(lead)], None, None)
+        f = lowp.formulation(storage, self.mode.compute_dtype, kernels)
+        above = self.mode.per_token_above
+        prefill = None if above is None else lowp.formulation(storage, PER_TOKEN, kernels)
+        if prefill is not None and prefill.out_major != f.out_major:
+            raise ValueError(f"{storage.name}: the {PER_TOKEN} and {self.mode.compute_dtype} formulations store their "
+                             "weights in different layouts")
+        scale = scale.reshape(*lead, -1, *shape[-n_out:])  # [*lead, G, *out]
+        matmuls = (f.dense, prefill and prefill.dense, above)
+        if f.out_major:
+            return ScaledDense(out_major(w.reshape(shape), n_out), out_major(scale, n_out), (None, None), 1, *matmuls)
+        return ScaledDense(w.reshape(*lead, *shape), scale, axes, n_out, *matmuls)
 
-    def dense(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int
-              ) -> nnx.Module:
-        if self.cpu_kernels and p[key].ndim == 2:  # not stacked
-            return OutMajorDense(p[key].reshape(shape), n_out)
-        return super().dense(p, key, axes, shape, n_out)
+    def embedding(self, p: dict[str, Any], key: str, axes: Axes) -> nnx.Module:
+        table, scale = p[key], p.get(key + SCALE_SUFFIX)
+        if scale is None:
+            f = self._float(table, self.cpu_kernels)
+            return Embedding(table, axes, head_dot=f.head, lookup=f.lookup)
+        storage = storage_of(table)  # the mode's, or its head_storage (keep_head)
+        f = lowp.formulation(storage, WEIGHT_ONLY, self.cpu_kernels)
+        return ScaledTable(table, scale, axes if storage.bits == 8 else (axes[0], None), f.lookup, f.head)
 
-    def embedding(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...]) -> nnx.Module:
-        return (KernelEmbedding if self.cpu_kernels else Embedding)(p[key], axes)
+    def positions(self, table: Any) -> nnx.Module:
+        return Positions(self._float(table, self.cpu_kernels).lookup)
 
-    def positions(self) -> nnx.Module:
-        return KernelPositions() if self.cpu_kernels else super().positions()
-
-
-@dataclass(frozen=True)
-class Int8Layers(Fp32Layers):
-    """int8 kernels with float32 scales [*lead, G, *out], weight-only: XLA's formulations (lowp.py), or
-    out-major on gptjax's CPU kernels (unstacked layers). A table without scales (keep_head) stays float."""
-
-    xla = Int8Dense
-    out_major = OutMajorInt8Dense
-
-    def dense(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int
-              ) -> nnx.Module:
-        w = p[key]
-        lead = w.shape[:-2]  # stacked layers
-        scale = p[key + SCALE_SUFFIX].reshape(*lead, -1, *shape[-n_out:])  # [*lead, G, *out]
-        if self.cpu_kernels and not lead:
-            return self.out_major(w.reshape(shape), scale, n_out)
-        return self.xla(w.reshape(*lead, *shape), scale, axes, n_out)
-
-    def embedding(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...]) -> nnx.Module:
-        if key + SCALE_SUFFIX not in p:
-            return super().embedding(p, key, axes)
-        return (KernelInt8Embedding if self.cpu_kernels else Int8Embedding)(p[key], p[key + SCALE_SUFFIX], axes)
-
-
-@dataclass(frozen=True)
-class W8A8Layers(Int8Layers):
-    """The int8 kernels with dynamically quantised int8 activations (the tied head stays weight-only)."""
-
-    xla = W8A8Dense
-    out_major = OutMajorW8A8Dense
-
-
-@dataclass(frozen=True)
-class Int4Layers(Int8Layers):
-    """Packed int4 kernels [*lead, I/2, O] with float32 scales [*lead, G, O], weight-only: XLA's formulation
-    (lowp.int4_matmul), or out-major [O, I/2] on gptjax's CPU int4 kernel (unstacked layers). The table is int4
-    too, or int8 per row (keep_head: Int8Layers' modules)."""
-
-    def dense(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...], shape: tuple[int, ...], n_out: int
-              ) -> nnx.Module:
-        w = p[key]
-        scale = p[key + SCALE_SUFFIX].reshape(*w.shape[:-2], -1, w.shape[-1])  # [*lead, G, O]
-        if self.cpu_kernels and w.ndim == 2:
-            return OutMajorInt4Dense(w, scale)
-        return Int4Dense(w, scale, axes)
-
-    def embedding(self, p: dict[str, Any], key: str, axes: tuple[str | None, ...]) -> nnx.Module:
-        if np.asarray(p[key]).dtype != np.uint8:  # keep_head: an int8 table
-            return super().embedding(p, key, axes)
-        return (KernelInt4Embedding if self.cpu_kernels else Int4Embedding)(p[key], p[key + SCALE_SUFFIX], axes)
-
-
-# The weight modules of each run mode of gptjax.precision, given the CPU-kernel choice.
-LAYERS: dict[str, Any] = {"fp32": Fp32Layers, "bf16": Bf16Layers, "int8": Int8Layers, "w8a8": W8A8Layers,
-                          "int4": Int4Layers}
+    def _float(self, w: Any, kernels: bool) -> lowp.Formulation:
+        storage = storage_of(w)  # a float storage computes in its own dtype
+        return lowp.formulation(storage, storage.name, kernels)
 
 
 @dataclass(frozen=True)
@@ -131,7 +110,7 @@ def cpu_kernels_for(mesh: Any) -> bool:
 def build(config: GPTConfig, params: Params, precision: str, *, cpu_kernels: bool = False,
           scan_layers: bool = False) -> GPT:
     """The model of params already in precision's storage (gptjax.quantize.for_precision)."""
-    return GPT(config, params, scan_layers=scan_layers, layers=LAYERS[precision](cpu_kernels))
+    return GPT(config, params, scan_layers=scan_layers, layers=ModeLayers(mode(precision), cpu_kernels))
 
 
 def jax_weights(config: GPTConfig, params: Params, precision: str, mesh: Any = None) -> JaxWeights:

@@ -1,14 +1,18 @@
 """The KV cache of the JAX backend: one layer cache per layer ([B, H, S, K] keys and values), passed in and
 returned, never hidden state; and the masks that say which entries each new query reads.
 
-A layer cache computes its own attention scores and weighted sums, reading its layout without a transpose.
-Float caches use XLA's dots. A bfloat16 or int8 cache read with XLA's dots is converted to float32 whole, every
-decode step; the Kernel* caches read it as stored with gptjax's CPU kernels during decode. Which type a cache
-is is chosen once, when it is created (KVCache.zeros), from the conversion step's CPU-kernel choice.
+A layer cache (LayerKV) computes its own attention scores and weighted sums, reading its layout without a
+transpose. How it stores values is its KV storage's format (KV_FORMATS, keyed by the registry's KV storages): float32
+as is, bfloat16 as its uint16 bits, int8 with a float32 scale per head and token. Read with XLA's dots, a bfloat16 or
+int8 cache is converted to float32 whole, every decode step; with gptjax's CPU kernels (the conversion step's choice,
+made once when the cache is created: KVCache.zeros) the decode steps read it as stored. A cache written at one index
+for all rows, or at each row's own index (speculative decoding's per-row cursors), is the same type with a flag.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from gptjax.backends import cpu_kernels
 from gptjax.backends.jax import lowp
 from gptjax.config import GPTConfig
+from gptjax.precision import KV_CACHES
 
 
 class Masks(NamedTuple):
@@ -27,149 +32,116 @@ class Masks(NamedTuple):
     new: jax.Array
 
 
-class FloatKV(NamedTuple):
-    """One layer's keys and values [B, H, S, K] in a float dtype (float32 or bfloat16)."""
-
-    k: jax.Array
-    v: jax.Array
-
-    @classmethod
-    def zeros(cls, shape: tuple[int, ...]) -> FloatKV:
-        """An empty float32 layer cache."""
-        return cls(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
-        return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32))
-
-    def mix(self, p: jax.Array) -> jax.Array:
-        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
-        return jnp.einsum("bhts,bhsk->bthk", p, self.v.astype(jnp.float32))
-
-    def stored(self, k: jax.Array, v: jax.Array) -> FloatKV:
-        """New keys/values [B, H, T, K] as this cache would hold them."""
-        return FloatKV(k.astype(self.k.dtype), v.astype(self.v.dtype))
-
-    def write(self, new: FloatKV, start: jax.Array) -> FloatKV:
-        """The cache with new entries (from stored(), [B, H, T, K]) written at index start."""
-        return FloatKV(*(jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2) for old, part in zip(self, new)))
+def _as_is(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
 
 
-class Int8KV(NamedTuple):
-    """One layer's keys and values as int8 [B, H, S, K] with a float32 scale per head and token [B, H, S]
-    (symmetric: max |x| over K / 127): a quarter of float32's bytes, half of bfloat16's, plus 4 / K."""
-
-    k: jax.Array
-    v: jax.Array
-    k_scale: jax.Array
-    v_scale: jax.Array
-
-    @classmethod
-    def zeros(cls, shape: tuple[int, ...]) -> Int8KV:
-        """An empty layer cache."""
-        return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3], jnp.float32),
-                   jnp.ones(shape[:3], jnp.float32))
-
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, H, T, K] . keys -> float32 [B, H, T, S] (the key scales applied after the dot)."""
-        return jnp.einsum("bhtk,bhsk->bhts", q, self.k.astype(jnp.float32)) * self.k_scale[:, :, None]
-
-    def mix(self, p: jax.Array) -> jax.Array:
-        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K] (value scales folded into p)."""
-        return jnp.einsum("bhts,bhsk->bthk", p * self.v_scale[:, :, None], self.v.astype(jnp.float32))
-
-    def stored(self, k: jax.Array, v: jax.Array) -> Int8KV:
-        """New keys/values [B, H, T, K] quantised as this cache holds them."""
-        (kq, ks), (vq, vs) = lowp.quantize_rows(k), lowp.quantize_rows(v)
-        return type(self)(kq, vq, ks[..., 0], vs[..., 0])
-
-    def write(self, new: Int8KV, start: jax.Array) -> Int8KV:
-        """The cache with new entries (from stored(): int8 [B, H, T, K], scales [B, H, T]) written at start."""
-        return type(self)(*(jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2)
-                            for old, part in zip(self, new)))
-
-
-class Bf16KV(FloatKV):
-    """One layer's bfloat16 keys and values [B, H, S, K], held as their uint16 bit patterns: XLA:CPU writes into
-    a bfloat16 buffer through a float32 copy of all of it, every decode step (gpt2, B=8, 480 cached tokens,
-    XLA's dots: 56.2 vs 48.5 ms per step), while an integer buffer is updated in place. Read and written as
-    bfloat16 (read by gptjax's CPU kernels where available)."""
-
-    @classmethod
-    def zeros(cls, shape: tuple[int, ...]) -> Bf16KV:
-        """An empty layer cache."""
-        return cls(jnp.zeros(shape, jnp.uint16), jnp.zeros(shape, jnp.uint16))
-
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
-        return FloatKV(_from_bits(self.k), self.v).scores(q)
-
-    def mix(self, p: jax.Array) -> jax.Array:
-        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
-        return FloatKV(self.k, _from_bits(self.v)).mix(p)
-
-    def stored(self, k: jax.Array, v: jax.Array) -> Bf16KV:
-        """New keys/values [B, H, T, K] rounded to bfloat16, as bits."""
-        return type(self)(*(jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16) for a in (k, v)))
-
-    def write(self, new: Bf16KV, start: jax.Array) -> Bf16KV:
-        """The cache with new entries (from stored()) written at index start."""
-        return type(self)(*FloatKV.write(self, new, start))
-
-
-KERNEL_QUERIES = 8  # up to this many new tokens per row, gptjax's CPU kernels read an int8/bf16 cache (decode)
-
-
-def _decoding(a: jax.Array) -> bool:
-    """Whether attention over a stored int8/bf16 cache runs on gptjax's CPU kernels: few queries (a decode
-    step: XLA converts the whole cache to float32 before its dots, every step); prefill keeps XLA's dots."""
-    return a.shape[2] <= KERNEL_QUERIES
+def _bf16_bits(x: jax.Array) -> tuple[jax.Array, None]:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16), None
 
 
 def _from_bits(bits: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-class KernelInt8KV(Int8KV):
-    """An int8 layer cache read by gptjax's CPU kernels during decode (the same numbers as Int8KV's dots)."""
+def _int8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    q, scale = lowp.quantize_rows(x)  # per head and token: max |x| over K / 127
+    return q, scale[..., 0]
+
+
+class KVFormat(NamedTuple):
+    """How one KV storage holds keys/values [B, H, S, K]: the buffer dtype, encode(x) -> (values, scales [B, H, S]
+    or None), decode(values) -> what the dots read, and whether gptjax's CPU kernels read it as stored."""
+
+    dtype: Any
+    encode: Callable[[jax.Array], tuple[jax.Array, jax.Array | None]]
+    decode: Callable[[jax.Array], jax.Array]
+    kernel: bool = False
+
+
+# The format of each KV-cache storage of gptjax.precision. bfloat16 is held as uint16 bits: XLA:CPU writes into a
+# bfloat16 buffer through a float32 copy of all of it, every decode step (gpt2, B=8, 480 cached tokens, XLA's dots:
+# 56.2 vs 48.5 ms per step), while an integer buffer is updated in place. int8: a quarter of float32's bytes, half
+# of bfloat16's, plus 4 / K (symmetric, per head and token).
+KV_FORMATS: dict[str, KVFormat] = {
+    "fp32": KVFormat(jnp.float32, _as_is, lambda a: a),
+    "bf16": KVFormat(jnp.uint16, _bf16_bits, _from_bits, kernel=True),
+    "int8": KVFormat(jnp.int8, _int8_rows, lambda a: a, kernel=True),
+}
+KERNEL_QUERIES = 8  # up to this many new tokens per row, gptjax's CPU kernels read an int8/bf16 cache (decode)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's keys and values [B, H, S, K] in a KV storage's format (with float32 scales [B, H, S] where it
+    scales), read by gptjax's CPU kernels during decode if `kernels`, written at one cache index for every row or,
+    with `per_row`, at each row's own."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+    storage: str = field(default="fp32", metadata={"static": True})
+    kernels: bool = field(default=False, metadata={"static": True})
+    per_row: bool = field(default=False, metadata={"static": True})
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], storage: str = "fp32", kernels: bool = False) -> LayerKV:
+        """An empty layer cache (scales 1), read by the CPU kernels if they run and its format has them."""
+        f = KV_FORMATS[storage]
+        values = [jnp.zeros(shape, f.dtype) for _ in "kv"]
+        scales = [jnp.ones(shape[:3], jnp.float32) for _ in "kv"] if KV_CACHES[storage].scaled else []
+        return cls(*values, *scales, storage=storage, kernels=kernels and f.kernel)
+
+    def _read(self, a: jax.Array) -> bool:
+        """Whether the CPU kernels read this cache for a [B, H, T, .] with few queries (a decode step: XLA converts
+        the whole cache to float32 before its dots, every step); prefill keeps XLA's dots."""
+        return self.kernels and a.shape[2] <= KERNEL_QUERIES
 
     def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, H, T, K] . keys -> float32 [B, H, T, S] (the key scales applied after the dot)."""
-        if _decoding(q):
-            return cpu_kernels.kv_scores(q, self.k) * self.k_scale[:, :, None]
-        return super().scores(q)
+        """q [B, H, T, K] . keys -> float32 [B, H, T, S] (key scales applied after the dot)."""
+        if self._read(q):
+            s = cpu_kernels.kv_scores(q, self.k)
+        else:
+            s = jnp.einsum("bhtk,bhsk->bhts", q, KV_FORMATS[self.storage].decode(self.k).astype(jnp.float32))
+        return s if self.k_scale is None else s * self.k_scale[:, :, None]
 
     def mix(self, p: jax.Array) -> jax.Array:
         """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K] (value scales folded into p)."""
-        if _decoding(p):
-            return cpu_kernels.kv_mix(p * self.v_scale[:, :, None], self.v).transpose(0, 2, 1, 3)
-        return super().mix(p)
-
-
-class KernelBf16KV(Bf16KV):
-    """A bfloat16 layer cache read by gptjax's CPU kernels during decode."""
-
-    def scores(self, q: jax.Array) -> jax.Array:
-        """q [B, H, T, K] . keys -> float32 [B, H, T, S]."""
-        if _decoding(q):
-            return cpu_kernels.kv_scores(q, self.k)
-        return super().scores(q)
-
-    def mix(self, p: jax.Array) -> jax.Array:
-        """Probabilities [B, H, T, S] . values -> float32 [B, T, H, K]."""
-        if _decoding(p):
+        p = p if self.v_scale is None else p * self.v_scale[:, :, None]
+        if self._read(p):
             return cpu_kernels.kv_mix(p, self.v).transpose(0, 2, 1, 3)
-        return super().mix(p)
+        return jnp.einsum("bhts,bhsk->bthk", p, KV_FORMATS[self.storage].decode(self.v).astype(jnp.float32))
+
+    def stored(self, k: jax.Array, v: jax.Array) -> LayerKV:
+        """New keys/values [B, H, T, K] as this cache holds them (rounded or quantised)."""
+        (k, ks), (v, vs) = (KV_FORMATS[self.storage].encode(a) for a in (k, v))
+        return replace(self, k=k.astype(self.k.dtype), v=v.astype(self.v.dtype), k_scale=ks, v_scale=vs)
+
+    def write(self, new: LayerKV, start: jax.Array) -> LayerKV:
+        """The cache with new entries (from stored(), [B, H, T, ...]) written at index start ([B]: each row's)."""
+        update = _update_rows if self.per_row else _update
+        return replace(self, **{f.name: update(getattr(self, f.name), getattr(new, f.name), start)
+                                for f in fields(self) if f.name in _DATA and getattr(self, f.name) is not None})
 
 
-# The layer cache per KV-cache storage of gptjax.precision: (read with XLA's dots, read with gptjax's CPU kernels)
-KV_LAYERS: dict[str, tuple[type, type]] = {"fp32": (FloatKV, FloatKV), "bf16": (Bf16KV, KernelBf16KV),
-                                            "int8": (Int8KV, KernelInt8KV)}
+_DATA = ("k", "v", "k_scale", "v_scale")
+
+
+def _update(old: jax.Array, part: jax.Array, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(old, part, start, axis=2)
+
+
+def _update_rows(old: jax.Array, part: jax.Array, start: jax.Array) -> jax.Array:
+    def one(old: jax.Array, part: jax.Array, s: jax.Array) -> jax.Array:  # [H, S, ...] <- [H, T, ...] at s
+        return jax.lax.dynamic_update_slice_in_dim(old, part, s, axis=1)
+    return jax.vmap(one)(old, part, start)
 
 
 class KVCache(NamedTuple):
-    """The decode cache: one layer cache (FloatKV, Bf16KV, Int8KV ..., [B, H, S, K]) per layer; passed in and returned,
-    never hidden state. Separate buffers (not one [L, ...] array) let XLA update each in place in the loop."""
+    """The decode cache: one LayerKV ([B, H, S, K]) per layer; passed in and returned, never hidden state.
+    Separate buffers (not one [L, ...] array) let XLA update each in place in the loop."""
 
     layers: tuple[Any, ...]
 
@@ -178,9 +150,12 @@ class KVCache(NamedTuple):
               ) -> KVCache:
         """An empty cache of S=length entries per row, stored as kind (a KV storage of gptjax.precision), read
         by gptjax's CPU kernels during decode if cpu_kernels (the conversion step's choice)."""
-        layer_cls = KV_LAYERS[kind][cpu_kernels]
         shape = (batch, config.n_head, length, config.head_dim)
-        return cls(tuple(layer_cls.zeros(shape) for _ in range(config.n_layer)))
+        return cls(tuple(LayerKV.zeros(shape, kind, cpu_kernels) for _ in range(config.n_layer)))
+
+    def per_row(self) -> KVCache:
+        """The same buffers as a cache whose writes take a cache index per row (speculative decoding)."""
+        return KVCache(tuple(replace(layer, per_row=True) for layer in self.layers))
 
     @property
     def length(self) -> int:

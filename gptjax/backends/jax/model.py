@@ -7,9 +7,9 @@ copy of every layer's weights per token: 26 vs 43 tokens/s on gpt2). `scan_layer
 `lax.scan` instead, which keeps compile time flat in depth (for training and very deep forward passes).
 
 The weight modules (matmul kernels, the token table, the position lookup) come from a `FloatLayers`: this file's
-builds float ones for XLA's dots; the conversion step (convert.py) passes others for reduced-precision weights
-(layers.py) and gptjax's CPU kernels, so no layer here branches on precision or platform. The KV cache types
-are in kv.py.
+builds float ones for XLA's dots; the conversion step (convert.py) passes the one built from a run mode's registry
+entry (quantised modules in layers.py, matmul formulations in lowp.py, gptjax's CPU kernels where they run), so no
+layer here branches on precision or platform. The KV cache is in kv.py.
 
 Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "layers", ...) as NNX
 `out_sharding` metadata; gptjax.sharding maps them to mesh axes. Legend: B T D H K F V L as in config.py.
@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from gptjax.backends.jax import lowp
-from gptjax.backends.jax.kv import FloatKV, KVCache, Masks
+from gptjax.backends.jax.kv import KVCache, LayerKV, Masks
+from gptjax.backends.jax.lowp import table_dot, table_lookup
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.weights import Params
@@ -95,22 +96,15 @@ class Embedding(Table):
         return rows, lambda x: self.head_dot(x.astype(w.dtype), w)
 
 
-def table_lookup(table: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The rows table[tokens] as float32 (XLA's gather), and the table itself for the head."""
-    return table[tokens].astype(jnp.float32), table
-
-
-def table_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., D] @ w [V, D].T in w's dtype, float32 out (the tied head, in XLA's dot)."""
-    return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
-
-
 class Positions(nnx.Module):
-    """The position lookup: rows of the [P, D] position table as float32 (a module, so that the conversion step
-    can pick one that reads a bfloat16 table with gptjax's CPU kernels)."""
+    """The position lookup: rows of the [P, D] position table as float32, by a table lookup (XLA's gather, or the
+    one the conversion step picks for the table's storage: gptjax's CPU kernel reads a bfloat16 table)."""
+
+    def __init__(self, lookup: Any = None) -> None:
+        self.lookup = lookup or table_lookup  # (table, ids) -> (float32 rows, the table)
 
     def __call__(self, table: jax.Array, ids: jax.Array | slice) -> jax.Array:
-        return table[ids].astype(jnp.float32)  # [...] -> [..., D]
+        return self.lookup(table, ids)[0]  # [...] -> [..., D]
 
 
 class FloatLayers:
@@ -127,8 +121,8 @@ class FloatLayers:
         """The [V, D] table module of p[key] (token rows and the tied head)."""
         return Embedding(p[key], axes)
 
-    def positions(self) -> nnx.Module:
-        """The position lookup."""
+    def positions(self, table: Any) -> nnx.Module:
+        """The position lookup over the [P, D] table."""
         return Positions()
 
     def attention(self) -> Any:
@@ -187,7 +181,7 @@ class Attention(nnx.Module):
         return self.project(self.causal(self.fused_qkv(x)))
 
     def cached(self, x: jax.Array, masks: Masks, cache: Any, start: jax.Array) -> tuple[jax.Array, Any]:
-        """Attention of new tokens x [B, T, D] over one layer's cache (FloatKV or Int8KV, [B, H, S, K]) before
+        """Attention of new tokens x [B, T, D] over one layer's cache (a LayerKV, [B, H, S, K]) before
         they are added (masks.cache, or nothing for a fresh cache) and over themselves (masks.new), seen as the
         cache will store them; their keys/values are then written at cache index start. Reading the cache
         from before the write keeps the write in place in the loop."""
@@ -206,7 +200,7 @@ def split_heads(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def attend(q: jax.Array, parts: list[tuple[Any, jax.Array]]) -> jax.Array:
     """Attention of q [B, H, T, K] over one softmax spanning every (keys/values, mask [B or 1, T, S_i]) part:
-    [B, T, H, K]. Keys/values (FloatKV or Int8KV, [B, H, S_i, K]) compute their own scores and weighted sums,
+    [B, T, H, K]. Keys/values (LayerKV, [B, H, S_i, K]) compute their own scores and weighted sums,
     reading the cache's layout without a transpose."""
     scale = 1 / np.sqrt(q.shape[-1])
     scores = [jnp.where(m[:, None], kv.scores(q) * scale, jnp.finfo(jnp.float32).min)
@@ -220,7 +214,7 @@ def causal_attention(qkv: jax.Array) -> jax.Array:
     """Causal self-attention of qkv [B, T, 3, H, K] (no cache) with XLA's dots: [B, T, H, K]."""
     q, k, v = split_heads(qkv)
     T = q.shape[2]
-    return attend(q, [(FloatKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
+    return attend(q, [(LayerKV(k, v), jnp.tril(jnp.ones((1, T, T), dtype=bool)))])  # causal [1, T, T]
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -287,7 +281,7 @@ class GPT(nnx.Module):
                  for i in range(c.n_layer)]
         self.wte = layers.embedding(params, "wte.weight", ("vocab", "embed"))  # [V, D]
         self.wpe = param(params["wpe.weight"], ("length", "embed"))  # [P, D]
-        self.positions = layers.positions()
+        self.positions = layers.positions(params["wpe.weight"])
         if scan_layers:
             stacked = {k: np.stack([p[k] for p in layer]) for k in layer[0]}  # [L, ...]
             self.blocks = Block(stacked, c.n_head, c.layer_norm_epsilon, ("layers",), layers)

@@ -7,7 +7,7 @@ gptjax.speculative keeps n <= k proposals plus one target token, and both caches
 length by moving the row's cursor: entries past it are masked and overwritten by the next round.
 
 Rows accept different counts, so each row has its own cursor (cache index of its last token): cache writes go
-to each row's own index (the Row* layer caches below), masks and positions are per row, and out/history are
+to each row's own index (KVCache.per_row), masks and positions are per row, and out/history are
 written per row. The state after prefill: both caches hold the prompt; the target's first token is `last`,
 at cache index Tp, not yet in either cache. A draft round starts by running the token before `last` and `last`
 (two positions): so after a round that accepted all k proposals, the draft cache, which never ran the k-th,
@@ -27,26 +27,9 @@ from flax import nnx
 
 from gptjax.backends.jax import decode
 from gptjax.backends.jax.decode import Sampling, bucket_length, filter_top_k_top_p
-from gptjax.backends.jax.kv import KV_LAYERS, KVCache, Masks
+from gptjax.backends.jax.kv import KVCache, Masks
 from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk, left_pad
 from gptjax.speculative import NgramDraft, Speculation
-
-
-def _write_rows(self: Any, new: Any, start: jax.Array) -> Any:
-    """The layer cache with new entries [B, H, T, ...] written at each row's own cache index start [B]."""
-    def one(old: jax.Array, part: jax.Array, s: jax.Array) -> jax.Array:  # [H, S, ...] <- [H, T, ...] at s
-        return jax.lax.dynamic_update_slice_in_dim(old, part, s, axis=1)
-    return type(self)(*(jax.vmap(one)(old, part, start) for old, part in zip(self, new)))
-
-
-# Each layer-cache type of kv.py with per-row writes (reads, storage and CPU-kernel choice unchanged).
-ROW_LAYERS: dict[type, type] = {cls: type(f"Row{cls.__name__}", (cls,), {"write": _write_rows})
-                                for pair in KV_LAYERS.values() for cls in pair}
-
-
-def row_cache(cache: KVCache) -> KVCache:
-    """The same buffers as a cache whose writes take a cache index per row."""
-    return KVCache(tuple(ROW_LAYERS[type(layer)](*layer) for layer in cache.layers))
 
 
 class SpecState(NamedTuple):
@@ -264,11 +247,11 @@ def start(weights: Any, request: GenerationRequest, spec: Speculation, kv_cache:
     if spec.weights is not None:
         w = spec.weights
         valid = np.arange(B) < request.batch
-        draft = row_cache(decode.prefill(w.graphdef, w.state, tokens, pad, valid, sampling, w.config, S, "greedy",
-                                         spec.kv_cache, None, w.cpu_kernels).cache)
+        draft = decode.prefill(w.graphdef, w.state, tokens, pad, valid, sampling, w.config, S, "greedy",
+                               spec.kv_cache, None, w.cpu_kernels).cache.per_row()
     hist = jnp.zeros((B, S), jnp.int32).at[:, :Tp].set(tokens).at[:, Tp].set(d.last)
     zeros = [jnp.zeros(B, jnp.int32) for _ in range(3)]  # three buffers: the loop donates each
-    s = SpecState(row_cache(d.cache), draft, hist, jnp.full(B, Tp, jnp.int32), jnp.ones(B, jnp.int32), d.done,
+    s = SpecState(d.cache.per_row(), draft, hist, jnp.full(B, Tp, jnp.int32), jnp.ones(B, jnp.int32), d.done,
                   d.stopped, d.lengths, d.out, d.keys, jnp.int32(0), *zeros)
     return s, pad, sampling, mode
 
