@@ -4,7 +4,7 @@
 
 (Hinton et al. 2015; τ² keeps the soft term's gradient scale independent of τ). The teacher's logits come from
 its jitted forward pass on each batch, in any run mode of gptjax.precision its checkpoint can run (a float
-teacher in fp32, bf16, int8 or w8a8; a quantised one in its own storage's modes). Everything else is
+teacher in any mode; a quantised one in its own storage's modes). Everything else is
 `gptjax train`'s loop (gptjax.train.train with an Objective): data, checkpoints, exact resume, TensorBoard
 (train/ce, train/kl, train/top1_agreement besides train/loss; val/kl and val/top1_agreement), the mesh and
 the exported model. The student may differ from the teacher in depth, width, heads and context, not in

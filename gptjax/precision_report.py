@@ -1,9 +1,8 @@
 """The precision trade-off, measured: for each mode on the same weights and the same validation windows, the
 bytes it stores, the quality it keeps (loss, perplexity, top-1 agreement and logit error against fp32) and
 the speed it gives (prefill and decode tokens/s, timed after warm-up, modes interleaved, median of runs).
-The logit errors are measured on full forward passes, which run each mode's prefill formulation (per-channel
-int8: two int8 activation terms; w8a8: one term per token, the alternative int8 prefill would take): they are
-what prefill in each mode costs. Decode runs the same formulation per row (greedy agreement sees the KV cache).
+The logit errors are measured on full forward passes, which run each mode's prefill formulation (the
+registry's compute dtype and per-token threshold say which): they are what prefill in each mode costs. Decode runs the same formulation per row (greedy agreement sees the KV cache).
 
 Used by `gptjax quantize --report`; timed through gptjax.timing, as `gptjax bench` is.
 """
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gptjax import precision as registry
-from gptjax.backends.base import get_backend
+from gptjax.backends import get_backend
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import for_precision, weight_bytes

@@ -24,8 +24,8 @@ LAYERS = {
     # the model-agnostic library: config, the precision registry, weights and their conversion, tokenizers and
     # corpora, the sampling settings and rules, scoring, speculative decoding's rules, the mesh
     "core": ("gptjax.precision", "gptjax.config", "gptjax.sizes", "gptjax.sampling", "gptjax.tokenizer",
-             "gptjax.peaks", "gptjax.safetensors_io", "gptjax.quantize", "gptjax.weights", "gptjax.sharding", "gptjax.data",
-             "gptjax.heldout", "gptjax.generate", "gptjax.scoring", "gptjax.speculative"),
+             "gptjax.peaks", "gptjax.safetensors_io", "gptjax.quantize", "gptjax.weights", "gptjax.sharding",
+             "gptjax.data", "gptjax.heldout", "gptjax.generate", "gptjax.scoring", "gptjax.speculative"),
     # the backends, their compiled kernels, the observability that wraps them, and the public API re-exporting them
     "backends": ("gptjax.backends", "gptjax._cpu_kernels", "gptjax.tracing", "gptjax"),
     # what runs a backend or a model for a result: training, distillation, the precision report
@@ -179,15 +179,8 @@ def test_no_import_runs_up_the_layers():
     assert not gone, f"no longer imported: delete {sorted(gone)} from ALLOWED_UPWARD"
 
 
-def test_every_precision_mode_has_its_code_everywhere():
-    # the registry declares a mode; each of these holds its implementation, keyed by the registry's names
-    from gptjax import quantize
-    from gptjax.backends import numpy_ref
-    from gptjax.backends.jax import convert, kv
-
-    assert set(quantize.CONVERTERS) == set(precision.STORAGES)
-    assert set(convert.LAYERS) == set(numpy_ref.MATRICES) == set(precision.MODES)
-    assert set(kv.KV_LAYERS) == set(numpy_ref.CACHES) == set(precision.KV_CACHES)
+def test_every_precision_mode_names_a_known_storage_and_kv_cache():
+    # each mode's code is looked up from these names (tests/test_precision.py checks both backends resolve it)
     for m in precision.MODES.values():
         assert m.storage in precision.STORAGES and m.kv_cache in precision.KV_CACHES, m
 

@@ -9,7 +9,7 @@ from gptjax import GPTConfig, GptjaxError, get_backend, init_params
 from gptjax.backends.jax import GPT, KVCache
 from gptjax.backends.jax import decode as jax_decode
 from gptjax.backends.numpy_ref import FloatCache, gpt2, ragged_mask
-from gptjax.generate import SamplingParams, filter_logits, sample_token
+from gptjax.generate import filter_logits, sample_token
 from gptjax.sampling import GREEDY, SamplingParams
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=4, n_embd=32)

@@ -307,8 +307,8 @@ def test_generate_passes_no_precision_option_to_a_plugin_for_a_float_checkpoint(
         options = {"dtype": ("float32",)}  # no precision options, as a third-party backend may have
 
     expected = get_backend("numpy", CONFIG).generate(PARAMS, [[100, 101]], 3, sampling=GREEDY).tokens[0]
-    monkeypatch.setattr("gptjax.backends.base._registry", lambda: {"plugin": ["x:Plugin"]})
-    monkeypatch.setattr("gptjax.backends.base._load", lambda name, value: Plugin)
+    monkeypatch.setattr("gptjax.backends.registry.registered", lambda: {"plugin": ["x:Plugin"]})
+    monkeypatch.setattr("gptjax.backends.registry.load", lambda name, value: Plugin)
     assert main(["generate", "--checkpoint", str(FIXTURE), "--tokens", "100,101", "--greedy",
                  "--max-new-tokens", "3", "--backend", "plugin"]) == 0
     assert capsys.readouterr().out.split("\n")[0] == ",".join(map(str, expected))

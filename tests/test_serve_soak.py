@@ -162,7 +162,8 @@ def checkpoint(tmp_path_factory) -> Path:
 def test_soak_answers_seeded_tokens_and_metrics_stay_bounded_and_exact(checkpoint):
     start = time.monotonic()
     backend = get_backend("jax", CONFIG)
-    seeds = [(prompt_of(r), r) for r in range(2 * ROUNDS)] + [(prompt_of(r + 1000), r + 1000) for r in range(2 * ROUNDS)]
+    seeds = [(prompt_of(r), r) for r in range(2 * ROUNDS)]
+    seeds += [(prompt_of(r + 1000), r + 1000) for r in range(2 * ROUNDS)]
     expected = {(p, s): backend.generate(PARAMS, [list(p)], NEW_TOKENS,
                                          sampling=SamplingParams(seed=s)).tokens[0] for p, s in seeds}
     computed = time.monotonic()

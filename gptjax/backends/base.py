@@ -3,8 +3,8 @@
 A backend implements `_convert` (canonical params -> its own layout, once), `_forward` and `_generate` (a stream
 of chunks), and where it can `_score`, `_speculate` and decode sessions. This class checks every input at the
 boundary and runs the work through `self.observer` (gptjax.tracing.observe), which puts spans and metrics around
-it: a backend, plug-ins included, gets them without any code of its own. Last, the registry: backends by name,
-the built-ins and plug-ins registered under the `gptjax.backends` entry points.
+it: a backend, plug-ins included, gets them without any code of its own. Backends by name (built-ins and
+plug-ins): gptjax.backends.registry.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import abc
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from importlib import import_module
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,14 +29,9 @@ from gptjax.tracing.observe import Observer
 from gptjax.weights import Params, validate_params
 
 # The options every built-in backend takes (merged into its `options`): the precision mode, the KV cache's
-# storage (default: bf16 for bf16, else fp32), and how float32 weights are quantised for int8/w8a8.
+# storage (default: the mode's own, gptjax.precision), and how float32 weights are quantised for a scaled storage.
 PRECISION_OPTIONS: dict[str, tuple] = {"precision": tuple(MODES), "kv_cache": tuple(KV_CACHES), "group_size": (),
                                        "keep_head": (False, True)}
-ENTRY_POINT_GROUP = "gptjax.backends"  # where plug-ins register (name = "module:BackendSubclass")
-_BUILTIN = {
-    "numpy": "gptjax.backends.numpy_ref:NumpyBackend",
-    "jax": "gptjax.backends.jax:JaxBackend",
-}
 # Attributes that moved to the backend's observer in 0.2: backend.NAME is backend.observer.VALUE for one release.
 MOVED = {"metrics": "metrics", "trace_sync": "synced", "model_name": "model_name", "span_attributes": "span_attributes",
          "observe_prefill": "report_prefill", "observe_decode": "report_decode",
@@ -293,42 +286,3 @@ def validate_tokens(tokens: Any, config: GPTConfig) -> np.ndarray:
         b, t = np.argwhere(bad)[0]
         raise GptjaxError(f"token id {int(arr[b, t])} at [{b}, {t}] is outside [0, {config.vocab_size})")
     return arr.astype(np.int32)
-
-
-def _registry() -> dict[str, list[str]]:
-    """Backend name → the entry-point values that claim it (built-ins first and alone: no shadowing)."""
-    found: dict[str, list[str]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, [])
-        if ep.value not in found[ep.name]:
-            found[ep.name].append(ep.value)
-    return found | {name: [value] for name, value in _BUILTIN.items()}
-
-
-def available_backends() -> list[str]:
-    """Names get_backend accepts: the built-ins and those registered under the `gptjax.backends` entry points."""
-    return sorted(_registry())
-
-
-def get_backend(name: str, config: GPTConfig, **options: Any) -> Backend:
-    """An instance of the backend called `name`, bound to `config` (a model shape), with backend options."""
-    registry = _registry()
-    if name not in registry:
-        raise GptjaxError(f"unknown backend {name!r}; available: {sorted(registry)}")
-    if len(registry[name]) > 1:
-        raise GptjaxError(f"backend {name!r} is registered twice, by {registry[name]}; uninstall one")
-    cls = _load(name, registry[name][0])
-    return cls(config, **options)
-
-
-def _load(name: str, value: str) -> type[Backend]:
-    module, _, attr = value.partition(":")
-    try:
-        cls = import_module(module.strip())
-        for part in attr.split("[")[0].strip().split("."):
-            cls = getattr(cls, part)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise GptjaxError(f"backend {name!r} ({value}) cannot be loaded: {type(e).__name__}: {e}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise GptjaxError(f"backend {name!r} ({value}) is not a gptjax.backends.Backend subclass")
-    return cls

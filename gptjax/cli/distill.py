@@ -12,7 +12,7 @@ import time
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gptjax import precision as registry
-from gptjax.cli.options import mesh_from
+from gptjax.cli.options import add_mesh_flag, mesh_from
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
 
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: $GPTJAX_PEAK_FLOPS, "
                    "else this machine's matmul ceiling, measured once and cached)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--mesh", metavar="SPEC", help="train over a device mesh, e.g. data=2,fsdp=2,tensor=2")
+    add_mesh_flag(p, "train over a device mesh", "data=2,fsdp=2,tensor=2")
 
 
 def run(args: argparse.Namespace) -> int:

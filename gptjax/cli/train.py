@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gptjax.cli.options import mesh_from
+from gptjax.cli.options import add_mesh_flag, mesh_from
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError, os_cause
 from gptjax.tracing import Metrics, serve_metrics
@@ -51,8 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-flops", type=float, metavar="FLOP/S", help="MFU denominator (default: $GPTJAX_PEAK_FLOPS, "
                    "else this machine's matmul ceiling, measured once and cached)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--mesh", metavar="SPEC", help="train over a device mesh, e.g. data=2,fsdp=2,tensor=2 "
-                   "(sizes may be -1: the rest of the devices)")
+    add_mesh_flag(p, "train over a device mesh", "data=2,fsdp=2,tensor=2 (sizes may be -1: the rest of the devices)")
     p.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port "
                    "while training")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="address /metrics binds "

@@ -6,7 +6,7 @@ training step's `compute_dtype="bf16"` ran at float32's rate plus the converts.
 The conversion step is `training_layers`: create_state builds the training model with the weight modules it
 returns, whose matmuls take a formulation chosen by the weights' dtype: the bfloat16 copy the train step makes
 (compute_dtype="bf16", train.compute_copy) runs the kernels, float32 weights (evaluation, export) XLA's dots, as
-before. Master weights and the AdamW state stay float32 (train.py). Without the kernels (another backend, a CPU without
+before. Master weights and the AdamW state stay float32 (gptjax.train). Without the kernels (another backend, a CPU without
 AVX512_BF16, GPTJAX_CPU_KERNELS=0) or with a mesh (the kernels are not partitioned: XLA would gather every
 operand), the float layers and XLA's path stay.
 
