@@ -56,14 +56,25 @@ def mlp(x: np.ndarray, p: Params, h: str) -> np.ndarray:
     return linear(a, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])  # [B, T, F] -> [B, T, D]
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Scaled dot-product attention; mask is additive (0 where allowed, -1e10 where not)."""
+def attention_weights(q: np.ndarray, k: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """softmax(QK^T / sqrt(K) + M): how much each query attends to each key; mask is additive (0 where allowed,
+    -1e10 where not)."""
     scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask  # [B, H, T, K] x [B, H, K, S] -> [B, H, T, S]
-    return softmax(scores) @ v  # [B, H, T, S] x [B, H, S, K] -> [B, H, T, K]
+    return softmax(scores)  # [B, H, T, S], each row sums to 1
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
+              maps: list[np.ndarray] | None = None) -> np.ndarray:
+    """Scaled dot-product attention; the weights are appended to maps when given one."""
+    weights = attention_weights(q, k, mask)  # [B, H, T, S]
+    if maps is not None:
+        maps.append(weights)
+    return weights @ v  # [B, H, T, S] x [B, H, S, K] -> [B, H, T, K]
 
 
 def self_attention(x: np.ndarray, p: Params, h: str, n_head: int, mask: np.ndarray,
-                   cache: LayerCache | None = None, start: int = 0) -> np.ndarray:
+                   cache: LayerCache | None = None, start: int = 0, maps: list[np.ndarray] | None = None
+                   ) -> np.ndarray:
     """Multi-head self-attention of block h. With this layer's cache ([B, H, S, K] keys and values), the new
     keys/values are written at index start and the queries attend over the whole cache (as stored: rounded to
     bf16 or int8 if it holds those), as the mask allows."""
@@ -73,16 +84,16 @@ def self_attention(x: np.ndarray, p: Params, h: str, n_head: int, mask: np.ndarr
     if cache is not None:
         cache.write(k, v, start)  # in place: the cache is preallocated to S
         k, v = cache.read()  # [B, H, S, K]
-    out = attention(q, k, v, mask)  # -> [B, H, T, K]
+    out = attention(q, k, v, mask, maps)  # -> [B, H, T, K]
     out = out.transpose(0, 2, 1, 3).reshape(B, T, D)  # [B, H, T, K] -> [B, T, D]
     return linear(out, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])  # [B, T, D] -> [B, T, D]
 
 
 def block(x: np.ndarray, p: Params, h: str, n_head: int, eps: float, mask: np.ndarray,
-          cache: LayerCache | None = None, start: int = 0) -> np.ndarray:
+          cache: LayerCache | None = None, start: int = 0, maps: list[np.ndarray] | None = None) -> np.ndarray:
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
     a = self_attention(layer_norm(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps), p, h, n_head, mask, cache,
-                       start)
+                       start, maps)
     x = x + a  # [B, T, D]
     return x + mlp(layer_norm(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps), p, h)  # [B, T, D]
 
@@ -94,8 +105,10 @@ def causal_mask(T: int, dtype: np.dtype) -> np.ndarray:
 
 def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, last_only: bool,
          positions: np.ndarray | None = None, mask: np.ndarray | None = None,
-         cache: list[LayerCache] | None = None, start: int = 0) -> np.ndarray:
-    """Logits for int tokens [B, T]: [B, T, V], or [B, V] at the last position.
+         cache: list[LayerCache] | None = None, start: int = 0, return_attention: bool = False
+         ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Logits for int tokens [B, T]: [B, T, V], or [B, V] at the last position; with return_attention, also
+    every layer's attention weights [L, B, H, T, S] (the same logits: the weights are kept, not recomputed).
 
     Without a cache this is the plain causal forward pass. With one (a LayerCache of [B, H, S, K] keys and
     values per layer), tokens sit at cache index start.. with their own positions [B, T] and additive mask
@@ -105,12 +118,14 @@ def gpt2(tokens: np.ndarray, p: Params, n_layer: int, n_head: int, eps: float, l
     pos = np.arange(T) if positions is None else positions  # [T] or [B, T]
     x = p["wte.weight"][tokens] + p["wpe.weight"][pos]  # [B, T] -> [B, T, D]
     mask = causal_mask(T, x.dtype) if mask is None else mask
+    maps: list[np.ndarray] | None = [] if return_attention else None  # one [B, H, T, S] per layer
     for i in range(n_layer):
-        x = block(x, p, f"h.{i}.", n_head, eps, mask, None if cache is None else cache[i], start)  # [B, T, D]
+        x = block(x, p, f"h.{i}.", n_head, eps, mask, None if cache is None else cache[i], start, maps)  # [B, T, D]
     if last_only:
         x = x[:, -1]  # [B, T, D] -> [B, D]
     x = layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], eps)
-    return x @ p.get("lm_head.weight", p["wte.weight"]).T  # [..., D] x [D, V] -> [..., V]
+    logits = x @ p.get("lm_head.weight", p["wte.weight"]).T  # [..., D] x [D, V] -> [..., V]
+    return (logits, np.stack(maps)) if maps is not None else logits  # maps: [L, B, H, T, S]
 
 
 # ---- reduced precision: stand-ins for the float matrices (built from the registry) and the KV cache ----------
