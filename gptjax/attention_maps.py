@@ -93,7 +93,7 @@ def token_labels(tokenizer: Tokenizer, tokens: list[int]) -> tuple[str, ...]:
 
 def to_row(maps: AttentionMaps) -> dict[str, Any]:
     """The JSON row of one prompt's maps (weights rounded to DECIMALS)."""
-    L, H, T, _ = maps.weights.shape
+    L, H = maps.weights.shape[:2]
     return {"kind": "attention", "checkpoint": maps.checkpoint, "prompt": maps.prompt, "tokens": list(maps.tokens),
             "labels": list(maps.labels), "layers": L, "heads": H,
             "weights": np.round(maps.weights, DECIMALS).tolist()}  # [L][H][T][T]
