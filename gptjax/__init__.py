@@ -14,3 +14,21 @@ __all__ = [
     "get_backend", "get_preset", "init_params", "load_checkpoint", "load_tokenizer", "param_shapes", "save_checkpoint",
     "validate_params", "__version__",
 ]
+
+
+def _warn_if_kernels_unbuilt() -> None:
+    """Say once, loudly, that a source checkout runs without its compiled CPU kernels (and how to build them)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptjax._cpu_kernels") is not None:
+        return  # the common case decided without importing cpu_kernels (and jax with it: `gptjax --help` stays fast)
+    import warnings
+
+    from gptjax.backends.cpu_kernels import build_warning
+
+    message = build_warning()
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_warn_if_kernels_unbuilt()

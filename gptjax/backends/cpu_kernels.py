@@ -211,3 +211,51 @@ def adamw(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, h: jax.Array
         p.astype(jnp.float32), g if g.dtype == jnp.bfloat16 else g.astype(jnp.float32), m.astype(jnp.float32),
         v.astype(jnp.float32),
         h.astype(jnp.float32))
+
+
+# ---- the import-time check (gptjax/__init__.py): a source checkout whose kernels were never built ------------
+def build_warning(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """What `import gptjax` says once when it runs from a source tree whose kernels are not built, on a CPU that
+    would run them and with them not switched off (None otherwise). It reads files only: starting a JAX backend
+    here would freeze XLA_FLAGS before e.g. the scaling study sets its host device count."""
+    import importlib.util
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent
+    if os.environ.get(ENV, "1") == "0" or importlib.util.find_spec("gptjax._cpu_kernels") is not None:
+        return None
+    if not any((package / "_kernels").glob("*.cc")) or not _cpu_has_kernel_isa(cpuinfo):
+        return None  # an installed copy without kernels (no compiler at install) is status()'s to report
+    installed = _installed_kernels(package)
+    elsewhere = f", or start Python outside the checkout to use the installed copy in {installed}" if installed else ""
+    return (f"gptjax is imported from the source tree {package}, whose CPU kernels are not built: bf16, int8 and "
+            "w8a8 then run on XLA's formulations, 1.4-3.3x slower (gpt2 decode, benchmarks/results/quick-gpt2-cpu"
+            f"*.jsonl). Fix: `pip install -e .` (or `python setup.py build_ext --inplace`) in {package.parent}"
+            f"{elsewhere}. {ENV}=0 silences this.")
+
+
+def _cpu_has_kernel_isa(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo lists AVX512 VNNI and BF16 (what the kernels need; False where it cannot be read)."""
+    from pathlib import Path
+
+    try:
+        flags = Path(cpuinfo).read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags and "avx512_bf16" in flags
+
+
+def _installed_kernels(package: Any) -> str | None:
+    """The folder of an installed gptjax (not this tree) whose distribution carries the built kernels, if any."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution("gptjax").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name.startswith("_cpu_kernels") and f.name.endswith((".so", ".pyd")):
+            found = f.locate().resolve().parent
+            if found != package and found.is_dir():
+                return str(found)
+    return None
