@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```", re.S | re.M)
 TEST_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && python -m pytest -q"
-MAIN_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install . && gptjax train"
+MAIN_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[tour]' && gptjax train"
 
 
 def _render_module():
@@ -66,6 +66,32 @@ def test_readme_is_short_and_keeps_its_two_commands():
     assert len(readme.splitlines()) <= 200
     assert MAIN_COMMAND in readme and TEST_COMMAND in readme
     assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()  # CI runs exactly the README's test command
+
+
+def test_the_readme_installs_what_it_suggests():
+    """The first command's extra holds what the README then suggests running (tensorboard) and the docs draw with."""
+    import tomllib
+
+    tour = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["tour"])
+    assert "tensorboard --logdir" in (ROOT / "README.md").read_text()
+    for package in ("tensorboard", "matplotlib", "fastapi", "uvicorn", "opentelemetry-sdk"):
+        assert package in tour, package
+
+
+def _tour(text: str, prefix: str) -> list[tuple[int, str]]:
+    """(number, page) of each numbered tour entry linking a page under prefix."""
+    return [(int(n), page) for n, page in re.findall(r"^\|? ?\[?(\d+)\.? ?\[?[^\]\n]*\]\(" + re.escape(prefix)
+                                                      + r"([\w-]+\.md)\)", text, re.M)]
+
+
+def test_the_tour_lists_every_page_in_one_order():
+    """docs/README.md's table and the README's list: every docs/*.md chapter once, numbered 1.. in the same order."""
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"README.md"}
+    table = _tour((ROOT / "docs" / "README.md").read_text(), "")
+    listed = _tour((ROOT / "README.md").read_text(), "docs/")
+    assert [n for n, _ in table] == list(range(1, len(table) + 1)), table
+    assert sorted(page for _, page in table) == sorted(pages), "docs/README.md's table must list every chapter once"
+    assert listed == table, "README.md's tour list must be docs/README.md's table, in the same order and numbers"
 
 
 def test_fences_parse():
