@@ -81,7 +81,7 @@ def test_the_readme_installs_what_it_suggests():
 def _tour(text: str, prefix: str) -> list[tuple[int, str]]:
     """(number, page) of each numbered tour entry linking a page under prefix."""
     return [(int(n), page) for n, page in re.findall(r"^\|? ?\[?(\d+)\.? ?\[?[^\]\n]*\]\(" + re.escape(prefix)
-                                                      + r"([\w-]+\.md)\)", text, re.M)]
+                                                      + r"([\w-]+\.md)\)", text, re.MULTILINE)]
 
 
 def test_the_tour_lists_every_page_in_one_order():
