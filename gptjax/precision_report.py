@@ -152,8 +152,8 @@ def speed(built: list[tuple[Mode, Any, Any, int]], config: GPTConfig, *, prompt:
         def call(i: int) -> tuple[float, dict[int, float]]:
             n = max(i + 1, 0)  # the harness's warm-up call is i = -1
             tokens, prompts = rounds[n]
-            if progress:
-                progress(f"round {n}/{runs} {mode.label}")
+            if progress:  # the warm-up round compiles and is not counted: runs timed rounds follow it
+                progress(f"{'warm-up' if n == 0 else f'round {n}/{runs}'} {mode.label}")
             prefill = T / timed(lambda: backend.forward(weights, tokens, last_only=True))
             return prefill, {b: _decode_rate(backend, weights, prompts[b], new_tokens) for b in batches}
 

@@ -1,5 +1,6 @@
 """The `gptjax` command: help, info tables, demo, errors (exit code 2, no traceback)."""
 
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 from conftest import FIXTURES, stdlib_corpus
 
 from gptjax import ByteTokenizer, data, init_params, save_checkpoint
-from gptjax.cli import main
+from gptjax.bench.studies import STUDIES
+from gptjax.cli import COMMANDS, main
 from gptjax.config import get_preset
 from gptjax.heldout import checkpoint_validation_tokens, validation_windows
 from gptjax.sampling import SamplingParams
@@ -175,3 +177,51 @@ def test_eval_refuses_what_the_held_out_split_cannot_be_made_of(tmp_path, capsys
     save_checkpoint(config, init_params(config), tmp_path / "ck")
     assert main(["eval", "--checkpoint", str(tmp_path / "ck")]) == 2
     assert "has no tokenizer files and a 300-token vocabulary" in capsys.readouterr().err
+
+
+# ---- paths in help texts and docs: only what a command writes ------------------------------------------------
+# the last part of a runs/.../X path must be something `gptjax train` (model, tb, checkpoints[/N], profile,
+# run.json) or a bench run or study (results.jsonl) writes; runs/NAME alone is an --out directory
+WRITTEN = {"model", "tb", "checkpoints", "profile", "run.json", "results.jsonl"}
+RUNS_PATH = re.compile(r"runs/[^\s'\"`),;:]+")
+# study helps naming a path nothing writes, each with who fixes it; the test fails once one is fixed
+KNOWN_STALE_STUDIES = {"speculative": "bench/studies/speculative.py's docstring: runs/big/export (issue 30 WP-A)"}
+
+
+def never_written(text: str) -> list[str]:
+    """The runs/... paths in text whose last part no gptjax command writes (e.g. runs/latest/export)."""
+    bad = []
+    for path in RUNS_PATH.findall(text):
+        parts = path.rstrip(".").split("/")[1:]
+        last = parts[-1] if not parts[-1].isdigit() else parts[-2]  # runs/x/checkpoints/40: a checkpoint step
+        if "latest" in parts or (len(parts) > 1 and last not in WRITTEN):
+            bad.append(path)
+    return bad
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_never_written_knows_the_difference():
+    assert never_written("--checkpoint runs/latest/export or runs/big/export") == ["runs/latest/export",
+                                                                                   "runs/big/export"]
+    assert never_written("runs/<timestamp>/model, runs/x/checkpoints/40, --out runs/student, runs/a/tb.") == []
+
+
+@pytest.mark.parametrize("command", [c.NAME for c in COMMANDS])
+def test_help_names_only_paths_that_commands_write(capsys, command):
+    assert never_written(_help(capsys, [command])) == []
+
+
+def test_study_helps_name_only_paths_that_studies_write(capsys):
+    stale = {name for name in STUDIES if never_written(_help(capsys, ["bench", "--study", name]))}
+    assert stale == set(KNOWN_STALE_STUDIES), "update KNOWN_STALE_STUDIES: fixed, or newly stale"
+
+
+def test_docs_name_only_paths_that_commands_write():
+    root = FIXTURES.parent.parent
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        assert never_written(page.read_text(encoding="utf-8")) == [], page.name
