@@ -112,7 +112,7 @@ def data_hash(row: dict[str, Any]) -> str:
 
 def plot(maps: AttentionMaps, path: str | os.PathLike) -> Path:
     """Draw the L x H grid of attention maps (rows: layers, columns: heads; x: key, y: query) into a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     L, H, T, _ = maps.weights.shape
     cell = max(2.4, 0.16 * min(T, LABELLED))  # inches: room for one 8 pt (0.11 in) label per token
     fig, axes = plt.subplots(L, H, figsize=(cell * H + 2.0, cell * L + 1.6), squeeze=False, layout="constrained")
@@ -142,7 +142,7 @@ def _label_axes(ax: Any, labels: tuple[str, ...], bottom: bool, left: bool) -> N
         ax.set_ylabel("query", fontsize=9)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend; a clear error without the extra."""
     try:
         import matplotlib
@@ -150,5 +150,5 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise GptjaxError("drawing attention maps needs matplotlib: pip install 'gptjax[tour]'") from None
+        raise GptjaxError("drawing pictures needs matplotlib: pip install 'gptjax[tour]'") from None
     return plt
