@@ -64,6 +64,29 @@ def test_one_head_recomputed_by_hand(tiny):
     np.testing.assert_allclose(attention_maps.compute(params, config, tokens)[0, 0], expected, atol=1e-12)
 
 
+def test_the_jax_model_attends_with_the_same_weights(tiny):
+    """The JAX model's own scores and softmax (model.attend), read out by attending over one-hot values: with
+    v[s] = e_s the weighted sum of the values is the row of weights itself."""
+    import jax.numpy as jnp
+
+    from gptjax.backends.jax.kv import LayerKV
+    from gptjax.backends.jax.model import GPT, attend
+
+    config, params = tiny
+    tokens = [4, 8, 15, 16, 23, 42]
+    T = len(tokens)
+    model = GPT(config, params)
+    x = model.wte(jnp.array([tokens])) + model.wpe[...][:T]  # [1, T, D]
+    one_hot = jnp.broadcast_to(jnp.eye(T), (1, config.n_head, T, T))  # values [B, H, S, S]
+    causal = jnp.tril(jnp.ones((1, T, T), dtype=bool))
+    weights = []
+    for block in model.layers():
+        q, k, _ = block.attn.qkv(block.ln_1(x))  # [1, H, T, K]
+        weights.append(attend(q, [(LayerKV(k, one_hot), causal)])[0].transpose(1, 0, 2))  # [T, H, S] -> [H, T, S]
+        x = block(x)
+    np.testing.assert_allclose(np.stack(weights), attention_maps.compute(params, config, tokens), atol=2e-6)
+
+
 def test_the_trained_fixture_gives_maps_and_labels():
     maps = attention_maps.from_checkpoint(FIXTURE, "ab\ncd é")
     assert maps.tokens == tuple("ab\ncd é".encode())
