@@ -33,11 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute the maps, draw them, and write the JSON when asked."""
-    maps = attention_maps.from_checkpoint(args.checkpoint, args.prompt)
+    row = attention_maps.to_row(attention_maps.from_checkpoint(args.checkpoint, args.prompt))
+    maps = attention_maps.from_row(row)  # the picture is drawn from the data --json writes (4 decimals)
     try:
         out = attention_maps.plot(maps, args.out)
         if args.json:
-            _write_json(Path(args.json), attention_maps.to_row(maps))
+            _write_json(Path(args.json), row)
     except OSError as e:
         raise GptjaxError(f"cannot write {e.filename or args.out}: {os_cause(e)}") from None
     L, H, T, _ = maps.weights.shape
