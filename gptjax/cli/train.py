@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gptjax.cli.options import add_mesh_flag, mesh_from
 from gptjax.config import GPTConfig, get_preset
-from gptjax.errors import GptjaxError, os_cause
+from gptjax.errors import GptjaxError, os_cause, read_json
 from gptjax.tracing import Metrics, serve_metrics
 
 NAME = "train"
@@ -176,10 +176,9 @@ def _config_file(path: str) -> tuple[GPTConfig, object, str | None]:
     from gptjax.train import TrainConfig  # jax: see run()
 
     try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GptjaxError(f"--config {path}: {e}") from None
+        spec = read_json(path)
+    except GptjaxError as e:
+        raise GptjaxError(f"--config: {e}") from None
     if not isinstance(spec, dict) or not set(spec) <= {"preset", "model", "train", "data"}:
         raise GptjaxError(f"--config {path}: expected a JSON object with keys preset, model, train, data")
     config = get_preset(spec.get("preset", "byte-mini"))

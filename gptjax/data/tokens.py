@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 from gptjax.data.corpora import SEPARATOR, Doc, resolve_corpus, split_docs
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, read_json
 from gptjax.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, has_tokenizer, load_tokenizer
 
 BPE_MIN, BPE_MAX = 257, 65536  # one merge at least; ids fit uint16
@@ -146,7 +146,7 @@ def read_token_meta(path: str | os.PathLike) -> dict:
     side = _sidecar(Path(path))
     if not side.is_file():
         raise GptjaxError(f"no token metadata {str(side)!r}; encode the corpus with encode_to_memmap first")
-    return json.loads(side.read_text())
+    return read_json(side)
 
 
 def _is_current(path: Path, source_hash: str) -> bool:

@@ -27,7 +27,7 @@ import jax
 
 from gptjax.config import GPTConfig
 from gptjax.data import write_atomic
-from gptjax.errors import GptjaxError, os_cause
+from gptjax.errors import GptjaxError, os_cause, read_json
 from gptjax.train.config import TrainConfig
 from gptjax.train.step import TrainState
 
@@ -43,10 +43,10 @@ def save_run_config(path: Path, config: GPTConfig, tc: TrainConfig, extra: dict)
 
 def load_run_config(path: Path) -> tuple[GPTConfig, TrainConfig, dict]:
     """Read a run's saved config (for --resume)."""
+    payload = read_json(path)  # names the file: missing, not JSON, or a setting given twice (not "the last wins")
     try:
-        payload = json.loads(path.read_text())
         return GPTConfig(**payload.pop("model")), TrainConfig(**payload.pop("train")), payload
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise GptjaxError(f"cannot read the run config {path}: {e}") from None
 
 
