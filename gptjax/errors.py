@@ -46,6 +46,8 @@ def parse_json(text: str | bytes, source: str) -> Any:
     value was meant is ambiguous; NaN, Infinity, 1e400) or fails on with other errors (nesting past the recursion
     limit, an integer past Python's digit limit, bytes that are not UTF-8): a GptjaxError naming source."""
     try:
+        if isinstance(text, bytes):  # strictly: json.loads would take UTF-16 and lone surrogates from bytes
+            text = text.decode("utf-8")
         return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_finite)
     except _RepeatedKey as e:
         raise GptjaxError(f"{source}: the key {json.dumps(e.args[0])[:80]} appears twice in one JSON object "
