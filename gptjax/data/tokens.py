@@ -112,12 +112,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 @contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A file that appears at path, complete, only if the block ends without an error (a temp file in the same
-    directory, renamed; a failed write leaves neither a partial file nor the temp file)."""
+    directory, renamed; a failed write leaves neither a partial file nor the temp file, and its OSError names path)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write to the open file (a full disk) names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
