@@ -19,17 +19,16 @@ def os_cause(e: OSError) -> str:
     return f"{e.strerror or os.strerror(e.errno)} ({name})" if name else str(e)
 
 
-class _RepeatedKey(Exception):
-    """A JSON object naming one key twice (json.loads would keep the last value without a word)."""
+class RepeatedKey(ValueError):
+    """A JSON object naming one key twice (json.loads would keep the last value without a word); args[0]: the key."""
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json's object_pairs_hook: the object as a dict, or _RepeatedKey naming the first key given twice."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _RepeatedKey(key)
-        obj[key] = value
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: the object as a dict, or RepeatedKey naming the first key given twice."""
+    obj = dict(pairs)  # in C: the check below costs a length comparison unless a key repeats
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        raise RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return obj
 
 
@@ -48,8 +47,8 @@ def parse_json(text: str | bytes, source: str) -> Any:
     try:
         if isinstance(text, bytes):  # strictly: json.loads would take UTF-16 and lone surrogates from bytes
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_finite)
-    except _RepeatedKey as e:
+        return json.loads(text, object_pairs_hook=unique_keys, parse_float=_finite, parse_constant=_finite)
+    except RepeatedKey as e:
         raise GptjaxError(f"{source}: the key {json.dumps(e.args[0])[:80]} appears twice in one JSON object "
                           "(which value is meant is ambiguous)") from None
     except RecursionError:
