@@ -7,12 +7,11 @@ F MLP width (4D unless n_inner says otherwise), V vocab, L layers, P positions (
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from gptjax import precision as registry
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, read_json
 
 
 @dataclass(frozen=True)
@@ -145,13 +144,7 @@ class GPTConfig:
     @classmethod
     def from_json_file(cls, path: str) -> GPTConfig:
         """Load a config.json (transformers layout)."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (ValueError, RecursionError) as e:  # also a too deep nesting or an integer past Python's digit limit
-            raise GptjaxError(f"{path} is not valid JSON: {str(e)[:200]}") from None
-        except OSError as e:
-            raise GptjaxError(f"cannot read {path}: {e.strerror}") from None
+        d = read_json(path)  # a key given twice is refused, not resolved silently (the last would win)
         if not isinstance(d, dict):
             raise GptjaxError(f"{path} must hold a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, source=str(path))

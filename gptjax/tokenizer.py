@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, read_json
+
+Built = TypeVar("Built")
 
 
 class Tokenizer(Protocol):
@@ -59,16 +62,26 @@ def load_tokenizer(path: str | os.PathLike) -> BPETokenizer:
 
     d = Path(path)
     if (d / "tokenizer.json").is_file():
-        try:
-            return BPETokenizer(HFTokenizer.from_file(str(d / "tokenizer.json")))
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
-            raise GptjaxError(f"{d / 'tokenizer.json'} is not a valid tokenizers file: {e}") from None
+        return BPETokenizer(_read(d / "tokenizer.json", lambda: HFTokenizer.from_file(str(d / "tokenizer.json"))))
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        tok = HFTokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        tok = HFTokenizer(_read(d / "vocab.json", lambda: models.BPE.from_file(str(d / "vocab.json"),
+                                                                              str(d / "merges.txt"))))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return BPETokenizer(tok)
     raise GptjaxError(f"no tokenizer in {str(d)!r}: expected tokenizer.json, or vocab.json + merges.txt")
+
+
+def _read(file: Path, build: Callable[[], Built]) -> Built:
+    """build() of a tokenizer whose JSON file was first read strictly: the tokenizers library keeps the last of a
+    key given twice (a vocabulary entry too) without a word, and raises a bare Exception on bad files."""
+    try:
+        read_json(file)
+        return build()
+    except GptjaxError as e:
+        raise GptjaxError(f"not a valid tokenizers file: {e}") from None
+    except Exception as e:
+        raise GptjaxError(f"{file} is not a valid tokenizers file: {e}") from None
 
 
 def has_tokenizer(path: str | os.PathLike) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, read_json
 from gptjax.precision import STORAGES
 from gptjax.quantize import SCALE_SUFFIX, Params, check_quantized, precision_of, stored_shape
 from gptjax.safetensors_io import Header, iter_tensors, read_header, write_safetensors
@@ -237,10 +237,11 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _index_files(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index)["weight_map"]  # a tensor mapped twice is refused, not resolved silently
         names = sorted(set(weight_map.values()))
-    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):  # ValueError: also the int digit limit
-        raise GptjaxError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = f": {e}" if isinstance(e, GptjaxError) else ""
+        raise GptjaxError(f"{index} is not a safetensors index (a JSON object with a 'weight_map'){detail}") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
             raise GptjaxError(f"{index}: shard name {name!r} must be a plain *.safetensors file name")

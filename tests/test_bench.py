@@ -100,7 +100,7 @@ def test_read_jsonl_rejects_other_schemas_and_bad_lines(tmp_path):
     with pytest.raises(GptjaxError, match="schema 'other/9'"):
         read_jsonl(str(bad))
     bad.write_text("{not json\n")
-    with pytest.raises(GptjaxError, match="x.jsonl:1: not JSON"):
+    with pytest.raises(GptjaxError, match="x.jsonl:1 is not valid JSON"):
         read_jsonl(str(bad))
     with pytest.raises(GptjaxError, match="cannot read"):
         read_jsonl(str(tmp_path / "missing.jsonl"))

@@ -3,14 +3,16 @@ than alone, exact resume with TensorBoard terms, cutting a student from a teache
 anything is loaded, compiled or created. The teacher is tests/fixtures/trained_byte_tiny (2 layers, width 64,
 context 64, 400 steps on the stdlib)."""
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from gptjax import GPTConfig, GptjaxError, init_params, load_checkpoint
+from gptjax import GPTConfig, GptjaxError, init_params, load_checkpoint, save_checkpoint
 from gptjax.cli import main
 from gptjax.data import Batcher, eval_batches
 from gptjax.distill import (
@@ -21,9 +23,11 @@ from gptjax.distill import (
     loss_terms,
     objective,
     student_from_teacher,
+    teacher_identity,
     teacher_logits,
 )
 from gptjax.train import TrainConfig, TrainOptions, create_state, evaluate, loss_fn, train_step
+from gptjax.weights import load_config
 
 TEACHER = Path(__file__).parent / "fixtures" / "trained_byte_tiny"
 STUDENT = GPTConfig(vocab_size=256, n_positions=32, n_layer=1, n_head=2, n_embd=32)
@@ -141,11 +145,40 @@ def test_resume_is_bit_exact_and_logs_both_terms(tmp_path, corpus, capsys):
     assert {"train/loss", "train/ce", "train/kl", "train/top1_agreement", "val/kl", "val/top1_agreement"} <= _tags(
         tmp_path / "a" / "tb")
     record = json.loads((tmp_path / "a" / "run.json").read_text())["objective"]
+    identity = record.pop("teacher_identity")  # what --resume checks the teacher against
     assert record == {"name": "distill", "teacher": str(TEACHER.resolve()), "alpha": 0.7, "temperature": 2.0,
                       "teacher_precision": None, "init_from_teacher": False}
+    assert identity == teacher_identity(*load_checkpoint(TEACHER))
+    assert identity["config"] == dataclasses.asdict(load_config(TEACHER)) and len(identity["sha256"]) == 64
     # the objective is part of the run: `gptjax train --resume` refuses a distillation run
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 2
     assert "gptjax distill --resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_teacher_naming_what_differs(tmp_path, corpus, capsys):
+    """Before: a teacher of another width put where the run's teacher was resumed and finished with exit 0."""
+    teacher, out = tmp_path / "teacher", tmp_path / "run"
+    shutil.copytree(TEACHER, teacher)
+    dc = DistillConfig(str(teacher), 0.7, 2.0)
+    options = TrainOptions(data_spec=corpus, progress=False, peak_flops=1e11, stop_at_step=2)
+    assert distill(STUDENT, TC, dc, out, options).steps == 2
+    resume = ["distill", "--out", str(out), "--resume", "--no-progress", "--peak-flops", "1e11"]
+    config, params = load_checkpoint(TEACHER)
+    wider = config.replace(n_embd=128)
+    save_checkpoint(wider, init_params(wider), teacher)
+    assert main(resume) == 2
+    assert (f"error: --resume: the teacher {teacher} is not the one this run was distilled from: n_embd=128 (the "
+            "run's teacher: 64)\n") in capsys.readouterr().err
+    save_checkpoint(config, init_params(config, seed=1), teacher)  # the same shape, other weights
+    assert main(resume) == 2
+    assert "has the config of the one this run was distilled from but other weights (sha256" in (
+        capsys.readouterr().err)
+    shutil.rmtree(teacher)
+    assert main(resume) == 2
+    assert f"the run's teacher {teacher} does not exist" in capsys.readouterr().err
+    save_checkpoint(config, params, teacher)  # the run's teacher, copied back (re-saved: the same weights)
+    assert main(resume) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
 
 
 def test_student_from_teacher_takes_every_other_layer():

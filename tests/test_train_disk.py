@@ -1,10 +1,16 @@
-"""Writes that the OS refuses (issue 15 point 9): a full disk mid-checkpoint and an unwritable --out end in one line
-naming the path and the cause, exit 1, no temporary files left, and the last good checkpoint resumes bit-exactly."""
+"""Writes that the OS refuses (issue 15 point 9, issue 31 points 4 and 5): a full disk mid-checkpoint, while the token
+files are written or during the export, and a read-only or unwritable --out end in one line naming the path and the
+cause, exit 1, for `gptjax train` and `gptjax distill` alike; nothing half-written is left (no temporary files, no
+token files or sidecars, no run directory this invocation created), and the last good checkpoint resumes
+bit-exactly."""
 
 import errno
+import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +23,10 @@ from gptjax.train import train_step, write_cause
 ARGS = ["--preset", "tiny", "--no-progress", "--peak-flops", "1e11", "n_layer=1", "n_positions=32", "batch_size=2",
         "max_steps=6", "warmup_steps=2", "checkpoint_every=2", "eval_every=100", "eval_batches=1", "log_every=100"]
 LIMIT = 64 * 1024  # bytes: above every file but the checkpoint's array data (about 234 KB per save here)
+TEACHER = Path(__file__).parent / "fixtures" / "trained_byte_tiny"
+DISTILL_ARGS = ["--teacher", str(TEACHER), "--no-progress", "--peak-flops", "1e11", "n_layer=1", "n_head=2",
+                "n_embd=32", "n_positions=32", "batch_size=2", "max_steps=2", "warmup_steps=1", "eval_every=100",
+                "eval_batches=1", "log_every=100"]
 
 # The disk fills during step 4's save: a real file-size limit (RLIMIT_FSIZE) set once step 2's save has finished
 # makes the kernel refuse the array data's writes past LIMIT bytes (EFBIG) from tensorstore's threads, as a full
@@ -87,12 +97,87 @@ def test_train_out_that_cannot_be_created_is_one_line(tmp_path, corpus, capsys):
     assert train_step._cache_size() == before  # refused before compiling anything
 
 
+# The disk fills once train.bin and its sidecar are written: val.bin's first write fails (EFBIG, a limit of 0 bytes),
+# an error that names no file (it used to pass cli/train.py's filename check as a traceback)
+_FULL_AT_TOKENS = """
+import resource, signal, sys
+import gptjax.data.tokens as tokens
+from gptjax.cli import main
+
+real_encode = tokens.encode_to_memmap
+
+def encode(docs, tokenizer, path, *args, **kwargs):
+    if path.name == "val.bin":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+    return real_encode(docs, tokenizer, path, *args, **kwargs)
+
+tokens.encode_to_memmap = encode
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command, existing", [("train", False), ("train", True), ("distill", False)])
+def test_a_full_disk_while_the_tokens_are_written_is_one_line_and_leaves_nothing(tmp_path, corpus, command, existing):
+    out = tmp_path / "runs" / "x"
+    if existing:  # the user's own directory: it stays, with what it held, and nothing of the run
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    args = ARGS if command == "train" else DISTILL_ARGS
+    proc = subprocess.run([sys.executable, "-c", _FULL_AT_TOKENS, command, "--out", str(out), "--data", corpus, *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [f"gptjax {command}: cannot write {out}: File too large (EFBIG)"]
+    if existing:
+        assert sorted(p.name for p in out.rglob("*")) == ["notes.txt"]
+    else:
+        assert not (tmp_path / "runs").exists()  # made by this invocation (mkdir -p), removed with the run
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("below", ["run", "a/run"])
+def test_a_read_only_out_is_one_line(tmp_path, corpus, capsys, monkeypatch, command, below):
+    read_only, real_mkdir = tmp_path / "ro", os.mkdir
+    read_only.mkdir()
+
+    def mkdir(path, *args, **kwargs):  # a read-only mount (root ignores chmod 0555, and mounting needs privileges)
+        if str(path).startswith(str(read_only)):  # as the kernel answers: ENOENT first for a missing parent
+            code = errno.EROFS if os.path.isdir(os.path.dirname(path)) else errno.ENOENT
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    out = read_only / below
+    args = ARGS if command == "train" else DISTILL_ARGS
+    assert main([command, "--out", str(out), "--data", corpus, *args]) == 1
+    err = capsys.readouterr().err  # before: a traceback (distill: out.mkdir; train: for a missing parent of --out)
+    assert err == f"gptjax {command}: cannot write {out}: Read-only file system (EROFS)\n"
+    assert not any(read_only.iterdir())
+
+
 def test_quantize_out_that_cannot_be_written_is_one_line(tmp_path, hf_tiny_dir, capsys):
     (tmp_path / "file").write_text("a regular file, where --out needs a directory")
     out = tmp_path / "file" / "sub" / "int8"
     assert main(["quantize", "--checkpoint", str(hf_tiny_dir), "--to", "int8", "--out", str(out)]) == 1
     assert capsys.readouterr().err == f"gptjax quantize: cannot write {out}: Not a directory (ENOTDIR)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_the_quieting_of_failed_saves_lasts_as_long_as_a_save(tmp_path, corpus, monkeypatch):
+    from gptjax.train.checkpoint import quiet_failed_saves
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    closed = SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"), object=None)
+    other = SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("a bug"), object=None)
+    with quiet_failed_saves():
+        sys.unraisablehook(closed)  # tensorstore's report of a sibling write ending after orbax closed its loop
+        sys.unraisablehook(other)
+    assert seen == [other] and sys.unraisablehook == seen.append  # the previous hook is back
+    assert not logging.getLogger("absl").filters and not logging.getLogger("asyncio").filters
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", corpus, *ARGS]) == 0
+    assert sys.unraisablehook == seen.append  # before: the CLI swapped it for the rest of the process
+    assert not logging.getLogger("absl").filters and not logging.getLogger("asyncio").filters
 
 
 def test_write_cause_reads_oserrors_and_tensorstores_errno():

@@ -3,7 +3,9 @@ ratio table between two runs (`gptjax bench --compare OLD.jsonl NEW.jsonl`).
 
 Line kinds: "environment" (versions, devices, threads), "ceiling" (measured matmul FLOP/s and bandwidth, the
 datasheet entry if any), "check" (device-check correctness), "workload" (one backend's measurement of one
-workload). Every line has "schema" (SCHEMA) and "run" (the run id); see README for the workload fields."""
+workload). Every line has "schema" (SCHEMA) and "run" (the run id); see README for the workload fields. The reader
+checks what the tables use of each line (strict JSON, the schema, a measured workload's fields and their types) and
+names the file and line of the first it cannot use."""
 
 from __future__ import annotations
 
@@ -11,9 +13,21 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gptjax.errors import GptjaxError
+from gptjax.checks import is_int, is_real
+from gptjax.errors import GptjaxError, parse_json
 
 SCHEMA = "gptjax.bench/1"
+MAX_DEPTH = 16  # levels of nesting a row may have (results rows have 3: a ceiling's datasheet flops)
+_NAME = (True, lambda v: isinstance(v, str), "a string")
+# what --compare reads of a measured workload: (required?, check, what is allowed)
+_FIELDS = {"workload": _NAME, "backend": _NAME, "precision": _NAME, "preset": _NAME,
+           "batch": (True, lambda v: is_int(v) and 1 <= v < 2**63, "an integer >= 1"),
+           **dict.fromkeys(("seq", "prompt", "new"), (False, lambda v: v is None or (is_int(v) and 1 <= v < 2**63),
+                                                      "an integer >= 1 or null")),
+           "kv_cache": (False, lambda v: v is None or isinstance(v, str), "a string or null"),
+           "tokens_per_s": (True, lambda v: is_real(v) and v > 0, "a finite number > 0"),
+           "latency_s": (False, lambda v: v is None or isinstance(v, dict), "an object or null")}
+_LATENCY = (False, lambda v: v is None or (is_real(v) and v >= 0), "a finite number >= 0 or null")
 KEY_FIELDS = ("workload", "backend", "precision", "kv_cache", "preset", "batch", "seq", "prompt", "new")
 
 
@@ -25,23 +39,65 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Rows of a results file; a GptjaxError for a missing file, bad JSON or another schema."""
+    """Rows of a results file; a GptjaxError naming the file and line for anything the tables could not use: a
+    missing file, a line that is not strict JSON (bad UTF-8, NaN or Infinity, a key twice, nesting past
+    MAX_DEPTH), another schema, or a measurement missing a field --compare prints or holding a wrong value."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
         raise GptjaxError(f"cannot read {path}: {e.strerror}") from None
     rows = []
     for n, line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptjaxError(f"{path}:{n}: not JSON ({e.msg})") from None
+        row = parse_json(line, f"{path}:{n}")
         if not isinstance(row, dict) or row.get("schema") != SCHEMA:
             found = row.get("schema") if isinstance(row, dict) else type(row).__name__
-            raise GptjaxError(f"{path}:{n}: schema {found!r}; this gptjax reads {SCHEMA!r}")
+            raise GptjaxError(f"{path}:{n}: schema {_shown(found)}; this gptjax reads {SCHEMA!r}")
+        problem = _depth_problem(row) or _row_problem(row)
+        if problem:
+            raise GptjaxError(f"{path}:{n}: {problem}")
         rows.append(row)
     return rows
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _depth_problem(row: dict[str, Any]) -> str | None:
+    """Why a row nests too deeply to be a results row (they nest 3 deep: a ceiling's datasheet flops)."""
+    stack = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"the row nests deeper than {MAX_DEPTH} levels"
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack += [(child, depth + 1) for child in children if isinstance(child, (dict, list))]
+    return None
+
+
+def _row_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a row that the tables read (None: nothing): any row's kind, and a
+    measured workload's identity, shape, tokens/s and latency."""
+    if not isinstance(row.get("kind", ""), str):
+        return f"kind is {_shown(row['kind'])}; expected a string"
+    if row.get("kind") != "workload" or row.get("status") != "ok":
+        return None
+    lengths = ("prompt", "new") if row.get("workload") == "decode" else ("seq",)  # its shape: required, not null
+    return _fields_problem(row, _FIELDS | dict.fromkeys(lengths, _FIELDS["batch"])) or _fields_problem(
+        row.get("latency_s") or {}, {"p50": _LATENCY}, "latency_s.")
+
+
+def _fields_problem(row: dict[str, Any], fields: dict[str, tuple], prefix: str = "") -> str | None:
+    """The first of `fields` (name: (required?, check, what is allowed)) that row lacks or holds wrongly."""
+    for name, (required, ok, allowed) in fields.items():
+        if name not in row and required:
+            return f"a measured workload without {prefix}{name}"
+        if name in row and not ok(row[name]):
+            return f"{prefix}{name} is {_shown(row[name])}; expected {allowed}"
+    return None
 
 
 def row_key(row: dict[str, Any]) -> tuple:

@@ -6,13 +6,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
-
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gptjax import precision as registry
 from gptjax.cli.options import add_mesh_flag, mesh_from
+from gptjax.cli.train import run_reporting_failures
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
 
@@ -52,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Resolve the student and the distillation settings, check them all, distil, and say where things are."""
     from gptjax.distill import distill  # jax, flax, optax: only this command pays for them
-    from gptjax.train import TrainingStopped, TrainOptions
+    from gptjax.train import TrainOptions
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
@@ -64,11 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:
         print(f"run directory: {out}\nteacher: {dc.teacher}\nstudent: {json.dumps(dataclasses.asdict(config))}",
               flush=True)
-    try:
-        with logging_redirect_tqdm():
-            result = distill(config, tc, dc, out, options)
-    except TrainingStopped as e:
-        print(f"gptjax distill: stopped: {e}", file=sys.stderr)
+    result = run_reporting_failures(NAME, lambda: distill(config, tc, dc, out, options))
+    if result is None:
         return 1
     print(f"done: {result.steps} steps ({result.stop_reason}); validation loss {result.val_loss:.4f} nats/token, "
           f"{result.val_bpb:.3f} bits/byte\nmodel: {out}/model\nTensorBoard: tensorboard --logdir {out}/tb")

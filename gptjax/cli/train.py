@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gptjax.cli.options import add_mesh_flag, mesh_from
 from gptjax.config import GPTConfig, get_preset
-from gptjax.errors import GptjaxError, os_cause
+from gptjax.errors import GptjaxError, read_json
 from gptjax.tracing import Metrics, serve_metrics
 
 NAME = "train"
@@ -61,11 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Resolve the run's config, train, and print where the model and logs are; 1 when training stopped."""
     # gptjax.train imports jax, flax and optax (seconds): only this command pays for them
-    from gptjax.train import TrainingStopped, TrainOptions, WriteFailed, check_inputs, train
+    from gptjax.train import TrainOptions, check_inputs, train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptjax").setLevel(logging.INFO)
-    _quiet_failed_writes()
     config, tc, data_spec = _run_config(args)
     check_inputs(data_spec, None if args.resume else args.init)  # before anything is printed or created
     out = args.out or time.strftime("runs/%Y%m%d-%H%M%S")
@@ -80,19 +78,8 @@ def run(args: argparse.Namespace) -> int:
     options = TrainOptions(data_spec=data_spec, resume=args.resume, metrics=metrics, mesh=mesh,
                            max_time=args.max_time, skip_nonfinite=args.skip_nonfinite, profile_steps=args.profile,
                            peak_flops=args.peak_flops, progress=not args.no_progress, init_from=args.init)
-    try:
-        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-            result = train(config, tc, out, options)
-    except TrainingStopped as e:
-        print(f"gptjax train: stopped: {e}", file=sys.stderr)
-        return 1
-    except WriteFailed as e:  # a checkpoint or the export: the disk is full, read-only, or not ours
-        print(f"gptjax train: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the run directory itself, its token files, run.json, the logs
-        if not _inside(e.filename, out):
-            raise
-        print(f"gptjax train: cannot write {e.filename}: {os_cause(e)}", file=sys.stderr)
+    result = run_reporting_failures(NAME, lambda: train(config, tc, out, options))
+    if result is None:
         return 1
     print(f"done: {result.steps} steps ({result.stop_reason}); validation loss {result.val_loss:.4f} nats/token "
           f"vs unigram baseline {result.unigram_loss:.4f}; {result.val_bpb:.3f} bits/byte\n"
@@ -101,45 +88,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_failed_writes() -> None:
-    """Keep a checkpoint save the OS refused (a full disk) to the one line run() prints, while train() raises the
-    failure itself as WriteFailed: orbax logs the error's traceback from several threads and asyncio may log the
-    sibling writes as "never retrieved" (both filtered here like any logging set-up), and tensorstore reports the
-    sibling writes that end after orbax closed its event loop as unraisable errors. Those come from orbax 0.12.8
-    itself: its asyncio.gather of a save's array writes (one tensorstore transaction, which fails as a whole)
-    returns at the first failure and closes the loop the others still call back into; 76 to 98 such reports per
-    failed save here, and none of orbax's options, futures or close() prevents them. Process-wide, as the logging
-    set-up is; installed once."""
-    logging.getLogger("absl").addFilter(_not_a_failed_write)
-    logging.getLogger("asyncio").addFilter(_not_a_failed_write)
-    if not getattr(sys.unraisablehook, "gptjax_quiet", False):
-        sys.unraisablehook = _closed_loops_dropped(sys.unraisablehook)
+def run_reporting_failures(command: str, start: Callable[[], Any]) -> Any:
+    """start() (a train or distill run), its log lines above the progress bar; None, having printed one line, when
+    it stopped (a non-finite loss) or the OS refused a write in the run (a full or read-only disk: WriteFailed
+    names the run directory, a checkpoint or the export and the cause, and what was half-written is removed)."""
+    from gptjax.train import TrainingStopped, WriteFailed  # jax: see run()
 
-
-def _not_a_failed_write(record: logging.LogRecord) -> bool:
-    """False for a logged traceback whose error is a write the OS refused (train() raises it as WriteFailed)."""
-    from gptjax.train import write_cause
-
-    return not (record.exc_info and record.exc_info[1] is not None and write_cause(record.exc_info[1]))
-
-
-def _closed_loops_dropped(previous: Callable[[Any], object]) -> Callable[[Any], None]:
-    """sys.unraisablehook without tensorstore's "Event loop is closed" (a write ending after orbax gave up)."""
-    def hook(unraisable: Any) -> None:
-        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-                and unraisable.object is None):
-            previous(unraisable)
-
-    hook.gptjax_quiet = True
-    return hook
-
-
-def _inside(filename: object, directory: str) -> bool:
-    """Whether an OSError's filename is directory or lies under it."""
-    if not isinstance(filename, (str, os.PathLike)):
-        return False
-    path, root = Path(os.path.abspath(filename)), Path(os.path.abspath(directory))
-    return path == root or root in path.parents
+    try:
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            return start()
+    except TrainingStopped as e:
+        print(f"gptjax {command}: stopped: {e}", file=sys.stderr)
+    except WriteFailed as e:
+        print(f"gptjax {command}: {e}", file=sys.stderr)
+    return None
 
 
 def _run_config(args: argparse.Namespace) -> tuple[GPTConfig, object, str | None]:
@@ -176,10 +138,9 @@ def _config_file(path: str) -> tuple[GPTConfig, object, str | None]:
     from gptjax.train import TrainConfig  # jax: see run()
 
     try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GptjaxError(f"--config {path}: {e}") from None
+        spec = read_json(path)
+    except GptjaxError as e:
+        raise GptjaxError(f"--config: {e}") from None
     if not isinstance(spec, dict) or not set(spec) <= {"preset", "model", "train", "data"}:
         raise GptjaxError(f"--config {path}: expected a JSON object with keys preset, model, train, data")
     config = get_preset(spec.get("preset", "byte-mini"))

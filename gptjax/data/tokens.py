@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 
 from gptjax.data.corpora import SEPARATOR, Doc, resolve_corpus, split_docs
-from gptjax.errors import GptjaxError
+from gptjax.errors import GptjaxError, read_json
 from gptjax.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, has_tokenizer, load_tokenizer
 
 BPE_MIN, BPE_MAX = 257, 65536  # one merge at least; ids fit uint16
@@ -112,12 +112,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 @contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A file that appears at path, complete, only if the block ends without an error (a temp file in the same
-    directory, renamed; a failed write leaves neither a partial file nor the temp file)."""
+    directory, renamed; a failed write leaves neither a partial file nor the temp file, and its OSError names path)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write to the open file (a full disk) names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -146,7 +150,7 @@ def read_token_meta(path: str | os.PathLike) -> dict:
     side = _sidecar(Path(path))
     if not side.is_file():
         raise GptjaxError(f"no token metadata {str(side)!r}; encode the corpus with encode_to_memmap first")
-    return json.loads(side.read_text())
+    return read_json(side)
 
 
 def _is_current(path: Path, source_hash: str) -> bool:

@@ -11,15 +11,18 @@ and orbax removes any a killed process left when the run is resumed (cleanup_tmp
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import jax
 
 from gptjax.config import GPTConfig
 from gptjax.data import write_atomic
-from gptjax.errors import GptjaxError, os_cause
+from gptjax.errors import GptjaxError, os_cause, read_json
 from gptjax.train.config import TrainConfig
 from gptjax.train.step import TrainState
 
@@ -43,10 +46,10 @@ def save_run_config(path: Path, config: GPTConfig, tc: TrainConfig, extra: dict)
 
 def load_run_config(path: Path) -> tuple[GPTConfig, TrainConfig, dict]:
     """Read a run's saved config (for --resume)."""
+    payload = read_json(path)  # names the file: missing, not JSON, or a setting given twice (not "the last wins")
     try:
-        payload = json.loads(path.read_text())
         return GPTConfig(**payload.pop("model")), TrainConfig(**payload.pop("train")), payload
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise GptjaxError(f"cannot read the run config {path}: {e}") from None
 
 
@@ -119,6 +122,79 @@ def writing(what: str) -> Iterator[None]:
         raise WriteFailed(f"cannot write {what}: {cause}") from e
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # errors only a write gets
+
+
+def refused_write(e: BaseException, directory: Path) -> bool:
+    """Whether e is the OS refusing a write in directory: an OSError naming directory, a path in it or a parent
+    it needed created, or naming no file with a cause only writes have (a full disk, a read-only file system)."""
+    if not isinstance(e, OSError) or not e.errno:
+        return False
+    if not isinstance(e.filename, (str, os.PathLike)):
+        return e.errno in _FULL
+    path, root = Path(os.path.abspath(e.filename)), Path(os.path.abspath(directory))
+    return path == root or root in path.parents or path in root.parents
+
+
+@contextmanager
+def refused_writes(directory: Path) -> Iterator[None]:
+    """Re-raise the OS refusing a write in a run directory (refused_write) as WriteFailed('cannot write
+    <directory>: <cause>'): what `gptjax train` and `gptjax distill` print as their one line."""
+    try:
+        yield
+    except OSError as e:
+        if not refused_write(e, directory):
+            raise
+        raise WriteFailed(f"cannot write {directory}: {os_cause(e)}") from e
+
+
+@contextmanager
+def quiet_failed_saves() -> Iterator[None]:
+    """While a save is in flight, keep a write the OS refuses to the one WriteFailed that Checkpoints raises: orbax
+    logs the error's traceback from several threads and asyncio may log the sibling writes as "never retrieved"
+    (filtered from those two loggers), and tensorstore reports the sibling writes that end after orbax closed its
+    event loop as unraisable errors (dropped from sys.unraisablehook). Those come from orbax 0.12.8 itself: its
+    asyncio.gather of a save's array writes (one tensorstore transaction, which fails as a whole) returns at the
+    first failure and closes the loop the others still call back into; 31 to 98 such reports per failed save here,
+    all before wait_until_finished raised in the saves timed, and none of orbax's options, futures or close()
+    prevents them. Checkpoints holds this block open while a save is in flight (a failed one: until close());
+    the previous hook and the loggers' filters are restored when it ends, so nothing outlives the saves."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and unraisable.object is None):
+            previous(unraisable)
+
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    for logger in loggers:
+        logger.addFilter(_not_a_failed_write)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:  # unless someone installed another since (then theirs stays)
+            sys.unraisablehook = previous
+        for logger in loggers:
+            logger.removeFilter(_not_a_failed_write)
+
+
+def _retrieve_failed_writes() -> None:
+    """Retrieve the errors of a failed save's finished asyncio tasks (orbax's loop is closed: nobody else will),
+    the ones WriteFailed reported: a task whose error was never retrieved logs it when it is collected, which
+    happens once the exception chain holding it is dropped, after the save's quieting ended (3 such log lines after
+    the one line in 1 of 14 failed saves here, when close() ran gc.collect() instead)."""
+    # type(), not isinstance(): isinstance reads __class__, which wakes lazy proxies (torch warns of one)
+    for task in [t for t in gc.get_objects() if issubclass(type(t), asyncio.Task)]:
+        if task.done() and not task.cancelled() and task.get_loop().is_closed():
+            task.exception()  # marks it retrieved
+
+
+def _not_a_failed_write(record: logging.LogRecord) -> bool:
+    """False for a logged traceback whose error is a write the OS refused (Checkpoints raises it as WriteFailed)."""
+    return not (record.exc_info and record.exc_info[1] is not None and write_cause(record.exc_info[1]))
+
+
 def remove_partial_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary directories of uncommitted orbax saves in a checkpoint directory (what a failed or
     interrupted save leaves); the paths removed. Call it once orbax has finished with them."""
@@ -142,6 +218,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.saving: int | None = None  # the step of the last save started
         self.failed = False  # a save failed (and was raised): orbax would raise it again at every wait
+        self.in_flight = ExitStack()  # quiet_failed_saves() while a save runs, until it is waited for or closed
 
     def latest_step(self) -> int | None:
         """The newest committed step."""
@@ -155,6 +232,7 @@ class Checkpoints:
             return
         self.finish()  # saves are asynchronous: the previous one's failure surfaces here, named as its own
         self.saving = step
+        self.in_flight.enter_context(quiet_failed_saves())
         with self._writes(step):
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"batcher": batcher_state})))
@@ -179,12 +257,18 @@ class Checkpoints:
         if self.saving is not None and not self.failed:
             with self._writes(self.saving):
                 self.manager.wait_until_finished()
+            self.in_flight.close()  # (a failed save stays quiet until close(): the run ends there)
 
     def close(self) -> None:
         """finish(), then close the manager (after a failed save, closing would only raise it again)."""
-        self.finish()
-        if not self.failed:
-            self.manager.close()
+        try:
+            self.finish()
+            if not self.failed:
+                self.manager.close()
+        finally:
+            if self.failed:
+                _retrieve_failed_writes()
+            self.in_flight.close()
 
     @contextmanager
     def _writes(self, step: int) -> Iterator[None]:

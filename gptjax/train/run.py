@@ -4,7 +4,9 @@
     -> run.json -> the train state (fresh, or the latest checkpoint) -> the loop with its hooks -> model/
 
 Every setting and input is checked before anything is compiled, and the inputs before the run directory is
-created, so a typo leaves nothing behind.
+created, so a typo leaves nothing behind. A write the OS refuses in the run directory (a full disk, a read-only
+file system) ends the run as WriteFailed naming the directory and the cause; before the first step, what this call
+created there is removed with it (the token files and their sidecars, run.json, the directory if it made it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import dataclasses
 import glob
 import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,15 @@ from gptjax.peaks import mfu_peak
 from gptjax.sharding import check_divisible, logical_to_spec
 from gptjax.tokenizer import has_tokenizer
 from gptjax.train import hooks
-from gptjax.train.checkpoint import Checkpoints, check_objective, resumed_config, save_run_config, writing
+from gptjax.train.checkpoint import (
+    Checkpoints,
+    WriteFailed,
+    check_objective,
+    refused_writes,
+    resumed_config,
+    save_run_config,
+    writing,
+)
 from gptjax.train.config import TrainConfig
 from gptjax.train.loop import Loop, Run, TrainOptions, TrainResult
 from gptjax.train.step import create_state, export_params
@@ -45,6 +58,23 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     o = options or TrainOptions()
     out = Path(out_dir)
     config, tc, data_spec = _settings(config, tc, out, o)
+    with _setting_up(out):
+        run, state = _prepare(config, tc, out, data_spec, o)
+    with refused_writes(out):  # the checkpoints and the export name their own path
+        loop = Loop(run, o, hooks.Hooks(_hooks(run.tc, run.T, out, o)))
+        try:
+            stop_reason = loop.run(state)
+        finally:
+            run.checkpoints.close()
+        params = export_params(run.graphdef, loop.state.params)  # a collective: every process gathers
+        _export(run.config, run.tc, out, params)
+    return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, run.unigram, loop.skipped,
+                       loop.sample, out, stop_reason)
+
+
+def _prepare(config: GPTConfig, tc: TrainConfig, out: Path, data_spec: str | None, o: TrainOptions
+             ) -> tuple[Run, Any]:
+    """The run directory with its data and run.json, and what the loop starts from: (the run, the train state)."""
     out.mkdir(parents=True, exist_ok=True)
     config, tc, start_params = _starting_point(config, tc, o)
     config, d = _data(config, tc, out, data_spec, o, start_params is not None)
@@ -61,7 +91,6 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     save_run_config(out / "run.json", config, tc, {"data": data_spec} | objective)
     if o.mesh is not None:
         check_divisible((tc.batch_size,), logical_to_spec(("batch",), o.mesh), o.mesh, "batch_size")
-
     graphdef, state = create_state(config, tc, start_params, o.mesh)
     checkpoints = Checkpoints(out / "checkpoints", tc.keep_checkpoints)
     if o.resume:
@@ -70,15 +99,30 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     peak = mfu_peak(tc.compute_dtype, o.peak_flops)
     if o.peak_flops is None:  # given (--peak-flops), it needs no saying
         log.info("MFU peak: %.4g FLOP/s (%s)", peak.flops, peak.source)
-    run = Run(graphdef, tc, config, T, batcher, d, checkpoints, peak.flops, data.unigram_entropy(np.asarray(d.val)))
-    loop = Loop(run, o, hooks.Hooks(_hooks(tc, T, out, o)))
+    unigram = data.unigram_entropy(np.asarray(d.val))
+    return Run(graphdef, tc, config, T, batcher, d, checkpoints, peak.flops, unigram), state
+
+
+@contextmanager
+def _setting_up(out: Path) -> Iterator[None]:
+    """Prepare the run directory in the block; if the OS refuses a write there (a full disk, a read-only file
+    system: WriteFailed), remove what the block created, so that nothing half-written is left: the directory
+    itself and the parents it needed, else each new file in it (token files, sidecars, run.json)."""
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # what mkdir -p creates first
+    before = set() if made is not None else set(out.rglob("*"))
     try:
-        stop_reason = loop.run(state)
-    finally:
-        checkpoints.close()
-    _export(config, tc, out, export_params(graphdef, loop.state.params))  # a collective: every process gathers
-    return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, run.unigram, loop.skipped,
-                       loop.sample, out, stop_reason)
+        with refused_writes(out):
+            yield
+    except WriteFailed:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)  # (mkdir may have failed to make it)
+            raise
+        for path in sorted(set(out.rglob("*")) - before, reverse=True):  # a folder's files before the folder
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def check_inputs(data_spec: str | None, init_from: str | os.PathLike | None = None) -> None:
