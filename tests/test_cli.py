@@ -225,3 +225,14 @@ def test_docs_name_only_paths_that_commands_write():
     root = FIXTURES.parent.parent
     for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         assert never_written(page.read_text(encoding="utf-8")) == [], page.name
+
+
+def test_train_tensorboard_hint_says_how_to_install_it_when_it_is_missing(monkeypatch):
+    """`gptjax train`'s last line names a command that runs: the install step first when tensorboard is absent."""
+    from gptjax.cli import train as cli_train
+
+    monkeypatch.setattr(cli_train.shutil, "which", lambda name: None)
+    assert cli_train.tensorboard_hint("runs/x/tb") == \
+        "pip install tensorboard (or '.[tour]'), then tensorboard --logdir runs/x/tb"
+    monkeypatch.setattr(cli_train.shutil, "which", lambda name: "/usr/bin/tensorboard")
+    assert cli_train.tensorboard_hint("runs/x/tb") == "tensorboard --logdir runs/x/tb"

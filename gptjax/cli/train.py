@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -84,8 +85,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"done: {result.steps} steps ({result.stop_reason}); validation loss {result.val_loss:.4f} nats/token "
           f"vs unigram baseline {result.unigram_loss:.4f}; {result.val_bpb:.3f} bits/byte\n"
           f"model: {out}/model (gptjax generate --checkpoint {out}/model --prompt 'def ')\n"
-          f"TensorBoard: tensorboard --logdir {out}/tb")
+          f"TensorBoard: {tensorboard_hint(f'{out}/tb')}")
     return 0
+
+
+def tensorboard_hint(logdir: str) -> str:
+    """The command that shows logdir, with the install step first when tensorboard is not on PATH."""
+    show = f"tensorboard --logdir {logdir}"
+    return show if shutil.which("tensorboard") else f"pip install tensorboard (or '.[tour]'), then {show}"
 
 
 def run_reporting_failures(command: str, start: Callable[[], Any]) -> Any:
