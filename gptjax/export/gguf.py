@@ -10,8 +10,9 @@ the position table stay float32; the matrices (and the tied table) take the chos
 The vocabulary: the checkpoint's own GPT-2 BPE (tokenizer.json, or vocab.json + merges.txt), else GPT-2's
 byte-to-character map in byte order, so that llama.cpp tokenises text to exactly the byte ids gptjax's byte
 tokenizer gives; rows beyond 256 (random gpt2-shape weights) get unique placeholder strings. llama.cpp refuses a
-file without merges, and gguf refuses an empty array, so a byte vocabulary carries one merge ("Ġ Ġ", whose result
-is no token: the BPE falls back to bytes).
+file without merges, and gguf refuses an empty array, so a byte vocabulary carries one merge that can never apply
+("ĠĠ ĠĠ": text splits into single byte characters, and no merge ever makes "ĠĠ"; a merge of two byte characters,
+"Ġ Ġ", made llama.cpp drop a space of every run of three).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _BLOCK_TENSORS = {"ln_1.weight": ("attn_norm.weight", False), "ln_1.bias": ("att
                   "mlp.c_fc.weight": ("ffn_up.weight", True), "mlp.c_fc.bias": ("ffn_up.bias", False),
                   "mlp.c_proj.weight": ("ffn_down.weight", True), "mlp.c_proj.bias": ("ffn_down.bias", False)}
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types
+NO_MERGE = "ĠĠ ĠĠ"  # a merge no byte-level text can reach (llama.cpp needs one; see the module docstring)
 
 
 def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, gguf_type: str = "f32") -> Path:
@@ -164,9 +166,10 @@ def vocabulary(checkpoint: str | os.PathLike, vocab_size: int) -> dict[str, Any]
 
 
 def byte_vocabulary(vocab_size: int) -> dict[str, Any]:
-    """The byte alphabet (the first vocab_size of it), then unique placeholders "<t256>", ...; one merge."""
+    """The byte alphabet (the first vocab_size of it), then unique placeholders "<t256>", ...; a merge that never
+    applies."""
     tokens = byte_characters()[:vocab_size] + [f"<t{i}>" for i in range(256, vocab_size)]
-    return {"tokens": tokens, "types": [TOKEN_NORMAL] * vocab_size, "merges": ["Ġ Ġ"], "bos": 0, "eos": 0}
+    return {"tokens": tokens, "types": [TOKEN_NORMAL] * vocab_size, "merges": [NO_MERGE], "bos": 0, "eos": 0}
 
 
 def bpe_vocabulary(directory: Path, vocab_size: int) -> dict[str, Any]:
@@ -180,7 +183,7 @@ def bpe_vocabulary(directory: Path, vocab_size: int) -> dict[str, Any]:
     control = set(added) | {"<|endoftext|>"}
     eos = next((i for i, t in enumerate(tokens) if t == "<|endoftext|>"), 0)
     return {"tokens": tokens, "types": [TOKEN_CONTROL if t in control else TOKEN_NORMAL for t in tokens],
-            "merges": merges or ["Ġ Ġ"], "bos": eos, "eos": eos}
+            "merges": merges or [NO_MERGE], "bos": eos, "eos": eos}
 
 
 def _bpe_files(directory: Path) -> tuple[dict[str, int], list[str], dict[str, int]]:

@@ -87,20 +87,22 @@ class Lineup:
                 try:
                     cells.append(self._cell(name, variant, shape, modes))
                 except GptjaxError as e:
-                    rows.append({"backend": name, "precision": variant, "status": "skipped", "message": str(e)})
+                    rows.append({"backend": name, "precision": variant, "status": "skipped", "message": str(e),
+                                 "peer": {"name": name, "variant": variant, "maps": _maps(modes, variant)}})
                 except _Failed as e:
                     rows.append({"backend": name, "precision": variant, "status": "failed_check",
-                                 "message": e.check["message"], "peer": self._fields(name, variant)})
+                                 "message": e.check["message"], "peer": self._fields(name, variant, modes)})
         return cells, rows
 
-    def _fields(self, name: str, variant: str) -> dict[str, Any]:
-        return self.about(name) | {"name": name, "variant": variant, "check": self.checks.get((name, variant))}
+    def _fields(self, name: str, variant: str, modes: tuple[str, ...]) -> dict[str, Any]:
+        return self.about(name) | {"name": name, "variant": variant, "maps": _maps(modes, variant),
+                                   "check": self.checks.get((name, variant))}
 
     def _cell(self, name: str, variant: str, shape: Shape, modes: tuple[str, ...]) -> PeerCell:
         check = self._check(name, variant)
         if not check["passed"]:
             raise _Failed(check)
-        fields = {"peer": self._fields(name, variant) | {"maps": f"{'/'.join(modes)} -> {variant}"}}
+        fields = {"peer": self._fields(name, variant, modes)}
         if name == "hf":
             return self._hf_cell(variant, shape, fields)
         proc, key = self._process(name), f"{variant} {shape.workload} {shape.label}"
@@ -146,6 +148,11 @@ class Lineup:
         """End every peer process."""
         for proc in self.processes.values():
             proc.close()
+
+
+def _maps(modes: tuple[str, ...], variant: str) -> str:
+    """The mode mapping of a variant: "int8/w8a8 -> q8_0"."""
+    return f"{'/'.join(modes)} -> {variant}"
 
 
 class _Failed(Exception):

@@ -1,6 +1,6 @@
-"""The ONNX Runtime peer (runs in its worker process): GPT-2 with a KV cache written as an ONNX graph (opset 20)
-straight from the checkpoint's arrays, so neither torch nor an exporter is needed; ORT optimises it at load
-(ORT_ENABLE_ALL: LayerNorm, GELU and MatMul+Add fusions). Variants: fp32, and int8 = ORT's dynamic quantisation
+"""The ONNX Runtime peer (runs in its worker process): GPT-2 with a KV cache written as an ONNX graph (opset 20,
+attention as ORT's fused MultiHeadAttention) straight from the checkpoint's arrays, so neither torch nor an
+exporter is needed; ORT optimises the rest at load (ORT_ENABLE_ALL: its LayerNorm, GELU and bias fusions). Variants: fp32, and int8 = ORT's dynamic quantisation
 (quantize_dynamic, int8 weights per tensor, activations quantised per call: W8A8 dynamic).
 
 The graph: inputs input_ids [B, T] int64, logits_from [1] int64 (the first position whose logits are returned: 0
@@ -25,7 +25,7 @@ def about() -> dict[str, Any]:
     import onnxruntime as ort  # the peers extra
 
     return {"version": ort.__version__, "build": {"providers": ort.get_available_providers(), "opset": OPSET,
-                                                  "graph": "plain ONNX ops, ORT_ENABLE_ALL"}}
+                                                  "graph": "ONNX ops + com.microsoft MultiHeadAttention, ORT_ENABLE_ALL"}}
 
 
 def load(checkpoint: str, variant: str, threads: int, workdir: str) -> Engine:
@@ -53,7 +53,9 @@ def export(checkpoint: str, variant: str, workdir: Path) -> tuple[GPTConfig, Pat
     if not out.is_file():
         from onnxruntime.quantization import QuantType, quantize_dynamic  # the peers extra
 
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+        # the contrib attention op has no ONNX shape inference: its outputs are float32
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return config, out
 
 
@@ -77,7 +79,8 @@ def gpt2_graph(config: GPTConfig, params: dict[str, np.ndarray]) -> Any:
             helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1])]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in [logits, *presents]]
     graph = helper.make_graph(g.nodes, "gpt2", ints + cache, outputs, initializer=g.initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                   helper.make_opsetid("com.microsoft", 1)])
 
 
 def _positions(g: _Graph) -> str:
@@ -88,28 +91,18 @@ def _positions(g: _Graph) -> str:
 
 
 def _block(g: _Graph, config: GPTConfig, x: str, h: str, i: int) -> tuple[str, list[str]]:
-    """One pre-norm block; (x, [present_k, present_v])."""
-    D, H, K = config.n_embd, config.n_head, config.head_dim
+    """One pre-norm block; (x, [present_k, present_v]). Attention is ORT's fused MultiHeadAttention (causal with
+    unidirectional=1, the cache appended inside), what ORT's GPT-2 optimiser fuses HF's exported graph into."""
+    D = config.n_embd
     qkv = g.dense(g.norm(x, h + "ln_1", config), h + "attn.c_attn")  # [B, T, 3D]
-    q, k, v = (g.op("Transpose", g.op("Reshape", part, g.const([0, 0, H, K])), perm=[0, 2, 1, 3])
-               for part in g.ops("Split", qkv, g.const([D, D, D]), outputs=3, axis=-1))  # [B, H, T, K] each
-    k = g.op("Concat", f"past_k_{i}", k, axis=2, name=f"present_k_{i}")  # [B, H, S+T, K]
-    v = g.op("Concat", f"past_v_{i}", v, axis=2, name=f"present_v_{i}")
-    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])),
-                  g.const(1 / np.sqrt(K), np.float32))  # [B, H, T, S+T]
-    probs = g.op("Softmax", g.op("Add", scores, _causal_mask(g, k)), axis=-1)
-    a = g.op("Reshape", g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3]), g.const([0, 0, D]))
+    q, k, v = g.ops("Split", qkv, g.const([D, D, D]), outputs=3, axis=-1)  # [B, T, D] each
+    present = [f"present_k_{i}", f"present_v_{i}"]
+    a = g.ops("MultiHeadAttention", q, k, v, "", "", "", f"past_k_{i}", f"past_v_{i}",
+              outputs=[g.fresh("attention"), *present], domain="com.microsoft", num_heads=config.n_head,
+              unidirectional=1)[0]  # [B, T, D]; present [B, H, S+T, K]
     x = g.op("Add", x, g.dense(a, h + "attn.c_proj"))
     m = g.op("Gelu", g.dense(g.norm(x, h + "ln_2", config), h + "mlp.c_fc"), approximate="tanh")  # [B, T, F]
-    return g.op("Add", x, g.dense(m, h + "mlp.c_proj")), [f"present_k_{i}", f"present_v_{i}"]
-
-
-def _causal_mask(g: _Graph, k: str) -> str:
-    """[T, S+T] additive mask: 0 where key j <= the query's position S+t, -1e9 after it."""
-    total = g.op("Gather", g.op("Shape", k), g.const(2))  # S+T
-    keys = g.op("Range", g.const(0), total, g.const(1))  # [S+T]
-    queries = g.op("Unsqueeze", _positions(g), g.const([1]))  # [T, 1]
-    return g.op("Where", g.op("Greater", keys, queries), g.const(-1e9, np.float32), g.const(0.0, np.float32))
+    return g.op("Add", x, g.dense(m, h + "mlp.c_proj")), present
 
 
 class _Graph:
@@ -118,23 +111,25 @@ class _Graph:
     def __init__(self, params: dict[str, np.ndarray]) -> None:
         self.params, self.nodes, self.initializers, self.count = params, [], [], 0
 
-    def _name(self, stem: str) -> str:
+    def fresh(self, stem: str) -> str:
+        """A new tensor name."""
         self.count += 1
         return f"{stem}_{self.count}"
 
     def op(self, kind: str, *inputs: str, name: str | None = None, **attrs: Any) -> str:
         """One node with one output; its output's name."""
-        return self.ops(kind, *inputs, outputs=1, name=name, **attrs)[0]
+        return self.ops(kind, *inputs, outputs=[name or self.fresh(kind.lower())], **attrs)[0]
 
-    def ops(self, kind: str, *inputs: str, outputs: int, name: str | None = None, **attrs: Any) -> list[str]:
+    def ops(self, kind: str, *inputs: str, outputs: int | list[str], **attrs: Any) -> list[str]:
+        """One node with several outputs (a count, or their names); their names."""
         from onnx import helper  # the peers extra
 
-        names = [name] if name else [self._name(kind.lower()) for _ in range(outputs)]
+        names = outputs if isinstance(outputs, list) else [self.fresh(kind.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(kind, list(inputs), names, **attrs))
         return names
 
     def const(self, value: Any, dtype: Any = np.int64) -> str:
-        return self._tensor(self._name("const"), np.asarray(value, dtype))
+        return self._tensor(self.fresh("const"), np.asarray(value, dtype))
 
     def weight(self, key: str, transpose: bool = False) -> str:
         a = np.asarray(self.params[key], np.float32)
