@@ -24,12 +24,14 @@ VARIANTS = {"llama.cpp": {32: ("f32",), 16: ("f16", "bf16"), 8: ("q8_0",), 4: ("
             "ct2": {32: ("float32",), 16: ("bfloat16",), 8: ("int8_float32",)},
             "ort": {32: ("fp32",), 8: ("int8",)},
             "hf": {32: ("fp32",), 16: ("bf16",), 8: ("int8",)}}
-# variant -> (largest max|peer - gptjax fp32| / max|gptjax fp32| on the check input, least greedy agreement),
-# set from what each type's rounding allows on random gpt2-shape weights (docs/benchmarks.md, "The peers")
-TOLERANCES = {"f32": (1e-2, 0.9), "float32": (1e-4, 1.0), "fp32": (1e-4, 1.0),
-              "f16": (2e-2, 0.8), "bf16": (5e-2, 0.6), "bfloat16": (5e-2, 0.6),
-              "q8_0": (5e-2, 0.6), "int8_float32": (5e-2, 0.6), "int8": (5e-2, 0.6),
-              "q4_0": (0.25, 0.2), "q4_K_M": (0.25, 0.2)}
+# variant -> (largest max|peer - gptjax fp32| / max|gptjax fp32| on the check input, least greedy agreement): as
+# far from gptjax fp32 as gptjax's own mode of that width is, with a margin. Measured on random gpt2 weights (seed
+# 0, 32 tokens): gptjax bf16 0.007 / 97%, int8 0.030 / 97%, w8a8 0.040 / 94%, int4 0.33 / 31%; llama.cpp f32
+# 8e-4 / 100% (ggml's fp16 GELU table), q4_0 0.28 / 44%, q4_K_M 0.22 / 53%; ORT int8 0.049 / 78%; HF int8 0.069 / 91%
+TOLERANCES = {"f32": (2e-3, 1.0), "float32": (1e-4, 1.0), "fp32": (1e-4, 1.0),
+              "f16": (1e-2, 0.95), "bf16": (2e-2, 0.9), "bfloat16": (2e-2, 0.9),
+              "q8_0": (0.1, 0.75), "int8_float32": (0.1, 0.75), "int8": (0.1, 0.75),
+              "q4_0": (0.4, 0.3), "q4_K_M": (0.4, 0.3)}
 
 
 def parse_peers(text: str | None) -> tuple[str, ...]:
