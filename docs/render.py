@@ -551,8 +551,10 @@ def peers_table(results: Results) -> str:
     for r in rows:
         groups.setdefault(_group(r), []).append(r)
     names = [n for n in PEER_NAMES if any(r["backend"] == n for r in rows)]
+    order = list(dict.fromkeys(WIDTHS.values()))  # fp32, 16-bit, 8-bit, 4-bit
     body = []
-    for (workload, n, width), group in groups.items():
+    for (workload, n, width), group in sorted(groups.items(), key=lambda g: (g[0][0] != "decode", g[0][1],
+                                                                              order.index(g[0][2]))):
         ok = [r for r in group if r["status"] == "ok"]
         ours = [r for r in ok if r["backend"] == "jax"]
         theirs = [r for r in ok if r["backend"] != "jax"]
@@ -575,7 +577,7 @@ def peers_versions(results: Results) -> str:
     parts = [f"gptjax {env['git']} (jax {env['jax']})"]
     for name, p in seen.items():
         build = p["build"]
-        flags = build.get("system_info") or build.get("cpu_compute_types") or build.get("graph") or build.get("int8")
+        flags = build.get("system_info") or build.get("compute_types") or build.get("graph") or build.get("int8")
         parts.append(f"{PEER_NAMES[name]} {p['version']} ({flags}; {p['threads']} threads)")
     return "; ".join(parts)
 

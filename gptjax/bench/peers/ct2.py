@@ -16,11 +16,12 @@ from gptjax.weights import load_checkpoint
 
 
 def about() -> dict[str, Any]:
-    """CTranslate2's version and the compute types it offers on this CPU."""
+    """CTranslate2's version, its device (CUDA where its build sees a GPU) and the compute types offered there."""
     import ctranslate2  # the peers extra
 
+    device = "cuda" if ctranslate2.get_cuda_device_count() else "cpu"
     return {"version": ctranslate2.__version__,
-            "build": {"cpu_compute_types": sorted(ctranslate2.get_supported_compute_types("cpu"))}}
+            "build": {"device": device, "compute_types": sorted(ctranslate2.get_supported_compute_types(device))}}
 
 
 def load(checkpoint: str, variant: str, threads: int, workdir: str) -> Engine:
@@ -30,7 +31,8 @@ def load(checkpoint: str, variant: str, threads: int, workdir: str) -> Engine:
     model_dir = Path(workdir) / "ct2-model"
     if not (model_dir / "model.bin").is_file():
         convert(checkpoint, model_dir)
-    generator = ctranslate2.Generator(str(model_dir), device="cpu", compute_type=variant, intra_threads=threads,
+    device = "cuda" if ctranslate2.get_cuda_device_count() else "cpu"  # a CUDA build on a GPU: --device-check
+    generator = ctranslate2.Generator(str(model_dir), device=device, compute_type=variant, intra_threads=threads,
                                       inter_threads=1)
     return Engine(generator, generator_vocabulary(model_dir))
 

@@ -24,7 +24,7 @@ def about() -> dict[str, Any]:
     """onnxruntime's version, its execution providers and the graph's opset."""
     import onnxruntime as ort  # the peers extra
 
-    return {"version": ort.__version__, "build": {"providers": ort.get_available_providers(), "opset": OPSET,
+    return {"version": ort.__version__, "build": {"providers": providers(), "opset": OPSET,
                                                   "graph": "ONNX ops + com.microsoft MultiHeadAttention, ORT_ENABLE_ALL"}}
 
 
@@ -36,7 +36,14 @@ def load(checkpoint: str, variant: str, threads: int, workdir: str) -> Engine:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return Engine(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), config)
+    return Engine(ort.InferenceSession(str(path), options, providers=providers()), config)
+
+
+def providers() -> list[str]:
+    """CUDA first where this onnxruntime build has it (onnxruntime-gpu on a GPU: --device-check), then the CPU."""
+    import onnxruntime as ort  # the peers extra
+
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
 
 
 def export(checkpoint: str, variant: str, workdir: Path) -> tuple[GPTConfig, Path]:
