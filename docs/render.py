@@ -574,11 +574,16 @@ def peers_versions(results: Results) -> str:
         if r.get("kind") == "workload" and r["backend"] != "jax" and "peer" in r:
             seen.setdefault(r["backend"], r["peer"])
     env = of_kind(results[PEERS], "environment")["env"]
-    parts = [f"gptjax {env['git']} (jax {env['jax']})"]
+    parts = [f"gptjax {env['git']} (jax {env['jax']}, its CPU kernels)"]
     for name, p in seen.items():
         build = p["build"]
-        flags = build.get("system_info") or build.get("compute_types") or build.get("graph") or build.get("int8")
-        parts.append(f"{PEER_NAMES[name]} {p['version']} ({flags}; {p['threads']} threads)")
+        if "system_info" in build:  # "CPU : SSE3 = 1 | ... | OPENMP = 1 | REPACK = 1 |": the features built in
+            on = [f.split("=")[0].strip() for f in build["system_info"].split("|") if f.strip().endswith("= 1")]
+            flags = ", ".join(f for f in on if f.startswith(("AVX512", "LLAMAFILE", "OPENMP", "REPACK")))
+        else:
+            flags = ", ".join(build.get("compute_types") or []) or build.get("graph") or build.get("int8")
+        version = ("llama-cpp-python " if name == "llama.cpp" else "") + p["version"]
+        parts.append(f"{PEER_NAMES[name]}: {version} ({flags}; {p['threads']} threads)")
     return "; ".join(parts)
 
 
