@@ -93,7 +93,8 @@ def test_every_peer_runs_checked_and_interleaved(tmp_path):
                     assert f"{name} {v}" in ours["vs_peers"]
                     assert ("prompt_s" in r) == (workload == "decode")
     assert "OPENMP" in cells[("prefill", 1, "llama.cpp", "f32")]["peer"]["build"]["system_info"]
-    assert {"ct2-model", "llama-q4_K_M.gguf", "ort-int8.onnx", "checkpoint"} <= {p.name for p in (out / "peers").iterdir()}
+    made = {p.name for p in (out / "peers").iterdir()}
+    assert {"ct2-model", "llama-q4_K_M.gguf", "ort-int8.onnx", "checkpoint"} <= made
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The ONNX Runtime peer (runs in its worker process): GPT-2 with a KV cache written as an ONNX graph (opset 20,
 attention as ORT's fused MultiHeadAttention) straight from the checkpoint's arrays, so neither torch nor an
-exporter is needed; ORT optimises the rest at load (ORT_ENABLE_ALL: its LayerNorm, GELU and bias fusions). Variants: fp32, and int8 = ORT's dynamic quantisation
-(quantize_dynamic, int8 weights per tensor, activations quantised per call: W8A8 dynamic).
+exporter is needed; ORT optimises the rest at load (ORT_ENABLE_ALL: its LayerNorm, GELU and bias fusions).
+Variants: fp32, and int8 = ORT's dynamic quantisation (quantize_dynamic, int8 weights per tensor, activations
+quantised per call: W8A8 dynamic).
 
 The graph: inputs input_ids [B, T] int64, logits_from [1] int64 (the first position whose logits are returned: 0
 for the check, T-1 for prefill and decode) and per layer past_k/past_v [B, H, S, K]; outputs logits
@@ -24,8 +25,8 @@ def about() -> dict[str, Any]:
     """onnxruntime's version, its execution providers and the graph's opset."""
     import onnxruntime as ort  # the peers extra
 
-    return {"version": ort.__version__, "build": {"providers": providers(), "opset": OPSET,
-                                                  "graph": "ONNX ops + com.microsoft MultiHeadAttention, ORT_ENABLE_ALL"}}
+    graph = "ONNX ops + com.microsoft MultiHeadAttention, ORT_ENABLE_ALL"
+    return {"version": ort.__version__, "build": {"providers": providers(), "opset": OPSET, "graph": graph}}
 
 
 def load(checkpoint: str, variant: str, threads: int, workdir: str) -> Engine:
