@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="gguf", help=f"output format ({', '.join(FORMATS)}; default gguf)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a float checkpoint (gptjax or HF GPT-2)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (must not exist)")
-    p.add_argument("--type", default="f32", dest="gguf_type", metavar="TYPE", help="storage of the matrices: f32 (default), f16, "
-                   "bf16, q8_0 or q4_0 (norms and biases stay f32)")
+    p.add_argument("--type", default="f32", dest="gguf_type", metavar="TYPE", help="storage of the matrices: f32 "
+                   "(default), f16, bf16, q8_0 or q4_0 (norms and biases stay f32)")
 
 
 def run(args: argparse.Namespace) -> int:
