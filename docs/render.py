@@ -9,6 +9,7 @@ which is what tests/test_docs.py asserts, so a figure cannot drift from its meas
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import re
@@ -520,6 +521,16 @@ def bf16_train_curves(results: Results) -> str:
 PEERS = "peers-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer llama.cpp,ct2,ort,hf --workloads decode,prefill`
 PEER_NAMES = {"llama.cpp": "llama.cpp", "ct2": "CTranslate2", "ort": "ONNX Runtime", "hf": "HF transformers"}
 WIDTHS = {"fp32": "fp32", "bf16": "16-bit", "int8": "8-bit", "w8a8": "8-bit", "fp8": "8-bit", "int4": "4-bit"}
+NO_PEERS_RUN = ("*No peers run committed yet: the command above, with `--out DIR`, writes DIR/results.jsonl; "
+                f"commit it as benchmarks/results/{PEERS} and run `python docs/render.py`.*")
+
+
+def _peers_run(render: Callable[[Results], str]) -> Callable[[Results], str]:
+    """render, or the line saying how to make the run while benchmarks/results/ has none."""
+    @functools.wraps(render)
+    def block(results: Results) -> str:
+        return render(results) if PEERS in results else f"\n{NO_PEERS_RUN}\n"
+    return block
 
 
 def _group(r: Row) -> tuple[str, int, str]:
@@ -542,6 +553,7 @@ def _cell(rows: list[Row], label: bool = True) -> str:
     return ", ".join(parts) or "–"
 
 
+@_peers_run
 def peers_table(results: Results) -> str:
     """The issue's table: per row (workload, batch/length, width) gptjax's modes, each peer's variants, gptjax's
     best over the best peer's (bold below 1x) and the highest load average during the row."""
@@ -567,6 +579,7 @@ def peers_table(results: Results) -> str:
     return table(["row (tok/s)", "gptjax"] + [PEER_NAMES[n] for n in names] + ["gptjax / best peer", "load"], body)
 
 
+@_peers_run
 def peers_versions(results: Results) -> str:
     """Each peer's version, build and threads, as the run recorded them."""
     seen = {}
@@ -587,6 +600,7 @@ def peers_versions(results: Results) -> str:
     return "; ".join(parts)
 
 
+@_peers_run
 def peers_checks(results: Results) -> str:
     """Each peer variant's correctness check: its logit error and greedy agreement against gptjax fp32, the
     tolerance, and the verdict."""
