@@ -25,11 +25,15 @@ def _lib() -> Any:
 
 
 def about() -> dict[str, Any]:
-    """llama-cpp-python's version and llama.cpp's system info (SIMD, OpenMP, llamafile, repack)."""
+    """llama-cpp-python's version, llama.cpp's system info (SIMD, OpenMP, llamafile, repack) and the context
+    defaults the peer keeps: flash attention's setting and the KV cache's ggml types (1 = f16, llama.cpp's default
+    at every weight type, f32 included)."""
     L = _lib()
     L.llama_backend_init()
+    cp = L.llama_context_default_params()
     return {"version": L.__version__, "build": {"system_info": L.llama_print_system_info().decode().strip(),
-                                                "flash_attn_type": L.llama_context_default_params().flash_attn_type}}
+                                                "flash_attn_type": cp.flash_attn_type,
+                                                "kv_cache_types": [cp.type_k, cp.type_v]}}
 
 
 def model_file(checkpoint: str, variant: str, threads: int, workdir: Path) -> Path:
