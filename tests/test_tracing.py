@@ -101,23 +101,51 @@ def test_a_failing_generate_marks_its_span(spans, failing_generate):
     assert prefill.status.status_code == trace.StatusCode.ERROR and prefill.events[0].name == "exception"
 
 
-def test_train_span_tree(spans, tmp_path):
+def _train(tmp_path, **settings):
     from gptjax.train import TrainConfig, TrainOptions, train
 
     (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    tc = TrainConfig(batch_size=2, seq_len=32, warmup_steps=1, **settings)
+    train(CONFIG, tc, tmp_path / "run", TrainOptions(data_spec=str(tmp_path / "c.txt"), progress=False,
+                                                     peak_flops=1e11))
+
+
+def test_train_traces_one_per_logging_interval(spans, tmp_path):
     spans.clear()
-    tc = TrainConfig(batch_size=2, seq_len=32, max_steps=4, eval_every=2, checkpoint_every=4, warmup_steps=1)
-    train(CONFIG, tc, tmp_path / "run",
-          TrainOptions(data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11))
-    got = _by_name(spans.get_finished_spans())
-    parent, = got["gptjax.train"]
-    steps, evals = got["gptjax.train_step"], got["gptjax.eval"]
-    assert [s.attributes["gptjax.step"] for s in steps] == [1, 2, 3, 4]
-    assert [s.attributes["gptjax.step"] for s in evals] == [2, 4]
-    assert all(s.parent.span_id == parent.context.span_id for s in steps + evals)
+    _train(tmp_path, max_steps=6, log_every=2, eval_every=2, checkpoint_every=6)
+    finished = spans.get_finished_spans()
+    got = _by_name(finished)
+    run, = got["gptjax.train"]
+    assert [s for s in finished if s.context.trace_id == run.context.trace_id] == [run]  # the run's own trace
+    assert run.attributes["gptjax.train.steps"] == 6 and run.attributes["gptjax.train.log_every"] == 2
+    intervals = got["gptjax.train_interval"]
+    assert [(i.attributes["gptjax.train.first_step"], i.attributes["gptjax.train.last_step"]) for i in intervals] == [
+        (1, 2), (3, 4), (5, 6)]
+    for first, interval in zip((1, 3, 5), intervals):
+        assert interval.parent is None and [link.context.span_id for link in interval.links] == [run.context.span_id]
+        assert interval.attributes["gptjax.train.loss"] > 0  # the interval's logged scalars
+        tree = [s for s in finished if s.context.trace_id == interval.context.trace_id]
+        steps, evals = [s for s in tree if s.name == "gptjax.train_step"], [s for s in tree if s.name == "gptjax.eval"]
+        assert [s.attributes["gptjax.step"] for s in steps] == [first, first + 1]
+        assert [s.attributes["gptjax.step"] for s in evals] == [first + 1]
+        assert all(s.parent.span_id == interval.context.span_id for s in steps + evals)
+        assert {s.attributes["gptjax.phase"] for s in steps} == {"train"} and evals[0].attributes["gptjax.phase"] == "eval"
+        sample = [s for s in tree if s.name.startswith("text_completion")]  # the evaluation's sample
+        assert len(sample) == 1 and sample[0].parent.span_id == interval.context.span_id
+    steps = got["gptjax.train_step"]
     assert steps[0].attributes["gptjax.compiled"] is True and steps[1].attributes["gptjax.compiled"] is False
-    assert {s.attributes["gptjax.phase"] for s in steps} == {"train"} and evals[0].attributes["gptjax.phase"] == "eval"
-    assert parent.attributes["gptjax.train.steps"] == 4
+
+
+def test_a_long_training_run_is_many_small_traces_not_one_growing_trace(spans, tmp_path):
+    spans.clear()
+    _train(tmp_path, max_steps=40, log_every=5, eval_every=1000, checkpoint_every=1000)
+    per_trace = {}
+    for s in spans.get_finished_spans():
+        per_trace.setdefault(s.context.trace_id, []).append(s.name)
+    assert len(per_trace) == 1 + 40 // 5  # the run's, and one per logging interval
+    sizes = sorted(len(names) for names in per_trace.values())
+    # an interval: its span and 5 steps; the last one also the final evaluation and its sample (3 spans)
+    assert sizes == [1] + [6] * 7 + [6 + 1 + 3], sizes
 
 
 @pytest.mark.integration
@@ -291,7 +319,7 @@ def test_configure_twice_adds_the_second_exporter(spans, tmp_path):
     assert (tmp_path / "a.jsonl").read_text() and (tmp_path / "b.jsonl").read_text()
 
 
-def test_training_logs_carry_the_run_trace_and_the_sample_nests_under_it(spans, tmp_path, capsys):
+def test_training_logs_carry_the_interval_trace_and_the_sample_nests_under_it(spans, tmp_path, capsys):
     import logging
 
     from gptjax.tracing import install_json_logs
@@ -307,8 +335,10 @@ def test_training_logs_carry_the_run_trace_and_the_sample_nests_under_it(spans, 
         logging.getLogger("gptjax").removeHandler(handler)
         logging.getLogger("gptjax").propagate = True
     records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    run = _by_name(spans.get_finished_spans())["gptjax.train"][0]
+    got = _by_name(spans.get_finished_spans())
+    run, interval = got["gptjax.train"][0], got["gptjax.train_interval"][0]
+    assert interval.links[0].context.span_id == run.context.span_id
     val = next(r for r in records if "val loss" in r["message"])
-    assert val["trace_id"] == f"{run.context.trace_id:032x}"
+    assert val["trace_id"] == f"{interval.context.trace_id:032x}"
     sample = next(s for s in spans.get_finished_spans() if s.name.startswith("text_completion"))
-    assert sample.context.trace_id == run.context.trace_id
+    assert sample.context.trace_id == interval.context.trace_id
