@@ -1,11 +1,10 @@
-"""OpenTelemetry spans: the exact tree for generate/forward/train, errors, exporters, JSON logs, OTLP."""
+"""OpenTelemetry spans in process: the exact tree for generate/forward/train, errors, exporters, JSON logs, OTLP
+(whole trees received over OTLP from the CLI and the server: tests/test_traces.py)."""
 
 import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from opentelemetry import trace
@@ -197,49 +196,21 @@ def test_json_log_records_carry_the_trace_ids(spans, capsys):
         logging.getLogger("gptjax").propagate = True
 
 
-class _OtlpReceiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        type(self).received.append((self.path, request))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-        self.wfile.write(b"")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.mark.integration
 def test_otlp_http_export_reaches_a_real_receiver(tmp_path):
+    from gptjax.tracing.receiver import OtlpReceiver
+
     save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
-    server = HTTPServer(("127.0.0.1", 0), _OtlpReceiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with OtlpReceiver() as receiver:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-            "OTEL_SERVICE_NAME": "gptjax-test"}
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "gptjax-test"}
         subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--checkpoint", str(tmp_path / "ck"),
                         "--tokens", "1,2", "--max-new-tokens", "4", "--trace", "otlp"], check=True, env=env,
                        capture_output=True, timeout=120)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert _OtlpReceiver.received and all(path == "/v1/traces" for path, _ in _OtlpReceiver.received)
-    names, services = [], set()
-    for _, request in _OtlpReceiver.received:
-        for rs in request.resource_spans:
-            services |= {a.value.string_value for a in rs.resource.attributes if a.key == "service.name"}
-            names += [s.name for ss in rs.scope_spans for s in ss.spans]
-    assert services == {"gptjax-test"}
-    assert sorted(names) == sorted(["gptjax.prefill", "gptjax.decode", "text_completion gpt-2L-16d-97v"])
+    assert receiver.posts and all(path == "/v1/traces" for path in receiver.posts)
+    assert {s["resource"]["service.name"] for s in receiver.spans} == {"gptjax-test"}
+    assert sorted(s["name"] for s in receiver.spans) == sorted(["gptjax.prefill", "gptjax.decode",
+                                                                "text_completion gpt-2L-16d-97v"])
 
 
 def test_unknown_exporter_is_a_clear_error(capsys):
@@ -342,3 +313,61 @@ def test_training_logs_carry_the_interval_trace_and_the_sample_nests_under_it(sp
     assert val["trace_id"] == f"{interval.context.trace_id:032x}"
     sample = next(s for s in spans.get_finished_spans() if s.name.startswith("text_completion"))
     assert sample.context.trace_id == interval.context.trace_id
+
+
+# ---- the server's spans, in process -------------------------------------------------------------------------
+def test_a_session_pass_goes_under_the_oldest_request_and_links_the_others(spans):
+    from gptjax.generate import GenerationRequest
+    from gptjax.tracing.session import SessionSpans
+
+    spans.clear()
+    rows = SessionSpans(get_backend("numpy", CONFIG).observer)
+    requests = {name: GenerationRequest([prompt], 8, SamplingParams(seed=3)) for name, prompt in
+                (("a", [1, 2, 3]), ("b", [4]), ("c", [5, 6]))}
+    for name in ("a", "b", "c"):
+        rows.start(name, requests[name], None)
+    with rows.forward_pass("decode", "decode", ["c", "b"], 5):  # a left the batch: b is the oldest live one
+        pass
+    rows.end("b", 4, "length")
+    rows.end("c", 2)  # no reason: cancelled
+    rows.close(RuntimeError("the session failed"))
+    got = _by_name(spans.get_finished_spans())
+    decode, = got["gptjax.decode"]
+    a, b, c = sorted(got["text_completion gpt-2L-16d-97v"], key=lambda s: s.start_time)
+    assert decode.parent.span_id == b.context.span_id and [k.context.span_id for k in decode.links] == [
+        c.context.span_id]
+    assert decode.attributes["gptjax.seq_len"] == 5 and decode.attributes["gptjax.batch_size"] == 2
+    assert b.attributes["gen_ai.usage.output_tokens"] == 4 and tuple(b.attributes["gen_ai.response.finish_reasons"]
+                                                                      ) == ("length",)
+    assert c.attributes["gptjax.cancelled"] is True and "gen_ai.response.finish_reasons" not in c.attributes
+    assert a.status.status_code == trace.StatusCode.ERROR and a.attributes["error.type"] == "RuntimeError"
+    assert a.attributes["gen_ai.usage.input_tokens"] == 3 and a.attributes["gptjax.continuous"] is True
+
+
+def test_a_compile_while_serving_is_on_the_span_and_counted_as_a_request_compile(spans):
+    from fastapi.testclient import TestClient
+
+    from gptjax.serve import ServedModel, ServeOptions, create_app
+    from gptjax.tracing import Metrics
+
+    config = CONFIG.replace(n_embd=20)  # programs no other test compiled
+    m = Metrics()
+    backend = get_backend("jax", config, metrics=m)
+    model = ServedModel(backend, backend.prepare(init_params(config, 1)), None, m)
+
+    def compiles(phase):
+        return m.registry.get_sample_value("gptjax_compiles_total", {"phase": phase, "purpose": "request"}) or 0
+
+    with TestClient(create_app(model, ServeOptions(warmup=False))) as client:
+        # 6 tokens: the prefill's, a decode chunk of 4 and one of 1; the first request compiles the session's
+        # prefill and decode programs, the second finds them compiled
+        for compiled in ([True, True, False], [False, False, False]):
+            spans.clear()
+            r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 6, "seed": 0})
+            assert r.status_code == 200, r.text
+            passes = sorted((s for s in spans.get_finished_spans() if s.name in ("gptjax.prefill", "gptjax.decode")),
+                            key=lambda s: s.start_time)
+            assert [(s.name, s.attributes["gptjax.compiled"]) for s in passes] == list(zip(
+                ["gptjax.prefill", "gptjax.decode", "gptjax.decode"], compiled))
+            assert (compiles("prefill"), compiles("decode")) == (1, 1)
+        assert m.registry.get_sample_value("gptjax_requests_total", {"outcome": "ok"}) == 2

@@ -11,8 +11,8 @@ generate's spans (padding not counted).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -40,12 +40,16 @@ class SessionSpans:
                                                       lambda: request_attributes(request) | CONTINUOUS,
                                                       context=context)
 
-    def forward_pass(self, name: str, phase: str, owners: Sequence[Any], seq_len: int
-                     ) -> AbstractContextManager[SpanHandle]:
+    @contextlib.contextmanager
+    def forward_pass(self, name: str, phase: str, owners: Sequence[Any], seq_len: int) -> Iterator[SpanHandle]:
         """observer.forward_pass for these rows: under the oldest one's request span, linked from the others'."""
         wanted = set(owners)
         spans = [span for owner, span in self.rows.items() if owner in wanted]
-        return self.observer.forward_pass(name, phase, len(owners), seq_len, spans[0] if spans else None, spans[1:])
+        with self.observer.forward_pass(name, phase, len(owners), seq_len, spans[0] if spans else None,
+                                        spans[1:]) as span:
+            if phase == "prefill":
+                span.set({"gptjax.steps": 1})  # a prefill hands each row its first token, as generate's says
+            yield span
 
     def end(self, owner: Any, generated: int, reason: str | None = None, error: BaseException | None = None) -> None:
         """Close owner's span: its output tokens, and its finish reason, or that it was cancelled (no reason) or
