@@ -167,7 +167,9 @@ def test_serve_metrics_over_http():
 def test_dashboard_queries_only_metrics_gptjax_exports_and_series_the_rules_record():
     import yaml
 
-    names = Metrics().names()
+    metrics = Metrics()
+    assert metrics.server  # the server's instruments join the registry as `gptjax serve` makes them
+    names = metrics.names()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "gptjax.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {n for e in exprs for n in re.findall(r"\bgptjax_[a-z_]+", e)}
