@@ -6,8 +6,8 @@ its spans exported over OTLP to an in-process receiver (gptjax.tracing.receiver,
     gptjax bench --study monitoring --checkpoint tests/fixtures/trained_byte_tiny --clients 1,4,8 --phase-seconds 40
 
 Sends a bounded mixed load in phases of rising concurrency (each client sends streaming completions back to back;
-one request in ten is a bad request (400), one in ten leaves after its first token), then one traced completion
-continuing a W3C traceparent. Saves what Prometheus's own query_range returns for throughput, TTFT and TPOT
+one request in ten is a bad request (400), one in ten leaves after its first token), each phase's shapes compiled
+by a short burst before the clock starts, then one traced completion continuing a W3C traceparent. Saves what Prometheus's own query_range returns for throughput, TTFT and TPOT
 percentiles and errors by class over the run (the recording rules the Grafana dashboard plots), and the spans
 of the traced completion: DIR/signals.jsonl and DIR/trace.jsonl, each starting with a row stamped with the
 commit. Copied to benchmarks/results/monitoring-signals.jsonl and monitoring-trace.jsonl, they are what
@@ -178,8 +178,10 @@ def _measure(args: argparse.Namespace, url: str, prometheus: LocalPrometheus, re
     """The load phases, one traced request, then what Prometheus recorded and the receiver got."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(32, 127, args.prompt).tolist() for _ in range(64)]  # printable bytes
+    stamp = {"kind": "run", "commit": git_commit(), "args": vars(args).copy()}  # the tree as the run started
     prometheus.wait(lambda: prometheus.scrapes().get("gptjax-serve"), 60, "a first scrape of gptjax serve")
-    asyncio.run(mixed_load(url, 1, 600, prompts, args.max_tokens, requests=10))  # compile before the clock starts
+    for clients in phases(args):  # compile what each phase's batches need before the clock starts (6-9 s each)
+        asyncio.run(mixed_load(url, clients, 600, prompts, args.max_tokens, requests=10))
     start, record = time.time(), {"phases": []}
     for clients in phases(args):
         log(f"{clients} clients for {args.phase_seconds:.0f} s ...")
@@ -189,7 +191,7 @@ def _measure(args: argparse.Namespace, url: str, prometheus: LocalPrometheus, re
     trace_id, spans = _traced_request(url, receiver, prompts[0], args.max_tokens)
     end = time.time()  # the rules' last evaluation after the load: the next scrape, evaluated
     prometheus.wait(lambda: prometheus.scrapes()["gptjax-serve"] > end, 60, "a scrape after the load")
-    stamp = {"kind": "run", "commit": git_commit(), "time": end, "args": {k: v for k, v in vars(args).items()}}
+    stamp["time"] = end
     record["signals"] = [stamp | {"start": start, "end": end, "phases": record["phases"]}] + _signals(
         prometheus, start, end)
     record["trace"] = [stamp | {"trace_id": trace_id}] + [{"kind": "span"} | s for s in spans]
