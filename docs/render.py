@@ -586,18 +586,31 @@ def plot_signals(results: Results, path: Path) -> None:
                                                  ("gptjax:time_per_output_token_seconds:p95_1m", "p95")]),
               ("share of completions, %", 100, [("gptjax:completion_errors:ratio_rate1m", "{} (1 min)"),
                                                 ("gptjax:completion_server_errors:ratio_rate5m", "5xx (5 min, SLO)")])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 8.5), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.5, 8.5), sharex=True)
     for ax, (ylabel, scale, queries) in zip(axes, panels):
         _phases(ax, rows[0])
         for query, label in queries:
             for labels, t, v in _series(rows, query):
                 ax.plot(t, v * scale, label=label.format(labels), marker=".", ms=3)
+        if scale == 1e3:  # latency: p50 and p95 lie 10x apart
+            _log_axis(ax)
+        else:
+            ax.set_ylim(bottom=0)
         ax.set(ylabel=ylabel)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7, loc="upper left")
-    axes[0].set_title("gptjax serve under a mixed load, as Prometheus recorded it (deploy/ rules, 1-min windows)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the plot, off the phases
+    axes[0].set_title("gptjax serve under a mixed load: deploy/'s rules as Prometheus recorded them", fontsize=10)
     axes[-1].set(xlabel="seconds since the load started")
     _save(fig, path, data_hash(rows))
+
+
+def _log_axis(ax: Any) -> None:
+    """A log y axis ticked at 1, 2, 5 x 10^k in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _phases(ax: Any, run: Row) -> None:
@@ -629,8 +642,8 @@ def plot_trace(results: Results, path: Path) -> None:
         ticks = [(e["time_ns"] - t0) / 1e6 for e in s["events"] if e["name"] == "gptjax.token"]
         ax.plot(ticks, [y] * len(ticks), "k|", ms=7)
         ax.text(b, y, "  " + _span_note(s), va="center", fontsize=7)
-        ax.text(-0.01, y, "  " * depth + s["name"], va="center", ha="right", fontsize=7,
-                transform=ax.get_yaxis_transform())
+        ax.text(-0.5 + 0.025 * depth, y, s["name"], va="center", ha="left", fontsize=7,
+                transform=ax.get_yaxis_transform())  # indented under its parent
     ax.set(yticks=[], xlabel="ms since the request's first span started", ylim=(len(spans) - 0.5, -0.5))
     ax.set_title(f"one completion through gptjax serve, trace {rows[0]['trace_id'][:8]}… (| = a generated token)",
                  fontsize=9)

@@ -3,11 +3,12 @@ running deploy/prometheus.yml and deploy/rules/ (only the scrape targets substit
 its spans exported over OTLP to an in-process receiver (gptjax.tracing.receiver, standing in for Jaeger).
 
     gptjax bench --study monitoring --out runs/monitoring
-    gptjax bench --study monitoring --checkpoint tests/fixtures/trained_byte_tiny --clients 1,4,8 --phase-seconds 40
+    gptjax bench --study monitoring --checkpoint tests/fixtures/trained_byte_tiny --clients 1,4,8 --phase-seconds 60
 
 Sends a bounded mixed load in phases of rising concurrency (each client sends streaming completions back to back;
 one request in ten is a bad request (400), one in ten leaves after its first token), each phase's shapes compiled
-by a short burst before the clock starts, then one traced completion continuing a W3C traceparent. Saves what Prometheus's own query_range returns for throughput, TTFT and TPOT
+by a short burst and a minute of quiet (the rules' rate window) before the clock starts, then one traced
+completion continuing a W3C traceparent. Saves what Prometheus's own query_range returns for throughput, TTFT and TPOT
 percentiles and errors by class over the run (the recording rules the Grafana dashboard plots), and the spans
 of the traced completion: DIR/signals.jsonl and DIR/trace.jsonl, each starting with a row stamped with the
 commit. Copied to benchmarks/results/monitoring-signals.jsonl and monitoring-trace.jsonl, they are what
@@ -44,7 +45,7 @@ from gptjax.tracing.receiver import OtlpReceiver
 FLAGS = {"--preset": ("tiny", "model shape with random weights"),
          "--checkpoint": (None, "serve this checkpoint instead of a random --preset model"),
          "--clients": ("1,4,8", "comma list: concurrent clients of each load phase"),
-         "--phase-seconds": (40.0, "seconds each phase lasts"), "--max-tokens": (32, "max_tokens per request"),
+         "--phase-seconds": (60.0, "seconds each phase lasts"), "--max-tokens": (32, "max_tokens per request"),
          "--prompt": (8, "prompt tokens"), "--deploy": ("deploy", "the deploy/ directory whose config Prometheus runs")}
 
 # what the pictures plot: deploy/rules/recording.yml's series (the dashboard's throughput, latency, error panels)
@@ -54,6 +55,7 @@ SIGNALS = {"throughput": ["gptjax:generated_tokens:rate1m", "gptjax:prompt_token
            "errors": ["gptjax:completion_errors:ratio_rate1m", "gptjax:completion_server_errors:ratio_rate5m"]}
 BAD, LEAVES = 0, 1  # request i of a client is a bad request when i % 10 == BAD, leaves early when == LEAVES
 TRACE_TIMEOUT_S = 60.0
+RATE_WINDOW_S = 60.0  # deploy/rules/recording.yml's rate window
 
 
 def phases(args: argparse.Namespace) -> list[int]:
@@ -182,6 +184,7 @@ def _measure(args: argparse.Namespace, url: str, prometheus: LocalPrometheus, re
     prometheus.wait(lambda: prometheus.scrapes().get("gptjax-serve"), 60, "a first scrape of gptjax serve")
     for clients in phases(args):  # compile what each phase's batches need before the clock starts (6-9 s each)
         asyncio.run(mixed_load(url, clients, 600, prompts, args.max_tokens, requests=10))
+    time.sleep(RATE_WINDOW_S)  # idle until the warm-up's compiles (seconds of TTFT) left the rules' 1-min windows
     start, record = time.time(), {"phases": []}
     for clients in phases(args):
         log(f"{clients} clients for {args.phase_seconds:.0f} s ...")
