@@ -548,7 +548,26 @@ def monitoring_signals(results: Results) -> str:
             f"{hashed_name('monitoring-signals', rows)})\n\n`gptjax bench --study monitoring` at commit "
             f"{run['commit']} (checkpoint {run['args']['checkpoint'] or run['args']['preset']}, max_tokens "
             f"{run['args']['max_tokens']}): clients {phases}; responses by status {json.dumps(statuses)}. Each line "
-            "is a series of deploy/rules/recording.yml as Prometheus 2.42 recorded it every 5 s.\n")
+            "is a series of deploy/rules/recording.yml as Prometheus 2.42 recorded it every 5 s; at the end of "
+            "each phase (its last minute):\n" + _phase_table(rows))
+
+
+def _phase_table(rows: list[Row]) -> str:
+    """Each signal's value at the end of each load phase (the recording rules' 1-min window then covers it)."""
+    def at(query: str, t: float, label: str = "") -> float:
+        for labels, ts, vs in _series(rows, query):
+            if labels == label:
+                return float(vs[abs(ts - (t - rows[0]["start"])).argmin()])
+        return float("nan")
+
+    body = []
+    for p in rows[0]["phases"]:
+        t = p["end"]
+        body.append([str(p["clients"]), num(at("gptjax:generated_tokens:rate1m", t), 0)]
+                    + [ms(at(f"gptjax:{m}_seconds:{q}_1m", t)) for m in ("time_to_first_token", "time_per_output_token")
+                       for q in ("p50", "p95")] + [pct(at("gptjax:completion_errors:ratio_rate1m", t, "4xx"))])
+    return table(["clients", "generated tokens/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT p50 ms", "TPOT p95 ms",
+                  "4xx share"], body)
 
 
 def monitoring_trace(results: Results) -> str:
