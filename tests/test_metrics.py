@@ -168,7 +168,7 @@ def test_dashboard_queries_only_metrics_gptjax_exports_and_series_the_rules_reco
     import yaml
 
     metrics = Metrics()
-    assert metrics.server  # the server's instruments join the registry as `gptjax serve` makes them
+    assert metrics.server is not None  # the server's instruments join the registry as `gptjax serve` makes them
     names = metrics.names()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "gptjax.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

@@ -3,21 +3,12 @@ results file (benchmarks/results/monitoring-*.jsonl) and embeds it, so other dat
 the document (stale text) and a picture missing or embedding another hash (stale image); `python docs/render.py
 --check` fails on either."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
+from test_docs import render  # docs/render.py, loaded as test_docs loads it
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _render():
-    spec = importlib.util.spec_from_file_location("docs_render", ROOT / "docs" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _render()
 
 
 def test_the_pictures_are_drawn_from_the_committed_data_and_linked_from_the_page():

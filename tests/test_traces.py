@@ -168,6 +168,6 @@ def test_train_trace_tree(receiver, tmp_path):
                 ] == [("gptjax.train_step", first), ("gptjax.train_step", first + 1),
                       ("gptjax.train_step", first + 2), ("gptjax.eval", first + 2)]
         sample, = [c for c in children if c["name"].startswith("text_completion")]  # the evaluation's sample
-        assert [c["name"] for c in _children(tree, sample)][0] == "gptjax.prefill"
+        assert _children(tree, sample)[0]["name"] == "gptjax.prefill"
         assert len(tree) == 1 + 4 + len([s for s in tree if s["parent_id"] == sample["span_id"]]) + 1
     assert json.dumps(run["attributes"])  # plain values all the way

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from gptjax.errors import GptjaxError
 
@@ -45,11 +45,12 @@ class LocalPrometheus:
         shutil.copytree(deploy / "rules", workdir / "rules", dirs_exist_ok=True)
         config = workdir / "prometheus.yml"
         config.write_text(local_config((deploy / "prometheus.yml").read_text(), targets))
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                                      f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                     stderr=open(workdir / "prometheus.log", "w"))
-        self.log = workdir / "prometheus.log"
+        self.url, self.log = f"http://127.0.0.1:{port}", workdir / "prometheus.log"
+        with open(self.log, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(["prometheus", f"--config.file={config}",
+                                          f"--storage.tsdb.path={workdir / 'tsdb'}",
+                                          f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                                         stderr=log)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -109,7 +110,7 @@ class LocalPrometheus:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
-    def __enter__(self) -> LocalPrometheus:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 Span = dict[str, Any]
 STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}  # OTLP's status codes, named as the SDK names them
@@ -55,7 +55,7 @@ class OtlpReceiver:
         self.server.shutdown()
         self.server.server_close()
 
-    def __enter__(self) -> OtlpReceiver:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -64,7 +64,7 @@ class OtlpReceiver:
 
 def _handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:  # http.server's name for it
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             receiver.received(self.path, body)
             self.send_response(200)

@@ -2,8 +2,8 @@
 running deploy/prometheus.yml and deploy/rules/ (only the scrape targets substituted: gptjax.tracing.prometheus),
 its spans exported over OTLP to an in-process receiver (gptjax.tracing.receiver, standing in for Jaeger).
 
-    gptjax bench --study monitoring --out runs/monitoring
-    gptjax bench --study monitoring --checkpoint tests/fixtures/trained_byte_tiny --clients 1,4,8 --phase-seconds 60
+    gptjax bench --study monitoring --out runs/monitoring           # from the repository root
+    gptjax bench --study monitoring --checkpoint DIR --concurrency 1,4,8 --phase-seconds 60
 
 Sends a bounded mixed load in phases of rising concurrency (each client sends streaming completions back to back;
 one request in ten is a bad request (400), one in ten leaves after its first token), each phase's shapes compiled
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -33,18 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from gptjax import get_preset, init_params, save_checkpoint
 from gptjax.bench.env import git_commit
 from gptjax.bench.results import Outcome
 from gptjax.bench.server import free_port, start_server
+from gptjax.bench.studies.serve_load import levels
 from gptjax.errors import GptjaxError
 from gptjax.tracing.prometheus import LocalPrometheus
 from gptjax.tracing.receiver import OtlpReceiver
 
 # flag -> (default, help[, choices]); the runner adds them (the type is the default's, str for None)
-FLAGS = {"--preset": ("tiny", "model shape with random weights"),
-         "--checkpoint": (None, "serve this checkpoint instead of a random --preset model"),
-         "--clients": ("1,4,8", "comma list: concurrent clients of each load phase"),
+FLAGS = {"--checkpoint": ("tests/fixtures/trained_byte_tiny", "the checkpoint to serve"),
+         "--concurrency": ("1,4,8", "comma list: concurrent clients of each load phase"),
          "--phase-seconds": (60.0, "seconds each phase lasts"), "--max-tokens": (32, "max_tokens per request"),
          "--prompt": (8, "prompt tokens"), "--deploy": ("deploy", "the deploy/ directory whose config Prometheus runs")}
 
@@ -58,32 +58,21 @@ TRACE_TIMEOUT_S = 60.0
 RATE_WINDOW_S = 60.0  # deploy/rules/recording.yml's rate window
 
 
-def phases(args: argparse.Namespace) -> list[int]:
-    """The client counts of --clients; a GptjaxError for anything but positive integers."""
-    try:
-        found = [int(c) for c in args.clients.split(",")]
-    except ValueError:
-        found = []
-    if not found or min(found) < 1:
-        raise GptjaxError(f"--clients {args.clients!r}: give a comma list of positive integers, e.g. 1,4,8")
-    return found
-
-
 def prepare(args: argparse.Namespace) -> None:
-    """Check the flags, the deploy directory, and that prometheus, httpx and the serve extra are there."""
-    phases(args)
+    """Check the flags, the checkpoint and deploy directories, and that prometheus, httpx, the serve extra and
+    OpenTelemetry's protobufs (the otel extra) are there."""
+    levels(args)
     if args.phase_seconds <= 0 or min(args.max_tokens, args.prompt) < 1:
         raise GptjaxError("--phase-seconds must be > 0, --max-tokens and --prompt >= 1")
-    if not (Path(args.deploy) / "prometheus.yml").is_file():
-        raise GptjaxError(f"--deploy {args.deploy!r} has no prometheus.yml (run from the repository root)")
+    for flag, path in (("--checkpoint", Path(args.checkpoint) / "config.json"),
+                       ("--deploy", Path(args.deploy) / "prometheus.yml")):
+        if not path.is_file():
+            raise GptjaxError(f"{flag} {path.parent}: no {path.name} there (run from the repository root)")
     if shutil.which("prometheus") is None:
         raise GptjaxError("--study monitoring needs the prometheus binary (apt-get install prometheus)")
-    try:
-        import fastapi  # noqa: F401
-        import httpx  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise GptjaxError(f"--study monitoring needs httpx and the serve extra ({e.name} is missing)") from None
+    missing = [m for m in ("fastapi", "uvicorn", "httpx", "opentelemetry.proto") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GptjaxError(f"--study monitoring needs httpx and the serve and otel extras ({missing[0]} is missing)")
 
 
 # ---- the load ------------------------------------------------------------------------------------------------
@@ -141,21 +130,12 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _checkpoint(args: argparse.Namespace, directory: str) -> str:
-    if args.checkpoint:
-        return args.checkpoint
-    config = get_preset(args.preset)
-    path = os.path.join(directory, args.preset)
-    save_checkpoint(config, init_params(config, seed=0), path)
-    return path
-
-
 def run(args: argparse.Namespace, log: Any) -> Outcome:
     """Serve, scrape and trace; load in phases; save the signals and the traced request's spans."""
     with tempfile.TemporaryDirectory() as tmp, OtlpReceiver() as receiver:
-        checkpoint, port = _checkpoint(args, tmp), free_port()
+        port = free_port()
         with environ(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_SERVICE_NAME="gptjax-serve"):
-            server = start_server(["--checkpoint", checkpoint, "--chunk-size", "4", "--trace", "otlp"], port,
+            server = start_server(["--checkpoint", args.checkpoint, "--chunk-size", "4", "--trace", "otlp"], port,
                                   quiet=True)
         try:
             with LocalPrometheus(Path(args.deploy), {"gptjax-serve": f"127.0.0.1:{port}"}, Path(tmp) / "prom",
@@ -168,7 +148,7 @@ def run(args: argparse.Namespace, log: Any) -> Outcome:
     for name, rows in (("signals.jsonl", record["signals"]), ("trace.jsonl", record["trace"])):
         (Path(args.out) / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = [{"phase_clients": p["clients"], "statuses": p["statuses"]} for p in record["phases"]]
-    title = (f"gptjax bench --study monitoring: phases of {args.clients} clients, {args.phase_seconds:.0f} s each; "
+    title = (f"gptjax bench --study monitoring: phases of {args.concurrency} clients, {args.phase_seconds:.0f} s each; "
              f"server exit status {code}; signals.jsonl and trace.jsonl in {args.out}")
     lines = ["| clients | responses by status |", "|---|---|"]
     lines += [f"| {p['phase_clients']} | {json.dumps(p['statuses'])} |" for p in summary]
@@ -182,11 +162,11 @@ def _measure(args: argparse.Namespace, url: str, prometheus: LocalPrometheus, re
     prompts = [rng.integers(32, 127, args.prompt).tolist() for _ in range(64)]  # printable bytes
     stamp = {"kind": "run", "commit": git_commit(), "args": vars(args).copy()}  # the tree as the run started
     prometheus.wait(lambda: prometheus.scrapes().get("gptjax-serve"), 60, "a first scrape of gptjax serve")
-    for clients in phases(args):  # compile what each phase's batches need before the clock starts (6-9 s each)
+    for clients in levels(args):  # compile what each phase's batches need before the clock starts (6-9 s each)
         asyncio.run(mixed_load(url, clients, 600, prompts, args.max_tokens, requests=10))
     time.sleep(RATE_WINDOW_S)  # idle until the warm-up's compiles (seconds of TTFT) left the rules' 1-min windows
     start, record = time.time(), {"phases": []}
-    for clients in phases(args):
+    for clients in levels(args):
         log(f"{clients} clients for {args.phase_seconds:.0f} s ...")
         t0 = time.time()
         statuses = asyncio.run(mixed_load(url, clients, args.phase_seconds, prompts, args.max_tokens))
@@ -214,7 +194,9 @@ def _traced_request(url: str, receiver: OtlpReceiver, prompt: list[int], max_tok
 
     if asyncio.run(one()) != 200:
         raise GptjaxError("the traced completion failed")
-    mine = lambda spans: [s for s in spans if s["trace_id"] == trace_id]  # noqa: E731
+    def mine(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s for s in spans if s["trace_id"] == trace_id]
+
     spans = receiver.wait_for(lambda got: any(s["name"] == "gptjax.serve.batch" for s in mine(got)), TRACE_TIMEOUT_S)
     return trace_id, mine(spans)
 
