@@ -8,9 +8,9 @@ its spans exported over OTLP to an in-process receiver (gptjax.tracing.receiver,
 Sends a bounded mixed load in phases of rising concurrency (each client sends streaming completions back to back;
 one request in ten is a bad request (400), one in ten leaves after its first token), each phase's shapes compiled
 by a short burst and a minute of quiet (the rules' rate window) before the clock starts, then one traced
-completion continuing a W3C traceparent. Saves what Prometheus's own query_range returns for throughput, TTFT and TPOT
-percentiles and errors by class over the run (the recording rules the Grafana dashboard plots), and the spans
-of the traced completion: DIR/signals.jsonl and DIR/trace.jsonl, each starting with a row stamped with the
+completion continuing a W3C traceparent. Saves what Prometheus's own query_range returns for throughput, TTFT
+and TPOT percentiles and errors by class over the run (the recording rules the Grafana dashboard plots), and the
+spans of the traced completion: DIR/signals.jsonl and DIR/trace.jsonl, each starting with a row stamped with the
 commit. Copied to benchmarks/results/monitoring-signals.jsonl and monitoring-trace.jsonl, they are what
 `python docs/render.py` draws docs/monitoring.md's two pictures from. Needs the prometheus binary, httpx and
 the serve and otel extras.
