@@ -164,27 +164,28 @@ def test_serve_metrics_over_http():
         serve_metrics(70000, metrics=m)
 
 
-def test_dashboard_queries_only_metrics_gptjax_exports():
-    names = Metrics().names()
+def test_dashboard_queries_only_metrics_gptjax_exports_and_series_the_rules_record():
+    import yaml
+
+    metrics = Metrics()
+    assert metrics.server is not None  # the server's instruments join the registry as `gptjax serve` makes them
+    names = metrics.names()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "gptjax.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {n for e in exprs for n in re.findall(r"\bgptjax_[a-z_]+", e)}
     assert used and used <= names, f"dashboard queries unknown metrics: {sorted(used - names)}"
-    expected_panels = {"Generated tokens/s", "Time to first token", "Time per output token",
-                       "End-to-end generate latency", "Forward-pass latency p95 by phase", "Error rate",
-                       "MFU and bandwidth use"}
+    rules = yaml.safe_load((DEPLOY / "rules" / "recording.yml").read_text())
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"]}
+    used_rules = {n for e in exprs for n in re.findall(r"\bgptjax:[a-z0-9_:]+", e)}
+    assert used_rules and used_rules <= recorded, f"dashboard reads series no rule records: {used_rules - recorded}"
+    rule_metrics = {n for g in rules["groups"] for r in g["rules"] for n in re.findall(r"\bgptjax_[a-z_]+", r["expr"])}
+    assert rule_metrics <= names, f"rules read unknown metrics: {sorted(rule_metrics - names)}"
+    expected_panels = {"Throughput: tokens/s", "Time to first token", "Time per output token", "End-to-end latency",
+                       "Forward-pass latency p95 by phase", "Errors: share of completions by class", "Training MFU"}
     assert expected_panels <= {p["title"] for p in dashboard["panels"]}
 
 
 NEEDS_CI_TOOL = "not installed (apt-get install prometheus; .ci/run does, and CI fails without it)"
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(shutil.which("promtool") is None and not os.environ.get("CI"), reason="promtool " + NEEDS_CI_TOOL)
-def test_promtool_accepts_the_prometheus_config():
-    out = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.integration

@@ -1,11 +1,10 @@
-"""OpenTelemetry spans: the exact tree for generate/forward/train, errors, exporters, JSON logs, OTLP."""
+"""OpenTelemetry spans in process: the exact tree for generate/forward/train, errors, exporters, JSON logs, OTLP
+(whole trees received over OTLP from the CLI and the server: tests/test_traces.py)."""
 
 import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from opentelemetry import trace
@@ -101,23 +100,51 @@ def test_a_failing_generate_marks_its_span(spans, failing_generate):
     assert prefill.status.status_code == trace.StatusCode.ERROR and prefill.events[0].name == "exception"
 
 
-def test_train_span_tree(spans, tmp_path):
+def _train(tmp_path, **settings):
     from gptjax.train import TrainConfig, TrainOptions, train
 
     (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    tc = TrainConfig(batch_size=2, seq_len=32, warmup_steps=1, **settings)
+    train(CONFIG, tc, tmp_path / "run", TrainOptions(data_spec=str(tmp_path / "c.txt"), progress=False,
+                                                     peak_flops=1e11))
+
+
+def test_train_traces_one_per_logging_interval(spans, tmp_path):
     spans.clear()
-    tc = TrainConfig(batch_size=2, seq_len=32, max_steps=4, eval_every=2, checkpoint_every=4, warmup_steps=1)
-    train(CONFIG, tc, tmp_path / "run",
-          TrainOptions(data_spec=str(tmp_path / "c.txt"), progress=False, peak_flops=1e11))
-    got = _by_name(spans.get_finished_spans())
-    parent, = got["gptjax.train"]
-    steps, evals = got["gptjax.train_step"], got["gptjax.eval"]
-    assert [s.attributes["gptjax.step"] for s in steps] == [1, 2, 3, 4]
-    assert [s.attributes["gptjax.step"] for s in evals] == [2, 4]
-    assert all(s.parent.span_id == parent.context.span_id for s in steps + evals)
+    _train(tmp_path, max_steps=6, log_every=2, eval_every=2, checkpoint_every=6)
+    finished = spans.get_finished_spans()
+    got = _by_name(finished)
+    run, = got["gptjax.train"]
+    assert [s for s in finished if s.context.trace_id == run.context.trace_id] == [run]  # the run's own trace
+    assert run.attributes["gptjax.train.steps"] == 6 and run.attributes["gptjax.train.log_every"] == 2
+    intervals = got["gptjax.train_interval"]
+    assert [(i.attributes["gptjax.train.first_step"], i.attributes["gptjax.train.last_step"]) for i in intervals] == [
+        (1, 2), (3, 4), (5, 6)]
+    for first, interval in zip((1, 3, 5), intervals):
+        assert interval.parent is None and [link.context.span_id for link in interval.links] == [run.context.span_id]
+        assert interval.attributes["gptjax.train.loss"] > 0  # the interval's logged scalars
+        tree = [s for s in finished if s.context.trace_id == interval.context.trace_id]
+        steps, evals = [s for s in tree if s.name == "gptjax.train_step"], [s for s in tree if s.name == "gptjax.eval"]
+        assert [s.attributes["gptjax.step"] for s in steps] == [first, first + 1]
+        assert [s.attributes["gptjax.step"] for s in evals] == [first + 1]
+        assert all(s.parent.span_id == interval.context.span_id for s in steps + evals)
+        assert {s.attributes["gptjax.phase"] for s in steps} == {"train"} and evals[0].attributes["gptjax.phase"] == "eval"
+        sample = [s for s in tree if s.name.startswith("text_completion")]  # the evaluation's sample
+        assert len(sample) == 1 and sample[0].parent.span_id == interval.context.span_id
+    steps = got["gptjax.train_step"]
     assert steps[0].attributes["gptjax.compiled"] is True and steps[1].attributes["gptjax.compiled"] is False
-    assert {s.attributes["gptjax.phase"] for s in steps} == {"train"} and evals[0].attributes["gptjax.phase"] == "eval"
-    assert parent.attributes["gptjax.train.steps"] == 4
+
+
+def test_a_long_training_run_is_many_small_traces_not_one_growing_trace(spans, tmp_path):
+    spans.clear()
+    _train(tmp_path, max_steps=40, log_every=5, eval_every=1000, checkpoint_every=1000)
+    per_trace = {}
+    for s in spans.get_finished_spans():
+        per_trace.setdefault(s.context.trace_id, []).append(s.name)
+    assert len(per_trace) == 1 + 40 // 5  # the run's, and one per logging interval
+    sizes = sorted(len(names) for names in per_trace.values())
+    # an interval: its span and 5 steps; the last one also the final evaluation and its sample (3 spans)
+    assert sizes == [1] + [6] * 7 + [6 + 1 + 3], sizes
 
 
 @pytest.mark.integration
@@ -169,49 +196,21 @@ def test_json_log_records_carry_the_trace_ids(spans, capsys):
         logging.getLogger("gptjax").propagate = True
 
 
-class _OtlpReceiver(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):  # noqa: N802
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        type(self).received.append((self.path, request))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-        self.wfile.write(b"")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.mark.integration
 def test_otlp_http_export_reaches_a_real_receiver(tmp_path):
+    from gptjax.tracing.receiver import OtlpReceiver
+
     save_checkpoint(CONFIG, PARAMS, tmp_path / "ck")
-    server = HTTPServer(("127.0.0.1", 0), _OtlpReceiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with OtlpReceiver() as receiver:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
-            "OTEL_SERVICE_NAME": "gptjax-test"}
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "gptjax-test"}
         subprocess.run([sys.executable, "-m", "gptjax.cli", "generate", "--checkpoint", str(tmp_path / "ck"),
                         "--tokens", "1,2", "--max-new-tokens", "4", "--trace", "otlp"], check=True, env=env,
                        capture_output=True, timeout=120)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert _OtlpReceiver.received and all(path == "/v1/traces" for path, _ in _OtlpReceiver.received)
-    names, services = [], set()
-    for _, request in _OtlpReceiver.received:
-        for rs in request.resource_spans:
-            services |= {a.value.string_value for a in rs.resource.attributes if a.key == "service.name"}
-            names += [s.name for ss in rs.scope_spans for s in ss.spans]
-    assert services == {"gptjax-test"}
-    assert sorted(names) == sorted(["gptjax.prefill", "gptjax.decode", "text_completion gpt-2L-16d-97v"])
+    assert receiver.posts and all(path == "/v1/traces" for path in receiver.posts)
+    assert {s["resource"]["service.name"] for s in receiver.spans} == {"gptjax-test"}
+    assert sorted(s["name"] for s in receiver.spans) == sorted(["gptjax.prefill", "gptjax.decode",
+                                                                "text_completion gpt-2L-16d-97v"])
 
 
 def test_unknown_exporter_is_a_clear_error(capsys):
@@ -291,7 +290,7 @@ def test_configure_twice_adds_the_second_exporter(spans, tmp_path):
     assert (tmp_path / "a.jsonl").read_text() and (tmp_path / "b.jsonl").read_text()
 
 
-def test_training_logs_carry_the_run_trace_and_the_sample_nests_under_it(spans, tmp_path, capsys):
+def test_training_logs_carry_the_interval_trace_and_the_sample_nests_under_it(spans, tmp_path, capsys):
     import logging
 
     from gptjax.tracing import install_json_logs
@@ -307,8 +306,68 @@ def test_training_logs_carry_the_run_trace_and_the_sample_nests_under_it(spans, 
         logging.getLogger("gptjax").removeHandler(handler)
         logging.getLogger("gptjax").propagate = True
     records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
-    run = _by_name(spans.get_finished_spans())["gptjax.train"][0]
+    got = _by_name(spans.get_finished_spans())
+    run, interval = got["gptjax.train"][0], got["gptjax.train_interval"][0]
+    assert interval.links[0].context.span_id == run.context.span_id
     val = next(r for r in records if "val loss" in r["message"])
-    assert val["trace_id"] == f"{run.context.trace_id:032x}"
+    assert val["trace_id"] == f"{interval.context.trace_id:032x}"
     sample = next(s for s in spans.get_finished_spans() if s.name.startswith("text_completion"))
-    assert sample.context.trace_id == run.context.trace_id
+    assert sample.context.trace_id == interval.context.trace_id
+
+
+# ---- the server's spans, in process -------------------------------------------------------------------------
+def test_a_session_pass_goes_under_the_oldest_request_and_links_the_others(spans):
+    from gptjax.generate import GenerationRequest
+    from gptjax.tracing.session import SessionSpans
+
+    spans.clear()
+    rows = SessionSpans(get_backend("numpy", CONFIG).observer)
+    requests = {name: GenerationRequest([prompt], 8, SamplingParams(seed=3)) for name, prompt in
+                (("a", [1, 2, 3]), ("b", [4]), ("c", [5, 6]))}
+    for name in ("a", "b", "c"):
+        rows.start(name, requests[name], None)
+    with rows.forward_pass("decode", "decode", ["c", "b"], 5):  # a left the batch: b is the oldest live one
+        pass
+    rows.end("b", 4, "length")
+    rows.end("c", 2)  # no reason: cancelled
+    rows.close(RuntimeError("the session failed"))
+    got = _by_name(spans.get_finished_spans())
+    decode, = got["gptjax.decode"]
+    a, b, c = sorted(got["text_completion gpt-2L-16d-97v"], key=lambda s: s.start_time)
+    assert decode.parent.span_id == b.context.span_id and [k.context.span_id for k in decode.links] == [
+        c.context.span_id]
+    assert decode.attributes["gptjax.seq_len"] == 5 and decode.attributes["gptjax.batch_size"] == 2
+    assert b.attributes["gen_ai.usage.output_tokens"] == 4 and tuple(b.attributes["gen_ai.response.finish_reasons"]
+                                                                      ) == ("length",)
+    assert c.attributes["gptjax.cancelled"] is True and "gen_ai.response.finish_reasons" not in c.attributes
+    assert a.status.status_code == trace.StatusCode.ERROR and a.attributes["error.type"] == "RuntimeError"
+    assert a.attributes["gen_ai.usage.input_tokens"] == 3 and a.attributes["gptjax.continuous"] is True
+
+
+def test_a_compile_while_serving_is_on_the_span_and_counted_as_a_request_compile(spans):
+    from fastapi.testclient import TestClient
+
+    from gptjax.serve import ServedModel, ServeOptions, create_app
+    from gptjax.tracing import Metrics
+
+    config = CONFIG.replace(n_embd=20)  # programs no other test compiled
+    m = Metrics()
+    backend = get_backend("jax", config, metrics=m)
+    model = ServedModel(backend, backend.prepare(init_params(config, 1)), None, m)
+
+    def compiles(phase):
+        return m.registry.get_sample_value("gptjax_compiles_total", {"phase": phase, "purpose": "request"}) or 0
+
+    with TestClient(create_app(model, ServeOptions(warmup=False))) as client:
+        # 6 tokens: the prefill's, a decode chunk of 4 and one of 1; the first request compiles the session's
+        # prefill and decode programs, the second finds them compiled
+        for compiled in ([True, True, False], [False, False, False]):
+            spans.clear()
+            r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 6, "seed": 0})
+            assert r.status_code == 200, r.text
+            passes = sorted((s for s in spans.get_finished_spans() if s.name in ("gptjax.prefill", "gptjax.decode")),
+                            key=lambda s: s.start_time)
+            assert [(s.name, s.attributes["gptjax.compiled"]) for s in passes] == list(zip(
+                ["gptjax.prefill", "gptjax.decode", "gptjax.decode"], compiled))
+            assert (compiles("prefill"), compiles("decode")) == (1, 1)
+        assert m.registry.get_sample_value("gptjax_requests_total", {"outcome": "ok"}) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,7 +49,7 @@ def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
         state.phase = "draining"
         await asyncio.to_thread(state.scheduler.close)
 
-    app = FastAPI(title="gptjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gptjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **_telemetry())
     app.state.gptjax = state
     app.include_router(router)
     app.add_middleware(_CountRequests, counter=state.server_metrics.http)
@@ -56,6 +57,17 @@ def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     return app
+
+
+UNTRACED = ("/health", "/metrics")  # probes and scrapes: every few seconds, no trace worth keeping
+
+
+def _telemetry() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry settings (FastAPI >= 0.16x traces every request once an SDK is installed):
+    leave /health and /metrics untraced. Older FastAPI traces nothing itself."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"exclude": lambda scope: scope.get("path") in UNTRACED}}
 
 
 def _state(request: Request) -> ServerState:

@@ -2,10 +2,10 @@
 (`Backend.open_session`, where `supports_sessions`) and, between decode chunks, admit queued jobs into free
 slots and drop rows whose client left or timed out.
 
-Reports through the backend's observer (gptjax.tracing.observe), as its generate calls do: prefill/decode spans
-(the session's under a `text_completion` span in the first job's trace, a joining job's prefill in its own trace)
-and Prometheus metrics (forward time, TTFT from the request's arrival, time per output token, requests by
-outcome, tokens). With a speculation (`gptjax serve --draft`) the session decodes speculatively: each chunk is a
+Reports through the backend's observer (gptjax.tracing.observe), as its generate calls do: a `text_completion`
+span per job with generate's attributes, prefill/decode spans under the oldest live job's and linked from the
+others' (gptjax.tracing.session), and Prometheus metrics (forward time, TTFT from the request's arrival, time per
+output token, requests by outcome, tokens). With a speculation (`gptjax serve --draft`) the session decodes speculatively: each chunk is a
 `gptjax.speculate` span carrying the drafter, k and the chunk's proposed and accepted draft tokens, which also go
 to the speculative token counters.
 """
@@ -16,16 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from opentelemetry import trace
-
 from gptjax.backends.base import Backend
 from gptjax.generate import GenerationRequest
 from gptjax.serve.scheduler import STOPPED, DeviceLock, Event, Job
-from gptjax.tracing.spans import record_error
+from gptjax.tracing.observe import token_events
+from gptjax.tracing.session import SessionSpans
 
 Take = Callable[[Callable[[GenerationRequest], bool], int], list[Job]]
 Chunk = list[tuple[Job, list[int], "str | None"]]  # (owner, new tokens, finish reason) per occupied row
-CONTINUOUS = {"gen_ai.operation.name": "text_completion", "gptjax.continuous": True}  # a session's span says so
 
 
 class Session(Protocol):
@@ -67,31 +65,32 @@ class SessionRunner:
         self.speculation = speculation
         self.on_cancel, self.on_chunk = on_cancel, on_chunk
         self.device = device or DeviceLock()
+        self.spans = SessionSpans(self.observer)  # each job's text_completion span (one session at a time)
 
     def __call__(self, jobs: list[Job], take: Take, spans: list[Any]) -> None:
-        longest = max(len(j.request.prompts[0]) for j in jobs)
-        parent = self.observer.request_span(len(jobs), longest, lambda: CONTINUOUS,
-                                            context=trace.set_span_in_context(spans[0]))
+        self.spans = SessionSpans(self.observer)
+        for job, span in zip(jobs, spans):
+            self.spans.start(job, job.request, span)
         try:
-            session = self._open(jobs, parent)
+            session = self._open(jobs)
             while session.live:
                 self._drop_cancelled(session)
                 self._admit(session, take)
                 if not session.live:
                     break
-                self._decode(session, parent)
+                self._decode(session)
         except BaseException as e:
-            record_error(parent, e)
+            self.spans.close(e)
             raise
         finally:
-            parent.end()
+            self.spans.close()
 
-    def _open(self, jobs: list[Job], parent: Any) -> Session:
+    def _open(self, jobs: list[Job]) -> Session:
         """The session of the starting jobs, prefilled together; their first tokens delivered."""
         budget, n_pos = max(j.request.max_new_tokens for j in jobs), self.backend.config.n_positions
         lengths = [len(j.request.prompts[0]) for j in jobs]
         spec = {} if self.speculation is None else {"speculation": self.speculation}
-        with self.device, self.observer.forward_pass("prefill", "prefill", len(jobs), max(lengths), parent) as span:
+        with self.device, self.spans.forward_pass("prefill", "prefill", jobs, max(lengths)) as span:
             session = self.backend.open_session(self.weights, [j.request for j in jobs], jobs,
                                                 slots=self.slots(len(jobs)),
                                                 headroom=max(0, min(3 * budget, n_pos - budget)), **spec)
@@ -100,17 +99,19 @@ class SessionRunner:
         self._deliver(session, first, ttft=True)
         return session
 
-    def _decode(self, session: Session, parent: Any) -> None:
+    def _decode(self, session: Session) -> None:
         """One decode chunk of the live rows in its span, reported; its tokens delivered."""
         before, drafts = session.step, (session.proposed, session.accepted)
         self.on_chunk(len(session.live))
         name = "speculate" if session.draft else "decode"
-        with self.device, self.observer.forward_pass(name, "decode", len(session.live), session.Tp + before,
-                                                     parent) as span:
+        jobs = [session.owners[row] for row in session.live]
+        seq_len = max(len(j.request.prompts[0]) + j.sent for j in jobs)  # the longest sequence, as generate counts
+        with self.device, self.spans.forward_pass(name, "decode", jobs, seq_len) as span:
             chunk = session.run(self.chunk_size)
             steps = self._steps(session, before, chunk)
             span.set({"gptjax.steps": steps} | self._speculated(session, *drafts))
-        self.observer.report_decode(span.seconds, steps, sum(len(t) for _, t, _ in chunk), session.Tp + before)
+            token_events(span, seq_len, steps)
+        self.observer.report_decode(span.seconds, steps, sum(len(t) for _, t, _ in chunk), seq_len)
         self._deliver(session, chunk)
 
     @staticmethod
@@ -140,8 +141,9 @@ class SessionRunner:
         room = min(session.owners.count(None), self.max_batch - len(session.live))  # rows are a power of two
         for job in take(session.fits, max(0, room)):
             n = len(job.request.prompts[0])
+            self.spans.start(job, job.request, job.span)
             try:
-                with self.device, self.observer.forward_pass("prefill", "prefill", 1, n, job.span) as span:
+                with self.device, self.spans.forward_pass("prefill", "prefill", [job], n) as span:
                     first = session.admit(job.request, job)
             except Exception as e:
                 job.post(Event(error=e))
@@ -157,7 +159,7 @@ class SessionRunner:
                 with self.device:
                     session.cancel(job)
                 if job.cancel_reason == STOPPED:  # its stop string ended it: a normal end
-                    self._observe_end(job, "ok")
+                    self._observe_end(job, "ok", reason=STOPPED)
                     continue
                 self.on_cancel(job.cancel_reason or "cancelled")
                 self._observe_end(job, "cancelled")
@@ -171,8 +173,10 @@ class SessionRunner:
             job.sent += len(tokens)
             job.post(Event(list(tokens), reason))
             if reason:
-                self._observe_end(job, "ok")
+                self._observe_end(job, "ok", reason=reason)
 
-    def _observe_end(self, job: Job, outcome: str, error: BaseException | None = None) -> None:
+    def _observe_end(self, job: Job, outcome: str, error: BaseException | None = None, reason: str | None = None
+                     ) -> None:
+        self.spans.end(job, job.sent, reason, error)
         self.observer.report_request(time.perf_counter() - job.queued_at, len(job.request.prompts[0]), job.sent,
                                      outcome, error)

@@ -100,13 +100,14 @@ class Observer:
                             context=context, start_time=start_time)
 
     @contextlib.contextmanager
-    def forward_pass(self, name: str, phase: str, batch: int, seq_len: int, parent: trace.Span | None = None
-                     ) -> Iterator[SpanHandle]:
-        """A `gptjax.<name>` span around one forward pass or chunk, saying whether it compiled; its handle's
-        `seconds` is the pass's duration once the block ended."""
+    def forward_pass(self, name: str, phase: str, batch: int, seq_len: int, parent: trace.Span | None = None,
+                     links: Sequence[trace.Span] = ()) -> Iterator[SpanHandle]:
+        """A `gptjax.<name>` span around one forward pass or chunk at sequence length `seq_len` (the tokens each
+        row's sequence holds when the pass starts, padding not counted), saying whether it compiled; its handle's
+        `seconds` is the pass's duration once the block ended. links: the other requests it works for."""
         before = self.backend.compile_count()
         with forward_span(f"gptjax.{name}", lambda: self.span_attributes(phase, batch, seq_len), parent=parent,
-                          synced=self.synced) as span:
+                          synced=self.synced, links=links) as span:
             yield span
             compiled = self.backend.compile_count() - before
             span.set({"gptjax.compiled": compiled > 0})
@@ -219,7 +220,7 @@ class _Call:
             steps = max((len(t) for t in chunk.tokens), default=0)
             span.set({"gptjax.steps": steps} | speculation_attributes(self.spec, chunk))
             if phase == "decode":
-                self._token_events(span, steps)
+                token_events(span, self.position, steps)
         self._report(phase, span.seconds, steps, chunk)
         self.generated += sum(len(t) for t in chunk.tokens)
         self.position += max(1, steps)
@@ -228,17 +229,9 @@ class _Call:
             self._finished()
         return chunk
 
-    def _token_events(self, span: SpanHandle, steps: int) -> None:
-        """A `gptjax.token` event per decode step of a recording chunk span."""
-        if span.recording:
-            for i in range(steps):
-                span.event("gptjax.token", {"gptjax.position": self.position + i})
-
     def _finished(self) -> None:
         """The call's output tokens and finish reasons on its span."""
-        if self.parent.is_recording():
-            self.parent.set_attributes({"gen_ai.usage.output_tokens": self.generated,
-                                        "gen_ai.response.finish_reasons": [str(r) for r in self.reasons]})
+        set_finished(self.parent, self.generated, self.reasons)
 
     def _report(self, phase: str, seconds: float, steps: int, chunk: StreamChunk) -> None:
         """A chunk's metrics: a prefill's (and the time to first token), or a decode chunk's (and its drafts)."""
@@ -265,6 +258,22 @@ def request_attributes(request: GenerationRequest) -> dict[str, Any]:
         if getattr(sp, name):
             attributes[f"gen_ai.request.{name}"] = getattr(sp, name)
     return attributes
+
+
+def token_events(span: SpanHandle, position: int, steps: int) -> None:
+    """A `gptjax.token` event per decode step of a recording chunk span, at sequence positions `position`..."""
+    if span.recording:
+        for i in range(steps):
+            span.event("gptjax.token", {"gptjax.position": position + i})
+
+
+def set_finished(span: trace.Span, generated: int, reasons: Sequence[str | None]) -> None:
+    """A finished request's GenAI response attributes: its output tokens and each row's finish reason (none
+    given: a cancelled request's)."""
+    if span.is_recording():
+        span.set_attribute("gen_ai.usage.output_tokens", generated)
+        if reasons:
+            span.set_attribute("gen_ai.response.finish_reasons", [str(r) for r in reasons])
 
 
 def speculation_attributes(spec: Speculation | None, chunk: StreamChunk) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -70,14 +70,15 @@ class SpanHandle:
 
 @contextlib.contextmanager
 def forward_span(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]], *, synced: bool = True,
-                 parent: trace.Span | None = None) -> Iterator[SpanHandle]:
+                 parent: trace.Span | None = None, links: Sequence[trace.Span] = ()) -> Iterator[SpanHandle]:
     """A span (current while the block runs) around one forward pass or step; errors are recorded on it with
     status ERROR and `error.type`; the same name is pushed as a jax.profiler.TraceAnnotation. The handle's
-    `seconds` is the block's duration once it ended."""
+    `seconds` is the block's duration once it ended. links: spans this one also works for (e.g. the other
+    requests of a shared decode chunk), as span links."""
     import jax
 
     ctx = trace.set_span_in_context(parent) if parent is not None else None
-    span = tracer().start_span(name, context=ctx)
+    span = tracer().start_span(name, context=ctx, links=[trace.Link(s.get_span_context()) for s in links] or None)
     handle, t0 = SpanHandle(span, synced), time.perf_counter()
     handle.set(attributes)
     token = otel_context.attach(trace.set_span_in_context(span))
@@ -103,11 +104,14 @@ def record_error(span: trace.Span, error: BaseException) -> None:
 
 
 def start_parent(name: str, attributes: dict[str, Any] | Callable[[], dict[str, Any]], *,
-                 context: otel_context.Context | None = None, start_time: int | None = None) -> trace.Span:
-    """A parent span (e.g. one generate or train call) started but not made current: the caller passes it to
-    forward_span(parent=...) and ends it, which works across generator yields. context and start_time (ns)
-    let a lazily started generator place the span where and when the call was made."""
-    span = tracer().start_span(name, context=context, start_time=start_time)
+                 context: otel_context.Context | None = None, start_time: int | None = None,
+                 links: Sequence[trace.Span] = ()) -> trace.Span:
+    """A parent span (e.g. one generate call, or a training run's logging interval) started but not made current:
+    the caller passes it to forward_span(parent=...) and ends it, which works across generator yields. context
+    and start_time (ns) let a lazily started generator place the span where and when the call was made; links
+    point at related spans in other traces."""
+    span = tracer().start_span(name, context=context, start_time=start_time,
+                               links=[trace.Link(s.get_span_context()) for s in links] or None)
     if span.is_recording():
         span.set_attributes(attributes() if callable(attributes) else attributes)
     return span

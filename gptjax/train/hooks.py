@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from tqdm import tqdm
 
@@ -166,12 +167,17 @@ class Prometheus(Hook):
 
 
 class Tracing(Hook):
-    """OpenTelemetry spans: `gptjax.train` around the run (current while it runs, so logs and the samples'
-    generate spans nest under it), a `gptjax.train_step` per step and a `gptjax.eval` per evaluation."""
+    """OpenTelemetry spans, one trace per logging interval: `gptjax.train` is the run's own trace (its settings and
+    the steps it took); every tc.log_every steps a `gptjax.train_interval` root span, linked to the run's, holds
+    that interval's `gptjax.train_step` and `gptjax.eval` spans and is current until the next interval starts (so
+    logs and the samples' generate spans nest under it). A run of N steps is N / log_every traces of at most
+    log_every steps (and their evaluations) each, not one trace that grows with the run."""
 
     def __init__(self, tc: TrainConfig, T: int, mesh: Any) -> None:
         self.tc, self.T, self.mesh = tc, T, mesh
         self.parent: Any = None  # the run's span
+        self.interval: Any = None  # the open interval's span ...
+        self.index, self.token = -1, None  # ... its number and the context token that made it current
         self.span: Any = None  # the step's or evaluation's SpanHandle
         self.last = 0  # the last step taken
 
@@ -187,31 +193,60 @@ class Tracing(Hook):
     def run(self, start: int) -> Iterator[None]:
         self.last = start
         self.parent = start_parent("gptjax.train", lambda: self.attributes("train") | {
-            "gptjax.train.start_step": start, "gptjax.train.max_steps": self.tc.max_steps})
+            "gptjax.train.start_step": start, "gptjax.train.max_steps": self.tc.max_steps,
+            "gptjax.train.log_every": self.tc.log_every})
         try:
-            with trace.use_span(self.parent, end_on_exit=False):
-                yield
+            yield
         except BaseException as e:
-            record_error(self.parent, e)
+            for span in (self.interval, self.parent):
+                if span is not None:
+                    record_error(span, e)
             raise
         finally:
+            self._end_interval()
             self.parent.set_attribute("gptjax.train.steps", self.last - start)
             self.parent.end()
 
+    def _enter_interval(self, step: int) -> None:
+        """Make the span of step's logging interval current, ending the previous interval's if step starts a new one
+        (attached here and detached at the next interval: the loop calls the hooks from one thread, in order)."""
+        index = (step - 1) // self.tc.log_every
+        if self.interval is not None and index == self.index:
+            return
+        self._end_interval()
+        self.index = index
+        self.interval = start_parent("gptjax.train_interval", lambda: self.attributes("train") | {
+            "gptjax.train.first_step": step, "gptjax.train.interval": index}, context=otel_context.Context(),
+            links=[self.parent])
+        self.token = otel_context.attach(trace.set_span_in_context(self.interval))
+
+    def _end_interval(self) -> None:
+        if self.interval is not None:
+            otel_context.detach(self.token)
+            self.interval.set_attribute("gptjax.train.last_step", self.last)
+            self.interval.end()
+            self.interval = None
+
     @contextmanager
     def step(self, step: int) -> Iterator[None]:
+        self._enter_interval(step)
         with forward_span("gptjax.train_step", lambda: self.attributes("train") | {"gptjax.step": step},
-                          parent=self.parent) as self.span:
+                          parent=self.interval) as self.span:
             yield
 
     def step_done(self, timing: Timing) -> None:
         self.last = timing.step
         self.span.set(lambda: {"gptjax.compiled": timing.compiled})
 
+    def logged(self, step: int, scalars: dict[str, float]) -> None:
+        if self.interval is not None and self.interval.is_recording():
+            self.interval.set_attributes({f"gptjax.train.{name}": value for name, value in scalars.items()})
+
     @contextmanager
     def evaluation(self, step: int) -> Iterator[None]:
+        self._enter_interval(max(step, 1))
         with forward_span("gptjax.eval", lambda: self.attributes("eval") | {"gptjax.step": step},
-                          parent=self.parent) as self.span:
+                          parent=self.interval) as self.span:
             yield
 
     def eval_done(self, timing: Timing, loss: float) -> None:
