@@ -17,16 +17,21 @@ T = TypeVar("T")
 clock = time.perf_counter  # the harness's clock: seconds, monotonic, the finest the platform has
 
 
-def interleaved_runs(fns: dict[str, Callable[[int], T]], runs: int, warmup: int) -> dict[str, list[T]]:
+def interleaved_runs(fns: dict[str, Callable[[int], T]], runs: int, warmup: int, rotate: bool = False
+                     ) -> dict[str, list[T]]:
     """What each fn returns per timed run, run A B A B ... after `warmup` rounds whose results are dropped;
-    fn(i) gets the run index (to rotate inputs; negative during warm-up) and measures itself (timed, stamps)."""
+    fn(i) gets the run index (to rotate inputs; negative during warm-up) and measures itself (timed, stamps).
+    rotate: round i starts at the i-th fn (A B C, B C A, C A B, ...), so no fn always runs right after the same
+    neighbour (a peer's spinning threads, a cache another fn warmed)."""
     for i in range(warmup):
         for fn in fns.values():
             fn(-1 - i)
     results: dict[str, list[T]] = {name: [] for name in fns}
+    names = list(fns)
     for i in range(runs):
-        for name, fn in fns.items():
-            results[name].append(fn(i))
+        k = i % len(names) if rotate and names else 0
+        for name in names[k:] + names[:k]:
+            results[name].append(fns[name](i))
     return results
 
 

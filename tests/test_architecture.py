@@ -28,8 +28,8 @@ LAYERS = {
              "gptjax.data", "gptjax.heldout", "gptjax.generate", "gptjax.scoring", "gptjax.speculative"),
     # the backends, their compiled kernels, the observability that wraps them, and the public API re-exporting them
     "backends": ("gptjax.backends", "gptjax._cpu_kernels", "gptjax.tracing", "gptjax"),
-    # what runs a backend or a model for a result: training, distillation, the precision report
-    "workflows": ("gptjax.train", "gptjax.distill", "gptjax.precision_report"),
+    # what runs a backend or a model for a result: training, distillation, the precision report, exports (GGUF)
+    "workflows": ("gptjax.train", "gptjax.distill", "gptjax.precision_report", "gptjax.export"),
     # the applications: the HTTP server and the benchmark harness
     "apps": ("gptjax.serve", "gptjax.bench"),
     "cli": ("gptjax.cli",),

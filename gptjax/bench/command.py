@@ -31,10 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, metavar="N", help="timed runs per measurement, median reported")
     p.add_argument("--workloads", default="prefill,decode,train", metavar="LIST",
                    help="comma list of prefill, decode, train (default all)")
-    p.add_argument("--peer", choices=["hf", "none"], default="none", help="hf: Hugging Face GPT-2 on PyTorch "
-                   "doing the same work in the same run, interleaved A B A B (needs the peer extra)")
-    p.add_argument("--peer-threads", type=int, metavar="N", help="torch CPU threads for the peer (default: as "
-                   "many as XLA uses, one per core; fewer only when other work holds cores, and say so)")
+    p.add_argument("--peer", default="none", metavar="LIST", help="comma list of peers doing the same work on the "
+                   "same weights in the same run, cells round-robin: llama.cpp, ct2 (CTranslate2), ort (ONNX "
+                   "Runtime), each in its own process (the peers extra), hf (Hugging Face GPT-2 on PyTorch, the peer "
+                   "extra); none (default)")
+    p.add_argument("--peer-threads", type=int, metavar="N", help="CPU threads for the peers (default: as many as "
+                   "XLA uses, one per core; fewer only when other work holds cores, and say so)")
     p.add_argument("--out", metavar="DIR", help="results directory (default runs/bench-<time>): results.jsonl, "
                    "results.md, plots/")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (they need the bench extra)")

@@ -1,5 +1,6 @@
-"""The suite: which workloads a quick or full run measures, the runner (ceilings first, then each workload,
-gptjax and the peer interleaved A B A B), and the rows it writes."""
+"""The suite: which workloads a quick or full run measures, the runner (ceilings first, then each measurement
+group: one workload shape and one weight width, gptjax's modes of that width and every peer variant of it, all
+cells round-robin with the order rotated each round), and the rows it writes."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from gptjax import precision as registry
 from gptjax.bench import metrics
 from gptjax.bench.ceilings import datasheet_for, measure_ceilings
 from gptjax.bench.env import device_memory
-from gptjax.bench.peer import describe, peer_job, require_peer
+from gptjax.bench.peers import PROCESS_PEERS, parse_peers, width
+from gptjax.bench.peers.hf import require_peer
+from gptjax.bench.peers.lineup import Lineup, PeerCell
 from gptjax.bench.plots import make_plots
 from gptjax.bench.report import ceilings_table, markdown_table
 from gptjax.bench.results import Results, open_results
 from gptjax.bench.workloads import Job, Shape, ours
 from gptjax.config import GPTConfig, get_preset
 from gptjax.errors import GptjaxError
-from gptjax.timing import interleaved_times, latency_summary, load_average, median, timed
+from gptjax.timing import interleaved_runs, latency_summary, load_average, median, timed
 from gptjax.weights import init_params
 
 WORKLOADS = ("prefill", "decode", "train")
@@ -62,7 +65,7 @@ class Options:
     new: int | None = None
     runs: int | None = None
     workloads: tuple[str, ...] = WORKLOADS
-    peer: str | None = None
+    peer: str | None = None  # comma list of gptjax.bench.peers.PEERS
     out: str | None = None
     plots: bool = True
     time_budget: float | None = None  # seconds; workloads not started by then are recorded as skipped
@@ -91,8 +94,7 @@ def validate(options: Options) -> tuple[SuiteSpec, GPTConfig]:
     for w in options.workloads:
         if w not in WORKLOADS:
             raise GptjaxError(f"--workloads {w!r}; allowed: {', '.join(WORKLOADS)}")
-    if options.peer not in (None, "hf"):
-        raise GptjaxError(f"--peer {options.peer!r}; allowed: hf, none")
+    parse_peers(options.peer)
     if spec.runs < 1:
         raise GptjaxError(f"--runs {spec.runs} must be >= 1")
     for flag, v in (("--matmul-n", options.matmul_n), ("--bandwidth-mib", options.bandwidth_mib),
@@ -122,12 +124,28 @@ def _check_lengths(config: GPTConfig, spec: SuiteSpec) -> None:
         raise GptjaxError(f"--new {spec.new}: prompt {spec.prompt} + new must be in [{spec.prompt + 1}, {P}]")
 
 
-def plan(options: Options, spec: SuiteSpec) -> list[tuple[Shape, str]]:
-    """(shape, precision) of every measurement, in order: prefill, decode, train, each per precision."""
+def plan(options: Options, spec: SuiteSpec) -> list[tuple[Shape, tuple[str, ...]]]:
+    """The measurement groups, in order: per weight width (in --precision's order), each workload's shapes, with
+    the requested modes of that width (measured together with the peers' variants of that width)."""
     shapes = {"prefill": [Shape("prefill", 1, seq=T) for T in spec.seqs],
               "decode": [Shape("decode", B, prompt=spec.prompt, new=spec.new) for B in spec.batches],
               "train": [Shape("train", spec.train_batch, seq=spec.train_seq)]}
-    return [(s, p) for w in WORKLOADS if w in options.workloads for p in options.precisions for s in shapes[w]]
+    widths = {width(p): tuple(q for q in options.precisions if width(q) == width(p)) for p in options.precisions}
+    return [(s, modes) for modes in widths.values() for w in WORKLOADS if w in options.workloads for s in shapes[w]]
+
+
+def require_peers(names: tuple[str, ...]) -> None:
+    """Raise a GptjaxError naming the extra to install when a peer's packages are missing."""
+    import importlib.util
+
+    if "hf" in names:
+        require_peer()
+    packages = {"llama.cpp": ("llama_cpp", "gguf"), "ct2": ("ctranslate2",), "ort": ("onnxruntime", "onnx")}
+    for name in (n for n in names if n in PROCESS_PEERS):
+        missing = [m for m in packages[name] if importlib.util.find_spec(m) is None]
+        if missing:
+            raise GptjaxError(f"--peer {name} needs the `peers` extra (pip install 'gptjax[peers]'): "
+                              f"{', '.join(missing)} not installed")
 
 
 def ceiling_sizes(spec: SuiteSpec, options: Options, platform: str) -> tuple[int, int]:
@@ -141,20 +159,26 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     """Run the suite; write DIR/results.jsonl (line by line, so an interrupted run keeps what it measured),
     DIR/results.md and plots; return every row."""
     spec, config = validate(options)
-    if options.peer == "hf":
-        require_peer()
+    peers = parse_peers(options.peer)
+    require_peers(peers)
     deadline = time.monotonic() + options.time_budget if options.time_budget else None
     results = open_results(options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"), log, options.peer_threads)
     ceiling = _ceilings(spec, options, results.env, log)
     rows = [results.environment_row] + results.write([{"kind": "ceiling"} | ceiling])
-    base = results.base
     params = init_params(config, seed=0)
-    for shape, precision in plan(options, spec):
-        if deadline is not None and time.monotonic() > deadline:
-            new = _skipped(base, spec, shape, precision, options, "time budget spent")
-        else:
-            new = measure(base, spec, config, params, shape, precision, options, ceiling, log)
-        rows += results.write(new)
+    lineup = Lineup(peers, config, params, results.out, results.env["peer_threads"])
+    groups = plan(options, spec)
+    try:
+        for n, (shape, modes) in enumerate(groups):
+            if deadline is not None and time.monotonic() > deadline:
+                new = _skipped(results.base, spec, shape, modes, options, "time budget spent")
+            else:
+                new = measure(results.base, spec, config, params, shape, modes, options, ceiling, lineup, log)
+            rows += results.write(new)
+            if n + 1 == len(groups) or width(groups[n + 1][1][0]) != width(modes[0]):
+                lineup.release(modes[0])  # this width's groups are done: free the peers' models of it
+    finally:
+        lineup.close()
     _finish(rows, results, options, ceiling, spec, log)
     return rows
 
@@ -174,46 +198,101 @@ def _identity(spec: SuiteSpec, shape: Shape, precision: str, options: Options, b
             "prompt": shape.prompt, "new": shape.new}
 
 
-def _skipped(base: dict, spec: SuiteSpec, shape: Shape, precision: str, options: Options, message: str
+def _skipped(base: dict, spec: SuiteSpec, shape: Shape, modes: tuple[str, ...], options: Options, message: str
              ) -> list[dict[str, Any]]:
-    rows = [base | _identity(spec, shape, precision, options, options.backend) | {"status": "skipped",
-                                                                                    "message": message}]
-    if options.peer:
-        rows.append(base | _identity(spec, shape, precision, options, options.peer) | {
-            "status": "skipped", "message": f"not run: gptjax's {precision} variant was skipped"})
-    return rows
+    """A skipped row per mode (the peers' variants are not run either)."""
+    return [base | _identity(spec, shape, p, options, options.backend) | {"status": "skipped", "message": message}
+            for p in modes]
 
 
-def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape: Shape, precision: str,
-            options: Options, ceiling: dict[str, Any], log: Any) -> list[dict[str, Any]]:
-    """Rows for one workload variant: gptjax's and the peer's (interleaved), or skipped rows with the reason."""
-    log(f"{shape.workload} {shape.label} {precision} ...")
-    try:
-        job = ours(options.backend, config, params, shape, precision, options.kv_cache)
-    except GptjaxError as e:
-        return _skipped(base, spec, shape, precision, options, str(e))
-    first = timed(lambda: job.call(-1))  # compiles (jit) and converts: excluded from the timed runs
-    fns, peer_latencies, peer_error = {options.backend: job.call}, None, None
-    if options.peer == "hf":
+def measure(base: dict, spec: SuiteSpec, config: GPTConfig, params: dict, shape: Shape, modes: tuple[str, ...],
+            options: Options, ceiling: dict[str, Any], lineup: Lineup, log: Any) -> list[dict[str, Any]]:
+    """Rows for one group: gptjax's modes and the peers' variants of their width, timed round-robin (order
+    rotated each round); a skipped row for a mode the backend refuses, a row for a variant not timed."""
+    log(f"{shape.workload} {shape.label} {'/'.join(modes)} ...")
+    jobs, rows = {}, []
+    for p in modes:
         try:
-            fns["hf"], peer_latencies = peer_job(params, config, shape, precision, options.peer_threads)
+            jobs[p] = ours(options.backend, config, params, shape, p, options.kv_cache)
         except GptjaxError as e:
-            peer_error = str(e)
-    times = interleaved_times(fns, spec.runs, warmup=1)
-    ours_row = _row(base | _identity(spec, shape, precision, options, options.backend), shape, job,
-                    times[options.backend], ceiling, job.latencies)
-    ours_row["compile_s"] = max(0.0, first - median(times[options.backend]))
-    rows = [ours_row]
-    if "hf" in times:
-        peer_row = _row(base | _identity(spec, shape, precision, options, "hf"), shape, job, times["hf"], ceiling,
-                        peer_latencies)
-        peer_row["peer"] = describe(precision)
-        ours_row["vs_peer"] = median(times["hf"]) / median(times[options.backend])
-        rows.append(peer_row)
-    elif peer_error:
-        rows.append(base | _identity(spec, shape, precision, options, "hf") | {"status": "skipped",
-                                                                              "message": peer_error})
-    return rows
+            rows += _skipped(base, spec, shape, (p,), options, str(e))
+    if not jobs:
+        return rows
+    cells, untimed = lineup.cells(shape, modes)
+    calls, compile_s = _calls(jobs, cells)
+    times = interleaved_runs(calls, spec.runs, warmup=1, rotate=True)
+    ours_rows = [_ours_row(base | _identity(spec, shape, p, options, options.backend), shape, job, times, p,
+                           ceiling) | {"compile_s": max(0.0, compile_s[p] - median(times[p]))}
+                 for p, job in jobs.items()]
+    job = next(iter(jobs.values()))
+    peer_rows = [_peer_row(base | _identity(spec, shape, c.variant, options, c.backend), shape, job, c, times,
+                           ceiling) for c in cells]
+    _versus(ours_rows, peer_rows)
+    return rows + ours_rows + peer_rows + [base | _identity(spec, shape, r["precision"], options, r["backend"]) | r
+                                           for r in untimed]
+
+
+def _calls(jobs: dict[str, Job], cells: list[PeerCell]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Every timed call of a group by name (seconds per call i), and gptjax's first-call seconds per mode (the
+    compile); decode also times the prompt alone (a one-token generate, subtracted from the whole call)."""
+    calls, compile_s = {}, {}
+    for p, job in jobs.items():
+        compile_s[p] = timed(lambda job=job: job.call(-1))  # compiles (jit) and converts: excluded from the timed runs
+        calls[p] = lambda i, job=job: timed(lambda: job.call(i))
+        if job.prompt is not None:
+            job.prompt(-1)  # its own compile
+            calls[p + " prompt"] = lambda i, job=job: timed(lambda: job.prompt(i))
+    for c in cells:
+        calls[f"{c.backend} {c.variant}"] = c.call
+        if c.prompt is not None:
+            calls[f"{c.backend} {c.variant} prompt"] = c.prompt
+    return calls, compile_s
+
+
+def _ours_row(row: dict[str, Any], shape: Shape, job: Job, times: dict[str, list[float]], mode: str,
+              ceiling: dict[str, Any]) -> dict[str, Any]:
+    return _row(row, shape, job, times[mode], ceiling, job.latencies) | _decode_rate(shape, times, mode)
+
+
+def _peer_row(row: dict[str, Any], shape: Shape, job: Job, cell: PeerCell, times: dict[str, list[float]],
+              ceiling: dict[str, Any]) -> dict[str, Any]:
+    """A peer variant's row: its throughput and latency, FLOPs of the same work; no bytes (its storage differs)."""
+    name = f"{cell.backend} {cell.variant}"
+    t = median(times[name])
+    row |= {"status": "ok", "runs": len(times[name]), "times_s": times[name], "median_s": t,
+            "tokens_per_s": shape.tokens / t, "flops": job.flops, "flops_per_s": job.flops / t,
+            "compute_dtype": None, "latency_s": latency_summary(times[name]), "load_avg_1m": load_average(),
+            "memory": {}} | cell.fields | _decode_rate(shape, times, name)
+    if cell.latencies is not None:
+        extra = cell.latencies()
+        row |= {"ttft_s": extra["ttft_s"], "latency_s": latency_summary(extra["per_token_s"]),
+                "per_token_s": extra["per_token_s"], "call_latency_s": latency_summary(times[name])}
+    return row
+
+
+def _decode_rate(shape: Shape, times: dict[str, list[float]], name: str) -> dict[str, Any]:
+    """Decode's tokens/s without the prompt: new tokens / (whole call - the prompt alone), medians."""
+    if name + " prompt" not in times:
+        return {}
+    prompt = median(times[name + " prompt"])
+    steps = median(times[name]) - prompt  # not positive only when noise swamps a tiny model's steps
+    return {"prompt_s": prompt, "prompt_times_s": times[name + " prompt"],
+            "decode_tokens_per_s": shape.tokens / steps if steps > 0 else None}
+
+
+def _rate(row: dict[str, Any]) -> float:
+    return row.get("decode_tokens_per_s") or row["tokens_per_s"]
+
+
+def _versus(ours_rows: list[dict[str, Any]], peer_rows: list[dict[str, Any]]) -> None:
+    """Each gptjax row's speed over the best peer's (above 1 gptjax is faster; decode without the prompt), and
+    over each peer variant's."""
+    if not peer_rows:
+        return
+    best = max(peer_rows, key=_rate)
+    for r in ours_rows:
+        r |= {"vs_peer": _rate(r) / _rate(best), "best_peer": f"{best['backend']} {best['precision']}",
+              "vs_peers": {f"{p['backend']} {p['precision']}": _rate(r) / _rate(p) for p in peer_rows}}
 
 
 def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceiling: dict[str, Any],

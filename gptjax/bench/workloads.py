@@ -51,6 +51,7 @@ class Job:
     memory: dict[str, Any]
     latencies: Callable[[], dict[str, Any]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    prompt: Callable[[int], object] | None = None  # decode: the same prompts with one new token (the prefill)
 
 
 def backend_options(precision: str, kv_cache: str | None) -> dict[str, str]:
@@ -107,7 +108,8 @@ def _decode(backend: Any, weights: Any, config: GPTConfig, shape: Shape, precisi
                bytes_moved=n * metrics.decode_step_bytes(config, precision, kv, B, context),
                memory={"params_bytes": config.weight_bytes(precision),
                        "cache_bytes": B * (P + n) * config.kv_cache_bytes_per_token(kv)},
-               latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes=notes)
+               latencies=lambda: stream_latencies(backend, weights, prompts[1], n), notes=notes,
+               prompt=lambda i: backend.generate(weights, prompts[i % N_INPUTS], 1, sampling=GREEDY))
 
 
 def stream_latencies(backend: Any, weights: Any, prompts: list[list[int]], new: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The `gptjax` command: `train`, `distill`, `eval`, `generate`, `serve`, `quantize`, `info` (size calculator), `demo`,
-`backends`, `bench`.
+`backends`, `bench`, `export`.
 
 One module per command, each with NAME, HELP, DESCRIPTION, add_arguments(parser) and run(args) -> exit status;
 the logic they call lives in the library. Modules that take seconds to import (jax, flax, optax, orbax; the
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from gptjax import __version__
-from gptjax.cli import backends, bench, demo, distill, evaluate, generate, info, quantize, serve, train
+from gptjax.cli import backends, bench, demo, distill, evaluate, export, generate, info, quantize, serve, train
 from gptjax.cli.options import common_parser
 from gptjax.errors import GptjaxError
 from gptjax.tracing.setup import EXPORTERS, configure
 
-COMMANDS = (info, demo, generate, train, distill, evaluate, quantize, serve, backends, bench)  # in --help's order
+COMMANDS = (info, demo, generate, train, distill, evaluate, quantize, export, serve, backends, bench)  # in --help's order
 
 
 def main(argv: Sequence[str] | None = None) -> int:
