@@ -214,7 +214,7 @@ def run_piece(piece: Piece, runs: Path, folder: Path, load: Callable[[], float |
         log(f"{piece.name} failed (exit {code}); its log: {out / 'log.txt'}; the pieces before it are kept")
         return code
     for i, (source, dest) in enumerate(piece.files):
-        rows = _environment_rows(out) if not piece.stamped and i == 0 else []
+        rows = _environment_rows(out) + [_output(out)] if not piece.stamped and i == 0 else []
         rows += read_rows(out / source) if (out / source).exists() else []
         _write_atomic(folder / dest, rows + ([row] if i == 0 else []))
         log(f"{piece.name}: wrote {folder / dest} ({row['wall_s']:.0f} s)")
@@ -226,6 +226,11 @@ def _environment_rows(out: Path) -> list[dict]:
     from gptjax.bench.results import open_results
 
     return read_rows(Path(open_results(str(out / "env"), lambda _: None).path))
+
+
+def _output(out: Path, lines: int = 20) -> dict:
+    """The last lines the command printed (gptjax train's `done:` line): what the README quotes."""
+    return {"kind": "output", "tail": (out / "log.txt").read_text().splitlines()[-lines:]}
 
 
 def _write_atomic(path: Path, rows: list[dict]) -> None:

@@ -96,7 +96,7 @@ def test_a_missing_results_file_is_named_and_pending_only_by_a_marker(tmp_path, 
     assert "block peers-table" not in out
 
 
-def _page(text: str, files: dict) -> "render.Page":
+def _page(text: str, files: dict) -> render.Page:
     page = render.render_page(Path("page.md"), text, render.Results(files))
     render.render_page_blocks(page, render.Results(files), {})
     return page

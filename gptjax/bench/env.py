@@ -56,7 +56,7 @@ def git_commit() -> str:
 def _git(*args: str) -> str:
     """git's stdout (stripped), run in this package's directory (the source tree when it is a checkout)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
+    return subprocess.run(["git", *args], check=False, capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
 
 
 def stamp() -> dict[str, Any]:
