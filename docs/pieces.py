@@ -149,13 +149,26 @@ def listing(pieces: Iterable[Piece], folder: Path) -> list[str]:
     pieces = list(pieces)
     helps, lines = run_helps(pieces), []
     for i, p in enumerate(pieces, 1):
-        have = [f"{n}@{stamp(read_rows(folder / n)).commit or 'not-stamped'}" if (folder / n).exists()
-                else f"{n} (missing)" for n in p.results]
+        have = [_file_state(folder / n) for n in p.results]
         need = missing(p, helps)
         lines.append(f"{i:2} {p.name:<17}{p.minutes:5.1f} min  {'quiet' if p.quiet else 'any  '}  "
                      f"{', '.join(have)}  {'needs: ' + need if need else 'ready'}")
     lines.append(f"total {sum(p.minutes for p in pieces):.0f} min on a quiet 2-core machine")
     return lines
+
+
+def _file_state(path: Path) -> str:
+    """'name@commit (N files changed in gptjax/ since)', or 'name (missing)'."""
+    if not path.exists():
+        return f"{path.name} (missing)"
+    commit = stamp(read_rows(path)).commit
+    if commit is None:
+        return f"{path.name}@not-stamped"
+    since = commit.split(" + ")[-1].removesuffix("+dirty")
+    done = subprocess.run(["git", "diff", "--name-only", since, "HEAD", "--", "gptjax"], check=False, cwd=ROOT,
+                          capture_output=True, text=True)
+    behind = f", {len(done.stdout.split())} files of gptjax/ changed since" if done.returncode == 0 else ""
+    return f"{path.name}@{commit}{behind}"
 
 
 # ---- --rerun -----------------------------------------------------------------------------------------------------
@@ -248,7 +261,7 @@ def rerun(pieces: list[Piece], folder: Path, runs: Path, commit: str, resume: bo
     load = load or load_average
     for piece in pieces:
         done = [folder / n for n in piece.results]
-        if resume and all(p.exists() and stamp(read_rows(p)).full == commit for p in done):
+        if resume and all(p.exists() and stamp(read_rows(p)).commit == commit[:7] for p in done):  # clean, at HEAD
             log(f"{piece.name}: already stamped with {commit[:7]}, skipped (--resume)")
             continue
         if piece.quiet and not busy_ok and not wait_quiet(load, wait_s, log):
