@@ -191,8 +191,30 @@ def problems(results: Results, root: Path = ROOT, img: Path = IMG) -> tuple[list
             for p in stale_images(results, img)]
     bad += [f"orphan image: {_rel(p, root)} (no page links it: python docs/render.py deletes it)"
             for p in orphans(done, img)]
+    bad += [f"{name}: stamped with {commit}, which is not an ancestor of HEAD (data from another branch)"
+            for name, commit in foreign(results)]
     pending = [f"pending: {_rel(p.path, root)}: {name} ({why})" for p in done for name, why in p.pending.items()]
     return bad, pending
+
+
+def foreign(results: Results) -> list[tuple[str, str]]:
+    """(file, commit) for each results file stamped with a commit git knows that is not an ancestor of HEAD (a
+    commit git does not know, e.g. in a shallow clone, is not judged)."""
+    found = []
+    for name in sorted(results):
+        for commit in commit_of(dict.__getitem__(results, name)).split(" + "):
+            commit = commit.removesuffix("+dirty")
+            if commit != "not stamped" and _git_status("merge-base", "--is-ancestor", commit, "HEAD") == 1:
+                found.append((name, commit))
+    return found
+
+
+def _git_status(*args: str) -> int | None:
+    """git's exit status (1 for merge-base --is-ancestor: known, not an ancestor), None outside a checkout."""
+    try:
+        return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, timeout=10).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def git(*args: str) -> str:

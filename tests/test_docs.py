@@ -118,6 +118,18 @@ def test_a_page_mixing_commits_fails_unless_it_says_why():
     assert [e for e in _page("<!-- render:ceilings --><!-- /render -->", files).errors if "no <!-- render:provenance" in e]
 
 
+def test_results_from_a_commit_that_is_not_an_ancestor_of_head_fail_the_check(monkeypatch):
+    if render._git_status("rev-parse", "HEAD") != 0:
+        pytest.skip("not a git checkout")
+    env = {"kind": "environment", "env": {"git": "1561032"}}  # an ancestor (the frontier run's commit)
+    assert render.foreign(render.Results({"a.jsonl": [env]})) == []
+    asked = []
+    monkeypatch.setattr(render, "_git_status", lambda *a: asked.append(a) or 1)  # git: known, not an ancestor
+    lost = {"kind": "environment", "env": {"commit": "d" * 40, "clean": False}}
+    assert render.foreign(render.Results({"b.jsonl": [lost]})) == [("b.jsonl", "ddddddd")]
+    assert asked == [("merge-base", "--is-ancestor", "ddddddd", "HEAD")]
+
+
 def test_an_orphan_image_fails_the_check(tmp_path):
     img = tmp_path / "img"
     shutil.copytree(render.IMG, img)
@@ -130,8 +142,8 @@ def test_an_orphan_image_fails_the_check(tmp_path):
 def _writer(rows: list[dict], code: int = 0) -> tuple[str, ...]:
     """A tiny command writing rows to {out}/results.jsonl, then exiting with code."""
     body = "".join(json.dumps(r) + "\n" for r in rows)
-    return (sys.executable, "-c", f"import sys; open(sys.argv[1] + '/results.jsonl', 'w').write({body!r}); "
-                                  f"sys.exit({code})", "{out}")
+    script = f"import sys; open(sys.argv[1] + '/results.jsonl', 'w').write({body!r}); sys.exit({code})"
+    return (sys.executable, "-c", script, "{out}")
 
 
 def test_rerun_copies_a_piece_only_when_it_succeeds_and_resume_skips_finished_ones(tmp_path):

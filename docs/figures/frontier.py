@@ -50,19 +50,20 @@ def frontier_findings(results: Results) -> str:
                       f"{pct(p['top1_agreement'])} vs {pct(d['top1_agreement'])}" for p, d in zip(plain, dist))
     better = all(p["heldout_bpb"] < teacher["heldout_bpb"] for p in plain)
     return "\n".join([
-        f"- The teacher scored {teacher['heldout_bpb']:.3f} bits/byte held out; the students trained alone scored "
-        f"{min(p['heldout_bpb'] for p in plain):.3f} to {max(p['heldout_bpb'] for p in plain):.3f}"
-        + (": every one of them beat the teacher." if better else _beaten(teacher, plain)),
-        f"- At equal time the distilled students took {_all(plain, dist, 'train_steps', 'fewer', 'more')} steps, "
-        f"scored {_all(plain, dist, 'heldout_bpb', 'better', 'worse')} and agreed "
-        f"{_all(plain, dist, 'top1_agreement', 'less', 'more')} with the teacher ({pairs}).",
-        f"- Starting the {first} student from the teacher's layers: {init['heldout_bpb']:.3f} bits/byte "
-        f"({init['train_steps']:,} steps), against {dist[0]['heldout_bpb']:.3f} distilled from scratch.",
-        f"- The same {first} body with the {bpe['tokenizer']} vocabulary ({bpe['bytes_per_token']:.1f} bytes per "
-        f"token) scored {bpe['heldout_bpb']:.3f} bits/byte against {byte['heldout_bpb']:.3f} with bytes, and "
-        f"decoded {num(bpe['decode_b1_bytes_per_s'], 0)} bytes/s at B=1 against {num(byte['decode_b1_bytes_per_s'], 0)}.",
-        f"- The largest B=1 decode speed-up of a distilled student over the teacher (fp32) was "
-        f"{ratio(max(g['speedup_b1'] for g in goals))}."])
+        (f"- The teacher scored {teacher['heldout_bpb']:.3f} bits/byte held out; the students trained alone scored "
+         f"{min(p['heldout_bpb'] for p in plain):.3f} to {max(p['heldout_bpb'] for p in plain):.3f}"
+         + (": every one of them beat the teacher." if better else _beaten(teacher, plain))),
+        (f"- At equal time the distilled students took {_all(plain, dist, 'train_steps', 'fewer', 'more')} steps, "
+         f"scored {_all(plain, dist, 'heldout_bpb', 'better', 'worse')} and agreed "
+         f"{_all(plain, dist, 'top1_agreement', 'less', 'more')} with the teacher ({pairs})."),
+        (f"- Starting the {first} student from the teacher's layers: {init['heldout_bpb']:.3f} bits/byte "
+         f"({init['train_steps']:,} steps), against {dist[0]['heldout_bpb']:.3f} distilled from scratch."),
+        (f"- The same {first} body with the {bpe['tokenizer']} vocabulary ({bpe['bytes_per_token']:.1f} bytes per "
+         f"token) scored {bpe['heldout_bpb']:.3f} bits/byte against {byte['heldout_bpb']:.3f} with bytes, and "
+         f"decoded {num(bpe['decode_b1_bytes_per_s'], 0)} bytes/s at B=1 against "
+         f"{num(byte['decode_b1_bytes_per_s'], 0)}."),
+        (f"- The largest B=1 decode speed-up of a distilled student over the teacher (fp32) was "
+         f"{ratio(max(g['speedup_b1'] for g in goals))}.")])
 
 
 @block("frontier-big-teacher")
