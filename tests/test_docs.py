@@ -170,6 +170,18 @@ def test_a_quiet_piece_waits_for_the_load_and_stops_when_it_stays_high(tmp_path)
     assert "stopped before timing: the machine stayed busy" in log[-1] and not (tmp_path / "runs").exists()
 
 
+def test_rerun_refuses_a_dirty_tree_unless_allowed(monkeypatch, capsys):
+    monkeypatch.setattr(render, "git", lambda *a: " M gptjax/x.py" if a[0] == "status" else "c" * 40)
+    ran = []
+    monkeypatch.setattr(render.pieces, "rerun", lambda chosen, *a, **k: ran.append([p.name for p in chosen]) or 7)
+    monkeypatch.setattr(render.pieces, "run_helps", lambda chosen: {})
+    monkeypatch.setattr(render.pieces, "missing", lambda piece, helps: None)
+    assert render.main(["--rerun", "suite"]) == 2 and not ran
+    assert "uncommitted changes" in capsys.readouterr().out
+    assert render.main(["--rerun", "suite", "--allow-dirty"]) == 7  # the runner's status; nothing rendered after
+    assert ran == [["suite"]]
+
+
 def test_list_marks_a_command_or_flag_that_does_not_exist_yet():
     pieces = render.pieces
     study = pieces.Piece("s", ("gptjax", "bench", "--out", "{out}", "--study", "nope", "--k", "1"), (), 1)

@@ -148,5 +148,5 @@ def plot_trace(results: Results) -> Any:
     ax.set(yticks=[], xlabel="ms since the request's first span started", ylim=(len(spans) - 0.5, -0.5))
     ax.set_title(f"one completion through gptjax serve, trace {rows[0]['trace_id'][:8]}… (| = a generated token)",
                  fontsize=9)
-    ax.margins(x=0.25)
+    ax.set_xlim(0, 1.45 * (max(s["end_ns"] for s in spans) - t0) / 1e6)  # room for the notes right of the bars (8 pt)
     return fig
