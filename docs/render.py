@@ -252,9 +252,10 @@ def rerun(args: argparse.Namespace) -> int:
     page_files |= {Path(k).name: v for k, v in page_files.items()}
     chosen = pieces.select(args.rerun, page_files)
     helps = pieces.run_helps(chosen)
-    for p in [p for p in chosen if pieces.missing(p, helps) or set(p.needs) - {q.name for q in chosen}]:
-        chosen.remove(p)  # its command does not exist yet (or what it needs was removed): the rest still run
-        print(f"skipped {p.name}: needs {pieces.missing(p, helps) or ', '.join(p.needs)}")
+    for p in list(chosen):  # in order, so a piece whose needs were skipped is skipped too; the rest still run
+        if why := pieces.missing(p, helps) or ", ".join(set(p.needs) - {q.name for q in chosen}):
+            chosen.remove(p)
+            print(f"skipped {p.name}: needs {why}")
     print(f"{len(chosen)} pieces, about {sum(p.minutes for p in chosen):.0f} min: {', '.join(p.name for p in chosen)}")
     runs = ROOT / "runs" / f"docs-{commit[:7] or 'unknown'}"
     code = pieces.rerun(chosen, args.results, runs, commit, resume=args.resume, busy_ok=args.busy_ok)
