@@ -23,13 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # docs/: the figures package and the pieces manifest
+# docs/ (the figures package, the pieces manifest) and the tree's root: the gptjax this tree holds, not an
+# installed copy, is what the figures and the stamps of --rerun's own rows describe
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import pieces
 from figures import BLOCKS, PLOTS
-from figures.common import RESULTS, ROOT, MissingResults, Page, Results  # Page: a dataclass lives in a module
 
-# that sys.modules knows (tests/test_docs.py loads this file by path)
+# Page is a dataclass, so it lives in a module sys.modules knows (tests/test_docs.py loads this file by path)
+from figures.common import RESULTS, ROOT, MissingResults, Page, Results
 from figures.provenance import PAGE_BLOCKS, PageContext, commit_of
 
 IMG = ROOT / "docs" / "img"
