@@ -1,920 +1,131 @@
 """Render every measured number in README.md and docs/*.md from the JSONL committed under benchmarks/results/.
 
-A figure in the prose sits between `<!-- render:NAME -->` and `<!-- /render -->`; NAME is a function in
-BLOCKS below that formats it from the results. `python docs/render.py` rewrites those blocks in place and
-redraws the plots in docs/img/; `python docs/render.py --check` only says which files would change (exit 1),
-which is what tests/test_docs.py asserts, so a figure cannot drift from its measurement. Pictures in HASHED_PLOTS
-are named by the hash of their data (and embed it): --check also fails while one is missing or stale.
+A figure in the prose sits between `<!-- render:NAME -->` and `<!-- /render -->`; NAME is a block of docs/figures/
+(`@block`), and `img-STEM` links a picture (`@plot`), drawn as docs/img/STEM-<hash>.png, the hash of its data and
+drawing code, which the PNG also embeds. `python docs/render.py` rewrites the blocks, draws the pictures and
+deletes pictures no page links; `--check` changes nothing and exits 1 naming each stale page, each missing, stale or
+orphan picture, each results file a page reads that does not exist (unless the page says
+`<!-- pending: FILE REASON -->`, listed as pending), and each page whose figures come from several commits (unless it
+says `<!-- mixed-commits: REASON -->`). Every page that shows results ends with a `<!-- render:provenance -->` block:
+the commit, time, CPU, load and ceilings of each file it read.
+
+`--list` prints the pieces (docs/pieces.py) that regenerate the results and whether each command exists yet;
+`--rerun all | PAGE.md | PIECE...` runs them (each in its own process) and then renders.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import itertools
 import json
 import re
+import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# docs/ (the figures package, the pieces manifest) and the tree's root: the gptjax this tree holds, not an
+# installed copy, is what the figures and the stamps of --rerun's own rows describe
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+import pieces
+from figures import BLOCKS, PLOTS
+
+# Page is a dataclass, so it lives in a module sys.modules knows (tests/test_docs.py loads this file by path)
+from figures.common import RESULTS, ROOT, MissingResults, Page, Results
+from figures.provenance import PAGE_BLOCKS, PageContext, commit_of
+
 IMG = ROOT / "docs" / "img"
-BLOCK = re.compile(r"(<!-- render:([a-z0-9-]+) -->)(.*?)(<!-- /render -->)", re.S)
-
-KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptjax's CPU kernels enabled
-XLA_ONLY = "quick-gpt2-cpu-xla-only.jsonl"  # the same with GPTJAX_CPU_KERNELS=0: XLA's own formulations
-GEMM = "gemm-gpt2-cpu.jsonl"  # the suite after the GEMM kernels: prefill T128/T512 and the train step against HF
-MODES = ("fp32", "bf16", "int8", "w8a8")
-LM_EVAL = "lm-eval-byte-mini.jsonl"  # `gptjax bench --study lm-eval` on the quickstart model (docs/evaluation.md)
-FRONTIER = "frontier-cpu.jsonl"  # `gptjax bench --study frontier`: the committed run (docs/smaller-models.md)
-FRONTIER_BIG = "frontier-cpu-big-teacher.jsonl"  # an hour-long run whose large teacher got too few steps
-INT8_PREFILL = "int8-prefill-quality.jsonl"
-TRAIN_RERUNS = "train-gpt2-cpu-reruns.jsonl"  # two more train-step runs against HF at the same commit  # `gptjax quantize --report` in 64- and 128-token windows
-
-Row = dict[str, Any]
-Results = dict[str, list[Row]]
+BLOCK = re.compile(r"(<!-- render:([a-z0-9-]+) -->)(.*?)(<!-- /render -->)", re.DOTALL)
+PENDING = re.compile(r"<!-- pending: (\S+) (.*?) -->")
+MIXED = re.compile(r"<!-- mixed-commits: (.+?) -->", re.DOTALL)
+IMAGE_LINK = re.compile(r"\]\(img/([^)\s]+\.png)\)")
 
 
 def load_results(folder: Path = RESULTS) -> Results:
     """Every results file under folder, by file name: a list of its JSON lines."""
-    return {p.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-            for p in sorted(folder.glob("*.jsonl"))}
+    return Results({p.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+                    for p in sorted(folder.glob("*.jsonl"))}, folder)
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
     """The markdown files whose blocks are rendered (and whose Python snippets the tests run)."""
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "benchmarks" / "results" / "README.md"]
 
 
-def find(rows: list[Row], workload: str, backend: str, precision: str, batch: int | None = None) -> Row:
-    """The one measured row of that identity (batch None: any); a KeyError names it if it is missing."""
-    for r in rows:
-        if (r.get("kind") == "workload" and r["workload"] == workload and r["backend"] == backend
-                and r["precision"] == precision and (batch is None or r["batch"] == batch)):
-            return r
-    raise KeyError(f"no {workload} {backend} {precision} B={batch} row")
+def _as_results(results: dict[str, Any]) -> Results:
+    return results if isinstance(results, Results) else Results(results)
 
 
-def of_kind(rows: list[Row], kind: str) -> Row:
-    """The first row of that kind (environment, ceiling)."""
-    return next(r for r in rows if r.get("kind") == kind)
+def render_page(path: Path, text: str, results: Results) -> Page:
+    """The page's ordinary blocks rendered; a block reading a missing file keeps its text (an error unless the page
+    marks that file pending). Page blocks (provenance, results-index) are left for render_page_blocks."""
+    page = Page(path, text, text, set(), dict(PENDING.findall(text)), [])
 
-
-# ---- number formats ----------------------------------------------------------------------------------
-def num(x: float, digits: int = 1) -> str:
-    """1727.93 -> '1,727.9'."""
-    return f"{x:,.{digits}f}"
-
-
-def ratio(x: float) -> str:
-    """2.349 -> '2.35x'."""
-    return f"{x:.2f}x"
-
-
-def pct(x: float | None) -> str:
-    """0.636 -> '63.6%'; None -> '-'."""
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def ms(seconds: float) -> str:
-    """0.0164 -> '16.4'."""
-    return f"{1000 * seconds:.1f}"
-
-
-def mib(n: float) -> str:
-    """Bytes as MiB, one decimal."""
-    return f"{n / 2**20:,.1f}"
-
-
-def table(header: list[str], body: list[list[str]]) -> str:
-    """A markdown table, with a blank line before and after (so it renders inside a block)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n" + "\n".join(lines) + "\n"
-
-
-def shape(r: Row) -> str:
-    """'B1 T128' or 'B8 P32+32'."""
-    return f"B{r['batch']} T{r['seq']}" if r.get("prompt") is None else f"B{r['batch']} P{r['prompt']}+{r['new']}"
-
-
-# ---- blocks: one function per marked block, (results) -> text ------------------------------------------
-def environment(results: Results) -> str:
-    """One line naming where and on what the quick suite ran."""
-    env = of_kind(results[KERNELS], "environment")["env"]
-    return (f"git {env['git']}; jax {env['jax']}, flax {env['flax']}, torch {env['torch']}, "
-            f"transformers {env['transformers']}, Python {env['python']}; {env['cpu']}, {env['cores']} cores; "
-            f"load average at start {env['load_avg_1m']:.1f}")
-
-
-def ceilings(results: Results) -> str:
-    """The ceilings both runs measured (through JAX, best of 5)."""
-    body = []
-    for label, name in (("kernels run", KERNELS), ("XLA-only run", XLA_ONLY)):
-        c = of_kind(results[name], "ceiling")
-        n = c["matmul_n"]
-        body.append([label] + [f"{c['matmul_flops'][d] / 1e12:.3f}" for d in ("fp32", "bf16", "int8")]
-                    + [f"{c['bandwidth']['read'] / 1e9:.1f}", f"{c['bandwidth']['copy'] / 1e9:.1f}"])
-    return table(["run", f"matmul fp32 {n}³ TFLOP/s", "bf16", "int8", "read GB/s", "copy GB/s"], body)
-
-
-def _versus_hf(r: Row, rows: list[Row]) -> list[str]:
-    peer = find(rows, r["workload"], "hf", r["precision"], r["batch"])
-    return [num(r["tokens_per_s"]), num(peer["tokens_per_s"]), ratio(r["vs_peer"]), pct(r["mfu_measured"]),
-            pct(peer["mfu_measured"])]
-
-
-def fp32_vs_hf(results: Results) -> str:
-    """gptjax (JAX backend) against HF GPT-2 on PyTorch, fp32, every workload of the quick suite."""
-    rows = results[KERNELS]
-    body = [[r["workload"], shape(r)] + _versus_hf(r, rows)
-            for r in rows if r.get("kind") == "workload" and r["backend"] == "jax" and r["precision"] == "fp32"]
-    return table(["workload", "shape", "gptjax tok/s", "HF tok/s", "gptjax / HF", "gptjax MFU", "HF MFU"], body)
-
-
-def headline(results: Results) -> str:
-    """The README's one-line summary: fp32 ratios against HF."""
-    rows = results[KERNELS]
-    parts = [f"{label} {ratio(find(rows, w, 'jax', 'fp32', b)['vs_peer'])}"
-             for label, w, b in (("prefill", "prefill", 1), ("decode B=1", "decode", 1), ("decode B=8", "decode", 8),
-                                 ("train step", "train", None))]
-    return ", ".join(parts)
-
-
-def decode_latency(results: Results) -> str:
-    """Greedy decode in fp32: throughput, TTFT, per-token latency, read-bandwidth use, against HF."""
-    rows, body = results[KERNELS], []
-    for b in (1, 8):
-        for backend in ("jax", "hf"):
-            r = find(rows, "decode", backend, "fp32", b)
-            lat = r["latency_s"]
-            body.append([backend, str(b), num(r["tokens_per_s"]), ms(r["ttft_s"]),
-                         f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["bw_use_measured"])])
-    return table(["backend", "B", "tokens/s", "TTFT ms", "per token p50 / p99 ms", "read-bandwidth use"], body)
-
-
-def cache_bytes(results: Results) -> str:
-    """KV-cache bytes of the decode workloads (fp32 cache, gpt2 shape, 64 positions)."""
-    rows = results[KERNELS]
-    return ", ".join(f"{mib(find(rows, 'decode', 'jax', 'fp32', b)['memory']['cache_bytes'])} MiB at B={b}"
-                     for b in (1, 8))
-
-
-def precision_decode(results: Results) -> str:
-    """Decode tokens/s per precision mode: with gptjax's CPU kernels, with XLA alone, and HF's peer."""
-    k, x = results[KERNELS], results[XLA_ONLY]
-    body = []
-    for mode in MODES:
-        r = find(k, "decode", "jax", mode, 1)
-        row = [mode, mib(r["memory"]["params_bytes"])]
-        for b in (1, 8):
-            fast, slow = find(k, "decode", "jax", mode, b), find(x, "decode", "jax", mode, b)
-            base = find(k, "decode", "jax", "fp32", b)["tokens_per_s"]
-            row += [f"{num(fast['tokens_per_s'])} ({ratio(fast['tokens_per_s'] / base)})",
-                    f"{num(slow['tokens_per_s'])}", ratio(fast["vs_peer"])]
-        body.append(row)
-    return table(["mode", "weights MiB", "B=1 kernels (x fp32)", "B=1 XLA only", "B=1 vs HF",
-                  "B=8 kernels (x fp32)", "B=8 XLA only", "B=8 vs HF"], body)
-
-
-def precision_prefill(results: Results) -> str:
-    """Prefill (B=1, T=128) tokens/s per precision mode, kernels and XLA alone, against HF."""
-    k, x = results[KERNELS], results[XLA_ONLY]
-    body = []
-    for mode in MODES:
-        fast, slow = find(k, "prefill", "jax", mode), find(x, "prefill", "jax", mode)
-        peer = find(k, "prefill", "hf", mode)
-        body.append([mode, num(fast["tokens_per_s"]), num(slow["tokens_per_s"]), num(peer["tokens_per_s"]),
-                     ratio(fast["vs_peer"])])
-    return table(["mode", "kernels tok/s", "XLA only tok/s", "HF tok/s", "kernels vs HF"], body)
-
-
-def gemm_vs_peer(results: Results) -> str:
-    """Prefill (B=1, T=128 and 512) and the train step per mode after the GEMM kernels, against HF in the same run."""
-    rows = results[GEMM]
-    body = []
-    for mode in MODES:
-        r = [r for r in rows if r.get("kind") == "workload" and r["backend"] == "jax" and r["precision"] == mode
-             and r["workload"] in ("prefill", "train") and r.get("status") == "ok"]
-        body += [[f"{x['workload']} B{x['batch']} T{x['seq']}", mode, num(x["tokens_per_s"]), ratio(x["vs_peer"])]
-                 for x in r]
-    env = of_kind(rows, "environment")["env"]
-    loads = [r["load_avg_1m"] for r in rows if r.get("kind") == "workload" and r.get("load_avg_1m") is not None]
-    return (table(["workload", "mode", "gptjax tok/s", "gptjax / HF"], body)
-            + f"\ngit {env['git']}, {env['cores']}-core {env['cpu']}, median of 5 runs interleaved with the peer; "
-              f"1-minute load average {min(loads):.1f} to {max(loads):.1f} (the benchmark itself).\n")
-
-
-def train_runs(results: Results) -> str:
-    """The train step against HF in the committed suite run and the reruns: median step times and ratios."""
-    body = []
-    for rows in [results[GEMM]] + [list(g) for _, g in itertools.groupby(results[TRAIN_RERUNS], lambda r: r["run"])]:
-        env = of_kind(rows, "environment")["env"]
-        for mode in ("fp32", "bf16"):
-            ours, peer = find(rows, "train", "jax", mode), find(rows, "train", "hf", mode)
-            body.append([f"git {env['git']}", mode, num(1e3 * ours["median_s"], 0), num(1e3 * peer["median_s"], 0),
-                         ratio(ours["vs_peer"]), f"{env['load_avg_1m']:.1f}"])
-    return table(["run", "compute", "gptjax step ms", "HF step ms", "gptjax / HF", "load (1 min, at start)"], body)
-
-
-def int8_prefill_quality(results: Results) -> str:
-    """fp32, int8 and w8a8 against fp32 in windows of 64 tokens (int8 weight-only) and of 128 (int8 per token)."""
-    rows = [r for r in results[INT8_PREFILL] if r.get("kind") == "study" and r["mode"] in ("int8", "w8a8")]
-    def activations(r: Row) -> str:
-        return "two 16-bit terms" if r["mode"] == "int8" and r["window_tokens"] <= r.get("per_token_above", 64) \
-            else "per token"
-
-    body = [[f"{r['window_tokens']} ({activations(r)})", r["mode"], f"{r['max_logit_error']:.4f}",
-             f"{r['mean_logit_error']:.5f}", f"{100 * r['perplexity_change']:+.2f}%", f"{100 * r['top1_agreement']:.2f}%"]
-            for r in rows]
-    return table(["window tokens (activations)", "mode", "max abs Δlogit", "mean abs Δlogit", "Δ perplexity",
-                  "top-1 = fp32"], body)
-
-
-def train_modes(results: Results) -> str:
-    """Train step (AdamW, B=4, T=64) in fp32 and bf16 compute, against HF."""
-    rows = results[KERNELS]
-    body = [[mode] + _versus_hf(find(rows, "train", "jax", mode), rows) for mode in ("fp32", "bf16")]
-    return table(["compute", "gptjax tok/s", "HF tok/s", "gptjax / HF", "gptjax MFU", "HF MFU"], body)
-
-
-def int8_weight_ratio(results: Results) -> str:
-    """int8 weight bytes over fp32's, as measured by the suite's memory accounting."""
-    rows = results[KERNELS]
-    sizes = {m: find(rows, "decode", "jax", m, 1)["memory"]["params_bytes"] for m in ("fp32", "int8")}
-    return f"{sizes['int8'] / sizes['fp32']:.3f}x"
-
-
-def suite_table(results: Results) -> str:
-    """Every workload row of the kernels run, gptjax and HF."""
-    body = []
-    for r in results[KERNELS]:
-        if r.get("kind") != "workload" or r.get("status") != "ok":
-            continue
-        lat = r["latency_s"]
-        body.append([r["workload"], shape(r), r["backend"], r["precision"], num(r["tokens_per_s"]),
-                     "-" if r.get("vs_peer") is None else ratio(r["vs_peer"]),
-                     f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["mfu_measured"]), pct(r["bw_use_measured"])])
-    return table(["workload", "shape", "backend", "precision", "tokens/s", "vs peer", "latency p50 / p99 ms",
-                  "MFU", "BW use"], body)
-
-
-def skipped(results: Results) -> str:
-    """The workloads the run recorded as skipped, with their message."""
-    lines = [f"- {r['workload']} {shape(r)} {r['backend']} {r['precision']}: {r['message']}"
-             for r in results[KERNELS] if r.get("kind") == "workload" and r.get("status") == "skipped"]
-    return "\n" + "\n".join(lines) + "\n"
-
-
-SPEC_TRAINED = "speculative-trained-cpu.jsonl"  # `gptjax bench --study speculative`, two `gptjax train` runs
-SPEC_GPT2 = "speculative-gpt2-ngram-cpu.jsonl"  # the same on the gpt2 shape (random weights), prompt lookup
-
-
-def _speculative(rows: list[Row]) -> str:
-    """A speculative study's rows: per batch and drafter, tokens/s, acceptance, tokens per pass, speed-up; then
-    where it ran and the load average."""
-    env = of_kind(rows, "environment")["env"]
-    study = [r for r in rows if r.get("kind") == "study"]
-    body = [[str(r["batch"]), r["draft"], str(r["k"] or "-"), num(r["tokens_per_s"]), pct(r["acceptance"]),
-             f"{r['tokens_per_pass']:.2f}", ratio(r["speedup"]), "yes" if r["same_tokens"] else "NO"] for r in study]
-    return (table(["B", "draft", "k", "tokens/s", "acceptance", "tokens per target pass", "speed-up vs plain",
-                   "same tokens"], body)
-            + f"\nTarget: {study[0]['target']}, {study[0]['target_params']:,} params; greedy, prompt "
-            f"{study[0]['prompt']} + {study[0]['new']} new tokens; {env['cpu']}, {env['cores']} cores, jax {env['jax']}, "
-            f"git {env['git']}; 1-minute load average {env['load_avg_1m']:.1f} at the start, "
-            f"{study[-1]['load_avg_1m']:.1f} at the end (other work shared the machine: compare ratios, not "
-            f"absolute tokens/s).\n")
-
-
-def speculative_trained(results: Results) -> str:
-    """Speculative decoding with a trained draft model and with prompt lookup, against plain decoding."""
-    return _speculative(results[SPEC_TRAINED])
-
-
-def speculative_gpt2(results: Results) -> str:
-    """Prompt lookup on the gpt2 shape, against plain decoding."""
-    return _speculative(results[SPEC_GPT2])
-
-
-# ---- int4 (`gptjax bench --study int4`: its results.jsonl -> int4.jsonl) -----------------------------------
-INT4 = "int4.jsonl"  # the study's rows carry "part": model, symmetry, quality, speed
-
-
-def _int4(results: Results, part: str) -> list[Row]:
-    return [r for r in results[INT4] if r.get("kind") == "study" and r["part"] == part]
-
-
-def int4_environment(results: Results) -> str:
-    """Where the int4 study ran: the model, the windows and the load."""
-    env, [model] = of_kind(results[INT4], "environment")["env"], _int4(results, "model")
-    c, speed = model["checkpoint_config"], _int4(results, "speed")
-    loads = [r[k] for r in speed for k in ("load_avg_before", "load_avg_after")]
-    return (f"{c['n_layer']} layers, width {c['n_embd']}, context {c['n_positions']}, {model['windows']} validation "
-            f"windows of {model['window_tokens']} bytes; Python {env['python']}, {env['cores']} cores, CPU kernels "
-            f"{env['cpu_kernels']}; 1-minute load average {min(loads):.1f} to {max(loads):.1f} during the speed run")
-
-
-def int4_symmetry(results: Results) -> str:
-    """Symmetric vs asymmetric int4 per group size: reconstruction error and bits/byte."""
-    body = [[str(r["group_size"]), r["scheme"], f"{r['relative_rms_error']:.4f}", f"{r['bits_per_byte']:.4f}",
-             f"{100 * r['bits_per_byte_change']:+.2f}%"] for r in _int4(results, "symmetry")]
-    return table(["G", "rounding", "relative RMS error", "bits/byte", "vs fp32"], body)
-
-
-def int4_quality(results: Results) -> str:
-    """The int4 mode per group size and head storage against fp32 (int8 for reference)."""
-    body = []
-    for r in _int4(results, "quality"):
-        label = r["precision"] + (f" g{r['group_size']}" if r["group_size"] else "")
-        body.append([label, r["head"], mib(r["weight_bytes"]), f"{r['bits_per_byte']:.4f}",
-                     f"{100 * r['perplexity_change']:+.2f}%", pct(r["top1_agreement"]), pct(r["greedy_agreement"])])
-    return table(["mode", "head", "weights MiB", "bits/byte", "Δ perplexity", "top-1 = fp32", "greedy = fp32"], body)
-
-
-def int4_speed(results: Results) -> str:
-    """Decode B=1 tokens/s on the gpt2 shape, int8 and int4 per group size, against the bandwidth roofline."""
-    rows = _int4(results, "speed")
-    int8 = next(r for r in rows if r["precision"] == "int8")["decode_tokens_per_s"]
-    best8 = next(r for r in rows if r["precision"] == "int8")["decode_tokens_per_s_best"]
-    body = [[r["precision"] + (f" g{r['group_size']}" if r["group_size"] else ""), mib(r["weight_bytes"]),
-             num(r["decode_tokens_per_s"]), ratio(r["decode_tokens_per_s"] / int8), pct(r["roofline_fraction"]),
-             num(r["decode_tokens_per_s_best"]), ratio(r["decode_tokens_per_s_best"] / best8),
-             pct(r["roofline_fraction_best"]), num(r["roofline_tokens_per_s"])] for r in rows]
-    c = rows[0]
-    return table(["mode", "weights MiB", "decode B=1 tok/s (median)", "x int8", "% of roofline", "best tok/s",
-                  "x int8", "% of roofline", "roofline tok/s"], body) + (
-        f"\nRead bandwidth {c['read_bandwidth'] / 1e9:.1f} GB/s before the timed runs "
-        f"({c['read_bandwidth_after'] / 1e9:.1f} GB/s after); median and best of {c['runs']} interleaved runs; "
-        f"1-minute load average {c['load_avg_before']:.1f} before, {c['load_avg_after']:.1f} after.\n")
-
-
-INT4_SUITE = "int4-suite-gpt2-cpu.jsonl"  # gptjax bench --preset gpt2 --precision int8,int4 --workloads decode
-
-
-def int4_suite(results: Results) -> str:
-    """The bench suite's int8 and int4 decode rows at B=1: tokens/s, read-bandwidth use, the run's load."""
-    rows = results[INT4_SUITE]
-    env, c = of_kind(rows, "environment")["env"], of_kind(rows, "ceiling")
-    int8 = find(rows, "decode", "jax", "int8", 1)["tokens_per_s"]
-    body = [[m, mib(r["memory"]["params_bytes"]), num(r["tokens_per_s"]), ratio(r["tokens_per_s"] / int8),
-             pct(r["bw_use_measured"])] for m in ("int8", "int4") for r in [find(rows, "decode", "jax", m, 1)]]
-    return table(["mode", "weights MiB", "decode B=1 tok/s", "x int8", "read-bandwidth use"], body) + (
-        f"\nRead ceiling {c['bandwidth']['read'] / 1e9:.1f} GB/s measured by the suite; load average at start "
-        f"{env['load_avg_1m']:.1f}; CPU kernels {env['cpu_kernels']}.\n")
-
-
-def lm_eval_precision(results: Results) -> str:
-    """lm-eval's next-line accuracy per precision mode next to the server's tokens/s, and the load average."""
-    rows = results[LM_EVAL]
-    study = [r for r in rows if r.get("kind") == "study"]
-    body = [[r["precision"], f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}", f"{r['acc_norm']:.3f}",
-             f"{r['true_line_logprob_per_byte']:.5f}", f"{r['exact_match']:.3f}", num(r["mc_tokens_per_s"], 0),
-             num(r["gen_tokens_per_s"], 0)] for r in study]
-    env = of_kind(rows, "environment")["env"]
-    return (table(["precision", "next-line acc (4 choices)", "acc_norm", "true line log-prob / byte",
-                   "greedy exact match", "scored tok/s", "generated tok/s"], body)
-            + f"\n{study[0]['docs']} documents per task; lm-eval {study[0]['lm_eval']}; {env['cores']}-core "
-              f"{env['cpu']}, git {env['git']}; 1-minute load average {env['load_avg_1m']:.1f} at the start, "
-              f"{study[0]['load_avg_1m']:.1f} at the end: other work shared the CPU, so compare the modes' speeds "
-              "only loosely.\n")
-
-
-# ---- the frontier study (docs/smaller-models.md) ---------------------------------------------------------------
-def _frontier(results: Results, entry: str, name: str = FRONTIER) -> list[Row]:
-    return [r for r in results[name] if r.get("entry") == entry]
-
-
-def _fp32(results: Results, role: str, shape: str | None = None, tokenizer: str = "byte") -> Row:
-    return next(r for r in _frontier(results, "model") if r["precision"] == "fp32" and r["role"] == role
-                and (shape is None or r["shape"] == shape) and r["tokenizer"] == tokenizer)
-
-
-def _all(plain: list[Row], dist: list[Row], key: str, lower: str, higher: str) -> str:
-    """How the distilled rows compare with the plain ones on key: lower, higher, or either by shape."""
-    signs = {d[key] < p[key] for p, d in zip(plain, dist)}
-    return f"{lower} or {higher} by shape" if len(signs) > 1 else (lower if signs.pop() else higher)
-
-
-def _beaten(teacher: Row, plain: list[Row]) -> str:
-    """'.', or which students trained alone scored better than the teacher."""
-    won = [p["shape"] for p in plain if p["heldout_bpb"] < teacher["heldout_bpb"]]
-    return f"; {' and '.join(won)} trained alone beat the teacher." if won else "."
-
-
-def frontier_findings(results: Results) -> str:
-    """The run's findings as sentences, every number from the results (fp32 rows)."""
-    teacher = _fp32(results, "teacher")
-    goals = [g for g in _goals(results) if g["role"] == "distilled"]
-    plain = [_fp32(results, "plain", g["shape"]) for g in goals]
-    dist = [_fp32(results, "distilled", g["shape"]) for g in goals]
-    first = goals[0]["shape"]
-    init = _fp32(results, "distilled+init", first)
-    bpe = next(r for r in _frontier(results, "model") if r["precision"] == "fp32" and r["tokenizer"] != "byte")
-    byte = _fp32(results, "plain", first)
-    pairs = "; ".join(f"{p['shape']}: {p['train_steps']:,} steps alone, {d['train_steps']:,} distilled, "
-                      f"{p['heldout_bpb']:.3f} vs {d['heldout_bpb']:.3f} bits/byte, top-1 agreement "
-                      f"{pct(p['top1_agreement'])} vs {pct(d['top1_agreement'])}" for p, d in zip(plain, dist))
-    better = all(p["heldout_bpb"] < teacher["heldout_bpb"] for p in plain)
-    return "\n".join([
-        f"- The teacher scored {teacher['heldout_bpb']:.3f} bits/byte held out; the students trained alone scored "
-        f"{min(p['heldout_bpb'] for p in plain):.3f} to {max(p['heldout_bpb'] for p in plain):.3f}"
-        + (": every one of them beat the teacher." if better else _beaten(teacher, plain)),
-        f"- At equal time the distilled students took {_all(plain, dist, 'train_steps', 'fewer', 'more')} steps, "
-        f"scored {_all(plain, dist, 'heldout_bpb', 'better', 'worse')} and agreed "
-        f"{_all(plain, dist, 'top1_agreement', 'less', 'more')} with the teacher ({pairs}).",
-        f"- Starting the {first} student from the teacher's layers: {init['heldout_bpb']:.3f} bits/byte "
-        f"({init['train_steps']:,} steps), against {dist[0]['heldout_bpb']:.3f} distilled from scratch.",
-        f"- The same {first} body with the {bpe['tokenizer']} vocabulary ({bpe['bytes_per_token']:.1f} bytes per "
-        f"token) scored {bpe['heldout_bpb']:.3f} bits/byte against {byte['heldout_bpb']:.3f} with bytes, and "
-        f"decoded {num(bpe['decode_b1_bytes_per_s'], 0)} bytes/s at B=1 against {num(byte['decode_b1_bytes_per_s'], 0)}.",
-        f"- The largest B=1 decode speed-up of a distilled student over the teacher (fp32) was "
-        f"{ratio(max(g['speedup_b1'] for g in goals))}."])
-
-
-def frontier_big_teacher(results: Results) -> str:
-    """What the run with a large teacher, trained within its budget, got (fp32 rows)."""
-    rows = [r for r in _frontier(results, "model", FRONTIER_BIG) if r["precision"] == "fp32"]
-    teacher = rows[0]
-    best = min(rows[1:], key=lambda r: r["heldout_bpb"])
-    args = of_kind(results[FRONTIER_BIG], "environment")["args"]
-    verdict = "worse than" if teacher["heldout_bpb"] > best["heldout_bpb"] else "better than"
-    return (f"its {teacher['shape']} teacher got {teacher['train_steps']} steps in "
-            f"{args['budget'] * args['teacher_factor']:.0f} s and scored {teacher['heldout_bpb']:.2f} bits/byte held "
-            f"out, {verdict} a {best['shape']} {best['role']} student trained for {args['budget']:.0f} s "
-            f"({best['train_steps']} steps, {best['heldout_bpb']:.2f})")
-
-
-def _frontier_name(r: Row) -> str:
-    return f"{r['shape']} {r['role']}" + ("" if r["tokenizer"] == "byte" else f" ({r['tokenizer']})")
-
-
-def frontier_run(results: Results) -> str:
-    """How the frontier study ran: commit, budget, and how loaded the machine was."""
-    env_row = of_kind(results[FRONTIER], "environment")
-    env, rows = env_row["env"], _frontier(results, "model")
-    loads = [r["load_avg_1m_measured"] for r in rows] + [r["train_load_avg_1m"] for r in rows]
-    args = env_row["args"]
-    loads = [x for x in loads if x is not None]
-    teacher = (f"the teacher {Path(args['teacher_checkpoint']).name} trained beforehand" if args["teacher_checkpoint"]
-               else f"{args['budget'] * args['teacher_factor']:.0f} s for the teacher")
-    return (f"git {env['git']}, jax {env['jax']}, {env['cpu']} with {env['cores']} cores; {args['budget']:.0f} s of "
-            f"training per student, {teacher}; the whole study took {rows[0]['study_wall_s'] / 60:.0f} min; "
-            f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on {env['cores']} cores")
-
-
-def frontier_table(results: Results) -> str:
-    """Every model x precision mode: size, held-out bits/byte, agreement with the teacher, decode speed."""
-    body = [[_frontier_name(r), r["precision"], num(r["weight_bytes"] / 1024, 0), f"{r['heldout_bpb']:.3f}",
-             pct(r["top1_agreement"]), num(r["decode_b1_bytes_per_s"], 0), num(r["decode_b8_bytes_per_s"], 0),
-             str(r["train_steps"] or "-")] for r in _frontier(results, "model")]
-    return table(["model (L x D x H)", "mode", "weights KiB", "held-out bits/byte", "top-1 agreement",
-                  "B=1 bytes/s", "B=8 bytes/s", "train steps"], body)
-
-
-def frontier_goal(results: Results) -> str:
-    """Per student shape (fp32): bits/byte of teacher, student alone and distilled; gap closed; B=1 speed-up."""
-    body = [[f"{g['shape']} {g['role']}", f"{g['teacher_bpb']:.3f}", f"{g['plain_bpb']:.3f}",
-             f"{g['distilled_bpb']:.3f}", "-" if g["gap_closed"] is None else pct(g["gap_closed"]),
-             ratio(g["speedup_b1"]), "yes" if g["meets_goal"] else "no"] for g in _goals(results)]
-    return table(["student", "teacher bits/byte", "alone", "distilled", "gap closed", "B=1 speed-up over teacher",
-                  "goal met (>= 3x, > 50%)"], body)
-
-
-def _goals(results: Results) -> list[Row]:
-    """The study's goal rows, recomputed from the model rows (so every way of distilling is counted)."""
-    import gptjax.bench.studies.frontier as study
-
-    args = of_kind(results[FRONTIER], "environment")["args"]
-    return study.goals(_frontier(results, "model"), args["ladder"].split(","))
-
-
-BF16_CURVES = "bf16-train-curves.jsonl"  # benchmarks/bf16_loss_curves.py: the quickstart run, fp32 and bf16 compute
-
-
-def bf16_train_curves(results: Results) -> str:
-    """The quickstart's training loss per step in fp32 and bf16 compute (every 10th step), the gap against the
-    loss's own step-to-step noise, and each mode's held-out loss."""
-    rows = results[BF16_CURVES]
-    run = of_kind(rows, "run")
-    loss = {m: [r["loss"] for r in rows if r.get("kind") == "step" and r["mode"] == m] for m in ("fp32", "bf16")}
-    final = {r["mode"]: r for r in rows if r.get("kind") == "final"}
-    n = len(loss["fp32"])
-    lines = ["| step | fp32 loss | bf16 loss | bf16 - fp32 |", "|---|---|---|---|"]
-    for i in sorted({0, *range(9, n, 10), n - 1}):
-        lines.append(f"| {i + 1} | {loss['fp32'][i]:.4f} | {loss['bf16'][i]:.4f} | {loss['bf16'][i] - loss['fp32'][i]:+.4f} |")
-    tail = loss["fp32"][n // 2:]
-    noise = (sum((b - a) ** 2 for a, b in itertools.pairwise(tail)) / max(len(tail) - 1, 1)) ** 0.5
-    gap = max(abs(a - b) for a, b in zip(loss["fp32"][n // 2:], loss["bf16"][n // 2:]))
-    return ("\n".join(lines) + f"\n\nOver the second half of the run the curves differ by at most {gap:.4f} nats, "
-            f"against a step-to-step change of the fp32 loss itself of {noise:.4f} (rms). Held-out loss after {n} "
-            f"steps: fp32 {final['fp32']['val_loss']:.4f}, bf16 {final['bf16']['val_loss']:.4f} nats/byte; each run "
-            f"took {final['fp32']['seconds']:.0f} s (fp32) and {final['bf16']['seconds']:.0f} s (bf16), compiling "
-            "included "
-            f"(git {run['git']}, jax {run['jax']}, {run['cores']} cores, CPU kernels {run['cpu_kernels']}; "
-            f"1-minute load average {run['load_avg_1m_start']:.1f} at the start, "
-            f"{final['bf16']['load_avg_1m_end']:.1f} at the end).")
-
-
-# ---- the peers (docs/benchmarks.md, "The peers") -------------------------------------------------------
-PEERS = "peers-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer llama.cpp,ct2,ort,hf --workloads decode,prefill`
-PEER_NAMES = {"llama.cpp": "llama.cpp", "ct2": "CTranslate2", "ort": "ONNX Runtime", "hf": "HF transformers"}
-WIDTHS = {"fp32": "fp32", "bf16": "16-bit", "int8": "8-bit", "w8a8": "8-bit", "fp8": "8-bit", "int4": "4-bit"}
-NO_PEERS_RUN = ("*No peers run committed yet: the command above, with `--out DIR`, writes DIR/results.jsonl; "
-                f"commit it as benchmarks/results/{PEERS} and run `python docs/render.py`.*")
-
-
-def _peers_run(render: Callable[[Results], str]) -> Callable[[Results], str]:
-    """render, or the line saying how to make the run while benchmarks/results/ has none."""
-    @functools.wraps(render)
-    def block(results: Results) -> str:
-        return render(results) if PEERS in results else f"\n{NO_PEERS_RUN}\n"
-    return block
-
-
-def _group(r: Row) -> tuple[str, int, str]:
-    """(workload, batch or length, width) of a row of the peers run: its measurement group."""
-    modes = r["peer"]["maps"].split(" -> ")[0].split("/") if r["backend"] != "jax" else [r["precision"]]
-    return r["workload"], r["batch"] if r["workload"] == "decode" else r["seq"], WIDTHS[modes[0]]
-
-
-def _speed(r: Row) -> float:
-    """tokens/s: decode without the prompt's prefill, prefill as measured."""
-    return r.get("decode_tokens_per_s") or r["tokens_per_s"]
-
-
-def _cell(rows: list[Row], label: bool = True) -> str:
-    parts = []
-    for r in rows:
-        what = {"ok": num(_speed(r)) if r["status"] == "ok" else "", "failed_check": "failed its check",
-                "skipped": "refused"}[r["status"]]
-        parts.append(f"{r['precision']} {what}".strip() if label or r["status"] != "ok" else what)
-    return ", ".join(parts) or "–"
-
-
-@_peers_run
-def peers_table(results: Results) -> str:
-    """The issue's table: per row (workload, batch/length, width) gptjax's modes, each peer's variants, gptjax's
-    best over the best peer's (bold below 1x) and the highest load average during the row."""
-    rows = [r for r in results[PEERS] if r.get("kind") == "workload"
-            and not (r["backend"] == "jax" and r["status"] == "skipped")]
-    groups = {}
-    for r in rows:
-        groups.setdefault(_group(r), []).append(r)
-    names = [n for n in PEER_NAMES if any(r["backend"] == n for r in rows)]
-    order = list(dict.fromkeys(WIDTHS.values()))  # fp32, 16-bit, 8-bit, 4-bit
-    body = []
-    for (workload, n, width), group in sorted(groups.items(), key=lambda g: (g[0][0] != "decode", g[0][1],
-                                                                              order.index(g[0][2]))):
-        ok = [r for r in group if r["status"] == "ok"]
-        ours = [r for r in ok if r["backend"] == "jax"]
-        theirs = [r for r in ok if r["backend"] != "jax"]
-        x = max(map(_speed, ours)) / max(map(_speed, theirs)) if ours and theirs else None
-        label = f"decode B={n} {width}" if workload == "decode" else f"prefill T={n} {width}"
-        body.append([label, _cell([r for r in group if r["backend"] == "jax"], width != "fp32")]
-                    + [_cell([r for r in group if r["backend"] == name]) for name in names]
-                    + ["–" if x is None else (f"**{ratio(x)}**" if x < 1 else ratio(x)),
-                       num(max(r.get("load_avg_1m") or 0 for r in ok))])
-    return table(["row (tok/s)", "gptjax"] + [PEER_NAMES[n] for n in names] + ["gptjax / best peer", "load"], body)
-
-
-@_peers_run
-def peers_versions(results: Results) -> str:
-    """Each peer's version, build and threads, as the run recorded them."""
-    seen = {}
-    for r in results[PEERS]:
-        if r.get("kind") == "workload" and r["backend"] != "jax" and "peer" in r:
-            seen.setdefault(r["backend"], r["peer"])
-    env = of_kind(results[PEERS], "environment")["env"]
-    parts = [f"gptjax {env['git']} (jax {env['jax']}, its CPU kernels)"]
-    for name, p in seen.items():
-        build = p["build"]
-        if "system_info" in build:  # "CPU : SSE3 = 1 | ... | OPENMP = 1 | REPACK = 1 |": the features built in
-            on = [f.split("=")[0].strip() for f in build["system_info"].split("|") if f.strip().endswith("= 1")]
-            flags = ", ".join(f for f in on if f.startswith(("AVX512", "LLAMAFILE", "OPENMP", "REPACK")))
-        else:
-            flags = ", ".join(build.get("compute_types") or []) or build.get("graph") or build.get("int8")
-        version = ("llama-cpp-python " if name == "llama.cpp" else "") + p["version"]
-        parts.append(f"{PEER_NAMES[name]}: {version} ({flags}; {p['threads']} threads)")
-    return "; ".join(parts)
-
-
-@_peers_run
-def peers_checks(results: Results) -> str:
-    """Each peer variant's correctness check: its logit error and greedy agreement against gptjax fp32, the
-    tolerance, and the verdict."""
-    seen = {}
-    for r in results[PEERS]:
-        if r.get("kind") == "workload" and r["backend"] != "jax" and (r.get("peer") or {}).get("check"):
-            seen.setdefault((r["backend"], r["precision"]), r["peer"]["check"])
-    body = [[PEER_NAMES[name], variant, f"{c['max_rel_logit_error']:.1e}", f"{c['greedy_agreement']:.0%}",
-             f"{c['tolerance'][0]:g} / {c['tolerance'][1]:.0%}", "passed" if c["passed"] else "**failed**"]
-            for (name, variant), c in seen.items()]
-    return table(["peer", "variant", "max logit error (of the largest)", "greedy agreement", "tolerance", "check"],
-                 body)
-
-
-
-# ---- monitoring (docs/monitoring.md): pictures named by the hash of their data ------------------------------
-SIGNALS = "monitoring-signals.jsonl"  # `gptjax bench --study monitoring`: Prometheus's query_range of the signals
-TRACE = "monitoring-trace.jsonl"  # ... and the spans of one served completion, as an OTLP receiver got them
-
-
-def data_hash(rows: list[Row]) -> str:
-    """sha256 of a results file's rows (canonical JSON): what a hashed picture is named by and embeds."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
-
-
-def hashed_name(stem: str, rows: list[Row]) -> str:
-    """'stem-<first 12 hex of the data's hash>.png': new data, a new name, so the document's link changes too."""
-    return f"{stem}-{data_hash(rows)[:12]}.png"
-
-
-def monitoring_signals(results: Results) -> str:
-    """The three signals' picture and what produced it."""
-    rows = results[SIGNALS]
-    run = rows[0]
-    phases = ", ".join(f"{p['clients']} for {p['end'] - p['start']:.0f} s" for p in run["phases"])
-    statuses = {}
-    for p in run["phases"]:
-        for code, n in p["statuses"].items():
-            statuses[code] = statuses.get(code, 0) + n
-    return (f"\n![throughput, TTFT and TPOT percentiles and errors by class over a load run](img/"
-            f"{hashed_name('monitoring-signals', rows)})\n\n`gptjax bench --study monitoring` at commit "
-            f"{run['commit']} (checkpoint {run['args']['checkpoint'] or run['args']['preset']}, max_tokens "
-            f"{run['args']['max_tokens']}): clients {phases}; responses by status {json.dumps(statuses)}. Each line "
-            "is a series of deploy/rules/recording.yml as Prometheus 2.42 recorded it every 5 s; at the end of "
-            "each phase (its last minute):\n" + _phase_table(rows))
-
-
-def _phase_table(rows: list[Row]) -> str:
-    """Each signal's value at the end of each load phase (the recording rules' 1-min window then covers it)."""
-    def at(query: str, t: float, label: str = "") -> float:
-        for labels, ts, vs in _series(rows, query):
-            if labels == label:
-                return float(vs[abs(ts - (t - rows[0]["start"])).argmin()])
-        return float("nan")
-
-    body = []
-    for p in rows[0]["phases"]:
-        t = p["end"]
-        body.append([str(p["clients"]), num(at("gptjax:generated_tokens:rate1m", t), 0)]
-                    + [ms(at(f"gptjax:{m}_seconds:{q}_1m", t)) for m in ("time_to_first_token", "time_per_output_token")
-                       for q in ("p50", "p95")] + [pct(at("gptjax:completion_errors:ratio_rate1m", t, "4xx"))])
-    return table(["clients", "generated tokens/s", "TTFT p50 ms", "TTFT p95 ms", "TPOT p50 ms", "TPOT p95 ms",
-                  "4xx share"], body)
-
-
-def monitoring_trace(results: Results) -> str:
-    """The served request's waterfall and what produced it."""
-    rows = results[TRACE]
-    spans = [r for r in rows if r.get("kind") == "span"]
-    return (f"\n![the spans of one served completion](img/{hashed_name('monitoring-trace', rows)})\n\n"
-            f"{len(spans)} spans of trace `{rows[0]['trace_id']}` (commit {rows[0]['commit']}), as the in-process "
-            "OTLP receiver got them from `gptjax serve --trace otlp`.\n")
-
-
-def _series(rows: list[Row], query: str) -> list[tuple[str, Any, Any]]:
-    """(label text, seconds since the run started, values) of each series the query returned."""
-    import numpy as np
-
-    start = rows[0]["start"]
-    out = []
-    for r in rows:
-        if r.get("kind") == "series" and r["query"] == query:
-            t, v = np.array([[float(x), float(y)] for x, y in r["values"]]).T
-            out.append((",".join(x for k, x in sorted(r["labels"].items()) if k != "__name__"), t - start, v))
-    return out
-
-
-def plot_signals(results: Results, path: Path) -> None:
-    """Throughput, TTFT and TPOT percentiles and errors by class over the load run, phases shaded."""
-    import matplotlib.pyplot as plt
-
-    rows = results[SIGNALS]
-    panels = [("tokens/s", 1, [("gptjax:generated_tokens:rate1m", "generated"), ("gptjax:prompt_tokens:rate1m",
-                                                                                 "prompt")]),
-              ("time to first token, ms", 1e3, [("gptjax:time_to_first_token_seconds:p50_1m", "p50"),
-                                               ("gptjax:time_to_first_token_seconds:p95_1m", "p95")]),
-              ("time per output token, ms", 1e3, [("gptjax:time_per_output_token_seconds:p50_1m", "p50"),
-                                                 ("gptjax:time_per_output_token_seconds:p95_1m", "p95")]),
-              ("share of completions, %", 100, [("gptjax:completion_errors:ratio_rate1m", "{} (1 min)"),
-                                                ("gptjax:completion_server_errors:ratio_rate5m", "5xx (5 min, SLO)")])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9.5, 8.5), sharex=True)
-    for ax, (ylabel, scale, queries) in zip(axes, panels):
-        _phases(ax, rows[0])
-        for query, label in queries:
-            for labels, t, v in _series(rows, query):
-                ax.plot(t, v * scale, label=label.format(labels), marker=".", ms=3)
-        if scale == 1e3:  # latency: p50 and p95 lie 10x apart
-            _log_axis(ax)
-        else:
-            ax.set_ylim(bottom=0)
-        ax.set(ylabel=ylabel)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the plot, off the phases
-    axes[0].set_title("gptjax serve under a mixed load: deploy/'s rules as Prometheus recorded them", fontsize=10)
-    axes[-1].set(xlabel="seconds since the load started")
-    _save(fig, path, data_hash(rows))
-
-
-def _log_axis(ax: Any) -> None:
-    """A log y axis ticked at 1, 2, 5 x 10^k in plain numbers."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _phases(ax: Any, run: Row) -> None:
-    """Each load phase shaded and labelled with its client count."""
-    for i, p in enumerate(run["phases"]):
-        a, b = p["start"] - run["start"], p["end"] - run["start"]
-        ax.axvspan(a, b, color="grey", alpha=0.12 if i % 2 else 0.05, lw=0)
-        ax.text((a + b) / 2, 1.0, f"{p['clients']} client{'s' if p['clients'] > 1 else ''}", fontsize=7,
-                ha="center", va="top", transform=ax.get_xaxis_transform())
-
-
-def plot_trace(results: Results, path: Path) -> None:
-    """A waterfall of the served request's spans: one bar per span, indented under its parent, token events
-    marked on the decode chunks."""
-    import matplotlib.pyplot as plt
-
-    rows = results[TRACE]
-    spans = sorted((r for r in rows if r.get("kind") == "span"), key=lambda s: s["start_ns"])
-    ids, t0 = {s["span_id"]: s for s in spans}, spans[0]["start_ns"]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(spans) + 1.2))
-    for y, s in enumerate(spans):
-        depth, parent = 0, s["parent_id"]
-        while parent in ids:
-            depth, parent = depth + 1, ids[parent]["parent_id"]
-        a, b = (s["start_ns"] - t0) / 1e6, (s["end_ns"] - t0) / 1e6
-        colour = {"gptjax.prefill": "C2", "gptjax.decode": "C3"}.get(s["name"], "C1" if s["name"].startswith(
-            "text_completion") else "C0" if s["name"].startswith("gptjax.") else "grey")
-        ax.barh(y, max(b - a, 0.02), left=a, color=colour, height=0.6)
-        ticks = [(e["time_ns"] - t0) / 1e6 for e in s["events"] if e["name"] == "gptjax.token"]
-        ax.plot(ticks, [y] * len(ticks), "k|", ms=7)
-        ax.text(b, y, "  " + _span_note(s), va="center", fontsize=7)
-        ax.text(-0.5 + 0.025 * depth, y, s["name"], va="center", ha="left", fontsize=7,
-                transform=ax.get_yaxis_transform())  # indented under its parent
-    ax.set(yticks=[], xlabel="ms since the request's first span started", ylim=(len(spans) - 0.5, -0.5))
-    ax.set_title(f"one completion through gptjax serve, trace {rows[0]['trace_id'][:8]}… (| = a generated token)",
-                 fontsize=9)
-    ax.margins(x=0.25)
-    _save(fig, path, data_hash(rows))
-
-
-def _span_note(s: Row) -> str:
-    """A span's duration and the attributes worth reading beside its bar."""
-    a, ms = s["attributes"], (s["end_ns"] - s["start_ns"]) / 1e6
-    note = f"{ms:.1f} ms"
-    if "gptjax.seq_len" in a and s["name"] in ("gptjax.prefill", "gptjax.decode"):
-        note += f", seq_len {a['gptjax.seq_len']}" + (", compiled" if a.get("gptjax.compiled") else "")
-    if "gen_ai.usage.output_tokens" in a:
-        note += f", {a['gen_ai.usage.input_tokens']} in / {a['gen_ai.usage.output_tokens']} out"
-    return note
-
-
-BLOCKS: dict[str, Callable[[Results], str]] = {
-    "environment": environment, "ceilings": ceilings, "fp32-vs-hf": fp32_vs_hf, "headline": headline,
-    "decode-latency": decode_latency, "cache-bytes": cache_bytes, "precision-decode": precision_decode,
-    "precision-prefill": precision_prefill, "train-modes": train_modes, "int8-weight-ratio": int8_weight_ratio,
-    "suite-table": suite_table, "skipped": skipped,
-    "speculative-trained": speculative_trained, "speculative-gpt2": speculative_gpt2,
-    "int4-environment": int4_environment,
-    "int4-symmetry": int4_symmetry, "int4-quality": int4_quality, "int4-speed": int4_speed,
-    "int4-suite": int4_suite,
-    "lm-eval-precision": lm_eval_precision,
-    "frontier-run": frontier_run, "frontier-table": frontier_table,
-    "frontier-goal": frontier_goal, "frontier-big-teacher": frontier_big_teacher, "gemm-vs-peer": gemm_vs_peer,
-    "int8-prefill-quality": int8_prefill_quality, "train-runs": train_runs,
-    "frontier-findings": frontier_findings,
-    "bf16-train-curves": bf16_train_curves,
-    "peers-table": peers_table, "peers-versions": peers_versions, "peers-checks": peers_checks,
-    "monitoring-signals": monitoring_signals, "monitoring-trace": monitoring_trace,
-}
-
-
-def render_text(text: str, results: Results) -> str:
-    """text with every marked block re-rendered; an unknown block name is an error."""
     def one(m: re.Match) -> str:
         name = m.group(2)
+        if name in PAGE_BLOCKS:
+            return m.group(0)
         if name not in BLOCKS:
-            raise KeyError(f"unknown render block {name!r}; known: {sorted(BLOCKS)}")
-        return m.group(1) + BLOCKS[name](results) + m.group(4)
+            raise KeyError(f"unknown render block {name!r}; known: {sorted(BLOCKS) + sorted(PAGE_BLOCKS)}")
+        view = results.recorder()
+        try:
+            return m.group(1) + BLOCKS[name](view) + m.group(4)
+        except MissingResults as e:
+            if e.name not in page.pending:
+                page.errors.append(f"{_rel(path)}: block {name}: {e}")
+            return m.group(0)
+        finally:
+            page.used |= view.used
 
-    return BLOCK.sub(one, text)
+    page.new = BLOCK.sub(one, text)
+    return page
 
 
-def rendered(results: Results, root: Path = ROOT) -> dict[Path, tuple[str, str]]:
+def render_page_blocks(page: Page, results: Results, reads: dict[str, list[str]]) -> None:
+    """Render the page's provenance and results-index blocks, and check it shows one commit (or says why not)."""
+    context = PageContext(tuple(sorted(page.used)), reads, page.pending)
+    page.new = BLOCK.sub(lambda m: m.group(1) + PAGE_BLOCKS[m.group(2)](results, context) + m.group(4)
+                         if m.group(2) in PAGE_BLOCKS else m.group(0), page.new)
+    present = sorted(n for n in page.used if n in results)
+    commits = {n: commit_of(dict.__getitem__(results, n)) for n in present}
+    if len(set(commits.values())) > 1 and not MIXED.search(page.text):
+        page.errors.append(f"{_rel(page.path)} mixes commits ({', '.join(f'{n}@{c}' for n, c in commits.items())}): "
+                           "regenerate (python docs/render.py --rerun PAGE) or say why: <!-- mixed-commits: REASON -->")
+    if present and "<!-- render:provenance -->" not in page.text:
+        page.errors.append(f"{_rel(page.path)} shows results but has no <!-- render:provenance --><!-- /render --> block")
+
+
+def pages(results: dict[str, Any], root: Path = ROOT) -> list[Page]:
+    """Every document rendered from results, with what each read and its errors."""
+    results = _as_results(results)
+    done = [render_page(p, p.read_text(), results) for p in doc_files(root) if p.exists()]
+    reads: dict[str, list[str]] = {}
+    for page in done:
+        for name in sorted(page.used):
+            reads.setdefault(name, []).append(_rel(page.path, root))
+    for page in done:
+        render_page_blocks(page, results, reads)
+    return done
+
+
+def rendered(results: dict[str, Any], root: Path = ROOT) -> dict[Path, tuple[str, str]]:
     """For each document: (its text now, its text rendered from results)."""
-    return {p: (p.read_text(), render_text(p.read_text(), results)) for p in doc_files(root)}
+    return {p.path: (p.text, p.new) for p in pages(results, root)}
 
 
-# ---- plots (matplotlib, the bench/test extra) ----------------------------------------------------------
-def plot_decode(results: Results, path: Path) -> None:
-    """Grouped bars: decode tokens/s per precision mode at B=1 and B=8, kernels vs XLA alone vs HF."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, b in zip(axes, (1, 8)):
-        xs = np.arange(len(MODES))
-        series = (("gptjax, CPU kernels", KERNELS, "jax"), ("gptjax, XLA only", XLA_ONLY, "jax"),
-                  ("HF (PyTorch)", KERNELS, "hf"))
-        for i, (label, name, backend) in enumerate(series):
-            ys = [find(results[name], "decode", backend, m, b)["tokens_per_s"] for m in MODES]
-            ax.bar(xs + (i - 1) * 0.27, ys, 0.27, label=label)
-        ax.set(xticks=xs, xticklabels=MODES, title=f"greedy decode, gpt2 shape, B={b}", ylabel="tokens/s")
-    axes[0].legend(fontsize=8)
-    _save(fig, path)
+def render_text(text: str, results: dict[str, Any]) -> str:
+    """text with every ordinary block re-rendered (page blocks as they are)."""
+    return render_page(Path("text.md"), text, _as_results(results)).new
 
 
-def plot_roofline(results: Results, path: Path) -> None:
-    """Each gptjax workload of the kernels run at (FLOPs per byte moved, FLOP/s) under the measured ceilings:
-    colour = precision mode, marker = workload."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = [r for r in results[KERNELS]
-            if r.get("kind") == "workload" and r.get("status") == "ok" and r["backend"] == "jax"]
-    c = of_kind(results[KERNELS], "ceiling")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = np.logspace(-1, 4, 100)
-    for dtype, style in (("fp32", "k--"), ("int8", "k:")):
-        ax.plot(xs, np.minimum(c["matmul_flops"][dtype], c["bandwidth"]["read"] * xs), style,
-                label=f"measured {dtype} matmul / read bandwidth")
-    colours = dict(zip(MODES, ("C0", "C1", "C2", "C3")))
-    markers = {"prefill": "s", "decode": "o", "train": "^"}
-    for r in rows:
-        ax.scatter(r["flops"] / r["bytes_moved"], r["flops_per_s"], color=colours[r["precision"]],
-                   marker=markers[r["workload"]], s=40)
-    for mode, colour in colours.items():
-        ax.scatter([], [], color=colour, marker="o", label=mode)
-    for workload, marker in markers.items():
-        ax.scatter([], [], color="grey", marker=marker, label=workload)
-    ax.set(xscale="log", yscale="log", xlabel="FLOPs per byte moved", ylabel="achieved FLOP/s",
-           title="roofline of the quick suite, gpt2 shape (gptjax, CPU kernels)")
-    ax.legend(fontsize=7, loc="lower right")
-    _save(fig, path)
+def _rel(path: Path, root: Path = ROOT) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
-def plot_frontier(results: Results, path: Path) -> None:
-    """Held-out bits/byte against B=1 decode bytes/s for every model x mode, the Pareto frontier marked:
-    colour = how it was trained, marker = precision mode."""
-    import matplotlib.pyplot as plt
-
-    import gptjax.bench.studies.frontier as study
-
-    rows = _frontier(results, "model")
-    points = [(r["decode_b1_bytes_per_s"], r["heldout_bpb"]) for r in rows]
-    best = study.pareto(points)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colours = {"teacher": "k", "plain": "C0", "distilled": "C3", "distilled+init": "C1"}
-    markers = dict(zip(MODES, ("o", "s", "^", "v")))
-    for r, (x, y) in zip(rows, points):
-        face = colours[r["role"]] if r["tokenizer"] == "byte" else "none"
-        ax.scatter(x, y, color=face, edgecolors=colours[r["role"]], marker=markers[r["precision"]], s=40, zorder=3)
-        if r["precision"] == "fp32":
-            ax.annotate(_frontier_name(r).split(" ")[0] + ("" if r["tokenizer"] == "byte" else " bpe"), (x, y),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
-    front = sorted(p for p, keep in zip(points, best) if keep)
-    ax.step([p[0] for p in front], [p[1] for p in front], "k--", where="pre", lw=0.8, label="Pareto frontier")
-    ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="grey", zorder=2)
-    for role, colour in colours.items():
-        ax.scatter([], [], color=colour, label=role)
-    for mode, marker in markers.items():
-        ax.scatter([], [], color="grey", marker=marker, label=mode)
-    ax.set(xscale="log", xlabel="greedy decode bytes/s at B=1 (higher is faster)",
-           ylabel="held-out bits per byte (lower is better)",
-           title="size / accuracy / speed on a 2-core CPU (hollow: BPE vocabulary)")
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
-
-
-def _save(fig: Any, path: Path, source: str | None = None) -> None:
-    """Write the figure (source: the hash of its data, embedded as the PNG's Source text)."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"Software": None} | ({"Source": f"sha256:{source}"} if source else {})
-    fig.savefig(path, dpi=100, metadata=meta)  # no version stamp: the same data, the same bytes
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-PLOTS: dict[str, Callable[[Results, Path], None]] = {"decode_by_precision.png": plot_decode,
-                                                     "roofline.png": plot_roofline, "frontier.png": plot_frontier}
-# stem -> (results file, plot): drawn as docs/img/stem-<hash>.png; --check fails while one is missing or stale
-HASHED_PLOTS: dict[str, tuple[str, Callable[[Results, Path], None]]] = {
-    "monitoring-signals": (SIGNALS, plot_signals), "monitoring-trace": (TRACE, plot_trace)}
-
-
+# ---- pictures: named by the hash of their data and code ---------------------------------------------------------
 def png_source(path: Path) -> str | None:
     """The Source text a PNG embeds ('sha256:...'), or None."""
     from PIL import Image  # matplotlib's own dependency
@@ -923,45 +134,158 @@ def png_source(path: Path) -> str | None:
         return image.text.get("Source")
 
 
-def stale_images(results: Results, img: Path = IMG) -> list[Path]:
-    """The hashed pictures that are missing, or embed another data hash than their results file's."""
-    return [img / hashed_name(stem, results[name]) for stem, (name, _) in HASHED_PLOTS.items()
-            if not (img / hashed_name(stem, results[name])).exists()
-            or png_source(img / hashed_name(stem, results[name])) != f"sha256:{data_hash(results[name])}"]
+def drawable(results: Results) -> list[Any]:
+    """The plots whose results files all exist."""
+    return [p for p in PLOTS.values() if all(n in results for n in p.files)]
 
 
-def draw_hashed(results: Results, img: Path = IMG) -> None:
-    """Draw each hashed picture from its data, removing its pictures of older data."""
-    for stem, (name, draw) in HASHED_PLOTS.items():
-        path = img / hashed_name(stem, results[name])
-        for old in img.glob(f"{stem}-*.png"):
-            if old != path:
-                old.unlink()
-        draw(results, path)
+def stale_images(results: dict[str, Any], img: Path = IMG) -> list[Path]:
+    """The pictures that are missing, or embed another hash than their data and code have now."""
+    results = _as_results(results)
+    return [img / p.file_name(results) for p in drawable(results)
+            if not (img / p.file_name(results)).exists()
+            or png_source(img / p.file_name(results)) != f"sha256:{p.data_hash(results)}"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Rewrite the marked blocks and the plots; with --check, report stale files and exit 1 if any."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document is stale")
-    args = parser.parse_args(argv)
-    results = load_results()
-    stale = {p: new for p, (now, new) in rendered(results).items() if now != new}
-    if args.check:
-        images = stale_images(results)
-        for p in [*stale, *images]:
-            print(f"stale: {p.relative_to(ROOT)} (run python docs/render.py)")
-        return 1 if stale or images else 0
-    for p, text in stale.items():
-        p.write_text(text)
-        print(f"rendered {p.relative_to(ROOT)}")
+def orphans(done: list[Page], img: Path = IMG) -> list[Path]:
+    """Pictures in img/ that no rendered page links."""
+    linked = {name for page in done for name in IMAGE_LINK.findall(page.new)}
+    return sorted(p for p in img.glob("*.png") if p.name not in linked)
+
+
+def figure(plot: Any, results: Results) -> Any:
+    """The plot's figure, drawn with readable defaults (no text under 8 pt); an error if it read other files than
+    it declares (its hash would not cover them)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    for name, draw in PLOTS.items():
-        draw(results, IMG / name)
-    draw_hashed(results)
-    return 0
+    view = results.recorder()
+    with matplotlib.rc_context({"font.size": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8}):
+        fig = plot.draw(view)
+        fig.tight_layout()
+    if view.used - set(plot.files):
+        raise RuntimeError(f"plot {plot.stem} read {sorted(view.used - set(plot.files))}, not in its files")
+    return fig
+
+
+def draw(results: Results, img: Path = IMG) -> None:
+    """Draw every picture that is missing or stale, embedding its hash (no version stamp: same data, same bytes)."""
+    import matplotlib.pyplot as plt
+
+    stale = stale_images(results, img)
+    for plot in drawable(results):
+        path = img / plot.file_name(results)
+        if path in stale:
+            fig = figure(plot, results)
+            img.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=100, metadata={"Software": None, "Source": f"sha256:{plot.data_hash(results)}"})
+            plt.close(fig)
+            print(f"drew {_rel(path)}")
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def problems(results: Results, root: Path = ROOT, img: Path = IMG) -> tuple[list[str], list[str]]:
+    """(what makes --check fail, what it only lists: pending files)."""
+    done = pages(results, root)
+    bad = [f"stale: {_rel(p.path, root)} (run python docs/render.py)" for p in done if p.new != p.text]
+    bad += [e for p in done for e in p.errors]
+    bad += [f"stale image: {_rel(p, root)} (missing, or drawn from other data or code: run python docs/render.py)"
+            for p in stale_images(results, img)]
+    bad += [f"orphan image: {_rel(p, root)} (no page links it: python docs/render.py deletes it)"
+            for p in orphans(done, img)]
+    bad += [f"{name}: stamped with {commit}, which is not an ancestor of HEAD (data from another branch)"
+            for name, commit in foreign(results)]
+    pending = [f"pending: {_rel(p.path, root)}: {name} ({why})" for p in done for name, why in p.pending.items()]
+    return bad, pending
+
+
+def foreign(results: Results) -> list[tuple[str, str]]:
+    """(file, commit) for each results file stamped with a commit git knows that is not an ancestor of HEAD (a
+    commit git does not know, e.g. in a shallow clone, is not judged)."""
+    found = []
+    for name in sorted(results):
+        for commit in commit_of(dict.__getitem__(results, name)).split(" + "):
+            commit = commit.removesuffix("+dirty")
+            if commit != "not stamped" and _git_status("merge-base", "--is-ancestor", commit, "HEAD") == 1:
+                found.append((name, commit))
+    return found
+
+
+def _git_status(*args: str) -> int | None:
+    """git's exit status (1 for merge-base --is-ancestor: known, not an ancestor), None outside a checkout."""
+    try:
+        return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, timeout=10).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git(*args: str) -> str:
+    """git's output in the repository (empty outside a checkout)."""
+    try:
+        return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def write(results: Results) -> int:
+    """Rewrite the stale pages, draw the pictures, delete the orphans; exit 1 (naming them) on page errors."""
+    done = pages(results)
+    for page in done:
+        if page.new != page.text:
+            page.path.write_text(page.new)
+            print(f"rendered {_rel(page.path)}")
+    draw(results)
+    for path in orphans(done):
+        path.unlink()
+        print(f"deleted {_rel(path)} (no page links it)")
+    errors = [e for p in done for e in p.errors]
+    print(*errors, sep="\n") if errors else None
+    return 1 if errors else 0
+
+
+def rerun(args: argparse.Namespace) -> int:
+    """Run the chosen pieces at a clean HEAD (or --allow-dirty), then render."""
+    commit = git("rev-parse", "HEAD")
+    if git("status", "--porcelain", "--untracked-files=no") and not args.allow_dirty:
+        print("the tree has uncommitted changes, so the stamps would name code that is not committed: commit first, "
+              "or pass --allow-dirty")
+        return 2
+    page_files = {_rel(p.path): p.used for p in pages(load_results(args.results))}
+    page_files |= {Path(k).name: v for k, v in page_files.items()}
+    chosen = pieces.select(args.rerun, page_files)
+    helps = pieces.run_helps(chosen)
+    for p in list(chosen):  # in order, so a piece whose needs were skipped is skipped too; the rest still run
+        if why := pieces.missing(p, helps) or ", ".join(set(p.needs) - {q.name for q in chosen}):
+            chosen.remove(p)
+            print(f"skipped {p.name}: needs {why}")
+    print(f"{len(chosen)} pieces, about {sum(p.minutes for p in chosen):.0f} min: {', '.join(p.name for p in chosen)}")
+    runs = ROOT / "runs" / f"docs-{commit[:7] or 'unknown'}"
+    code = pieces.rerun(chosen, args.results, runs, commit, resume=args.resume, busy_ok=args.busy_ok)
+    return code or write(load_results(args.results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render (default), --check, --list or --rerun."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is stale or wrong")
+    parser.add_argument("--list", action="store_true", help="the pieces that regenerate the results, and their state")
+    parser.add_argument("--rerun", nargs="+", metavar="all|PAGE.md|PIECE", help="run these pieces, then render")
+    parser.add_argument("--resume", action="store_true", help="with --rerun: skip pieces already stamped with HEAD")
+    parser.add_argument("--allow-dirty", action="store_true", help="with --rerun: run on uncommitted changes")
+    parser.add_argument("--busy-ok", action="store_true", help="with --rerun: do not wait for a quiet machine")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.list:
+        print(*pieces.listing(pieces.PIECES, args.results), sep="\n")
+        return 0
+    if args.rerun:
+        return rerun(args)
+    results = load_results(args.results)
+    if not args.check:
+        return write(results)
+    bad, pending = problems(results)
+    print(*bad, *pending, sep="\n") if bad or pending else None
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

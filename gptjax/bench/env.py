@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from importlib import metadata
 from typing import Any
 
@@ -15,7 +16,8 @@ _PACKAGES = ("gptjax", "jax", "jaxlib", "flax", "numpy", "torch", "transformers"
 
 
 def environment(peer_thread_count: int | None = None) -> dict[str, Any]:
-    """Versions (gptjax, jax, jaxlib, flax, numpy, torch, transformers), git commit, device kind and count,
+    """Versions (gptjax, jax, jaxlib, flax, numpy, torch, transformers), git commit (short, and the full stamp:
+    commit, clean, time), device kind and count,
     CPU model and cores, XLA flags, whether gptjax's CPU kernels ran, and the thread counts both sides use."""
     # jax and the kernels (which import jax) not at the top: results.py imports this module for every study's
     # `--help` and `gptjax bench --help`, and jax takes half a second
@@ -24,7 +26,7 @@ def environment(peer_thread_count: int | None = None) -> dict[str, Any]:
     from gptjax.backends import cpu_kernels
 
     env: dict[str, Any] = {name: _version(name) for name in _PACKAGES}
-    env |= {"python": platform.python_version(), "git": git_commit(), "platform": jax.default_backend(),
+    env |= {"python": platform.python_version(), "git": git_commit(), **stamp(), "platform": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
             "cpu": cpu_model(), "cores": os.cpu_count()}
     env |= {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS")}
@@ -43,14 +45,29 @@ def _version(name: str) -> str | None:
 
 def git_commit() -> str:
     """The short commit of the gptjax source tree (with "+dirty" for uncommitted changes), or "unknown"."""
-    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here, timeout=5)  # noqa: E731
-        commit = run("rev-parse", "--short", "HEAD").stdout.strip()
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def _git(*args: str) -> str:
+    """git's stdout (stripped), run in this package's directory (the source tree when it is a checkout)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(["git", *args], check=False, capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
+
+
+def stamp() -> dict[str, Any]:
+    """What names the code and the moment a result was measured: the full commit ("unknown" outside a git
+    checkout), whether the tree was clean (tracked files only) and the UTC time (ISO 8601, seconds)."""
+    try:
+        commit = _git("rev-parse", "HEAD") or "unknown"
+        clean = commit != "unknown" and not _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        commit, clean = "unknown", False
+    return {"commit": commit, "clean": clean, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def cpu_model() -> str:

@@ -1,8 +1,8 @@
 """GFLOP/s of gptjax_bf16_matmul on gpt2's matmul shapes (K=768: N=2304/768/3072; K=3072: N=768) at given rows M.
 
 Compare trees by PYTHONPATH (the kernels .so of each built in place), e.g. before vs after gemm_bf16.cc:
-    PYTHONPATH=/path/to/old python benchmarks/bf16_gemm_shapes.py 1,8,128,512
-    PYTHONPATH=. python benchmarks/bf16_gemm_shapes.py 1,8,128,512
+    PYTHONPATH=/path/to/old python benchmarks/probes/bf16_gemm_shapes.py 1,8,128,512
+    PYTHONPATH=. python benchmarks/probes/bf16_gemm_shapes.py 1,8,128,512
 Prints one JSON line per shape: wall-clock GFLOP/s (median of 5) and the error against float64.
 """
 
