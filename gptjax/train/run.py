@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from gptjax import data
+from gptjax.backends import cpu_kernels
+from gptjax.backends.jax.bf16_train import KernelTrainingLayers, training_layers
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.peaks import mfu_peak
@@ -67,7 +69,7 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     if o.resume:
         state, batcher_state = checkpoints.restore(state)
         batcher.set_state(batcher_state)
-    peak = mfu_peak(tc.compute_dtype, o.peak_flops)
+    peak = mfu_peak(tc.compute_dtype, o.peak_flops, kernel=_matmul_kernel(tc.compute_dtype, o.mesh))
     if o.peak_flops is None:  # given (--peak-flops), it needs no saying
         log.info("MFU peak: %.4g FLOP/s (%s)", peak.flops, peak.source)
     run = Run(graphdef, tc, config, T, batcher, d, checkpoints, peak.flops, data.unigram_entropy(np.asarray(d.val)))
@@ -79,6 +81,11 @@ def train(config: GPTConfig | None, tc: TrainConfig | None, out_dir: str | os.Pa
     _export(config, tc, out, export_params(graphdef, loop.state.params))  # a collective: every process gathers
     return TrainResult(int(loop.state.step), loop.losses, loop.val_loss, loop.val_bpb, run.unigram, loop.skipped,
                        loop.sample, out, stop_reason)
+
+
+def _matmul_kernel(compute_dtype: str, mesh: Any) -> Any:
+    """The kernel the step's matmuls run on instead of XLA's dot (bf16 on gptjax's CPU GEMM), MFU's peak; or None."""
+    return cpu_kernels.bf16_matmul if isinstance(training_layers(compute_dtype, mesh), KernelTrainingLayers) else None
 
 
 def check_inputs(data_spec: str | None, init_from: str | os.PathLike | None = None) -> None:
