@@ -54,3 +54,11 @@ def test_collectives_are_counted_by_kind_from_hlo_text():
     assert got["all-gather"] == {"count": 1, "bytes": 4 * 8 * 16 * 96}
     assert got["collective-permute"] == {"count": 1, "bytes": 10}
     assert got["reduce-scatter"] == got["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_a_mesh_the_model_cannot_split_is_skipped_with_the_reason(tmp_path):
+    out = tmp_path / "scaling"
+    assert main(["scaling", "--preset", "tiny", "--batch", "8", "--seq-len", "8", "--runs", "1", "--meshes", "1x1x8",
+                 "--out", str(out)], log=lambda *a: None) == 0
+    [row] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[1:]]
+    assert row["status"] == "skipped" and row["message"] == "n_head=2 is not divisible by the mesh's tensor size 8"
