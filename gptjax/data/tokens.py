@@ -19,8 +19,15 @@ import numpy as np
 
 from gptjax.data.corpora import SEPARATOR, Doc, resolve_corpus, split_docs
 from gptjax.errors import GptjaxError
-from gptjax.tokenizer import (CHAR_ESCAPES, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, has_tokenizer,
-                              load_tokenizer)
+from gptjax.tokenizer import (
+    CHAR_ESCAPES,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+)
 
 BPE_MIN, BPE_MAX = 257, 65536  # one merge at least; ids fit uint16
 CHAR_MIN = CHAR_ESCAPES + 1  # one character at least, beside the escape and the nibbles
