@@ -35,14 +35,12 @@ BPE_TRAIN_CAP_BYTES = 100_000_000  # BPE trains on the leading docs up to this s
 TOKENS_FORMAT = 1
 
 
-def _bpe_size(spec: str) -> int:
-    """N from 'bpe:N', checked against [BPE_MIN, BPE_MAX]."""
-    try:
-        n = int(spec.split(":", 1)[1])
-    except ValueError:
-        n = None
-    if n is None or not BPE_MIN <= n <= BPE_MAX:
-        raise GptjaxError(f"tokenizer {spec!r}: 'bpe:N' needs an integer N in [{BPE_MIN}, {BPE_MAX}]")
+def _spec_size(spec: str, smallest: int) -> int:
+    """N from 'bpe:N' or 'char:N', checked against [smallest, BPE_MAX]."""
+    kind, _, text = spec.partition(":")
+    n = int(text) if text.isdigit() else None
+    if n is None or not smallest <= n <= BPE_MAX:
+        raise GptjaxError(f"tokenizer {spec!r}: '{kind}:N' needs an integer N in [{smallest}, {BPE_MAX}]")
     return n
 
 
@@ -80,17 +78,6 @@ def train_chars(texts: Sequence[str], vocab_size: int, cap_bytes: int = BPE_TRAI
     return CharTokenizer("".join(chars) or " ", vocab_size)
 
 
-def _char_size(spec: str) -> int:
-    """N from 'char:N', checked against [CHAR_MIN, BPE_MAX]."""
-    try:
-        n = int(spec.split(":", 1)[1])
-    except ValueError:
-        n = None
-    if n is None or not CHAR_MIN <= n <= BPE_MAX:
-        raise GptjaxError(f"tokenizer {spec!r}: 'char:N' needs an integer N in [{CHAR_MIN}, {BPE_MAX}]")
-    return n
-
-
 def make_tokenizer(spec: str, train_texts: Sequence[str], out_dir: str | os.PathLike) -> Tokenizer:
     """'byte' → ByteTokenizer; 'bpe:N' → BPE trained on train_texts; 'char:N' → the N - 17 most frequent
     characters of train_texts and escapes; a directory → its tokenizer files. All but bytes are saved as
@@ -98,9 +85,9 @@ def make_tokenizer(spec: str, train_texts: Sequence[str], out_dir: str | os.Path
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("bpe:"):
-        tok = train_bpe(train_texts, _bpe_size(spec))
+        tok = train_bpe(train_texts, _spec_size(spec, BPE_MIN))
     elif spec.startswith("char:"):
-        tok = train_chars(train_texts, _char_size(spec))
+        tok = train_chars(train_texts, _spec_size(spec, CHAR_MIN))
     elif os.path.isdir(spec) and has_tokenizer(spec):
         tok = load_tokenizer(spec)
     else:

@@ -31,11 +31,8 @@ FLAGS = {"--checkpoint": ("", "comma list of checkpoint directories (required)")
 
 
 def _lengths(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 2:
+    values = [int(v) for v in text.split(",") if v.isdigit()]
+    if len(values) != len(text.split(",")) or min(values, default=0) < 2:
         raise GptjaxError(f"--seq-lens {text!r}: give window lengths >= 2, e.g. 64,128")
     return values
 
