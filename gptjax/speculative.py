@@ -27,8 +27,9 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import filter_logits
-from gptjax.sampling import SamplingParams
 from gptjax.precision import MODES
+from gptjax.sampling import SamplingParams
+from gptjax.timing import interleaved_runs, median, timed_value
 
 MAX_SPECULATIVE_TOKENS = 16  # k beyond this only wastes target work: acceptance decays geometrically with k
 
@@ -163,3 +164,76 @@ class Speculation(NamedTuple):
     k: int
     weights: Any = None
     kv_cache: str | None = None
+
+
+# ---- speculative against plain decoding, measured (gptjax generate --draft, the speculative study) -----------
+class Gain(NamedTuple):
+    """Speculative against plain decoding of the same prompts: tokens/s of each (median round), the speed-up
+    (median of the rounds' plain/speculative seconds, with their min and max) and the draft tokens accepted of
+    those proposed, in total and per call (one call per batch of prompts: the unit a confidence interval resamples)."""
+
+    tokens_per_s: float
+    plain_tokens_per_s: float
+    speedup: float
+    speedup_range: tuple[float, float]
+    accepted: int
+    proposed: int
+    per_call: list[tuple[int, int]]  # (accepted, proposed) of each call, in prompt order
+    same_tokens: bool  # the speculative tokens equal the plain ones (always, for greedy decoding)
+
+    @property
+    def acceptance(self) -> float | None:
+        """accepted / proposed (None when nothing was proposed)."""
+        return self.accepted / self.proposed if self.proposed else None
+
+
+def decode_rounds(backend: Any, weights: Any, batches: list[list[list[int]]], max_new_tokens: int,
+                  sampling: SamplingParams, configs: dict[Any, tuple[Any, int]], rounds: int
+                  ) -> dict[Any, list[tuple[float, list[Any]]]]:
+    """Per config (name -> (drafter or None for plain decoding, k)): `rounds` timed rounds of (seconds, the
+    generate results), each round generating every batch of prompts; the configs interleaved round by round after
+    one warm-up call each (the first batch: it compiles, and is not timed)."""
+    def one(draft: Any, k: int, prompts: list[list[int]]) -> Any:
+        spec = {} if draft is None else {"draft": draft, "num_speculative_tokens": k}
+        return backend.generate(weights, prompts, max_new_tokens, sampling=sampling, **spec)
+
+    def round_of(i: int, draft: Any, k: int) -> tuple[float, list[Any]]:
+        todo = batches[:1] if i < 0 else batches
+        results, seconds = timed_value(lambda: [one(draft, k, p) for p in todo])
+        return seconds, results
+
+    fns = {name: (lambda i, d=draft, k=k: round_of(i, d, k)) for name, (draft, k) in configs.items()}
+    return interleaved_runs(fns, rounds, warmup=1)
+
+
+def gain(plain: list[tuple[float, list[Any]]], speculative: list[tuple[float, list[Any]]]) -> Gain:
+    """The Gain of one speculative config's rounds against plain decoding's rounds of the same prompts."""
+    ratios = [p / s for (p, _), (s, _) in zip(plain, speculative)]
+    calls = speculative[0][1]
+    generated = sum(len(t) for r in calls for t in r.tokens)
+    per_call = [(r.accepted, r.proposed) for r in calls]
+    return Gain(generated / median([s for s, _ in speculative]),
+                sum(len(t) for r in plain[0][1] for t in r.tokens) / median([s for s, _ in plain]),
+                median(ratios), (min(ratios), max(ratios)), sum(a for a, _ in per_call),
+                sum(p for _, p in per_call), per_call,
+                [t for r in calls for t in r.tokens] == [t for r in plain[0][1] for t in r.tokens])
+
+
+def measure_gain(backend: Any, weights: Any, prompts: list[list[int]], max_new_tokens: int,
+                 sampling: SamplingParams, draft: Draft, k: int, rounds: int = 3) -> Gain:
+    """Speculative (draft, k) against plain decoding of `prompts` (one batch) on a backend and its prepared
+    weights: both warmed up (compile excluded), then `rounds` rounds of plain and speculative interleaved."""
+    runs = decode_rounds(backend, weights, [prompts], max_new_tokens, sampling,
+                         {"plain": (None, 0), "speculative": (draft, k)}, rounds)
+    return gain(runs["plain"], runs["speculative"])
+
+
+def gain_line(g: Gain, rounds: int) -> str:
+    """How `gptjax generate --draft` reports a Gain, with the advice to drop --draft below 1x."""
+    line = (f"speculative {g.tokens_per_s:,.1f} tok/s vs plain {g.plain_tokens_per_s:,.1f} tok/s = {g.speedup:.2f}x "
+            f"(compile excluded, median of {rounds}); {g.accepted}/{g.proposed} draft tokens accepted "
+            f"({100 * (g.acceptance or 0):.1f}%)")
+    if g.speedup < 1:
+        line += ("\nspeculation is slower than plain decoding for this target (a small model's pass costs little "
+                 "more than the draft's): drop --draft")
+    return line

@@ -1,7 +1,9 @@
-"""Tokenizers: GPT-2's byte-level BPE read from local files, and a 256-symbol byte tokenizer for raw text."""
+"""Tokenizers: GPT-2's byte-level BPE read from local files, a 256-symbol byte tokenizer for raw text, and a
+character vocabulary smaller than bytes (char:N) with an escape for every other character."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,13 +56,75 @@ class BPETokenizer:
         """BPE ids → text."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what load_tokenizer reads back)."""
+        return self._tok.to_str()
 
-def load_tokenizer(path: str | os.PathLike) -> BPETokenizer:
-    """GPT-2's tokenizer from `tokenizer.json`, or `vocab.json` + `merges.txt`, in a checkpoint directory."""
+
+CHAR_FORMAT = "gptjax-char/1"  # the "format" of a CharTokenizer's tokenizer.json
+CHAR_ESCAPES = 17  # the escape id and 16 nibble ids after the characters
+
+
+class CharTokenizer:
+    """A vocabulary of vocab_size ids: the characters of `chars` (the most frequent of a training text) are ids
+    0..len(chars)-1; id vocab_size-17 is an escape and the last 16 ids are nibbles, so any other character is
+    ESC hi lo per UTF-8 byte: every text round-trips, and a vocabulary smaller than bytes (char:64) can be trained
+    and scored in bits per byte like any other (escapes are scored as tokens)."""
+
+    def __init__(self, chars: str, vocab_size: int) -> None:
+        if len(set(chars)) != len(chars) or len(chars) > vocab_size - CHAR_ESCAPES or len(chars) < 1:
+            raise GptjaxError(f"char tokenizer: {len(chars)} distinct characters must fit vocab_size {vocab_size} "
+                              f"- {CHAR_ESCAPES} (escape and nibble ids) and be at least one")
+        self.chars, self.vocab_size = chars, vocab_size
+        self.escape = vocab_size - CHAR_ESCAPES
+        self._ids = {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text: str) -> list[int]:
+        """Text → ids: a known character's id, else ESC hi lo for each of its UTF-8 bytes."""
+        out: list[int] = []
+        for c in text:
+            i = self._ids.get(c)
+            if i is not None:
+                out.append(i)
+                continue
+            for b in c.encode("utf-8"):
+                out += [self.escape, self.escape + 1 + (b >> 4), self.escape + 1 + (b & 15)]
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids → text; escaped bytes joined and decoded as UTF-8 (invalid sequences, a stray escape or nibble,
+        as U+FFFD: a model can emit them)."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise GptjaxError(f"char tokenizer got id(s) {bad[:5]} outside [0, {self.vocab_size})")
+        out, pending, n = [], bytearray(), 0
+        while n < len(ids):
+            hi, lo = (ids[n + 1: n + 3] + [-1, -1])[:2]
+            if ids[n] == self.escape and min(hi, lo) > self.escape:
+                pending.append((hi - self.escape - 1) << 4 | (lo - self.escape - 1))
+                n += 3
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            out.append(self.chars[ids[n]] if ids[n] < len(self.chars) else "\ufffd")
+            n += 1
+        return "".join(out) + pending.decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (what load_tokenizer reads back)."""
+        return json.dumps({"format": CHAR_FORMAT, "vocab_size": self.vocab_size, "chars": list(self.chars)})
+
+
+def load_tokenizer(path: str | os.PathLike) -> BPETokenizer | CharTokenizer:
+    """A checkpoint directory's tokenizer: GPT-2's BPE from `tokenizer.json`, or `vocab.json` + `merges.txt`; a
+    char:N vocabulary from a `tokenizer.json` of format CHAR_FORMAT."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
     d = Path(path)
+    char = _char_tokenizer(d / "tokenizer.json")
+    if char is not None:
+        return char
     if (d / "tokenizer.json").is_file():
         return BPETokenizer(_read(d / "tokenizer.json", lambda: HFTokenizer.from_file(str(d / "tokenizer.json"))))
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
@@ -82,6 +146,17 @@ def _read(file: Path, build: Callable[[], Built]) -> Built:
         raise GptjaxError(f"not a valid tokenizers file: {e}") from None
     except Exception as e:
         raise GptjaxError(f"{file} is not a valid tokenizers file: {e}") from None
+
+
+def _char_tokenizer(path: Path) -> CharTokenizer | None:
+    """The CharTokenizer a tokenizer.json describes, or None (no file, or another tokenizer's)."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(spec, dict) or spec.get("format") != CHAR_FORMAT:
+        return None
+    return CharTokenizer("".join(spec["chars"]), int(spec["vocab_size"]))
 
 
 def has_tokenizer(path: str | os.PathLike) -> bool:

@@ -433,3 +433,55 @@ def test_train_mfu_uses_the_suite_ceiling():
 
     assert not hasattr(train, "measure_peak_flops") and train.matmul_flops is matmul_flops
     assert matmul_flops("fp32", 64, runs=1) > 0 and matmul_flops("bf16", 64, runs=1) > 0
+
+
+# ---- MFU against the ceiling a row runs on (issue 30: never above 100%) ------------------------------
+CEILING = {"matmul_n": 64, "matmul_flops": {"fp32": 1e9, "bf16": 1e9, "int8": 2e9},
+           "kernel_flops": {"bf16": 4e9, "int8": 8e9}, "bandwidth_bytes": 2**20, "bandwidth": {"read": 8e9}}
+
+
+def test_each_mode_takes_the_ceiling_it_runs_on():
+    expect = {"fp32": ("xla fp32", 1e9), "bf16": ("kernel bf16", 4e9), "int8": ("kernel int8", 8e9),
+              "w8a8": ("kernel int8", 8e9), "int4": ("kernel int8", 8e9), "fp8": ("xla fp32", 1e9)}
+    assert {m: metrics.ceiling_for({"precision": m}, CEILING, kernels=True) for m in expect} == expect
+    without = {"fp32": ("xla fp32", 1e9), "bf16": ("xla bf16", 1e9), "int8": ("xla fp32", 1e9),
+               "w8a8": ("xla int8", 2e9), "int4": ("xla fp32", 1e9), "fp8": ("xla fp32", 1e9)}
+    assert {m: metrics.ceiling_for({"precision": m}, CEILING, kernels=False) for m in without} == without
+    no_kernels = CEILING | {"kernel_flops": {}}  # GPTJAX_CPU_KERNELS=0 or an accelerator: none measured
+    assert metrics.ceiling_for({"precision": "w8a8"}, no_kernels, kernels=True) == ("xla int8", 2e9)
+    unsupported = CEILING | {"matmul_flops": {"fp32": 1e9, "bf16": "unsupported: x"}}
+    assert metrics.ceiling_for({"precision": "bf16"}, unsupported, kernels=False) == ("xla bf16", None)
+    peer = {"precision": "fp32", "peer": {"name": "hf"}}
+    assert metrics.ceiling_for(peer, CEILING, kernels=False) == ("-", None)
+    assert metrics.ceiling_for(peer | {"peak_flops": 3e9}, CEILING, kernels=False) == ("peer", 3e9)
+
+
+def test_a_row_above_its_ceiling_is_flagged_and_never_printed_as_a_percentage():
+    from gptjax.bench.suite import _row
+
+    job = Job(call=lambda i: None, flops=10**9, bytes_moved=2e9, memory={"params_bytes": 4})
+    fast = _row({"precision": "w8a8", "backend": "jax"}, Shape("prefill", 1, seq=128), job, [0.1], CEILING, None)
+    assert fast["flops_per_s"] == 1e10 and fast["mfu"] == 1.25 and fast["mfu_ceiling"] == "kernel int8"
+    assert fast["ceiling_low"] is True and fast["mfu_xla"] == fast["mfu_measured"] == 5.0
+    ok = _row({"precision": "bf16", "backend": "jax"}, Shape("prefill", 1, seq=128), job, [0.5], CEILING, None)
+    assert ok["mfu"] == 0.5 and ok["mfu_ceiling"] == "kernel bf16" and ok["ceiling_low"] is False
+    rows = [r | {"kind": "workload", "workload": "prefill", "batch": 1, "seq": 128} for r in (fast, ok)]
+    table = markdown_table(rows)
+    assert "| > ceiling (re-measure at a larger --matmul-n) | kernel int8 |" in table
+    assert "| 50.0% | kernel bf16 |" in table and "125.0%" not in table and "500.0%" not in table
+    assert metrics.mfu_text({"mfu": None}) == "-" and metrics.mfu_text({"mfu": 1.0}) == "100.0%"
+
+
+def test_the_busy_warning_names_the_peer_only_when_one_was_asked_for():
+    from gptjax.bench.results import warn_if_busy
+
+    env = {"platform": "cpu", "load_avg_1m": 3.0, "cores": 2}
+    alone, with_peer = [], []
+    warn_if_busy(env, alone.append)
+    warn_if_busy(env, with_peer.append, peer=True)
+    assert alone == [("warning: 1-minute load average 3.0 on 2 cores before the run: other work competes for the "
+                      "CPU; timings are noisy")]
+    assert "the peer (OpenMP) suffers more than XLA" in with_peer[0] and "OpenMP" not in alone[0]
+    quiet = []
+    warn_if_busy(env | {"load_avg_1m": 0.5}, quiet.append, peer=True)
+    assert quiet == []

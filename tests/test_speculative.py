@@ -176,6 +176,7 @@ def test_cli_generate_with_a_draft_prints_the_plain_greedy_tokens(tmp_path, caps
         assert main(base + ["--draft", *draft]) == 0
         out = capsys.readouterr()
         assert out.out == ",".join(map(str, expected)) and "draft tokens accepted" in out.err
+        assert "tok/s vs plain " in out.err and "x (compile excluded, median of 3); " in out.err
     assert main(base + ["--draft", "ngram", "--spec-k", "99"]) == 2
     assert "num_speculative_tokens=99 must be an integer in [1, 16]" in capsys.readouterr().err
     assert main(base + ["--draft", "ngram", "--ngram", "3"]) == 2

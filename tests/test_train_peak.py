@@ -86,3 +86,30 @@ def test_a_training_start_reads_the_cached_ceiling_and_runs_no_benchmark(tmp_pat
         train(config, tc, tmp_path / "run", TrainOptions(data_spec=corpus, progress=False))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("MFU peak"))
     assert line.startswith("MFU peak: 2e+11 FLOP/s (fp32 matmul 1024³ measured ") and "cached in" in line
+
+
+def test_a_kernel_ceiling_is_measured_on_the_kernel_and_cached_under_its_own_key(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    monkeypatch.delenv(peaks.PEAK_ENV, raising=False)
+    used = []
+
+    def kernel(x, w):
+        used.append(x.shape)
+        return jnp.matmul(x, w)
+
+    peak = peaks.cached_ceiling("bf16", 32, tmp_path, kernel=kernel)
+    assert used and peak.flops > 0 and peak.source.startswith("bf16 kernel matmul 32³ measured now")
+    assert list(json.loads((tmp_path / "ceilings.json").read_text())["ceilings"]) == [peaks.machine_key("bf16 kernel",
+                                                                                                         32)]
+    monkeypatch.setattr(peaks, "MATMUL_N", 32)
+    assert peaks.mfu_peak("bf16", None, tmp_path, kernel=kernel).flops == peak.flops  # read back, not re-measured
+
+
+def test_bf16_training_takes_the_peak_of_the_kernel_its_matmuls_run_on():
+    from gptjax.backends import cpu_kernels
+    from gptjax.train import run
+
+    assert run._matmul_kernel("fp32", None) is None
+    assert run._matmul_kernel("bf16", object()) is None  # on a mesh: XLA's dots
+    assert run._matmul_kernel("bf16", None) is (cpu_kernels.bf16_matmul if cpu_kernels.available() else None)

@@ -54,33 +54,23 @@ def datasheet_for(device_kind: str) -> Datasheet | None:
 def bf16_kernel_flops(n: int, runs: int = 5) -> float:
     """FLOP/s (2n³ per call) of gptjax's CPU bf16 kernel (gptjax_bf16_matmul, GEMM-shaped at these sizes) on an
     n x n x n product, best of runs: the peak the bf16 mode's matmuls run at where the kernels do, beside XLA's."""
-    import jax
-    import jax.numpy as jnp
-
     from gptjax.backends import cpu_kernels
 
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(cpu_kernels.bf16_matmul)
-    return 2 * n**3 / best_time(lambda: f(a, a).block_until_ready(), runs)
+    return matmul_flops("bf16", n, runs, matmul=cpu_kernels.bf16_matmul)
 
 
 def int8_kernel_ops(n: int, runs: int = 5) -> float:
     """OP/s (2n³ per call) of gptjax's own int8 GEMM kernel (gptjax/_kernels/gemm_int8.cc, through
     cpu_kernels.int8_matmul: x int8 [n, n] . w int8 [n, n]^T -> int32) under jax.jit, best of runs: the peak its
     int8 modes can reach on this CPU, which XLA's int8 dot (at about its float32 rate here) does not show."""
-    import jax
-    import jax.numpy as jnp
-
     from gptjax.backends import cpu_kernels
 
-    a = jnp.ones((n, n), jnp.int8)
-    f = jax.jit(lambda x: cpu_kernels.int8_matmul(x, x))
-    return 2 * n**3 / best_time(lambda: f(a).block_until_ready(), runs)
+    return matmul_flops("int8", n, runs, matmul=cpu_kernels.int8_matmul)
 
 
 def kernel_peaks(n: int, runs: int = 5) -> dict[str, float | str]:
     """{dtype: OP/s} of gptjax's own CPU GEMM kernels where they run ({} elsewhere), the MFU denominators of
-    the modes that use them (suite rows: mfu_kernel)."""
+    the modes that use them (suite rows: mfu, through metrics.ceiling_for; mfu_kernel)."""
     from gptjax.backends import cpu_kernels
 
     if not cpu_kernels.available():

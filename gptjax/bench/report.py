@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from gptjax.bench.metrics import mfu_text
 from gptjax.checks import is_int, is_real
 from gptjax.errors import GptjaxError, parse_json
 
@@ -132,7 +133,7 @@ def grid(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The workload rows as a markdown table (skipped variants listed under it with their reason)."""
     head = ("| workload | shape | backend | precision | tokens/s | vs peer | latency p50 / p90 / p99 ms | TTFT ms "
-            "| compile s | GFLOP/s | MFU measured | MFU datasheet | MFU kernel | BW use measured | BW use datasheet "
+            "| compile s | GFLOP/s | MFU | MFU of | MFU datasheet | BW use measured | BW use datasheet "
             "| params / cache MiB |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     work = [r for r in rows if r.get("kind") == "workload"]
@@ -143,8 +144,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['workload']} | {_shape(r)} | {r['backend']} | {r['precision']} | {r['tokens_per_s']:,.1f} "
             f"| {_num(r.get('vs_peer'), '.2f') + ('x' if r.get('vs_peer') else '')} | {_latency(r)} "
             f"| {_num(r.get('ttft_s') and 1e3 * r['ttft_s'], '.1f')} | {_num(r.get('compile_s'), '.2f')} "
-            f"| {r['flops_per_s'] / 1e9:,.1f} | {_pct(r.get('mfu_measured'))} | {_pct(r.get('mfu_datasheet'))} "
-            f"| {_pct(r.get('mfu_kernel'))} | {_pct(r.get('bw_use_measured'))} | {_pct(r.get('bw_use_datasheet'))} "
+            f"| {r['flops_per_s'] / 1e9:,.1f} | {mfu_text(r)} | {r.get('mfu_ceiling') or '-'} "
+            f"| {_pct(r.get('mfu_datasheet'))} | {_pct(r.get('bw_use_measured'))} | {_pct(r.get('bw_use_datasheet'))} "
             f"| {mem.get('params_bytes', 0) / 2**20:,.1f} / {_num(cache and cache / 2**20, ',.1f')} |")
     skipped = [r for r in work if r["status"] != "ok"]
     notes = [f"- skipped: {r['workload']} {_shape(r)} {r['backend']} {r['precision']}: {r.get('message')}"

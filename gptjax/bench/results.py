@@ -61,27 +61,30 @@ class Results:
         return text
 
 
-def open_results(out: str, log: Any, peer_threads: int | None = None, **environment_fields: Any) -> Results:
+def open_results(out: str, log: Any, peer_threads: int | None = None, peer: bool = False,
+                 **environment_fields: Any) -> Results:
     """Create DIR (emptying its results.jsonl: one run per file), record the environment (with any extra
-    fields, e.g. a study's arguments) as its first row, and warn when other work already loads the cores."""
+    fields, e.g. a study's arguments) as its first row, and warn when other work already loads the cores (and
+    what that does to a peer, when `peer` was asked for)."""
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "results.jsonl"), "w").close()
     env = environment(peer_threads)
-    warn_if_busy(env, log)
+    warn_if_busy(env, log, peer)
     log(f"environment: {env}")
     results = Results(out, {"schema": SCHEMA, "run": uuid.uuid4().hex[:12]}, env, environment_fields)
     write_jsonl(results.path, [results.environment_row])
     return results
 
 
-def warn_if_busy(env: dict[str, Any], log: Any) -> None:
-    """Say so when other work already loads the cores: timings are noisy then, and the peer's OpenMP threads
-    (spin-waiting at barriers) slow down far more than XLA's pool when a core is taken."""
+def warn_if_busy(env: dict[str, Any], log: Any, peer: bool = False) -> None:
+    """Say so when other work already loads the cores: timings are noisy then, and, when a peer was asked for,
+    its OpenMP threads (spin-waiting at barriers) slow down far more than XLA's pool when a core is taken."""
     load, cores = env.get("load_avg_1m"), env.get("cores") or 1
     if env["platform"] == "cpu" and load is not None and load > 0.5 * cores:
+        openmp = ("; the peer (OpenMP) suffers more than XLA (measured here: torch prefill 7x slower with 2 threads "
+                  "than 1 while another process held a core); see --peer-threads") if peer else ""
         log(f"warning: 1-minute load average {load:.1f} on {cores} cores before the run: other work competes for the "
-            "CPU; timings are noisy and the peer (OpenMP) suffers more than XLA (measured here: torch prefill 7x "
-            "slower with 2 threads than 1 while another process held a core); see --peer-threads")
+            f"CPU; timings are noisy{openmp}")
 
 
 def child_result(module: str, *argv: str) -> dict[str, Any]:

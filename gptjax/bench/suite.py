@@ -162,7 +162,8 @@ def run(options: Options, log: Any = print) -> list[dict[str, Any]]:
     peers = parse_peers(options.peer)
     require_peers(peers)
     deadline = time.monotonic() + options.time_budget if options.time_budget else None
-    results = open_results(options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"), log, options.peer_threads)
+    results = open_results(options.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"), log, options.peer_threads,
+                           peer=bool(peers))
     ceiling = _ceilings(spec, options, results.env, log)
     rows = [results.environment_row] + results.write([{"kind": "ceiling"} | ceiling])
     params = init_params(config, seed=0)
@@ -263,6 +264,7 @@ def _peer_row(row: dict[str, Any], shape: Shape, job: Job, cell: PeerCell, times
             "tokens_per_s": shape.tokens / t, "flops": job.flops, "flops_per_s": job.flops / t,
             "compute_dtype": None, "latency_s": latency_summary(times[name]), "load_avg_1m": load_average(),
             "memory": {}} | cell.fields | _decode_rate(shape, times, name)
+    row |= metrics.mfu_fields(row, row["flops_per_s"], ceiling, kernels=False)
     if cell.latencies is not None:
         extra = cell.latencies()
         row |= {"ttft_s": extra["ttft_s"], "latency_s": latency_summary(extra["per_token_s"]),
@@ -302,9 +304,13 @@ def _row(row: dict[str, Any], shape: Shape, job: Job, times: list[float], ceilin
     flops_per_s, bytes_per_s = job.flops / t, job.bytes_moved / t
     dtype = metrics.COMPUTE_DTYPE[row["precision"]]
     sheet = ceiling.get("datasheet") or {}
+    xla = metrics.utilisation(flops_per_s, ceiling["matmul_flops"].get(dtype))
     row |= {"status": "ok", "runs": len(times), "times_s": times, "median_s": t, "tokens_per_s": shape.tokens / t,
             "flops": job.flops, "flops_per_s": flops_per_s, "compute_dtype": dtype,
-            "mfu_measured": metrics.utilisation(flops_per_s, ceiling["matmul_flops"].get(dtype)),
+            # mfu: against the matmul the row runs on; mfu_xla (alias mfu_measured, read by --compare and the
+            # docs until they move to mfu): against XLA's dot of the compute dtype, as before issue 30
+            **metrics.mfu_fields(row, flops_per_s, ceiling, kernels=row.get("backend", "jax") == "jax"),
+            "mfu_xla": xla, "mfu_measured": xla,
             "mfu_datasheet": metrics.utilisation(flops_per_s, (sheet.get("flops") or {}).get(dtype)),
             "mfu_kernel": metrics.utilisation(flops_per_s, ceiling.get("kernel_flops", {}).get(dtype)),
             "bytes_moved": job.bytes_moved, "bytes_per_s": bytes_per_s,

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,21 +19,28 @@ import numpy as np
 
 from gptjax.data.corpora import SEPARATOR, Doc, resolve_corpus, split_docs
 from gptjax.errors import GptjaxError, read_json
-from gptjax.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, has_tokenizer, load_tokenizer
+from gptjax.tokenizer import (
+    CHAR_ESCAPES,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+)
 
 BPE_MIN, BPE_MAX = 257, 65536  # one merge at least; ids fit uint16
+CHAR_MIN = CHAR_ESCAPES + 1  # one character at least, beside the escape and the nibbles
 BPE_TRAIN_CAP_BYTES = 100_000_000  # BPE trains on the leading docs up to this size (stdlib: all ~10 MB, ~1 s)
 TOKENS_FORMAT = 1
 
 
-def _bpe_size(spec: str) -> int:
-    """N from 'bpe:N', checked against [BPE_MIN, BPE_MAX]."""
-    try:
-        n = int(spec.split(":", 1)[1])
-    except ValueError:
-        n = None
-    if n is None or not BPE_MIN <= n <= BPE_MAX:
-        raise GptjaxError(f"tokenizer {spec!r}: 'bpe:N' needs an integer N in [{BPE_MIN}, {BPE_MAX}]")
+def _spec_size(spec: str, smallest: int) -> int:
+    """N from 'bpe:N' or 'char:N', checked against [smallest, BPE_MAX]."""
+    kind, _, text = spec.partition(":")
+    n = int(text) if text.isdigit() else None
+    if n is None or not smallest <= n <= BPE_MAX:
+        raise GptjaxError(f"tokenizer {spec!r}: '{kind}:N' needs an integer N in [{smallest}, {BPE_MAX}]")
     return n
 
 
@@ -62,27 +70,39 @@ def train_bpe(texts: Sequence[str], vocab_size: int, cap_bytes: int = BPE_TRAIN_
     return BPETokenizer(tok)
 
 
+def train_chars(texts: Sequence[str], vocab_size: int, cap_bytes: int = BPE_TRAIN_CAP_BYTES) -> CharTokenizer:
+    """A char:N vocabulary: the vocab_size - 17 most frequent characters of texts (the leading ones, up to
+    cap_bytes; ties broken by the character), the rest escaped byte by byte."""
+    counts = Counter(c for t in _cap_texts(texts, cap_bytes) for c in t)
+    chars = sorted(counts, key=lambda c: (-counts[c], c))[:vocab_size - CHAR_ESCAPES]
+    return CharTokenizer("".join(chars) or " ", vocab_size)
+
+
 def make_tokenizer(spec: str, train_texts: Sequence[str], out_dir: str | os.PathLike) -> Tokenizer:
-    """'byte' → ByteTokenizer; 'bpe:N' → BPE trained on train_texts; a directory → its tokenizer files.
-    BPE and directory tokenizers are saved as out_dir/tokenizer.json (gptjax.tokenizer.load_tokenizer reads it)."""
+    """'byte' → ByteTokenizer; 'bpe:N' → BPE trained on train_texts; 'char:N' → the N - 17 most frequent
+    characters of train_texts and escapes; a directory → its tokenizer files. All but bytes are saved as
+    out_dir/tokenizer.json (gptjax.tokenizer.load_tokenizer reads it)."""
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("bpe:"):
-        tok = train_bpe(train_texts, _bpe_size(spec))
+        tok = train_bpe(train_texts, _spec_size(spec, BPE_MIN))
+    elif spec.startswith("char:"):
+        tok = train_chars(train_texts, _spec_size(spec, CHAR_MIN))
     elif os.path.isdir(spec) and has_tokenizer(spec):
         tok = load_tokenizer(spec)
     else:
-        raise GptjaxError(f"unknown tokenizer {spec!r}; expected 'byte', 'bpe:N' with N in "
-                          f"[{BPE_MIN}, {BPE_MAX}], or a directory holding tokenizer.json or vocab.json + merges.txt")
+        raise GptjaxError(f"unknown tokenizer {spec!r}; expected 'byte', 'bpe:N' with N in [{BPE_MIN}, {BPE_MAX}], "
+                          f"'char:N' with N in [{CHAR_MIN}, {BPE_MAX}], or a directory holding tokenizer.json or "
+                          "vocab.json + merges.txt")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(out_dir) / "tokenizer.json", tok._tok.to_str().encode("utf-8"))
+    write_atomic(Path(out_dir) / "tokenizer.json", tok.to_json().encode("utf-8"))
     return tok
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """A string that changes whenever the tokenizer's mapping does (its tokenizer.json for BPE)."""
-    inner = getattr(tokenizer, "_tok", None)  # BPETokenizer wraps a tokenizers.Tokenizer
-    body = inner.to_str() if inner is not None else ""
+    """A string that changes whenever the tokenizer's mapping does (its tokenizer.json; none for bytes)."""
+    to_json = getattr(tokenizer, "to_json", None)  # BPE and char tokenizers; bytes have no file
+    body = to_json() if to_json is not None else ""
     return f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{hashlib.sha256(body.encode()).hexdigest()}"
 
 

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 
 from gptjax import data
+from gptjax.backends import cpu_kernels
+from gptjax.backends.jax.bf16_train import KernelTrainingLayers, training_layers
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.peaks import mfu_peak
@@ -96,7 +98,7 @@ def _prepare(config: GPTConfig, tc: TrainConfig, out: Path, data_spec: str | Non
     if o.resume:
         state, batcher_state = checkpoints.restore(state)
         batcher.set_state(batcher_state)
-    peak = mfu_peak(tc.compute_dtype, o.peak_flops)
+    peak = mfu_peak(tc.compute_dtype, o.peak_flops, kernel=_matmul_kernel(tc.compute_dtype, o.mesh))
     if o.peak_flops is None:  # given (--peak-flops), it needs no saying
         log.info("MFU peak: %.4g FLOP/s (%s)", peak.flops, peak.source)
     unigram = data.unigram_entropy(np.asarray(d.val))
@@ -123,6 +125,11 @@ def _setting_up(out: Path) -> Iterator[None]:
             else:
                 path.unlink(missing_ok=True)
         raise
+
+
+def _matmul_kernel(compute_dtype: str, mesh: Any) -> Any:
+    """The kernel the step's matmuls run on instead of XLA's dot (bf16 on gptjax's CPU GEMM), MFU's peak; or None."""
+    return cpu_kernels.bf16_matmul if isinstance(training_layers(compute_dtype, mesh), KernelTrainingLayers) else None
 
 
 def check_inputs(data_spec: str | None, init_from: str | os.PathLike | None = None) -> None:

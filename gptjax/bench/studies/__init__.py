@@ -21,7 +21,8 @@ from gptjax.timing import load_average
 # --study name -> module in this package
 STUDIES = {"long-decode": "long_decode", "kv-cache": "kv_cache", "scaling": "scaling", "serve-load": "serve_load",
            "tracing-overhead": "tracing_overhead", "load-memory": "load_memory", "monitoring": "monitoring",
-           "speculative": "speculative", "int4": "int4", "lm-eval": "lm_eval", "frontier": "frontier"}
+           "speculative": "speculative", "int4": "int4", "lm-eval": "lm_eval", "frontier": "frontier",
+           "quality": "quality"}
 
 
 def parser(name: str) -> argparse.ArgumentParser:

@@ -19,6 +19,12 @@ does not contain), top-1 agreement with the fp32 teacher on the same windows (by
 generate call timed, median of --runs after a compiling warm-up; bytes/s too, which compares tokenizers). The
 rows end with the goal per ladder shape: decode speed at B=1 over the teacher's, and the fraction of the
 teacher-to-student(alone) bits/byte gap that distillation closed.
+
+--sweep varies the seed's three size knobs one at a time around --base, each model trained plainly for --budget
+(the same training time) and measured like the others: `--sweep "vocab=char:64,byte,bpe:1024 layers=1,2,4,6
+width=64,128,256,384"` (knobs space-separated; width w has w/64 heads, at least one). The base point is trained
+once and shared by every sweep; its rows and each sweep point's carry `knobs` (the sweeps it belongs to) and
+`levers` ({"vocab", "layers", "width"}), so each knob's table reads params, bytes, speed and bits/byte alone.
 """
 
 from __future__ import annotations
@@ -63,7 +69,11 @@ FLAGS = {"--budget": (60.0, "training seconds per student run"),
          "--heldout-bytes": (32768, "held-out bytes scored"),
          "--precisions": (",".join(registry.MODES), "comma list of precision modes measured"),
          "--prompt": (16, "decode prompt tokens"), "--new": (32, "decode new tokens per row"),
-         "--runs": (3, "timed decode runs per batch size, median reported")}
+         "--runs": (3, "timed decode runs per batch size, median reported"),
+         "--base": ("4x256x4", "the sweeps' base shape L x D x H (byte-level, trained once for every sweep)"),
+         "--sweep": ("", ("size knobs varied alone around --base at --budget each, space-separated KNOB=V1,V2,...: "
+                          "vocab=char:64,byte,bpe:1024 layers=1,2,4 width=64,128,256"))}
+SWEEP_KNOBS = ("vocab", "layers", "width")
 
 BATCHES = (1, 8)
 
@@ -97,6 +107,43 @@ def prepare(args: argparse.Namespace) -> None:
     if args.prompt + args.new > args.context:
         raise GptjaxError(f"--prompt {args.prompt} + --new {args.new} must fit --context {args.context}")
     heldout_files(args.heldout)
+    sweep_points(args.base, parse_sweeps(args.sweep))
+
+
+def parse_sweeps(text: str) -> dict[str, list[str]]:
+    """'vocab=byte,bpe:512 layers=1,2' -> {"vocab": ["byte", "bpe:512"], "layers": ["1", "2"]}; a GptjaxError
+    naming a bad knob or value."""
+    sweeps = {}
+    for item in text.split():
+        knob, _, values = item.partition("=")
+        if knob not in SWEEP_KNOBS or not values:
+            raise GptjaxError(f"--sweep {item!r}: give KNOB=V1,V2,... with KNOB one of {', '.join(SWEEP_KNOBS)}")
+        sweeps[knob] = values.split(",")
+    for v in sweeps.get("vocab", []):
+        if v != "byte" and not v.startswith(("bpe:", "char:")):
+            raise GptjaxError(f"--sweep vocab value {v!r}: byte, bpe:N or char:N")
+    for knob in ("layers", "width"):
+        if not all(v.isdigit() and int(v) > 0 for v in sweeps.get(knob, [])):
+            raise GptjaxError(f"--sweep {knob}={','.join(sweeps[knob])}: positive integers")
+    return sweeps
+
+
+def sweep_points(base: str, sweeps: dict[str, list[str]]) -> dict[tuple[str, str], list[str]]:
+    """(shape, tokenizer) -> the knobs whose sweep holds that point: the base point (base, byte) once, in every
+    sweep given; a width w gets w/64 heads (at least one)."""
+    L, D, H = parse_shape(base)
+    points: dict[tuple[str, str], list[str]] = {}
+    for knob, values in sweeps.items():
+        for v in values:
+            width = int(v) if knob == "width" else D
+            shape = (f"{v}x{D}x{H}" if knob == "layers" else f"{L}x{width}x{max(1, width // 64)}" if knob == "width"
+                     else base)
+            parse_shape(shape)
+            points.setdefault((shape, v if knob == "vocab" else "byte"), []).append(knob)
+    if sweeps:
+        points.setdefault((base, "byte"), [])
+        points[(base, "byte")] = list(dict.fromkeys(points[(base, "byte")] + list(sweeps)))
+    return points
 
 
 def heldout_files(spec: str) -> list[Path]:
@@ -182,6 +229,15 @@ def _train_all(args: argparse.Namespace, root: Path, log: Any) -> list[dict[str,
         for tok in (t for t in args.vocab.split(",") if i == 0 and t and t != "none"):
             models.append(run(f"plain-{shape}-{tok.replace(':', '')}", "plain", shape, tok, args.budget, train,
                               config, _train_config(args, tok)))
+    for (shape, tok), knobs in sweep_points(args.base, parse_sweeps(args.sweep)).items():
+        L, D, _ = parse_shape(shape)
+        levers = {"knobs": knobs, "levers": {"vocab": tok, "layers": L, "width": D}}
+        same = next((m for m in models if (m["role"], m["shape"], m["tokenizer"]) == ("plain", shape, tok)), None)
+        if same is not None:  # a ladder model at the same budget is this point already
+            same |= levers
+            continue
+        models.append(run(f"sweep-{shape}-{tok.replace(':', '')}", "plain", shape, tok, args.budget, train,
+                          _config(shape, args.context), _train_config(args, tok)) | levers)
     return models
 
 
@@ -323,4 +379,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         closed = "-" if g["gap_closed"] is None else f"{100 * g['gap_closed']:.0f}%"
         lines.append(f"| {g['shape']} {g['role']} | {g['teacher_bpb']:.3f} | {g['plain_bpb']:.3f} | {g['distilled_bpb']:.3f} | "
                      f"{closed} | {g['speedup_b1']:.2f}x | {'yes' if g['meets_goal'] else 'no'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + lever_tables(rows))
+
+
+def lever_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """Per swept knob, its points in fp32 (the base among them): params, weights, bits/byte, speed, steps."""
+    lines = []
+    for knob in SWEEP_KNOBS:
+        points = sorted((r for r in rows if r["entry"] == "model" and r["precision"] == "fp32"
+                         and knob in r.get("knobs", ())), key=lambda r: (r["params"], str(r["levers"][knob])))
+        if not points:
+            continue
+        lines += ["", f"| {knob} | params | weights KiB | held-out bits/byte | B=1 bytes/s | B=8 bytes/s "
+                      "| train steps |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['levers'][knob]} | {r['params']:,} | {r['weight_bytes'] / 1024:,.0f} "
+                  f"| {r['heldout_bpb']:.3f} | {r['decode_b1_bytes_per_s']:,.0f} | {r['decode_b8_bytes_per_s']:,.0f} "
+                  f"| {r['train_steps'] or '-'} |" for r in points]
+    return lines
