@@ -421,7 +421,8 @@ def test_precision_report_speed_times_on_the_harness(monkeypatch):
     out = speed(built, get_preset("tiny"), prompt=4, new_tokens=5, batches=(1, 3), prefill_len=16, runs=2,
                 progress=progress.append)
     # one warm-up round, then the modes in turn (A B A B), each prefill then decode per batch size
-    assert progress == [f"round {n}/2 {m}" for n in range(3) for m in ("fp32", "int8")]
+    assert progress == [f"warm-up {m}" for m in ("fp32", "int8")] + [f"round {n}/2 {m}" for n in (1, 2)
+                                                                    for m in ("fp32", "int8")]
     assert log[:3] == [("a", "forward", (1, 16)), ("a", "stream", 1), ("a", "stream", 3)] and len(log) == 18
     # prefill: 16 tokens in 1 s; decode: B·(new - 1) tokens from the prefill's chunk to the last, 1 s apart
     assert out == [{"prefill": 16.0, "decode": {1: 4.0, 3: 12.0}}] * 2
