@@ -111,6 +111,7 @@ def test_llama_cpp_tokenises_text_to_gptjax_ids(checkpoint, tmp_path):
     ({"exists": True}, "exists; give a new file name (nothing is overwritten)"),
     ({"llama": True}, "model_type='llama'; only 'gpt2' is supported"),
     ({"quantised": True}, "is stored as int8; export from a float (fp32 or bf16) checkpoint"),
+    ({"char": True}, "a char:N tokenizer cannot be exported to GGUF"),
 ])
 def test_bad_input_is_one_clear_line(checkpoint, tmp_path, capsys, change, message):
     from gptjax.quantize import convert
@@ -123,6 +124,12 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, capsys, change, messa
         save_checkpoint(CONFIG, checkpoint[1], source)
         spec = json.loads((source / "config.json").read_text()) | {"model_type": "llama"}
         (source / "config.json").write_text(json.dumps(spec))
+    if change.get("char"):
+        from gptjax.tokenizer import CharTokenizer
+
+        source = tmp_path / "char"
+        save_checkpoint(CONFIG, checkpoint[1], source)
+        (source / "tokenizer.json").write_text(CharTokenizer("abc", 64).to_json())
     if change.get("quantised"):
         source = tmp_path / "int8"
         save_checkpoint(CONFIG, convert(checkpoint[1], CONFIG, "int8"), source)

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<timestamp>)")
     p.add_argument("--data", metavar="SPEC", help="stdlib (default), tinyshakespeare (downloaded), or a file, "
                    "directory or glob of text files")
-    p.add_argument("--tokenizer", metavar="SPEC", help="byte (default), bpe:N (trained on the training split), "
+    p.add_argument("--tokenizer", metavar="SPEC", help="byte (default), bpe:N or char:N (trained on the training split), "
                    "or a checkpoint directory with GPT-2 tokenizer files")
     p.add_argument("--init", metavar="CHECKPOINT", help="fine-tune this checkpoint (its shape, weights and "
                    "tokenizer files) instead of starting from GPT-2's random initialisation")

@@ -28,7 +28,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.quantize import precision_of
-from gptjax.tokenizer import has_tokenizer
+from gptjax.tokenizer import CharTokenizer, has_tokenizer, load_tokenizer
 from gptjax.weights import load_checkpoint
 
 BLOCK = 32  # values per q8_0 / q4_0 block: a quantised row's length must be a multiple of it
@@ -161,6 +161,9 @@ def vocabulary(checkpoint: str | os.PathLike, vocab_size: int) -> dict[str, Any]
     """tokens (exactly vocab_size unique strings), their types, merges and BOS/EOS ids for a checkpoint: its own
     GPT-2 BPE files if it has them, else the byte alphabet (placeholders past 256 rows)."""
     if has_tokenizer(checkpoint):
+        if isinstance(load_tokenizer(checkpoint), CharTokenizer):  # escapes + nibbles: no GGUF tokenizer model
+            raise GptjaxError(f"{checkpoint}: a char:N tokenizer cannot be exported to GGUF (llama.cpp has no "
+                              "tokenizer model for it); export supports the byte and GPT-2 BPE tokenizers")
         return bpe_vocabulary(Path(checkpoint), vocab_size)
     return byte_vocabulary(vocab_size)
 
