@@ -1,8 +1,9 @@
 """A test server: `gptjax serve`'s app over a jax backend with injected faults, run as a subprocess by
 test_serve.py (args: checkpoint, port, batching mode[, "fail-warmup"]). A row whose prompt starts with token 255 raises in the
 backend; one starting with 254 (253) makes its batch slow (very slow) per chunk, so tests can fill the queue,
-hit timeouts and disconnect mid-stream. Both batching paths are patched: the backend's _generate (dynamic)
-and the decode session it opens (continuous). With "fail-warmup", the warm-up generation raises."""
+hit timeouts and disconnect mid-stream. Both paths are patched: the decode session the backend opens (both
+batching modes run on sessions) and its _generate (a job re-run alone after its batch failed). With
+"fail-warmup", the warm-up raises."""
 
 import sys
 import time
@@ -29,7 +30,7 @@ class FaultyBackend(JaxBackend):
             time.sleep(delay)
             yield chunk
 
-    def open_session(self, weights, requests, owners, *, slots, headroom):
+    def open_session(self, weights, requests, owners, *, slots, headroom, speculation=None):
         return FaultySession(self, weights, requests, owners, slots, headroom)
 
 
@@ -47,14 +48,17 @@ class FaultySession(jax_session.DecodeSession):
         return super().admit(request, owner)
 
     def run(self, chunk_size):
-        time.sleep(_delay([o.request.prompts[0] for o in self.owners if o is not None] or [[0]]))
+        time.sleep(_delay([o.request.prompts[0] for o in self.owners if hasattr(o, "request")] or [[0]]))
         return super().run(chunk_size)
 
 
 class WarmupFailingBackend(FaultyBackend):
-    """A backend whose every generate call (the server's warm-up first) raises."""
+    """A backend whose every generation (the server's warm-up first) raises."""
 
     def generate(self, *args, **kwargs):
+        raise RuntimeError("injected warm-up failure")
+
+    def open_session(self, *args, **kwargs):
         raise RuntimeError("injected warm-up failure")
 
 

@@ -7,6 +7,7 @@ with log-probabilities scored between the worker's chunks. Also the request chec
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -22,7 +23,8 @@ from starlette.requests import ClientDisconnect
 
 from gptjax.errors import GptjaxError
 from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
-from gptjax.serve.protocol import Completion, RequestError, parse_completion
+from gptjax.scoring import Scores
+from gptjax.serve.protocol import MAX_LOGPROBS, Completion, RequestError, parse_completion
 from gptjax.serve.scheduler import STOPPED, Event, Job, QueueFull, ShuttingDown
 from gptjax.serve.state import ServerState
 from gptjax.speculative import ModelDraft, Speculation
@@ -43,7 +45,7 @@ async def completions(request: Request, state: ServerState) -> Response:
         completion = parse_completion(await read_body(request, state.options.max_body_bytes), state.limits,
                                       state.model.tokenizer)
         _check_speculative(completion, state.model.speculation)
-        jobs = _Jobs(completion, asyncio.get_running_loop(), span)
+        jobs = _Jobs(completion, asyncio.get_running_loop(), span, client_of(request, state.options.api_key))
         _submit(state, jobs.jobs)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": state.options.model_id}
@@ -114,6 +116,15 @@ def authorize(request: Request, api_key: str | None) -> None:
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
         raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+
+
+def client_of(request: Request, api_key: str | None) -> str:
+    """Who sent a request, for the per-client queue share: its API key when the server checks one (every holder
+    of that key is one client), else its address (the API key a keyless server is sent would name whoever
+    invents one)."""
+    if api_key is not None:
+        return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
 
 
 def check_ready(state: ServerState) -> None:
@@ -196,9 +207,10 @@ def _generation_error(error: BaseException) -> RequestError:
 class _Jobs:
     """A request's jobs (one per choice) sharing one event queue; cancel() cancels them all."""
 
-    def __init__(self, completion: Completion, loop: asyncio.AbstractEventLoop, span: Any) -> None:
+    def __init__(self, completion: Completion, loop: asyncio.AbstractEventLoop, span: Any, client: str) -> None:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.jobs = [Job(r, loop, span, index=c, events=self.events) for c, r in enumerate(completion.requests)]
+        self.jobs = [Job(r, loop, span, index=c, events=self.events, client=client)
+                     for c, r in enumerate(completion.requests)]
 
     def cancel(self, reason: str) -> None:
         """Stop working for every choice still running."""
@@ -226,11 +238,21 @@ def _apply(event: Event, choices: list[Choice], jobs: _Jobs) -> str:
     return delta
 
 
-async def _score(state: ServerState, sequences: list[list[int]], k: int) -> list[Any]:
-    """backend.score of sequences (top-k alternatives) in a thread, between two of the worker's chunks."""
-    def run() -> list[Any]:
-        with state.scheduler.device:
-            return state.model.backend.score(state.model.weights, sequences, top_k=k)
+async def _score(state: ServerState, choices: list[Choice], keep: bool) -> list[Scores]:
+    """Each choice's Scores up to its current sequence, in a thread, each between two of the worker's chunks. A
+    choice scores through a GrowingScores of its own (Backend.open_scorer), so only positions not scored before
+    are computed; keep: hold it for the next call (a stream), else let it go (and its KV cache) once scored."""
+    def run() -> list[Scores]:
+        out = []
+        for choice in choices:
+            with state.scheduler.device:
+                if choice.scorer is None:  # the server's top_k: one program whatever logprobs asks (a prefix)
+                    choice.scorer = state.model.backend.open_scorer(state.model.weights, top_k=MAX_LOGPROBS)
+                sequence = choice.sequence()
+                out.append(choice.scorer.extend(sequence[len(choice.scorer.tokens):]))
+            if not keep:
+                choice.scorer = None
+        return out
     try:
         return await asyncio.to_thread(run)
     except Exception as e:
@@ -273,7 +295,7 @@ async def _blocks(state: ServerState, completion: Completion, choices: list[Choi
     k = completion.logprobs
     if k is None:
         return [None] * len(choices)
-    scores = await _score(state, [c.sequence() for c in choices], k)
+    scores = await _score(state, choices, keep=False)
     return [_block(c, s, 0 if completion.echo else len(c.prompt), k, text) for c, s in zip(choices, scores)]
 
 
@@ -356,7 +378,7 @@ async def _new_scores(state: ServerState, completion: Completion, choices: list[
     wanted = [c for c, first in firsts.items() if first < len(choices[c].sequence())]
     if completion.logprobs is None or not wanted:
         return {}
-    scored = await _score(state, [choices[c].sequence() for c in wanted], completion.logprobs)
+    scored = await _score(state, [choices[c] for c in wanted], keep=True)
     return dict(zip(wanted, scored))
 
 
