@@ -42,8 +42,8 @@ async def completions(request: Request, state: ServerState) -> Response:
     try:
         authorize(request, state.options.api_key)
         check_ready(state)
-        completion = parse_completion(await read_body(request, state.options.max_body_bytes), state.limits,
-                                      state.model.tokenizer)
+        body = await read_body(request, state.options.max_body_bytes)  # parsed and encoded off the event loop
+        completion = await asyncio.to_thread(parse_completion, body, state.limits, state.model.tokenizer)
         _check_speculative(completion, state.model.speculation)
         jobs = _Jobs(completion, asyncio.get_running_loop(), span, client_of(request, state.options.api_key))
         _submit(state, jobs.jobs)
