@@ -1,5 +1,5 @@
 """A test server: `gptjax serve`'s app over a jax backend with injected faults, run as a subprocess by
-test_serve.py (args: checkpoint, port, batching mode[, "fail-warmup"]). A row whose prompt starts with token 255 raises in the
+test_serve.py (args: checkpoint, port, batching mode[, "fail-warmup"][, ServeOptions field=integer ...]). A row whose prompt starts with token 255 raises in the
 backend; one starting with 254 (253) makes its batch slow (very slow) per chunk, so tests can fill the queue,
 hit timeouts and disconnect mid-stream. Both paths are patched: the decode session the backend opens (both
 batching modes run on sessions) and its _generate (a job re-run alone after its batch failed). With
@@ -63,10 +63,10 @@ class WarmupFailingBackend(FaultyBackend):
 
 
 if __name__ == "__main__":
-    checkpoint, port, batching = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    checkpoint, port, batching, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     model = load_model(checkpoint, "jax")
-    model.backend.__class__ = WarmupFailingBackend if sys.argv[4:] == ["fail-warmup"] else FaultyBackend
-    # continuous batching compiles more shapes (a session's, each joining prefill and copy): more time
+    model.backend.__class__ = WarmupFailingBackend if "fail-warmup" in extra else FaultyBackend
+    settings = {k: int(v) for k, v in (a.split("=") for a in extra if "=" in a)}  # e.g. max_queued_per_client=2
     options = ServeOptions(model_id="faulty", max_batch=4, max_queue=4, chunk_size=4, batching=batching,
-                           request_timeout=8.0 if batching == "dynamic" else 30.0)
+                           request_timeout=8.0 if batching == "dynamic" else 30.0, **settings)
     raise SystemExit(run(model, options, port=port, drain_timeout=10))

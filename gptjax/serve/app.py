@@ -48,6 +48,7 @@ def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
         yield
         state.phase = "draining"
         await asyncio.to_thread(state.scheduler.close)
+        state.parser.shutdown(wait=False)
 
     app = FastAPI(title="gptjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gptjax = state
@@ -105,11 +106,12 @@ async def chat(request: Request) -> Response:
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
     """vLLM's /tokenize: a prompt's token ids (and each token's text with return_token_strs). Parsed, encoded and
-    rendered in a thread: a 1 MiB body of "é" took 5.7 s on the event loop, and /health waited that long."""
+    rendered on the state's one parser thread, off the event loop: a 1 MiB body of "é" took 5.7 s on the loop, and
+    /health waited that long (one thread: concurrent floods queue there, not for the interpreter's lock)."""
     state = _state(request)
     authorize(request, state.options.api_key)
     body = await read_body(request, state.options.max_body_bytes)
-    return _json(await asyncio.to_thread(_tokenized, body, state))
+    return _json(await asyncio.get_running_loop().run_in_executor(state.parser, _tokenized, body, state))
 
 
 def _tokenized(body: bytes, state: ServerState) -> bytes:
@@ -125,7 +127,7 @@ async def detokenize(request: Request) -> Response:
     state = _state(request)
     authorize(request, state.options.api_key)
     body = await read_body(request, state.options.max_body_bytes)
-    return _json(await asyncio.to_thread(_detokenized, body, state))
+    return _json(await asyncio.get_running_loop().run_in_executor(state.parser, _detokenized, body, state))
 
 
 def _detokenized(body: bytes, state: ServerState) -> bytes:

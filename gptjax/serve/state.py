@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ class ServerState:
         self.address: str | None = None  # where the server listens (set by whoever runs the app; for the log)
         self.on_failed: Callable[[], None] | None = None  # called if warm-up fails (whoever runs the app: exit)
         self.inflight = 0
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="gptjax-serve-parse")  # /tokenize, /detokenize
         self.limits = Limits(model.backend.config, options.model_id,
                              options.max_tokens_cap or model.backend.config.n_positions,
                              min(MAX_CHOICES, options.max_queue))
