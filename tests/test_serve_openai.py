@@ -3,7 +3,6 @@ logprobs and echo (also streamed, and score-only with max_tokens 0), penalties a
 /tokenize, /detokenize and /tokenizer_info, OpenAI error bodies for unknown routes, and the 400s of every new
 field. One real server subprocess on 127.0.0.1 (continuous batching), a tiny byte-level model."""
 
-import json
 import math
 import subprocess
 import sys

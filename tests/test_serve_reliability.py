@@ -67,9 +67,9 @@ class App:
 
 
 # ---- point 1: a stop string's cut does not depend on the configuration ----------------------------------------
-CONFIGURATIONS = {"chunk 1": dict(chunk_size=1), "chunk 4": dict(chunk_size=4), "chunk 16": dict(chunk_size=16),
-                  "dynamic": dict(batching="dynamic"), "ngram": dict(draft=NgramDraft(3, 1)),
-                  "model draft": dict(draft=ModelDraft(PARAMS, CONFIG))}
+CONFIGURATIONS = {"chunk 1": {"chunk_size": 1}, "chunk 4": {"chunk_size": 4}, "chunk 16": {"chunk_size": 16},
+                  "dynamic": {"batching": "dynamic"}, "ngram": {"draft": NgramDraft(3, 1)},
+                  "model draft": {"draft": ModelDraft(PARAMS, CONFIG)}}
 
 
 @pytest.mark.parametrize("name", list(CONFIGURATIONS))
@@ -153,7 +153,7 @@ def test_no_compilation_after_a_full_warm_up_whatever_the_mix():
         assert compiles == []  # not one XLA compilation (jitted or eager) on a user's request
         assert app.model.backend.compile_count() == held
         metrics = app.client.get("/metrics").text
-        assert 'purpose="request"' not in metrics and 'gptjax_compiled_programs{backend="jax"} %.1f' % held in metrics
+        assert 'purpose="request"' not in metrics and f'gptjax_compiled_programs{{backend="jax"}} {held:.1f}' in metrics
     finally:
         app.close()
 

@@ -22,8 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from starlette.exceptions import HTTPException
 
 from gptjax.serve.completions import TokenText
+from gptjax.serve.guards import authorize, read_body
 from gptjax.serve.protocol import RequestError, parse_detokenize, parse_tokenize
-from gptjax.serve.serving import ACCESS, authorize, completions, read_body
+from gptjax.serve.serving import ACCESS, completions
 from gptjax.serve.state import ServedModel, ServeOptions, ServerState
 from gptjax.tokenizer import Tokenizer
 

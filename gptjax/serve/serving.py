@@ -1,13 +1,12 @@
 """The /v1/completions pipeline: authorize, check readiness, parse the body (gptjax.serve.protocol), queue one
 job per choice on the scheduler, and answer as one JSON body or as Server-Sent Events in OpenAI's chunk format,
 with log-probabilities scored between the worker's chunks. Also the request checks the other routes share
-(API key, readiness, bounded body). Every failure reaches the client as an OpenAI error object, never a traceback.
+(gptjax.serve.guards: API key, readiness, a bounded body). Every failure reaches the client as an OpenAI error object, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import secrets
@@ -19,11 +18,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from starlette.requests import ClientDisconnect
 
 from gptjax.errors import GptjaxError
-from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
 from gptjax.scoring import Scores
+from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
+from gptjax.serve.guards import authorize, check_ready, client_of, read_body
 from gptjax.serve.protocol import MAX_LOGPROBS, Completion, RequestError, parse_completion
 from gptjax.serve.scheduler import STOPPED, Event, Job, QueueFull, ShuttingDown
 from gptjax.serve.state import ServerState
@@ -106,52 +105,6 @@ def _end(span: Any, status: int) -> None:
     if status >= 500:
         span.set_status(trace.Status(trace.StatusCode.ERROR))
     span.end()
-
-
-def authorize(request: Request, api_key: str | None) -> None:
-    """A 401 unless the request carries "Authorization: Bearer <api_key>" (when the server has a key)."""
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-
-def client_of(request: Request, api_key: str | None) -> str:
-    """Who sent a request, for the per-client queue share: its API key when the server checks one (every holder
-    of that key is one client), else its address (the API key a keyless server is sent would name whoever
-    invents one)."""
-    if api_key is not None:
-        return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
-    return "address:" + (request.client.host if request.client else "unknown")
-
-
-def check_ready(state: ServerState) -> None:
-    """A 503 (retry after 1 s) unless the server is ready: still loading, failed to warm up, or draining."""
-    if state.phase != "ready":
-        message = {"loading": "the model is still loading", "failed": "the model failed to warm up (see the "
-                   "server log)"}.get(state.phase, "the server is shutting down")
-        raise RequestError(503, message, type="server_error", code="unavailable", headers={"Retry-After": "1"})
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to exceed limit bytes."""
-    length = request.headers.get("content-length")
-    too_big = RequestError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise too_big
-    parts, size = [], 0
-    try:
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise too_big
-            parts.append(part)
-    except ClientDisconnect:  # the client's doing, not a server fault: 499 (nginx's "client closed request")
-        raise RequestError(499, "the client closed the connection before sending the whole body",
-                           code="client_closed") from None
-    return b"".join(parts)
 
 
 def _submit(state: ServerState, jobs: list[Job]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gptjax.generate import make_request
+from gptjax.generate import GenerationRequest, make_request
 from gptjax.sampling import SamplingParams
 from gptjax.serve.continuous import SessionRunner
 from gptjax.serve.protocol import MAX_LOGPROBS
@@ -49,7 +49,10 @@ def _session(runner: SessionRunner, rows: int, every_bucket: bool) -> None:
     """Open a session of `rows` rows, admit a prompt of each bucket (every_bucket; else one short one), cancel a
     running row, and decode a chunk: every program of sessions that size."""
     config, observer = runner.backend.config, runner.observer
-    request = lambda n, budget: make_request(config, [[0] * n], budget, SamplingParams(seed=0))  # noqa: E731
+
+    def request(n: int, budget: int) -> GenerationRequest:
+        return make_request(config, [[0] * n], budget, SamplingParams(seed=0))
+
     longest = config.n_positions - 1 if every_bucket else 1
     with observer.forward_pass("prefill", "prefill", 1, longest):
         session = runner.open([request(longest, 1)], ["first"], rows)  # step 1 then writes after every bucket

@@ -12,8 +12,8 @@ cache length S with `bucket_length`; sampling settings and max_new_tokens are tr
 
 from __future__ import annotations
 
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
