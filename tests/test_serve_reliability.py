@@ -43,6 +43,8 @@ class App:
 
     def __init__(self, model: ServedModel, **options) -> None:
         self.model = model
+        # warm-up "none" compiles on the first request: on a loaded 2-core machine that took over the default 60 s
+        options = {"request_timeout": 600.0} | options
         self.client = TestClient(create_app(model, ServeOptions(model_id="t", **options)))
         self.client.__enter__()
         deadline = time.monotonic() + 600
