@@ -67,6 +67,7 @@ if __name__ == "__main__":
     model = load_model(checkpoint, "jax")
     model.backend.__class__ = WarmupFailingBackend if "fail-warmup" in extra else FaultyBackend
     settings = {k: int(v) for k, v in (a.split("=") for a in extra if "=" in a)}  # e.g. max_queued_per_client=2
-    options = ServeOptions(model_id="faulty", max_batch=4, max_queue=4, chunk_size=4, batching=batching,
-                           request_timeout=8.0 if batching == "dynamic" else 30.0, **settings)
+    defaults = {"model_id": "faulty", "max_batch": 4, "max_queue": 4, "chunk_size": 4, "batching": batching,
+                "request_timeout": 8.0 if batching == "dynamic" else 30.0}
+    options = ServeOptions(**defaults | settings)
     raise SystemExit(run(model, options, port=port, drain_timeout=10))

@@ -423,18 +423,25 @@ def _queue_depth(server) -> float:
     return server.metric("gptjax_serve_queue_depth")
 
 
+def _waiting_client(server, body: dict) -> socket.socket:
+    """A client that has sent a completion request and not read its answer yet (close() makes it leave)."""
+    data = json.dumps(body).encode()
+    client = socket.create_connection(("127.0.0.1", server.port))
+    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return client
+
+
 @pytest.mark.parametrize("faulty", ["dynamic"], indirect=True)  # continuous: queued jobs would join the session
 def test_clients_that_leave_free_their_queue_slots_at_once(faulty, pool):
     # issue 31: a cancelled job kept its queue slot until the worker next pulled (queue_depth stayed 64 for ~9 s
     # after every client left, and a normal request got 429)
     leader = pool.submit(faulty.post, {"prompt": [VERY_SLOW, 1], "max_tokens": 24, "seed": 1})  # ~6 s
     wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") >= faulty.batches + 1, "the slow batch")
-    leaving = [pool.submit(httpx.post, faulty.url + "/v1/completions", json={"prompt": [i + 1], "max_tokens": 4},
-                           timeout=1.0) for i in range(4)]  # the queue's 4 slots; each client gives up after 1 s
+    leaving = [_waiting_client(faulty, {"prompt": [i + 1], "max_tokens": 4}) for i in range(4)]  # the queue's 4 slots
     wait_until(lambda: _queue_depth(faulty) == 4, "the queue to fill")
-    for future in leaving:
-        with pytest.raises(httpx.TimeoutException):
-            future.result()
+    for client in leaving:
+        client.close()  # each client leaves while its request waits (an event, not a client-side timeout)
     wait_until(lambda: _queue_depth(faulty) == 0, "the slots to be freed", timeout=3.0)  # the server checks every 0.5 s
     assert not leader.done()  # freed while the batch before them still runs, not when the worker pulls them
     assert faulty.post({"prompt": [9], "max_tokens": 2, "seed": 9}).status_code == 200
@@ -445,7 +452,8 @@ def test_clients_that_leave_free_their_queue_slots_at_once(faulty, pool):
 def shared(checkpoint):
     """The faulty server (dynamic batching, a queue of 4) giving each client 2 of its slots."""
     server = Server(lambda port: [str(HERE / "_serve_faulty.py"), str(checkpoint), str(port), "dynamic",
-                                  "max_queued_per_client=2"], _env(), checkpoint.parent / "faulty-shared.log")
+                                  "max_queued_per_client=2", "request_timeout=30"], _env(),
+                    checkpoint.parent / "faulty-shared.log")
     yield server
     server.stop()
 
