@@ -404,21 +404,6 @@ def test_a_client_leaving_a_json_request_cancels_the_work(faulty):
     assert faulty.metric('gptjax_generated_tokens_total{backend="jax"}') - generated < 60  # stopped early
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(faulty, pool):
-    stream = pool.submit(faulty.post, {"prompt": [SLOW, 3], "max_tokens": 12, "seed": 5, "stream": True})
-    wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") >= faulty.batches + 1, "the stream's batch")
-    faulty.proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: httpx.get(faulty.url + "/health").status_code != 200, "/health to leave 'ready'")
-    health = httpx.get(faulty.url + "/health")
-    assert health.status_code == 503 and health.json() == {"status": "draining"}
-    late = faulty.post({"prompt": [1], "max_tokens": 2})
-    assert late.status_code == 503 and late.json()["error"]["message"] == "the server is shutting down"
-    events = _sse(stream.result())
-    assert sum(len(e["choices"][0]["token_ids"]) for e in events) == 12
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert faulty.proc.wait(20) == 0
-
-
 def _queue_depth(server) -> float:
     return server.metric("gptjax_serve_queue_depth")
 
@@ -475,3 +460,18 @@ def test_one_client_flooding_the_queue_leaves_room_for_others(shared):
         normal = [pool.submit(shared.post, {"prompt": [30 + i], "max_tokens": 2, "seed": i}) for i in range(2)]
         assert [f.result().status_code for f in normal] == [200, 200]  # from 127.0.0.1: its own 2 slots
         assert [f.result().status_code for f in queued] == [200, 200] and leader.result().status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(faulty, pool):  # last in the file: it ends the faulty server
+    stream = pool.submit(faulty.post, {"prompt": [SLOW, 3], "max_tokens": 12, "seed": 5, "stream": True})
+    wait_until(lambda: faulty.metric("gptjax_serve_batch_size_count") >= faulty.batches + 1, "the stream's batch")
+    faulty.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: httpx.get(faulty.url + "/health").status_code != 200, "/health to leave 'ready'")
+    health = httpx.get(faulty.url + "/health")
+    assert health.status_code == 503 and health.json() == {"status": "draining"}
+    late = faulty.post({"prompt": [1], "max_tokens": 2})
+    assert late.status_code == 503 and late.json()["error"]["message"] == "the server is shutting down"
+    events = _sse(stream.result())
+    assert sum(len(e["choices"][0]["token_ids"]) for e in events) == 12
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert faulty.proc.wait(20) == 0
