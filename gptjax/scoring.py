@@ -6,14 +6,16 @@ by lower id, as argmax breaks them); position 0 has no prefix (nan, ids -1). The
 never fed, so a sequence may hold n_positions + 1 tokens: a full context window and its last target.
 
 This module holds the validation, the batching (right-padded rows: causal attention never reads the padding
-after a token, so no mask is needed) and the NumPy log-softmax every backend without its own uses.
+after a token, so no mask is needed) and the NumPy log-softmax every backend without its own uses; and
+`GrowingScores`, the scores of a sequence that grows (a streamed completion's log-probabilities,
+`Backend.open_scorer`), which asks its backend only for the positions it has not scored yet.
 Legend: B rows, L inputs per row (a sequence's length - 1), V vocab, k top_k.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,3 +114,35 @@ def assemble(row: Sequence[int], chosen: np.ndarray, top_values: np.ndarray, top
     ids, values = np.full((T, k), -1, np.int32), np.full((T, k), math.nan, np.float32)
     logprobs[1:], ids[1:], values[1:] = chosen[: T - 1], top_ids[: T - 1], top_values[: T - 1]
     return Scores(np.asarray(row, np.int32), logprobs, ids, values)
+
+
+# feed(sequence, start) -> chosen [n], top values [n, k], top ids [n, k] of positions start + 1 .. len(sequence) - 1:
+# what a backend computes for the inputs sequence[start:-1] (each given the ones before it) against sequence[start + 1:]
+Feed = Callable[[list[int], int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class GrowingScores:
+    """The Scores of a sequence that grows: extend(tokens) appends tokens and scores only the new positions, so a
+    stream of n tokens costs n positions in all, not one whole sequence per chunk. `fed` counts the positions
+    the backend was asked for (each input token once: len(tokens) - 1 in all)."""
+
+    def __init__(self, feed: Feed, top_k: int) -> None:
+        self.feed, self.top_k = feed, top_k
+        self.tokens: list[int] = []
+        self.fed = 0
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def extend(self, tokens: Sequence[int]) -> Scores:
+        """Append tokens; the Scores of the whole sequence so far (its new positions computed now)."""
+        start = max(len(self.tokens) - 1, 0)  # the previous last token is now an input too
+        self.tokens += [int(t) for t in tokens]
+        if len(self.tokens) - 1 > start:
+            self._parts.append(self.feed(self.tokens, start))
+            self.fed += len(self.tokens) - 1 - start
+        return self.scores()
+
+    def scores(self) -> Scores:
+        """The Scores of the sequence so far."""
+        k = self.top_k
+        parts = self._parts or [(np.zeros(0, np.float32), np.zeros((0, k), np.float32), np.zeros((0, k), np.int32))]
+        return assemble(self.tokens, *(np.concatenate(a) for a in zip(*parts)))

@@ -1,8 +1,9 @@
 """A test server: `gptjax serve`'s app over a jax backend with injected faults, run as a subprocess by
-test_serve.py (args: checkpoint, port, batching mode[, "fail-warmup"]). A row whose prompt starts with token 255 raises in the
+test_serve.py (args: checkpoint, port, batching mode[, "fail-warmup"][, ServeOptions field=integer ...]). A row whose prompt starts with token 255 raises in the
 backend; one starting with 254 (253) makes its batch slow (very slow) per chunk, so tests can fill the queue,
-hit timeouts and disconnect mid-stream. Both batching paths are patched: the backend's _generate (dynamic)
-and the decode session it opens (continuous). With "fail-warmup", the warm-up generation raises."""
+hit timeouts and disconnect mid-stream. Both paths are patched: the decode session the backend opens (both
+batching modes run on sessions) and its _generate (a job re-run alone after its batch failed). With
+"fail-warmup", the warm-up raises."""
 
 import sys
 import time
@@ -29,7 +30,7 @@ class FaultyBackend(JaxBackend):
             time.sleep(delay)
             yield chunk
 
-    def open_session(self, weights, requests, owners, *, slots, headroom):
+    def open_session(self, weights, requests, owners, *, slots, headroom, speculation=None):
         return FaultySession(self, weights, requests, owners, slots, headroom)
 
 
@@ -47,22 +48,26 @@ class FaultySession(jax_session.DecodeSession):
         return super().admit(request, owner)
 
     def run(self, chunk_size):
-        time.sleep(_delay([o.request.prompts[0] for o in self.owners if o is not None] or [[0]]))
+        time.sleep(_delay([o.request.prompts[0] for o in self.owners if hasattr(o, "request")] or [[0]]))
         return super().run(chunk_size)
 
 
 class WarmupFailingBackend(FaultyBackend):
-    """A backend whose every generate call (the server's warm-up first) raises."""
+    """A backend whose every generation (the server's warm-up first) raises."""
 
     def generate(self, *args, **kwargs):
         raise RuntimeError("injected warm-up failure")
 
+    def open_session(self, *args, **kwargs):
+        raise RuntimeError("injected warm-up failure")
+
 
 if __name__ == "__main__":
-    checkpoint, port, batching = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    checkpoint, port, batching, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     model = load_model(checkpoint, "jax")
-    model.backend.__class__ = WarmupFailingBackend if sys.argv[4:] == ["fail-warmup"] else FaultyBackend
-    # continuous batching compiles more shapes (a session's, each joining prefill and copy): more time
-    options = ServeOptions(model_id="faulty", max_batch=4, max_queue=4, chunk_size=4, batching=batching,
-                           request_timeout=8.0 if batching == "dynamic" else 30.0)
+    model.backend.__class__ = WarmupFailingBackend if "fail-warmup" in extra else FaultyBackend
+    settings = {k: int(v) for k, v in (a.split("=") for a in extra if "=" in a)}  # e.g. max_queued_per_client=2
+    defaults = {"model_id": "faulty", "max_batch": 4, "max_queue": 4, "chunk_size": 4, "batching": batching,
+                "request_timeout": 8.0 if batching == "dynamic" else 30.0}
+    options = ServeOptions(**defaults | settings)
     raise SystemExit(run(model, options, port=port, drain_timeout=10))

@@ -24,7 +24,8 @@ from gptjax.serve.protocol import Limits, RequestError, parse_completion
 
 CONFIG = get_preset("tiny")  # 256 tokens (bytes), context 64
 HERE = Path(__file__).parent
-WAIT_S = 120.0  # bound on every wait for the server (start-up compiles on a shared CPU)
+WAIT_S = 300.0  # bound on every wait for the server's answers
+READY_S = 900.0  # bound on start-up: the full warm-up took 208-300+ s at load 17-24 on the shared 2-core machine
 
 
 def _free_port() -> int:
@@ -55,7 +56,7 @@ class PipedServer:
             self.lines.put(line.rstrip("\n"))
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + WAIT_S
+        deadline = time.monotonic() + READY_S
         while True:
             assert self.proc.poll() is None, "\n".join(self.drain())
             try:
@@ -66,7 +67,7 @@ class PipedServer:
             if time.monotonic() >= deadline:
                 self.proc.kill()  # a server that never became ready must not outlive the test
                 self.proc.wait()
-                raise AssertionError("server not ready in %.0f s:\n%s" % (WAIT_S, "\n".join(self.drain())))
+                raise AssertionError("server not ready in %.0f s:\n%s" % (READY_S, "\n".join(self.drain())))
             time.sleep(0.05)
 
     def drain(self) -> list[str]:

@@ -23,7 +23,7 @@ from gptjax.generate import GenerationRequest, GenerationResult, StreamChunk, co
 from gptjax.precision import KV_CACHES, MODES, default_kv_cache
 from gptjax.quantize import for_precision
 from gptjax.sampling import SamplingParams, legacy_sampling
-from gptjax.scoring import Scores, assemble, batches, check_sequences, log_probs, right_pad
+from gptjax.scoring import GrowingScores, Scores, assemble, batches, check_sequences, log_probs, right_pad
 from gptjax.speculative import ModelDraft, Speculation, check_room, check_speculation
 from gptjax.tracing.observe import Observer
 from gptjax.weights import Params, validate_params
@@ -98,6 +98,20 @@ class Backend(abc.ABC):
                 chosen, values, ids = self._score(weights, inputs, targets, int(top_k))
             out += [assemble(rows[i], chosen[b], values[b], ids[b]) for b, i in enumerate(group)]
         return out
+
+    def open_scorer(self, params: Params | Any, *, top_k: int = 0) -> GrowingScores:
+        """score() of a sequence that grows (a streamed completion's log-probabilities): each extend(tokens) asks
+        only for the new positions. This default scores the whole sequence each time; a backend with a KV cache
+        feeds each token once (_feed)."""
+        check_sequences(self.config, [[0]], top_k)
+        weights = self._prepared(params)
+        return GrowingScores(lambda sequence, start: self._feed(weights, sequence, start, int(top_k)), int(top_k))
+
+    def _feed(self, weights: Any, sequence: list[int], start: int, top_k: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """GrowingScores' feed: the scores of positions start + 1 .. len(sequence) - 1 (see gptjax.scoring.Feed)."""
+        [scores] = self.score(weights, [sequence], top_k=top_k)
+        return scores.logprobs[start + 1:], scores.top_logprobs[start + 1:], scores.top_ids[start + 1:]
 
     def generate(self, params: Params | Any, prompts: Any, max_new_tokens: int, *,
                  sampling: SamplingParams | None = None, draft: Any = None, num_speculative_tokens: int = 4,
@@ -210,10 +224,11 @@ class Backend(abc.ABC):
         return False
 
     def open_session(self, weights: Any, requests: Sequence[GenerationRequest], owners: Sequence[Any], *,
-                     slots: int, headroom: int, speculation: Speculation | None = None) -> Any:
+                     slots: int, headroom: int | None, speculation: Speculation | None = None) -> Any:
         """A running batch that requests join and leave between decode chunks: `requests` (one opaque owner
         each) prefilled into at least `slots` rows over prepared `weights`, with cache room for `headroom` steps
-        beyond the longest budget for requests that join later; decoded speculatively with a `speculation`
+        beyond the longest budget for requests that join later (None: room for any request, and compiled shapes
+        that depend on the rows alone: a server's); decoded speculatively with a `speculation`
         (a gptjax.speculative.Speculation, draft weights prepared by this kind of backend). Its methods are
         those gptjax.serve.continuous's Session protocol names. Only where supports_sessions."""
         raise GptjaxError(f"backend {self.name!r} has no decode sessions (continuous batching)")

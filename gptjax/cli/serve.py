@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from gptjax.cli.generate import draft_from
@@ -13,6 +14,7 @@ from gptjax.tracing.setup import install_text_logs
 from gptjax.weights import load_config
 
 NAME = "serve"
+WARMUPS = ("full", "minimal", "none")  # --warmup's choices: gptjax.serve.warmup.WARMUPS (the serve extra loads later)
 HELP = "an OpenAI-style HTTP API (completions, streaming, /metrics) for a checkpoint"
 DESCRIPTION = ("Serve a checkpoint over HTTP: POST /v1/completions (JSON or Server-Sent Events), GET /v1/models, "
                "/health and /metrics, with continuous or dynamic batching (speculative with --draft), a bounded "
@@ -58,7 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=1024, metavar="N", help="open connections served at "
                    "once; a request on a connection beyond them gets 503 (counted in /metrics, logged): keeps "
                    "the server under its file-descriptor limit (default 1024)")
-    p.add_argument("--no-warmup", action="store_true", help="do not compile before reporting ready")
+    p.add_argument("--warmup", choices=WARMUPS, default="full", help="what to compile before /health says ready: "
+                   "full, every program the server's request mix can reach (a user never waits for a compilation); "
+                   "minimal, a one-row generation (the rest compiles on the requests that need it); none (default "
+                   "full)")
+    p.add_argument("--no-warmup", action="store_true", help="the same as --warmup none (deprecated)")
+    p.add_argument("--max-queued-per-client", type=int, metavar="N", help="completions one client (its API key when "
+                   "the server checks one, else its address) may have waiting for a batch; more get 429, so one "
+                   "client cannot fill the queue (default: no limit but --max-queue)")
     add_draft_flags(p, draft="decode speculatively: a draft checkpoint with the same vocabulary, or `ngram` for "
                     "prompt lookup (no model); greedy completions are unchanged, a seeded sampled one gets the tokens "
                     "of `generate --draft` with that seed; needs continuous batching (jax, no --mesh); requests with "
@@ -88,33 +97,57 @@ def run(args: argparse.Namespace) -> int:
                                  api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
                                  max_tokens_cap=cap, request_timeout=args.request_timeout,
                                  max_body_bytes=args.max_body_bytes, chunk_size=args.chunk_size,
-                                 batch_wait=max(0.0, args.batch_wait_ms) / 1e3, batching=args.batching,
-                                 warmup=not args.no_warmup)
+                                 batch_wait=args.batch_wait_ms / 1e3, batching=args.batching,
+                                 warmup="none" if args.no_warmup else args.warmup,
+                                 max_queued_per_client=args.max_queued_per_client)
     return serve.run(model, options, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
                      header_timeout=args.header_timeout, max_connections=args.max_connections)
 
 
+# Every numeric flag: (flag, attribute, integer?, low, high, low allowed?). Checked before the model loads, so a
+# bad value (nan, inf, negative, zero where meaningless) is one line and exit 2, never a server that answers 500s.
+NUMERIC_FLAGS = (("--port", "port", True, 0, 65535, True), ("--max-batch", "max_batch", True, 1, None, True),
+                 ("--max-queue", "max_queue", True, 1, None, True),
+                 ("--max-tokens-cap", "max_tokens_cap", True, 1, None, True),
+                 ("--max-queued-per-client", "max_queued_per_client", True, 1, None, True),
+                 ("--request-timeout", "request_timeout", False, 0, None, False),
+                 ("--drain-timeout", "drain_timeout", False, 0, None, True),
+                 ("--max-body-bytes", "max_body_bytes", True, 1, None, True),
+                 ("--chunk-size", "chunk_size", True, 1, None, True),
+                 ("--batch-wait-ms", "batch_wait_ms", False, 0, None, True),
+                 ("--header-timeout", "header_timeout", False, 0, None, False),
+                 ("--max-connections", "max_connections", True, 1, None, True),
+                 ("--spec-k", "spec_k", True, 1, MAX_SPECULATIVE_TOKENS, True))
+
+
 def _check(args: argparse.Namespace) -> None:
-    """A GptjaxError for numeric flags out of range (before the model loads)."""
-    for flag, value, low in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
-                             ("--max-queue", args.max_queue, 1), ("--max-body-bytes", args.max_body_bytes, 1),
-                             ("--chunk-size", args.chunk_size, 1), ("--max-connections", args.max_connections, 1)):
-        if value < low:
-            raise GptjaxError(f"{flag} {value} must be >= {low}")
-    for flag, bad in (("--port", args.port > 65535), ("--request-timeout", args.request_timeout <= 0),
-                      ("--drain-timeout", args.drain_timeout < 0)):
-        if bad:
-            raise GptjaxError(f"{flag} is out of range: --port <= 65535, --request-timeout > 0, --drain-timeout >= 0")
-    if not args.header_timeout > 0:  # also refuses nan
-        raise GptjaxError(f"--header-timeout {args.header_timeout} must be > 0")
+    """A GptjaxError naming the first numeric flag out of its range (before the model loads)."""
+    for flag, name, integer, low, high, closed in NUMERIC_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not _in_range(value, low, high, closed):
+            raise GptjaxError(f"{flag} {value} must be {_range(integer, low, high, closed)}")
     if args.draft is not None:
         _check_draft(args)
 
 
+def _in_range(value: float, low: float, high: float | None, closed: bool) -> bool:
+    """Whether value is finite (nan and inf are not) and within [low, high] (or (low, high] if not closed)."""
+    if not math.isfinite(value):
+        return False
+    return (value >= low if closed else value > low) and (high is None or value <= high)
+
+
+def _range(integer: bool, low: float, high: float | None, closed: bool) -> str:
+    """The allowed range in words: "in [1, 16]", ">= 1", "a finite number > 0", "a finite number in [0, 60000]"."""
+    if high is None:
+        bound = f"{'>=' if closed else '>'} {low}"
+    else:
+        bound = f"in {'[' if closed else '('}{low}, {high}]"
+    return bound if integer else f"a finite number {bound}"
+
+
 def _check_draft(args: argparse.Namespace) -> None:
     """A GptjaxError for --draft flags that cannot work (before any weights load or anything compiles)."""
-    if not 1 <= args.spec_k <= MAX_SPECULATIVE_TOKENS:
-        raise GptjaxError(f"--spec-k {args.spec_k} must be in [1, {MAX_SPECULATIVE_TOKENS}]")
     if args.mesh:
         raise GptjaxError(f"--draft runs on one device: drop --mesh {args.mesh!r} (speculative decoding has no mesh)")
     if args.batching != "continuous":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter
 from starlette.exceptions import HTTPException
 
 from gptjax.serve.completions import TokenText
+from gptjax.serve.guards import authorize, read_body
 from gptjax.serve.protocol import RequestError, parse_detokenize, parse_tokenize
-from gptjax.serve.serving import ACCESS, authorize, completions, read_body
+from gptjax.serve.serving import ACCESS, completions
 from gptjax.serve.state import ServedModel, ServeOptions, ServerState
 from gptjax.tokenizer import Tokenizer
 
@@ -48,6 +50,7 @@ def create_app(model: ServedModel, options: ServeOptions) -> FastAPI:
         yield
         state.phase = "draining"
         await asyncio.to_thread(state.scheduler.close)
+        state.parser.shutdown(wait=False)
 
     app = FastAPI(title="gptjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **_telemetry())
     app.state.gptjax = state
@@ -115,24 +118,38 @@ async def chat(request: Request) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
-    """vLLM's /tokenize: a prompt's token ids (and each token's text with return_token_strs)."""
+    """vLLM's /tokenize: a prompt's token ids (and each token's text with return_token_strs). Parsed, encoded and
+    rendered on the state's one parser thread, off the event loop: a 1 MiB body of "é" took 5.7 s on the loop, and
+    /health waited that long (one thread: concurrent floods queue there, not for the interpreter's lock)."""
     state = _state(request)
     authorize(request, state.options.api_key)
     body = await read_body(request, state.options.max_body_bytes)
-    ids, strings = parse_tokenize(body, state.limits, state.model.tokenizer)
+    return _json(await asyncio.get_running_loop().run_in_executor(state.parser, _tokenized, body, state))
+
+
+def _tokenized(body: bytes, state: ServerState) -> bytes:
+    ids, strings = parse_tokenize(body, state.limits, state.model.tokenizer)  # at most MAX_TOKENIZE ids
     pieces = [TokenText(state.model.tokenizer)(t) for t in ids] if strings else None
-    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.limits.config.n_positions,
-                         "token_strs": pieces})
+    return json.dumps({"tokens": ids, "count": len(ids), "max_model_len": state.limits.config.n_positions,
+                       "token_strs": pieces}).encode()
 
 
 @router.post("/detokenize")
 async def detokenize(request: Request) -> Response:
-    """vLLM's /detokenize: the text of token ids."""
+    """vLLM's /detokenize: the text of token ids (decoded in a thread, as /tokenize encodes)."""
     state = _state(request)
     authorize(request, state.options.api_key)
     body = await read_body(request, state.options.max_body_bytes)
+    return _json(await asyncio.get_running_loop().run_in_executor(state.parser, _detokenized, body, state))
+
+
+def _detokenized(body: bytes, state: ServerState) -> bytes:
     ids = parse_detokenize(body, state.limits, state.model.tokenizer)
-    return JSONResponse({"prompt": state.model.tokenizer.decode(ids)})
+    return json.dumps({"prompt": state.model.tokenizer.decode(ids)}).encode()
+
+
+def _json(content: bytes) -> Response:
+    return Response(content, media_type="application/json")
 
 
 @router.get("/tokenizer_info")

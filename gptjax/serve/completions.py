@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from gptjax.scoring import GrowingScores
 from gptjax.serve.stops import StopText
 from gptjax.tokenizer import Tokenizer
 
@@ -47,6 +48,7 @@ class Choice:
         self.sent_tokens = 0  # completion tokens already reported (streaming)
         self.offset = 0  # text_offset of the next reported token (streaming)
         self.started = False  # whether the first chunk (with the echoed prompt) was sent
+        self.scorer: GrowingScores | None = None  # its log-probabilities so far (gptjax.serve.serving._score)
 
     @property
     def tokens(self) -> list[int]:

@@ -40,6 +40,9 @@ class Session(Protocol):
     @property
     def live(self) -> list[int]: ...
 
+    @property
+    def prompt_lengths(self) -> list[int]: ...  # a prompt length per prompt bucket (warm-up admits one of each)
+
     def fits(self, request: GenerationRequest) -> bool: ...
 
     def admit(self, request: GenerationRequest, owner: Any) -> Chunk: ...
@@ -51,21 +54,31 @@ class Session(Protocol):
     def cancel(self, owner: Any) -> None: ...
 
 
+def row_buckets(max_batch: int) -> list[int]:
+    """The row counts a server's sessions have: powers of 4 from 4 below max_batch's power of two, then it (16:
+    [4, 16]). Each is one decode loop (and one admission copy per prompt bucket) to compile, so few; a lone request
+    in 4 rows costs little more than in 1, as decode reads the weights once per step for all rows."""
+    top = 1 << (max_batch - 1).bit_length()  # rows are a power of two
+    return [b for b in (4 ** i for i in range(1, 16)) if b < top] + [top]
+
+
 class SessionRunner:
     """Callable(jobs, take, spans): serve jobs, and jobs `take` hands over while room lasts, on one session."""
 
     def __init__(self, backend: Backend, weights: Any, *, chunk_size: int, max_batch: int,
                  on_cancel: Callable[[str], None], on_chunk: Callable[[int], None],
-                 device: DeviceLock | None = None, speculation: Any = None) -> None:
+                 device: DeviceLock | None = None, speculation: Any = None, joins: bool = True) -> None:
         """device: held around each backend call (prefill, decode chunk), so scoring calls fit in between;
         speculation: a gptjax.speculative.Speculation (draft weights prepared by the backend's kind) to decode
-        speculatively."""
+        speculatively; joins: whether queued jobs join a running session (continuous batching) or wait for the
+        next one (dynamic batching)."""
         self.backend, self.weights, self.chunk_size, self.max_batch = backend, weights, chunk_size, max_batch
         self.observer = backend.observer
-        self.speculation = speculation
+        self.speculation, self.joins = speculation, joins
         self.on_cancel, self.on_chunk = on_cancel, on_chunk
         self.device = device or DeviceLock()
         self.spans = SessionSpans(self.observer)  # each job's text_completion span (one session at a time)
+        self.rows = row_buckets(max_batch)
 
     def __call__(self, jobs: list[Job], take: Take, spans: list[Any]) -> None:
         self.spans = SessionSpans(self.observer)
@@ -75,7 +88,8 @@ class SessionRunner:
             session = self._open(jobs)
             while session.live:
                 self._drop_cancelled(session)
-                self._admit(session, take)
+                if self.joins:
+                    self._admit(session, take)
                 if not session.live:
                     break
                 self._decode(session)
@@ -87,13 +101,9 @@ class SessionRunner:
 
     def _open(self, jobs: list[Job]) -> Session:
         """The session of the starting jobs, prefilled together; their first tokens delivered."""
-        budget, n_pos = max(j.request.max_new_tokens for j in jobs), self.backend.config.n_positions
         lengths = [len(j.request.prompts[0]) for j in jobs]
-        spec = {} if self.speculation is None else {"speculation": self.speculation}
         with self.device, self.spans.forward_pass("prefill", "prefill", jobs, max(lengths)) as span:
-            session = self.backend.open_session(self.weights, [j.request for j in jobs], jobs,
-                                                slots=self.slots(len(jobs)),
-                                                headroom=max(0, min(3 * budget, n_pos - budget)), **spec)
+            session = self.open([j.request for j in jobs], jobs)
             first = session.first_chunk()
         self.observer.report_prefill(span.seconds, lengths)
         self._deliver(session, first, ttft=True)
@@ -131,10 +141,18 @@ class SessionRunner:
         return {"gptjax.draft": session.draft, "gptjax.spec.k": session.k, "gptjax.spec.proposed": proposed,
                 "gptjax.spec.accepted": accepted}
 
+    def open(self, requests: list[GenerationRequest], owners: list[Any], rows: int | None = None) -> Session:
+        """A session of these requests (one owner each) in `rows` rows (default: slots(len(requests))), shaped
+        for any request (headroom None), so its programs are among the ones warm-up compiles."""
+        spec = {} if self.speculation is None else {"speculation": self.speculation}
+        return self.backend.open_session(self.weights, requests, owners, slots=rows or self.slots(len(requests)),
+                                         headroom=None, **spec)
+
     def slots(self, jobs: int) -> int:
-        """Rows of a session starting with `jobs` jobs: twice as many (up to max_batch), so that others can join
-        (a spare row costs little while decode reads the weights once per step for all rows)."""
-        return max(jobs, min(self.max_batch, 2 * jobs))
+        """Rows of a session starting with `jobs` jobs: the smallest of row_buckets holding twice as many (up to
+        max_batch) when others may join, else as many."""
+        wanted = min(self.max_batch, 2 * jobs) if self.joins else jobs
+        return next(b for b in self.rows if b >= wanted)
 
     def _admit(self, session: Session, take: Take) -> None:
         """Move queued jobs that fit into free slots, each prefilled alone (a failure fails only that job)."""

@@ -31,6 +31,7 @@ MAX_PROMPTS = 64  # prompts in one request
 MAX_N = 16  # completions per prompt
 MAX_CHOICES = 64  # prompts × n: the jobs one request may queue (also at most the queue's size)
 MAX_LOGPROBS = 5  # top alternatives per token (OpenAI's limit)
+MAX_TOKENIZE = 65536  # token ids one /tokenize answer holds (with token_strs: about 1 MB of JSON)
 MAX_TEMPERATURE = 2.0  # OpenAI's limit (SamplingParams takes any finite temperature >= 0)
 # What the API accepts in each number field of SamplingParams (its own range, within the limits above): the 400
 # for a bad value says this.
@@ -124,7 +125,10 @@ def parse_tokenize(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -> 
         raise _bad(f"prompt is required: a string, got {json.dumps(prompt)[:50]}", "prompt")
     if tokenizer is None:
         raise _bad("prompt: this model has no tokenizer (it takes token ids only)", "prompt")
-    return _encode(tokenizer, prompt, "prompt"), strings
+    ids = _encode(tokenizer, prompt, "prompt")
+    if len(ids) > MAX_TOKENIZE:
+        raise _bad(f"prompt is {len(ids)} tokens; /tokenize returns at most {MAX_TOKENIZE}", "prompt")
+    return ids, strings
 
 
 def parse_detokenize(body: bytes, limits: Limits, tokenizer: Tokenizer | None) -> list[int]:

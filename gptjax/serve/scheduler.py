@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +48,15 @@ class Job:
     it was cancelled (client gone, timeout, shutdown, or its stop string found)."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, span: Any = None,
-                 index: int = 0, events: asyncio.Queue[Event] | None = None) -> None:
-        self.request, self.loop, self.span, self.index = request, loop, span, index
+                 index: int = 0, events: asyncio.Queue[Event] | None = None, client: str = "") -> None:
+        """client: who sent it (the server's per-client queue share counts its waiting jobs)."""
+        self.request, self.loop, self.span, self.index, self.client = request, loop, span, index, client
         self.events: asyncio.Queue[Event] = events if events is not None else asyncio.Queue()
         self.sent = 0  # tokens handed over so far
         self.finished = False
         self.cancel_reason: str | None = None
         self.queued_at = time.perf_counter()
+        self.withdraw: Callable[[Job], None] = lambda job: None  # the scheduler's: leave its queue at once
 
     @property
     def live(self) -> bool:
@@ -62,9 +64,11 @@ class Job:
         return not self.finished and self.cancel_reason is None
 
     def cancel(self, reason: str) -> None:
-        """Stop working for this job (safe from any thread; the worker drops it at the next chunk)."""
+        """Stop working for this job (safe from any thread): a queued job leaves the queue now (its slot is free
+        for the next request), a running one is dropped by the worker at the next chunk."""
         if self.live:
             self.cancel_reason = reason
+            self.withdraw(self)
 
     def post(self, event: Event) -> None:
         """Queue an event for the handler (thread-safe); a finish reason or an error ends the job."""
@@ -114,6 +118,41 @@ def _locked(chunks: Any, lock: DeviceLock) -> Any:
         yield chunk
 
 
+class Waiting:
+    """The jobs waiting for a batch, in order, and how many each client has waiting (a deque and a Counter that
+    change together)."""
+
+    def __init__(self) -> None:
+        self.jobs: deque[Job] = deque()
+        self.per_client: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self.jobs))
+
+    def add(self, jobs: list[Job]) -> None:
+        """Queue jobs at the end."""
+        self.jobs.extend(jobs)
+        self.per_client.update(job.client for job in jobs)
+
+    def first(self) -> Job:
+        """The job waiting longest."""
+        return self.jobs[0]
+
+    def remove(self, job: Job | None = None) -> Job | None:
+        """Take a job out (the first when None); None if it is not waiting."""
+        try:
+            job = self.jobs.popleft() if job is None else (self.jobs.remove(job) or job)
+        except (IndexError, ValueError):
+            return None
+        self.per_client[job.client] -= 1
+        if not self.per_client[job.client]:
+            del self.per_client[job.client]  # bounded by the clients with a job waiting
+        return job
+
+
 class QueueFull(GptjaxError):
     """The bounded queue has no room: answer 429."""
 
@@ -126,18 +165,21 @@ class Scheduler:
     """Runs jobs on `stream(requests) -> chunks` (a backend's stream_joined, weights bound) in one thread."""
 
     def __init__(self, stream: Callable[[Sequence[GenerationRequest]], Any], *, max_batch: int, max_queue: int,
-                 batch_wait: float = 0.02, on_batch: Callable[[int], None] | None = None,
+                 max_per_client: int | None = None, batch_wait: float = 0.02,
+                 on_batch: Callable[[int], None] | None = None,
                  on_cancel: Callable[[str], None] | None = None, on_chunk: Callable[[int], None] | None = None,
                  session: Callable[[list[Job], Any, list[Any]], None] | None = None,
                  device: DeviceLock | None = None) -> None:
         """stream runs a batch (dynamic batching); session, when given, runs a batch and takes queued jobs into
-        it between chunks (continuous batching, gptjax.serve.continuous). Hooks: on_batch(rows at start),
+        it between chunks (continuous batching, gptjax.serve.continuous). max_per_client: jobs one client may have
+        waiting (None: up to max_queue). Hooks: on_batch(rows at start),
         on_chunk(live rows per decode chunk), on_cancel(reason). device: held around each chunk's backend work."""
         self._stream, self.max_batch, self.max_queue, self._session = stream, max_batch, max_queue, session
+        self.max_per_client = max_per_client or max_queue
         self.device = device or DeviceLock()
         self.on_chunk = on_chunk or (lambda n: None)
         self._on_batch, self._on_cancel = on_batch or (lambda n: None), on_cancel or (lambda reason: None)
-        self._pending: deque[Job] = deque()
+        self._pending = Waiting()
         self._running: list[Job] = []
         self._cv = threading.Condition()
         self._closing = False
@@ -158,15 +200,28 @@ class Scheduler:
         self.submit_all([job])
 
     def submit_all(self, jobs: list[Job]) -> None:
-        """Queue all jobs (one request's choices) or none: QueueFull when they do not all fit."""
+        """Queue all jobs (one request's choices, one client's) or none: QueueFull when they do not all fit in the
+        queue or in their client's share of it."""
         with self._cv:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) + len(jobs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._pending)} of {self.max_queue} completions waiting, "
                                 f"{len(jobs)} more asked)")
-            self._pending.extend(jobs)
+            mine = self._pending.per_client[jobs[0].client] if jobs else 0
+            if mine + len(jobs) > self.max_per_client:
+                raise QueueFull(f"this client's share of the queue is full ({mine} of its {self.max_per_client} "
+                                f"completions waiting, {len(jobs)} more asked)")
+            for job in jobs:
+                job.withdraw = self._withdraw
+            self._pending.add(jobs)
             self._cv.notify()
+
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled job leaves the queue now (not when the worker next looks): its slot is free at once."""
+        with self._cv:
+            if self._pending.remove(job) is not None:
+                self._dropped(job)
 
     def idle(self) -> bool:
         """No job waiting or running."""
@@ -178,7 +233,7 @@ class Scheduler:
         with self._cv:
             self._closing = True
             jobs = list(self._pending) + list(self._running)
-            self._pending.clear()
+            self._pending = Waiting()
             self._cv.notify()
         for job in jobs:
             if job.live:
@@ -203,8 +258,8 @@ class Scheduler:
         """Wait for queued jobs; take the live ones, up to max_batch (None when closing)."""
         with self._cv:
             while True:
-                while self._pending and not self._pending[0].live:
-                    self._dropped(self._pending.popleft())
+                while self._pending and not self._pending.first().live:
+                    self._dropped(self._pending.remove())
                 if self._closing:
                     return None
                 if self._pending:
@@ -213,7 +268,7 @@ class Scheduler:
             self._gather()
             batch = []
             while self._pending and len(batch) < self.max_batch:
-                job = self._pending.popleft()
+                job = self._pending.remove()
                 if job.live:
                     batch.append(job)
                 else:

@@ -1,7 +1,7 @@
 """The /v1/completions pipeline: authorize, check readiness, parse the body (gptjax.serve.protocol), queue one
 job per choice on the scheduler, and answer as one JSON body or as Server-Sent Events in OpenAI's chunk format,
 with log-probabilities scored between the worker's chunks. Also the request checks the other routes share
-(API key, readiness, bounded body). Every failure reaches the client as an OpenAI error object, never a traceback.
+(gptjax.serve.guards: API key, readiness, a bounded body). Every failure reaches the client as an OpenAI error object, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from starlette.requests import ClientDisconnect
 
 from gptjax.errors import GptjaxError
+from gptjax.scoring import Scores
 from gptjax.serve.completions import Choice, TokenText, logprobs_block, usage
-from gptjax.serve.protocol import Completion, RequestError, parse_completion
+from gptjax.serve.guards import authorize, check_ready, client_of, read_body
+from gptjax.serve.protocol import MAX_LOGPROBS, Completion, RequestError, parse_completion
 from gptjax.serve.scheduler import STOPPED, Event, Job, QueueFull, ShuttingDown
 from gptjax.serve.state import ServerState
 from gptjax.speculative import ModelDraft, Speculation
@@ -40,10 +41,10 @@ async def completions(request: Request, state: ServerState) -> Response:
     try:
         authorize(request, state.options.api_key)
         check_ready(state)
-        completion = parse_completion(await read_body(request, state.options.max_body_bytes), state.limits,
-                                      state.model.tokenizer)
+        body = await read_body(request, state.options.max_body_bytes)  # parsed and encoded off the event loop
+        completion = await asyncio.to_thread(parse_completion, body, state.limits, state.model.tokenizer)
         _check_speculative(completion, state.model.speculation)
-        jobs = _Jobs(completion, asyncio.get_running_loop(), span)
+        jobs = _Jobs(completion, asyncio.get_running_loop(), span, client_of(request, state.options.api_key))
         _submit(state, jobs.jobs)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": state.options.model_id}
@@ -106,43 +107,6 @@ def _end(span: Any, status: int) -> None:
     span.end()
 
 
-def authorize(request: Request, api_key: str | None) -> None:
-    """A 401 unless the request carries "Authorization: Bearer <api_key>" (when the server has a key)."""
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-
-def check_ready(state: ServerState) -> None:
-    """A 503 (retry after 1 s) unless the server is ready: still loading, failed to warm up, or draining."""
-    if state.phase != "ready":
-        message = {"loading": "the model is still loading", "failed": "the model failed to warm up (see the "
-                   "server log)"}.get(state.phase, "the server is shutting down")
-        raise RequestError(503, message, type="server_error", code="unavailable", headers={"Retry-After": "1"})
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to exceed limit bytes."""
-    length = request.headers.get("content-length")
-    too_big = RequestError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise too_big
-    parts, size = [], 0
-    try:
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise too_big
-            parts.append(part)
-    except ClientDisconnect:  # the client's doing, not a server fault: 499 (nginx's "client closed request")
-        raise RequestError(499, "the client closed the connection before sending the whole body",
-                           code="client_closed") from None
-    return b"".join(parts)
-
-
 def _submit(state: ServerState, jobs: list[Job]) -> None:
     if not jobs:  # echo only: nothing to generate
         return
@@ -196,9 +160,10 @@ def _generation_error(error: BaseException) -> RequestError:
 class _Jobs:
     """A request's jobs (one per choice) sharing one event queue; cancel() cancels them all."""
 
-    def __init__(self, completion: Completion, loop: asyncio.AbstractEventLoop, span: Any) -> None:
+    def __init__(self, completion: Completion, loop: asyncio.AbstractEventLoop, span: Any, client: str) -> None:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.jobs = [Job(r, loop, span, index=c, events=self.events) for c, r in enumerate(completion.requests)]
+        self.jobs = [Job(r, loop, span, index=c, events=self.events, client=client)
+                     for c, r in enumerate(completion.requests)]
 
     def cancel(self, reason: str) -> None:
         """Stop working for every choice still running."""
@@ -226,11 +191,21 @@ def _apply(event: Event, choices: list[Choice], jobs: _Jobs) -> str:
     return delta
 
 
-async def _score(state: ServerState, sequences: list[list[int]], k: int) -> list[Any]:
-    """backend.score of sequences (top-k alternatives) in a thread, between two of the worker's chunks."""
-    def run() -> list[Any]:
-        with state.scheduler.device:
-            return state.model.backend.score(state.model.weights, sequences, top_k=k)
+async def _score(state: ServerState, choices: list[Choice], keep: bool) -> list[Scores]:
+    """Each choice's Scores up to its current sequence, in a thread, each between two of the worker's chunks. A
+    choice scores through a GrowingScores of its own (Backend.open_scorer), so only positions not scored before
+    are computed; keep: hold it for the next call (a stream), else let it go (and its KV cache) once scored."""
+    def run() -> list[Scores]:
+        out = []
+        for choice in choices:
+            with state.scheduler.device:
+                if choice.scorer is None:  # the server's top_k: one program whatever logprobs asks (a prefix)
+                    choice.scorer = state.model.backend.open_scorer(state.model.weights, top_k=MAX_LOGPROBS)
+                sequence = choice.sequence()
+                out.append(choice.scorer.extend(sequence[len(choice.scorer.tokens):]))
+            if not keep:
+                choice.scorer = None
+        return out
     try:
         return await asyncio.to_thread(run)
     except Exception as e:
@@ -273,7 +248,7 @@ async def _blocks(state: ServerState, completion: Completion, choices: list[Choi
     k = completion.logprobs
     if k is None:
         return [None] * len(choices)
-    scores = await _score(state, [c.sequence() for c in choices], k)
+    scores = await _score(state, choices, keep=False)
     return [_block(c, s, 0 if completion.echo else len(c.prompt), k, text) for c, s in zip(choices, scores)]
 
 
@@ -356,7 +331,7 @@ async def _new_scores(state: ServerState, completion: Completion, choices: list[
     wanted = [c for c, first in firsts.items() if first < len(choices[c].sequence())]
     if completion.logprobs is None or not wanted:
         return {}
-    scored = await _score(state, [choices[c].sequence() for c in wanted], completion.logprobs)
+    scored = await _score(state, [choices[c] for c in wanted], keep=True)
     return dict(zip(wanted, scored))
 
 

@@ -8,15 +8,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from gptjax.backends.base import Backend
 from gptjax.errors import GptjaxError
-from gptjax.sampling import SamplingParams
 from gptjax.serve.continuous import SessionRunner
 from gptjax.serve.protocol import MAX_CHOICES, Limits
 from gptjax.serve.scheduler import DeviceLock, Scheduler
+from gptjax.serve.warmup import WARMUPS, warm_up
 from gptjax.speculative import Speculation
 from gptjax.tokenizer import Tokenizer
 from gptjax.tracing.metrics import Metrics
@@ -38,7 +39,14 @@ class ServeOptions:
     chunk_size: int = 4  # decode steps between hand-overs (streaming granularity, cancellation latency)
     batch_wait: float = 0.02  # seconds a new batch may wait for the clients of the last one to come back
     batching: str = "continuous"  # or "dynamic"; continuous needs the jax backend without a mesh
-    warmup: bool = True  # compile a batch-1 generation before /health says ready
+    warmup: str = "full"  # what to compile before /health says ready: full | minimal | none (gptjax.serve.warmup)
+    max_queued_per_client: int | None = None  # completions one client may have waiting (None: up to max_queue)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.warmup, bool):  # before 0.3 a bool: True compiled a one-row generation
+            object.__setattr__(self, "warmup", "minimal" if self.warmup else "none")
+        if self.warmup not in WARMUPS:
+            raise GptjaxError(f"warmup={self.warmup!r}; allowed: {', '.join(WARMUPS)}")
 
 
 @dataclass
@@ -62,21 +70,24 @@ class ServerState:
         self.address: str | None = None  # where the server listens (set by whoever runs the app; for the log)
         self.on_failed: Callable[[], None] | None = None  # called if warm-up fails (whoever runs the app: exit)
         self.inflight = 0
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="gptjax-serve-parse")  # /tokenize, /detokenize
         self.limits = Limits(model.backend.config, options.model_id,
                              options.max_tokens_cap or model.backend.config.n_positions,
                              min(MAX_CHOICES, options.max_queue))
         self.server_metrics = m = model.metrics.server  # gptjax.tracing.metrics.ServeMetrics, in the model's registry
         on_cancel = lambda reason: m.cancelled.labels(reason=reason).inc()  # noqa: E731
         self.batching = batching_mode(model, options)
-        device, session = DeviceLock(), None  # the worker's chunks and scoring calls take turns on the backend
-        if self.batching == "continuous":
-            session = SessionRunner(model.backend, model.weights, chunk_size=options.chunk_size,
-                                    max_batch=options.max_batch, on_cancel=on_cancel,
-                                    on_chunk=m.decode_rows.observe, device=device, speculation=model.speculation)
+        device = DeviceLock()  # the worker's chunks and scoring calls take turns on the backend
+        self.runner = None  # decode sessions, where the backend has them: joined between chunks (continuous) or not
+        if model.backend.supports_sessions:
+            self.runner = SessionRunner(model.backend, model.weights, chunk_size=options.chunk_size,
+                                        max_batch=options.max_batch, on_cancel=on_cancel,
+                                        on_chunk=m.decode_rows.observe, device=device, speculation=model.speculation,
+                                        joins=self.batching == "continuous")
         self.scheduler = Scheduler(self._stream, max_batch=options.max_batch, max_queue=options.max_queue,
-                                   batch_wait=options.batch_wait, on_batch=m.batch_size.observe,
-                                   on_cancel=on_cancel, on_chunk=m.decode_rows.observe, session=session,
-                                   device=device)
+                                   max_per_client=options.max_queued_per_client, batch_wait=options.batch_wait,
+                                   on_batch=m.batch_size.observe, on_cancel=on_cancel, on_chunk=m.decode_rows.observe,
+                                   session=self.runner, device=device)
         m.queue_depth.set_function(lambda: self.scheduler.depth)
 
     def _stream(self, requests: Any) -> Any:
@@ -93,10 +104,10 @@ class ServerState:
         """Warm up (compile) in a thread, then start the worker and turn ready."""
         def run() -> None:
             try:
-                if self.options.warmup:
-                    m = self.model
-                    with m.backend.observer.warmup():  # not a request: its own spans, counted as compilations
-                        m.backend.generate(m.weights, [[0]], 2, sampling=SamplingParams(seed=0))
+                start = time.perf_counter()
+                compiled = warm_up(self.model, self.runner, self.options.warmup)
+                log.info("warm-up (%s): %d programs compiled in %.1f s", self.options.warmup, compiled,
+                         time.perf_counter() - start)
             except Exception:
                 log.exception("warm-up failed: the server cannot serve this model")
                 self.phase = "failed"

@@ -16,13 +16,14 @@ import numpy as np
 from flax import nnx
 
 from gptjax.backends.base import PRECISION_OPTIONS, Backend
-from gptjax.backends.jax import decode, speculative
+from gptjax.backends.jax import decode, scorer, session, speculative
 from gptjax.backends.jax.convert import JaxWeights, jax_weights
 from gptjax.backends.jax.decode import bucket_length
 from gptjax.backends.jax.session import DecodeSession, SpecSession
 from gptjax.config import GPTConfig
 from gptjax.errors import GptjaxError
 from gptjax.generate import LENGTH, STOP, GenerationRequest, StreamChunk
+from gptjax.scoring import GrowingScores, check_sequences
 from gptjax.sharding import check_config, mesh_description, shard_batch
 from gptjax.weights import Params
 
@@ -70,7 +71,7 @@ class JaxBackend(Backend):
         """Decode sessions are built for one device: with a mesh the server batches dynamically."""
         return self.mesh is None
 
-    def open_session(self, weights: JaxWeights, requests: Any, owners: Any, *, slots: int, headroom: int,
+    def open_session(self, weights: JaxWeights, requests: Any, owners: Any, *, slots: int, headroom: int | None,
                      speculation: Any = None) -> DecodeSession | SpecSession:
         """A DecodeSession, or with a speculation a SpecSession (continuous batching; see Backend.open_session)."""
         if not self.supports_sessions:
@@ -79,15 +80,22 @@ class JaxBackend(Backend):
             return SpecSession(self, weights, requests, owners, slots, headroom, speculation)
         return DecodeSession(self, weights, requests, owners, slots=slots, headroom=headroom)
 
+    def open_scorer(self, params: Params | Any, *, top_k: int = 0) -> GrowingScores:
+        """Backend.open_scorer over a KV cache of its own (scorer.py): each token runs through the model once."""
+        check_sequences(self.config, [[0]], top_k)
+        if self.mesh is not None:  # the cache is built for one device
+            return super().open_scorer(params, top_k=top_k)
+        return GrowingScores(scorer.CachedFeed(self._prepared(params), self.observer, int(top_k)), int(top_k))
+
     def _place_batch(self, tokens: np.ndarray) -> Any:
         if self.mesh is None:
             return tokens
         return shard_batch(tokens, self.mesh)
 
     def compile_count(self) -> int:
-        """Compilations so far of the jitted forward, scoring, prefill, decode and speculative functions."""
-        return (_apply._cache_size() + decode.prefill._cache_size() + decode.decode._cache_size()
-                + speculative.compile_count() + _log_probs._cache_size())
+        """Compilations so far of the jitted forward, scoring, prefill, decode, session and speculative functions."""
+        return (_apply._cache_size() + _log_probs._cache_size() + decode.compile_count() + session.compile_count()
+                + speculative.compile_count() + scorer.compile_count())
 
     def placement(self) -> tuple[int, str]:
         """Every JAX device, and the mesh's description ("" without one)."""

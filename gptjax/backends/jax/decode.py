@@ -12,6 +12,7 @@ cache length S with `bucket_length`; sampling settings and max_new_tokens are tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -22,7 +23,7 @@ from flax import nnx
 
 from gptjax.backends.jax.kv import KVCache, Masks
 from gptjax.config import GPTConfig
-from gptjax.generate import GenerationRequest, bias_row, left_pad
+from gptjax.generate import GenerationRequest, RowSettings, bias_row, left_pad
 from gptjax.sharding import cache_sharding, shard_batch
 
 
@@ -53,7 +54,14 @@ class Sampling(NamedTuple):
         """Arrays for a request's rows (rows beyond the request are padding, greedy and finished); with the
         logit adjustments when adjust (default: when some row uses them)."""
         rows = [request.row(b) for b in range(request.batch)]
-        n = -(-max(1, *(len(r.sampling.stop_tokens) for r in rows)) // 8) * 8  # 8 per bucket: few compiles
+        return cls.of_rows(rows, batch, vocab, request.adjusts if adjust is None else adjust)
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[RowSettings], batch: int, vocab: int, adjust: bool, stops: int | None = None
+                ) -> Sampling:
+        """Arrays for `batch` rows, the first len(rows) with these settings (none: an idle batch); with the logit
+        adjustments when adjust; stops: stop tokens per row (default: the rows' most, rounded up to 8)."""
+        n = stops or -(-max([1] + [len(r.sampling.stop_tokens) for r in rows]) // 8) * 8  # 8 per bucket
         temperature, top_k, top_p = np.zeros(batch, np.float32), np.full(batch, vocab, np.int32), np.ones(batch)
         stop, max_new = np.full((batch, n), -1, np.int32), np.ones(batch, np.int32)
         seed, key_index = np.zeros(batch, np.uint32), np.arange(batch, dtype=np.int32)
@@ -65,15 +73,15 @@ class Sampling(NamedTuple):
             stop[b, : len(sp.stop_tokens)] = sp.stop_tokens
             max_new[b], seed[b], key_index[b] = r.max_new_tokens, sp.seed, r.key_index
         adjustments = (None, None, None)
-        if request.adjusts if adjust is None else adjust:
+        if adjust:
             presence, frequency = np.zeros(batch, np.float32), np.zeros(batch, np.float32)
             bias = np.zeros((batch, vocab), np.float32)
             for b, r in enumerate(rows):
                 presence[b], frequency[b] = r.sampling.presence_penalty, r.sampling.frequency_penalty
                 bias[b] = bias_row(r.sampling, vocab)
             adjustments = (jnp.asarray(presence), jnp.asarray(frequency), jnp.asarray(bias))
-        return cls(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p, jnp.float32), jnp.asarray(stop),
-                   jnp.asarray(max_new), jnp.asarray(seed), jnp.asarray(key_index), *adjustments)
+        return cls(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p.astype(np.float32)),
+                   jnp.asarray(stop), jnp.asarray(max_new), jnp.asarray(seed), jnp.asarray(key_index), *adjustments)
 
 
 class DecodeState(NamedTuple):
@@ -89,6 +97,8 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # [B] per-row PRNG keys
     start: jax.Array  # [B] step at which each row began: 0, or later for a row admitted into a running batch
     counts: jax.Array | None = None  # [B, V] int32 tokens each row has generated (None: no row adjusts logits)
+    tp: jax.Array | None = None  # () cache index of step 1's token (a session's, chosen at run time); None: the
+    # prompt bucket, cache length less out's width (a generate call's, fixed when it compiles)
 
 
 def filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -117,23 +127,33 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, sampling: Sampli
     """Next token per row [B] from logits [B, V]: argmax where temperature is 0, else a seeded draw; first
     adjusted by penalties (on counts [B, V]) and bias where sampling carries them.
 
-    mode (static) is "greedy" (every row: skip the draw), "sample", or "filter" (top-k/top-p on). A draw is
-    one uniform number per row against the cumulative distribution, not V Gumbel numbers: the threefry bits
-    for 50k Gumbels cost more than a decode step's attention."""
+    mode (static) is "greedy" (every row: skip the draw), "sample", or "filter" (top-k/top-p on). The draw, and
+    the top-k/top-p filter, each run only when some row needs them (a runtime branch: XLA runs one side of a
+    cond), so one "filter" loop serves every mix of settings at the cost of the work the mix needs: what lets
+    a server compile one loop for all requests. A draw is one uniform number per row against the cumulative
+    distribution, not V Gumbel numbers: the threefry bits for 50k Gumbels cost more than a decode step's
+    attention."""
     if sampling.bias is not None:
         logits = adjust_logits(logits, sampling, counts)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return greedy
-    shifted = logits - logits.max(axis=-1, keepdims=True)  # <= 0: a tiny temperature cannot overflow to NaN
-    x = shifted / jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)[:, None]
-    if mode == "filter":
-        x = filter_top_k_top_p(x, sampling.top_k, sampling.top_p)
-    cdf = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)  # [B, V]
-    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape[:1]))  # step: () or [B]
-    u = jax.vmap(jax.random.uniform)(step_keys) * cdf[:, -1]  # [B], scaled by the total (rounding)
-    drawn = jnp.minimum((cdf <= u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)  # first cdf > u
-    return jnp.where(sampling.temperature > 0, drawn, greedy)
+    sampled = sampling.temperature > 0
+
+    def draw() -> jax.Array:
+        shifted = logits - logits.max(axis=-1, keepdims=True)  # <= 0: a tiny temperature cannot overflow to NaN
+        x = shifted / jnp.where(sampled, sampling.temperature, 1.0)[:, None]
+        if mode == "filter":
+            filters = jnp.any(sampled & ((sampling.top_k < x.shape[-1]) | (sampling.top_p < 1)))
+            x = jax.lax.cond(filters, lambda x: filter_top_k_top_p(x, sampling.top_k, sampling.top_p),
+                             lambda x: x, x)
+        cdf = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)  # [B, V]
+        step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape[:1]))  # step: () or [B]
+        u = jax.vmap(jax.random.uniform)(step_keys) * cdf[:, -1]  # [B], scaled by the total (rounding)
+        return jnp.minimum((cdf <= u[:, None]).sum(-1), x.shape[-1] - 1).astype(jnp.int32)  # first cdf > u
+
+    drawn = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
+    return jnp.where(sampled, drawn, greedy)
 
 
 def _record(d: DecodeState, token: jax.Array, stop: jax.Array, max_new: jax.Array) -> DecodeState:
@@ -193,7 +213,7 @@ def decode(graphdef: Any, state: Any, d: DecodeState, pad: jax.Array, sampling: 
     with jax.default_matmul_precision("float32"):
         model = nnx.merge(graphdef, state)
         S = d.cache.length
-        Tp = S - d.out.shape[1]  # prompt bucket: the cache holds Tp prompt entries, then the new tokens
+        Tp = S - d.out.shape[1] if d.tp is None else d.tp  # the cache holds Tp prompt entries, then new tokens
 
         def body(d: DecodeState) -> DecodeState:
             index = Tp + d.step - 1  # cache index of d.last
@@ -254,3 +274,28 @@ def admit(d: DecodeState, new: DecodeState, row: jax.Array, index: jax.Array) ->
                       out=jax.lax.dynamic_update_slice(d.out, new.out[:, :1], (row, first)),
                       start=d.start.at[row].set(first),
                       counts=None if d.counts is None else one(d.counts, new.counts))  # the row's own counts
+
+
+@partial(jax.jit, static_argnames=("config", "rows", "cache_length", "width", "kv_cache", "cpu_kernels", "adjust"))
+def empty(config: GPTConfig, rows: int, cache_length: int, width: int, kv_cache: str, cpu_kernels: bool,
+          adjust: bool, tp: jax.Array) -> DecodeState:
+    """A state of `rows` free slots (all done) over an empty cache of cache_length entries, at step 1, whose step
+    1 writes at cache index tp; out holds width tokens per row, counts exist if adjust. A session starts from it
+    and admits its requests one by one, so its compiled shapes do not depend on them."""
+    cache = KVCache.zeros(config, rows, cache_length, kv_cache, cpu_kernels)
+    z = [jnp.zeros(rows, jnp.int32) for _ in range(3)]  # separate buffers: decode donates each
+    keys = jax.vmap(jax.random.key)(jnp.zeros(rows, jnp.uint32))
+    counts = jnp.zeros((rows, config.vocab_size), jnp.int32) if adjust else None
+    return DecodeState(cache, z[0], jnp.int32(1), jnp.ones(rows, bool), jnp.zeros(rows, bool), z[1],
+                       jnp.zeros((rows, width), jnp.int32), keys, z[2], counts, jnp.asarray(tp, jnp.int32))
+
+
+@partial(jax.jit, donate_argnames=("state",))
+def stop_row(state: Any, row: jax.Array) -> Any:
+    """A decode (or speculative) state with row marked done: it stops being decoded, its slot is free."""
+    return state._replace(done=state.done.at[row].set(True))
+
+
+def compile_count() -> int:
+    """Compilations so far of this module's jitted functions (prefill, decode, admit, empty, stop_row)."""
+    return sum(f._cache_size() for f in (prefill, decode, admit, empty, stop_row))
