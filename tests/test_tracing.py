@@ -361,6 +361,7 @@ def test_a_compile_while_serving_is_on_the_span_and_counted_as_a_request_compile
     with TestClient(create_app(model, ServeOptions(warmup=False))) as client:
         # 6 tokens: the prefill's, a decode chunk of 4 and one of 1; the first request compiles the session's
         # prefill and decode programs, the second finds them compiled
+        counts = []
         for compiled in ([True, True, False], [False, False, False]):
             spans.clear()
             r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 6, "seed": 0})
@@ -369,5 +370,8 @@ def test_a_compile_while_serving_is_on_the_span_and_counted_as_a_request_compile
                             key=lambda s: s.start_time)
             assert [(s.name, s.attributes["gptjax.compiled"]) for s in passes] == list(zip(
                 ["gptjax.prefill", "gptjax.decode", "gptjax.decode"], compiled))
-            assert (compiles("prefill"), compiles("decode")) == (1, 1)
+            counts.append((compiles("prefill"), compiles("decode")))
+        # the first request's passes compiled (a session shaped for any request opens with a few programs: its
+        # prefill, cache and sampling pieces), the second compiled nothing
+        assert counts[0][0] >= 1 and counts[0][1] >= 1 and counts[1] == counts[0], counts
         assert m.registry.get_sample_value("gptjax_requests_total", {"outcome": "ok"}) == 2
