@@ -56,6 +56,14 @@ def find(rows: list[Row], workload: str, backend: str, precision: str, batch: in
     raise KeyError(f"no {workload} {backend} {precision} B={batch} row")
 
 
+def find_or_none(rows: list[Row], workload: str, backend: str, precision: str, batch: int | None = None) -> Row | None:
+    """find's row, or None where the run did not measure it (e.g. HF w8a8 since the peers run: no such mode)."""
+    try:
+        return find(rows, workload, backend, precision, batch)
+    except KeyError:
+        return None
+
+
 def of_kind(rows: list[Row], kind: str) -> Row:
     """The first row of that kind (environment, ceiling)."""
     return next(r for r in rows if r.get("kind") == kind)

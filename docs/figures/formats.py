@@ -21,6 +21,13 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def mfu(row: dict[str, Any]) -> str:
+    """A row's MFU against the ceiling it runs on (`mfu`; files before issue 30: `mfu_measured`, XLA's dot), never
+    shown above 100%: a row above its ceiling says the ceiling was measured low."""
+    x = row.get("mfu", row.get("mfu_measured"))
+    return "> ceiling" if x is not None and x > 1.0 else pct(x)
+
+
 def ms(seconds: float) -> str:
     """0.0164 -> '16.4'."""
     return f"{1000 * seconds:.1f}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from figures.common import Results, Row, block, find, log_axis, of_kind, plot, si
-from figures.formats import mib, ms, num, pct, ratio, shape, table
+from figures.formats import mfu, mib, ms, num, pct, ratio, shape, table
 
 KERNELS = "quick-gpt2-cpu.jsonl"  # `gptjax bench --preset gpt2 --peer hf`, gptjax's CPU kernels enabled
 
@@ -38,8 +38,8 @@ def ceilings(results: Results) -> str:
 
 def _versus_hf(r: Row, rows: list[Row]) -> list[str]:
     peer = find(rows, r["workload"], "hf", r["precision"], r["batch"])
-    return [num(r["tokens_per_s"]), num(peer["tokens_per_s"]), ratio(r["vs_peer"]), pct(r["mfu_measured"]),
-            pct(peer["mfu_measured"])]
+    return [num(r["tokens_per_s"]), num(peer["tokens_per_s"]), ratio(r["vs_peer"]), mfu(r),
+            mfu(peer)]
 
 
 @block("fp32-vs-hf")
@@ -70,7 +70,7 @@ def decode_latency(results: Results) -> str:
             r = find(rows, "decode", backend, "fp32", b)
             lat = r["latency_s"]
             body.append([backend, str(b), num(r["tokens_per_s"]), ms(r["ttft_s"]),
-                         f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["bw_use_measured"])])
+                         f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r.get("bw_use_measured"))])
     return table(["backend", "B", "tokens/s", "TTFT ms", "per token p50 / p99 ms", "read-bandwidth use"], body)
 
 
@@ -100,7 +100,7 @@ def suite_table(results: Results) -> str:
         lat = r["latency_s"]
         body.append([r["workload"], shape(r), r["backend"], r["precision"], num(r["tokens_per_s"]),
                      "-" if r.get("vs_peer") is None else ratio(r["vs_peer"]),
-                     f"{ms(lat['p50'])} / {ms(lat['p99'])}", pct(r["mfu_measured"]), pct(r["bw_use_measured"])])
+                     f"{ms(lat['p50'])} / {ms(lat['p99'])}", mfu(r), pct(r.get("bw_use_measured"))])
     return table(["workload", "shape", "backend", "precision", "tokens/s", "vs peer", "latency p50 / p99 ms",
                   "MFU", "BW use"], body)
 
@@ -130,7 +130,8 @@ def plot_roofline(results: Results) -> Any:
     for (label, peak), style in zip(roofs, ("--", "-.", ":", (0, (5, 1)), (0, (1, 3)))):
         ax.plot(xs, np.minimum(peak, c["bandwidth"]["read"] * xs), color="k", ls=style, lw=1,
                 label=f"roof: {label} {peak / 1e12:.2f} TFLOP/s")
-    colours = dict(zip(MODES, ("C0", "C1", "C2", "C3")))
+    colours = dict(zip(MODES, ("C0", "C1", "C2", "C3")))  # the modes this chapter compares; others not drawn
+    rows = [r for r in rows if r["precision"] in colours]
     markers = {"prefill": "s", "decode": "o", "train": "^"}
     for r in rows:
         ax.scatter(r["flops"] / r["bytes_moved"], r["flops_per_s"], color=colours[r["precision"]],
