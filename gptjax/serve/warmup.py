@@ -14,7 +14,11 @@ Measured on this 2-core CPU (jax 0.10.2), server start to ready and RSS after wa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from opentelemetry import trace
 
 from gptjax.generate import GenerationRequest, make_request
 from gptjax.sampling import SamplingParams
@@ -23,6 +27,7 @@ from gptjax.serve.protocol import MAX_LOGPROBS
 
 if TYPE_CHECKING:
     from gptjax.serve.state import ServedModel
+    from gptjax.tracing.observe import Observer
 
 WARMUPS = ("full", "minimal", "none")
 
@@ -32,7 +37,7 @@ def warm_up(model: ServedModel, runner: SessionRunner | None, kind: str) -> int:
     returns how many programs that compiled."""
     backend = model.backend
     before = backend.compile_count()
-    with backend.observer.warmup():
+    with backend.observer.warmup(), _one_trace(backend.observer):
         if kind == "none":
             pass
         elif runner is None:  # dynamic batching without sessions: a one-row generation, as before 0.3
@@ -43,6 +48,14 @@ def warm_up(model: ServedModel, runner: SessionRunner | None, kind: str) -> int:
             if kind == "full":
                 _scorer(model)
     return backend.compile_count() - before
+
+
+@contextlib.contextmanager
+def _one_trace(observer: Observer) -> Iterator[None]:
+    """The warm-up's passes under one `text_completion` root (gptjax.purpose=warmup): one trace, not one per pass."""
+    root = observer.request_span(1, 1, dict)
+    with trace.use_span(root, end_on_exit=True):
+        yield
 
 
 def _session(runner: SessionRunner, rows: int, every_bucket: bool) -> None:

@@ -142,6 +142,9 @@ class Metrics:
                 self.device_memory.labels(device=str(device.id)).set(stats["bytes_in_use"])
 
 
+CANCEL_REASONS = ("disconnect", "timeout", "error", "shutdown")  # why a served request's work stops early
+
+
 class ServeMetrics:
     """The HTTP server's instruments (the table above); its gauges read their values through set_function."""
 
@@ -153,6 +156,8 @@ class ServeMetrics:
         self.batch_size = Histogram("gptjax_serve_batch_size", "Requests per batch", buckets=_ROWS, registry=r)
         self.cancelled = Counter("gptjax_serve_cancelled", "Requests whose work was cancelled, by reason",
                                  ["reason"], registry=r)
+        for reason in CANCEL_REASONS:  # each series exists from the start at 0, so a dashboard's rate() has data
+            self.cancelled.labels(reason=reason)
         self.decode_rows = Histogram("gptjax_serve_decode_rows", "Rows decoding per decode chunk (batch occupancy)",
                                      buckets=_ROWS, registry=r)
         self.connections_open = Gauge("gptjax_http_connections_open", "Open HTTP connections", registry=r)
