@@ -222,7 +222,9 @@ def run_piece(piece: Piece, runs: Path, folder: Path, load: Callable[[], float |
     with open(out / "log.txt", "w") as f:
         code = subprocess.run(executable(argv), check=False, cwd=ROOT, env=os.environ | piece.env, stdout=f,
                               stderr=subprocess.STDOUT).returncode
-    row = {"schema": SCHEMA, "kind": "piece", "name": piece.name,  # a row like the bench's: --compare reads it "argv": argv, "wall_s": round(time.perf_counter() - start, 1),
+    # a row like the bench's (schema and all): --compare reads every row of the file it lands in
+    row = {"schema": SCHEMA, "kind": "piece", "name": piece.name, "argv": argv,
+           "wall_s": round(time.perf_counter() - start, 1),
            "load_avg_1m": [before, load()], "status": "ok" if code == 0 else f"exit {code}"}
     if code != 0:
         log(f"{piece.name} failed (exit {code}); its log: {out / 'log.txt'}; the pieces before it are kept")
