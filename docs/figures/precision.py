@@ -42,10 +42,9 @@ def precision_prefill(results: Results) -> str:
     body = []
     for mode in MODES:
         fast, slow = find(k, "prefill", "jax", mode), find(x, "prefill", "jax", mode)
-        peer = [r for r in k if r.get("kind") == "workload" and r["workload"] == "prefill" and r["backend"] == "hf"
-                and r["precision"] == mode]  # none for w8a8 since the peers run (issue 28): vs its width's best
+        peer = find_or_none(k, "prefill", "hf", mode)  # none for w8a8 since the peers run: vs its width's best
         body.append([mode, num(fast["tokens_per_s"]), num(slow["tokens_per_s"]),
-                     num(peer[0]["tokens_per_s"]) if peer else "-", ratio(fast["vs_peer"])])
+                     num(peer["tokens_per_s"]) if peer else "-", ratio(fast["vs_peer"])])
     return table(["mode", "kernels tok/s", "XLA only tok/s", "HF tok/s", "kernels vs HF"], body)
 
 
